@@ -1,0 +1,12 @@
+"""pneumo_tf: chest X-ray pneumonia detection, from radiographs to a validated, explainable model.
+
+Data flow, one module per stage:
+    raw images --(pneumo_tf.data.convert)--> TFRecord shards + manifest.json
+    shards --(pneumo_tf.data.pipeline.make_dataset)--> uint8 batches
+    batches --(pneumo_tf.model / pneumo_tf.augment, on the device)--> pneumonia probability
+    pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
+"""
+
+__version__ = "0.1.0"
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1

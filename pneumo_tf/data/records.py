@@ -1,0 +1,219 @@
+"""The TFRecord contract between the converter and the input pipeline (SPEC §5).
+
+A data directory holds ``{split}-{i:05d}-of-{n:05d}.tfrecord[.gz]`` shards and a
+``manifest.json`` written last. Each record is a ``tf.train.Example`` with the features in
+:data:`FEATURES`; the image is one grayscale channel, ``[image_size, image_size]`` uint8, stored
+raw (row-major bytes) or PNG-encoded.
+
+Writers here are atomic: a shard is written under a temporary name and renamed when complete,
+and the manifest is renamed into place last, so a run killed at any moment leaves nothing that
+looks complete.
+
+``manifest.json`` (keys the rest of the project relies on; the converter adds more)::
+
+    {"version": 1, "tool_version": "0.1.0", "image_size": 224, "channels": 1,
+     "crop": "fixed", "encoding": "raw", "compression": "none",
+     "splits": {"train": {"count": 4172, "class_counts": {"NORMAL": 1073, "PNEUMONIA": 3099},
+                          "patients": 2100, "shards": ["train-00000-of-00004.tfrecord", ...],
+                          "shard_counts": [1043, ...]}, "val": {...}, "test": {...}},
+     "class_weights": {"0": 1.94, "1": 0.67},   # sklearn "balanced", from the train split
+     "rejected": 0, "duplicates_dropped": 0, "flags": {...}, "source": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+ENCODINGS = ("raw", "png")
+COMPRESSIONS = ("none", "gzip")
+SPLITS = ("train", "val", "test")
+
+# Feature name -> (kind, shape). kind: bytes | int64. Shape () is a scalar, (4,) a vector.
+FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "image": ("bytes", ()),          # raw uint8 [S, S] bytes or PNG
+    "label": ("int64", ()),          # 1 = PNEUMONIA, 0 = NORMAL
+    "patient_id": ("bytes", ()),
+    "path": ("bytes", ()),           # source path relative to --src (or an npz index)
+    "height": ("int64", ()),         # stored image height (= image_size)
+    "width": ("int64", ()),          # stored image width (= image_size)
+    "orig_height": ("int64", ()),    # decoded source height, pixels
+    "orig_width": ("int64", ()),     # decoded source width, pixels
+    "crop_box": ("int64", (4,)),     # top, bottom, left, right in source pixels
+    "crop_method": ("bytes", ()),    # fixed | none | adaptive | adaptive_fallback
+}
+
+_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(?P<gz>\.gz)?$")
+
+
+class DataDirError(ValueError):
+    """A data directory is missing, incomplete or inconsistent; the message says how to fix it."""
+
+
+def shard_name(split: str, index: int, num_shards: int, compression: str = "none") -> str:
+    """``train-00003-of-00008.tfrecord`` (``.gz`` appended for gzip)."""
+    suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+    return f"{split}-{index:05d}-of-{num_shards:05d}{suffix}"
+
+
+def parse_shard_name(name: str) -> tuple[str, int, int, str] | None:
+    """``(split, index, num_shards, compression)`` for a shard file name, else None."""
+    m = _SHARD_RE.match(name)
+    if not m:
+        return None
+    return m["split"], int(m["i"]), int(m["n"]), "gzip" if m["gz"] else "none"
+
+
+def tf_compression_type(compression: str) -> str:
+    """The ``compression_type`` string TensorFlow's readers and writers take."""
+    return {"none": "", "gzip": "GZIP"}[compression]
+
+
+def make_example(image_bytes: bytes, label: int, patient_id: str, path: str, height: int,
+                 width: int, orig_height: int, orig_width: int, crop_box: Iterable[int],
+                 crop_method: str):
+    """Build the ``tf.train.Example`` of one stored image (see :data:`FEATURES`)."""
+    import tensorflow as tf
+
+    def b(v: bytes | str):
+        v = v.encode("utf-8") if isinstance(v, str) else v
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(*v: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in v]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": b(image_bytes), "label": i(label), "patient_id": b(patient_id), "path": b(path),
+        "height": i(height), "width": i(width), "orig_height": i(orig_height),
+        "orig_width": i(orig_width), "crop_box": i(*crop_box), "crop_method": b(crop_method),
+    }))
+
+
+def feature_spec() -> dict:
+    """``tf.io.parse_example`` spec for :data:`FEATURES`."""
+    import tensorflow as tf
+
+    dtypes = {"bytes": tf.string, "int64": tf.int64}
+    return {k: tf.io.FixedLenFeature(shape, dtypes[kind]) for k, (kind, shape) in FEATURES.items()}
+
+
+class ShardWriter:
+    """Writes one shard atomically: ``<name>.partial`` while open, renamed to ``<name>`` on close.
+
+    Use as a context manager; on an exception the partial file is removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, compression: str = "none"):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".partial")
+        self.count = 0
+        self._writer = tf.io.TFRecordWriter(
+            str(self.tmp_path), options=tf.io.TFRecordOptions(tf_compression_type(compression)))
+
+    def write(self, serialized: bytes) -> None:
+        self._writer.write(serialized)
+        self.count += 1
+
+    def close(self) -> None:
+        self._writer.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically (call it after every shard is closed)."""
+    write_json_atomic(Path(data_dir) / MANIFEST_NAME, manifest)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """Load and sanity-check ``data_dir/manifest.json``.
+
+    Raises:
+        DataDirError: the directory or manifest is missing or malformed, naming the fix.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise DataDirError(f"data dir {data_dir} does not exist; create it with "
+                           f"`tools/make_tfrecords --src=... --out={data_dir}`")
+    if not path.is_file():
+        raise DataDirError(f"{path} is missing: {data_dir} is not a finished converter output "
+                           f"(an interrupted conversion leaves no manifest). Re-run "
+                           f"`tools/make_tfrecords --src=... --out={data_dir}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataDirError(f"{path} is not valid JSON ({e}); re-run the converter") from e
+    for key in ("splits", "image_size", "encoding", "compression", "crop"):
+        if key not in manifest:
+            raise DataDirError(f"{path} has no {key!r} entry; it was not written by "
+                               f"pneumo_tf's converter (re-run tools/make_tfrecords)")
+    return manifest
+
+
+def split_shards(data_dir: str | os.PathLike, manifest: dict, split: str) -> list[Path]:
+    """The shard files of ``split`` listed by the manifest, checked to exist.
+
+    Raises:
+        DataDirError: unknown or empty split, or a listed shard is missing.
+    """
+    data_dir = Path(data_dir)
+    splits = manifest["splits"]
+    if split not in splits:
+        raise DataDirError(f"split {split!r} is not in {data_dir / MANIFEST_NAME} "
+                           f"(it has: {', '.join(sorted(splits)) or 'none'})")
+    info = splits[split]
+    if int(info.get("count", 0)) == 0:
+        raise DataDirError(f"split {split!r} of {data_dir} is empty (0 images); "
+                           f"check the converter's summary and rejects.jsonl")
+    paths = [data_dir / name for name in info["shards"]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DataDirError(f"{data_dir}: shard(s) listed in the manifest are missing: "
+                           f"{', '.join(missing[:5])}; re-run the converter")
+    return paths
+
+
+# Manifest keys that decide what a model sees; a run refuses data that differs in any of them.
+COMPAT_KEYS = ("image_size", "crop", "encoding", "channels")
+
+
+def manifest_mismatches(run_manifest: dict, data_manifest: dict) -> list[str]:
+    """Human-readable differences in :data:`COMPAT_KEYS` between two manifests (empty if none)."""
+    out = []
+    for key in COMPAT_KEYS:
+        a, b = run_manifest.get(key), data_manifest.get(key)
+        if a != b:
+            out.append(f"{key}: run has {a!r}, data dir has {b!r}")
+    return out

@@ -1,0 +1,119 @@
+"""The run directory: what one training run leaves behind, and how later stages read it (SPEC §5).
+
+Layout (written by ``pneumo_tf.train`` unless noted)::
+
+    R/flags.txt            the flags of the run; usable as --flagfile to repeat it
+    R/data_manifest.json   copy of the data dir's manifest.json
+    R/tb/                  TensorBoard logs (train/, val/, eval/, gradcam/ subfolders)
+    R/backup/              checkpoints for resume after a crash or preemption
+    R/best.weights.h5      weights of the best epoch (lowest val_loss)
+    R/model.keras          final model (best weights restored), loadable with safe_mode=True
+    R/history.csv          one row per epoch, 0-based ``epoch`` column
+    R/summary.json         precision, strategy, epochs, best epoch, throughput, ``config``
+    R/calibration.json     temperature and operating threshold, fitted on val (pneumo_tf.calibration)
+    R/eval/<split>/        evaluation report (pneumo_tf.evaluate)
+    R/gradcam/             Grad-CAM grids and cam_stats.json (pneumo_tf.gradcam)
+    R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pneumo_tf.data import records
+
+
+class RunDirError(ValueError):
+    """A run directory is missing something a command needs; the message names the fix."""
+
+
+class RunPaths:
+    """Paths inside one run directory (nothing is created by constructing it)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+        self.flags = self.root / "flags.txt"
+        self.data_manifest = self.root / "data_manifest.json"
+        self.tb = self.root / "tb"
+        self.backup = self.root / "backup"
+        self.best_weights = self.root / "best.weights.h5"
+        self.model = self.root / "model.keras"
+        self.history = self.root / "history.csv"
+        self.summary = self.root / "summary.json"
+        self.calibration = self.root / "calibration.json"
+        self.gradcam = self.root / "gradcam"
+        self.export = self.root / "export"
+
+    def eval_dir(self, split: str) -> Path:
+        return self.root / "eval" / split
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing ({what}); {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); {fix}") from e
+
+
+def read_run_manifest(run_dir: str | Path) -> dict:
+    """The data manifest the run was trained on."""
+    paths = RunPaths(run_dir)
+    return _read_json(paths.data_manifest, "the data manifest of the run",
+                      "is this a run directory written by `python -m pneumo_tf.train`?")
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    """``summary.json`` of a finished run (its ``config`` holds backbone, input_norm, ...)."""
+    paths = RunPaths(run_dir)
+    return _read_json(paths.summary, "the run has not finished training",
+                      "train it first with `python -m pneumo_tf.train --run_dir=...`")
+
+
+def read_calibration(run_dir: str | Path) -> dict | None:
+    """``calibration.json`` of the run, or None when it has none yet."""
+    path = RunPaths(run_dir).calibration
+    if not path.is_file():
+        return None
+    return _read_json(path, "calibration", "re-run `python -m pneumo_tf.evaluate --split=val`")
+
+
+def check_data_compatible(run_dir: str | Path, data_dir: str | Path) -> dict:
+    """Refuse a data dir whose manifest differs from the run's in image size, crop or encoding.
+
+    Returns:
+        The data dir's manifest.
+
+    Raises:
+        RunDirError: the manifests differ (every difference is named).
+        records.DataDirError: the data dir itself is unusable.
+    """
+    data_manifest = records.read_manifest(data_dir)
+    run_manifest = read_run_manifest(run_dir)
+    diffs = records.manifest_mismatches(run_manifest, data_manifest)
+    if diffs:
+        raise RunDirError(
+            f"data dir {data_dir} does not match run {run_dir}: " + "; ".join(diffs)
+            + ". Convert the data with the run's settings (see its data_manifest.json flags) "
+              "or pick the matching data dir.")
+    return data_manifest
+
+
+def load_model(run_dir_or_file: str | Path):
+    """Load ``model.keras`` (a run dir or the file) with Keras safe mode on.
+
+    Importing :mod:`pneumo_tf.model` registers the project's serializable layers, so nothing
+    needs ``safe_mode=False`` (which would unpickle arbitrary Python).
+    """
+    import keras
+
+    import pneumo_tf.model  # noqa: F401  (registers custom layers)
+
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = RunPaths(path).model
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing; train the run first (`python -m pneumo_tf.train`)")
+    return keras.saving.load_model(path, safe_mode=True, compile=False)

@@ -1,0 +1,79 @@
+"""Shared test fixtures: tiny synthetic TFRecord data dirs written through the real writers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``[size, size] uint8``: noisy gray field; label 1 adds a bright square blob."""
+    img = rng.normal(90, 12, (size, size)).clip(0, 255)
+    if label == 1:
+        s = max(2, size // 4)
+        y, x = rng.integers(0, size - s, 2)
+        img[y:y + s, x:x + s] += 90
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, image_size: int = 32,
+                       encoding: str = "raw", compression: str = "none", num_shards: int = 2,
+                       crop: str = "fixed", seed: int = 0) -> Path:
+    """Write a converter-shaped data dir without the converter.
+
+    Args:
+        counts: ``{split: (n_normal, n_pneumonia)}``; default 12/12 train, 6/6 val, 6/6 test.
+
+    Returns:
+        The data dir path (shards + manifest.json).
+    """
+    import cv2
+
+    from pneumo_tf.data import records
+
+    counts = counts or {"train": (12, 12), "val": (6, 6), "test": (6, 6)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, (n0, n1) in counts.items():
+        labels = [0] * n0 + [1] * n1
+        rng.shuffle(labels)
+        n = len(labels)
+        shards, shard_counts = [], []
+        per = [list(range(n))[i::num_shards] for i in range(num_shards)]
+        for si, idx in enumerate(per):
+            name = records.shard_name(split, si, num_shards, compression)
+            with records.ShardWriter(out / name, compression) as w:
+                for j in idx:
+                    img = tiny_image(labels[j], image_size, rng)
+                    data = img.tobytes() if encoding == "raw" else cv2.imencode(".png", img)[1].tobytes()
+                    ex = records.make_example(
+                        data, labels[j], f"{split}-p{j // 2}", f"{split}/{j}.png", image_size,
+                        image_size, image_size, image_size, (0, image_size, 0, image_size), crop)
+                    w.write(ex.SerializeToString())
+            shards.append(name)
+            shard_counts.append(len(idx))
+        splits[split] = {"count": n, "class_counts": {"NORMAL": n0, "PNEUMONIA": n1},
+                         "patients": (n + 1) // 2, "shards": shards, "shard_counts": shard_counts}
+    n0, n1 = splits["train"]["class_counts"].values() if "train" in splits else (1, 1)
+    total = n0 + n1
+    manifest = {"version": 1, "tool_version": "test", "image_size": image_size, "channels": 1,
+                "crop": crop, "encoding": encoding, "compression": compression, "splits": splits,
+                "class_weights": {"0": total / (2 * n0), "1": total / (2 * n1)},
+                "rejected": 0, "duplicates_dropped": 0, "flags": {}, "source": {"kind": "test"}}
+    records.write_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path) -> Path:
+    """A 48-image raw-encoded data dir at 32x32 with train/val/test splits."""
+    return write_tiny_dataset(tmp_path / "data")
