@@ -43,49 +43,58 @@ def full_box(height: int, width: int) -> CropBox:
 def adaptive_crop_box(gray: np.ndarray) -> tuple[CropBox, bool]:
     """Lung-field bounding box found by classical image processing.
 
-    Lungs are the two large dark regions inside the bright body outline. The image is
-    downsampled to 256 px (speed, noise), smoothed, thresholded with Otsu inside the body, and the
-    dark connected components that touch neither border and are large enough are kept; their
-    union's bounding box, padded by 5 % of the image size, is the crop.
+    Lungs are the darkest large regions inside the body, one on each side of the bright spine.
+    The image is downsampled to 256 px (speed, noise) and contrast-equalised (CLAHE); the body is
+    the filled Otsu foreground, eroded so the dark gaps between arms and chest wall drop out; lung
+    candidates are the body pixels darker than its 30th intensity percentile. The largest
+    candidate left of the midline and the largest right of it are the lungs; their union's
+    bounding box, padded by 5 % of the image size, is the crop.
 
     Args:
         gray: ``[H, W] uint8`` radiograph, lungs dark (MONOCHROME2).
 
     Returns:
         ``(box, found)``: the lung box in ``gray``'s pixels and True, or the fixed crop box and
-        False when no plausible lung field was found (the caller records the fallback).
+        False when no plausible pair of lung fields was found (the caller records the fallback).
     """
     h, w = gray.shape[:2]
     scale = 256.0 / max(h, w)
     small = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
                        interpolation=cv2.INTER_AREA)
+    small = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(small)
     small = cv2.GaussianBlur(small, (5, 5), 0)
     sh, sw = small.shape
-    # Body: everything brighter than the background; lungs: dark pixels inside the body.
-    _, body = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    body = cv2.morphologyEx(body, cv2.MORPH_CLOSE, np.ones((15, 15), np.uint8))
+    _, bright = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # The lungs are holes in the bright body: fill the outer contours to get the whole body.
+    contours, _ = cv2.findContours(bright, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    body = np.zeros_like(bright)
+    cv2.drawContours(body, contours, -1, 255, thickness=cv2.FILLED)
+    k = max(3, int(0.06 * sw)) | 1
+    body = cv2.erode(body, np.ones((k, k), np.uint8))
     inside = small[body > 0]
     if inside.size < 0.2 * small.size:
         return fixed_crop_box(h, w), False
-    thr, _ = cv2.threshold(inside.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    dark = ((small < thr) & (body > 0)).astype(np.uint8)
+    dark = ((small <= np.percentile(inside, 30)) & (body > 0)).astype(np.uint8)
     dark = cv2.morphologyEx(dark, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
-    n, _, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
-    keep = []
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    best = {"left": None, "right": None}
     for i in range(1, n):
-        x, y, bw, bh, area = stats[i]
-        touches_border = x == 0 or y == 0 or x + bw >= sw or y + bh >= sh
-        if not touches_border and area >= 0.02 * sh * sw:
-            keep.append((x, y, x + bw, y + bh, area))
-    if not keep:
+        area = stats[i, cv2.CC_STAT_AREA]
+        cx, cy = centroids[i]
+        if area < 0.01 * sh * sw or cy > 0.85 * sh:
+            continue
+        side = "left" if cx < sw / 2 else "right"
+        if best[side] is None or area > stats[best[side], cv2.CC_STAT_AREA]:
+            best[side] = i
+    if best["left"] is None or best["right"] is None:
         return fixed_crop_box(h, w), False
-    keep = sorted(keep, key=lambda k: -k[4])[:2]
-    x0 = min(k[0] for k in keep)
-    y0 = min(k[1] for k in keep)
-    x1 = max(k[2] for k in keep)
-    y1 = max(k[3] for k in keep)
-    # Plausibility: lungs span a good part of the image, and are wider than a sliver.
-    if (x1 - x0) < 0.3 * sw or (y1 - y0) < 0.3 * sh:
+    sel = [best["left"], best["right"]]
+    x0 = min(stats[i, cv2.CC_STAT_LEFT] for i in sel)
+    y0 = min(stats[i, cv2.CC_STAT_TOP] for i in sel)
+    x1 = max(stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH] for i in sel)
+    y1 = max(stats[i, cv2.CC_STAT_TOP] + stats[i, cv2.CC_STAT_HEIGHT] for i in sel)
+    # Plausibility: two lungs together span a good part of the image.
+    if (x1 - x0) < 0.35 * sw or (y1 - y0) < 0.25 * sh:
         return fixed_crop_box(h, w), False
     pad_y, pad_x = 0.05 * sh, 0.05 * sw
     box = CropBox(
@@ -185,8 +194,9 @@ def tf_preprocess_gray(gray, image_size: int, crop: str):
 
 # Pixel normalisation modes (SPEC §3). Inputs are float ``[..., 3]`` in 0..255, RGB order.
 INPUT_NORMS = ("unit", "caffe", "torch", "tf", "raw")
-_IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)  # 0..255 scale (keras imagenet_utils "caffe")
+_TORCH_MEAN_RGB = (0.485, 0.456, 0.406)        # [0, 1] scale (keras imagenet_utils "torch")
+_TORCH_STD_RGB = (0.229, 0.224, 0.225)
 
 
 def normalize_pixels(x, mode: str):
@@ -203,10 +213,10 @@ def normalize_pixels(x, mode: str):
     if mode == "tf":
         return x / 127.5 - 1.0
     if mode == "torch":
-        mean = np.array(_IMAGENET_MEAN_RGB, np.float32) / 255.0
-        std = np.array(_IMAGENET_STD_RGB, np.float32)
+        mean = np.array(_TORCH_MEAN_RGB, np.float32)
+        std = np.array(_TORCH_STD_RGB, np.float32)
         return (x / 255.0 - mean) / std
     if mode == "caffe":
         bgr = x[..., ::-1]
-        return bgr - np.array(_IMAGENET_MEAN_RGB[::-1], np.float32)
+        return bgr - np.array(_CAFFE_MEAN_RGB[::-1], np.float32)
     raise ValueError(f"unknown input normalisation {mode!r}; expected one of {INPUT_NORMS}")

@@ -1,0 +1,76 @@
+"""Tests for pneumo_tf/data/records.py: shard names, atomic writers, manifest checks."""
+
+import json
+
+import pytest
+
+from pneumo_tf.data import records
+
+
+def test_shard_names_round_trip():
+    assert records.shard_name("train", 3, 8) == "train-00003-of-00008.tfrecord"
+    assert records.shard_name("val", 0, 1, "gzip") == "val-00000-of-00001.tfrecord.gz"
+    assert records.parse_shard_name("test-00002-of-00004.tfrecord.gz") == ("test", 2, 4, "gzip")
+    assert records.parse_shard_name("train-00002-of-00004.tfrecord.partial") is None
+
+
+def test_shard_writer_is_atomic(tmp_path):
+    path = tmp_path / records.shard_name("train", 0, 1)
+    with pytest.raises(RuntimeError):
+        with records.ShardWriter(path) as w:
+            w.write(b"abc")
+            assert (tmp_path / (path.name + ".partial")).exists() and not path.exists()
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with records.ShardWriter(path) as w:
+        w.write(b"abc")
+    assert path.exists() and w.count == 1
+
+
+def test_read_manifest_errors_name_the_fix(tmp_path):
+    with pytest.raises(records.DataDirError, match="does not exist"):
+        records.read_manifest(tmp_path / "nope")
+    with pytest.raises(records.DataDirError, match="manifest.json is missing.*make_tfrecords"):
+        records.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(records.DataDirError, match="not valid JSON"):
+        records.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {}}))
+    with pytest.raises(records.DataDirError, match="no 'image_size' entry"):
+        records.read_manifest(tmp_path)
+
+
+def test_split_shards_checks_split_and_files(tiny_data_dir):
+    manifest = records.read_manifest(tiny_data_dir)
+    assert [p.name for p in records.split_shards(tiny_data_dir, manifest, "val")] == [
+        "val-00000-of-00002.tfrecord", "val-00001-of-00002.tfrecord"]
+    with pytest.raises(records.DataDirError, match="split 'extra' is not in"):
+        records.split_shards(tiny_data_dir, manifest, "extra")
+    (tiny_data_dir / "val-00001-of-00002.tfrecord").unlink()
+    with pytest.raises(records.DataDirError, match="missing: val-00001-of-00002.tfrecord"):
+        records.split_shards(tiny_data_dir, manifest, "val")
+    manifest["splits"]["test"]["count"] = 0
+    with pytest.raises(records.DataDirError, match="split 'test' .* is empty"):
+        records.split_shards(tiny_data_dir, manifest, "test")
+
+
+def test_examples_parse_back(tiny_data_dir):
+    import numpy as np
+    import tensorflow as tf
+
+    manifest = records.read_manifest(tiny_data_dir)
+    paths = records.split_shards(tiny_data_dir, manifest, "train")
+    raw = next(iter(tf.data.TFRecordDataset([str(p) for p in paths]).batch(4)))
+    parsed = tf.io.parse_example(raw, records.feature_spec())
+    assert parsed["crop_box"].shape == (4, 4)
+    img = np.frombuffer(parsed["image"][0].numpy(), np.uint8)
+    assert img.size == 32 * 32
+    assert set(parsed["label"].numpy()) <= {0, 1}
+
+
+def test_manifest_mismatches_lists_each_difference():
+    a = {"image_size": 224, "crop": "fixed", "encoding": "raw", "channels": 1}
+    b = {"image_size": 128, "crop": "none", "encoding": "raw", "channels": 1}
+    assert records.manifest_mismatches(a, b) == [
+        "image_size: run has 224, data dir has 128", "crop: run has 'fixed', data dir has 'none'"]
+    assert records.manifest_mismatches(a, dict(a)) == []
