@@ -1,0 +1,349 @@
+"""Tests for pneumo_tf/data/phantoms.py: anatomy, masks, confounder, layout, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pneumo_tf.data import phantoms
+from pneumo_tf.preprocess import fixed_crop_box
+
+REPO = Path(__file__).resolve().parents[2]
+NORMAL_NAME = re.compile(r"^IM-(\d{4})-(\d{4})\.jpeg$")
+PNEUMONIA_NAME = re.compile(r"^person(\d+)_(bacteria|virus)_(\d+)\.jpeg$")
+
+# Small images keep the whole file fast; the anatomy is drawn in fractions of the image.
+SMALL = {"min_size": 64, "max_size": 112}
+
+
+def _box_mask(shape, box) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[box.top:box.bottom, box.left:box.right] = True
+    return mask
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def phantom_set(tmp_path_factory) -> tuple[Path, dict]:
+    """A 40 + 12 image set with every PNEUMONIA image tagged and no NORMAL one."""
+    out = tmp_path_factory.mktemp("phantoms") / "set"
+    summary = phantoms.write_phantom_dataset(out, 40, 12, seed=3, confounder_rate=1.0,
+                                             images_per_patient=(1, 4), **SMALL)
+    return out, summary
+
+
+# ----------------------------------------------------------------------------- single phantoms
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_generate_phantom_shapes_and_types(label):
+    image, lung, lesion = phantoms.generate_phantom(np.random.default_rng(0), label, (150, 180))
+    assert image.shape == lung.shape == lesion.shape == (150, 180)
+    assert image.dtype == np.uint8 and lung.dtype == bool and lesion.dtype == bool
+    # Two lung fields: two connected components of a sensible size.
+    n, _, stats, _ = cv2.connectedComponentsWithStats(lung.astype(np.uint8))
+    areas = sorted(stats[1:, cv2.CC_STAT_AREA])
+    assert n - 1 == 2, f"expected 2 lung fields, got {n - 1}"
+    assert 0.04 < areas[0] / lung.size and sum(areas) / lung.size < 0.45
+    assert lesion.any() == bool(label)
+
+
+def test_default_size_is_in_the_documented_range():
+    for seed in range(3):
+        image, _, _ = phantoms.generate_phantom(np.random.default_rng(seed), 0)
+        h, w = image.shape
+        assert phantoms.DEFAULT_MIN_SIZE <= h <= phantoms.DEFAULT_MAX_SIZE
+        assert phantoms.DEFAULT_MIN_SIZE <= w <= phantoms.DEFAULT_MAX_SIZE
+
+
+def test_film_looks_like_a_chest_radiograph():
+    """Lungs darker than the mediastinum/spine, background darker than the body."""
+    image, lung, _ = phantoms.generate_phantom(np.random.default_rng(5), 0, (300, 340))
+    h, w = image.shape
+    lung_mean = image[lung].mean()
+    centre = image[int(0.3 * h):int(0.6 * h), int(0.47 * w):int(0.53 * w)].mean()  # spine
+    corner = image[-int(0.3 * h):, :int(0.03 * w)].mean()  # beside the body, low down
+    body_side = image[int(0.5 * h):int(0.6 * h), int(0.13 * w):int(0.16 * w)].mean()  # chest wall
+    assert centre - lung_mean > 40, (centre, lung_mean)
+    assert body_side - corner > 40, (body_side, corner)
+    assert lung_mean - corner > 5, (lung_mean, corner)
+
+
+def test_lesions_are_inside_lungs_visible_and_mostly_inside_the_crop_box():
+    inside_crop, contrast = [], []
+    for seed in range(12):
+        ph = phantoms.render_phantom(np.random.default_rng(seed), 1, (160, 200))
+        assert 1 <= ph.num_lesions <= 3
+        assert ph.lesion_mask.any()
+        assert not (ph.lesion_mask & ~ph.lung_mask).any(), "lesion outside the lung mask"
+        crop = _box_mask(ph.image.shape, fixed_crop_box(*ph.image.shape))
+        inside_crop.append((ph.lesion_mask & crop).sum() / ph.lesion_mask.sum())
+        clear_lung = ph.lung_mask & ~cv2.dilate(ph.lesion_mask.astype(np.uint8),
+                                                np.ones((9, 9), np.uint8)).astype(bool)
+        contrast.append(ph.image[ph.lesion_mask].mean() - ph.image[clear_lung].mean())
+    assert np.mean(inside_crop) > 0.85 and min(inside_crop) > 0.5, inside_crop
+    # Opacities are clearly brighter than the surrounding lung (gray levels).
+    assert min(contrast) > 12 and np.mean(contrast) > 25, contrast
+
+
+def test_opacity_survives_fixed_crop_and_resize_to_64px():
+    """What the classifier sees: the lesion region stays brighter than clear lung at 64 px."""
+    from pneumo_tf.preprocess import crop_lung_fixed, resize_area
+
+    for seed in range(6):
+        ph = phantoms.render_phantom(np.random.default_rng(100 + seed), 1, (400, 440))
+        small = resize_area(crop_lung_fixed(ph.image), 64).astype(float)
+        lesion = resize_area(crop_lung_fixed(ph.lesion_mask.astype(np.uint8) * 255), 64) > 127
+        lung = resize_area(crop_lung_fixed(ph.lung_mask.astype(np.uint8) * 255), 64) > 127
+        assert lesion.sum() >= 12, f"seed {seed}: lesion only {lesion.sum()} px at 64 px"
+        assert small[lesion].mean() - small[lung & ~lesion].mean() > 12
+
+
+def test_normal_phantoms_have_no_lesion():
+    for seed in range(4):
+        ph = phantoms.render_phantom(np.random.default_rng(seed), 0, (96, 96))
+        assert ph.num_lesions == 0 and not ph.lesion_mask.any()
+
+
+def test_confounder_changes_only_a_tag_outside_the_fixed_crop_box():
+    for seed in range(8):
+        size = (64 + 13 * seed, 90 + 7 * seed)
+        plain = phantoms.render_phantom(np.random.default_rng(seed), seed % 2, size)
+        tagged = phantoms.render_phantom(np.random.default_rng(seed), seed % 2, size,
+                                         confounder=True)
+        assert plain.marker_box is None and tagged.marker_box is not None
+        box = tagged.marker_box
+        changed = plain.image != tagged.image
+        assert changed.any()
+        assert not (changed & ~_box_mask(size, box)).any(), "pixels changed outside the tag"
+        crop = fixed_crop_box(*size)
+        overlaps = (box.top < crop.bottom and crop.top < box.bottom
+                    and box.left < crop.right and crop.left < box.right)
+        assert not overlaps, f"tag {box} overlaps the crop box {crop}"
+        assert tagged.image[box.top:box.bottom, box.left:box.right].max() >= 235
+        np.testing.assert_array_equal(plain.lesion_mask, tagged.lesion_mask)
+
+
+def test_bad_label_and_size_are_refused():
+    with pytest.raises(ValueError, match="label must be 0"):
+        phantoms.generate_phantom(np.random.default_rng(0), 2, (64, 64))
+    with pytest.raises(ValueError, match="at least 32 px"):
+        phantoms.generate_phantom(np.random.default_rng(0), 0, (16, 64))
+
+
+# ----------------------------------------------------------------------------- the data set
+
+
+def test_layout_names_and_patients(phantom_set):
+    out, summary = phantom_set
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "phantoms.json", "test", "train"]
+    patients_of = defaultdict(set)  # patient -> {(split, class)}
+    images_of = defaultdict(int)
+    image_numbers = []
+    for split in ("train", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            files = sorted((out / split / cls).iterdir())
+            assert len(files) == summary["counts"][split][cls]
+            for f in files:
+                if cls == "NORMAL":
+                    m = NORMAL_NAME.match(f.name)
+                    assert m, f.name
+                    patient = f"IM-{m[1]}"
+                else:
+                    m = PNEUMONIA_NAME.match(f.name)
+                    assert m, f.name
+                    patient = f"person{int(m[1])}"
+                    image_numbers.append(int(m[3]))
+                patients_of[patient].add((split, cls))
+                images_of[patient] += 1
+    # Split sizes: round(n * 0.74) PNEUMONIA.
+    assert summary["counts"]["train"] == {"NORMAL": 10, "PNEUMONIA": 30}
+    assert summary["counts"]["test"] == {"NORMAL": 3, "PNEUMONIA": 9}
+    # No patient in two classes or splits; several images for some patients, at most 4.
+    assert all(len(v) == 1 for v in patients_of.values()), dict(patients_of)
+    assert max(images_of.values()) <= 4 and max(images_of.values()) >= 2
+    assert sum(v >= 2 for v in images_of.values()) >= 5
+    assert len(set(image_numbers)) == len(image_numbers)
+    # Numbers for both classes come from one counter: IM-0003 and person3 are never both used.
+    numbers = [int(re.search(r"\d+", p)[0]) for p in patients_of]
+    assert len(set(numbers)) == len(numbers)
+    total_patients = sum(n for s in summary["patients"].values() for n in s.values())
+    assert total_patients == len(patients_of)
+
+
+def test_masks_exist_match_sizes_and_are_consistent(phantom_set):
+    out, summary = phantom_set
+    records = phantoms.read_phantom_summary(out)["images"]
+    assert len(records) == 52
+    for rec in records:
+        image = cv2.imread(str(out / rec["path"]), cv2.IMREAD_UNCHANGED)
+        assert image is not None and image.ndim == 2, rec["path"]
+        assert image.shape == (rec["height"], rec["width"])
+        lung_path, lesion_path = phantoms.mask_paths(out, rec["path"])
+        assert lung_path.parent == out / "masks" / rec["path"].rsplit("/", 1)[0]
+        lung = cv2.imread(str(lung_path), cv2.IMREAD_UNCHANGED)
+        lesion = cv2.imread(str(lesion_path), cv2.IMREAD_UNCHANGED)
+        assert lung.shape == lesion.shape == image.shape and lung.dtype == np.uint8
+        assert set(np.unique(lung)) <= {0, 255} and set(np.unique(lesion)) <= {0, 255}
+        assert lung.any()
+        assert not ((lesion > 0) & (lung == 0)).any(), f"{rec['path']}: lesion outside lung"
+        assert int((lesion > 0).sum()) == rec["lesion_pixels"]
+        if rec["label"] == 0:
+            assert not lesion.any() and rec["num_lesions"] == 0
+        else:
+            assert lesion.any() and rec["num_lesions"] >= 1
+    # Nothing but images in the split folders (the converter reads them).
+    assert {p.suffix for p in (out / "train").rglob("*") if p.is_file()} == {".jpeg"}
+
+
+def test_confounder_rate_tags_pneumonia_only_outside_the_crop(phantom_set):
+    out, summary = phantom_set
+    assert summary["confounders"]["train"] == {"NORMAL": 0, "PNEUMONIA": 30}
+    assert summary["confounders"]["test"] == {"NORMAL": 0, "PNEUMONIA": 9}
+    for rec in phantoms.read_phantom_summary(out)["images"]:
+        if rec["label"] == 0:
+            assert rec["marker_box"] is None
+            continue
+        top, bottom, left, right = rec["marker_box"]
+        crop = fixed_crop_box(rec["height"], rec["width"])
+        assert bottom <= crop.top or top >= crop.bottom or right <= crop.left or left >= crop.right
+        image = cv2.imread(str(out / rec["path"]), cv2.IMREAD_GRAYSCALE)
+        # The bright tag is in the saved JPEG (its text stroke is dark, so use a high quantile).
+        assert np.percentile(image[top:bottom, left:right], 60) > 200
+
+
+def test_partial_confounder_rates(tmp_path):
+    summary = phantoms.write_phantom_dataset(tmp_path / "p", 120, 0, seed=1, confounder_rate=0.5,
+                                             confounder_normal_rate=0.25, min_size=40,
+                                             max_size=48)
+    tagged = summary["confounders"]["train"]
+    counts = summary["counts"]["train"]
+    assert counts == {"NORMAL": 31, "PNEUMONIA": 89}
+    # Binomial draws: 0.5 * 89 and 0.25 * 31, well inside +-4 standard deviations.
+    assert 26 <= tagged["PNEUMONIA"] <= 63 and 1 <= tagged["NORMAL"] <= 16
+    assert tagged["PNEUMONIA"] / 89 > tagged["NORMAL"] / 31
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    kwargs = dict(num_train=10, num_test=4, confounder_rate=0.5, **SMALL)
+    phantoms.write_phantom_dataset(tmp_path / "a", seed=7, **kwargs)
+    phantoms.write_phantom_dataset(tmp_path / "b", seed=7, **kwargs)
+    phantoms.write_phantom_dataset(tmp_path / "c", seed=8, **kwargs)
+    a, b, c = (_all_files(tmp_path / n) for n in "abc")
+    assert len(a) == 14 * 3 + 1
+    assert a == b
+    jpegs = [k for k in a if k.endswith(".jpeg")]
+    assert sum(a[k] != c.get(k) for k in jpegs) == len(jpegs), "another seed must change images"
+
+
+def test_rerun_replaces_an_earlier_phantom_set(tmp_path):
+    out = tmp_path / "set"
+    phantoms.write_phantom_dataset(out, 12, 4, seed=0, **SMALL)
+    phantoms.write_phantom_dataset(out, 3, 1, seed=0, **SMALL)
+    images = [p for p in out.rglob("*.jpeg")]
+    masks = [p for p in (out / "masks").rglob("*.png")]
+    assert len(images) == 4 and len(masks) == 8
+    assert phantoms.read_phantom_summary(out)["params"]["num_train"] == 3
+
+
+def test_an_interrupted_run_looks_incomplete_and_a_rerun_recovers(tmp_path, monkeypatch):
+    out = tmp_path / "set"
+    calls = []
+
+    def dying_write_json(path, obj):  # the run is killed just before phantoms.json is written
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phantoms.records, "write_json_atomic", dying_write_json)
+    with pytest.raises(KeyboardInterrupt):
+        phantoms.write_phantom_dataset(out, 6, 2, seed=0, **SMALL)
+    monkeypatch.undo()
+    assert calls and len(list(out.rglob("*.jpeg"))) == 8
+    assert (out / phantoms.IN_PROGRESS).exists() and not (out / "phantoms.json").exists()
+    with pytest.raises(ValueError, match="not a complete phantom set"):
+        phantoms.read_phantom_summary(out)
+    phantoms.write_phantom_dataset(out, 2, 1, seed=0, **SMALL)
+    assert len(list(out.rglob("*.jpeg"))) == 3
+    assert not (out / phantoms.IN_PROGRESS).exists()
+
+
+def test_refuses_a_folder_that_is_not_a_phantom_set(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no phantoms.json"):
+        phantoms.write_phantom_dataset(out, 2, 0, **SMALL)
+    assert (out / "precious.txt").read_text() == "keep me"
+    # A phantom set with a stranger inside is refused too (nothing is deleted).
+    phantoms.write_phantom_dataset(tmp_path / "set", 2, 0, **SMALL)
+    (tmp_path / "set" / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="plus other files"):
+        phantoms.write_phantom_dataset(tmp_path / "set", 2, 0, **SMALL)
+    assert (tmp_path / "set" / "train").is_dir()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_train=-1), r"--num_train must be a whole number >= 0, got -1"),
+    (dict(num_test=-5), r"--num_test must be a whole number >= 0"),
+    (dict(num_train=0, num_test=0), r"both 0: nothing to generate"),
+    (dict(min_size=700, max_size=500), r"--min_size \(700\) is larger than --max_size \(500\)"),
+    (dict(min_size=8), r"--min_size must be >= 32"),
+    (dict(confounder_rate=1.5), r"--confounder_rate must be a fraction in \[0, 1\]"),
+    (dict(confounder_normal_rate=-0.1), r"--confounder_normal_rate must be a fraction"),
+    (dict(pneumonia_fraction=2.0), r"--pneumonia_fraction must be a fraction"),
+    (dict(images_per_patient=(3, 2)), r"--images_per_patient must be MIN,MAX"),
+    (dict(images_per_patient=(0, 2)), r"--images_per_patient must be MIN,MAX"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, kwargs, message):
+    args = dict(num_train=4, num_test=0, min_size=64, max_size=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        phantoms.write_phantom_dataset(tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists(), "bad arguments must not touch --out"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "tools" / "make_phantoms"), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_set_and_rejects_bad_flags(tmp_path):
+    out = tmp_path / "cli"
+    ok = _run_tool(f"--out={out}", "--num_train=6", "--num_test=2", "--min_size=48",
+                   "--max_size=64", "--confounder_rate=1", "--images_per_patient=2,2", "--seed=4")
+    assert ok.returncode == 0, ok.stderr
+    assert str(out) in ok.stdout
+    summary = json.loads((out / "phantoms.json").read_text())
+    assert summary["params"]["images_per_patient"] == [2, 2] and summary["seed"] == 4
+    assert summary["counts"]["train"] == {"NORMAL": 2, "PNEUMONIA": 4}
+    assert summary["patients"]["train"] == {"NORMAL": 1, "PNEUMONIA": 2}
+
+    bad = _run_tool(f"--out={tmp_path / 'bad'}", "--min_size=700", "--max_size=500")
+    assert bad.returncode != 0
+    assert "--min_size (700) is larger than --max_size (500)" in bad.stderr
+    missing = _run_tool("--num_train=2")
+    assert missing.returncode != 0 and "--out is required" in missing.stderr
+    garbled = _run_tool(f"--out={tmp_path / 'g'}", "--images_per_patient=a,b")
+    assert garbled.returncode != 0 and "two integers MIN,MAX" in garbled.stderr
+    helpfull = _run_tool("--helpfull")
+    for flag in ("--num_train", "--num_test", "--confounder_rate", "--min_size", "--max_size",
+                 "--pneumonia_fraction", "--images_per_patient", "--out", "--seed"):
+        assert flag in helpfull.stdout + helpfull.stderr, flag
