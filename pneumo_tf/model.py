@@ -22,6 +22,7 @@ from typing import Callable
 import keras
 from keras import layers
 
+from pneumo_tf import augment as _augment  # noqa: F401 -- registers RandomAffine for load_model
 from pneumo_tf import preprocess
 
 
@@ -237,9 +238,7 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     inputs = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
     x = ToFloatRGB(name="to_float_rgb")(inputs)
     if augment is not None:
-        from pneumo_tf.augment import RandomAffine
-
-        x = RandomAffine(**augment, dtype="float32", name="augment")(x)
+        x = _augment.RandomAffine(**augment, dtype="float32", name="augment")(x)
     x = PixelNorm(norm, name="pixel_norm")(x)
     base = build_backbone(backbone, image_size, weights)
     set_trainable(base, trainable_layers, train_bn)

@@ -1,0 +1,369 @@
+"""Tests of pneumo_tf.train: callback state machines, run directory, resume, NaN, distribution.
+
+Everything runs small_cnn on tiny synthetic data (32 px); subprocess tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_tiny_dataset
+from pneumo_tf import rundir, train
+from pneumo_tf.data import records
+
+TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1", "--train_bn",
+              "--batch_size=4", "--precision=float32", "--nocalibrate", "--tb_images=2",
+              "--val_batch_size=16"]
+
+
+def tiny_config(data_dir, run_dir, **overrides) -> train.TrainConfig:
+    kwargs = dict(data_dir=str(data_dir), run_dir=str(run_dir), backbone="small_cnn",
+                  weights="none", trainable_layers=-1, train_bn=True, batch_size=4, epochs=2,
+                  steps_per_epoch=3, precision="float32", strategy="default", calibrate=False,
+                  tb_images=2, val_batch_size=16, lr=1e-3)
+    kwargs.update(overrides)
+    return train.TrainConfig(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    import keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_early_stopping_matches_keras_semantics():
+    es = train.EarlyStopping(patience=3)
+    seq = [1.0, 0.8, 0.9, 0.85, 0.81, 0.7]
+    out = [es.update(e, v) for e, v in enumerate(seq[:5])]
+    assert [o[0] for o in out] == [True, True, False, False, False]
+    assert [o[1] for o in out] == [False, False, False, False, True]  # 3 epochs without gain
+    assert es.best == 0.8 and es.best_epoch == 1
+
+
+def test_reduce_lr_on_plateau_matches_keras_semantics():
+    plateau = train.ReduceLROnPlateau(patience=2, factor=0.2)
+    lrs, lr = [], 1e-3
+    for v in [1.0, 1.0, 0.99995, 0.5, 0.6, 0.7, 0.8]:  # 0.99995: below min_delta, no gain
+        lr = plateau.update(v, lr)
+        lrs.append(lr)
+    np.testing.assert_allclose(lrs, [1e-3, 1e-3, 2e-4, 2e-4, 2e-4, 4e-5, 4e-5])
+
+
+def test_binary_metrics_known_values():
+    labels = [0, 0, 1, 1]
+    probs = [0.1, 0.6, 0.4, 0.9]
+    m = train.binary_metrics(labels, probs)
+    assert m["accuracy"] == 0.5
+    assert m["precision"] == 0.5 and m["recall"] == 0.5
+    assert m["auc"] == 0.75
+    assert m["pr_auc"] == pytest.approx(0.8333333)
+    one_class = train.binary_metrics([1, 1], [0.3, 0.7])
+    assert math.isnan(one_class["auc"]) and one_class["accuracy"] == 0.5
+
+
+def test_history_csv_round_trip(tmp_path):
+    rows = [{k: (i if k == "epoch" else 0.1 * i + 1 / 3) for k in train.HISTORY_COLUMNS}
+            for i in range(3)]
+    path = tmp_path / "history.csv"
+    train.write_history_csv(path, rows)
+    assert path.read_text().splitlines()[0] == ",".join(train.HISTORY_COLUMNS)
+    assert train.read_history_csv(path) == rows
+
+
+def test_epoch_seed_depends_on_seed_and_epoch_only():
+    assert train.epoch_seed(0, 3) == train.epoch_seed(0, 3)
+    assert len({train.epoch_seed(s, e, k) for s in (0, 1) for e in (0, 1) for k in (0, 1)}) == 8
+    assert 0 <= train.epoch_seed(123, 456) < 2**31
+
+
+def test_augment_kwargs_picks_resampler_for_xla():
+    cfg = train.TrainConfig(data_dir="d", run_dir="r")
+    assert train.augment_kwargs(cfg, jit_compile=False)["resampler"] == "native"
+    assert train.augment_kwargs(cfg, jit_compile=True)["resampler"] == "gather"
+    cfg.resampler = "native"
+    with pytest.raises(train.TrainError, match="--resampler=native cannot be XLA-compiled"):
+        train.augment_kwargs(cfg, jit_compile=True)
+    cfg.augment = False
+    assert train.augment_kwargs(cfg, jit_compile=False) is None
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss", "hinge", "--loss='hinge'"),
+    ("epochs", 0, "--epochs=0"),
+    ("backbone", "vgg", "unknown backbone 'vgg'"),
+    ("profile", "5", "--profile='5'"),
+])
+def test_config_errors_name_the_flag(tmp_path, field, value, message):
+    cfg = tiny_config(tmp_path / "d", tmp_path / "r", **{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+        cfg.profile_range()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors before training
+
+
+def _assert_nothing_trained(run_dir: Path):
+    assert not (run_dir / "backup").exists()
+    assert not (run_dir / "model.keras").exists()
+
+
+def test_data_dir_without_manifest_fails_before_training(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    (data / "manifest.json").unlink()
+    with pytest.raises(records.DataDirError, match="manifest.json is missing"):
+        train.train(tiny_config(data, tmp_path / "run"))
+    _assert_nothing_trained(tmp_path / "run")
+
+
+def test_empty_split_fails_before_training(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": (6, 6), "val": (0, 0)})
+    with pytest.raises(records.DataDirError, match="split 'val' .* is empty"):
+        train.train(tiny_config(data, tmp_path / "run"))
+    _assert_nothing_trained(tmp_path / "run")
+
+
+def test_resume_with_mismatched_manifest_fails_before_training(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    old = write_tiny_dataset(tmp_path / "old", image_size=32, crop="fixed")
+    records.write_json_atomic(run / "data_manifest.json", records.read_manifest(old))
+    new = write_tiny_dataset(tmp_path / "new", image_size=40, crop="none")
+    with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 40; "
+                                                 "crop: run has 'fixed', data dir has 'none'"):
+        train.train(tiny_config(new, run))
+    _assert_nothing_trained(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process training
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, caplog):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    summary = train.train(tiny_config(data, run, calibrate=True), flags_text="--epochs=2\n")
+    paths = rundir.RunPaths(run)
+    for p in (paths.flags, paths.data_manifest, paths.best_weights, paths.model, paths.history,
+              paths.summary):
+        assert p.is_file(), p
+    assert list(paths.backup.glob("ckpt-*.index"))
+    assert {p.name for p in paths.tb.iterdir()} >= {"train", "val"}
+    hist = train.read_history_csv(paths.history)
+    assert [r["epoch"] for r in hist] == [0, 1]
+    assert list(hist[0]) == list(train.HISTORY_COLUMNS)
+    assert hist[0]["lr"] == 1e-3
+    on_disk = json.loads(paths.summary.read_text())
+    for key in ("precision_policy", "jit_compile", "strategy", "num_replicas", "epochs_run",
+                "best_epoch", "best_val_loss", "train_images_per_sec", "config"):
+        assert key in on_disk, key
+    assert on_disk["epochs_run"] == 2 and on_disk["strategy"] == "default"
+    assert on_disk["precision_policy"] == "float32" and on_disk["num_replicas"] == 1
+    assert on_disk["best_val_loss"] == min(r["val_loss"] for r in hist)
+    assert on_disk["config"]["backbone"] == "small_cnn"
+    assert on_disk["config"]["image_size"] == 32 and on_disk["config"]["crop"] == "fixed"
+    assert on_disk["train_images_per_sec"] > 0
+    assert summary["calibration"] in ("ok",) or summary["calibration"].startswith("skipped")
+    # model.keras holds the best epoch's weights and loads in safe mode.
+    model = rundir.load_model(run)
+    import keras
+
+    best = train.Trainer(tiny_config(data, run), _default_setup(),
+                         records.read_manifest(data)).model
+    best.load_weights(paths.best_weights)
+    for a, b in zip(model.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(model, keras.Model)
+    # The same run dir again: complete, nothing retrained.
+    mtime = paths.model.stat().st_mtime_ns
+    again = train.train(tiny_config(data, run))
+    assert again["epochs_run"] == 2 and paths.model.stat().st_mtime_ns == mtime
+
+
+def _default_setup():
+    from pneumo_tf import distribute
+
+    return distribute.setup_distribution("default", "float32", "false")
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    # Steps 0-2 are epoch 0 (backed up); global step 4 is inside epoch 1.
+    cfg = tiny_config(data, run, epochs=3, debug_nan_at_step=4)
+    with pytest.raises(train.TrainingDivergedError,
+                       match=r"loss is nan at epoch 1 step 1 .*last good checkpoint is kept: "
+                             r".*ckpt-3.*Lower --lr"):
+        train.train(cfg)
+    import tensorflow as tf
+
+    assert tf.train.latest_checkpoint(str(run / "backup")).endswith("ckpt-3")
+    assert not (run / "model.keras").exists() and not (run / "summary.json").exists()
+    assert [r["epoch"] for r in train.read_history_csv(run / "history.csv")] == [0]
+
+
+@pytest.mark.slow
+def test_same_flags_give_identical_history_with_deterministic(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    histories = []
+    for name in ("a", "b"):
+        train.train(tiny_config(data, tmp_path / name, deterministic=True))
+        histories.append(train.read_history_csv(tmp_path / name / "history.csv"))
+    assert histories[0] == histories[1]
+    assert histories[0][0]["loss"] != histories[0][1]["loss"]  # it did train
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess: kill -9 and resume, mirrored, multi-worker
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def _train_cmd(data, run, *extra) -> list[str]:
+    return [sys.executable, "-m", "pneumo_tf.train", f"--data_dir={data}", f"--run_dir={run}",
+            *TINY_FLAGS, *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    extra = ["--epochs=4", "--steps_per_epoch=30", "--deterministic", "--lr=1e-3"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(data, killed, *extra), env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ref = subprocess.Popen(_train_cmd(data, tmp_path / "ref", *extra), env=_env(), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "backup" / "checkpoint").is_file():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no backup within 240 s"
+        time.sleep(0.02)
+    time.sleep(0.2)  # into the next epoch's steps
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows = train.read_history_csv(killed / "history.csv")
+    assert 1 <= len(rows) < 4
+    again = subprocess.run(_train_cmd(data, killed, *extra), env=_env(), cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    resumed = [int(line.split("resumed from epoch ")[1].split()[0])
+               for line in out.splitlines() if line.startswith("resumed from epoch ")]
+    assert resumed and resumed[0] >= 1, out[-3000:]
+    assert "epoch 0:" not in out  # no restart from the first epoch
+    assert ref.wait(timeout=300) == 0
+    got = train.read_history_csv(killed / "history.csv")
+    want = train.read_history_csv(tmp_path / "ref" / "history.csv")
+    assert [r["epoch"] for r in got] == [0, 1, 2, 3]
+    assert got == want
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from_epochs"] == resumed[:1]
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pneumo_tf import distribute
+    distribute.configure_cpu_devices(2)
+    from pneumo_tf import train
+    from pneumo_tf.data import pipeline, records
+    data, run = sys.argv[1], sys.argv[2]
+    manifest = records.read_manifest(data)
+    images, labels, weights = next(iter(pipeline.make_dataset(data, "train", 8, training=False)))
+    out = {}
+    for name, per_replica in (("default", 8), ("mirrored", 4)):
+        setup = distribute.setup_distribution(name, "float32", "false", cpu_devices=2)
+        cfg = train.TrainConfig(data_dir=data, run_dir=run, backbone="small_cnn", weights="none",
+                                trainable_layers=-1, augment=False, head_dropout=(0.0, 0.0),
+                                batch_size=per_replica, lr=1e-2, seed=7)
+        trainer = train.Trainer(cfg, setup, manifest)
+        losses = [trainer.step_on_global_batch(images, labels, weights) for _ in range(2)]
+        out[name] = {"replicas": setup.num_replicas, "losses": losses}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_cpu_devices_matches_default_first_step_loss(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(data), str(tmp_path / "r")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ")[1])
+    assert result["default"]["replicas"] == 1 and result["mirrored"]["replicas"] == 2
+    d, m = result["default"]["losses"], result["mirrored"]["losses"]
+    assert m[0] == pytest.approx(d[0], rel=1e-5)
+    # Gradients summed over replicas = the full-batch gradient: the second step agrees too.
+    assert m[1] == pytest.approx(d[1], rel=1e-4)
+    assert d[1] != pytest.approx(d[0], rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_two_local_processes_train_and_only_the_chief_writes(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs, tmpdirs = [], []
+    for index in range(2):
+        tmpdir = tmp_path / f"tmp{index}"
+        tmpdir.mkdir()
+        tmpdirs.append(tmpdir)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            _train_cmd(data, run, "--strategy=multi_worker", "--epochs=2", "--steps_per_epoch=3"),
+            env=_env(TF_CONFIG=tf_config, TMPDIR=str(tmpdir)), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == "multi_worker" and summary["num_replicas"] == 2
+    assert summary["epochs_run"] == 2
+    assert summary["global_batch_size"] == 8
+    assert (run / "model.keras").is_file()
+    rundir.load_model(run)
+    assert [r["epoch"] for r in train.read_history_csv(run / "history.csv")] == [0, 1]
+    # The non-chief wrote only into temporary dirs, and removed them.
+    assert [p for p in tmpdirs[1].rglob("*") if "model" in p.name or "ckpt" in p.name] == []
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["backup", "best.weights.h5", "data_manifest.json", "flags.txt", "history.csv",
+         "model.keras", "summary.json", "tb"])
