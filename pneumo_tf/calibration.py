@@ -1,0 +1,221 @@
+"""Temperature scaling and the operating threshold, both fitted on validation only (SPEC §4).
+
+``R/calibration.json`` (written by :func:`calibrate_run`; the training app calls it at the end of
+every run, ``pneumo_tf.evaluate`` when it is missing or another threshold method is asked for)::
+
+    {"temperature": 1.7, "threshold": 0.62, "threshold_method": "val_youden", "source": "val",
+     "threshold_applies_to": "probability", "n_val": 834, "val": {"nll_before": ..,
+     "nll_after": .., "ece_before": .., "ece_after": .., "sensitivity": .., "specificity": ..}}
+
+The threshold applies to the model's raw probability (what an exported model outputs). Temperature
+scaling is monotone, so it never changes which side of the threshold an image falls on; it only
+makes the probabilities honest. Calibrated probability: ``sigmoid(logit(p) / T)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+from sklearn import metrics as skm
+
+import pneumo_tf
+from pneumo_tf import metrics as pmetrics
+from pneumo_tf import rundir
+from pneumo_tf.data import records
+
+THRESHOLD_METHODS_HELP = (
+    "val_youden | val_sensitivity:<target, e.g. 0.95> | <fixed value, e.g. 0.5>")
+_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits (float32 sigmoid)
+
+
+def prob_to_logit(probs) -> np.ndarray:
+    """``log(p / (1 - p))`` in float64, with ``p`` clipped away from 0 and 1."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probs, temperature: float) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid(logit(p) / T)``, float64 ``[N]``."""
+    return 0.5 * (1.0 + np.tanh(0.5 * prob_to_logit(probs) / float(temperature)))
+
+
+def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
+    # Mean binary cross-entropy from logits, stable for large |logit|.
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
+def fit_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 1e2) -> float:
+    """The temperature ``T`` minimising the NLL of ``sigmoid(logits / T)``.
+
+    The NLL is convex in ``a = 1/T``; its derivative ``mean((sigmoid(a z) - y) z)`` is increasing,
+    so its root is found by bisection on ``log a`` (robust, no tuning). Perfectly separable data
+    push ``T`` to ``min_t`` (a warning-free clamp: the val set cannot tell how sharp to be).
+
+    Args:
+        labels: ``[N]`` 0/1.
+        logits: ``[N]`` float logits (see :func:`prob_to_logit`).
+
+    Returns:
+        T in ``[min_t, max_t]``.
+    """
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise ValueError("cannot fit a temperature on zero images")
+
+    def grad(log_a: float) -> float:
+        a = np.exp(log_a)
+        sigmoid = 0.5 * (1.0 + np.tanh(0.5 * a * z))  # overflow-free logistic
+        return float(np.mean((sigmoid - y) * z))
+
+    lo, hi = np.log(1.0 / max_t), np.log(1.0 / min_t)
+    if grad(lo) >= 0.0:
+        return float(max_t)
+    if grad(hi) <= 0.0:
+        return float(min_t)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if grad(mid) < 0.0:
+            lo = mid
+        else:
+            hi = mid
+    return float(1.0 / np.exp(0.5 * (lo + hi)))
+
+
+def parse_threshold_method(method: str) -> tuple[str, float | None]:
+    """``("val_youden", None)``, ``("val_sensitivity", 0.95)`` or ``("fixed", 0.5)``.
+
+    Raises:
+        ValueError: naming ``--threshold`` and the accepted forms.
+    """
+    method = str(method).strip()
+    if method == "val_youden":
+        return "val_youden", None
+    m = re.fullmatch(r"val_sensitivity:([0-9.]+)", method)
+    if m:
+        target = float(m[1])
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"--threshold={method}: the sensitivity target must be in (0, 1]")
+        return "val_sensitivity", target
+    try:
+        value = float(method)
+    except ValueError:
+        raise ValueError(f"--threshold={method!r} is not understood; use "
+                         f"{THRESHOLD_METHODS_HELP}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--threshold={method}: a fixed threshold must be in [0, 1]")
+    return "fixed", value
+
+
+def choose_threshold(labels, probs, method: str = "val_youden") -> float:
+    """The operating threshold on ``probs`` chosen on (validation) ``labels``.
+
+    ``val_youden``: maximises sensitivity + specificity - 1. ``val_sensitivity:t``: the highest
+    threshold whose sensitivity is at least ``t`` (best specificity under that constraint). A
+    number: that fixed threshold. A chosen cut lies midway between two neighbouring distinct
+    validation scores, so it does not sit exactly on an image's score.
+
+    Returns:
+        Threshold in [0, 1]; images with ``prob >= threshold`` are PNEUMONIA.
+    """
+    kind, value = parse_threshold_method(method)
+    if kind == "fixed":
+        return float(value)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if labels.min() == labels.max():
+        raise ValueError(f"threshold method {method!r} needs both classes in the validation "
+                         f"split; it has only {pneumo_tf.CLASS_NAMES[labels[0]]}")
+    fpr, tpr, thr = skm.roc_curve(labels, probs, drop_intermediate=False)
+    # thr[0] is +inf (nothing positive); candidate k predicts positive for probs >= thr[k].
+    if kind == "val_youden":
+        k = 1 + int(np.argmax((tpr - fpr)[1:]))
+    else:
+        k = int(np.nonzero(tpr >= value - 1e-12)[0][0])
+        k = max(k, 1)
+    upper = float(thr[k])
+    lower = float(thr[k + 1]) if k + 1 < thr.size else 0.0
+    return float(np.clip(0.5 * (upper + lower), 0.0, 1.0))
+
+
+def calibrate_predictions(labels, probs, threshold_method: str = "val_youden") -> dict:
+    """Fit temperature and threshold on validation predictions (no files).
+
+    Returns:
+        The ``calibration.json`` content without run/data provenance.
+    """
+    labels, probs = pmetrics._check(labels, probs)  # noqa: SLF001 -- same module family
+    logits = prob_to_logit(probs)
+    temperature = fit_temperature(labels, logits)
+    threshold = choose_threshold(labels, probs, threshold_method)
+    calibrated = apply_temperature(probs, temperature)
+    at = pmetrics.threshold_metrics(labels, probs, threshold)
+    return {
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_method": str(threshold_method),
+        "threshold_applies_to": "probability",
+        "source": "val",
+        "n_val": int(labels.size),
+        "val": {"nll_before": _nll(labels, logits), "nll_after": _nll(labels, logits / temperature),
+                "ece_before": pmetrics.expected_calibration_error(labels, probs),
+                "ece_after": pmetrics.expected_calibration_error(labels, calibrated),
+                "sensitivity": at["recall"], "specificity": at["specificity"]},
+    }
+
+
+def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                  threshold_method: str = "val_youden", model=None, batch_size: int = 64) -> dict:
+    """Fit temperature and threshold on the ``val`` split and write ``R/calibration.json``.
+
+    Only the validation split is read: the test split cannot influence the threshold.
+
+    Args:
+        run_dir: run directory (``model.keras`` and ``data_manifest.json``).
+        data_dir: the data dir the run was trained on (must contain a ``val`` split).
+        threshold_method: see :func:`choose_threshold`.
+        model: an already loaded model (the training app passes its own); None loads
+            ``R/model.keras``.
+        batch_size: images per forward pass.
+
+    Returns:
+        The dict written to ``calibration.json``.
+
+    Raises:
+        rundir.RunDirError: data dir incompatible with the run.
+        records.DataDirError: no usable ``val`` split.
+    """
+    parse_threshold_method(threshold_method)  # fail before predicting anything
+    from pneumo_tf import scoring
+
+    manifest = rundir.check_data_compatible(run_dir, data_dir)
+    if "val" not in manifest["splits"]:
+        raise records.DataDirError(
+            f"{Path(data_dir) / records.MANIFEST_NAME} has no 'val' split; calibration and the "
+            f"threshold are fitted on validation only. Convert with a validation split "
+            f"(tools/make_tfrecords --val_fraction=0.2, the default)")
+    if model is None:
+        model = rundir.load_model(run_dir)
+    pred = scoring.predict_split(model, data_dir, "val", batch_size)
+    result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
+    result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
+    records.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
+    return result
+
+
+def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                       threshold_method: str = "val_youden", model=None,
+                       batch_size: int = 64) -> dict:
+    """``R/calibration.json``, refitted on ``val`` when missing or fitted with another method."""
+    cal = rundir.read_calibration(run_dir)
+    if cal is not None and cal.get("threshold_method") == str(threshold_method) \
+            and cal.get("source") == "val":
+        return cal
+    why = "is missing" if cal is None else f"was fitted with {cal.get('threshold_method')!r}"
+    logging.info("%s %s; fitting temperature and the %s threshold on val",
+                 rundir.RunPaths(run_dir).calibration, why, threshold_method)
+    return calibrate_run(run_dir, data_dir, threshold_method, model, batch_size)

@@ -1,0 +1,129 @@
+"""Evaluate a trained run on one split: predictions, metrics with CIs, report, TensorBoard.
+
+Usage::
+
+    python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden]
+
+Writes ``R/eval/<split>/``: ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
+(figures inline) and the PNG figures; the same figures and the metrics table go to TensorBoard
+under ``R/tb/eval``. The threshold and the temperature come from ``R/calibration.json`` (fitted
+on validation); when it is missing or was fitted with another ``--threshold`` method it is
+recomputed from the ``val`` split first. The evaluated split never influences either.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from pneumo_tf import calibration, cli_flags, report, rundir, scoring
+from pneumo_tf import metrics as pmetrics
+from pneumo_tf.data import records
+
+THRESHOLD = flags.DEFINE_string(
+    "threshold", "val_youden",
+    "Operating threshold, always chosen on the val split: " + calibration.THRESHOLD_METHODS_HELP
+    + ". A number is used as is.")
+NUM_RESAMPLES = flags.DEFINE_integer(
+    "num_resamples", 2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",
+    lower_bound=100)
+
+
+def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.ndarray,
+                          threshold: float) -> None:
+    """One row per image: path, patient, label, probability, calibrated probability, prediction."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "label", "probability", "calibrated_probability",
+                    "prediction"])
+        for i in range(pred["label"].size):
+            p = float(pred["probability"][i])
+            w.writerow([pred["path"][i], pred["patient_id"][i], int(pred["label"][i]),
+                        f"{p:.6f}", f"{float(calibrated[i]):.6f}", int(p >= threshold)])
+
+
+def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
+                 threshold_method: str = "val_youden", batch_size: int = 64,
+                 num_resamples: int = 2000, seed: int = 0, model=None) -> dict:
+    """Evaluate ``run_dir``'s model on ``split`` of ``data_dir`` and write ``R/eval/<split>/``.
+
+    Args:
+        run_dir: finished run directory.
+        data_dir: data dir converted with the run's settings (checked against its manifest).
+        split: split to evaluate (``val`` is allowed; the report says so).
+        threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`.
+        batch_size: images per forward pass.
+        num_resamples, seed: of the bootstrap CIs.
+        model: an already loaded model, or None to load ``R/model.keras``.
+
+    Returns:
+        The ``metrics.json`` dict.
+
+    Raises:
+        rundir.RunDirError: incompatible data or an unfinished run.
+        records.DataDirError: unusable data dir or split.
+    """
+    calibration.parse_threshold_method(threshold_method)
+    paths = rundir.RunPaths(run_dir)
+    rundir.check_data_compatible(run_dir, data_dir)
+    if model is None:
+        model = rundir.load_model(run_dir)
+    cal = calibration.ensure_calibration(run_dir, data_dir, threshold_method, model, batch_size)
+    threshold = float(cal["threshold"])
+    temperature = float(cal["temperature"])
+
+    pred = scoring.predict_split(model, data_dir, split, batch_size)
+    labels, probs = pred["label"], pred["probability"].astype(np.float64)
+    calibrated = calibration.apply_temperature(probs, temperature)
+    threshold_info = {"value": threshold, "method": cal["threshold_method"], "source": "val"}
+    metrics = pmetrics.binary_report(labels, probs, threshold, threshold_info, num_resamples, seed)
+    metrics["split"] = split
+    metrics["temperature"] = temperature
+    metrics["calibrated"] = {"brier": pmetrics.ranking_metrics(labels, calibrated)["brier"],
+                             "ece": pmetrics.expected_calibration_error(labels, calibrated)}
+
+    out = paths.eval_dir(split)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions_csv(out / "predictions.csv", pred, calibrated, threshold)
+    records.write_json_atomic(out / "metrics.json", metrics)
+    figures = report.make_figures(labels, probs, calibrated, threshold,
+                                  metrics["confusion_matrix"], report.read_history(paths.history))
+    figure_files = report.save_figures(figures, out)
+    context = {"split": split, "run_dir": str(Path(run_dir)), "data_dir": str(Path(data_dir)),
+               "temperature": temperature}
+    report.write_markdown(out / "report.md", metrics, figure_files, context)
+    report.write_html(out / "report.html", metrics, figures, context)
+    report.write_tensorboard(paths.tb / "eval", figures, metrics, split)
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for flag in (cli_flags.RUN_DIR, cli_flags.DATA_DIR):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    try:
+        metrics = evaluate_run(cli_flags.RUN_DIR.value, cli_flags.DATA_DIR.value,
+                               cli_flags.SPLIT.value, THRESHOLD.value, cli_flags.BATCH_SIZE.value,
+                               NUM_RESAMPLES.value, cli_flags.SEED.value)
+    except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
+        raise SystemExit(f"pneumo_tf.evaluate: error: {e}") from None
+    ci = (metrics["ci95"] or {}).get("roc_auc")
+    auc_ci = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+    print(f"{metrics['split']}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
+          f"sensitivity={metrics['recall']:.4f} specificity={metrics['specificity']:.4f} "
+          f"AUC={metrics['roc_auc']:.4f} {auc_ci} -> "
+          f"{rundir.RunPaths(cli_flags.RUN_DIR.value).eval_dir(metrics['split'])}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,312 @@
+"""Figures and documents of the evaluation report (matplotlib Agg, markdown, HTML, TensorBoard).
+
+Every figure function takes plain numpy inputs and returns a ``matplotlib.figure.Figure``;
+:func:`save_figures` writes them as PNG, :func:`write_markdown` / :func:`write_html` assemble the
+report, :func:`write_tensorboard` logs the same figures (as images) and the metrics table (as
+markdown text).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from pneumo_tf import CLASS_NAMES  # noqa: E402
+from pneumo_tf import metrics as pmetrics  # noqa: E402
+
+# Training-curve panels: Keras history column stem -> title. Columns that are absent are skipped.
+CURVE_METRICS = (("accuracy", "accuracy"), ("loss", "loss"), ("auc", "ROC AUC"),
+                 ("recall", "recall (sensitivity)"))
+
+
+def roc_figure(labels, probs) -> Figure:
+    """ROC curve with the AUC in the legend."""
+    fpr, tpr, _ = skm.roc_curve(labels, probs)
+    auc = skm.roc_auc_score(labels, probs)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"model (AUC = {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="chance (AUC = 0.5)")
+    ax.set(xlabel="1 - specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)",
+           title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def pr_figure(labels, probs) -> Figure:
+    """Precision-recall curve with the average precision in the legend."""
+    precision, recall, _ = skm.precision_recall_curve(labels, probs)
+    ap = skm.average_precision_score(labels, probs)
+    prevalence = float(np.mean(labels))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.step(recall, precision, where="post", lw=2, label=f"model (AP = {ap:.3f})")
+    ax.axhline(prevalence, ls="--", color="gray", lw=1, label=f"chance (AP = {prevalence:.3f})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: dict, threshold: float) -> Figure:
+    """Confusion matrix (counts and row percentages) at ``threshold``."""
+    cm = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(2):
+        for j in range(2):
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, f"{cm[i, j]}\n{100 * cm[i, j] / rows[i, 0]:.1f} %", ha="center",
+                    va="center", color="white" if dark else "black")
+    ax.set_xticks([0, 1], [f"pred {c}" for c in CLASS_NAMES])
+    ax.set_yticks([0, 1], [f"true {c}" for c in CLASS_NAMES])
+    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(labels, probs, calibrated, num_bins: int = 10) -> Figure:
+    """Reliability diagram before and after temperature scaling (ECE in the legend)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    for p, name, marker in ((probs, "before", "o"), (calibrated, "after temperature", "s")):
+        curve = pmetrics.reliability_curve(labels, p, num_bins)
+        ece = pmetrics.expected_calibration_error(labels, p, num_bins)
+        used = curve["count"] > 0
+        ax.plot(curve["confidence"][used], curve["frequency"][used], marker=marker,
+                label=f"{name} (ECE = {ece:.3f})")
+    ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="observed fraction of PNEUMONIA",
+           title="Reliability diagram", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(labels, probs, threshold: float) -> Figure:
+    """Histograms of the PNEUMONIA probability per true class, with the threshold."""
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    bins = np.linspace(0, 1, 26)
+    for label, name in enumerate(CLASS_NAMES):
+        ax.hist(np.asarray(probs)[labels == label], bins=bins, alpha=0.6,
+                label=f"true {name} (n={int((labels == label).sum())})")
+    ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="images",
+           title="Probability by true class")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``history.csv`` as ``{column: [epochs] float}`` (empty dict when the file is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out = {}
+    for key in rows[0]:
+        try:
+            out[key] = np.array([float(r[key]) if r[key] not in ("", None) else np.nan
+                                 for r in rows])
+        except ValueError:
+            continue  # a non-numeric column (e.g. a timestamp) has no curve
+    return out
+
+
+def training_curves_figure(history: dict[str, np.ndarray]) -> Figure | None:
+    """Train vs val curves of accuracy, loss, AUC and recall; None when there is no history."""
+    panels = [(k, t) for k, t in CURVE_METRICS if k in history or f"val_{k}" in history]
+    if not panels:
+        return None
+    epochs = history.get("epoch", np.arange(len(next(iter(history.values())))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.3), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for col, name in ((key, "train"), (f"val_{key}", "val")):
+            if col in history:
+                ax.plot(epochs, history[col], marker=".", label=name)
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """PNG bytes of ``fig`` (the figure is closed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def make_figures(labels, probs, calibrated, threshold: float, confusion: dict,
+                 history: dict | None) -> dict[str, bytes]:
+    """All report figures as ``{name: PNG bytes}`` (name = file stem, e.g. ``roc``).
+
+    ROC/PR need both classes; they are skipped for a single-class split.
+    """
+    labels = np.asarray(labels)
+    figs = {}
+    if labels.min() != labels.max():
+        figs["roc"] = roc_figure(labels, probs)
+        figs["pr"] = pr_figure(labels, probs)
+    figs["confusion_matrix"] = confusion_figure(confusion, threshold)
+    figs["reliability"] = reliability_figure(labels, probs, calibrated)
+    figs["probability_histogram"] = histogram_figure(labels, probs, threshold)
+    curves = training_curves_figure(history or {})
+    if curves is not None:
+        figs["training_curves"] = curves
+    return {name: figure_png(fig) for name, fig in figs.items()}
+
+
+def save_figures(figures: dict[str, bytes], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``{name}.png`` files; returns ``{name: path}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, png in figures.items():
+        paths[name] = out_dir / f"{name}.png"
+        paths[name].write_bytes(png)
+    return paths
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _ci(metrics: dict, key: str) -> str:
+    ci = (metrics.get("ci95") or {}).get(key)
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
+def metrics_table_markdown(metrics: dict) -> str:
+    """The headline metrics as a markdown table (value, 95 % CI, value at threshold 0.5)."""
+    at05 = metrics.get("at_0.5", {})
+    rows = [
+        ("accuracy", metrics["accuracy"], _ci(metrics, "accuracy"), at05.get("accuracy")),
+        ("sensitivity (PNEUMONIA recall)", metrics["recall"], _ci(metrics, "sensitivity"),
+         at05.get("recall")),
+        ("specificity (NORMAL recall)", metrics["specificity"], _ci(metrics, "specificity"),
+         at05.get("specificity")),
+        ("precision", metrics["precision"], "", at05.get("precision")),
+        ("F1 NORMAL", metrics["f1_per_class"]["NORMAL"], "",
+         at05.get("f1_per_class", {}).get("NORMAL")),
+        ("F1 PNEUMONIA", metrics["f1_per_class"]["PNEUMONIA"], "",
+         at05.get("f1_per_class", {}).get("PNEUMONIA")),
+        ("macro F1", metrics["f1_macro"], _ci(metrics, "f1_macro"), at05.get("f1_macro")),
+        ("ROC AUC", metrics["roc_auc"], _ci(metrics, "roc_auc"), None),
+        ("average precision", metrics["average_precision"], _ci(metrics, "average_precision"),
+         None),
+        ("Brier score", metrics["brier"], "", None),
+        ("ECE (15 bins)", metrics["ece"], "", None),
+    ]
+    if "calibrated" in metrics:
+        rows += [("Brier score, temperature-scaled", metrics["calibrated"]["brier"], "", None),
+                 ("ECE, temperature-scaled", metrics["calibrated"]["ece"], "", None)]
+    thr = metrics["threshold"]
+    lines = [f"| metric | at threshold {thr['value']:.4f} | 95 % CI | at 0.5 |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(v)} | {ci} | {_fmt(v05) if v05 is not None else ''} |"
+              for name, v, ci, v05 in rows]
+    cm = metrics["confusion_matrix"]
+    lines += ["", f"Confusion matrix at the threshold: TN {cm['tn']}, FP {cm['fp']}, "
+                  f"FN {cm['fn']}, TP {cm['tp']}."]
+    return "\n".join(lines)
+
+
+def _header(metrics: dict, context: dict) -> list[str]:
+    thr = metrics["threshold"]
+    counts = metrics.get("class_counts", {})
+    ci = metrics.get("ci95") or {}
+    lines = [
+        f"- **split evaluated: `{context['split']}`** ({metrics['n']} images: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")",
+        f"- run: `{context['run_dir']}`; data: `{context['data_dir']}`",
+        f"- threshold {thr['value']:.4f} chosen by `{thr['method']}` on `{thr['source']}` "
+        f"(never on the evaluated split); temperature {context.get('temperature', 1.0):.3f} "
+        f"fitted on `val`",
+    ]
+    if ci:
+        lines.append(f"- 95 % CIs: stratified percentile bootstrap, {ci.get('num_resamples')} "
+                     f"resamples, seed {ci.get('seed')}")
+    if context["split"] == "val":
+        lines.append("- note: this is the validation split, on which the threshold and "
+                     "temperature were fitted; its numbers are optimistic")
+    return lines
+
+
+def write_markdown(path: str | os.PathLike, metrics: dict, figure_files: dict[str, Path],
+                   context: dict) -> None:
+    """``report.md``: header, metrics table, figures linked as sibling PNG files."""
+    lines = [f"# Evaluation report: {context['split']} split", ""] + _header(metrics, context)
+    lines += ["", metrics_table_markdown(metrics), ""]
+    for name, fpath in figure_files.items():
+        lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({Path(fpath).name})", ""]
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes],
+               context: dict) -> None:
+    """``report.html``: self-contained (figures inline as base64 PNG)."""
+    header = "".join(f"<li>{html.escape(line[2:]).replace('**', '')}</li>"
+                     for line in _header(metrics, context))
+    table_md = metrics_table_markdown(metrics).split("\n")
+    rows = [r for r in table_md if r.startswith("|") and not r.startswith("|---")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    table = "<table>" + "".join(
+        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+        for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(cells))) \
+        + "</table>"
+    tail = html.escape(" ".join(r for r in table_md if r and not r.startswith("|")))
+    imgs = "".join(
+        f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{html.escape(name)}' "
+        f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'/>"
+        for name, png in figures.items())
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation: "
+           f"{html.escape(context['split'])}</title><style>body{{font-family:sans-serif;"
+           f"max-width:1100px;margin:auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}"
+           f"table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>"
+           f"<h1>Evaluation report: {html.escape(context['split'])} split</h1><ul>{header}</ul>"
+           f"{table}<p>{tail}</p>{imgs}</body></html>")
+    Path(path).write_text(doc, encoding="utf-8")
+
+
+def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], metrics: dict,
+                      split: str, step: int = 0) -> None:
+    """Log every figure as an image summary ``{split}/{name}`` and the table as text."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default(step=step):
+        for name, png in figures.items():
+            image = tf.io.decode_png(png, channels=4)[tf.newaxis]
+            tf.summary.image(f"{split}/{name}", image)
+        tf.summary.text(f"{split}/metrics", metrics_table_markdown(metrics))
+        for key in ("accuracy", "recall", "specificity", "f1_macro", "roc_auc",
+                    "average_precision", "brier", "ece"):
+            value = metrics.get(key)
+            if isinstance(value, float) and np.isfinite(value):
+                tf.summary.scalar(f"{split}/{key}", value)
+    writer.flush()
+    writer.close()

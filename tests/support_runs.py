@@ -1,0 +1,75 @@
+"""Test helper: a small finished run directory, made without the training app.
+
+Mimics what ``pneumo_tf.train`` leaves behind (``model.keras``, ``data_manifest.json``,
+``history.csv``, ``summary.json``) with a ``small_cnn`` fitted briefly by plain Keras, so the
+evaluation, calibration and Grad-CAM tests do not depend on the training app's flags.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def load_split_arrays(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [N, S, S, 1] uint8, labels [N] int64)`` of a split, in file order."""
+    from pneumo_tf import scoring
+
+    images, labels = [], []
+    for batch in scoring.iterate_split(data_dir, split, batch_size=64):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def make_run(run_dir, data_dir, epochs: int = 3, seed: int = 0, learning_rate: float = 3e-3,
+             batch_size: int = 16, backbone: str = "small_cnn", train_bn: bool = True,
+             bn_momentum: float = 0.8) -> Path:
+    """Fit ``backbone`` on ``data_dir``'s train split and write a run directory.
+
+    BatchNorm momentum is lowered to ``bn_momentum`` (Keras: 0.99): with a few dozen steps the
+    default moving statistics would not converge, and evaluation (inference mode) would see a
+    different network than training.
+
+    Returns:
+        ``run_dir`` as a Path.
+    """
+    import keras
+
+    from pneumo_tf import model as pmodel
+    from pneumo_tf.data import records
+
+    keras.utils.set_random_seed(seed)
+    manifest = records.read_manifest(data_dir)
+    size = int(manifest["image_size"])
+    images, labels = load_split_arrays(data_dir, "train")
+    model = pmodel.build_model(backbone, size, weights=None, trainable_layers=-1,
+                                 train_bn=train_bn)
+    for layer in pmodel.get_backbone(model).layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(name="auc"),
+                           keras.metrics.Recall(name="recall")])
+    val = load_split_arrays(data_dir, "val") if "val" in manifest["splits"] else None
+    hist = model.fit(images, labels.astype("float32"), batch_size=batch_size, epochs=epochs,
+                     validation_data=val, verbose=0, shuffle=True)
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(run_dir / "model.keras")
+    shutil.copyfile(Path(data_dir) / records.MANIFEST_NAME, run_dir / "data_manifest.json")
+    with open(run_dir / "history.csv", "w", newline="", encoding="utf-8") as f:
+        keys = list(hist.history)
+        w = csv.writer(f)
+        w.writerow(["epoch"] + keys)
+        for e in range(len(hist.history[keys[0]])):
+            w.writerow([e] + [hist.history[k][e] for k in keys])
+    summary = {"config": {"backbone": backbone, "image_size": size, "epochs": epochs,
+                          "seed": seed}, "precision": "float32"}
+    (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return run_dir

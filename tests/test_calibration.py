@@ -1,0 +1,90 @@
+"""Temperature scaling, threshold choice and calibrate_run (validation only)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumo_tf import calibration as cal
+
+
+def test_fit_temperature_recovers_known_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2.0, 40000)
+    labels = (rng.random(40000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    for t_true in (0.5, 2.5):
+        # An over/under-confident model whose logits are the true ones times T.
+        t_fit = cal.fit_temperature(labels, true_logits * t_true)
+        assert t_fit == pytest.approx(t_true, rel=0.05)
+
+
+def test_temperature_clamps_on_separable_data():
+    assert cal.fit_temperature([0, 0, 1, 1], [-3.0, -1.0, 1.0, 2.0]) == pytest.approx(1e-2)
+
+
+def test_apply_temperature_is_monotone_and_identity_at_one():
+    p = np.array([0.01, 0.2, 0.5, 0.7, 0.999])
+    assert cal.apply_temperature(p, 1.0) == pytest.approx(p, rel=1e-6)
+    q = cal.apply_temperature(p, 3.0)
+    assert np.all(np.diff(q) > 0)
+    assert q[2] == pytest.approx(0.5)
+    assert q[0] > p[0] and q[-1] < p[-1]  # softer
+
+
+def test_youden_threshold_hand_case():
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8])
+    # Best J: predict PNEUMONIA for >= 0.6 (tpr 0.75, fpr 0) vs >= 0.35 (tpr 1, fpr 0.25): tie
+    # at 0.75; argmax keeps the first (higher threshold): midway between 0.6 and 0.4.
+    assert cal.choose_threshold(labels, probs, "val_youden") == pytest.approx(0.5)
+    # sensitivity >= 0.95 needs all 4 positives: cut between 0.35 and 0.3.
+    assert cal.choose_threshold(labels, probs, "val_sensitivity:0.95") == pytest.approx(0.325)
+    assert cal.choose_threshold(labels, probs, "0.5") == 0.5
+
+
+@pytest.mark.parametrize("bad", ["youden", "val_sensitivity:1.5", "2", "val_sensitivity:x"])
+def test_bad_threshold_method_names_the_flag(bad):
+    with pytest.raises(ValueError, match="--threshold"):
+        cal.parse_threshold_method(bad)
+
+
+def test_calibrate_predictions_improves_nll():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2.0, 5000)
+    labels = (rng.random(5000) < 1 / (1 + np.exp(-logits))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3.0 * logits))
+    out = cal.calibrate_predictions(labels, overconfident)
+    assert out["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert out["val"]["nll_after"] < out["val"]["nll_before"]
+    assert out["val"]["ece_after"] < out["val"]["ece_before"]
+    assert out["source"] == "val"
+
+
+@pytest.mark.slow
+def test_calibrate_run_reads_val_only(tmp_path):
+    """calibrate_run works with the test split's shards deleted: it cannot read them."""
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    from pneumo_tf import rundir
+    from pneumo_tf.data import records
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=32)
+    run = make_run(tmp_path / "run", data, epochs=2)
+    first = cal.calibrate_run(run, data)
+    for shard in data.glob("test-*.tfrecord"):
+        shard.unlink()
+    second = cal.calibrate_run(run, data)
+    assert second["threshold"] == first["threshold"]
+    assert second["temperature"] == first["temperature"]
+    stored = json.loads((run / "calibration.json").read_text())
+    assert stored["source"] == "val" and stored["threshold_method"] == "val_youden"
+    assert stored["n_val"] == 12
+    assert rundir.read_calibration(run)["threshold"] == first["threshold"]
+
+    # A data dir without a val split is refused with the fix.
+    manifest = records.read_manifest(data)
+    del manifest["splits"]["val"]
+    records.write_manifest(data, manifest)
+    with pytest.raises(records.DataDirError, match="no 'val' split"):
+        cal.calibrate_run(run, data)

@@ -1,0 +1,181 @@
+"""pneumo_tf.evaluate on a tiny trained run: files, metric consistency, val-only threshold."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_tiny_dataset
+from support_runs import make_run
+
+from pneumo_tf import evaluate, rundir
+from pneumo_tf.data import records
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = write_tiny_dataset(root / "data", image_size=32,
+                              counts={"train": (16, 16), "val": (10, 10), "test": (12, 14)})
+    run = make_run(root / "run", data, epochs=3)
+    return root, data, run
+
+
+def _fresh_run(trained, name):
+    root, data, run = trained
+    copy = root / name
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _flip_test_labels(src, dst):
+    """A copy of data dir ``src`` whose test labels are inverted (images unchanged)."""
+    import tensorflow as tf
+
+    shutil.copytree(src, dst)
+    manifest = records.read_manifest(dst)
+    for name in manifest["splits"]["test"]["shards"]:
+        path = dst / name
+        examples = [tf.train.Example.FromString(r.numpy())
+                    for r in tf.data.TFRecordDataset(str(path))]
+        with records.ShardWriter(path) as w:
+            for ex in examples:
+                lab = ex.features.feature["label"].int64_list
+                lab.value[0] = 1 - lab.value[0]
+                w.write(ex.SerializeToString())
+    return dst
+
+
+def test_evaluate_writes_consistent_report(trained):
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_report")
+    m = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    out = run / "eval" / "test"
+    for name in ("predictions.csv", "metrics.json", "report.md", "report.html", "roc.png", "pr.png",
+                 "confusion_matrix.png", "reliability.png", "probability_histogram.png",
+                 "training_curves.png"):
+        assert (out / name).is_file(), name
+    stored = json.loads((out / "metrics.json").read_text())
+    for key in ("n", "accuracy", "precision", "recall", "specificity", "recall_per_class",
+                "f1_per_class", "f1_macro", "roc_auc", "average_precision", "brier", "ece",
+                "confusion_matrix", "threshold", "at_0.5", "ci95"):
+        assert key in stored, key
+    assert stored["n"] == 26
+    assert set(stored["ci95"]) >= {"accuracy", "sensitivity", "specificity", "roc_auc",
+                                   "average_precision"}
+    assert stored["ci95"]["num_resamples"] == 1000
+    cal = json.loads((run / "calibration.json").read_text())
+    assert stored["threshold"] == {"value": cal["threshold"], "method": "val_youden",
+                                   "source": "val"}
+
+    # Recompute from predictions.csv by hand.
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 26
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["probability"]) for r in rows])
+    preds = np.array([int(r["prediction"]) for r in rows])
+    assert (labels == 1).sum() == 14
+    np.testing.assert_array_equal(preds, (probs >= cal["threshold"]).astype(int))
+    cm = stored["confusion_matrix"]
+    assert cm["tp"] == int(((preds == 1) & (labels == 1)).sum())
+    assert cm["tn"] == int(((preds == 0) & (labels == 0)).sum())
+    assert stored["accuracy"] == pytest.approx((preds == labels).mean())
+    assert stored["at_0.5"]["accuracy"] == pytest.approx(((probs >= 0.5) == labels).mean(),
+                                                         abs=1e-6)
+    cal_probs = np.array([float(r["calibrated_probability"]) for r in rows])
+    np.testing.assert_array_equal(np.argsort(cal_probs, kind="stable"),
+                                  np.argsort(probs, kind="stable"))  # monotone
+    assert m["accuracy"] == stored["accuracy"]
+
+    md = (out / "report.md").read_text()
+    assert "split evaluated: `test`" in md and "![roc](roc.png)" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and "test split" in html
+
+
+def test_tensorboard_has_figures_and_table(trained):
+    import tensorflow as tf
+
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_tb")
+    evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    events = list((run / "tb" / "eval").glob("events.out.tfevents.*"))
+    assert events
+    plugins = {}
+    for path in events:
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in ev.summary.value:
+                plugins[v.tag] = v.metadata.plugin_data.plugin_name
+    assert plugins["test/roc"] == "images"
+    assert plugins["test/reliability"] == "images"
+    assert plugins["test/training_curves"] == "images"
+    assert plugins["test/metrics"] == "text"
+
+
+def test_threshold_never_comes_from_the_test_split(trained, tmp_path):
+    root, data, _ = trained
+    flipped = _flip_test_labels(data, tmp_path / "flipped")
+    run_a = _fresh_run(trained, "run_a")
+    run_b = _fresh_run(trained, "run_b")
+    a = evaluate.evaluate_run(run_a, data, "test", num_resamples=1000)
+    b = evaluate.evaluate_run(run_b, flipped, "test", num_resamples=1000)
+    assert a["threshold"] == b["threshold"]
+    assert a["temperature"] == b["temperature"]
+    # ... while the test metrics did see the flipped labels.
+    assert a["accuracy"] + b["accuracy"] == pytest.approx(1.0)
+    assert a["roc_auc"] + b["roc_auc"] == pytest.approx(1.0)
+
+
+def test_threshold_method_refits_on_val(trained):
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_method")
+    evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    m = evaluate.evaluate_run(run, data, "test", threshold_method="val_sensitivity:0.95",
+                              num_resamples=1000)
+    cal = rundir.read_calibration(run)
+    assert cal["threshold_method"] == "val_sensitivity:0.95"
+    assert m["threshold"]["method"] == "val_sensitivity:0.95"
+    assert cal["val"]["sensitivity"] >= 0.95
+    fixed = evaluate.evaluate_run(run, data, "test", threshold_method="0.5", num_resamples=1000)
+    assert fixed["threshold"]["value"] == 0.5
+    assert fixed["accuracy"] == fixed["at_0.5"]["accuracy"]
+
+
+def test_val_split_is_allowed_and_labelled(trained):
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_val")
+    m = evaluate.evaluate_run(run, data, "val", num_resamples=1000)
+    assert m["split"] == "val" and m["n"] == 20
+    md = (run / "eval" / "val" / "report.md").read_text()
+    assert "split evaluated: `val`" in md and "optimistic" in md
+
+
+def test_incompatible_data_dir_is_refused(trained, tmp_path):
+    root, data, run = trained
+    other = write_tiny_dataset(tmp_path / "d48", image_size=48)
+    with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 48"):
+        evaluate.evaluate_run(run, other, "test")
+    with pytest.raises(ValueError, match="--threshold"):
+        evaluate.evaluate_run(run, data, "test", threshold_method="youden")
+
+
+def test_cli_end_to_end(trained):
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_cli")
+    cmd = [sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+           "--split=test", "--num_resamples=1000"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test: n=26" in done.stdout
+    assert (run / "eval" / "test" / "metrics.json").is_file()
+    bad = subprocess.run(cmd[:4] + [f"--data_dir={root / 'nope'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert "pneumo_tf.evaluate: error: data dir" in bad.stderr and "does not exist" in bad.stderr

@@ -1,0 +1,119 @@
+"""Metrics against hand-computed cases; the vectorised bootstrap against scikit-learn."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pneumo_tf import metrics as pm
+
+
+def test_perfect_classifier():
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    r = pm.binary_report(labels, probs, 0.5, num_resamples=1000)
+    assert r["n"] == 5
+    for key in ("accuracy", "precision", "recall", "specificity", "f1_macro", "roc_auc",
+                "average_precision"):
+        assert r[key] == pytest.approx(1.0), key
+    assert r["confusion_matrix"] == {"tn": 3, "fp": 0, "fn": 0, "tp": 2}
+    # Brier by hand: (0.01 + 0.04 + 0.09 + 0.04 + 0.01) / 5
+    assert r["brier"] == pytest.approx(0.19 / 5)
+    assert r["ci95"]["roc_auc"] == [1.0, 1.0]
+    assert r["ci95"]["accuracy"] == [1.0, 1.0]
+
+
+def test_random_classifier_auc_near_half():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 20000)
+    probs = rng.random(20000)
+    r = pm.ranking_metrics(labels, probs)
+    assert r["roc_auc"] == pytest.approx(0.5, abs=0.015)
+    assert r["average_precision"] == pytest.approx(labels.mean(), abs=0.015)
+    t = pm.threshold_metrics(labels, probs, 0.5)
+    assert t["accuracy"] == pytest.approx(0.5, abs=0.015)
+    assert t["recall"] == pytest.approx(0.5, abs=0.015)
+
+
+def test_hand_worked_confusion_matrix():
+    # threshold 0.5: preds  1 1 0 0 | 1 0 0 0 0 0  -> labels 1 1 1 1 | 0 0 0 0 0 0
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.6, 0.4, 0.2, 0.7, 0.3, 0.1, 0.1, 0.2, 0.05])
+    t = pm.threshold_metrics(labels, probs, 0.5)
+    assert t["confusion_matrix"] == {"tn": 5, "fp": 1, "fn": 2, "tp": 2}
+    assert t["accuracy"] == pytest.approx(0.7)
+    assert t["precision"] == pytest.approx(2 / 3)
+    assert t["recall"] == pytest.approx(0.5)
+    assert t["specificity"] == pytest.approx(5 / 6)
+    f1_pos = 2 * 2 / (2 * 2 + 1 + 2)       # 4/7
+    f1_neg = 2 * 5 / (2 * 5 + 2 + 1)       # 10/13
+    assert t["f1_per_class"]["PNEUMONIA"] == pytest.approx(f1_pos)
+    assert t["f1_per_class"]["NORMAL"] == pytest.approx(f1_neg)
+    assert t["f1_macro"] == pytest.approx((f1_pos + f1_neg) / 2)
+    assert t["recall_per_class"] == {"NORMAL": pytest.approx(5 / 6), "PNEUMONIA": 0.5}
+    # threshold is inclusive: prob == threshold is PNEUMONIA
+    assert pm.threshold_metrics(labels, probs, 0.6)["confusion_matrix"]["tp"] == 2
+    # AUC by hand over 4 x 6 pairs: positive 0.9 beats 6 negatives, 0.6 beats 5, 0.4 beats 5,
+    # 0.2 beats 3 and ties one (counts 1/2).
+    assert pm.ranking_metrics(labels, probs)["roc_auc"] == pytest.approx((6 + 5 + 5 + 3.5) / 24)
+
+
+def test_ece_known_case():
+    # Bin [0.2, 0.2667): 4 images at 0.25, one positive -> gap 0; bin of 0.8: 4 images, 4
+    # positives -> gap 0.2. ECE = (4 * 0 + 4 * 0.2) / 8 = 0.1.
+    labels = np.array([1, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.25] * 4 + [0.8] * 4)
+    assert pm.expected_calibration_error(labels, probs) == pytest.approx(0.1)
+    # Perfectly calibrated in every bin
+    assert pm.expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
+    # Probability exactly 1.0 falls in the last bin (no index error)
+    assert pm.expected_calibration_error([0], [1.0]) == pytest.approx(1.0)
+
+
+def test_bootstrap_statistics_match_sklearn_with_counts():
+    """The vectorised AUC/AP per resample equal scikit-learn with the resample's multiplicities."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30, int), np.ones(50, int)]
+    probs = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2)  # many ties
+    pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    w_pos = rng.multinomial(50, np.full(50, 1 / 50), size=5).astype(float)
+    w_neg = rng.multinomial(30, np.full(30, 1 / 30), size=5).astype(float)
+    weights = np.zeros((5, 80))
+    weights[:, pos], weights[:, neg] = w_pos, w_neg
+    auc = pm._auc_weighted(probs[pos], probs[neg], w_pos, w_neg)
+    ap = pm._ap_weighted(labels, probs, weights)
+    for r in range(5):
+        assert auc[r] == pytest.approx(skm.roc_auc_score(labels, probs, sample_weight=weights[r]))
+        assert ap[r] == pytest.approx(
+            skm.average_precision_score(labels, probs, sample_weight=weights[r]))
+
+
+def test_bootstrap_ci_contains_estimate_seeded_and_fast():
+    import time
+
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(234, int), np.ones(390, int)]  # the official test split's shape
+    probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    t0 = time.perf_counter()
+    ci = pm.bootstrap_ci(labels, probs, 0.5, num_resamples=2000, seed=3)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0
+    point = {**pm.ranking_metrics(labels, probs), **pm.threshold_metrics(labels, probs, 0.5)}
+    point["sensitivity"], point["f1_macro"] = point["recall"], point["f1_macro"]
+    for key in pm.CI_METRICS:
+        lo, hi = ci[key]
+        assert lo < point[key] < hi, key
+        assert hi - lo < 0.15, key
+    assert ci == pm.bootstrap_ci(labels, probs, 0.5, num_resamples=2000, seed=3)
+    assert ci != pm.bootstrap_ci(labels, probs, 0.5, num_resamples=2000, seed=4)
+    assert ci["num_resamples"] == 2000
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="both classes"):
+        pm.bootstrap_ci([1, 1, 1], [0.2, 0.5, 0.9], 0.5)
+    with pytest.raises(ValueError, match="differ in length"):
+        pm.threshold_metrics([0, 1], [0.5], 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        pm.ranking_metrics([0, 1], [0.5, np.nan])
+    with pytest.raises(ValueError, match="0/1"):
+        pm.ranking_metrics([0, 2], [0.5, 0.5])
