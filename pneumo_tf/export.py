@@ -1,0 +1,677 @@
+"""Export a trained run for serving (SavedModel) and phones (TFLite), with parity checks.
+
+``python -m pneumo_tf.export --run_dir=R --formats=saved_model,tflite [--data_dir=D]`` writes::
+
+    R/export/pneumo_tf_serving.json   image size, crop, temperature, threshold (read by predict)
+    R/export/saved_model/             TF Serving artefact; signatures below
+    R/export/model_fp16.tflite        float16 weights
+    R/export/model_int8.tflite        dynamic-range int8 weights (activations stay float)
+    R/export/parity.json              max |p_variant - p_keras| per variant on a validation batch,
+                                      file sizes in bytes
+
+SavedModel signatures (all outputs ``[N]``):
+
+- ``serving_default``: ``images`` ``[N] tf.string``, each a JPEG or PNG file's bytes (any size,
+  gray, RGB or RGBA, 8 or 16 bit) -> decode -> grayscale -> the run's crop -> area resize
+  -> model. Normalisation is a layer of the model (:class:`pneumo_tf.model.PixelNorm`).
+- ``preprocessed``: ``image`` ``[N, S, S, 1] uint8``, already cropped and resized exactly as the
+  converter stores images (:func:`pneumo_tf.preprocess.preprocess_gray`).
+- ``preprocessed_float``: the same as ``float32`` in 0..255 (rounded and clipped to uint8).
+
+Outputs: ``probability`` (the model's sigmoid, float32), ``calibrated_probability``
+(``sigmoid(logit(p) / T)`` with the validation temperature T), ``label`` (int64, 1 = PNEUMONIA):
+the operating threshold of ``calibration.json`` applied to the probability it was chosen on
+(its ``threshold_applies_to``; ``probability`` when absent, which is what
+:mod:`pneumo_tf.calibration` writes). Temperature scaling is monotone, so this is the same
+decision as the mapped threshold on the other probability.
+
+In-graph decoding vs the converter (training/serving skew, measured by ``tests/test_export.py``):
+the converter decodes with OpenCV/Pillow (:mod:`pneumo_tf.data.decode`), the graph with
+TensorFlow's libjpeg/libpng. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT
+scaling in both, with the same rule (:func:`pneumo_tf.data.decode.jpeg_reduction_factor`). For
+8-bit JPEG and PNG the decoded pixels are identical; after the area resize (TF float vs OpenCV
+fixed point) they differ by at most 1 grey level (mean <= 0.02), 16-bit PNGs by 1 more.
+Known differences: EXIF orientation is NOT applied in the graph (clients must send upright
+images); animated GIFs use their first frame; when one side is upsampled and the other
+downsampled (a crop smaller than S on one side only), OpenCV's and TF's "area" resizes differ by
+up to ~40 grey levels (``predict`` refers crops under S/2 as ``low_resolution``).
+``--crop=adaptive`` runs have no in-graph crop and cannot be exported as a bytes SavedModel (use
+TFLite or ``pneumo_tf.predict``, which crop on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+import pneumo_tf
+from pneumo_tf import cli_flags, preprocess, rundir
+from pneumo_tf.data import records
+
+SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
+SAVED_MODEL_DIR = "saved_model"
+PARITY_NAME = "parity.json"
+EXPORT_FORMATS = ("saved_model", "tflite")
+TFLITE_VARIANTS = {"fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
+# Issue 6: the float16 TFLite model must agree with the Keras model to 0.01 in probability.
+FP16_MAX_ABS_DIFF = 0.01
+PROBABILITY_EPS = 1e-7  # keeps logit(p) finite for saturated sigmoids
+THRESHOLD_APPLIES_TO = ("probability", "calibrated_probability")
+
+
+class ExportError(RuntimeError):
+    """Export cannot proceed or a parity check failed; the message names the file and fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving configuration: the facts a served model needs besides its weights.
+
+
+@dataclasses.dataclass
+class ServingConfig:
+    """What serving and prediction need to know about a run.
+
+    Attributes:
+        image_size: model input side S, pixels (the data manifest's ``image_size``).
+        crop: ``fixed`` | ``none`` | ``adaptive`` (the data manifest's ``crop``).
+        temperature: validation temperature T (1.0 = uncalibrated).
+        threshold: operating threshold, a probability.
+        threshold_applies_to: ``probability`` or ``calibrated_probability``: which one
+            ``threshold`` was chosen on.
+        threshold_method: how the threshold was chosen (from calibration.json).
+        calibrated: False when no calibration was available (T = 1, threshold 0.5).
+        backbone: backbone name, when known.
+    """
+
+    image_size: int
+    crop: str
+    temperature: float = 1.0
+    threshold: float = 0.5
+    threshold_applies_to: str = "probability"
+    threshold_method: str = "default_0.5"
+    calibrated: bool = False
+    backbone: str | None = None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "label_names": list(pneumo_tf.CLASS_NAMES),
+                "normalisation": "inside the model (PixelNorm layer)"}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ServingConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+    def calibrated_threshold(self) -> float:
+        """The operating threshold expressed on the calibrated probability."""
+        if self.threshold_applies_to == "calibrated_probability":
+            return float(self.threshold)
+        return float(calibrate_probability(np.float64(self.threshold), self.temperature))
+
+    def raw_threshold(self) -> float:
+        """The operating threshold expressed on the model's raw probability."""
+        if self.threshold_applies_to == "probability":
+            return float(self.threshold)
+        return float(calibrate_probability(np.float64(self.threshold), 1.0 / self.temperature))
+
+
+def calibration_from_json(obj: dict, where: str) -> dict:
+    """Validate a ``calibration.json`` dict: temperature > 0, threshold in (0, 1)."""
+    try:
+        temperature = float(obj["temperature"])
+        threshold = float(obj["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{where} needs numeric 'temperature' and 'threshold' entries ({e}); "
+                          "refit it with `python -m pneumo_tf.evaluate --split=val "
+                          "--run_dir=... --data_dir=...`") from e
+    if not (temperature > 0 and math.isfinite(temperature)) or not 0.0 <= threshold <= 1.0:
+        raise ExportError(f"{where}: temperature must be > 0 and threshold in [0, 1], got "
+                          f"T={temperature}, threshold={threshold}; re-calibrate the run")
+    applies_to = obj.get("threshold_applies_to", "probability")
+    if applies_to not in THRESHOLD_APPLIES_TO:
+        raise ExportError(f"{where}: threshold_applies_to={applies_to!r}, expected one of "
+                          f"{THRESHOLD_APPLIES_TO}")
+    return {**obj, "temperature": temperature, "threshold": threshold,
+            "threshold_applies_to": applies_to}
+
+
+def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
+                           ) -> dict:
+    """``R/calibration.json``, computed from the run's validation split when missing.
+
+    Args:
+        run_dir: the run directory.
+        data_dir: converter output to calibrate on when the run has no calibration yet.
+
+    Raises:
+        ExportError: no calibration and no ``data_dir`` (the message says what to pass).
+    """
+    path = rundir.RunPaths(run_dir).calibration
+    calibration = rundir.read_calibration(run_dir)
+    if calibration is None:
+        if data_dir is None:
+            raise ExportError(
+                f"{path} is missing: the run has no temperature and operating threshold yet. "
+                f"Pass --data_dir=<the run's converter output> to fit them on its validation "
+                f"split, or run `python -m pneumo_tf.evaluate --run_dir={run_dir} "
+                f"--data_dir=... --split=val` first")
+        from pneumo_tf import calibration as calibration_lib
+
+        logging.info("%s missing: calibrating on the val split of %s", path, data_dir)
+        calibration = calibration_lib.calibrate_run(run_dir, data_dir)
+    return calibration_from_json(calibration, str(path))
+
+
+def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None) -> ServingConfig:
+    """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known)."""
+    manifest = rundir.read_run_manifest(run_dir)
+    backbone = None
+    if rundir.RunPaths(run_dir).summary.is_file():
+        backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
+    cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
+                        backbone=backbone)
+    if calibration is not None:
+        cfg.temperature = float(calibration["temperature"])
+        cfg.threshold = float(calibration["threshold"])
+        cfg.threshold_applies_to = calibration.get("threshold_applies_to", "probability")
+        cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
+        cfg.calibrated = True
+    return cfg
+
+
+def calibrate_probability(p, temperature: float):
+    """``sigmoid(logit(p) / T)`` for numpy arrays (float64) or tf tensors (their dtype)."""
+    if isinstance(p, (np.ndarray, np.generic, float, int)):
+        from pneumo_tf import calibration
+
+        return calibration.apply_temperature(p, temperature)
+    import tensorflow as tf
+
+    p = tf.clip_by_value(p, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+    return tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model preparation
+
+
+def is_mixed_precision(model) -> bool:
+    """True when any layer computes in a dtype other than float32 (e.g. ``mixed_bfloat16``)."""
+    return any(getattr(layer, "compute_dtype", "float32") not in ("float32", None)
+               for layer in _all_layers(model))
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def _force_float32_policies(obj):
+    """Replace every mixed dtype policy in a Keras config tree by ``float32`` (in place)."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(
+                obj.get("config"), dict) and str(obj["config"].get("name", "")).startswith("mixed_"):
+            obj["config"]["name"] = "float32"
+        for key, value in obj.items():
+            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
+                obj[key] = "float32"
+            else:
+                _force_float32_policies(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _force_float32_policies(value)
+    return obj
+
+
+def float32_model(model):
+    """``model`` itself when it is all float32, else a float32 rebuild with the same weights.
+
+    TFLite cannot convert a ``mixed_bfloat16`` graph; the variables of a mixed-precision model are
+    float32 already, so rebuilding the architecture with float32 policies and copying the weights
+    gives the model the run would have been in float32.
+    """
+    import pneumo_tf.model  # noqa: F401  (registers the custom layers for from_config)
+
+    if not is_mixed_precision(model):
+        return model
+    config = _force_float32_policies(model.get_config())
+    rebuilt = model.__class__.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    if is_mixed_precision(rebuilt):
+        raise ExportError("could not rebuild the model in float32 (a layer keeps a mixed dtype); "
+                          "rebuild it with pneumo_tf.model.build_model under a float32 policy")
+    logging.info("rebuilt the mixed-precision model in float32 for export")
+    return rebuilt
+
+
+def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``[N] float64`` probabilities of a Keras model for ``[N, S, S, 1] uint8`` images."""
+    from pneumo_tf import scoring
+
+    predict = scoring.make_predict_fn(model)
+    out = [predict(images[i:i + batch_size]).numpy().astype(np.float64)
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-graph decoding (the serving twin of pneumo_tf.data.decode for JPEG and PNG)
+
+
+def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
+    """In-graph twin of :func:`pneumo_tf.data.decode.jpeg_reduction_factor` (int32 scalar)."""
+    import tensorflow as tf
+
+    from pneumo_tf.data import decode
+
+    factor = tf.constant(1, tf.int32)
+    for f in reversed(decode.JPEG_REDUCTION_FACTORS):  # 2, 4, 8: the last that fits wins
+        h = (height + f - 1) // f
+        w = (width + f - 1) // f
+        need = target_size
+        if crop == "fixed":
+            top, bottom, left, right = preprocess.tf_fixed_crop_box(h, w)
+            h, w = bottom - top, right - left
+        elif crop == "adaptive":
+            need = decode.ADAPTIVE_REDUCTION_MARGIN * target_size
+        factor = tf.where((h >= need) & (w >= need), tf.constant(f, tf.int32), factor)
+    return factor
+
+
+def _tf_luma(rgb):
+    """``[H, W, 3]`` uint8 RGB -> ``[H, W, 1]`` uint8, ITU-R BT.601 luma, rounded."""
+    import tensorflow as tf
+
+    y = tf.tensordot(tf.cast(rgb, tf.float32), tf.constant([0.299, 0.587, 0.114]), 1)
+    return tf.cast(tf.clip_by_value(tf.round(y), 0.0, 255.0), tf.uint8)[..., None]
+
+
+def _tf_min_max_uint8(values):
+    """In-graph twin of :func:`pneumo_tf.data.decode.to_uint8_min_max` for ``[H, W, 1]``."""
+    import tensorflow as tf
+
+    x = tf.cast(values, tf.float64)
+    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
+    scaled = tf.where(hi > lo, (x - lo) * (255.0 / tf.maximum(hi - lo, 1e-12)), tf.zeros_like(x))
+    return tf.cast(tf.round(scaled), tf.uint8)
+
+
+def tf_decode_gray(image_bytes, target_size: int, crop: str):
+    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray.
+
+    JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
+    converter's DCT-scaling rule; 8-bit PNGs use libpng's RGB -> gray; 16-bit PNGs are scaled from
+    their own min..max like the converter does; alpha is dropped. For 8-bit JPEG and PNG this
+    gives the converter's pixels exactly (measured in tests/test_export.py).
+    """
+    import tensorflow as tf
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(image_bytes)
+        factor = tf_jpeg_reduction_factor(shape[0], shape[1], target_size, crop)
+        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, what OpenCV uses: identical pixels.
+        branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=1, ratio=r,
+                                                  dct_method="INTEGER_ACCURATE")
+                    for r in (1, 2, 4, 8)]
+        index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
+        return tf.switch_case(index, branches)
+
+    def png16():
+        img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)
+        gray = tf.cond(tf.shape(img)[-1] >= 3,
+                       lambda: tf.tensordot(tf.cast(img[..., :3], tf.float64),
+                                            tf.constant([0.299, 0.587, 0.114], tf.float64), 1)[
+                                                ..., None],
+                       lambda: tf.cast(img[..., :1], tf.float64))
+        return _tf_min_max_uint8(gray)
+
+    def png8():
+        # libpng's own RGB -> gray (drops alpha), as OpenCV's IMREAD_GRAYSCALE does: identical.
+        return tf.io.decode_png(image_bytes, channels=1)
+
+    def other():  # BMP, GIF: BT.601 luma, within 1 grey level of OpenCV/Pillow
+        img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint8, expand_animations=False)
+        return tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
+                       lambda: img[..., :1])
+
+    is_png = tf.strings.substr(image_bytes, 0, 4) == b"\x89PNG"
+    # IHDR bit depth is byte 24 of a PNG file.
+    png_depth = tf.strings.substr(image_bytes, 24, 1)
+    is_png16 = is_png & tf.equal(png_depth, b"\x10")
+    gray = tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)],
+                   default=other, exclusive=False)
+    gray.set_shape([None, None, 1])
+    return gray
+
+
+def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):
+    """Scalar string -> ``[S, S, 1] uint8`` model input (decode, gray, crop, area resize)."""
+    return preprocess.tf_preprocess_gray(tf_decode_gray(image_bytes, image_size, crop),
+                                         image_size, crop)
+
+
+# ---------------------------------------------------------------------------------------------
+# SavedModel
+
+
+def _outputs(model, images, cfg: ServingConfig) -> dict:
+    import tensorflow as tf
+
+    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+    cal = calibrate_probability(p, cfg.temperature)
+    decide_on = p if cfg.threshold_applies_to == "probability" else cal
+    label = tf.cast(decide_on >= cfg.threshold, tf.int64)
+    return {"probability": p, "calibrated_probability": cal, "label": label}
+
+
+def check_in_graph_crop(cfg: ServingConfig) -> None:
+    """Refuse a bytes-taking SavedModel for runs whose crop has no in-graph twin (``adaptive``)."""
+    if cfg.crop not in ("fixed", "none"):
+        raise ExportError(
+            f"the run was converted with --crop={cfg.crop}, which has no in-graph twin: a "
+            f"SavedModel taking image bytes would crop differently from training. Export "
+            f"--formats=tflite instead, or predict with `python -m pneumo_tf.predict "
+            f"--model=<run dir>` (it crops on the host like the converter)")
+
+
+def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) -> Path:
+    """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
+
+    Raises:
+        ExportError: the run's crop has no in-graph implementation (``adaptive``).
+    """
+    import keras
+    import tensorflow as tf
+
+    check_in_graph_crop(cfg)
+    s = cfg.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def serve_bytes(images):
+        batch = tf.map_fn(lambda b: tf_preprocess_bytes(b, s, cfg.crop), images,
+                          fn_output_signature=tf.TensorSpec([s, s, 1], tf.uint8))
+        return _outputs(model, batch, cfg)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+    def serve_preprocessed(image):
+        return _outputs(model, image, cfg)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
+    def serve_preprocessed_float(image):
+        return _outputs(model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8),
+                        cfg)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve_bytes)
+    archive.add_endpoint("preprocessed", serve_preprocessed)
+    archive.add_endpoint("preprocessed_float", serve_preprocessed_float)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    archive.write_out(str(tmp), verbose=False)
+    # assets.extra/ is TF Serving's place for files beside the graph that loaders ignore.
+    extra = tmp / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    records.write_json_atomic(extra / SERVING_CONFIG_NAME, cfg.to_json())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def saved_model_probabilities(saved_model_dir: str | os.PathLike, images: np.ndarray,
+                              batch_size: int = 64) -> np.ndarray:
+    """``[N] float64`` probabilities from the ``preprocessed`` signature of a SavedModel."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved_model_dir)).signatures["preprocessed"]
+    out = [fn(image=tf.constant(images[i:i + batch_size]))["probability"].numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite
+
+
+def convert_tflite(model, variant: str) -> bytes:
+    """A float32 Keras model -> TFLite flatbuffer bytes.
+
+    Args:
+        variant: ``fp16`` (float16 weights, float compute) or ``int8`` (dynamic-range
+            quantisation: int8 weights, activations quantised on the fly, no calibration data).
+    """
+    import tensorflow as tf
+
+    if variant not in TFLITE_VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
+    if is_mixed_precision(model):
+        raise ExportError("TFLite cannot convert a mixed-precision graph; pass float32_model(model)")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    # from_keras_model exports a temporary SavedModel and prints every captured variable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return converter.convert()
+
+
+def tflite_interpreter(model_path_or_bytes: str | os.PathLike | bytes):
+    """A LiteRT interpreter (``ai-edge-litert``), or ``tf.lite.Interpreter`` without it."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the optional [tflite] extra is not installed
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    if isinstance(model_path_or_bytes, (bytes, bytearray)):
+        return Interpreter(model_content=bytes(model_path_or_bytes))
+    return Interpreter(model_path=str(model_path_or_bytes))
+
+
+class TFLiteRunner:
+    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N."""
+
+    def __init__(self, model_path_or_bytes: str | os.PathLike | bytes):
+        self.interpreter = tflite_interpreter(model_path_or_bytes)
+        self._input = self.interpreter.get_input_details()[0]
+        self._batch = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self._input["shape_signature"][1])
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
+        if len(images) == 0:
+            return np.zeros((0,), np.float64)
+        if self._batch != len(images):
+            self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
+            self.interpreter.allocate_tensors()
+            self._batch = len(images)
+        self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
+        self.interpreter.invoke()
+        out = self.interpreter.get_output_details()[0]
+        return np.asarray(self.interpreter.get_tensor(out["index"]), np.float64).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity batch and the export driver
+
+
+def _data_dir_from_flags_file(run_dir) -> str | None:
+    path = rundir.RunPaths(run_dir).flags
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("--data_dir="):
+            return line.split("=", 1)[1].strip() or None
+    return None
+
+
+def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, seed: int = 0
+                  ) -> tuple[np.ndarray, str]:
+    """A batch to compare variants on: the run's val split, else rendered phantoms.
+
+    Uses ``data_dir`` or the ``--data_dir`` in ``R/flags.txt``; when neither is usable, phantom
+    radiographs from :mod:`pneumo_tf.data.phantoms`, preprocessed like the converter would.
+
+    Returns:
+        ``(images [n, S, S, 1] uint8, source description)``.
+    """
+    candidates = [d for d in (data_dir, _data_dir_from_flags_file(run_dir)) if d]
+    for candidate in candidates:
+        try:
+            rundir.check_data_compatible(run_dir, candidate)
+            from pneumo_tf.data import pipeline
+
+            ds = pipeline.make_dataset(candidate, "val", batch_size=count, training=False,
+                                       with_weights=False, cache=False)
+            images = next(iter(ds))[0].numpy()
+            return images, f"val split of {candidate} ({len(images)} images)"
+        except (records.DataDirError, rundir.RunDirError) as e:
+            logging.warning("parity batch: cannot use %s (%s)", candidate, e)
+    from pneumo_tf.data import phantoms
+
+    rng = np.random.default_rng(seed)
+    images = [preprocess.preprocess_gray(
+        phantoms.generate_phantom(rng, i % 2, draw_phantom_size(rng))[0],
+        cfg.image_size, cfg.crop)[0] for i in range(count)]
+    return np.stack(images)[..., None], f"{count} phantom radiographs (no usable --data_dir)"
+
+
+def draw_phantom_size(rng: np.random.Generator) -> tuple[int, int]:
+    """A small phantom size (fast to render) with a film-like aspect, ``(height, width)``."""
+    h = int(rng.integers(256, 384))
+    return h, int(h * rng.uniform(1.0, 1.4))
+
+
+def _diff_stats(p: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+    d = np.abs(p - reference)
+    if not np.all(np.isfinite(d)):  # NaN would compare False against any tolerance: report it
+        return {"max_abs_prob_diff": None, "mean_abs_prob_diff": None,
+                "non_finite": int(np.sum(~np.isfinite(d))), "label_agreement": None}
+    return {"max_abs_prob_diff": float(d.max()) if d.size else 0.0,
+            "mean_abs_prob_diff": float(d.mean()) if d.size else 0.0,
+            "label_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))
+            if d.size else 1.0}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None,
+               parity_count: int = 32, seed: int = 0) -> dict:
+    """Export a run: serving config, SavedModel and/or TFLite variants, then ``parity.json``.
+
+    Args:
+        run_dir: a finished run (``model.keras``, ``data_manifest.json``).
+        formats: subset of :data:`EXPORT_FORMATS`.
+        data_dir: converter output, used to calibrate (when ``calibration.json`` is missing) and
+            for the parity batch (its val split).
+        parity_count: images in the parity batch.
+        seed: seed of the phantom parity batch (when no data is usable).
+
+    Returns:
+        The parity report written to ``R/export/parity.json``.
+
+    Raises:
+        ExportError: missing calibration without ``data_dir``, adaptive crop with a SavedModel,
+            unknown format, or the float16 TFLite model misses its 0.01 tolerance.
+    """
+    formats = list(formats)
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown or not formats:
+        raise ExportError(f"--formats={','.join(formats)}: unknown or empty; choose from "
+                          f"{','.join(EXPORT_FORMATS)}")
+    paths = rundir.RunPaths(run_dir)
+    calibration = calibration_for_export(run_dir, data_dir)
+    cfg = serving_config_for_run(run_dir, calibration)
+    if "saved_model" in formats:
+        check_in_graph_crop(cfg)
+    run_model = rundir.load_model(run_dir)
+    model = float32_model(run_model)
+    images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
+    reference = keras_probabilities(model, images)
+    t = cfg.raw_threshold()
+    paths.export.mkdir(parents=True, exist_ok=True)
+    records.write_json_atomic(paths.export / SERVING_CONFIG_NAME, cfg.to_json())
+    report = {"batch": {"source": source, "count": int(len(images))},
+              "reference": "Keras model in float32" + (
+                  " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
+              "keras_model_bytes": paths.model.stat().st_size,
+              "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {}}
+    if model is not run_model:
+        report["variants"]["keras_run_precision"] = _diff_stats(
+            keras_probabilities(run_model, images), reference, t)
+    if "saved_model" in formats:
+        sm_dir = export_saved_model(model, cfg, paths.export / SAVED_MODEL_DIR)
+        report["variants"]["saved_model"] = {
+            "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
+            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, t)}
+        logging.info("wrote %s", sm_dir)
+    if "tflite" in formats:
+        for variant, name in TFLITE_VARIANTS.items():
+            flatbuffer = convert_tflite(model, variant)
+            target = paths.export / name
+            tmp = target.with_name(name + ".partial")
+            tmp.write_bytes(flatbuffer)
+            os.replace(tmp, target)
+            probs = TFLiteRunner(target).probabilities(images)
+            report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
+                                           **_diff_stats(probs, reference, t)}
+            logging.info("wrote %s (%d bytes)", target, len(flatbuffer))
+    fp16 = report["variants"].get("fp16")
+    report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
+                                        and fp16["max_abs_prob_diff"] <= FP16_MAX_ABS_DIFF)
+    records.write_json_atomic(paths.export / PARITY_NAME, report)
+    if not report["passed"]:
+        raise ExportError(f"float16 TFLite model differs from the Keras model by "
+                          f"{fp16['max_abs_prob_diff']} in probability (> {FP16_MAX_ABS_DIFF}); "
+                          f"see {paths.export / PARITY_NAME}. Do not ship {TFLITE_VARIANTS['fp16']}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+FORMATS = flags.DEFINE_list(
+    "formats", list(EXPORT_FORMATS),
+    f"Comma-separated export formats: {', '.join(EXPORT_FORMATS)}. saved_model -> "
+    f"R/export/saved_model (TF Serving, takes JPEG/PNG bytes); tflite -> R/export/model_fp16.tflite "
+    f"and model_int8.tflite, parity in R/export/parity.json.")
+PARITY_COUNT = flags.DEFINE_integer(
+    "parity_count", 32, "Validation images in the parity batch (first images of the val split).",
+    lower_bound=1)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not cli_flags.RUN_DIR.value:
+        raise app.UsageError("--run_dir is required (a finished training run)")
+    try:
+        report = export_run(cli_flags.RUN_DIR.value, FORMATS.value, cli_flags.DATA_DIR.value,
+                            PARITY_COUNT.value, cli_flags.SEED.value)
+    except (ExportError, rundir.RunDirError, records.DataDirError) as e:
+        raise SystemExit(f"export failed: {e}") from None
+    print(json.dumps(report, indent=2, sort_keys=True))
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,436 @@
+"""Predict PNEUMONIA for image files: library (:func:`load_predictor`, :func:`predict_paths`) and app.
+
+Usage::
+
+    python -m pneumo_tf.predict --model=PATH [--format=jsonl|table] [--gradcam_dir=DIR] FILE_OR_DIR...
+
+``--model`` is a run directory, a SavedModel directory written by :mod:`pneumo_tf.export`, a
+``.keras`` file inside a run directory, or a ``.tflite`` file inside ``R/export/``. Files are read
+exactly as the converter reads them (:func:`pneumo_tf.data.decode.decode_bytes`, then
+:func:`pneumo_tf.preprocess.preprocess_gray` with the run's image size and crop), so every model
+kind sees the pixels training saw; folders are searched recursively for JPEG, PNG and DICOM
+files. A SavedModel is called through its ``preprocessed`` signature for the same reason.
+
+One JSON line per input, in input order::
+
+    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "label": 1,
+     "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
+    {"path": "b.txt", "error": "not an image (unrecognised file format)"}
+
+``label`` applies the run's operating threshold (``calibration.json``) to the probability it was
+chosen on. ``refer`` is true when the case should go to a human: the calibrated probability lies
+within ``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film
+(see :func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
+are still predicted and the exit status is 1.
+
+Grad-CAM overlays (``--gradcam_dir``) need the Keras model (a run directory or ``.keras`` file):
+a SavedModel or TFLite file has no access to the backbone's feature maps, so the command refuses
+``--gradcam_dir`` with them and names the run directory to use instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from absl import app, flags, logging
+
+import pneumo_tf
+from pneumo_tf import cli_flags, export, preprocess, rundir
+from pneumo_tf.data import decode
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
+MODEL_KINDS = ("run_dir", "keras", "saved_model", "tflite")
+OUTPUT_FORMATS = ("jsonl", "table")
+DEFAULT_REFER_BAND = 0.1
+
+# "Looks unlike a chest film" limits. Chosen to pass every one of the 1000 near-full-resolution
+# Kermany train images (width/height 0.84-3.2, mean grey 67-183, grey std >= 27.6, at most 36 %
+# of pixels <= 10 and 12.5 % >= 245) with a margin, and to catch blank, black, white, strip-shaped
+# and tiny images. Measured at S = 224, fixed crop: 2 of those 1000 images are referred
+# (low_resolution), 0 of 1044 from the third-party 224 px copy of the train split.
+MIN_ASPECT, MAX_ASPECT = 0.6, 3.5  # width / height
+MIN_GREY_STD = 10.0                # below: blank or near-constant
+MIN_MEAN_GREY, MAX_MEAN_GREY = 40.0, 215.0
+DARK_LEVEL, MAX_DARK_FRACTION = 10, 0.6
+BRIGHT_LEVEL, MAX_BRIGHT_FRACTION = 245, 0.4
+LOW_RESOLUTION_FACTOR = 2  # crop side * this < image_size -> upsampled > 2x
+
+
+class PredictError(ValueError):
+    """The model path or the arguments are unusable; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A loaded model of any kind behind one interface.
+
+    Attributes:
+        kind: one of :data:`MODEL_KINDS`.
+        source: the ``--model`` path.
+        config: image size, crop, temperature, threshold.
+        probabilities: ``[N, S, S, 1] uint8 -> [N] float64`` probability of PNEUMONIA.
+        keras_model: the Keras model (run dir and ``.keras`` only), for Grad-CAM.
+    """
+
+    kind: str
+    source: Path
+    config: export.ServingConfig
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    keras_model: object | None = None
+
+
+def _run_config(run_dir: Path) -> export.ServingConfig:
+    calibration = rundir.read_calibration(run_dir)
+    if calibration is not None:
+        calibration = export.calibration_from_json(calibration, str(rundir.RunPaths(run_dir).calibration))
+    return export.serving_config_for_run(run_dir, calibration)
+
+
+def _read_serving_config(path: Path, model_path: Path) -> export.ServingConfig:
+    if not path.is_file():
+        raise PredictError(f"{path} is missing, so the image size, crop and calibration of "
+                           f"{model_path} are unknown; use a model written by "
+                           f"`python -m pneumo_tf.export` (or pass the run directory)")
+    try:
+        return export.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
+
+
+def _keras_predictor(kind: str, source: Path, model, config) -> Predictor:
+    from pneumo_tf import scoring
+
+    predict = scoring.make_predict_fn(model)
+    return Predictor(kind, source, config,
+                     lambda images: predict(images).numpy().astype(np.float64), model)
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """Which of :data:`MODEL_KINDS` ``path`` is (by its files, not by trust in its name).
+
+    Raises:
+        PredictError: missing path, or nothing this command can load.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PredictError(f"--model={path}: no such file or directory")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return "saved_model"
+        if rundir.RunPaths(path).model.is_file():
+            return "run_dir"
+        raise PredictError(f"--model={path}: a directory without model.keras or saved_model.pb; "
+                           f"give a run directory or R/export/saved_model")
+    if path.suffix == ".keras":
+        return "keras"
+    if path.suffix == ".tflite":
+        return "tflite"
+    raise PredictError(f"--model={path}: unknown model file; give a run directory, a SavedModel "
+                       f"directory, a .keras file or a .tflite file")
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """Load ``--model`` (see the module docstring) with its serving config.
+
+    ``.keras`` files are loaded with Keras safe mode (:func:`pneumo_tf.rundir.load_model`);
+    SavedModels and TFLite files are graphs and flatbuffers, nothing is unpickled.
+
+    Raises:
+        PredictError, rundir.RunDirError: unusable model path (the message says what to give).
+    """
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == "run_dir":
+        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path))
+    elif kind == "keras":
+        if not rundir.RunPaths(path.parent).data_manifest.is_file():
+            raise PredictError(f"--model={path}: no data_manifest.json beside it, so the image size "
+                               f"and crop the model was trained with are unknown; point --model "
+                               f"at the run directory that holds it")
+        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path.parent))
+    elif kind == "saved_model":
+        import tensorflow as tf
+
+        config = _read_serving_config(path / "assets.extra" / export.SERVING_CONFIG_NAME, path)
+        signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
+        if signature is None:
+            raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
+                               f"re-export it with `python -m pneumo_tf.export`")
+        predictor = Predictor(kind, path, config, lambda images: signature(
+            image=tf.constant(images))["probability"].numpy().astype(np.float64))
+    else:
+        config = _read_serving_config(path.parent / export.SERVING_CONFIG_NAME, path)
+        runner = export.TFLiteRunner(path)
+        if runner.image_size != config.image_size:
+            raise PredictError(f"--model={path} takes {runner.image_size}px images but "
+                               f"{export.SERVING_CONFIG_NAME} beside it says "
+                               f"{config.image_size}px; re-export the run")
+        predictor = Predictor(kind, path, config, runner.probabilities)
+    if not predictor.config.calibrated:
+        logging.warning("%s has no calibration.json: calibrated_probability = probability "
+                        "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
+                        "split for honest probabilities.", path)
+    return predictor
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass
+class InputImage:
+    """One input after reading and preprocessing, or the reason it failed.
+
+    Attributes:
+        path: the path as given (or found in a folder).
+        image: ``[S, S] uint8`` model input (None when ``error``).
+        refer_reasons: film-likeness reasons (see :func:`film_refer_reasons`).
+        error: why the input could not be used, or None.
+    """
+
+    path: str
+    image: np.ndarray | None = None
+    refer_reasons: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[InputImage]:
+    """Files as given, folders expanded (recursive, sorted) to their JPEG/PNG/DICOM files.
+
+    Missing paths and folders without images become failed inputs, not exceptions. A file given
+    explicitly is tried whatever its extension (the decoder judges it by its content).
+    """
+    out = []
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                out.append(InputImage(str(given), error=f"folder has no {'/'.join(IMAGE_SUFFIXES)} "
+                                                        f"files"))
+            out.extend(InputImage(str(f)) for f in found)
+        elif p.is_file():
+            out.append(InputImage(str(given)))
+        else:
+            out.append(InputImage(str(given), error="no such file or directory"))
+    return out
+
+
+def film_refer_reasons(gray: np.ndarray, orig_height: int, orig_width: int, crop_hw: tuple[int, int],
+                       image_size: int) -> list[str]:
+    """Reasons an image looks unlike a usable chest film (empty list: none).
+
+    Args:
+        gray: ``[h, w] uint8`` decoded image (possibly DCT-reduced; statistics are scale-free).
+        orig_height, orig_width: full-resolution size, pixels.
+        crop_hw: the crop region's size in full-resolution pixels.
+        image_size: model input side S.
+
+    Returns:
+        Subset of ``aspect_ratio``, ``blank``, ``underexposed``, ``overexposed``,
+        ``low_resolution`` (the crop is less than S/2 on a side: upsampled more than 2x; the
+        third-party 224 px Kermany copy, upsampled 1.3x-1.7x by the fixed crop, passes).
+    """
+    reasons = []
+    aspect = orig_width / max(orig_height, 1)
+    if not MIN_ASPECT <= aspect <= MAX_ASPECT:
+        reasons.append("aspect_ratio")
+    g = gray.astype(np.float32)
+    if g.std() < MIN_GREY_STD:
+        reasons.append("blank")
+    mean = float(g.mean())
+    if mean < MIN_MEAN_GREY or np.mean(gray <= DARK_LEVEL) > MAX_DARK_FRACTION:
+        reasons.append("underexposed")
+    if mean > MAX_MEAN_GREY or np.mean(gray >= BRIGHT_LEVEL) > MAX_BRIGHT_FRACTION:
+        reasons.append("overexposed")
+    if min(crop_hw) * LOW_RESOLUTION_FACTOR < image_size:
+        reasons.append("low_resolution")
+    return reasons
+
+
+def read_input(path: str, image_size: int, crop: str) -> InputImage:
+    """Read, decode and preprocess one file like the converter; failures become ``error``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return InputImage(path, error=f"cannot read file ({e.strerror or e})")
+    return read_input_bytes(data, path, image_size, crop)
+
+
+def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> InputImage:
+    """Decode and preprocess one file's bytes like the converter; failures become ``error``."""
+    try:
+        decoded = decode.decode_bytes(data, name=Path(path).name, target_size=image_size, crop=crop)
+        image, box, _ = preprocess.preprocess_gray(decoded.gray, image_size, crop)
+    except decode.RejectError as e:
+        return InputImage(path, error=str(e))
+    except Exception as e:  # noqa: BLE001 -- one bad file must not stop the others; it is reported
+        return InputImage(path, error=f"unexpected decoder error: {type(e).__name__}: {e}")
+    crop_hw = ((box.bottom - box.top) * decoded.scale, (box.right - box.left) * decoded.scale)
+    reasons = film_refer_reasons(decoded.gray, decoded.orig_height, decoded.orig_width, crop_hw,
+                                 image_size)
+    return InputImage(path, image=image, refer_reasons=reasons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def result_record(path: str, probability: float, config: export.ServingConfig,
+                  film_reasons: list[str], refer_band: float) -> dict:
+    """The output record of one predicted input (see the module docstring)."""
+    calibrated = float(export.calibrate_probability(np.float64(probability), config.temperature))
+    decide_on = probability if config.threshold_applies_to == "probability" else calibrated
+    label = int(decide_on >= config.threshold)
+    reasons = list(film_reasons)
+    if abs(calibrated - config.calibrated_threshold()) <= refer_band:
+        reasons.insert(0, "uncertain")
+    return {"path": path, "probability": float(probability), "calibrated_probability": calibrated,
+            "label": label, "class_name": pneumo_tf.CLASS_NAMES[label], "refer": bool(reasons),
+            "refer_reasons": reasons}
+
+
+def gradcam_file_name(index: int, path: str) -> str:
+    """``00003_person12_bacteria.png``: input order first, so equal base names never collide."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
+    return f"{index:05d}_{stem}.png"
+
+
+def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batch_size: int = 32,
+                  refer_band: float = DEFAULT_REFER_BAND, gradcam_dir: str | os.PathLike | None = None
+                  ) -> Iterator[dict]:
+    """Predict every input, batch by batch; yields one record per input, in input order.
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        paths: files and folders.
+        batch_size: images per forward pass.
+        refer_band: half-width of the uncertainty band around the threshold, in calibrated
+            probability.
+        gradcam_dir: write one Grad-CAM overlay PNG per predicted input here (Keras models only).
+
+    Raises:
+        PredictError: ``gradcam_dir`` with a SavedModel/TFLite model, or bad arguments.
+    """
+    if batch_size < 1:
+        raise PredictError(f"--batch_size={batch_size}: must be at least 1")
+    if not 0.0 <= refer_band <= 1.0:
+        raise PredictError(f"--refer_band={refer_band}: must be in [0, 1]")
+    cam_model = None
+    if gradcam_dir is not None:
+        if predictor.keras_model is None:
+            raise PredictError(
+                f"--gradcam_dir needs the Keras model: a {predictor.kind} has no access to the "
+                f"backbone's feature maps. Pass --model=<run directory> (the one exported to "
+                f"{predictor.source})")
+        from pneumo_tf import gradcam
+
+        cam_model = gradcam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
+        Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
+    cfg = predictor.config
+    items = expand_inputs(paths)
+    for start in range(0, len(items), batch_size):
+        chunk = [item if item.error else read_input(item.path, cfg.image_size, cfg.crop)
+                 for item in items[start:start + batch_size]]
+        ok = [i for i, item in enumerate(chunk) if item.error is None]
+        records_out: list[dict] = [{"path": item.path, "error": item.error} for item in chunk]
+        if ok:
+            images = np.stack([chunk[i].image for i in ok])[..., None]
+            probs = predictor.probabilities(images)
+            for i, p in zip(ok, probs):
+                records_out[i] = result_record(chunk[i].path, float(p), cfg,
+                                               chunk[i].refer_reasons, refer_band)
+            if cam_model is not None:
+                _write_gradcam(cam_model, images, [start + i for i in ok],
+                               [records_out[i] for i in ok], Path(gradcam_dir))
+        yield from records_out
+
+
+def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list[dict],
+                   out_dir: Path) -> None:
+    import cv2
+
+    from pneumo_tf import gradcam
+
+    cams = gradcam.gradcam_batch(cam_model, images)["cam"]
+    for image, cam, index, rec in zip(images, cams, indices, recs):
+        target = out_dir / gradcam_file_name(index, rec["path"])
+        rgb = gradcam.overlay_cam(image[..., 0], cam)
+        if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"cannot write {target}")
+        rec["gradcam"] = str(target)
+
+
+def format_table_row(rec: dict) -> str:
+    """One fixed-width text row of :func:`format_table_header`'s columns."""
+    if "error" in rec:
+        return f"{'-':>11} {'-':>10} {'ERROR':<9} {'-':<5} {rec['path']}  ({rec['error']})"
+    reasons = f"  ({', '.join(rec['refer_reasons'])})" if rec["refer_reasons"] else ""
+    return (f"{rec['probability']:>11.4f} {rec['calibrated_probability']:>10.4f} "
+            f"{rec['class_name']:<9} {'yes' if rec['refer'] else 'no':<5} {rec['path']}{reasons}")
+
+
+def format_table_header() -> str:
+    return f"{'probability':>11} {'calibrated':>10} {'label':<9} {'refer':<5} path"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+MODEL = flags.DEFINE_string(
+    "model", None, "Model to predict with: a run directory, a SavedModel directory "
+    "(R/export/saved_model), a .keras file in a run directory or a .tflite file in R/export/.")
+FORMAT = flags.DEFINE_enum(
+    "format", "jsonl", OUTPUT_FORMATS,
+    "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
+    "label, class_name, refer, refer_reasons; or path and error); table = aligned text.")
+GRADCAM_DIR = flags.DEFINE_string(
+    "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
+    "models only).")
+REFER_BAND = flags.DEFINE_float(
+    "refer_band", DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated "
+    "probability is within this distance of the operating threshold.", lower_bound=0.0,
+    upper_bound=1.0)
+
+
+def main(argv: list[str]) -> None:
+    inputs = argv[1:]
+    if not MODEL.value:
+        raise app.UsageError("--model is required (run dir, SavedModel dir, .keras or .tflite)")
+    if not inputs:
+        raise app.UsageError("give at least one image file or folder after the flags")
+    try:
+        predictor = load_predictor(MODEL.value)
+        results = predict_paths(predictor, inputs, cli_flags.BATCH_SIZE.value, REFER_BAND.value,
+                                GRADCAM_DIR.value)
+        failed = 0
+        if FORMAT.value == "table":
+            print(format_table_header())
+        for rec in results:
+            failed += "error" in rec
+            print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
+    except (PredictError, rundir.RunDirError, export.ExportError) as e:
+        raise SystemExit(f"predict: {e}") from None
+    if failed:
+        logging.error("%d input(s) could not be predicted (see their 'error')", failed)
+        sys.exit(1)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

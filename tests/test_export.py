@@ -1,0 +1,343 @@
+"""Export: calibration handling, SavedModel signatures, training/serving skew, TFLite parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO, write_tiny_dataset
+from support_runs import make_run
+
+SIZE = 32
+TEMPERATURE = 1.7
+THRESHOLD = 0.45
+
+
+def write_calibration(run_dir: Path, temperature=TEMPERATURE, threshold=THRESHOLD) -> None:
+    (run_dir / "calibration.json").write_text(json.dumps({
+        "temperature": temperature, "threshold": threshold, "threshold_method": "val_youden",
+        "source": "val", "threshold_applies_to": "probability"}), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
+    run = make_run(root / "run", data, epochs=1)
+    return run, data
+
+
+@pytest.fixture(scope="module")
+def exported(run_and_data):
+    """The run exported once in both formats (parity on its val split)."""
+    from pneumo_tf import export
+
+    run, data = run_and_data
+    write_calibration(run)
+    report = export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=12)
+    return run, data, report
+
+
+def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 820))) -> dict:
+    """Encoded phantom radiographs: gray JPEG, gray PNG, RGB JPEG, RGB PNG, 16-bit PNG per size."""
+    from pneumo_tf.data import phantoms
+
+    rng = np.random.default_rng(3)
+    files = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes):
+        gray = phantoms.generate_phantom(rng, i % 2, (h, w))[0]
+        rgb = np.stack([gray, np.clip(gray.astype(int) + 20, 0, 255).astype(np.uint8), gray // 2], -1)
+        variants = {f"gray_{h}x{w}.jpeg": cv2.imencode(".jpg", gray)[1],
+                    f"gray_{h}x{w}.png": cv2.imencode(".png", gray)[1],
+                    f"rgb_{h}x{w}.jpeg": cv2.imencode(".jpg", rgb)[1],
+                    f"rgb_{h}x{w}.png": cv2.imencode(".png", rgb)[1],
+                    f"gray16_{h}x{w}.png": cv2.imencode(".png", gray.astype(np.uint16) * 200 + 900)[1]}
+        for name, enc in variants.items():
+            files[name] = enc.tobytes()
+            (out / name).write_bytes(files[name])
+    return files
+
+
+def host_preprocess(data: bytes, name: str, size: int, crop: str) -> np.ndarray:
+    """The converter's path: decode_bytes (with its DCT reduction) + preprocess_gray."""
+    from pneumo_tf import preprocess
+    from pneumo_tf.data import decode
+
+    decoded = decode.decode_bytes(data, name=name, target_size=size, crop=crop)
+    return preprocess.preprocess_gray(decoded.gray, size, crop)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_export_refuses_without_calibration_or_data_dir(run_and_data, tmp_path):
+    from pneumo_tf import export
+
+    run, _ = run_and_data
+    bare = tmp_path / "bare_run"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.json", "export"))
+    with pytest.raises(export.ExportError, match=r"calibration.json is missing.*--data_dir"):
+        export.export_run(bare, ["tflite"])
+    assert not (bare / "export").exists()
+
+
+def test_missing_calibration_is_fitted_on_val_when_data_dir_given(run_and_data, tmp_path):
+    from pneumo_tf import export
+
+    run, data = run_and_data
+    bare = tmp_path / "bare_run"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.json", "export"))
+    calibration = export.calibration_for_export(bare, data)
+    written = json.loads((bare / "calibration.json").read_text())
+    assert written["source"] == "val"
+    assert calibration["temperature"] == pytest.approx(written["temperature"])
+    assert calibration["temperature"] > 0 and 0 <= calibration["threshold"] <= 1
+
+
+@pytest.mark.parametrize("bad, match", [({"temperature": 0, "threshold": 0.5}, "temperature"),
+                                        ({"threshold": 0.5}, "temperature"),
+                                        ({"temperature": 1, "threshold": 1.5}, "threshold")])
+def test_bad_calibration_is_named(bad, match):
+    from pneumo_tf import export
+
+    with pytest.raises(export.ExportError, match=match):
+        export.calibration_from_json(bad, "R/calibration.json")
+
+
+def test_calibrated_probability_and_thresholds_round_trip():
+    from pneumo_tf import export
+
+    p = np.array([0.01, 0.3, 0.5, 0.9, 0.999])
+    cal = export.calibrate_probability(p, 2.0)
+    logit = np.log(p / (1 - p))
+    np.testing.assert_allclose(cal, 1 / (1 + np.exp(-logit / 2.0)), rtol=1e-9)
+    import tensorflow as tf
+
+    np.testing.assert_allclose(export.calibrate_probability(tf.constant(p, tf.float32), 2.0).numpy(),
+                               cal, atol=1e-6)
+    cfg = export.ServingConfig(32, "fixed", temperature=2.0, threshold=0.7,
+                               threshold_applies_to="probability")
+    on_cal = export.ServingConfig(32, "fixed", temperature=2.0, threshold=cfg.calibrated_threshold(),
+                                  threshold_applies_to="calibrated_probability")
+    assert on_cal.raw_threshold() == pytest.approx(0.7)
+
+
+# ---------------------------------------------------------------------------------------------
+# SavedModel
+
+
+def test_saved_model_signatures_load_and_agree(exported, tmp_path):
+    import tensorflow as tf
+
+    from pneumo_tf import export
+
+    run, _, _ = exported
+    sm_dir = run / "export" / "saved_model"
+    loaded = tf.saved_model.load(str(sm_dir))
+    assert set(loaded.signatures) == {"serving_default", "preprocessed", "preprocessed_float"}
+    serving = loaded.signatures["serving_default"]
+    (spec,) = serving.structured_input_signature[1].values()
+    assert spec.dtype == tf.string and spec.shape.as_list() == [None]
+    assert set(serving.structured_outputs) == {"probability", "calibrated_probability", "label"}
+
+    files = phantom_files(tmp_path / "img", sizes=((300, 380), (700, 520)))
+    names = sorted(files)
+    out = serving(images=tf.constant([files[n] for n in names]))
+    p = out["probability"].numpy()
+    assert p.shape == (len(names),) and np.all((p >= 0) & (p <= 1))
+    np.testing.assert_allclose(out["calibrated_probability"].numpy(),
+                               export.calibrate_probability(p.astype(np.float64), TEMPERATURE),
+                               atol=1e-5)
+    np.testing.assert_array_equal(out["label"].numpy(), (p >= THRESHOLD).astype(np.int64))
+    assert out["label"].dtype == tf.int64
+
+    images = np.stack([host_preprocess(files[n], n, SIZE, "fixed") for n in names])[..., None]
+    pre = loaded.signatures["preprocessed"](image=tf.constant(images))["probability"].numpy()
+    pre_f = loaded.signatures["preprocessed_float"](
+        image=tf.constant(images.astype(np.float32)))["probability"].numpy()
+    np.testing.assert_allclose(pre, pre_f, atol=1e-6)
+    config = json.loads((sm_dir / "assets.extra" / export.SERVING_CONFIG_NAME).read_text())
+    assert config["image_size"] == SIZE and config["crop"] == "fixed"
+    assert config["temperature"] == pytest.approx(TEMPERATURE)
+
+
+def test_saved_model_cli_shows_the_signatures(exported):
+    run, _, _ = exported
+    cli = Path(sys.executable).parent / "saved_model_cli"
+    out = subprocess.run([str(cli), "show", "--dir", str(run / "export" / "saved_model"), "--all"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    for needle in ("signature_def['serving_default']", "signature_def['preprocessed']",
+                   "DT_STRING", "probability", "calibrated_probability", "label", "DT_UINT8"):
+        assert needle in text, needle
+
+
+def test_training_serving_skew(exported, tmp_path):
+    """In-graph decode+crop+resize vs the converter's pixels; probabilities within 1e-3.
+
+    Documented tolerance (sources larger than the model input, i.e. downscaling): the decoded
+    pixels are identical for 8-bit JPEG and PNG, gray or RGB (libjpeg's accurate DCT with the
+    converter's DCT-reduction rule, libpng's RGB -> gray), within 1 grey level for 16-bit PNG;
+    after the area resize (TF float vs OpenCV fixed point) at most 1 grey level, mean <= 0.02.
+    """
+    import tensorflow as tf
+
+    from pneumo_tf import export, rundir, scoring
+    from pneumo_tf.data import decode
+
+    run, _, _ = exported
+    files = phantom_files(tmp_path / "img")
+    names = sorted(files)
+    model = rundir.load_model(run)
+    for crop in ("fixed", "none"):
+        for name in names:
+            host_gray = decode.decode_bytes(files[name], name=name, target_size=SIZE, crop=crop).gray
+            graph_gray = export.tf_decode_gray(tf.constant(files[name]), SIZE, crop).numpy()[..., 0]
+            assert host_gray.shape == graph_gray.shape, (crop, name)
+            decode_diff = np.abs(host_gray.astype(int) - graph_gray.astype(int)).max()
+            assert decode_diff <= (1 if name.startswith("gray16") else 0), (crop, name, decode_diff)
+        host = np.stack([host_preprocess(files[n], n, SIZE, crop) for n in names])
+        graph = np.stack([export.tf_preprocess_bytes(tf.constant(files[n]), SIZE, crop).numpy()[..., 0]
+                          for n in names])
+        diff = np.abs(host.astype(int) - graph.astype(int))
+        assert diff.max() <= 1 and diff.mean() <= 0.02, (crop, diff.max(), diff.mean())
+    loaded = tf.saved_model.load(str(run / "export" / "saved_model"))
+    served = loaded.signatures["serving_default"](
+        images=tf.constant([files[n] for n in names]))["probability"].numpy()
+    host = np.stack([host_preprocess(files[n], n, SIZE, "fixed") for n in names])[..., None]
+    keras_p = scoring.make_predict_fn(model)(host).numpy()
+    assert np.max(np.abs(served - keras_p)) < 1e-3
+
+
+def test_in_graph_jpeg_reduction_matches_the_converter_rule():
+    import tensorflow as tf
+
+    from pneumo_tf import export
+    from pneumo_tf.data import decode
+
+    for h, w in [(100, 100), (517, 640), (2000, 1500), (4000, 3000), (300, 2000)]:
+        for size in (32, 224):
+            for crop in ("fixed", "none", "adaptive"):
+                expected = decode.jpeg_reduction_factor(h, w, size, crop)
+                got = int(export.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
+                assert got == expected, (h, w, size, crop)
+
+
+def test_adaptive_runs_refuse_a_bytes_saved_model(run_and_data, tmp_path):
+    from pneumo_tf import export
+
+    run, _ = run_and_data
+    adaptive = tmp_path / "adaptive_run"
+    shutil.copytree(run, adaptive, ignore=shutil.ignore_patterns("export"))
+    manifest = json.loads((adaptive / "data_manifest.json").read_text())
+    (adaptive / "data_manifest.json").write_text(json.dumps({**manifest, "crop": "adaptive"}))
+    write_calibration(adaptive)
+    with pytest.raises(export.ExportError, match=r"--crop=adaptive.*--formats=tflite"):
+        export.export_run(adaptive, ["saved_model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite and parity
+
+
+def test_parity_json_reports_every_variant_within_tolerance(exported):
+    from pneumo_tf import export
+
+    run, data, report = exported
+    on_disk = json.loads((run / "export" / "parity.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert report["passed"] is True
+    assert report["batch"]["count"] == 12 and str(data) in report["batch"]["source"]
+    for variant, name in export.TFLITE_VARIANTS.items():
+        entry = report["variants"][variant]
+        assert entry["bytes"] == (run / "export" / name).stat().st_size > 0
+    assert report["variants"]["fp16"]["max_abs_prob_diff"] <= export.FP16_MAX_ABS_DIFF
+    assert report["variants"]["int8"]["max_abs_prob_diff"] < 0.1
+    assert report["variants"]["saved_model"]["max_abs_prob_diff"] < 1e-5
+    # int8 weights are about half the float16 ones.
+    assert report["variants"]["int8"]["bytes"] < report["variants"]["fp16"]["bytes"]
+
+
+def test_tflite_runner_matches_keras_on_any_batch_size(exported):
+    from pneumo_tf import export, rundir, scoring
+
+    run, _, _ = exported
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, SIZE, SIZE, 1), dtype=np.uint8)
+    keras_p = scoring.make_predict_fn(rundir.load_model(run))(images).numpy()
+    runner = export.TFLiteRunner(run / "export" / "model_fp16.tflite")
+    assert runner.image_size == SIZE
+    np.testing.assert_allclose(runner.probabilities(images), keras_p, atol=export.FP16_MAX_ABS_DIFF)
+    np.testing.assert_allclose(runner.probabilities(images[:2]), runner.probabilities(images)[:2],
+                               atol=1e-6)
+
+
+def test_fp16_parity_failure_is_an_error_and_recorded(run_and_data, tmp_path, monkeypatch):
+    from pneumo_tf import export
+
+    run, data = run_and_data
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    write_calibration(copy)
+    monkeypatch.setattr(export, "FP16_MAX_ABS_DIFF", -1.0)  # nothing can pass
+    monkeypatch.setattr(export, "TFLITE_VARIANTS", {"fp16": "model_fp16.tflite"})
+    with pytest.raises(export.ExportError, match=r"float16 TFLite.*parity.json"):
+        export.export_run(copy, ["tflite"], data_dir=data, parity_count=4)
+    assert json.loads((copy / "export" / "parity.json").read_text())["passed"] is False
+
+
+def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
+    """A mixed_bfloat16 model with the training augmentation layer, as pneumo_tf.train builds it."""
+    import keras
+
+    from pneumo_tf import export, model as pmodel, scoring
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = pmodel.build_model("small_cnn", SIZE, trainable_layers=-1, augment={"seed": 1})
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert export.is_mixed_precision(mixed)
+    with pytest.raises(export.ExportError, match="mixed-precision"):
+        export.convert_tflite(mixed, "fp16")
+    f32 = export.float32_model(mixed)
+    assert not export.is_mixed_precision(f32)
+    assert export.float32_model(f32) is f32
+    images = np.random.default_rng(1).integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8)
+    p_mixed = scoring.make_predict_fn(mixed)(images).numpy()
+    p_f32 = scoring.make_predict_fn(f32)(images).numpy()
+    assert np.max(np.abs(p_mixed - p_f32)) < 0.02  # bf16 rounding only: same weights
+    runner = export.TFLiteRunner(export.convert_tflite(f32, "fp16"))
+    assert np.max(np.abs(runner.probabilities(images) - p_f32)) <= export.FP16_MAX_ABS_DIFF
+
+
+def test_unknown_format_is_named(run_and_data):
+    from pneumo_tf import export
+
+    run, _ = run_and_data
+    with pytest.raises(export.ExportError, match="onnx"):
+        export.export_run(run, ["onnx"])
+
+
+@pytest.mark.slow
+def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
+    run, _ = run_and_data
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.json", "export"))
+    out = subprocess.run([sys.executable, "-m", "pneumo_tf.export", f"--run_dir={bare}",
+                          "--formats=tflite"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "calibration.json is missing" in out.stderr and "--data_dir" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,325 @@
+"""Predict: every model kind, bad inputs one by one, refer flags, Grad-CAM, both output formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO, write_tiny_dataset
+from support_runs import make_run
+
+SIZE = 32
+TEMPERATURE = 1.5
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    """A small run with calibration.json, exported to SavedModel and TFLite."""
+    from pneumo_tf import export
+
+    root = tmp_path_factory.mktemp("predict")
+    data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
+    run = make_run(root / "run", data, epochs=1)
+    (run / "calibration.json").write_text(json.dumps({
+        "temperature": TEMPERATURE, "threshold": THRESHOLD, "threshold_method": "fixed",
+        "source": "val", "threshold_applies_to": "probability"}))
+    export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=8)
+    return run
+
+
+def phantom(h: int, w: int, label: int = 1, seed: int = 0) -> np.ndarray:
+    from pneumo_tf.data import phantoms
+
+    return phantoms.generate_phantom(np.random.default_rng(seed), label, (h, w))[0]
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None) -> Path:
+    """A minimal CR DICOM file (12-bit pixels in 16-bit words), or one without PixelData."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.PatientID = "phantom"
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def huge_png_header(width: int = 12000, height: int = 12000) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("good")
+    a = root / "a_normal.jpeg"
+    cv2.imwrite(str(a), phantom(300, 380, 0, 1))
+    b = root / "sub" / "b_pneumonia.png"
+    b.parent.mkdir()
+    cv2.imwrite(str(b), phantom(420, 520, 1, 2))
+    c = write_dicom(root / "c.dcm", phantom(256, 300, 1, 3))
+    return [a, b, c]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_bad_inputs_give_an_error_line_each_and_the_rest_are_predicted(exported_run, good_files,
+                                                                        tmp_path):
+    from pneumo_tf import predict
+
+    jpeg = cv2.imencode(".jpg", phantom(300, 380))[1].tobytes()
+    bad = {
+        "missing.png": None,
+        "notes.png": b"this is not an image at all\n" * 10,
+        "truncated.jpeg": jpeg[:len(jpeg) // 2],
+        "empty.jpeg": b"",
+        "huge.png": huge_png_header(),
+    }
+    paths = []
+    for name, data in bad.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        paths.append(path)
+    no_pixels = write_dicom(tmp_path / "no_pixels.dcm", None)
+    empty_dir = tmp_path / "empty_dir"
+    empty_dir.mkdir()
+    inputs = [good_files[0], *paths, no_pixels, good_files[2], empty_dir, good_files[1]]
+    predictor = predict.load_predictor(exported_run)
+    out = list(predict.predict_paths(predictor, inputs, batch_size=3))
+    assert [r["path"] for r in out] == [str(p) for p in inputs]
+    expected_errors = {"missing.png": "no such file", "notes.png": "not an image",
+                       "truncated.jpeg": "truncated", "empty.jpeg": "empty file",
+                       "huge.png": "exceeds the limit", "no_pixels.dcm": "without pixel data",
+                       "empty_dir": "folder has no"}
+    for rec in out:
+        name = Path(rec["path"]).name
+        if name in expected_errors:
+            assert set(rec) == {"path", "error"}, rec
+            assert expected_errors[name] in rec["error"], rec
+        else:
+            assert "error" not in rec
+            assert 0.0 <= rec["probability"] <= 1.0
+            assert rec["label"] in (0, 1) and rec["class_name"] in ("NORMAL", "PNEUMONIA")
+    assert sum("error" in r for r in out) == len(expected_errors)
+
+
+def test_folders_are_searched_recursively_for_images(good_files, tmp_path):
+    from pneumo_tf import predict
+
+    folder = good_files[0].parent
+    (folder / "readme.txt").write_text("not an image")
+    items = predict.expand_inputs([folder])
+    assert [Path(i.path).name for i in items] == ["a_normal.jpeg", "c.dcm", "b_pneumonia.png"]
+    assert all(i.error is None for i in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model kinds
+
+
+def test_every_model_kind_gives_the_same_answer(exported_run, good_files):
+    from pneumo_tf import predict
+
+    kinds = {exported_run: ("run_dir", 1e-6),
+             exported_run / "model.keras": ("keras", 1e-6),
+             exported_run / "export" / "saved_model": ("saved_model", 1e-5),
+             exported_run / "export" / "model_fp16.tflite": ("tflite", 0.01),
+             exported_run / "export" / "model_int8.tflite": ("tflite", 0.1)}
+    reference = None
+    for path, (kind, tol) in kinds.items():
+        predictor = predict.load_predictor(path)
+        assert predictor.kind == kind
+        assert predictor.config.image_size == SIZE and predictor.config.calibrated
+        assert predictor.config.temperature == pytest.approx(TEMPERATURE)
+        out = list(predict.predict_paths(predictor, good_files))
+        probs = np.array([r["probability"] for r in out])
+        if reference is None:
+            reference = probs
+        np.testing.assert_allclose(probs, reference, atol=tol, err_msg=str(path))
+        for rec in out:
+            p = rec["probability"]
+            cal = 1 / (1 + np.exp(-np.log(p / (1 - p)) / TEMPERATURE))
+            assert rec["calibrated_probability"] == pytest.approx(cal, abs=1e-9)
+            assert rec["label"] == int(p >= THRESHOLD)
+
+
+def test_predict_uses_the_converter_pixels(exported_run, good_files):
+    """The image fed to the model is decode_bytes + preprocess_gray, as in the TFRecords."""
+    from pneumo_tf import predict, preprocess
+    from pneumo_tf.data import decode
+
+    for path in good_files:
+        item = predict.read_input(str(path), SIZE, "fixed")
+        decoded = decode.decode_bytes(path.read_bytes(), name=path.name, target_size=SIZE,
+                                      crop="fixed")
+        np.testing.assert_array_equal(item.image,
+                                      preprocess.preprocess_gray(decoded.gray, SIZE, "fixed")[0])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "no such file"), ("empty_dir", "without model.keras or saved_model.pb"),
+    ("txt", "unknown model file"), ("lonely_keras", "no data_manifest.json beside it"),
+    ("lonely_tflite", "pneumo_tf_serving.json is missing")])
+def test_unusable_model_paths_are_named(exported_run, tmp_path, case, match):
+    from pneumo_tf import predict
+
+    path = tmp_path / case
+    if case == "empty_dir":
+        path.mkdir()
+    elif case == "txt":
+        path = tmp_path / "model.txt"
+        path.write_text("x")
+    elif case == "lonely_keras":
+        path = tmp_path / "model.keras"
+        shutil.copyfile(exported_run / "model.keras", path)
+    elif case == "lonely_tflite":
+        path = tmp_path / "model.tflite"
+        shutil.copyfile(exported_run / "export" / "model_fp16.tflite", path)
+    with pytest.raises(predict.PredictError, match=match):
+        predict.load_predictor(path)
+
+
+def test_keras_models_load_in_safe_mode(exported_run, tmp_path):
+    """A .keras file with a Python lambda (arbitrary code) is refused, not executed."""
+    import keras
+
+    from pneumo_tf import predict
+
+    inputs = keras.Input((SIZE, SIZE, 1))
+    outputs = keras.layers.Lambda(lambda x: x[:, :1, 0, 0])(inputs)
+    run = tmp_path / "evil_run"
+    run.mkdir()
+    keras.Model(inputs, outputs).save(run / "model.keras")
+    shutil.copyfile(exported_run / "data_manifest.json", run / "data_manifest.json")
+    with pytest.raises(ValueError, match="safe_mode"):
+        predict.load_predictor(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refer flags
+
+
+def test_film_refer_reasons_flag_unlike_films_only():
+    from pneumo_tf import predict
+
+    film = phantom(400, 520)
+    assert predict.film_refer_reasons(film, 400, 520, (300, 312), 224) == []
+    blank = np.full((400, 520), 128, np.uint8)
+    assert predict.film_refer_reasons(blank, 400, 520, (300, 312), 224) == ["blank"]
+    black = np.zeros((400, 520), np.uint8)
+    assert predict.film_refer_reasons(black, 400, 520, (300, 312), 224) == ["blank", "underexposed"]
+    strip = phantom(100, 900)
+    assert "aspect_ratio" in predict.film_refer_reasons(strip, 100, 900, (75, 540), 32)
+    dark = (film * 0.3).astype(np.uint8)  # still has contrast, but mean grey ~29
+    assert predict.film_refer_reasons(dark, 400, 520, (300, 312), 224) == ["underexposed"]
+    bright = np.clip(film.astype(int) + 200, 0, 255).astype(np.uint8)
+    assert "overexposed" in predict.film_refer_reasons(bright, 400, 520, (300, 312), 224)
+    assert predict.film_refer_reasons(film, 400, 520, (150, 156), 224) == []
+    assert predict.film_refer_reasons(film, 400, 520, (100, 156), 224) == ["low_resolution"]
+
+
+def test_refer_band_around_the_calibrated_threshold():
+    from pneumo_tf import export, predict
+
+    cfg = export.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
+    at_threshold = predict.result_record("x", 0.8, cfg, [], 0.1)
+    assert at_threshold["refer"] and at_threshold["refer_reasons"] == ["uncertain"]
+    assert at_threshold["label"] == 1
+    t_cal = cfg.calibrated_threshold()
+    # A raw probability whose calibrated value is 0.15 below the calibrated threshold.
+    p = float(export.calibrate_probability(np.float64(t_cal - 0.15), 0.5))
+    far = predict.result_record("x", p, cfg, [], 0.1)
+    assert far["calibrated_probability"] == pytest.approx(t_cal - 0.15)
+    assert not far["refer"] and far["label"] == 0
+    assert predict.result_record("x", p, cfg, ["blank"], 0.1)["refer_reasons"] == ["blank"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM and output formats
+
+
+def test_gradcam_overlays_for_keras_models_only(exported_run, good_files, tmp_path):
+    from pneumo_tf import predict
+
+    out = list(predict.predict_paths(predict.load_predictor(exported_run), good_files,
+                                     gradcam_dir=tmp_path / "cam"))
+    written = sorted((tmp_path / "cam").glob("*.png"))
+    assert [Path(r["gradcam"]) for r in out] == [tmp_path / "cam" / predict.gradcam_file_name(i, r["path"])
+                                                 for i, r in enumerate(out)]
+    assert len(written) == len(good_files)
+    assert cv2.imread(str(written[0])).shape == (SIZE, SIZE, 3)
+    tflite = predict.load_predictor(exported_run / "export" / "model_fp16.tflite")
+    with pytest.raises(predict.PredictError, match="--gradcam_dir needs the Keras model"):
+        list(predict.predict_paths(tflite, good_files, gradcam_dir=tmp_path / "cam2"))
+
+
+def test_table_rows():
+    from pneumo_tf import predict
+
+    ok = {"path": "a.png", "probability": 0.91234, "calibrated_probability": 0.8, "label": 1,
+          "class_name": "PNEUMONIA", "refer": True, "refer_reasons": ["blank"]}
+    row = predict.format_table_row(ok)
+    assert "0.9123" in row and "PNEUMONIA" in row and "yes" in row and row.endswith("(blank)")
+    err = predict.format_table_row({"path": "b.png", "error": "truncated JPEG"})
+    assert "ERROR" in err and "b.png" in err and "truncated JPEG" in err
+    assert predict.format_table_header().split() == ["probability", "calibrated", "label",
+                                                     "refer", "path"]
+
+
+@pytest.mark.slow
+def test_cli_jsonl_exit_status_and_table(exported_run, good_files, tmp_path):
+    base = [sys.executable, "-m", "pneumo_tf.predict"]
+    tflite = exported_run / "export" / "model_fp16.tflite"
+    out = subprocess.run(base + [f"--model={tflite}", str(good_files[0]), str(tmp_path / "nope.png")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in lines] == ["a_normal.jpeg", "nope.png"]
+    assert "probability" in lines[0] and set(lines[1]) == {"path", "error"}
+    assert "Traceback" not in out.stderr
+
+    out = subprocess.run(base + [f"--model={exported_run}", "--format=table",
+                                 str(good_files[0].parent)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = out.stdout.splitlines()
+    assert rows[0].split() == ["probability", "calibrated", "label", "refer", "path"]
+    assert len(rows) == 1 + len(good_files)
+
+    out = subprocess.run(base + [f"--model={tmp_path / 'no_model'}", str(good_files[0])],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode != 0 and "--model=" in out.stderr and "Traceback" not in out.stderr
