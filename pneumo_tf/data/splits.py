@@ -1,0 +1,193 @@
+"""Train/val/test assignment by patient, duplicate detection and patient-overlap reports.
+
+SPEC §4: the official test split is kept as it is; validation is carved out of train **by
+patient**, stratified by class and seeded, so the images of one patient never sit in two splits
+(also a patient with images of both classes). Byte-identical and pixel-identical images are found
+and reported; the converter can drop them (``--dedupe``).
+
+Everything here is pure Python on per-image lists (keys, labels, patient ids, hashes): no image
+data, no TensorFlow, so it is cheap to test on made-up lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+SPLIT_BY = ("patient", "image")
+
+
+class SplitError(ValueError):
+    """Bad split settings; the message names the flag and the fix."""
+
+
+def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction: float,
+                     seed: int) -> set[str]:
+    """Choose the groups (patients) that form the validation split, stratified by class.
+
+    A seeded greedy search: groups are visited in a seeded random order, larger groups first
+    (they are the hard ones to fit), and a group joins validation when that brings the per-class
+    validation counts closer to ``val_fraction`` of each class's total (distance measured
+    relative to each class's target, so the minority class counts as much as the majority). A
+    group with images of both classes moves as a whole. With many small groups the result is
+    within a few images of the target for every class.
+
+    Args:
+        groups: group id (patient id) of each image.
+        labels: class of each image (0/1; any small non-negative ints work).
+        val_fraction: wanted fraction of every class in validation, in [0, 1).
+        seed: seed of the visiting order; same inputs and seed -> same result.
+
+    Returns:
+        The set of group ids assigned to validation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise SplitError(f"--val_fraction={val_fraction} must be in [0, 1)")
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} group ids for {len(labels)} labels")
+    if val_fraction == 0.0 or not groups:
+        return set()
+    num_classes = max(int(v) for v in labels) + 1
+    counts: dict[str, np.ndarray] = {}
+    for g, y in zip(groups, labels):
+        counts.setdefault(g, np.zeros(num_classes, np.int64))[int(y)] += 1
+    totals = np.sum(list(counts.values()), axis=0)
+    target = val_fraction * totals.astype(np.float64)
+    weight = 1.0 / np.maximum(target, 1.0)
+
+    names = sorted(counts)
+    order = np.random.default_rng(seed).permutation(len(names))
+    # Stable sort by size after the shuffle: big groups first, ties in seeded random order.
+    visit = sorted((names[i] for i in order), key=lambda g: -int(counts[g].sum()))
+
+    val = np.zeros(num_classes, np.float64)
+    chosen: set[str] = set()
+    for g in visit:
+        before = float(np.sum(weight * np.abs(val - target)))
+        after = float(np.sum(weight * np.abs(val + counts[g] - target)))
+        if after < before:
+            val += counts[g]
+            chosen.add(g)
+    return chosen
+
+
+def assign_splits(official: Sequence[str | None], labels: Sequence[int],
+                  patients: Sequence[str], keys: Sequence[str], *, val_fraction: float,
+                  seed: int, split_by: str = "patient",
+                  keep_official_val: bool = False) -> list[str]:
+    """The split (train/val/test) of every image.
+
+    Args:
+        official: the source's split per image: "train", "val", "test" or None (= train pool).
+        labels: class per image.
+        patients: patient id per image.
+        keys: unique key per image (used as the group when ``split_by="image"``).
+        val_fraction: fraction of the train pool carved into validation (per class).
+        seed: seed of the carve.
+        split_by: "patient" (group by patient id) or "image" (every image its own group;
+            patients may then straddle train and val, which the overlap report shows).
+        keep_official_val: keep the source's own val split and carve nothing. When False, the
+            official val images join the train pool before the carve (Kaggle's 16-image val is
+            useless for model selection, SPEC §2).
+
+    Returns:
+        A split name per image. Official test images always stay in test.
+    """
+    if split_by not in SPLIT_BY:
+        raise SplitError(f"--split_by={split_by!r} is not one of {SPLIT_BY}")
+    if not (len(official) == len(labels) == len(patients) == len(keys)):
+        raise ValueError("official, labels, patients and keys must have the same length")
+    out: list[str] = []
+    pool: list[int] = []
+    for i, s in enumerate(official):
+        if s == "test":
+            out.append("test")
+        elif s == "val" and keep_official_val:
+            out.append("val")
+        elif s in (None, "train", "val"):
+            out.append("train")
+            pool.append(i)
+        else:
+            raise SplitError(f"unknown split {s!r} for {keys[i]}; expected train, val or test")
+    if keep_official_val:
+        return out
+    group_of = keys if split_by == "image" else patients
+    pool_groups = [group_of[i] for i in pool]
+    val_groups = carve_validation(pool_groups, [labels[i] for i in pool], val_fraction, seed)
+    for i, g in zip(pool, pool_groups):
+        if g in val_groups:
+            out[i] = "val"
+    return out
+
+
+@dataclasses.dataclass
+class DuplicateReport:
+    """Groups of identical images, each group a sorted list of keys (first = the one kept).
+
+    Attributes:
+        byte_identical: groups whose files have the same bytes (sha256).
+        pixel_identical: groups with the same pixels but not all the same bytes (e.g. the same
+            film saved twice with different metadata or container). The converter compares the
+            stored (cropped, resized) pixels, i.e. what a model would see twice.
+        drop: keys that ``--dedupe`` drops: every member of a pixel-identical group (byte
+            duplicates included) but the first by key.
+    """
+
+    byte_identical: list[list[str]]
+    pixel_identical: list[list[str]]
+    drop: list[str]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.byte_identical) + len(self.pixel_identical)
+
+
+def _groups(keys: Sequence[str], hashes: Sequence[str | None]) -> list[list[str]]:
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for k, h in zip(keys, hashes):
+        if h is not None:
+            by_hash[h].append(k)
+    return sorted(sorted(ks) for ks in by_hash.values() if len(ks) > 1)
+
+
+def find_duplicates(keys: Sequence[str], byte_hashes: Sequence[str | None],
+                    pixel_hashes: Sequence[str | None]) -> DuplicateReport:
+    """Byte-identical and pixel-identical groups among images.
+
+    Args:
+        keys: unique key per image (its path relative to the source).
+        byte_hashes: sha256 hex of each file's bytes (None when unknown).
+        pixel_hashes: hash of each image's pixels (None when unknown).
+    """
+    byte_groups = _groups(keys, byte_hashes)
+    pixel_groups = _groups(keys, pixel_hashes)
+    byte_of = dict(zip(keys, byte_hashes))
+    pixel_only = [g for g in pixel_groups if len({byte_of[k] for k in g}) > 1]
+    # Pixel groups contain every byte group whose files decode at all, so dropping along pixel
+    # groups covers both; a byte group that failed to decode is not in the output anyway.
+    drop = sorted(k for g in pixel_groups for k in g[1:])
+    return DuplicateReport(byte_identical=byte_groups, pixel_identical=pixel_only, drop=drop)
+
+
+def patient_overlap(splits: Sequence[str], patients: Sequence[str]) -> dict[str, list[str]]:
+    """Patient ids found in more than one split, per pair of splits.
+
+    Returns:
+        ``{"train/test": [ids...], ...}`` for every pair with at least one shared patient, ids
+        sorted; pairs in a fixed order (train/val, train/test, val/test).
+    """
+    members: dict[str, set[str]] = defaultdict(set)
+    for s, p in zip(splits, patients):
+        members[s].add(p)
+    names = [s for s in ("train", "val", "test") if s in members]
+    names += sorted(set(members) - set(names))
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = members[a] & members[b]
+            if shared:
+                out[f"{a}/{b}"] = sorted(shared)
+    return out
