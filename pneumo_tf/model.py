@@ -16,6 +16,7 @@ input layers and the final Dense stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -135,21 +136,24 @@ def _renamed(model: keras.Model, name: str = "backbone") -> keras.Model:
 def _small_cnn(input_shape, weights):
     """A compact residual CNN (~1.2 M parameters) for tests, smoke runs and CPU training."""
     del weights  # no pretrained weights exist for it
+    # Momentum 0.9 (Keras' default is 0.99): trained from scratch for a few hundred steps, the
+    # moving statistics must settle or validation sees a different network than training.
+    bn = functools.partial(layers.BatchNormalization, momentum=0.9)
     inputs = keras.Input(input_shape)
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = bn(name="stem_bn")(x)
     x = layers.Activation("relu", name="stem_relu")(x)
     for i, width in enumerate((48, 96, 192)):
         shortcut = layers.Conv2D(width, 1, strides=2, use_bias=False, name=f"b{i}_proj")(x)
-        shortcut = layers.BatchNormalization(name=f"b{i}_proj_bn")(shortcut)
+        shortcut = bn(name=f"b{i}_proj_bn")(shortcut)
         y = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"b{i}_conv1")(x)
-        y = layers.BatchNormalization(name=f"b{i}_bn1")(y)
+        y = bn(name=f"b{i}_bn1")(y)
         y = layers.Activation("relu", name=f"b{i}_relu1")(y)
         y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"b{i}_conv2")(y)
-        y = layers.BatchNormalization(name=f"b{i}_bn2")(y)
+        y = bn(name=f"b{i}_bn2")(y)
         x = layers.Activation("relu", name=f"b{i}_out")(layers.Add(name=f"b{i}_add")([y, shortcut]))
     x = layers.Conv2D(256, 3, padding="same", use_bias=False, name="top_conv")(x)
-    x = layers.BatchNormalization(name="top_bn")(x)
+    x = bn(name="top_bn")(x)
     x = layers.Activation("relu", name="features")(x)
     return keras.Model(inputs, x, name="backbone")
 
