@@ -8,17 +8,20 @@ Usage::
 
 How a conversion runs (:func:`convert_dataset`):
 
-1. Clean ``--out``: the old manifest first (so the folder never looks complete while it changes),
+1. List the source (:func:`pneumo_tf.data.sources.discover`) and check it has something to
+   convert: a bad ``--src`` fails here and leaves an earlier good output in ``--out`` alone.
+2. Clean ``--out``: the old manifest first (so the folder never looks complete while it changes),
    then old shards, ``rejects.jsonl`` and stale ``*.partial`` files. Nothing else is touched.
-2. List the source (:func:`pneumo_tf.data.sources.discover`).
 3. Decode, crop, resize and encode every image in a pool of worker processes (``spawn``: the
    workers never import TensorFlow, which is slow to import and not fork-safe). Results come back
    in listing order; the parent builds each record's ``tf.train.Example`` while the workers
    keep decoding (so on N cores that work overlaps theirs instead of running alone after them)
-   and appends it to a spool file (``_convert_spool.partial``): memory stays flat however
-   large the source.
-4. With every image's hashes known: find duplicates (``--dedupe`` drops all but the first by key),
-   assign splits by patient (:mod:`pneumo_tf.data.splits`), order each split by a seeded shuffle.
+   and appends it to a spool file (``_convert_spool.partial``, removed at the end, also on
+   error): memory stays flat however large the source.
+4. With every image's hashes known: find duplicates (``--dedupe`` drops the extra copies, keeping
+   an official test copy first, then val, then the first by key), assign splits by patient with
+   every duplicate group kept in one split (:mod:`pneumo_tf.data.splits`), order each split by a
+   seeded shuffle.
 5. Copy each split's records from the spool into its shards, each atomically (``*.partial``
    then rename), then write ``rejects.jsonl``, then ``manifest.json`` last.
 
@@ -106,8 +109,9 @@ _MAX_REJECTS = flags.DEFINE_integer(
     "see OUT/rejects.jsonl). -1: any number.", lower_bound=-1)
 _DEDUPE = flags.DEFINE_boolean(
     "dedupe", False,
-    "Drop byte- and pixel-identical duplicate images, keeping the first by path (they are "
-    "reported either way).")
+    "Drop byte- and pixel-identical duplicate images from train/val: a group keeps its official "
+    "test copies (test is never changed), else its official val copy, else the first by path. "
+    "Without it duplicates are only reported (and kept in one split).")
 _USE_OFFICIAL_VAL = flags.DEFINE_boolean(
     "use_official_val", False,
     "Keep the source's own val split instead of carving val from train (the Kaggle val has 16 "
@@ -354,6 +358,20 @@ class _Kept:
     length: int
 
 
+def _check_listing_not_empty(listing, src, out: Path) -> None:
+    """Refuse a source that lists no file at all (it would replace ``out`` with an empty output).
+
+    Raises:
+        ConvertError: naming ``--src``, its empty folders, and saying ``out`` was left alone.
+    """
+    if listing.items or listing.rejects:
+        return
+    empty = f" (empty folders: {', '.join(sorted(listing.empty_folders)[:5])})" \
+        if listing.empty_folders else ""
+    raise ConvertError(f"--src={src} lists no image files{empty}; nothing to convert, --out={out} "
+                       f"was left as it was. Check the --src path")
+
+
 def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: int,
                  on_result: Callable[[ProcessedImage], None]) -> None:
     """Process ``tasks`` in ``workers`` spawned processes (inline when 1); results in order.
@@ -466,6 +484,9 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
         raise ConvertError(f"--out={out} must not be the source itself; pick another folder")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out={out} exists and is not a folder; pick a folder path")
+    # The source first: a mistyped --src must fail before an earlier good output is deleted.
+    listing = sources.discover(str(src), download=download, cache_dir=cache_dir)
+    _check_listing_not_empty(listing, src, out)
     out.mkdir(parents=True, exist_ok=True)
     clean_output_dir(out)
 
@@ -473,7 +494,6 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
     # starts (workers are spawned, so the parent's TensorFlow never reaches them).
     import tensorflow  # noqa: F401
 
-    listing = sources.discover(str(src), download=download, cache_dir=cache_dir)
     crop = crop or listing.default_crop
     rejects: list[dict] = [dict(r) for r in listing.rejects]
 
@@ -495,7 +515,8 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
     spool_path = out / SPOOL_NAME
     bar = _Progress(len(tasks), "convert", progress)
     times = {"first": None}
-    with open(spool_path, "w+b") as spool:
+    spool = open(spool_path, "w+b")  # noqa: SIM115 -- closed and removed in the finally below
+    try:
         def on_result(r: ProcessedImage) -> None:
             if times["first"] is None:
                 times["first"] = time.monotonic()
@@ -522,14 +543,17 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
         # Duplicates, then splits on what survived.
         report = splits.find_duplicates([k.key for k in kept],
                                         [k.result.byte_sha256 for k in kept],
-                                        [k.result.pixel_hash for k in kept])
+                                        [k.result.pixel_hash for k in kept],
+                                        [k.official_split for k in kept])
         dropped = set(report.drop) if dedupe else set()
         kept = [k for k in kept if k.key not in dropped]
         keep_official_val = use_official_val or listing.kind == "medmnist"
+        # Duplicates left in the pool (all of them without --dedupe) share a split.
         assigned = splits.assign_splits(
             [k.official_split for k in kept], [k.label for k in kept],
             [k.patient_id for k in kept], [k.key for k in kept], val_fraction=val_fraction,
-            seed=seed, split_by=split_by, keep_official_val=keep_official_val)
+            seed=seed, split_by=split_by, keep_official_val=keep_official_val,
+            linked_keys=report.byte_identical + report.pixel_identical)
         overlap = splits.patient_overlap(assigned, [k.patient_id for k in kept])
         # Duplicates that ended up in different splits leak between them (unless --dedupe).
         split_of = {k.key: s for k, s in zip(kept, assigned)}
@@ -550,8 +574,10 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
             order = np.random.default_rng([seed, si]).permutation(len(members))
             members = [members[i] for i in order]
             split_info[name] = _write_split(out, name, members, spool, num_shards, compression)
+    finally:
+        spool.close()
+        spool_path.unlink(missing_ok=True)  # also on error: no stale spool beside the output
     t_written = time.monotonic()
-    spool_path.unlink(missing_ok=True)
 
     rejects.sort(key=lambda r: r["path"])
     _write_text_atomic(out / REJECTS_NAME,

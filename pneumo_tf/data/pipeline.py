@@ -4,12 +4,18 @@ Graph built by :func:`make_dataset` (per input pipeline, i.e. per worker)::
 
     shard files (manifest order) -> [shard files across workers]
       -> [shuffle files, training & streaming] -> interleave TFRecordDataset (parallel)
-      -> [shard records across workers, when there are fewer files than workers]
+      -> [shard records across workers, when the files do not divide evenly among them]
       streaming (cache off):                 cached (cache on):
         -> [shuffle serialized records]        -> batch -> parse_example + decode (vectorised)
         -> [repeat]                            -> unbatch -> cache (decoded uint8, in RAM)
         -> batch -> parse_example + decode     -> [shuffle] -> [repeat] -> batch
       -> sample weights -> prefetch(AUTOTUNE)
+
+Sharding across input pipelines (workers) is by file only when every pipeline gets the same number
+of files (shards divisible by pipelines): each pipeline repeats its own files, so with 4 shards
+and 3 pipelines one pipeline would read 2 shards and the others 1, and the images of the single
+shards would be seen twice as often per step. Otherwise every pipeline reads all files and keeps
+every n-th record (record-level, like ``AutoShardPolicy.DATA``).
 
 Records are parsed a whole batch at a time (one ``parse_example`` and one ``decode_raw`` per batch
 instead of one per image): per-element tf.data overhead, not I/O, bounds a pipeline over small
@@ -29,6 +35,11 @@ iterate with :func:`iterate_checked` or wrap their loop in::
 
 :func:`explain_data_loss` CRC-scans the split's shards (:func:`find_corrupt_shards`) and returns a
 :class:`CorruptShardError` naming each bad shard and the fix.
+
+``skip_corrupt=True`` loses more than the bad record: a TFRecord file cannot be resynchronised
+after a bad record, so the rest of that shard is dropped too (tf.data's ``ignore_errors`` ends the
+shard's reader at the first error). Each time a shard is read short, the pipeline prints to stderr
+the shard, the records read and the number lost against the manifest's ``shard_counts``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -139,6 +151,47 @@ def _num_workers_from_tf_config() -> int:
     return max(1, len(cluster.get("worker", [])) + len(cluster.get("chief", [])))
 
 
+def file_sharding_is_even(num_files: int, num_pipelines: int) -> bool:
+    """Whether sharding by file gives every input pipeline the same number of files.
+
+    Each pipeline repeats its own files, so uneven file counts would oversample the images of
+    the pipelines with fewer files; record-level sharding is used instead.
+    """
+    return num_files >= num_pipelines and num_files % num_pipelines == 0
+
+
+def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
+                        expected: tf.Tensor) -> tf.data.Dataset:
+    """The records of one shard, printing a warning to stderr if it ends short of ``expected``.
+
+    For ``skip_corrupt``: counts the records that came through and, at the shard's end, prints
+    the shard, the count and the records lost (the manifest's count minus it). A negative
+    ``expected`` (count unknown) prints nothing. Costs a few tf.data steps per record, so it is
+    only used when skipping.
+    """
+    end_marker = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
+    tagged = records_ds.map(lambda r: (r, tf.constant(False))).concatenate(end_marker)
+
+    def count(n, element):
+        record, is_end = element
+        return n + tf.cast(tf.logical_not(is_end), tf.int64), (record, is_end, n)
+
+    def keep(record, is_end, n):
+        def warn():
+            lost = expected - n
+            with tf.control_dependencies([tf.print(
+                    "WARNING: skip_corrupt: shard", path, "ended after", n, "of", expected,
+                    "records;", lost, "records lost (a corrupt record ends its shard's "
+                    "reader); re-run the converter to restore them", output_stream=sys.stderr)]):
+                return tf.constant(False)
+
+        short = tf.logical_and(is_end, tf.logical_and(expected >= 0, n < expected))
+        return tf.cond(short, warn, lambda: tf.logical_not(is_end))
+
+    return tagged.scan(tf.constant(0, tf.int64), count).filter(keep).map(
+        lambda record, is_end, n: record)
+
+
 def _parse_batch_fn(manifest: dict, data_dir, with_meta: bool):
     """A function: ``[N] string`` serialized Examples -> dict of decoded tensors (one batch)."""
     size = int(manifest["image_size"])
@@ -220,10 +273,15 @@ def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, train
         repeat: repeat forever; None -> ``training``.
         drop_remainder: drop the last partial batch (static batch shape); None -> ``training``.
         input_context: from ``strategy.distribute_datasets_from_function``: this pipeline reads
-            shard files ``input_pipeline_id::num_input_pipelines`` (or every n-th record when
-            there are fewer files than pipelines).
-        skip_corrupt: skip unreadable records (and the shard count check) with a logged warning
-            instead of failing. Off by default: a corrupt shard must not silently shrink a split.
+            shard files ``input_pipeline_id::num_input_pipelines`` when the shard count is a
+            multiple of the pipeline count, else every n-th record of all files (so every image
+            is seen equally often).
+        skip_corrupt: do not fail on a corrupt or truncated shard: read each shard up to its
+            first bad record and DROP THE REST OF THAT SHARD (a TFRecord reader cannot resume
+            after a bad record), skipping the shard count check. Each short shard prints a
+            warning to stderr naming it with the records read and lost (vs the manifest's
+            ``shard_counts``) each time the shard is read (every epoch when streaming, once
+            when cached). Off by default: a corrupt shard must not silently shrink a split.
         cache_budget_bytes: RAM the automatic cache may use, bytes; None = 25 % of MemAvailable.
         shuffle_buffer: records in the shuffle buffer; None = the whole (per-pipeline) split when
             cached, else as many serialized records as fit in 32 MiB (650 at 224 px).
@@ -256,15 +314,17 @@ def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, train
 
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
-    shard_files = num_pipelines > 1 and len(paths) >= num_pipelines
+    shard_files = num_pipelines > 1 and file_sharding_is_even(len(paths), num_pipelines)
     shard_records = num_pipelines > 1 and not shard_files
     use_cache = resolve_cache(cache, manifest, split, num_pipelines, cache_budget_bytes)
 
     # Expected records per shard: TFRecordDataset ends quietly at a shard truncated mid-record,
-    # so each shard's count is asserted (an error at the shard's end) unless skipping is asked.
+    # so each shard's count is asserted (an error at the shard's end) unless skipping is asked,
+    # when a short shard is reported instead.
     counts = manifest["splits"][split].get("shard_counts")
-    check_counts = not skip_corrupt and counts is not None and len(counts) == len(paths)
-    counts = [int(c) for c in counts] if check_counts else [-1] * len(paths)
+    counts_known = counts is not None and len(counts) == len(paths)
+    check_counts = not skip_corrupt and counts_known
+    counts = [int(c) for c in counts] if counts_known else [-1] * len(paths)
     files = tf.data.Dataset.from_tensor_slices(
         ([str(p) for p in paths], tf.constant(counts, tf.int64)))
     if shard_files:
@@ -280,7 +340,7 @@ def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, train
         ds = tf.data.TFRecordDataset(path, compression_type=compression_type,
                                      buffer_size=4 * 2**20)
         if skip_corrupt:
-            ds = ds.ignore_errors(log_warning=True)
+            ds = _report_short_shard(ds.ignore_errors(log_warning=True), path, count)
         elif check_counts:
             ds = ds.apply(tf.data.experimental.assert_cardinality(count))
         return ds
@@ -335,7 +395,8 @@ def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, train
         options.experimental_distribute.auto_shard_policy = policy.OFF  # sharded above
     else:
         options.experimental_distribute.auto_shard_policy = (
-            policy.FILE if len(paths) >= _num_workers_from_tf_config() else policy.DATA)
+            policy.FILE if file_sharding_is_even(len(paths), _num_workers_from_tf_config())
+            else policy.DATA)
     return out.with_options(options)
 
 

@@ -3,7 +3,8 @@
 SPEC §4: the official test split is kept as it is; validation is carved out of train **by
 patient**, stratified by class and seeded, so the images of one patient never sit in two splits
 (also a patient with images of both classes). Byte-identical and pixel-identical images are found
-and reported; the converter can drop them (``--dedupe``).
+and reported; the carve keeps every duplicate group in one split (:func:`merge_linked_groups`), and
+the converter can drop duplicates (``--dedupe``), never from the official test split.
 
 Everything here is pure Python on per-image lists (keys, labels, patient ids, hashes): no image
 data, no TensorFlow, so it is cheap to test on made-up lists.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -74,10 +75,40 @@ def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction:
     return chosen
 
 
+def merge_linked_groups(groups: Sequence[str], links: Iterable[Sequence[int]]) -> list[str]:
+    """Merge the groups of linked images (union-find), so linked images share one group.
+
+    Used to keep duplicates together: two identical images filed under different patient ids
+    must land in the same split, or the model is validated on an image it trained on.
+
+    Args:
+        groups: group id (patient id, or key for ``split_by="image"``) of each image.
+        links: index lists of images that must share a group (e.g. duplicate groups);
+            out-of-range indices are not allowed.
+
+    Returns:
+        The merged group id of each image: the smallest original group id of its merged set,
+        so images without links keep their own group id.
+    """
+    parent: dict[str, str] = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]  # path halving
+            g = parent[g]
+        return g
+
+    for link in links:
+        roots = sorted({root(groups[i]) for i in link})
+        for r in roots[1:]:
+            parent[r] = roots[0]  # the smallest id represents the merged set
+    return [root(g) for g in groups]
+
+
 def assign_splits(official: Sequence[str | None], labels: Sequence[int],
                   patients: Sequence[str], keys: Sequence[str], *, val_fraction: float,
-                  seed: int, split_by: str = "patient",
-                  keep_official_val: bool = False) -> list[str]:
+                  seed: int, split_by: str = "patient", keep_official_val: bool = False,
+                  linked_keys: Iterable[Sequence[str]] = ()) -> list[str]:
     """The split (train/val/test) of every image.
 
     Args:
@@ -92,6 +123,11 @@ def assign_splits(official: Sequence[str | None], labels: Sequence[int],
         keep_official_val: keep the source's own val split and carve nothing. When False, the
             official val images join the train pool before the carve (Kaggle's 16-image val is
             useless for model selection, SPEC §2).
+        linked_keys: groups of keys that must share a split (duplicate groups, e.g.
+            ``DuplicateReport.byte_identical + DuplicateReport.pixel_identical``): their groups
+            are merged before the carve, so identical images filed under different patients
+            never straddle train and val. Keys not in ``keys`` are ignored; official test
+            members stay in test regardless.
 
     Returns:
         A split name per image. Official test images always stay in test.
@@ -115,7 +151,9 @@ def assign_splits(official: Sequence[str | None], labels: Sequence[int],
     if keep_official_val:
         return out
     group_of = keys if split_by == "image" else patients
-    pool_groups = [group_of[i] for i in pool]
+    pool_index = {keys[i]: j for j, i in enumerate(pool)}
+    links = [[pool_index[k] for k in group if k in pool_index] for group in linked_keys]
+    pool_groups = merge_linked_groups([group_of[i] for i in pool], links)
     val_groups = carve_validation(pool_groups, [labels[i] for i in pool], val_fraction, seed)
     for i, g in zip(pool, pool_groups):
         if g in val_groups:
@@ -125,15 +163,15 @@ def assign_splits(official: Sequence[str | None], labels: Sequence[int],
 
 @dataclasses.dataclass
 class DuplicateReport:
-    """Groups of identical images, each group a sorted list of keys (first = the one kept).
+    """Groups of identical images, each group a sorted list of keys.
 
     Attributes:
         byte_identical: groups whose files have the same bytes (sha256).
         pixel_identical: groups with the same pixels but not all the same bytes (e.g. the same
             film saved twice with different metadata or container). The converter compares the
             stored (cropped, resized) pixels, i.e. what a model would see twice.
-        drop: keys that ``--dedupe`` drops: every member of a pixel-identical group (byte
-            duplicates included) but the first by key.
+        drop: keys that ``--dedupe`` drops from each pixel-identical group (byte duplicates
+            included): see :func:`duplicates_to_drop`.
     """
 
     byte_identical: list[list[str]]
@@ -153,14 +191,38 @@ def _groups(keys: Sequence[str], hashes: Sequence[str | None]) -> list[list[str]
     return sorted(sorted(ks) for ks in by_hash.values() if len(ks) > 1)
 
 
+# Which copy of a duplicate group --dedupe keeps: official test first (the test split is kept
+# as it is), then official val, then the train pool (train or no split).
+_KEEP_RANK = {"test": 0, "val": 1}
+_POOL_RANK = 2
+
+
+def duplicates_to_drop(group: Sequence[str], official_of: dict[str, str | None]) -> list[str]:
+    """Keys of one duplicate group that ``--dedupe`` drops.
+
+    Keeps the official test members (all of them: the official test split is never changed) and,
+    when there is none, the first official val member, else the first train-pool member by key.
+    Drops every other train/val/pool member, so a test image's copy never stays in train/val.
+
+    Args:
+        group: keys of identical images.
+        official_of: the source's split per key ("train", "val", "test" or None).
+    """
+    ranked = sorted(group, key=lambda k: (_KEEP_RANK.get(official_of.get(k), _POOL_RANK), k))
+    return sorted(k for k in ranked[1:] if official_of.get(k) != "test")
+
+
 def find_duplicates(keys: Sequence[str], byte_hashes: Sequence[str | None],
-                    pixel_hashes: Sequence[str | None]) -> DuplicateReport:
+                    pixel_hashes: Sequence[str | None],
+                    official: Sequence[str | None] | None = None) -> DuplicateReport:
     """Byte-identical and pixel-identical groups among images.
 
     Args:
         keys: unique key per image (its path relative to the source).
         byte_hashes: sha256 hex of each file's bytes (None when unknown).
         pixel_hashes: hash of each image's pixels (None when unknown).
+        official: the source's split per image ("train", "val", "test" or None); decides which
+            copy ``drop`` keeps (:func:`duplicates_to_drop`). None: all in the train pool.
     """
     byte_groups = _groups(keys, byte_hashes)
     pixel_groups = _groups(keys, pixel_hashes)
@@ -168,7 +230,8 @@ def find_duplicates(keys: Sequence[str], byte_hashes: Sequence[str | None],
     pixel_only = [g for g in pixel_groups if len({byte_of[k] for k in g}) > 1]
     # Pixel groups contain every byte group whose files decode at all, so dropping along pixel
     # groups covers both; a byte group that failed to decode is not in the output anyway.
-    drop = sorted(k for g in pixel_groups for k in g[1:])
+    official_of = dict(zip(keys, official)) if official is not None else {}
+    drop = sorted(k for g in pixel_groups for k in duplicates_to_drop(g, official_of))
     return DuplicateReport(byte_identical=byte_groups, pixel_identical=pixel_only, drop=drop)
 
 

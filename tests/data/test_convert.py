@@ -246,10 +246,90 @@ def test_duplicates_reported_and_dedupe_drops_them(tmp_path):
     assert dd["duplicates"]["cross_split_groups"] == 0
     assert sum(s["count"] for s in dd["splits"].values()) == total - 3
     keys = {r["path"].decode() for s in dd["splits"] for r in read_records(tmp_path / "dedupe", s)}
-    # The first by key of the group is kept (test/... sorts before train/...), the rest dropped.
+    # The official test copy is kept, the train copies dropped.
     assert "test/PNEUMONIA/person902_virus_3.jpeg" in keys
     assert not keys & {rel, "train/PNEUMONIA/person900_bacteria_1.jpeg",
                        "train/PNEUMONIA/person901_bacteria_2.png"}
+
+
+def _split_of_paths(out: Path, manifest: dict) -> dict[str, str]:
+    return {r["path"].decode(): s for s in manifest["splits"] for r in read_records(out, s)}
+
+
+def test_duplicates_under_other_patient_ids_share_a_split_without_dedupe(tmp_path):
+    src = tmp_path / "src"
+    write_kaggle_source(src, n_train_patients=12, n_test_patients=0)
+    groups = []
+    for i, first in enumerate(sorted((src / "train").glob("*/*.jpeg"))[::3]):
+        # The same film under another patient id: a byte copy and a re-encoded (pixel) copy.
+        byte_copy = first.parent / f"person{700 + i}_bacteria_1.jpeg"
+        pixel_copy = first.parent / f"person{800 + i}_bacteria_1.png"
+        _copy(first, byte_copy)
+        cv2.imwrite(str(pixel_copy), cv2.imread(str(first), cv2.IMREAD_GRAYSCALE))
+        groups.append([p.relative_to(src).as_posix() for p in (first, byte_copy, pixel_copy)])
+    for seed in (0, 1):
+        out = tmp_path / f"out{seed}"
+        m = convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False,
+                                    val_fraction=0.4, seed=seed)
+        assert m["duplicates_dropped"] == 0 and m["splits"]["val"]["count"] > 0
+        split_of = _split_of_paths(out, m)
+        assert [{split_of[k] for k in g} for g in groups] == [{split_of[g[0]]} for g in groups]
+        assert m["duplicates"]["cross_split_groups"] == 0
+        assert m["patient_overlap"] == {}
+
+
+def test_dedupe_keeps_the_official_test_copy_even_when_it_sorts_last(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = ["path,label,patient_id,split"]
+    for i in range(8):
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), _film(rng, 64, 64, i % 2))
+        rows.append(f"m{i}.png,{i % 2},pat{i},{'test' if i < 2 else 'train'}")
+    _copy(tmp_path / "m0.png", tmp_path / "a_train_copy.png")  # sorts before the test copy
+    _copy(tmp_path / "m0.png", tmp_path / "b_val_copy.png")
+    rows += ["a_train_copy.png,0,patA,train", "b_val_copy.png,0,patB,val"]
+    _copy(tmp_path / "m2.png", tmp_path / "a_pool_copy.png")  # train-only group
+    rows += ["a_pool_copy.png,0,patC,train"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    m = convert.convert_dataset(tmp_path / "list.csv", out, image_size=SIZE, workers=1,
+                                progress=False, dedupe=True, val_fraction=0.3)
+    assert m["duplicates"]["dropped"] == ["a_train_copy.png", "b_val_copy.png", "m2.png"]
+    split_of = _split_of_paths(out, m)
+    assert split_of["m0.png"] == "test" and split_of["m1.png"] == "test"
+    assert m["splits"]["test"]["count"] == 2  # the official test split is unchanged
+    assert "a_pool_copy.png" in split_of
+
+
+def test_bad_src_leaves_a_previous_good_output_alone(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_kaggle_source(src, n_train_patients=4, n_test_patients=1)
+    convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="no such file"):
+        convert.convert_dataset(tmp_path / "srx", out, image_size=SIZE, workers=1,
+                                progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "empty" / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(convert.ConvertError, match="lists no image files.*left as it was"):
+        convert.convert_dataset(tmp_path / "empty", out, image_size=SIZE, workers=1,
+                                progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert convert.verify_data_dir(out) == []
+
+
+def test_spool_is_removed_when_the_conversion_fails(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_kaggle_source(src, n_train_patients=4, n_test_patients=1)
+
+    def failing_write_split(*args, **kwargs):
+        assert (out / convert.SPOOL_NAME).is_file()  # the spool exists while shards are written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "_write_split", failing_write_split)
+    with pytest.raises(OSError, match="No space left"):
+        convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False)
+    assert not (out / convert.SPOOL_NAME).exists()
+    assert not (out / records.MANIFEST_NAME).exists()
 
 
 def test_patient_in_official_train_and_test_is_reported(tmp_path):

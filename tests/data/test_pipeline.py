@@ -142,7 +142,8 @@ def test_cache_decision_follows_budget(unbalanced_dir):
                                            cache_budget_bytes=need))
 
 
-@pytest.mark.parametrize("num_shards", [2, 1])  # file-level, then record-level sharding
+# 2 shards: file-level sharding; 1 (fewer than pipelines) and 3 (uneven): record-level.
+@pytest.mark.parametrize("num_shards", [2, 1, 3])
 @pytest.mark.parametrize("training", [False, True])
 def test_input_context_shards_disjoint_and_complete(tmp_path, num_shards, training):
     data_dir = write_tiny_dataset(tmp_path / "d", counts={"train": (4, 12)}, image_size=16,
@@ -158,6 +159,29 @@ def test_input_context_shards_disjoint_and_complete(tmp_path, num_shards, traini
     assert len(a) == len(b) == 8 and not a & b and len(a | b) == 16
 
 
+def test_file_sharding_only_when_files_divide_evenly():
+    assert pipeline.file_sharding_is_even(4, 2) and pipeline.file_sharding_is_even(3, 1)
+    assert pipeline.file_sharding_is_even(6, 3)
+    assert not pipeline.file_sharding_is_even(4, 3)  # one pipeline would read 2 shards
+    assert not pipeline.file_sharding_is_even(2, 3)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_uneven_shards_give_every_image_the_same_frequency(tmp_path, cache):
+    # 3 shards of 4 images over 2 pipelines: by file, one pipeline would repeat 8 images and the
+    # other 4 (seen twice as often); by record each pipeline repeats 6.
+    data_dir = write_tiny_dataset(tmp_path / "d", counts={"train": (6, 6)}, image_size=16,
+                                  num_shards=3)
+    seen = collections.Counter()
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
+                                         num_replicas_in_sync=2)
+        ds = pipeline.make_dataset(data_dir, "train", 2, True, cache=cache, input_context=ctx,
+                                   with_meta=True)
+        seen.update(_paths_of(ds, n_batches=12))  # 24 images = 2 epochs' worth of 12 images
+    assert len(seen) == 12 and set(seen.values()) == {4}, seen
+
+
 def test_auto_shard_policy(unbalanced_dir, monkeypatch):
     policy = tf.data.experimental.AutoShardPolicy
     ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True)
@@ -166,6 +190,13 @@ def test_auto_shard_policy(unbalanced_dir, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))  # 3 workers > 2 shards
     ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True)
     assert ds.options().experimental_distribute.auto_shard_policy == policy.DATA
+    three = write_tiny_dataset(unbalanced_dir.parent / "three", counts=UNBALANCED, image_size=16,
+                               num_shards=3)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]}}))
+    assert pipeline.make_dataset(unbalanced_dir, "train", 4, True).options() \
+        .experimental_distribute.auto_shard_policy == policy.FILE  # 2 shards, 2 workers
+    assert pipeline.make_dataset(three, "train", 4, True).options() \
+        .experimental_distribute.auto_shard_policy == policy.DATA  # 3 shards, 2 workers
 
 
 def test_dataset_size(unbalanced_dir):
@@ -220,11 +251,36 @@ def test_find_corrupt_shards_checks_counts(unbalanced_dir):
     assert len(bad) == 1 and bad[0][0] == shards[1] and "holds 8 records" in bad[0][1]
 
 
-def test_skip_corrupt_drops_records_without_error(unbalanced_dir):
-    _truncate(unbalanced_dir / "train-00001-of-00002.tfrecord")
+def _record_starts(path) -> list[int]:
+    """Byte offset of each record of an uncompressed TFRecord file (length, crc, data, crc)."""
+    data, starts, pos = path.read_bytes(), [], 0
+    while pos < len(data):
+        starts.append(pos)
+        pos += 8 + 4 + int.from_bytes(data[pos:pos + 8], "little") + 4
+    return starts
+
+
+def test_skip_corrupt_drops_the_rest_of_the_shard_and_reports_it(unbalanced_dir, capfd):
+    bad = unbalanced_dir / "train-00001-of-00002.tfrecord"
+    starts = _record_starts(bad)
+    assert len(starts) == 8
+    _flip_byte(bad, (starts[2] + 12 + 5) / bad.stat().st_size)  # inside record 2's data
+    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, False, skip_corrupt=True)
+    n = sum(int(x.shape[0]) for x, _, _ in ds)
+    # Shard 0 whole, shard 1 up to its bad record: records 3-7 are intact but lost as well.
+    assert n == 8 + 2
+    err = capfd.readouterr().err
+    assert f'shard "{bad}" ended after 2 of 8 records; 6 records lost' in err, err[-2000:]
+    assert "train-00000-of-00002" not in err  # the intact shard is not reported
+
+
+def test_skip_corrupt_reports_a_truncated_shard(unbalanced_dir, capfd):
+    bad = unbalanced_dir / "train-00001-of-00002.tfrecord"
+    _truncate(bad)
     ds = pipeline.make_dataset(unbalanced_dir, "train", 4, False, skip_corrupt=True)
     n = sum(int(x.shape[0]) for x, _, _ in ds)
     assert 8 <= n < 16  # shard 0 whole, shard 1 partly
+    assert f"{n - 8} of 8 records; {16 - n} records lost" in capfd.readouterr().err
 
 
 def test_bad_inputs_give_actionable_errors(tmp_path, unbalanced_dir):

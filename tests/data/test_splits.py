@@ -106,3 +106,51 @@ def test_duplicates_byte_and_pixel_groups_and_drop_keeps_first_key():
     assert rep.num_groups == 2
     none = splits.find_duplicates(["a", "b"], ["1", "2"], ["3", "4"])
     assert (none.byte_identical, none.pixel_identical, none.drop) == ([], [], [])
+
+
+def test_merge_linked_groups_is_union_find():
+    groups = ["p1", "p2", "p3", "p4", "p2", "p5"]
+    # p3~p1 through images 2/0, p4~p3 through 3/2 (a chain), p5 alone.
+    assert splits.merge_linked_groups(groups, [[2, 0], [3, 2]]) == [
+        "p1", "p2", "p1", "p1", "p2", "p5"]
+    assert splits.merge_linked_groups(groups, []) == groups
+    assert splits.merge_linked_groups(groups, [[1, 5]])[4:] == ["p2", "p2"]  # whole patient moves
+
+
+def test_duplicates_under_different_patients_always_share_a_split():
+    keys, labels, patients = _kaggle_like_pool(np.random.default_rng(5), 120)
+    # Ten images re-filed under new patient ids (byte- or pixel-identical copies).
+    dup_groups = []
+    for i in range(10):
+        src = i * 7
+        keys.append(f"copy/dup{i}.jpeg")
+        labels.append(labels[src])
+        patients.append(f"other{i}")
+        dup_groups.append(sorted([keys[src], keys[-1]]))
+    official = [None] * len(keys)
+    leaked_without_links = 0
+    for seed in range(8):
+        linked = splits.assign_splits(official, labels, patients, keys, val_fraction=0.3,
+                                      seed=seed, linked_keys=dup_groups)
+        plain = splits.assign_splits(official, labels, patients, keys, val_fraction=0.3,
+                                     seed=seed)
+        split_of = dict(zip(keys, linked))
+        assert all(split_of[a] == split_of[b] for a, b in dup_groups), seed
+        assert splits.patient_overlap(linked, patients) == {}  # patients still whole
+        plain_of = dict(zip(keys, plain))
+        leaked_without_links += sum(plain_of[a] != plain_of[b] for a, b in dup_groups)
+    assert leaked_without_links > 0  # the fixture does exercise the leak
+
+
+def test_dedupe_keeps_official_test_then_val_then_train_copy():
+    keys = ["a_train.png", "b_val.png", "z_test.png",   # group 1: test copy sorts last
+            "c_train.png", "d_val.png",                  # group 2: no test copy
+            "e_train.png", "f_train.png",                # group 3: train only
+            "x_test.png", "y_test.png", "g_train.png"]   # group 4: two test copies
+    official = ["train", "val", "test", "train", "val", None, "train", "test", "test", "train"]
+    pixel_h = ["G1", "G1", "G1", "G2", "G2", "G3", "G3", "G4", "G4", "G4"]
+    byte_h = [str(i) for i in range(len(keys))]
+    rep = splits.find_duplicates(keys, byte_h, pixel_h, official)
+    assert rep.drop == ["a_train.png", "b_val.png", "c_train.png", "f_train.png", "g_train.png"]
+    # Without official splits, the first by key is kept (the old behaviour for one pool).
+    assert "z_test.png" in splits.find_duplicates(keys, byte_h, pixel_h).drop
