@@ -1,15 +1,21 @@
 """Temperature scaling and the operating threshold, both fitted on validation only (SPEC §4).
 
 ``R/calibration.json`` (written by :func:`calibrate_run`; the training app calls it at the end of
-every run, ``pneumo_tf.evaluate`` when it is missing or another threshold method is asked for)::
+every run, ``pneumo_tf.evaluate``/``pneumo_tf.gradcam`` only when it is missing)::
 
     {"temperature": 1.7, "threshold": 0.62, "threshold_method": "val_youden", "source": "val",
      "threshold_applies_to": "probability", "n_val": 834, "val": {"nll_before": ..,
      "nll_after": .., "ece_before": .., "ece_after": .., "sensitivity": .., "specificity": ..}}
 
-The threshold applies to the model's raw probability (what an exported model outputs). Temperature
-scaling is monotone, so it never changes which side of the threshold an image falls on; it only
-makes the probabilities honest. Calibrated probability: ``sigmoid(logit(p) / T)``.
+It holds the run's operating point, which export, predict and Grad-CAM use: evaluating with
+another ``--threshold`` method computes that threshold on val in memory
+(:func:`operating_point`) and never rewrites the file.
+
+``threshold_applies_to`` says which quantity the threshold was chosen on: the model's raw
+probability (what :func:`calibrate_predictions` writes) or the calibrated probability.
+:func:`raw_threshold` is the one place that turns it into a cut on the raw probability.
+Temperature scaling is monotone, so it never changes which side of the threshold an image falls
+on; it only makes the probabilities honest. Calibrated probability: ``sigmoid(logit(p) / T)``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from pneumo_tf.data import records
 
 THRESHOLD_METHODS_HELP = (
     "val_youden | val_sensitivity:<target, e.g. 0.95> | <fixed value, e.g. 0.5>")
+# The operating point every finished run gets (the training app calls calibrate_run with it).
+DEFAULT_THRESHOLD_METHOD = "val_youden"
+THRESHOLD_APPLIES_TO = ("probability", "calibrated_probability")
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits (float32 sigmoid)
 
 
@@ -111,7 +120,7 @@ def parse_threshold_method(method: str) -> tuple[str, float | None]:
     return "fixed", value
 
 
-def choose_threshold(labels, probs, method: str = "val_youden") -> float:
+def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD) -> float:
     """The operating threshold on ``probs`` chosen on (validation) ``labels``.
 
     ``val_youden``: maximises sensitivity + specificity - 1. ``val_sensitivity:t``: the highest
@@ -142,7 +151,8 @@ def choose_threshold(labels, probs, method: str = "val_youden") -> float:
     return float(np.clip(0.5 * (upper + lower), 0.0, 1.0))
 
 
-def calibrate_predictions(labels, probs, threshold_method: str = "val_youden") -> dict:
+def calibrate_predictions(labels, probs,
+                          threshold_method: str = DEFAULT_THRESHOLD_METHOD) -> dict:
     """Fit temperature and threshold on validation predictions (no files).
 
     Returns:
@@ -169,7 +179,8 @@ def calibrate_predictions(labels, probs, threshold_method: str = "val_youden") -
 
 
 def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                  threshold_method: str = "val_youden", model=None, batch_size: int = 64) -> dict:
+                  threshold_method: str = DEFAULT_THRESHOLD_METHOD, model=None,
+                  batch_size: int = 64) -> dict:
     """Fit temperature and threshold on the ``val`` split and write ``R/calibration.json``.
 
     Only the validation split is read: the test split cannot influence the threshold.
@@ -190,6 +201,15 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         records.DataDirError: no usable ``val`` split.
     """
     parse_threshold_method(threshold_method)  # fail before predicting anything
+    pred = _predict_val(run_dir, data_dir, model, batch_size)
+    result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
+    result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
+    records.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
+    return result
+
+
+def _predict_val(run_dir, data_dir, model, batch_size: int) -> dict:
+    """:func:`pneumo_tf.scoring.predict_split` of ``val``, refusing a data dir without one."""
     from pneumo_tf import scoring
 
     manifest = rundir.check_data_compatible(run_dir, data_dir)
@@ -200,22 +220,87 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
             f"(tools/make_tfrecords --val_fraction=0.2, the default)")
     if model is None:
         model = rundir.load_model(run_dir)
-    pred = scoring.predict_split(model, data_dir, "val", batch_size)
-    result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
-    result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
-    records.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
-    return result
+    return scoring.predict_split(model, data_dir, "val", batch_size)
 
 
-def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                       threshold_method: str = "val_youden", model=None,
+def raw_threshold(cal: dict) -> float:
+    """The operating threshold of a ``calibration.json`` dict, expressed on the raw probability.
+
+    A threshold chosen on the calibrated probability ``c`` maps back through the inverse
+    temperature scaling, ``sigmoid(T * logit(c))``; one chosen on the raw probability is returned
+    as is. Images with ``raw probability >= raw_threshold(cal)`` are PNEUMONIA, exactly as
+    ``pneumo_tf.export``/``pneumo_tf.predict`` decide.
+
+    Raises:
+        ValueError: unknown ``threshold_applies_to`` (naming the accepted values).
+    """
+    applies_to = cal.get("threshold_applies_to", "probability")
+    if applies_to not in THRESHOLD_APPLIES_TO:
+        raise ValueError(f"calibration.json: threshold_applies_to={applies_to!r}, expected one "
+                         f"of {THRESHOLD_APPLIES_TO}; re-calibrate the run")
+    threshold = float(cal["threshold"])
+    if applies_to == "probability":
+        return threshold
+    return float(apply_temperature(np.float64(threshold), 1.0 / float(cal["temperature"])))
+
+
+def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike, model=None,
                        batch_size: int = 64) -> dict:
-    """``R/calibration.json``, refitted on ``val`` when missing or fitted with another method."""
+    """``R/calibration.json``; fitted on ``val`` with :data:`DEFAULT_THRESHOLD_METHOD` if missing.
+
+    An existing file is never rewritten: it is the run's operating point.
+    """
     cal = rundir.read_calibration(run_dir)
-    if cal is not None and cal.get("threshold_method") == str(threshold_method) \
-            and cal.get("source") == "val":
+    if cal is not None:
         return cal
-    why = "is missing" if cal is None else f"was fitted with {cal.get('threshold_method')!r}"
-    logging.info("%s %s; fitting temperature and the %s threshold on val",
-                 rundir.RunPaths(run_dir).calibration, why, threshold_method)
-    return calibrate_run(run_dir, data_dir, threshold_method, model, batch_size)
+    logging.info("%s is missing; fitting temperature and the %s threshold on val",
+                 rundir.RunPaths(run_dir).calibration, DEFAULT_THRESHOLD_METHOD)
+    return calibrate_run(run_dir, data_dir, DEFAULT_THRESHOLD_METHOD, model, batch_size)
+
+
+def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    threshold_method: str | None = None, model=None,
+                    batch_size: int = 64) -> dict:
+    """Temperature and raw-probability threshold to apply, both from validation only.
+
+    The stored operating point (``R/calibration.json``, fitted first if missing) when
+    ``threshold_method`` is None or the stored method; otherwise that method's threshold is
+    chosen on the ``val`` split in memory, and ``calibration.json`` is left unchanged.
+
+    Args:
+        run_dir: run directory.
+        data_dir: the run's data dir (its ``val`` split is read when a threshold is computed).
+        threshold_method: see :func:`choose_threshold`; None = the stored one.
+        model: an already loaded model, or None to load ``R/model.keras`` when needed.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{"threshold": float (on the raw probability), "temperature": float,
+        "method": str, "source": "val", "from_calibration_json": bool}``.
+    """
+    if threshold_method is not None:
+        parse_threshold_method(threshold_method)  # fail before predicting anything
+    cal = ensure_calibration(run_dir, data_dir, model, batch_size)
+    point = {"temperature": float(cal["temperature"]), "source": "val"}
+    stored = cal.get("threshold_method")
+    if threshold_method is None or _same_method(threshold_method, stored):
+        return {**point, "threshold": raw_threshold(cal), "method": str(stored),
+                "from_calibration_json": True}
+    kind, value = parse_threshold_method(threshold_method)
+    if kind == "fixed":
+        threshold = float(value)
+    else:
+        val = _predict_val(run_dir, data_dir, model, batch_size)
+        threshold = choose_threshold(val["label"], val["probability"], threshold_method)
+    logging.info("threshold %s = %.4f chosen on val (calibration.json keeps %s)",
+                 threshold_method, threshold, stored)
+    return {**point, "threshold": threshold, "method": str(threshold_method),
+            "from_calibration_json": False}
+
+
+def _same_method(a: str, b: str | None) -> bool:
+    # "0.5" and "0.50" are the same fixed threshold.
+    try:
+        return b is not None and parse_threshold_method(a) == parse_threshold_method(b)
+    except ValueError:
+        return False

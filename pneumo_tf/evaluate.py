@@ -7,8 +7,9 @@ Usage::
 Writes ``R/eval/<split>/``: ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
 (figures inline) and the PNG figures; the same figures and the metrics table go to TensorBoard
 under ``R/tb/eval``. The threshold and the temperature come from ``R/calibration.json`` (fitted
-on validation); when it is missing or was fitted with another ``--threshold`` method it is
-recomputed from the ``val`` split first. The evaluated split never influences either.
+on validation, first if it is missing). Another ``--threshold`` method than the stored one is
+chosen on the ``val`` split in memory: ``calibration.json`` keeps the run's operating point (the
+one export, predict and Grad-CAM use). The evaluated split never influences either.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from pneumo_tf import metrics as pmetrics
 from pneumo_tf.data import records
 
 THRESHOLD = flags.DEFINE_string(
-    "threshold", "val_youden",
+    "threshold", None,
     "Operating threshold, always chosen on the val split: " + calibration.THRESHOLD_METHODS_HELP
-    + ". A number is used as is.")
+    + ". A number is used as is. Default: the run's stored operating point (calibration.json, "
+    "val_youden unless training chose otherwise); another method never rewrites that file.")
 NUM_RESAMPLES = flags.DEFINE_integer(
     "num_resamples", 2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",
-    lower_bound=100)
+    lower_bound=1000)
 
 
 def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.ndarray,
@@ -47,7 +49,7 @@ def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.nd
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
-                 threshold_method: str = "val_youden", batch_size: int = 64,
+                 threshold_method: str | None = None, batch_size: int = 64,
                  num_resamples: int = 2000, seed: int = 0, model=None) -> dict:
     """Evaluate ``run_dir``'s model on ``split`` of ``data_dir`` and write ``R/eval/<split>/``.
 
@@ -55,7 +57,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         run_dir: finished run directory.
         data_dir: data dir converted with the run's settings (checked against its manifest).
         split: split to evaluate (``val`` is allowed; the report says so).
-        threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`.
+        threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`; None = the
+            run's stored operating point. Another method is computed on ``val`` in memory;
+            ``R/calibration.json`` is never rewritten (see
+            :func:`pneumo_tf.calibration.operating_point`).
         batch_size: images per forward pass.
         num_resamples, seed: of the bootstrap CIs.
         model: an already loaded model, or None to load ``R/model.keras``.
@@ -67,19 +72,21 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         rundir.RunDirError: incompatible data or an unfinished run.
         records.DataDirError: unusable data dir or split.
     """
-    calibration.parse_threshold_method(threshold_method)
+    if threshold_method is not None:
+        calibration.parse_threshold_method(threshold_method)
     paths = rundir.RunPaths(run_dir)
     rundir.check_data_compatible(run_dir, data_dir)
     if model is None:
         model = rundir.load_model(run_dir)
-    cal = calibration.ensure_calibration(run_dir, data_dir, threshold_method, model, batch_size)
-    threshold = float(cal["threshold"])
-    temperature = float(cal["temperature"])
+    point = calibration.operating_point(run_dir, data_dir, threshold_method, model, batch_size)
+    threshold = point["threshold"]  # on the raw probability, whatever calibration.json holds
+    temperature = point["temperature"]
 
     pred = scoring.predict_split(model, data_dir, split, batch_size)
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
     calibrated = calibration.apply_temperature(probs, temperature)
-    threshold_info = {"value": threshold, "method": cal["threshold_method"], "source": "val"}
+    threshold_info = {"value": threshold, "method": point["method"], "source": "val",
+                      "applies_to": "probability"}
     metrics = pmetrics.binary_report(labels, probs, threshold, threshold_info, num_resamples, seed)
     metrics["split"] = split
     metrics["temperature"] = temperature

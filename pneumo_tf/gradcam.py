@@ -18,7 +18,9 @@ also when the forward pass runs in a mixed-precision policy.
 Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
 the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
 often the CAM peak falls inside a lesion, next to the chance level = lesion area fraction), and
-TensorBoard image summaries under ``R/tb/gradcam``.
+TensorBoard image summaries under ``R/tb/gradcam``. An image whose map is empty (all zero after
+the ReLU) has no peak: in the pointing game it counts as a miss, and ``pointing_empty`` says how
+many such misses there were.
 """
 
 from __future__ import annotations
@@ -293,8 +295,33 @@ def lung_mass_share(cam: np.ndarray, lung: np.ndarray) -> float:
 
 
 def pointing_hit(cam: np.ndarray, lesion: np.ndarray) -> bool:
-    """Pointing game: is the CAM's maximum inside the lesion mask?"""
+    """Pointing game: is the CAM's maximum inside the lesion mask?
+
+    An empty map (no positive value) points nowhere: a miss, never the argmax of zeros.
+    """
+    if not cam.max() > 0:
+        return False
     return bool(lesion.reshape(-1)[int(np.argmax(cam))])
+
+
+def pointing_entry(cam: np.ndarray, lesion: np.ndarray | None) -> dict:
+    """Pointing-game fields of one image's entry in ``cam_stats.json``.
+
+    Images with an empty CAM stay in the game as misses, so they count in the hit rate's
+    denominator (dropping them would inflate it).
+
+    Args:
+        cam: ``[S, S]`` float CAM in [0, 1].
+        lesion: ``[S, S]`` bool lesion mask, or None.
+
+    Returns:
+        ``{}`` without a (non-empty) lesion mask, else ``{"pointing_hit": bool,
+        "lesion_fraction": float, "cam_empty": bool}``.
+    """
+    if lesion is None or not lesion.any():
+        return {}
+    return {"pointing_hit": pointing_hit(cam, lesion), "lesion_fraction": float(lesion.mean()),
+            "cam_empty": not bool(cam.max() > 0)}
 
 
 def group_of(label: int, prediction: int) -> str:
@@ -322,9 +349,10 @@ def summarise_attention(entries: list[dict]) -> dict:
                "empty_cams": len(items) - len(shares)}
         pts = [e for e in items if e.get("pointing_hit") is not None]
         if pts:
-            out["pointing_n"] = len(pts)
+            out["pointing_n"] = len(pts)  # empty maps included, as misses
             out["pointing_hit_rate"] = float(np.mean([e["pointing_hit"] for e in pts]))
             out["pointing_chance"] = float(np.mean([e["lesion_fraction"] for e in pts]))
+            out["pointing_empty"] = sum(bool(e.get("cam_empty")) for e in pts)
         return out
 
     result = {g: stats([e for e in entries if e["group"] == g]) for g in GROUPS}
@@ -341,8 +369,9 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                 seed: int = 0, cam_class: str = "pneumonia", model=None) -> dict:
     """Explain ``num_images`` images of ``split`` and write ``R/gradcam/`` and ``R/tb/gradcam``.
 
-    Images are grouped TP/FP/FN/TN at the run's validation threshold (``calibration.json``,
-    fitted first if missing) and drawn evenly across the groups.
+    Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
+    on val first if missing; its threshold applied to the quantity it was chosen on, see
+    :func:`pneumo_tf.calibration.raw_threshold`) and drawn evenly across the groups.
 
     Returns:
         The ``cam_stats.json`` dict.
@@ -358,24 +387,16 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     except rundir.RunDirError:
         backbone_name = None
     cam_model = CamModel(model, layer, backbone_name)
-    # Whatever operating point the run has (any method); fitted on val only when there is none.
-    cal = rundir.read_calibration(run_dir) or calibration.calibrate_run(
-        run_dir, data_dir, model=model, batch_size=batch_size)
-    threshold = float(cal["threshold"])
+    # The run's stored operating point (the one export/predict use), as a raw-probability cut.
+    point = calibration.operating_point(run_dir, data_dir, None, model, batch_size)
+    threshold = point["threshold"]
 
-    pred = scoring.predict_split(model, data_dir, split, batch_size)
+    # The scoring pass keeps the decoded images, so the chosen ones need no second decode.
+    pred = scoring.predict_split(model, data_dir, split, batch_size, return_images=True)
     predictions = (pred["probability"] >= threshold).astype(int)
     groups = [group_of(y, p) for y, p in zip(pred["label"], predictions)]
     chosen = select_balanced(groups, num_images, seed)
-    wanted = set(chosen.tolist())
-
-    images, index = [], 0
-    for batch in scoring.iterate_split(data_dir, split, batch_size):
-        for j in range(batch["label"].size):
-            if index in wanted:
-                images.append(batch["image"][j])
-            index += 1
-    images = np.stack(images)
+    images = pred.pop("image")[chosen]
     cams, probs = [], []
     for start in range(0, len(images), batch_size):
         out = gradcam_batch(cam_model, images[start:start + batch_size], cam_class, threshold)
@@ -395,10 +416,7 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                  "probability": float(probs[k]),
                  "lung_share": lung_mass_share(cams[k], regions["lung"]),
                  "region_source": regions["source"]}
-        lesion = regions["lesion"]
-        if lesion is not None and lesion.any() and cams[k].max() > 0:
-            entry["pointing_hit"] = pointing_hit(cams[k], lesion)
-            entry["lesion_fraction"] = float(lesion.mean())
+        entry.update(pointing_entry(cams[k], regions["lesion"]))
         entries.append(entry)
         tiles[groups[i]].append((overlay_cam(images[k, ..., 0], cams[k]), entry))
 
@@ -418,7 +436,8 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
 
     sources = sorted({e["region_source"] for e in entries})
     stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
-             "threshold": threshold, "num_images": len(entries), "region_source": sources,
+             "threshold": threshold, "threshold_method": point["method"],
+             "num_images": len(entries), "region_source": sources,
              "groups": summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
     records.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
@@ -442,7 +461,8 @@ def main(argv):
             f"{overall['lung_share_mean']}")
     if "pointing_hit_rate" in overall:
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
-                 f"(chance {overall['pointing_chance']:.3f})")
+                 f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
+                 f"{overall['pointing_n']} maps empty, counted as misses)")
     print(line + f" -> {rundir.RunPaths(cli_flags.RUN_DIR.value).gradcam}")
 
 

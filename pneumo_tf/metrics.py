@@ -18,6 +18,9 @@ from pneumo_tf import CLASS_NAMES
 # Keys of the bootstrap intervals in metrics.json (``ci95``). Per-class recall: NORMAL recall is
 # the specificity, PNEUMONIA recall the sensitivity.
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "f1_macro", "roc_auc", "average_precision")
+# Equal-width bins of the ECE and of the reliability diagram: one value, so the diagram's legend
+# and metrics.json report the same number.
+ECE_BINS = 15
 
 
 def _check(labels, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +64,7 @@ def threshold_metrics(labels, probs, threshold: float) -> dict:
     }
 
 
-def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
+def expected_calibration_error(labels, probs, num_bins: int = ECE_BINS) -> float:
     """ECE of the PNEUMONIA probability with ``num_bins`` equal-width bins on [0, 1].
 
     ``sum_b (n_b / N) * |mean(prob in b) - fraction of PNEUMONIA in b|``: the reliability
@@ -78,7 +81,7 @@ def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
     return float(np.sum(gap * count[used]) / labels.size)
 
 
-def reliability_curve(labels, probs, num_bins: int = 15) -> dict:
+def reliability_curve(labels, probs, num_bins: int = ECE_BINS) -> dict:
     """Per-bin ``confidence``, ``frequency``, ``count`` ``[num_bins]`` (NaN in empty bins)."""
     labels, probs = _check(labels, probs)
     bins = np.clip((probs * num_bins).astype(np.int64), 0, num_bins - 1)
@@ -220,6 +223,7 @@ def binary_report(labels, probs, threshold: float, threshold_info: dict | None =
                             CLASS_NAMES[1]: int((labels == 1).sum())}}
     out.update(threshold_metrics(labels, probs, threshold))
     out.update(ranking_metrics(labels, probs))
+    out["ece_bins"] = ECE_BINS
     out["threshold"] = dict(threshold_info or {"value": float(threshold), "method": "given",
                                                "source": "argument"})
     out["at_0.5"] = threshold_metrics(labels, probs, 0.5)

@@ -79,7 +79,8 @@ def confusion_figure(confusion: dict, threshold: float) -> Figure:
     return fig
 
 
-def reliability_figure(labels, probs, calibrated, num_bins: int = 10) -> Figure:
+def reliability_figure(labels, probs, calibrated,
+                       num_bins: int = pmetrics.ECE_BINS) -> Figure:
     """Reliability diagram before and after temperature scaling (ECE in the legend)."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
@@ -219,7 +220,7 @@ def metrics_table_markdown(metrics: dict) -> str:
         ("average precision", metrics["average_precision"], _ci(metrics, "average_precision"),
          None),
         ("Brier score", metrics["brier"], "", None),
-        ("ECE (15 bins)", metrics["ece"], "", None),
+        (f"ECE ({pmetrics.ECE_BINS} bins)", metrics["ece"], "", None),
     ]
     if "calibrated" in metrics:
         rows += [("Brier score, temperature-scaled", metrics["calibrated"]["brier"], "", None),

@@ -54,7 +54,8 @@ def make_predict_fn(model):
     return predict
 
 
-def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: int = 64) -> dict:
+def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: int = 64,
+                  return_images: bool = False) -> dict:
     """Probabilities of PNEUMONIA for every image of ``split``, in file order.
 
     Args:
@@ -63,10 +64,13 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
         data_dir: converter output; its image size must match the model's input.
         split: a split the manifest lists.
         batch_size: images per forward pass.
+        return_images: also keep the decoded images (``"image": [N, S, S, 1] uint8``, N * S^2
+            bytes: 31 MB for 624 images at 224 px), so a caller that needs some of them does not
+            decode the split a second time.
 
     Returns:
         ``{"probability": [N] float32, "label": [N] int64, "path": [N] str (object),
-        "patient_id": [N] str (object)}``.
+        "patient_id": [N] str (object)}``, plus ``"image"`` with ``return_images``.
 
     Raises:
         ValueError: the data's image size differs from the model's input size.
@@ -80,10 +84,11 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
                          f"{model.input_shape[1]}x{model.input_shape[2]}; use the data dir the run "
                          f"was trained on (see its data_manifest.json)")
     predict = make_predict_fn(model)
-    parts = {"probability": [], "label": [], "path": [], "patient_id": []}
+    kept = ("label", "path", "patient_id") + (("image",) if return_images else ())
+    parts = {"probability": [], **{key: [] for key in kept}}
     for batch in iterate_split(data_dir, split, batch_size):
         parts["probability"].append(predict(batch["image"]).numpy())
-        for key in ("label", "path", "patient_id"):
+        for key in kept:
             parts[key].append(batch[key])
     if not parts["label"]:
         raise records.DataDirError(f"split {split!r} of {data_dir} yielded no images")

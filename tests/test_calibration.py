@@ -60,6 +60,51 @@ def test_calibrate_predictions_improves_nll():
     assert out["source"] == "val"
 
 
+def test_raw_threshold_honours_threshold_applies_to():
+    raw = {"temperature": 2.0, "threshold": 0.7, "threshold_applies_to": "probability"}
+    assert cal.raw_threshold(raw) == 0.7
+    assert cal.raw_threshold({"temperature": 2.0, "threshold": 0.7}) == 0.7  # absent: raw
+    on_cal = dict(raw, threshold_applies_to="calibrated_probability")
+    # calibrated = sigmoid(logit(p) / 2) = 0.7  <=>  p = sigmoid(2 * logit(0.7)) = 0.49 / 0.58
+    t = cal.raw_threshold(on_cal)
+    assert t == pytest.approx(0.49 / (0.49 + 0.09))
+    assert cal.apply_temperature(t, 2.0) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="threshold_applies_to='logit'"):
+        cal.raw_threshold(dict(raw, threshold_applies_to="logit"))
+
+
+def _write_calibration(run_dir, **overrides):
+    content = {"temperature": 2.0, "threshold": 0.7, "threshold_method": "val_youden",
+               "threshold_applies_to": "calibrated_probability", "source": "val"}
+    content.update(overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "calibration.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def test_operating_point_uses_stored_point_and_never_rewrites_it(tmp_path):
+    path = _write_calibration(tmp_path / "run")
+    before = path.read_bytes()
+    # The stored method (None = stored): its threshold, as a cut on the raw probability.
+    for method in (None, "val_youden"):
+        point = cal.operating_point(tmp_path / "run", tmp_path / "no_data_needed", method)
+        assert point["threshold"] == pytest.approx(0.49 / 0.58)
+        assert point["method"] == "val_youden" and point["from_calibration_json"]
+        assert point["temperature"] == 2.0 and point["source"] == "val"
+    # Another method is computed in memory (a fixed one needs no data); the file stays as is.
+    point = cal.operating_point(tmp_path / "run", tmp_path / "no_data_needed", "0.3")
+    assert point["threshold"] == 0.3 and point["method"] == "0.3"
+    assert not point["from_calibration_json"] and point["temperature"] == 2.0
+    assert path.read_bytes() == before
+    # "0.50" is the stored fixed method "0.5".
+    _write_calibration(tmp_path / "fixed", threshold=0.5, threshold_method="0.5",
+                       threshold_applies_to="probability")
+    assert cal.operating_point(tmp_path / "fixed", None, "0.50")["from_calibration_json"]
+    with pytest.raises(ValueError, match="--threshold"):
+        cal.operating_point(tmp_path / "run", None, "youden")
+
+
 @pytest.mark.slow
 def test_calibrate_run_reads_val_only(tmp_path):
     """calibrate_run works with the test split's shards deleted: it cannot read them."""

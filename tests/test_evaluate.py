@@ -72,7 +72,8 @@ def test_evaluate_writes_consistent_report(trained):
     assert stored["ci95"]["num_resamples"] == 1000
     cal = json.loads((run / "calibration.json").read_text())
     assert stored["threshold"] == {"value": cal["threshold"], "method": "val_youden",
-                                   "source": "val"}
+                                   "source": "val", "applies_to": "probability"}
+    assert stored["ece_bins"] == 15
 
     # Recompute from predictions.csv by hand.
     with open(out / "predictions.csv", newline="") as f:
@@ -133,19 +134,70 @@ def test_threshold_never_comes_from_the_test_split(trained, tmp_path):
     assert a["roc_auc"] + b["roc_auc"] == pytest.approx(1.0)
 
 
-def test_threshold_method_refits_on_val(trained):
+def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(trained):
+    from pneumo_tf import calibration, scoring
+
     root, data, _ = trained
     run = _fresh_run(trained, "run_method")
-    evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    stored = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    cal_path = run / "calibration.json"
+    before = cal_path.read_bytes()
     m = evaluate.evaluate_run(run, data, "test", threshold_method="val_sensitivity:0.95",
                               num_resamples=1000)
-    cal = rundir.read_calibration(run)
-    assert cal["threshold_method"] == "val_sensitivity:0.95"
-    assert m["threshold"]["method"] == "val_sensitivity:0.95"
-    assert cal["val"]["sensitivity"] >= 0.95
+    # The run's operating point (used by export/predict/gradcam) is untouched ...
+    assert cal_path.read_bytes() == before
+    assert rundir.read_calibration(run)["threshold_method"] == "val_youden"
+    # ... while the evaluation used the asked-for threshold, chosen on val.
+    val = scoring.predict_split(rundir.load_model(run), data, "val")
+    expected = calibration.choose_threshold(val["label"], val["probability"],
+                                            "val_sensitivity:0.95")
+    assert m["threshold"] == {"value": pytest.approx(expected), "method": "val_sensitivity:0.95",
+                              "source": "val", "applies_to": "probability"}
+    assert np.mean(val["probability"][val["label"] == 1] >= m["threshold"]["value"]) >= 0.95
+    assert m["temperature"] == stored["temperature"]
+    saved = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert saved["threshold"]["method"] == "val_sensitivity:0.95"
     fixed = evaluate.evaluate_run(run, data, "test", threshold_method="0.5", num_resamples=1000)
     assert fixed["threshold"]["value"] == 0.5
     assert fixed["accuracy"] == fixed["at_0.5"]["accuracy"]
+    assert cal_path.read_bytes() == before
+
+
+def test_threshold_on_calibrated_probability_is_honoured(trained):
+    """A calibration.json threshold chosen on the calibrated probability is applied to it."""
+    from pneumo_tf import calibration
+
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_applies_to")
+    cal = calibration.ensure_calibration(run, data)
+    evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    with open(run / "eval" / "test" / "predictions.csv", newline="") as f:
+        probs = np.array([float(r["probability"]) for r in csv.DictReader(f)])
+    # T = 2 so the two scales differ; a cut on the calibrated probability between two test
+    # images, so the decision depends on which scale it is applied to.
+    cals = np.sort(calibration.apply_temperature(probs, 2.0))
+    cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())
+    cal.update(temperature=2.0, threshold=cut, threshold_applies_to="calibrated_probability")
+    records.write_json_atomic(run / "calibration.json", cal)
+    m = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    with open(run / "eval" / "test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    preds = np.array([int(r["prediction"]) for r in rows])
+    cals = np.array([float(r["calibrated_probability"]) for r in rows])
+    np.testing.assert_array_equal(preds, (cals >= cut).astype(int))
+    assert preds.sum() == len(rows) - len(rows) // 2
+    assert m["threshold"]["value"] == pytest.approx(calibration.raw_threshold(cal))
+    assert m["threshold"]["value"] != pytest.approx(cut)  # T != 1: the two scales differ
+    assert m["confusion_matrix"]["tp"] + m["confusion_matrix"]["fp"] == preds.sum()
+
+
+def test_cli_requires_at_least_1000_resamples(trained):
+    root, data, run = trained
+    done = subprocess.run([sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}",
+                           f"--data_dir={data}", "--num_resamples=999"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "num_resamples" in done.stderr and "1000" in done.stderr
 
 
 def test_val_split_is_allowed_and_labelled(trained):

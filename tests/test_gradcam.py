@@ -132,6 +132,29 @@ def test_select_balanced_and_stats_helpers():
     assert reg["source"] == "adaptive_box" and reg["lesion"] is None and reg["lung"].any()
 
 
+def test_pointing_game_counts_empty_maps_as_misses():
+    lesion = np.zeros((4, 4), bool)
+    lesion[0, 0] = True  # where np.argmax of an all-zero map would point
+    hit = np.zeros((4, 4), np.float32)
+    hit[0, 0] = 1.0
+    empty = np.zeros((4, 4), np.float32)
+    assert not gc.pointing_hit(empty, lesion)
+    assert gc.pointing_entry(empty, lesion) == {"pointing_hit": False, "lesion_fraction": 1 / 16,
+                                                "cam_empty": True}
+    assert gc.pointing_entry(hit, lesion)["pointing_hit"]
+    assert gc.pointing_entry(hit, None) == {}
+    assert gc.pointing_entry(hit, np.zeros_like(lesion)) == {}
+    # Two hits and two empty maps: 2/4, not 2/2.
+    entries = [{"group": "TP", "lung_share": 0.5, **gc.pointing_entry(hit, lesion)}] * 2
+    miss = {"group": "FN", "lung_share": float("nan"), **gc.pointing_entry(empty, lesion)}
+    entries += [miss] * 2
+    stats = gc.summarise_attention(entries)
+    assert stats["all"]["pointing_n"] == 4 and stats["all"]["pointing_hit_rate"] == 0.5
+    assert stats["all"]["pointing_empty"] == 2 and stats["all"]["empty_cams"] == 2
+    assert stats["FN"]["pointing_hit_rate"] == 0.0 and stats["FN"]["pointing_empty"] == 2
+    assert stats["TP"]["pointing_empty"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # On phantoms with a trained smoke model
 
@@ -165,6 +188,10 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     # Pointing game over PNEUMONIA images with a lesion: the CAM peak lands in the lesion far more
     # often than a uniformly random peak would (chance = mean lesion area fraction, ~5 %).
     assert overall["pointing_n"] >= 20
+    # Empty maps stay in the game as misses: every lesion image is counted.
+    lesion_images = [e for e in stats["images"] if "pointing_hit" in e]
+    assert overall["pointing_n"] == len(lesion_images)
+    assert overall["pointing_empty"] == sum(e["cam_empty"] for e in lesion_images)
     assert overall["pointing_hit_rate"] >= max(0.2, 3 * overall["pointing_chance"]), overall
     for g in gc.GROUPS:
         if stats["groups"][g]["n"]:
@@ -190,3 +217,30 @@ def test_phantom_masks_align_with_stored_images(phantom_run):
         assert reg["source"] == "phantom_masks"
         gray = img[..., 0].astype(float)
         assert gray[reg["lung"]].mean() + 15 < gray[~reg["lung"]].mean(), path
+
+
+@pytest.mark.slow
+def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
+    """calibration.json's threshold on the calibrated probability becomes a raw-probability cut."""
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    from pneumo_tf import calibration, rundir, scoring
+    from pneumo_tf.data import records
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=32)
+    run = make_run(tmp_path / "run", data, epochs=1)
+    probs = np.sort(scoring.predict_split(rundir.load_model(run), data, "test")["probability"])
+    cals = calibration.apply_temperature(probs, 2.0)
+    cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())  # between two test images
+    cal = {"temperature": 2.0, "threshold": cut, "threshold_method": "val_youden",
+           "threshold_applies_to": "calibrated_probability", "source": "val"}
+    records.write_json_atomic(run / "calibration.json", cal)
+    stats = gc.run_gradcam(run, data, "test", num_images=12, batch_size=8)
+    raw = calibration.raw_threshold(cal)
+    assert stats["threshold"] == pytest.approx(raw) and raw != pytest.approx(cut)
+    assert stats["num_images"] == 12
+    for e in stats["images"]:
+        predicted = e["group"] in ("TP", "FP")
+        assert predicted == (e["probability"] >= raw), e
+        assert e["label"] == int(e["group"] in ("TP", "FN"))

@@ -117,3 +117,22 @@ def test_bad_inputs_are_named():
         pm.ranking_metrics([0, 1], [0.5, np.nan])
     with pytest.raises(ValueError, match="0/1"):
         pm.ranking_metrics([0, 2], [0.5, 0.5])
+
+
+def test_reliability_legend_uses_the_metrics_json_bins():
+    """The diagram's ECE equals metrics.json's ECE (one bin count, :data:`ECE_BINS`)."""
+    from pneumo_tf import report
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    probs = np.clip(0.6 * labels + rng.normal(0.2, 0.2, 400), 0.0, 1.0)
+    ece = pm.binary_report(labels, probs, 0.5, num_resamples=1000)["ece"]
+    # The bin count matters for this data, so a diagram with other bins would show another ECE.
+    assert f"{pm.expected_calibration_error(labels, probs, 10):.3f}" != f"{ece:.3f}"
+    fig = report.reliability_figure(labels, probs, probs)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    report.plt.close(fig)
+    assert f"before (ECE = {ece:.3f})" in legend, legend
+    table = report.metrics_table_markdown(pm.binary_report(labels, probs, 0.5,
+                                                           num_resamples=1000))
+    assert f"| ECE ({pm.ECE_BINS} bins) |" in table
