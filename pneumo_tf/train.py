@@ -8,7 +8,8 @@ here instead: :class:`EarlyStopping`, :class:`ReduceLROnPlateau`, TensorBoard lo
 weights, backup/restore, terminate on NaN and the CSV history.
 
 Run directory (:class:`pneumo_tf.rundir.RunPaths`): the same ``--run_dir`` again resumes from the
-last backup (``resumed from epoch N``); a finished run says it is complete.
+last backup (``resumed from epoch N``) if the flags match its ``flags.txt`` (``--epochs`` may
+grow); a finished run says it is complete (and fits a missing ``calibration.json``).
 
 Exact resume: each epoch's data order and augmentation randomness are functions of
 ``(seed, epoch)`` only (the training dataset is re-created per epoch with a seed derived from
@@ -232,26 +233,25 @@ class ReduceLROnPlateau:
 def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
     """accuracy, auc (ROC), pr_auc (average precision), precision, recall of ``probs``.
 
+    The history's names for :func:`pneumo_tf.metrics.threshold_metrics` and
+    :func:`pneumo_tf.metrics.ranking_metrics` (the evaluation report's definitions).
+
     Args:
         labels: ``[N]`` 0/1; probs: ``[N]`` probability of PNEUMONIA.
 
     Returns:
-        Floats; a ranking metric is NaN when the labels hold only one class.
+        Floats; a ranking metric is NaN when the labels hold only one class, every metric is NaN
+        when a probability is NaN or infinite (the history records it instead of failing).
     """
-    from sklearn import metrics as skm
+    from pneumo_tf import metrics as metrics_lib  # scikit-learn: imported when first needed
 
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
     probs = np.asarray(probs, np.float64).reshape(-1)
-    pred = (probs >= threshold).astype(np.int64)
-    out = {"accuracy": float(np.mean(pred == labels)) if labels.size else math.nan,
-           "precision": float(skm.precision_score(labels, pred, zero_division=0)),
-           "recall": float(skm.recall_score(labels, pred, zero_division=0))}
-    if np.unique(labels).size == 2 and np.isfinite(probs).all():
-        out["auc"] = float(skm.roc_auc_score(labels, probs))
-        out["pr_auc"] = float(skm.average_precision_score(labels, probs))
-    else:
-        out["auc"] = out["pr_auc"] = math.nan
-    return out
+    if not np.isfinite(probs).all():
+        return dict.fromkeys(("accuracy", "precision", "recall", "auc", "pr_auc"), math.nan)
+    at = metrics_lib.threshold_metrics(labels, probs, threshold)
+    ranking = metrics_lib.ranking_metrics(labels, probs)
+    return {"accuracy": at["accuracy"], "precision": at["precision"], "recall": at["recall"],
+            "auc": ranking["roc_auc"], "pr_auc": ranking["average_precision"]}
 
 
 def write_history_csv(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -473,16 +473,17 @@ def _scalar_hparams(cfg: TrainConfig, summary_config: dict) -> dict:
 
 
 def log_augmented_images(trainer: Trainer, images, writer, step: int, max_images: int) -> None:
-    """TensorBoard image summary of a few training inputs as the backbone sees them (augmented)."""
-    import keras
+    """TensorBoard image summary of a few training inputs as the backbone sees them (augmented).
+
+    The augmentation runs in a separate :class:`pneumo_tf.augment.RandomAffine` built from the
+    same settings, so the model's own layer (its seed-generator state, saved in every backup)
+    is not advanced: logging cannot change training or break an exact resume.
+    """
     import tensorflow as tf
 
-    model = trainer.model
+    shown = trainer.model.get_layer("to_float_rgb")(images[:max_images])
     if trainer.augment is not None:
-        view = keras.Model(model.inputs, model.get_layer("augment").output)
-        shown = view(images[:max_images], training=True)
-    else:
-        shown = model.get_layer("to_float_rgb")(images[:max_images])
+        shown = augment.RandomAffine(**trainer.augment)(shown, training=True)
     with writer.as_default():
         tf.summary.image("augmented_inputs", tf.clip_by_value(shown / 255.0, 0.0, 1.0), step=step,
                          max_outputs=max_images)
@@ -535,6 +536,62 @@ def _completed_summary(paths: rundir.RunPaths) -> dict | None:
     return summary if summary.get("status") == "complete" else None
 
 
+# Flags that may change when a run resumes: locations (the data manifest is compared instead),
+# logging, and housekeeping that does not change what is trained. --epochs may also grow.
+RESUME_FREE_FLAGS = frozenset({"data_dir", "run_dir", "log_every_steps", "tb_images", "profile",
+                               "calibrate", "cache", "backup_every_steps"})
+
+
+def parse_flags_text(text: str) -> dict[str, str]:
+    """``{flag name: value}`` of a flagfile as :func:`flags_file_text` writes it.
+
+    Booleans (``--name`` / ``--noname``) become ``"true"`` / ``"false"``; comments are skipped.
+    """
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, sep, value = line[2:].partition("=")
+        if not sep:
+            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
+        values[name] = value
+    return values
+
+
+def check_resume_flags(run_flags_text: str, flags_text: str, run_flags_path: Path) -> bool:
+    """Refuse to resume a run with other settings than its ``flags.txt``.
+
+    The backup restores the model, the optimizer (learning rate included) and the callbacks'
+    state, so a changed flag would be silently overruled or half applied.
+
+    Args:
+        run_flags_text: the run's ``flags.txt``; flags_text: this invocation's flags.
+        run_flags_path: the path of ``flags.txt`` (for the message).
+
+    Returns:
+        True when ``--epochs`` grew (honoured; ``flags.txt`` should then be rewritten).
+
+    Raises:
+        TrainError: listing every differing flag outside :data:`RESUME_FREE_FLAGS`.
+    """
+    old, new = parse_flags_text(run_flags_text), parse_flags_text(flags_text)
+    differ = sorted(name for name in old.keys() & new.keys()
+                    if old[name] != new[name] and name not in RESUME_FREE_FLAGS)
+    epochs_grew = "epochs" in differ and int(new["epochs"]) > int(old["epochs"])
+    if epochs_grew:
+        differ.remove("epochs")
+        log.info("--epochs raised from %s to %s for the resumed run", old["epochs"], new["epochs"])
+    if differ:
+        changes = "; ".join(f"--{name}: run has {old[name]!r}, now {new[name]!r}"
+                            for name in differ)
+        raise TrainError(f"{run_flags_path.parent} is resumed from its backup, but these flags "
+                         f"differ from {run_flags_path}: {changes}. Resume with the run's flags "
+                         f"(--flagfile={run_flags_path}; --epochs may only grow) or train with "
+                         f"the new flags in a new --run_dir")
+    return epochs_grew
+
+
 def _save_weights_atomic(model, path: Path) -> None:
     tmp = path.with_name(path.name.replace(".weights.h5", ".partial.weights.h5"))
     model.save_weights(str(tmp))
@@ -573,8 +630,19 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
         log.info("run dir %s is complete (%s epochs, best epoch %s, val_loss %.4f); nothing to "
                  "do. Use a new --run_dir to train again.", paths.root, done.get("epochs_run"),
                  done.get("best_epoch"), done.get("best_val_loss", math.nan))
+        if cfg.calibrate and not paths.calibration.is_file() and (setup is None or setup.is_chief):
+            # summary.json is written before calibration: a failed or killed calibration is
+            # finished here, from model.keras.
+            log.info("%s is missing; calibrating the finished run on val", paths.calibration)
+            done["calibration"] = run_calibration(cfg, model=None)
+            records.write_json_atomic(paths.summary, done)
         return done
     manifest = check_data(cfg)
+    resuming = tf.train.latest_checkpoint(str(paths.backup)) is not None
+    rewrite_flags = not resuming
+    if resuming and flags_text is not None and paths.flags.is_file():
+        rewrite_flags = check_resume_flags(paths.flags.read_text(encoding="utf-8"), flags_text,
+                                           paths.flags)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     if setup is None:
@@ -589,7 +657,7 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
         paths.root.mkdir(parents=True, exist_ok=True)
         if not paths.data_manifest.is_file():
             records.write_json_atomic(paths.data_manifest, manifest)
-        if flags_text is not None and not paths.flags.is_file():
+        if flags_text is not None and (rewrite_flags or not paths.flags.is_file()):
             tmp = paths.flags.with_name("flags.txt.partial")
             tmp.write_text(flags_text, encoding="utf-8")
             os.replace(tmp, paths.flags)
@@ -650,6 +718,7 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
 
     profiling = False
     first_step_done = False
+    images_logged = False
     epoch = state["next_epoch"]
     while epoch < cfg.epochs and not state["stopped_early"]:
         skip = state["step_in_epoch"] if epoch == state["next_epoch"] else 0
@@ -669,9 +738,10 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
                 images, y, w = next(iterator)
             except pipeline.DATA_LOSS_ERRORS as e:
                 raise pipeline.explain_data_loss(cfg.data_dir, "train", e) from e
-            if writers is not None and epoch == state["next_epoch"] and step == skip:
+            if writers is not None and cfg.tb_images and not images_logged:  # once per process
                 local = trainer.strategy.experimental_local_results(images)[0]
                 log_augmented_images(trainer, local, writers["train"], epoch, cfg.tb_images)
+                images_logged = True
             loss, p, lab = trainer._train_step(images, y, w)
             loss = float(loss)
             dt = time.perf_counter() - t0
@@ -688,7 +758,8 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
                        f"training stopped. "
                        + (f"The last good checkpoint is kept: {last} (resumable). "
                           if last else "No checkpoint was written before the divergence. ")
-                       + f"Lower --lr (now {lr:g}) or check the data.")
+                       + f"Check the data, or train again in a new --run_dir with a lower "
+                         f"--lr (now {lr:g}); this run dir resumes only with the same flags.")
                 log.error(msg)
                 raise TrainingDivergedError(msg)
             losses.append(loss)
@@ -772,6 +843,8 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
         "config": s_config,
     }
     if chief:
+        # Complete before calibrating: a failed or killed calibration is redone by a re-run.
+        summary["calibration"] = "pending" if cfg.calibrate else "skipped: --nocalibrate"
         records.write_json_atomic(paths.summary, summary)
         summary["calibration"] = run_calibration(cfg, trainer.model)
         records.write_json_atomic(paths.summary, summary)
@@ -787,6 +860,7 @@ def run_calibration(cfg: TrainConfig, model) -> str:
     """Fit temperature and threshold on val (pneumo_tf.calibration) if available.
 
     A failure is logged, never raised: training has finished and its files are complete.
+    ``model`` None loads the run's ``model.keras``.
 
     Returns:
         ``ok``, ``skipped: ...`` or ``failed: ...`` (recorded in summary.json).
@@ -834,7 +908,7 @@ _ZOOM = flags.DEFINE_float("zoom", 0.2, "Max zoom, fraction (+-).")
 _SHIFT = flags.DEFINE_float("shift", 0.2, "Max width/height shift, fraction of the side (+-).")
 _SHEAR = flags.DEFINE_float("shear", 0.1, "Max shear factor (not degrees; SPEC §3).")
 _FLIP = flags.DEFINE_bool("flip", True, "Random horizontal flips.")
-_FILL_MODE = flags.DEFINE_enum("fill_mode", "nearest", ["nearest", "constant", "reflect", "wrap"],
+_FILL_MODE = flags.DEFINE_enum("fill_mode", "nearest", list(augment.FILL_MODES),
                                "How augmentation fills pixels outside the image.")
 _RESAMPLER = flags.DEFINE_enum("resampler", "auto", list(RESAMPLERS),
                                "Augmentation resampler: native (fast, no XLA), gather "
@@ -867,8 +941,10 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into N logi
                                     "(so --strategy=mirrored runs without GPUs).", lower_bound=1)
 _CACHE = flags.DEFINE_enum("cache", "auto", list(CACHE_CHOICES),
                            "Cache decoded images in RAM: auto (if they fit), true, false.")
-_SKIP_CORRUPT = flags.DEFINE_bool("skip_corrupt", False, "Skip unreadable records instead of "
-                                  "failing with the corrupt shard's name.")
+_SKIP_CORRUPT = flags.DEFINE_bool("skip_corrupt", False, "Do not fail on a corrupt shard: read "
+                                  "it up to its first bad record and DROP THE REST OF THAT SHARD "
+                                  "(a warning on stderr names it and counts the records lost). "
+                                  "Default: fail naming the corrupt shard.")
 _BACKUP_EVERY = flags.DEFINE_integer("backup_every_steps", 0, "Also back up every N steps "
                                      "within an epoch (0 = at epoch ends only).", lower_bound=0)
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", 10, "TensorBoard batch_loss every N steps.",
