@@ -24,12 +24,20 @@ def test_all_apps_import_into_one_process_and_document_their_flags():
             assert flag.help and len(flag.help) > 10, f"--{flag.name} of {name} has no real help"
 
 
-@pytest.mark.parametrize("tool", ["make_phantoms", "make_tfrecords"])
+TOOLS = ["make_phantoms", "make_tfrecords", "demo", "bench_convert", "bench_input",
+         "bench_train", "bench_gradcam", "bench_predict"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
 def test_tools_are_executable_scripts_with_help(tool):
+    import os
+
     path = REPO / "tools" / tool
     assert path.read_text().startswith("#!/usr/bin/env python3")
+    assert os.access(path, os.X_OK), f"tools/{tool} is not executable"
     proc = subprocess.run([sys.executable, str(path), "--helpfull"], capture_output=True,
                           text=True, timeout=120)
     # absl prints the help and exits with status 1 by design; what matters is the flag text.
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    assert "--out" in proc.stdout and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"tools/{tool}" in proc.stdout or tool in proc.stdout
