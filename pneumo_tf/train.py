@@ -68,7 +68,7 @@ class TrainConfig:
         trainable_layers: backbone layers trained, from the top; -1 = all.
         input_norm: ``backbone`` (its own preprocessing) or a ``preprocess.INPUT_NORMS`` mode.
         rotation: degrees; zoom, shift: fractions; shear: shear factor (SPEC §3).
-        resampler: ``auto`` = ``gather`` (XLA-compilable) under XLA, else ``native``.
+        resampler: ``auto`` = ``gather`` under a jit-compiled step, else ``gather_xla``.
         batch_size: per replica; the global batch is ``batch_size * num_replicas``.
         steps_per_epoch: 0 = train images // global batch.
         cache: ``auto`` | ``true`` | ``false``: decoded images in RAM (pipeline.make_dataset).
@@ -166,14 +166,15 @@ class TrainConfig:
 def augment_kwargs(cfg: TrainConfig, jit_compile: bool) -> dict | None:
     """Keyword arguments of :class:`pneumo_tf.augment.RandomAffine`, or None (no augmentation).
 
-    ``resampler=auto`` picks ``gather`` under XLA because the native projective-transform op has
-    no XLA kernel (SPEC §6), ``native`` otherwise (faster on CPU).
+    ``resampler=auto`` picks ``gather`` when the whole step is XLA-compiled (the native
+    projective-transform op has no XLA kernel, SPEC §6), else ``gather_xla``: the same sampler
+    compiled on its own, measured 2x the native op's throughput on this CPU (BUILD.md).
     """
     if not cfg.augment:
         return None
     resampler = cfg.resampler
     if resampler == "auto":
-        resampler = "gather" if jit_compile else "native"
+        resampler = "gather" if jit_compile else "gather_xla"
     elif resampler == "native" and jit_compile:
         raise TrainError("--resampler=native cannot be XLA-compiled (no XLA kernel for "
                          "ImageProjectiveTransformV3); use --resampler=gather or --jit_compile=false")
@@ -931,8 +932,9 @@ _LR_FACTOR = flags.DEFINE_float("lr_factor", 0.2, "ReduceLROnPlateau factor.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Op determinism and seeded data "
                                    "order: same flags -> same history (slower).")
 _PRECISION = flags.DEFINE_enum("precision", "auto", list(distribute.PRECISIONS),
-                               "auto = mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
-                               "AVX512_BF16/AMX, else float32.")
+                               "auto = mixed_float16 on GPU, mixed_bfloat16 on TPU and on "
+                               "CPUs with AMX (bf16 measured slower than float32 on "
+                               "AVX512_BF16-only CPUs), else float32.")
 _JIT_COMPILE = flags.DEFINE_enum("jit_compile", "auto", list(distribute.JIT_CHOICES),
                                  "XLA-compile the train step; auto = on for GPU/TPU, off on CPU.")
 _STRATEGY = flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES),

@@ -96,7 +96,7 @@ def test_epoch_seed_depends_on_seed_and_epoch_only():
 
 def test_augment_kwargs_picks_resampler_for_xla():
     cfg = train.TrainConfig(data_dir="d", run_dir="r")
-    assert train.augment_kwargs(cfg, jit_compile=False)["resampler"] == "native"
+    assert train.augment_kwargs(cfg, jit_compile=False)["resampler"] == "gather_xla"
     assert train.augment_kwargs(cfg, jit_compile=True)["resampler"] == "gather"
     cfg.resampler = "native"
     with pytest.raises(train.TrainError, match="--resampler=native cannot be XLA-compiled"):
