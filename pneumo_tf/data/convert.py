@@ -176,7 +176,7 @@ class ProcessedImage:
     """What a worker returns for one source item (``payload`` is None for a reject)."""
 
     index: int
-    payload: bytes | None = None       # stored image: raw [S, S] uint8 bytes or PNG
+    payload: bytes | None = None       # the serialized tf.train.Example of the stored image
     orig_height: int = 0
     orig_width: int = 0
     crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, bottom, left, right; source px
@@ -239,10 +239,14 @@ def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
         # "Pixel-identical" = the same stored pixels: what the model would see twice. Hashing
         # the small stored image (not the decoded one) keeps this nearly free.
         out.pixel_hash = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-        out.payload = encode_image(image, config.encoding)
         out.orig_height, out.orig_width = int(decoded.orig_height), int(decoded.orig_width)
         out.crop_box = source_box(box, int(decoded.scale), out.orig_height, out.orig_width)
         out.crop_method = method
+        # The record is serialized here, in parallel, so the parent only writes bytes.
+        out.payload = records.serialize_example(
+            encode_image(image, config.encoding), int(item.label), item.patient_id, item.key,
+            config.image_size, config.image_size, out.orig_height, out.orig_width,
+            out.crop_box, method)
     except decode.RejectError as e:
         out.reject_reason = str(e)
     except Exception as e:  # noqa: BLE001 -- bad input must never stop a run; it is reported
@@ -393,7 +397,10 @@ def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: i
         for index, item in tasks:
             on_result(process_item(index, item, config))
         return
-    chunk = max(1, min(8, len(tasks) // (workers * 16)))
+    # Large chunks: a per-chunk round trip through the pool costs more than it seems (measured:
+    # 8 images/chunk 1.7x the naive loop, 64 images/chunk 2.1x on 2 cores), while 8 chunks per
+    # worker still keep the tail short.
+    chunk = max(1, min(64, len(tasks) // (workers * 8)))
     chunks = iter([tasks[i:i + chunk] for i in range(0, len(tasks), chunk)])
     config = dataclasses.replace(config, parent_pid=os.getpid())
     ctx = multiprocessing.get_context("spawn")
@@ -526,10 +533,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
             if r.payload is None:
                 rejects.append({"path": item.key, "reason": r.reject_reason})
             else:
-                example = records.make_example(
-                    r.payload, int(item.label), item.patient_id, item.key, image_size, image_size,
-                    r.orig_height, r.orig_width, r.crop_box, r.crop_method,
-                ).SerializeToString(deterministic=True)  # else map order varies per process
+                example = r.payload
                 offset = spool.tell()
                 spool.write(example)
                 r.payload = None  # the spool holds it now

@@ -74,24 +74,69 @@ def tf_compression_type(compression: str) -> str:
     return {"none": "", "gzip": "GZIP"}[compression]
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bytes_feature(value: bytes) -> bytes:
+    # Feature.bytes_list (field 1) -> BytesList.value (field 1, repeated bytes)
+    return _length_delimited(1, _length_delimited(1, value))
+
+
+def _int64_feature(values: Iterable[int]) -> bytes:
+    # Feature.int64_list (field 3) -> Int64List.value (field 1, packed varints)
+    packed = b"".join(_varint(int(v) & 0xFFFFFFFFFFFFFFFF) for v in values)
+    return _length_delimited(3, _length_delimited(1, packed))
+
+
+def serialize_example(image_bytes: bytes, label: int, patient_id: str, path: str, height: int,
+                      width: int, orig_height: int, orig_width: int, crop_box: Iterable[int],
+                      crop_method: str) -> bytes:
+    """The serialized ``tf.train.Example`` of one stored image (see :data:`FEATURES`).
+
+    Encoded here in pure Python, byte for byte what
+    ``tf.train.Example.SerializeToString(deterministic=True)`` writes (map keys sorted), so the
+    converter's worker processes build records without importing TensorFlow and the parent only
+    writes bytes. ``tests/data/test_records.py`` checks the equality against TensorFlow.
+    """
+    def utf8(v: bytes | str) -> bytes:
+        return v.encode("utf-8") if isinstance(v, str) else v
+
+    features = {
+        "image": _bytes_feature(image_bytes), "label": _int64_feature([label]),
+        "patient_id": _bytes_feature(utf8(patient_id)), "path": _bytes_feature(utf8(path)),
+        "height": _int64_feature([height]), "width": _int64_feature([width]),
+        "orig_height": _int64_feature([orig_height]), "orig_width": _int64_feature([orig_width]),
+        "crop_box": _int64_feature(crop_box), "crop_method": _bytes_feature(utf8(crop_method)),
+    }
+    # Features.feature is map<string, Feature>: each entry {key = 1, value = 2} is field 1.
+    entries = b"".join(
+        _length_delimited(1, _length_delimited(1, key.encode("utf-8")) + _length_delimited(2, f))
+        for key, f in sorted(features.items()))
+    return _length_delimited(1, entries)  # Example.features = 1
+
+
 def make_example(image_bytes: bytes, label: int, patient_id: str, path: str, height: int,
                  width: int, orig_height: int, orig_width: int, crop_box: Iterable[int],
                  crop_method: str):
-    """Build the ``tf.train.Example`` of one stored image (see :data:`FEATURES`)."""
+    """The ``tf.train.Example`` of one stored image, parsed from :func:`serialize_example`."""
     import tensorflow as tf
 
-    def b(v: bytes | str):
-        v = v.encode("utf-8") if isinstance(v, str) else v
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-    def i(*v: int):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in v]))
-
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image": b(image_bytes), "label": i(label), "patient_id": b(patient_id), "path": b(path),
-        "height": i(height), "width": i(width), "orig_height": i(orig_height),
-        "orig_width": i(orig_width), "crop_box": i(*crop_box), "crop_method": b(crop_method),
-    }))
+    return tf.train.Example.FromString(serialize_example(
+        image_bytes, label, patient_id, path, height, width, orig_height, orig_width, crop_box,
+        crop_method))
 
 
 def feature_spec() -> dict:

@@ -74,3 +74,28 @@ def test_manifest_mismatches_lists_each_difference():
     assert records.manifest_mismatches(a, b) == [
         "image_size: run has 224, data dir has 128", "crop: run has 'fixed', data dir has 'none'"]
     assert records.manifest_mismatches(a, dict(a)) == []
+
+
+@pytest.mark.parametrize("label,box,method", [(0, (0, 32, 0, 32), "fixed"),
+                                              (1, (150, 1900, 300, 2400), "adaptive_fallback")])
+def test_pure_python_serialization_is_byte_identical_to_tensorflow(label, box, method):
+    import tensorflow as tf
+
+    args = (bytes(range(256)) * 300, label, "person1234", "train/PNEUMONIA/ü.jpeg", 224, 224,
+            2000, 2500, box, method)
+
+    def i(*v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+
+    def b(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v]))
+
+    reference = tf.train.Example(features=tf.train.Features(feature={
+        "image": b(args[0]), "label": i(label), "patient_id": b(args[2]), "path": b(args[3]),
+        "height": i(224), "width": i(224), "orig_height": i(2000), "orig_width": i(2500),
+        "crop_box": i(*box), "crop_method": b(method)}))
+    ours = records.serialize_example(*args)
+    assert ours == reference.SerializeToString(deterministic=True)
+    parsed = tf.io.parse_single_example(ours, records.feature_spec())
+    assert parsed["crop_box"].numpy().tolist() == list(box)
+    assert parsed["path"].numpy().decode() == "train/PNEUMONIA/ü.jpeg"
