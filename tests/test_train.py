@@ -443,3 +443,26 @@ def test_multi_worker_two_local_processes_train_and_only_the_chief_writes(tmp_pa
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["backup", "best.weights.h5", "data_manifest.json", "flags.txt", "history.csv",
          "model.keras", "summary.json", "tb"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,jit", [("mixed_bfloat16", "false"), ("mixed_float16", "true")])
+def test_mixed_precision_and_xla_steps_train_on_cpu(tmp_path, precision, jit):
+    """The GPU default (fp16 + loss scaling + XLA, gather resampler) and the bf16 path, on CPU."""
+    import numpy as np
+
+    from pneumo_tf import distribute
+
+    data = write_tiny_dataset(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", epochs=1, steps_per_epoch=2, precision=precision,
+                      jit_compile=jit)
+    setup = distribute.setup_distribution("default", precision, jit)
+    summary = train.train(cfg, setup=setup)
+    assert summary["precision_policy"] == precision
+    assert summary["jit_compile"] is (jit == "true")
+    assert summary["config"]["augment"]["resampler"] == ("gather" if jit == "true" else "gather_xla")
+    rows = train.read_history_csv(tmp_path / "run" / "history.csv")
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
+    from pneumo_tf import rundir
+
+    assert rundir.load_model(tmp_path / "run").output.dtype == "float32"
