@@ -29,12 +29,14 @@ def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction:
                      seed: int) -> set[str]:
     """Choose the groups (patients) that form the validation split, stratified by class.
 
-    A seeded greedy search: groups are visited in a seeded random order, larger groups first
-    (they are the hard ones to fit), and a group joins validation when that brings the per-class
-    validation counts closer to ``val_fraction`` of each class's total (distance measured
-    relative to each class's target, so the minority class counts as much as the majority). A
-    group with images of both classes moves as a whole. With many small groups the result is
-    within a few images of the target for every class.
+    A seeded greedy search: groups are visited in a seeded random order and a group joins
+    validation when that brings the per-class validation counts closer to ``val_fraction`` of
+    each class's total (distance measured relative to each class's target, so the minority class
+    counts as much as the majority). A group with images of both classes moves as a whole. The
+    order is NOT sorted by group size: visiting big groups first fits the target a little more
+    tightly but fills validation with many-image patients (measured on the Kermany train split:
+    12 % of patients for 20 % of images), so validation would no longer look like the data.
+    With many small groups the result is within a few images of the target for every class.
 
     Args:
         groups: group id (patient id) of each image.
@@ -60,9 +62,7 @@ def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction:
     weight = 1.0 / np.maximum(target, 1.0)
 
     names = sorted(counts)
-    order = np.random.default_rng(seed).permutation(len(names))
-    # Stable sort by size after the shuffle: big groups first, ties in seeded random order.
-    visit = sorted((names[i] for i in order), key=lambda g: -int(counts[g].sum()))
+    visit = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
 
     val = np.zeros(num_classes, np.float64)
     chosen: set[str] = set()
