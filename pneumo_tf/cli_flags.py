@@ -16,3 +16,18 @@ OUT = flags.DEFINE_string("out", None, "Output folder.")
 SEED = flags.DEFINE_integer("seed", 0, "Random seed; same seed and inputs -> same outputs.")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 32, "Batch size (per replica when training).", lower_bound=1)
+
+
+def check_args(argv: list[str], *required: flags.FlagHolder) -> None:
+    """Refuse stray positional arguments and missing required flags with a usage error.
+
+    Required flags are checked here rather than with ``flags.mark_flag_as_required``, which
+    would bind every app loaded into the same process (tests, notebooks) to them.
+    """
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for flag in required:
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")

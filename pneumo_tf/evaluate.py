@@ -109,11 +109,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    for flag in (cli_flags.RUN_DIR, cli_flags.DATA_DIR):
-        if not flag.value:
-            raise app.UsageError(f"--{flag.name} is required")
+    cli_flags.check_args(argv, cli_flags.RUN_DIR, cli_flags.DATA_DIR)
     try:
         metrics = evaluate_run(cli_flags.RUN_DIR.value, cli_flags.DATA_DIR.value,
                                cli_flags.SPLIT.value, THRESHOLD.value, cli_flags.BATCH_SIZE.value,
