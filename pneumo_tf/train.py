@@ -394,7 +394,6 @@ class Trainer:
 
     def train_dataset(self, epoch: int, skip_steps: int = 0):
         """The distributed training dataset of ``epoch``: order a function of (seed, epoch)."""
-
         cfg = self.cfg
         seed = epoch_seed(cfg.seed, epoch, 0)
 
@@ -417,7 +416,6 @@ class Trainer:
 
     def predict_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [N], probs [N])`` of a whole split, on this worker, in file order."""
-
         ds = pipeline.make_dataset(self.cfg.data_dir, split, self.cfg.val_batch_size,
                                    training=False, cache=self.cfg.cache_arg(), with_weights=False,
                                    skip_corrupt=self.cfg.skip_corrupt)
