@@ -54,6 +54,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import pneumo_tf
+from pneumo_tf import calibration as calibration_lib
 from pneumo_tf import cli_flags, preprocess, rundir
 from pneumo_tf.data import records
 
@@ -65,7 +66,6 @@ TFLITE_VARIANTS = {"fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 # Issue 6: the float16 TFLite model must agree with the Keras model to 0.01 in probability.
 FP16_MAX_ABS_DIFF = 0.01
 PROBABILITY_EPS = 1e-7  # keeps logit(p) finite for saturated sigmoids
-THRESHOLD_APPLIES_TO = ("probability", "calibrated_probability")
 
 
 class ExportError(RuntimeError):
@@ -118,9 +118,9 @@ class ServingConfig:
 
     def raw_threshold(self) -> float:
         """The operating threshold expressed on the model's raw probability."""
-        if self.threshold_applies_to == "probability":
-            return float(self.threshold)
-        return float(calibrate_probability(np.float64(self.threshold), 1.0 / self.temperature))
+        return calibration_lib.raw_threshold({
+            "threshold": self.threshold, "temperature": self.temperature,
+            "threshold_applies_to": self.threshold_applies_to})
 
 
 def calibration_from_json(obj: dict, where: str) -> dict:
@@ -136,9 +136,9 @@ def calibration_from_json(obj: dict, where: str) -> dict:
         raise ExportError(f"{where}: temperature must be > 0 and threshold in [0, 1], got "
                           f"T={temperature}, threshold={threshold}; re-calibrate the run")
     applies_to = obj.get("threshold_applies_to", "probability")
-    if applies_to not in THRESHOLD_APPLIES_TO:
+    if applies_to not in calibration_lib.THRESHOLD_APPLIES_TO:
         raise ExportError(f"{where}: threshold_applies_to={applies_to!r}, expected one of "
-                          f"{THRESHOLD_APPLIES_TO}")
+                          f"{calibration_lib.THRESHOLD_APPLIES_TO}")
     return {**obj, "temperature": temperature, "threshold": threshold,
             "threshold_applies_to": applies_to}
 
@@ -163,8 +163,6 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
                 f"Pass --data_dir=<the run's converter output> to fit them on its validation "
                 f"split, or run `python -m pneumo_tf.evaluate --run_dir={run_dir} "
                 f"--data_dir=... --split=val` first")
-        from pneumo_tf import calibration as calibration_lib
-
         logging.info("%s missing: calibrating on the val split of %s", path, data_dir)
         calibration = calibration_lib.calibrate_run(run_dir, data_dir)
     return calibration_from_json(calibration, str(path))
@@ -190,9 +188,7 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None)
 def calibrate_probability(p, temperature: float):
     """``sigmoid(logit(p) / T)`` for numpy arrays (float64) or tf tensors (their dtype)."""
     if isinstance(p, (np.ndarray, np.generic, float, int)):
-        from pneumo_tf import calibration
-
-        return calibration.apply_temperature(p, temperature)
+        return calibration_lib.apply_temperature(p, temperature)
     import tensorflow as tf
 
     p = tf.clip_by_value(p, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)

@@ -55,10 +55,9 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
                 for j in idx:
                     img = tiny_image(labels[j], image_size, rng)
                     data = img.tobytes() if encoding == "raw" else cv2.imencode(".png", img)[1].tobytes()
-                    ex = records.make_example(
+                    w.write(records.serialize_example(
                         data, labels[j], f"{split}-p{j // 2}", f"{split}/{j}.png", image_size,
-                        image_size, image_size, image_size, (0, image_size, 0, image_size), crop)
-                    w.write(ex.SerializeToString())
+                        image_size, image_size, image_size, (0, image_size, 0, image_size), crop))
             shards.append(name)
             shard_counts.append(len(idx))
         splits[split] = {"count": n, "class_counts": {"NORMAL": n0, "PNEUMONIA": n1},

@@ -128,17 +128,6 @@ def serialize_example(image_bytes: bytes, label: int, patient_id: str, path: str
     return _length_delimited(1, entries)  # Example.features = 1
 
 
-def make_example(image_bytes: bytes, label: int, patient_id: str, path: str, height: int,
-                 width: int, orig_height: int, orig_width: int, crop_box: Iterable[int],
-                 crop_method: str):
-    """The ``tf.train.Example`` of one stored image, parsed from :func:`serialize_example`."""
-    import tensorflow as tf
-
-    return tf.train.Example.FromString(serialize_example(
-        image_bytes, label, patient_id, path, height, width, orig_height, orig_width, crop_box,
-        crop_method))
-
-
 def feature_spec() -> dict:
     """``tf.io.parse_example`` spec for :data:`FEATURES`."""
     import tensorflow as tf
