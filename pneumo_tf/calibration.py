@@ -20,18 +20,20 @@ on; it only makes the probabilities honest. Calibrated probability: ``sigmoid(lo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 import numpy as np
-from absl import logging
 from sklearn import metrics as skm
 
 import pneumo_tf
-from pneumo_tf import metrics as pmetrics
+from pneumo_tf import atomic_files, metrics as pmetrics
 from pneumo_tf import rundir
 from pneumo_tf.data import records
+
+log = logging.getLogger(__name__)
 
 THRESHOLD_METHODS_HELP = (
     "val_youden | val_sensitivity:<target, e.g. 0.95> | <fixed value, e.g. 0.5>")
@@ -204,7 +206,7 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     pred = _predict_val(run_dir, data_dir, model, batch_size)
     result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
     result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
-    records.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
+    atomic_files.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
     return result
 
 
@@ -253,7 +255,7 @@ def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     cal = rundir.read_calibration(run_dir)
     if cal is not None:
         return cal
-    logging.info("%s is missing; fitting temperature and the %s threshold on val",
+    log.info("%s is missing; fitting temperature and the %s threshold on val",
                  rundir.RunPaths(run_dir).calibration, DEFAULT_THRESHOLD_METHOD)
     return calibrate_run(run_dir, data_dir, DEFAULT_THRESHOLD_METHOD, model, batch_size)
 
@@ -292,7 +294,7 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     else:
         val = _predict_val(run_dir, data_dir, model, batch_size)
         threshold = choose_threshold(val["label"], val["probability"], threshold_method)
-    logging.info("threshold %s = %.4f chosen on val (calibration.json keeps %s)",
+    log.info("threshold %s = %.4f chosen on val (calibration.json keeps %s)",
                  threshold_method, threshold, stored)
     return {**point, "threshold": threshold, "method": str(threshold_method),
             "from_calibration_json": False}

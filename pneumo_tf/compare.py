@@ -23,8 +23,13 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from pneumo_tf import cli_flags, rundir
-from pneumo_tf.data import records
+from pneumo_tf import atomic_files, cli, rundir
+
+BATCH_SIZE = cli.batch_size_flag()
+DATA_DIR = cli.data_dir_flag()
+OUT = cli.out_flag()
+SEED = cli.seed_flag()
+SPLIT = cli.split_flag()
 
 RUNS = flags.DEFINE_list("runs", None, "Comma-separated run directories to compare (2 or more).")
 
@@ -154,7 +159,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
         "![comparison](comparison.png)\n", encoding="utf-8")
     (out_dir / "comparison.png").write_bytes(bar_chart_png(rows, split))
     result = {"split": split, "runs": [str(r) for r in run_dirs], "rows": rows}
-    records.write_json_atomic(out_dir / "comparison.json", result)
+    atomic_files.write_json_atomic(out_dir / "comparison.json", result)
     return result
 
 
@@ -163,14 +168,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not RUNS.value:
         raise app.UsageError("--runs is required, e.g. --runs=runs/fixed_crop,runs/no_crop")
-    if not cli_flags.OUT.value:
+    if not OUT.value:
         raise app.UsageError("--out is required (folder for comparison.md/.png/.json)")
     try:
-        compare_runs(RUNS.value, cli_flags.SPLIT.value, cli_flags.OUT.value,
-                     cli_flags.DATA_DIR.value, cli_flags.BATCH_SIZE.value, cli_flags.SEED.value)
+        compare_runs(RUNS.value, SPLIT.value, OUT.value,
+                     DATA_DIR.value, BATCH_SIZE.value, SEED.value)
     except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
         raise SystemExit(f"pneumo_tf.compare: error: {e}") from None
-    print((Path(cli_flags.OUT.value) / "comparison.md").read_text(encoding="utf-8"))
+    print((Path(OUT.value) / "comparison.md").read_text(encoding="utf-8"))
 
 
 def run():

@@ -21,9 +21,14 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from pneumo_tf import calibration, cli_flags, report, rundir, scoring
+from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring
 from pneumo_tf import metrics as pmetrics
-from pneumo_tf.data import records
+
+BATCH_SIZE = cli.batch_size_flag()
+DATA_DIR = cli.data_dir_flag()
+RUN_DIR = cli.run_dir_flag()
+SEED = cli.seed_flag()
+SPLIT = cli.split_flag()
 
 THRESHOLD = flags.DEFINE_string(
     "threshold", None,
@@ -96,7 +101,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     out = paths.eval_dir(split)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", pred, calibrated, threshold)
-    records.write_json_atomic(out / "metrics.json", metrics)
+    atomic_files.write_json_atomic(out / "metrics.json", metrics)
     figures = report.make_figures(labels, probs, calibrated, threshold,
                                   metrics["confusion_matrix"], report.read_history(paths.history))
     figure_files = report.save_figures(figures, out)
@@ -109,11 +114,11 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
 
 
 def main(argv):
-    cli_flags.check_args(argv, cli_flags.RUN_DIR, cli_flags.DATA_DIR)
+    cli.check_args(argv, RUN_DIR, DATA_DIR)
     try:
-        metrics = evaluate_run(cli_flags.RUN_DIR.value, cli_flags.DATA_DIR.value,
-                               cli_flags.SPLIT.value, THRESHOLD.value, cli_flags.BATCH_SIZE.value,
-                               NUM_RESAMPLES.value, cli_flags.SEED.value)
+        metrics = evaluate_run(RUN_DIR.value, DATA_DIR.value,
+                               SPLIT.value, THRESHOLD.value, BATCH_SIZE.value,
+                               NUM_RESAMPLES.value, SEED.value)
     except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
         raise SystemExit(f"pneumo_tf.evaluate: error: {e}") from None
     ci = (metrics["ci95"] or {}).get("roc_auc")
@@ -121,7 +126,7 @@ def main(argv):
     print(f"{metrics['split']}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
           f"sensitivity={metrics['recall']:.4f} specificity={metrics['specificity']:.4f} "
           f"AUC={metrics['roc_auc']:.4f} {auc_ci} -> "
-          f"{rundir.RunPaths(cli_flags.RUN_DIR.value).eval_dir(metrics['split'])}")
+          f"{rundir.RunPaths(RUN_DIR.value).eval_dir(metrics['split'])}")
 
 
 def run():

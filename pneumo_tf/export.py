@@ -45,18 +45,24 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import calibration as calibration_lib
-from pneumo_tf import cli_flags, preprocess, rundir
+from pneumo_tf import atomic_files, calibration as calibration_lib
+from pneumo_tf import cli, preprocess, rundir
 from pneumo_tf.data import records
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = cli.data_dir_flag()
+RUN_DIR = cli.run_dir_flag()
+SEED = cli.seed_flag()
 
 SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -163,7 +169,7 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
                 f"Pass --data_dir=<the run's converter output> to fit them on its validation "
                 f"split, or run `python -m pneumo_tf.evaluate --run_dir={run_dir} "
                 f"--data_dir=... --split=val` first")
-        logging.info("%s missing: calibrating on the val split of %s", path, data_dir)
+        log.info("%s missing: calibrating on the val split of %s", path, data_dir)
         calibration = calibration_lib.calibrate_run(run_dir, data_dir)
     return calibration_from_json(calibration, str(path))
 
@@ -246,7 +252,7 @@ def float32_model(model):
     if is_mixed_precision(rebuilt):
         raise ExportError("could not rebuild the model in float32 (a layer keeps a mixed dtype); "
                           "rebuild it with pneumo_tf.model.build_model under a float32 policy")
-    logging.info("rebuilt the mixed-precision model in float32 for export")
+    log.info("rebuilt the mixed-precision model in float32 for export")
     return rebuilt
 
 
@@ -413,15 +419,12 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
     archive.add_endpoint("preprocessed", serve_preprocessed)
     archive.add_endpoint("preprocessed_float", serve_preprocessed_float)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    archive.write_out(str(tmp), verbose=False)
-    # assets.extra/ is TF Serving's place for files beside the graph that loaders ignore.
-    extra = tmp / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    records.write_json_atomic(extra / SERVING_CONFIG_NAME, cfg.to_json())
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_files.atomic_output(out_dir) as tmp:
+        archive.write_out(str(tmp), verbose=False)
+        # assets.extra/ is TF Serving's place for files beside the graph that loaders ignore.
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        atomic_files.write_json_atomic(extra / SERVING_CONFIG_NAME, cfg.to_json())
     return out_dir
 
 
@@ -536,7 +539,7 @@ def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, s
             images = next(iter(ds))[0].numpy()
             return images, f"val split of {candidate} ({len(images)} images)"
         except (records.DataDirError, rundir.RunDirError) as e:
-            logging.warning("parity batch: cannot use %s (%s)", candidate, e)
+            log.warning("parity batch: cannot use %s (%s)", candidate, e)
     from pneumo_tf.data import phantoms
 
     rng = np.random.default_rng(seed)
@@ -602,7 +605,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     reference = keras_probabilities(model, images)
     t = cfg.raw_threshold()
     paths.export.mkdir(parents=True, exist_ok=True)
-    records.write_json_atomic(paths.export / SERVING_CONFIG_NAME, cfg.to_json())
+    atomic_files.write_json_atomic(paths.export / SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
               "reference": "Keras model in float32" + (
                   " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
@@ -616,22 +619,19 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         report["variants"]["saved_model"] = {
             "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
             **_diff_stats(saved_model_probabilities(sm_dir, images), reference, t)}
-        logging.info("wrote %s", sm_dir)
+        log.info("wrote %s", sm_dir)
     if "tflite" in formats:
         for variant, name in TFLITE_VARIANTS.items():
             flatbuffer = convert_tflite(model, variant)
-            target = paths.export / name
-            tmp = target.with_name(name + ".partial")
-            tmp.write_bytes(flatbuffer)
-            os.replace(tmp, target)
+            target = atomic_files.write_bytes_atomic(paths.export / name, flatbuffer)
             probs = TFLiteRunner(target).probabilities(images)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
                                            **_diff_stats(probs, reference, t)}
-            logging.info("wrote %s (%d bytes)", target, len(flatbuffer))
+            log.info("wrote %s (%d bytes)", target, len(flatbuffer))
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
                                         and fp16["max_abs_prob_diff"] <= FP16_MAX_ABS_DIFF)
-    records.write_json_atomic(paths.export / PARITY_NAME, report)
+    atomic_files.write_json_atomic(paths.export / PARITY_NAME, report)
     if not report["passed"]:
         raise ExportError(f"float16 TFLite model differs from the Keras model by "
                           f"{fp16['max_abs_prob_diff']} in probability (> {FP16_MAX_ABS_DIFF}); "
@@ -655,11 +655,11 @@ PARITY_COUNT = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not cli_flags.RUN_DIR.value:
+    if not RUN_DIR.value:
         raise app.UsageError("--run_dir is required (a finished training run)")
     try:
-        report = export_run(cli_flags.RUN_DIR.value, FORMATS.value, cli_flags.DATA_DIR.value,
-                            PARITY_COUNT.value, cli_flags.SEED.value)
+        report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value,
+                            PARITY_COUNT.value, SEED.value)
     except (ExportError, rundir.RunDirError, records.DataDirError) as e:
         raise SystemExit(f"export failed: {e}") from None
     print(json.dumps(report, indent=2, sort_keys=True))

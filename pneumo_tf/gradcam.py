@@ -32,8 +32,14 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-from pneumo_tf import calibration, cli_flags, preprocess, rundir, scoring
+from pneumo_tf import atomic_files, calibration, cli, preprocess, rundir, scoring
 from pneumo_tf.data import records
+
+BATCH_SIZE = cli.batch_size_flag()
+DATA_DIR = cli.data_dir_flag()
+RUN_DIR = cli.run_dir_flag()
+SEED = cli.seed_flag()
+SPLIT = cli.split_flag()
 
 GROUPS = ("TP", "FP", "FN", "TN")
 CAM_CLASSES = ("pneumonia", "predicted")
@@ -440,16 +446,16 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
              "num_images": len(entries), "region_source": sources,
              "groups": summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
-    records.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
+    atomic_files.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
     return stats
 
 
 def main(argv):
-    cli_flags.check_args(argv, cli_flags.RUN_DIR, cli_flags.DATA_DIR)
+    cli.check_args(argv, RUN_DIR, DATA_DIR)
     try:
-        stats = run_gradcam(cli_flags.RUN_DIR.value, cli_flags.DATA_DIR.value,
-                            cli_flags.SPLIT.value, NUM_IMAGES.value, LAYER.value,
-                            cli_flags.BATCH_SIZE.value, cli_flags.SEED.value, CAM_CLASS.value)
+        stats = run_gradcam(RUN_DIR.value, DATA_DIR.value,
+                            SPLIT.value, NUM_IMAGES.value, LAYER.value,
+                            BATCH_SIZE.value, SEED.value, CAM_CLASS.value)
     except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
         raise SystemExit(f"pneumo_tf.gradcam: error: {e}") from None
     overall = stats["groups"]["all"]
@@ -459,7 +465,7 @@ def main(argv):
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
                  f"{overall['pointing_n']} maps empty, counted as misses)")
-    print(line + f" -> {rundir.RunPaths(cli_flags.RUN_DIR.value).gradcam}")
+    print(line + f" -> {rundir.RunPaths(RUN_DIR.value).gradcam}")
 
 
 def run():

@@ -90,7 +90,13 @@ BACKBONES: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(name: str, input_norm: str, cam_layer: str, imagenet: bool = True):
-    """Decorator adding a builder to :data:`BACKBONES` under ``name``."""
+    """Decorator adding a builder to :data:`BACKBONES` under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered (a second builder would silently win).
+    """
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
 
     def deco(fn):
         BACKBONES[name] = BackboneSpec(fn, input_norm, cam_layer, imagenet)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -39,11 +40,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import cli_flags, export, preprocess, rundir
+from pneumo_tf import cli, export, preprocess, rundir
 from pneumo_tf.data import decode
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = cli.batch_size_flag()
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MODEL_KINDS = ("run_dir", "keras", "saved_model", "tflite")
@@ -178,7 +183,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
                                f"{config.image_size}px; re-export the run")
         predictor = Predictor(kind, path, config, runner.probabilities)
     if not predictor.config.calibrated:
-        logging.warning("%s has no calibration.json: calibrated_probability = probability "
+        log.warning("%s has no calibration.json: calibrated_probability = probability "
                         "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
                         "split for honest probabilities.", path)
     return predictor
@@ -413,7 +418,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give at least one image file or folder after the flags")
     try:
         predictor = load_predictor(MODEL.value)
-        results = predict_paths(predictor, inputs, cli_flags.BATCH_SIZE.value, REFER_BAND.value,
+        results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
                                 GRADCAM_DIR.value)
         failed = 0
         if FORMAT.value == "table":
@@ -424,7 +429,7 @@ def main(argv: list[str]) -> None:
     except (PredictError, rundir.RunDirError, export.ExportError) as e:
         raise SystemExit(f"predict: {e}") from None
     if failed:
-        logging.error("%d input(s) could not be predicted (see their 'error')", failed)
+        log.error("%d input(s) could not be predicted (see their 'error')", failed)
         sys.exit(1)
 
 

@@ -33,10 +33,15 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from pneumo_tf import augment, cli_flags, distribute
+from pneumo_tf import atomic_files, augment, cli, distribute
 from pneumo_tf import model as model_lib
 from pneumo_tf import rundir
 from pneumo_tf.data import pipeline, records
+
+BATCH_SIZE = cli.batch_size_flag()
+DATA_DIR = cli.data_dir_flag()
+RUN_DIR = cli.run_dir_flag()
+SEED = cli.seed_flag()
 
 log = logging.getLogger("pneumo_tf.train")
 
@@ -632,7 +637,7 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
             # finished here, from model.keras.
             log.info("%s is missing; calibrating the finished run on val", paths.calibration)
             done["calibration"] = run_calibration(cfg, model=None)
-            records.write_json_atomic(paths.summary, done)
+            atomic_files.write_json_atomic(paths.summary, done)
         return done
     manifest = check_data(cfg)
     resuming = tf.train.latest_checkpoint(str(paths.backup)) is not None
@@ -653,7 +658,7 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
     if chief:
         paths.root.mkdir(parents=True, exist_ok=True)
         if not paths.data_manifest.is_file():
-            records.write_json_atomic(paths.data_manifest, manifest)
+            atomic_files.write_json_atomic(paths.data_manifest, manifest)
         if flags_text is not None and (rewrite_flags or not paths.flags.is_file()):
             tmp = paths.flags.with_name("flags.txt.partial")
             tmp.write_text(flags_text, encoding="utf-8")
@@ -842,9 +847,9 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
     if chief:
         # Complete before calibrating: a failed or killed calibration is redone by a re-run.
         summary["calibration"] = "pending" if cfg.calibrate else "skipped: --nocalibrate"
-        records.write_json_atomic(paths.summary, summary)
+        atomic_files.write_json_atomic(paths.summary, summary)
         summary["calibration"] = run_calibration(cfg, trainer.model)
-        records.write_json_atomic(paths.summary, summary)
+        atomic_files.write_json_atomic(paths.summary, summary)
         if writers is not None:
             for w in writers.values():
                 w.close()
@@ -955,7 +960,7 @@ _CALIBRATE = flags.DEFINE_bool("calibrate", True, "Fit temperature and threshold
                                "end (pneumo_tf.calibration).")
 
 # This app's flags (shared ones included), in the order flags.txt lists them.
-APP_FLAGS = (cli_flags.DATA_DIR, cli_flags.RUN_DIR, cli_flags.SEED, cli_flags.BATCH_SIZE,
+APP_FLAGS = (DATA_DIR, RUN_DIR, SEED, BATCH_SIZE,
              _BACKBONE, _WEIGHTS, _TRAINABLE_LAYERS, _TRAIN_BN, _INPUT_NORM, _DENSE_UNITS,
              _HEAD_DROPOUT, _AUGMENT, _ROTATION, _ZOOM, _SHIFT, _SHEAR, _FLIP, _FILL_MODE,
              _RESAMPLER, _LOSS, _FOCAL_GAMMA, _CLASS_WEIGHTS, _LR, _EPOCHS, _STEPS_PER_EPOCH,
@@ -971,17 +976,17 @@ def config_from_flags() -> TrainConfig:
     except ValueError as e:
         raise TrainError(f"--head_dropout={','.join(_HEAD_DROPOUT.value)}: not numbers") from e
     return TrainConfig(
-        data_dir=cli_flags.DATA_DIR.value, run_dir=cli_flags.RUN_DIR.value,
+        data_dir=DATA_DIR.value, run_dir=RUN_DIR.value,
         backbone=_BACKBONE.value, weights=_WEIGHTS.value,
         trainable_layers=_TRAINABLE_LAYERS.value, train_bn=_TRAIN_BN.value,
         input_norm=_INPUT_NORM.value, dense_units=_DENSE_UNITS.value, head_dropout=dropout,
         augment=_AUGMENT.value, rotation=_ROTATION.value, zoom=_ZOOM.value, shift=_SHIFT.value,
         shear=_SHEAR.value, flip=_FLIP.value, fill_mode=_FILL_MODE.value,
         resampler=_RESAMPLER.value, loss=_LOSS.value, focal_gamma=_FOCAL_GAMMA.value,
-        class_weights=_CLASS_WEIGHTS.value, lr=_LR.value, batch_size=cli_flags.BATCH_SIZE.value,
+        class_weights=_CLASS_WEIGHTS.value, lr=_LR.value, batch_size=BATCH_SIZE.value,
         epochs=_EPOCHS.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
         val_batch_size=_VAL_BATCH_SIZE.value, early_stop_patience=_EARLY_STOP.value,
-        lr_patience=_LR_PATIENCE.value, lr_factor=_LR_FACTOR.value, seed=cli_flags.SEED.value,
+        lr_patience=_LR_PATIENCE.value, lr_factor=_LR_FACTOR.value, seed=SEED.value,
         deterministic=_DETERMINISTIC.value, precision=_PRECISION.value,
         jit_compile=_JIT_COMPILE.value, strategy=_STRATEGY.value, cpu_devices=_CPU_DEVICES.value,
         cache=_CACHE.value, skip_corrupt=_SKIP_CORRUPT.value,

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, write_tiny_dataset
 from support_runs import make_run
 
-from pneumo_tf import evaluate, rundir
+from pneumo_tf import atomic_files, evaluate, rundir
 from pneumo_tf.data import records
 
 pytestmark = pytest.mark.slow
@@ -178,7 +178,7 @@ def test_threshold_on_calibrated_probability_is_honoured(trained):
     cals = np.sort(calibration.apply_temperature(probs, 2.0))
     cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())
     cal.update(temperature=2.0, threshold=cut, threshold_applies_to="calibrated_probability")
-    records.write_json_atomic(run / "calibration.json", cal)
+    atomic_files.write_json_atomic(run / "calibration.json", cal)
     m = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
     with open(run / "eval" / "test" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumo_tf import gradcam as gc
+from pneumo_tf import atomic_files, gradcam as gc
 from pneumo_tf import model as pmodel
 
 
@@ -226,7 +226,6 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
     from support_runs import make_run
 
     from pneumo_tf import calibration, rundir, scoring
-    from pneumo_tf.data import records
 
     data = write_tiny_dataset(tmp_path / "data", image_size=32)
     run = make_run(tmp_path / "run", data, epochs=1)
@@ -235,7 +234,7 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
     cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())  # between two test images
     cal = {"temperature": 2.0, "threshold": cut, "threshold_method": "val_youden",
            "threshold_applies_to": "calibrated_probability", "source": "val"}
-    records.write_json_atomic(run / "calibration.json", cal)
+    atomic_files.write_json_atomic(run / "calibration.json", cal)
     stats = gc.run_gradcam(run, data, "test", num_images=12, batch_size=8)
     raw = calibration.raw_threshold(cal)
     assert stats["threshold"] == pytest.approx(raw) and raw != pytest.approx(cut)

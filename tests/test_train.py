@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_tiny_dataset
-from pneumo_tf import rundir, train
+from pneumo_tf import atomic_files, rundir, train
 from pneumo_tf.data import records
 
 TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1", "--train_bn",
@@ -146,7 +146,7 @@ def test_resume_with_mismatched_manifest_fails_before_training(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     old = write_tiny_dataset(tmp_path / "old", image_size=32, crop="fixed")
-    records.write_json_atomic(run / "data_manifest.json", records.read_manifest(old))
+    atomic_files.write_json_atomic(run / "data_manifest.json", records.read_manifest(old))
     new = write_tiny_dataset(tmp_path / "new", image_size=40, crop="none")
     with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 40; "
                                                  "crop: run has 'fixed', data dir has 'none'"):

@@ -42,10 +42,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -54,11 +54,16 @@ from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import cli_flags, preprocess
+from pneumo_tf import atomic_files, cli, preprocess
 from pneumo_tf.data import records, splits
+
+log = logging.getLogger(__name__)
+
+OUT = cli.out_flag()
+SEED = cli.seed_flag()
 
 SPOOL_NAME = "_convert_spool.partial"
 REJECTS_NAME = "rejects.jsonl"
@@ -343,12 +348,6 @@ def clean_output_dir(out: Path) -> list[str]:
     return removed
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class _Kept:
     """Parent-side record of one converted image (its serialized Example lives in the spool)."""
@@ -389,7 +388,7 @@ def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: i
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file and not os.path.exists(main_file):
         # `spawn` re-imports the main script in each worker; a script read from stdin cannot be.
-        logging.warning("main script %s is not a file; decoding in this process only", main_file)
+        log.warning("main script %s is not a file; decoding in this process only", main_file)
         workers = 1
     if workers <= 1 or len(tasks) <= 1:
         config = dataclasses.replace(config, parent_pid=0)
@@ -584,7 +583,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
     t_written = time.monotonic()
 
     rejects.sort(key=lambda r: r["path"])
-    _write_text_atomic(out / REJECTS_NAME,
+    atomic_files.write_text_atomic(out / REJECTS_NAME,
                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     checksum = hashlib.sha256("".join(sorted(checksum_lines)).encode("utf-8")).hexdigest()
     train_labels = [k.label for k in by_split["train"]]
@@ -742,13 +741,6 @@ def _check_image(image: bytes, encoding: str, size: int) -> str | None:
     return None
 
 
-def _tf_error_text(e) -> str:
-    """The useful part of a TensorFlow error message (no function-node or op decorations)."""
-    text = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
-    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
-
-
 def _verify_shard(path: Path, compression: str, encoding: str, size: int):
     """Read one shard fully, CRC checked: ``(labels, patients, problems, readable)``."""
     import tensorflow as tf
@@ -789,7 +781,7 @@ def _verify_shard(path: Path, compression: str, encoding: str, size: int):
     except tf.errors.OpError as e:
         position = len(labels) + len(batch)
         problems.append(f"{path.name}: unreadable after {position} good records "
-                        f"({_tf_error_text(e)}); re-run the converter to rewrite it")
+                        f"({records.tf_error_text(e)}); re-run the converter to rewrite it")
         return labels, patients, problems, False
     return labels, patients, problems, True
 
@@ -889,7 +881,7 @@ def verify_data_dir(out: str | os.PathLike) -> list[str]:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    out = cli_flags.OUT.value
+    out = OUT.value
     if not out:
         raise app.UsageError("--out is required: the folder for shards + manifest.json "
                              "(with --verify: the folder to check)")
@@ -899,7 +891,7 @@ def main(argv: list[str]) -> int:
             manifest = convert_dataset(
                 _SRC.value, out, image_size=_IMAGE_SIZE.value, crop=_CROP.value,
                 encoding=_ENCODING.value, val_fraction=_VAL_FRACTION.value,
-                split_by=_SPLIT_BY.value, seed=cli_flags.SEED.value,
+                split_by=_SPLIT_BY.value, seed=SEED.value,
                 num_shards=_NUM_SHARDS.value, workers=_WORKERS.value,
                 compression=_COMPRESSION.value, max_rejects=_MAX_REJECTS.value,
                 dedupe=_DEDUPE.value, use_official_val=_USE_OFFICIAL_VAL.value,

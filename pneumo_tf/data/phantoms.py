@@ -35,6 +35,7 @@ Same flags and seed give byte-identical files. Every image draws from its own ra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -42,12 +43,16 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import cli_flags
-from pneumo_tf.data import records
+from pneumo_tf import atomic_files, cli
 from pneumo_tf.preprocess import CropBox, fixed_crop_box
+
+log = logging.getLogger(__name__)
+
+OUT = cli.out_flag()
+SEED = cli.seed_flag()
 
 CLASS_NAMES = pneumo_tf.CLASS_NAMES  # label 0, label 1
 SPLIT_NAMES = ("train", "test")
@@ -605,7 +610,7 @@ def write_phantom_dataset(out: str | os.PathLike, num_train: int, num_test: int,
                    "lesion_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lesion.png"},
     }
     # Written last: its presence marks a complete set (and lets a re-run replace it).
-    records.write_json_atomic(out / PHANTOMS_JSON, {**summary, "images": image_records})
+    atomic_files.write_json_atomic(out / PHANTOMS_JSON, {**summary, "images": image_records})
     (out / IN_PROGRESS).unlink()
     return {**summary, "out": str(out)}
 
@@ -660,11 +665,11 @@ def _parse_images_per_patient(values: list[str]) -> tuple[int, int]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not cli_flags.OUT.value:
+    if not OUT.value:
         raise app.UsageError("--out is required: the folder to write the phantom set into")
     try:
         summary = write_phantom_dataset(
-            cli_flags.OUT.value, NUM_TRAIN.value, NUM_TEST.value, seed=cli_flags.SEED.value,
+            OUT.value, NUM_TRAIN.value, NUM_TEST.value, seed=SEED.value,
             confounder_rate=CONFOUNDER_RATE.value,
             confounder_normal_rate=CONFOUNDER_NORMAL_RATE.value,
             min_size=MIN_SIZE.value, max_size=MAX_SIZE.value,
@@ -675,7 +680,7 @@ def main(argv: list[str]) -> None:
     for split in SPLIT_NAMES:
         c, p = summary["counts"][split], summary["patients"][split]
         k = summary["confounders"][split]
-        logging.info("%s: NORMAL %d images / %d patients, PNEUMONIA %d / %d; tags %d N, %d P",
+        log.info("%s: NORMAL %d images / %d patients, PNEUMONIA %d / %d; tags %d N, %d P",
                      split, c["NORMAL"], p["NORMAL"], c["PNEUMONIA"], p["PNEUMONIA"],
                      k["NORMAL"], k["PNEUMONIA"])
     print(f"phantoms written to {summary['out']} (summary: {Path(summary['out']) / PHANTOMS_JSON})")

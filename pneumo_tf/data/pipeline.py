@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -400,13 +399,6 @@ def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, train
     return out.with_options(options)
 
 
-def _op_error_text(error: BaseException) -> str:
-    """The human part of a TensorFlow op error (no ``{{function_node ...}}``/``[Op:...]``)."""
-    text = getattr(error, "message", None) or str(error)
-    text = re.sub(r"\{\{[^}]*\}\}", "", text.splitlines()[0] if text else "")
-    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
-
-
 def find_corrupt_shards(paths: Iterable[str | os.PathLike], compression: str = "none",
                         expected_counts: Iterable[int] | None = None) -> list[tuple[Path, str]]:
     """CRC-scan shards: read every record of each shard on its own.
@@ -435,7 +427,7 @@ def find_corrupt_shards(paths: Iterable[str | os.PathLike], compression: str = "
                 n += 1
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
                 tf.errors.OutOfRangeError) as e:
-            bad.append((path, f"unreadable after {n} good records: {_op_error_text(e)}"))
+            bad.append((path, f"unreadable after {n} good records: {records.tf_error_text(e)}"))
             continue
         if want is not None and n != int(want):
             bad.append((path, f"holds {n} records, the manifest says {want} (truncated?)"))
@@ -460,7 +452,7 @@ def explain_data_loss(data_dir: str | os.PathLike, split: str,
         return error if error is not None else CorruptShardError(
             f"no corrupt shard found in split {split!r} of {data_dir}", [])
     lines = "; ".join(f"{p}: {reason}" for p, reason in bad)
-    cause = f" (tf.data said: {_op_error_text(error)})" if error is not None else ""
+    cause = f" (tf.data said: {records.tf_error_text(error)})" if error is not None else ""
     return CorruptShardError(
         f"corrupt shard(s) in split {split!r} of {data_dir}: {lines}{cause}. Re-run the converter "
         f"(`tools/make_tfrecords --out={data_dir} ...`) or pass skip_corrupt=True "

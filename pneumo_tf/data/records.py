@@ -26,7 +26,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
+
+from pneumo_tf import atomic_files
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -146,7 +148,7 @@ class ShardWriter:
         import tensorflow as tf
 
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".partial")
+        self.tmp_path = atomic_files.partial_path(self.path)
         self.count = 0
         self._writer = tf.io.TFRecordWriter(
             str(self.tmp_path), options=tf.io.TFRecordOptions(tf_compression_type(compression)))
@@ -157,7 +159,7 @@ class ShardWriter:
 
     def close(self) -> None:
         self._writer.close()
-        os.replace(self.tmp_path, self.path)
+        atomic_files.commit(self.tmp_path, self.path)
 
     def abort(self) -> None:
         self._writer.close()
@@ -173,21 +175,9 @@ class ShardWriter:
             self.abort()
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
     """Write ``manifest.json`` atomically (call it after every shard is closed)."""
-    write_json_atomic(Path(data_dir) / MANIFEST_NAME, manifest)
+    atomic_files.write_json_atomic(Path(data_dir) / MANIFEST_NAME, manifest)
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -237,6 +227,14 @@ def split_shards(data_dir: str | os.PathLike, manifest: dict, split: str) -> lis
         raise DataDirError(f"{data_dir}: shard(s) listed in the manifest are missing: "
                            f"{', '.join(missing[:5])}; re-run the converter")
     return paths
+
+
+def tf_error_text(error: BaseException) -> str:
+    """The human part of a TensorFlow op error: its first line without ``{{function_node ...}}``
+    decorations or the trailing ``[Op:...]``."""
+    text = (getattr(error, "message", None) or str(error)).strip()
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
 
 
 # Manifest keys that decide what a model sees; a run refuses data that differs in any of them.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -34,9 +35,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from absl import logging
 
-from pneumo_tf import CLASS_NAMES
+from pneumo_tf import CLASS_NAMES, atomic_files
+
+log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("folder", "csv", "medmnist")
 SPLIT_NAMES = ("train", "val", "test")
@@ -434,13 +436,13 @@ def fetch_medmnist(name: str, cache_dir: str | None = None) -> str:
     if os.path.isfile(target):
         actual = file_md5(target)
         if actual == expected_md5:
-            logging.info("Using cached %s (MD5 ok)", target)
+            log.info("Using cached %s (MD5 ok)", target)
             return target
-        logging.warning("Cached %s has MD5 %s, expected %s: downloading it again",
+        log.warning("Cached %s has MD5 %s, expected %s: downloading it again",
                         target, actual, expected_md5)
     os.makedirs(cache, exist_ok=True)
     url = MEDMNIST_URL_TEMPLATE.format(name=name)
-    logging.info("Downloading %s to %s", url, target)
+    log.info("Downloading %s to %s", url, target)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache)
     try:
         digest = hashlib.md5()
@@ -459,7 +461,7 @@ def fetch_medmnist(name: str, cache_dir: str | None = None) -> str:
                               "download is corrupt or the file changed upstream. Nothing was "
                               "written to the cache; retry, or fix MEDMNIST_MD5 in "
                               "pneumo_tf/data/sources.py if the record was updated")
-        os.replace(tmp, target)
+        atomic_files.commit(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -267,7 +267,7 @@ def test_an_interrupted_run_looks_incomplete_and_a_rerun_recovers(tmp_path, monk
         calls.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(phantoms.records, "write_json_atomic", dying_write_json)
+    monkeypatch.setattr(phantoms.atomic_files, "write_json_atomic", dying_write_json)
     with pytest.raises(KeyboardInterrupt):
         phantoms.write_phantom_dataset(out, 6, 2, seed=0, **SMALL)
     monkeypatch.undo()
