@@ -1,6 +1,6 @@
 """On-device random affine augmentation: one projective matrix per image, one resampling.
 
-The paper's augmentation (SPEC §2: rotation ±20°, zoom ±20 %, width/height shift ±20 %, shear
+The paper's augmentation (rotation ±20°, zoom ±20 %, width/height shift ±20 %, shear
 0.1, horizontal flip) is sampled per image, composed into ONE matrix and applied with ONE bilinear
 interpolation, inside the model (:class:`RandomAffine`, active only when training) so it runs on
 the accelerator, after grayscale -> RGB replication and before the backbone's normalisation.
@@ -26,7 +26,7 @@ Two resamplers compute the same thing:
   training step can be jit-compiled on GPUs. It reproduces the native op's coordinate mapping and
   border handling (fill modes ``nearest``, ``constant``, ``reflect``).
 - ``gather_xla``: the gather sampler jit-compiled on its own, for training steps that are not
-  jit-compiled as a whole (e.g. bfloat16 on CPUs, SPEC §6). On this 2-core CPU it costs ~2x less
+  jit-compiled as a whole (e.g. bfloat16 on CPUs). On this 2-core CPU it costs ~2x less
   CPU per image than ``native`` and ~6x less than uncompiled ``gather``; ``gather`` inside a
   whole-step ``jit_compile=True`` costs ~5x less than ``native`` (tools/bench_input).
 """
@@ -234,7 +234,7 @@ class RandomAffine(keras.layers.Layer):
         rotation_deg: max rotation, degrees (±).
         zoom: max zoom change, fraction (factors in ``[1 - zoom, 1 + zoom]``, x and y independent).
         shift: max shift, fraction of width / height (±).
-        shear: max shear FACTOR (±; ``x += shear * y``), not degrees (SPEC §3).
+        shear: max shear FACTOR (±; ``x += shear * y``), not degrees (the paper's "0.1" is ambiguous).
         flip: random left/right flip (turn off when laterality matters).
         fill_mode: ``nearest`` (the paper's loader), ``constant`` or ``reflect``.
         resampler: ``native`` (ImageProjectiveTransformV3; no XLA kernel), ``gather``

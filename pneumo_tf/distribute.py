@@ -1,13 +1,15 @@
 """Distribution, precision and compilation choices for training, decided in one place.
 
-What :func:`setup_distribution` decides, and why (SPEC §6, measured on this project's CPU):
+What :func:`setup_distribution` decides, and why (measured on this project's 2-core CPUs,
+BUILD.md):
 
 * strategy: ``default`` (one device), ``one_device``, ``mirrored`` (all local GPUs, or N logical
   CPUs made by :func:`configure_cpu_devices`), ``multi_worker`` (``TF_CONFIG``), ``tpu``;
   ``auto`` picks multi_worker when ``TF_CONFIG`` lists several tasks, mirrored when there are
   several local accelerators or logical CPUs, else default.
-* precision policy: ``auto`` -> ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on CPUs with
-  AVX512_BF16 or AMX (≈ 2.3x float32 for ResNet50 here), ``float32`` otherwise.
+* precision policy: ``auto`` -> ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on TPUs and on
+  CPUs with AMX, ``float32`` on other CPUs (AVX512_BF16 alone trained ResNet50 at 0.6x float32
+  on one of them).
 * XLA: ``auto`` -> on for GPU/TPU, off on CPU (XLA gave nothing in float32 and halved bf16 here).
 
 Checkpoints and final files are written by the chief only; other workers of a multi-worker run
@@ -131,7 +133,7 @@ def resolve_precision(precision: str, device_kind: str, cpu_bf16: bool | None = 
 
 
 def resolve_jit_compile(jit_compile: str | bool, device_kind: str) -> bool:
-    """``--jit_compile`` -> bool: ``auto`` is on for GPU/TPU, off on CPU (SPEC §6)."""
+    """``--jit_compile`` -> bool: ``auto`` is on for GPU/TPU, off on CPU (no CPU gain measured)."""
     if isinstance(jit_compile, bool):
         return jit_compile
     value = str(jit_compile).lower()

@@ -1,4 +1,4 @@
-"""Binary classification metrics for the evaluation report (SPEC §4).
+"""Binary classification metrics for the evaluation report (docs/protocol.md).
 
 scikit-learn computes the standard metrics; this module adds only what it lacks: the expected
 calibration error and stratified bootstrap confidence intervals (vectorised over resamples, so
@@ -62,6 +62,29 @@ def threshold_metrics(labels, probs, threshold: float) -> dict:
         "f1_macro": float(np.mean(f1)),
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
+
+
+def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
+    """The training history's metrics: accuracy, auc (ROC), pr_auc (average precision),
+    precision and recall of ``probs`` at ``threshold``.
+
+    The history's names for :func:`threshold_metrics` and :func:`ranking_metrics` (the
+    evaluation report's definitions).
+
+    Args:
+        labels: ``[N]`` 0/1; probs: ``[N]`` probability of PNEUMONIA.
+
+    Returns:
+        Floats; a ranking metric is NaN when the labels hold only one class, every metric is NaN
+        when a probability is NaN or infinite (the history records it instead of failing).
+    """
+    probs = np.asarray(probs, np.float64).reshape(-1)
+    if not np.isfinite(probs).all():
+        return dict.fromkeys(("accuracy", "precision", "recall", "auc", "pr_auc"), float("nan"))
+    at = threshold_metrics(labels, probs, threshold)
+    ranking = ranking_metrics(labels, probs)
+    return {"accuracy": at["accuracy"], "precision": at["precision"], "recall": at["recall"],
+            "auc": ranking["roc_auc"], "pr_auc": ranking["average_precision"]}
 
 
 def expected_calibration_error(labels, probs, num_bins: int = ECE_BINS) -> float:

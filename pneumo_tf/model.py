@@ -1,4 +1,4 @@
-"""The classifier: uint8 grayscale batches in, pneumonia probability out (SPEC §2).
+"""The classifier: uint8 grayscale batches in, pneumonia probability out (docs/method.md).
 
 Graph of :func:`build_model`::
 
@@ -9,7 +9,7 @@ Graph of :func:`build_model`::
       -> backbone            a nested keras.Model named "backbone" (registry below)
       -> GAP -> Dropout(0.5) -> Dense(128, relu) -> Dropout(0.3) -> Dense(1, sigmoid, float32)
 
-The head is the paper's text, not its buggy listing (SPEC §3). Under a mixed-precision policy the
+The head is the paper's text, not its buggy code listing (docs/method.md, errata). Under a mixed-precision policy the
 input layers and the final Dense stay float32.
 """
 
@@ -165,7 +165,7 @@ def _small_cnn(input_shape, weights):
 
 
 def resolve_input_norm(backbone: str, input_norm: str) -> str:
-    """``backbone`` -> the backbone's own mode (SPEC §3 default); ``unit`` -> [0, 1]; else as is."""
+    """``backbone`` -> the backbone's own mode (the default); ``unit`` -> [0, 1]; else as is."""
     if input_norm == "backbone":
         return get_backbone_spec(backbone).input_norm
     if input_norm not in preprocess.INPUT_NORMS:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-# SPEC §2: rows 15 %-90 % of height, columns 20 %-80 % of width (fractions of the full image).
+# The paper's fixed lung crop: rows 15 %-90 % of height, columns 20 %-80 % of width (fractions of the full image).
 FIXED_CROP_FRACTIONS = (0.15, 0.90, 0.20, 0.80)  # top, bottom, left, right
 CROP_METHODS = ("fixed", "none", "adaptive")
 
@@ -30,7 +30,7 @@ class CropBox(NamedTuple):
 
 
 def fixed_crop_box(height: int, width: int) -> CropBox:
-    """The paper's fixed lung crop for an image of ``height`` x ``width`` pixels (SPEC §2)."""
+    """The paper's fixed lung crop for an image of ``height`` x ``width`` pixels."""
     t, b, l, r = FIXED_CROP_FRACTIONS
     return CropBox(int(height * t), int(height * b), int(width * l), int(width * r))
 
@@ -192,7 +192,7 @@ def tf_preprocess_gray(gray, image_size: int, crop: str):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-# Pixel normalisation modes (SPEC §3). Inputs are float ``[..., 3]`` in 0..255, RGB order.
+# Pixel normalisation modes (docs/method.md: the paper's [0, 1] vs the backbone's own). Inputs are float ``[..., 3]`` in 0..255, RGB order.
 INPUT_NORMS = ("unit", "caffe", "torch", "tf", "raw")
 _CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)  # 0..255 scale (keras imagenet_utils "caffe")
 _TORCH_MEAN_RGB = (0.485, 0.456, 0.406)        # [0, 1] scale (keras imagenet_utils "torch")

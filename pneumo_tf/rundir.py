@@ -1,4 +1,4 @@
-"""The run directory: what one training run leaves behind, and how later stages read it (SPEC §5).
+"""The run directory: what one training run leaves behind, and how later stages read it (docs/data_contracts.md).
 
 Layout (written by ``pneumo_tf.train`` unless noted)::
 
@@ -18,9 +18,13 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 from pathlib import Path
 
+from pneumo_tf import atomic_files
 from pneumo_tf.data import records
 
 
@@ -99,6 +103,50 @@ def check_data_compatible(run_dir: str | Path, data_dir: str | Path) -> dict:
             + ". Convert the data with the run's settings (see its data_manifest.json flags) "
               "or pick the matching data dir.")
     return data_manifest
+
+
+def parse_flags_text(text: str) -> dict[str, str]:
+    """``{flag name: value}`` of a flagfile such as ``flags.txt``.
+
+    Booleans (``--name`` / ``--noname``) become ``"true"`` / ``"false"``; comments are skipped.
+    """
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, sep, value = line[2:].partition("=")
+        if not sep:
+            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
+        values[name] = value
+    return values
+
+
+def read_run_flags(run_dir: str | Path) -> dict[str, str]:
+    """The flags a run was trained with (``flags.txt``), ``{}`` when the file is missing."""
+    path = RunPaths(run_dir).flags
+    if not path.is_file():
+        return {}
+    return parse_flags_text(path.read_text(encoding="utf-8"))
+
+
+def write_history_csv(path: str | os.PathLike, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """Write ``history.csv`` atomically: one row per epoch, ``columns`` (``epoch`` first)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(float(row[k])) if k != "epoch" else int(row[k]))
+                         for k in columns})
+    atomic_files.write_text_atomic(path, buf.getvalue())
+
+
+def read_history_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``history.csv`` (``epoch`` int, the rest float)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def load_model(run_dir_or_file: str | Path):

@@ -83,9 +83,9 @@ def test_history_csv_round_trip(tmp_path):
     rows = [{k: (i if k == "epoch" else 0.1 * i + 1 / 3) for k in train.HISTORY_COLUMNS}
             for i in range(3)]
     path = tmp_path / "history.csv"
-    train.write_history_csv(path, rows)
+    rundir.write_history_csv(path, rows, train.HISTORY_COLUMNS)
     assert path.read_text().splitlines()[0] == ",".join(train.HISTORY_COLUMNS)
-    assert train.read_history_csv(path) == rows
+    assert rundir.read_history_csv(path) == rows
 
 
 def test_epoch_seed_depends_on_seed_and_epoch_only():
@@ -169,7 +169,7 @@ def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, cap
         assert p.is_file(), p
     assert list(paths.backup.glob("ckpt-*.index"))
     assert {p.name for p in paths.tb.iterdir()} >= {"train", "val"}
-    hist = train.read_history_csv(paths.history)
+    hist = rundir.read_history_csv(paths.history)
     assert [r["epoch"] for r in hist] == [0, 1]
     assert list(hist[0]) == list(train.HISTORY_COLUMNS)
     assert hist[0]["lr"] == 1e-3
@@ -290,7 +290,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     assert tf.train.latest_checkpoint(str(run / "backup")).endswith("ckpt-3")
     assert not (run / "model.keras").exists() and not (run / "summary.json").exists()
-    assert [r["epoch"] for r in train.read_history_csv(run / "history.csv")] == [0]
+    assert [r["epoch"] for r in rundir.read_history_csv(run / "history.csv")] == [0]
     # Resuming with a lower --lr would be overruled by the backup's optimizer: refused.
     with pytest.raises(train.TrainError, match=r"--lr: run has '0.001', now '0.0001'"):
         train.train(tiny_config(data, run, epochs=3, lr=1e-4),
@@ -304,7 +304,7 @@ def test_same_flags_give_identical_history_with_deterministic(tmp_path):
     histories = []
     for name in ("a", "b"):
         train.train(tiny_config(data, tmp_path / name, deterministic=True))
-        histories.append(train.read_history_csv(tmp_path / name / "history.csv"))
+        histories.append(rundir.read_history_csv(tmp_path / name / "history.csv"))
     assert histories[0] == histories[1]
     assert histories[0][0]["loss"] != histories[0][1]["loss"]  # it did train
 
@@ -342,7 +342,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    rows = train.read_history_csv(killed / "history.csv")
+    rows = rundir.read_history_csv(killed / "history.csv")
     assert 1 <= len(rows) < 4
     again = subprocess.run(_train_cmd(data, killed, *extra), env=_env(), cwd=REPO,
                            capture_output=True, text=True, timeout=300)
@@ -353,8 +353,8 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed and resumed[0] >= 1, out[-3000:]
     assert "epoch 0:" not in out  # no restart from the first epoch
     assert ref.wait(timeout=300) == 0
-    got = train.read_history_csv(killed / "history.csv")
-    want = train.read_history_csv(tmp_path / "ref" / "history.csv")
+    got = rundir.read_history_csv(killed / "history.csv")
+    want = rundir.read_history_csv(tmp_path / "ref" / "history.csv")
     assert [r["epoch"] for r in got] == [0, 1, 2, 3]
     assert got == want
     summary = json.loads((killed / "summary.json").read_text())
@@ -435,7 +435,7 @@ def test_multi_worker_two_local_processes_train_and_only_the_chief_writes(tmp_pa
     assert summary["global_batch_size"] == 8
     assert (run / "model.keras").is_file()
     rundir.load_model(run)
-    assert [r["epoch"] for r in train.read_history_csv(run / "history.csv")] == [0, 1]
+    assert [r["epoch"] for r in rundir.read_history_csv(run / "history.csv")] == [0, 1]
     # Both workers trained every epoch; only the chief's run dir holds the model.
     for out in outs:
         assert "epoch 0: loss=" in out and "epoch 1: loss=" in out, out[-3000:]
@@ -461,8 +461,6 @@ def test_mixed_precision_and_xla_steps_train_on_cpu(tmp_path, precision, jit):
     assert summary["precision_policy"] == precision
     assert summary["jit_compile"] is (jit == "true")
     assert summary["config"]["augment"]["resampler"] == ("gather" if jit == "true" else "gather_xla")
-    rows = train.read_history_csv(tmp_path / "run" / "history.csv")
+    rows = rundir.read_history_csv(tmp_path / "run" / "history.csv")
     assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
-    from pneumo_tf import rundir
-
     assert rundir.load_model(tmp_path / "run").output.dtype == "float32"

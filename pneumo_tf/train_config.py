@@ -1,0 +1,230 @@
+"""The training configuration: one dataclass, one source for every option, its flag and its check.
+
+Each field of :class:`TrainConfig` is also a flag of ``python -m pneumo_tf.train`` (same name;
+help, choices and bounds live in the field's metadata, see :func:`pneumo_tf.cli.option`), so a
+new option is one edit here. ``flags.txt`` in a run directory is :func:`flags_file_text` of the
+run's config: a flagfile that repeats the run, and what a resumed run is compared with
+(:func:`check_resume_flags`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pneumo_tf import augment as augment_lib
+from pneumo_tf import distribute, preprocess
+from pneumo_tf import model as model_lib
+from pneumo_tf.cli import option
+from pneumo_tf.rundir import parse_flags_text
+
+LOSSES = ("focal", "bce")
+RESAMPLERS = ("auto",) + augment_lib.RESAMPLERS
+CACHE_CHOICES = ("auto", "true", "false")
+CLASS_WEIGHTS = ("balanced", "none")
+INPUT_NORMS = ("backbone",) + preprocess.INPUT_NORMS
+# Flags that may change when a run resumes: locations (the data manifest is compared instead),
+# logging, and housekeeping that does not change what is trained. --epochs may also grow.
+RESUME_FREE_FLAGS = frozenset({"data_dir", "run_dir", "log_every_steps", "tb_images", "profile",
+                               "calibrate", "cache", "backup_every_steps"})
+
+
+class TrainError(ValueError):
+    """A training request that cannot run; the message names the flag/file and the fix."""
+
+
+def _backbones() -> list[str]:
+    return sorted(model_lib.BACKBONES)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run depends on; every field is a flag of the training app."""
+
+    data_dir: str | None = option(None, "Converter output folder: TFRecord shards + "
+                                  "manifest.json (tools/make_tfrecords).")
+    run_dir: str | None = option(None, "Run directory: created if missing; an existing one "
+                                 "resumes from its backup.")
+    seed: int = option(0, "Random seed; same seed and inputs -> same outputs.")
+    batch_size: int = option(32, "Batch size per replica; the global batch is this times the "
+                             "number of replicas.", lower=1)
+    # -- model
+    backbone: str = option("resnet50", "Backbone from the registry in pneumo_tf.model.",
+                           choices=_backbones)
+    weights: str = option("imagenet", "imagenet (Keras download, cached) | none | PATH of a local "
+                          "include_top=False weights file.")
+    trainable_layers: int = option(50, "Backbone layers trained, counted from the top; -1 = all.")
+    train_bn: bool = option(False, "Also train BatchNorm layers (default: frozen, inference "
+                            "mode).")
+    input_norm: str = option("backbone", "Pixel normalisation: the backbone's own (backbone), "
+                             "unit = [0, 1] as in the paper, or another fixed mode.",
+                             choices=INPUT_NORMS)
+    dense_units: int = option(128, "Units of the head's hidden Dense layer.", lower=1)
+    head_dropout: tuple[float, ...] = option((0.5, 0.3), "The head's two dropout rates "
+                                             "(before/after the Dense layer).")
+    # -- augmentation (on the device, training only)
+    augment: bool = option(True, "Random affine augmentation during training.")
+    rotation: float = option(20.0, "Max rotation, degrees (+-).", lower=0)
+    zoom: float = option(0.2, "Max zoom, fraction (+-).", lower=0, upper=0.95)
+    shift: float = option(0.2, "Max width/height shift, fraction of the side (+-).", lower=0)
+    shear: float = option(0.1, "Max shear factor (x += factor * y; not degrees).", lower=0)
+    flip: bool = option(True, "Random horizontal flips.")
+    fill_mode: str = option("nearest", "How augmentation fills pixels outside the image.",
+                            choices=augment_lib.FILL_MODES)
+    resampler: str = option("auto", "Augmentation resampler: native (ImageProjectiveTransformV3, "
+                            "no XLA kernel), gather (XLA-compilable), gather_xla (gather compiled "
+                            "on its own); auto = gather inside an XLA-compiled step, else "
+                            "gather_xla.", choices=RESAMPLERS)
+    # -- loss and optimisation
+    loss: str = option("focal", "focal (gamma --focal_gamma) or bce.", choices=LOSSES)
+    focal_gamma: float = option(2.0, "Focal loss gamma.", lower=0)
+    class_weights: str = option("balanced", "Per-class sample weights from the data manifest.",
+                                choices=CLASS_WEIGHTS)
+    lr: float = option(1e-5, "Adam learning rate.")
+    epochs: int = option(15, "Maximum epochs.", lower=1)
+    steps_per_epoch: int = option(0, "Steps per epoch; 0 = train images // global batch.",
+                                  lower=0)
+    val_batch_size: int = option(64, "Batch size of validation.", lower=1)
+    early_stop_patience: int = option(3, "Epochs without val_loss improvement before stopping "
+                                      "(best weights restored).", lower=0)
+    lr_patience: int = option(2, "Epochs without val_loss improvement before the learning rate "
+                              "is multiplied by --lr_factor.", lower=0)
+    lr_factor: float = option(0.2, "ReduceLROnPlateau factor.")
+    min_lr: float = option(0.0, "Lower bound of the plateau-reduced learning rate.", lower=0)
+    # -- execution
+    deterministic: bool = option(False, "Op determinism and seeded data order: same flags -> "
+                                 "same history (slower).")
+    precision: str = option("auto", "auto = mixed_float16 on GPU, mixed_bfloat16 on TPU and on "
+                            "CPUs with AMX, else float32.", choices=distribute.PRECISIONS)
+    jit_compile: str = option("auto", "XLA-compile the train step; auto = on for GPU/TPU, off "
+                              "on CPU.", choices=distribute.JIT_CHOICES)
+    strategy: str = option("auto", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
+                           choices=distribute.STRATEGIES)
+    cpu_devices: int = option(1, "Split the CPU into N logical devices (so --strategy=mirrored "
+                              "runs without GPUs).", lower=1)
+    cache: str = option("auto", "Cache decoded images in RAM: auto (if they fit), true, false.",
+                        choices=CACHE_CHOICES)
+    skip_corrupt: bool = option(False, "Do not fail on a corrupt shard: read it up to its first "
+                                "bad record and DROP THE REST OF THAT SHARD (a warning on stderr "
+                                "names it and counts the records lost). Default: fail naming the "
+                                "corrupt shard.")
+    backup_every_steps: int = option(0, "Also back up every N steps within an epoch (0 = at "
+                                     "epoch ends only).", lower=0)
+    log_every_steps: int = option(10, "TensorBoard batch_loss every N steps.", lower=0)
+    tb_images: int = option(8, "Augmented inputs shown in TensorBoard.", lower=0)
+    profile: str = option("", "START,END global steps to trace with the TensorFlow profiler into "
+                          "tb/train (empty = off).")
+    calibrate: bool = option(True, "Fit temperature and threshold on val at the end "
+                             "(pneumo_tf.calibration).")
+    debug_nan_at_step: int = option(-1, "Test hook: the loss of this global step (0-based) "
+                                    "becomes NaN; -1 = off.")
+
+    def validate(self) -> None:
+        """Raise :class:`TrainError` naming the flag for any value out of range."""
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            choices = choices() if callable(choices) else choices
+            value = getattr(self, field.name)
+            if choices is not None and value not in choices:
+                if field.name == "backbone":  # the registry's own message lists the names
+                    model_lib.get_backbone_spec(value)
+                raise TrainError(f"--{field.name}={value!r}; expected one of {tuple(choices)}")
+        checks = [
+            (self.epochs >= 1, f"--epochs={self.epochs}; must be >= 1"),
+            (self.batch_size >= 1, f"--batch_size={self.batch_size}; must be >= 1"),
+            (self.lr > 0, f"--lr={self.lr}; must be > 0"),
+            (self.steps_per_epoch >= 0, f"--steps_per_epoch={self.steps_per_epoch}; must be >= 0"),
+            (len(self.head_dropout) == 2, f"--head_dropout needs two rates, got {self.head_dropout}"),
+            (0 < self.lr_factor < 1, f"--lr_factor={self.lr_factor}; must be in (0, 1)"),
+            (bool(self.data_dir), "--data_dir is required (a converter output: "
+                                  "tools/make_tfrecords)"),
+            (bool(self.run_dir), "--run_dir is required (created if missing; an existing one "
+                                 "resumes)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainError(msg)
+        model_lib.resolve_input_norm(self.backbone, self.input_norm)
+
+    def cache_arg(self) -> bool | None:
+        """``--cache`` as the pipeline's argument: None (decide by budget), True or False."""
+        return {"auto": None, "true": True, "false": False}[self.cache]
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """``(start, end)`` global steps of ``--profile``, or None."""
+        if not self.profile:
+            return None
+        try:
+            start, end = (int(v) for v in self.profile.split(","))
+        except ValueError as e:
+            raise TrainError(f"--profile={self.profile!r}; expected START,END steps, e.g. 5,10") from e
+        if not 0 <= start < end:
+            raise TrainError(f"--profile={self.profile!r}; need 0 <= START < END")
+        return start, end
+
+
+def augment_kwargs(cfg: TrainConfig, jit_compile: bool) -> dict | None:
+    """Keyword arguments of :class:`pneumo_tf.augment.RandomAffine`, or None (no augmentation).
+
+    ``resampler=auto`` picks ``gather`` when the whole step is XLA-compiled (the native
+    projective-transform op has no XLA kernel), else ``gather_xla``: the same sampler compiled on
+    its own, measured 2x the native op's throughput on a 2-core CPU (BUILD.md).
+    """
+    if not cfg.augment:
+        return None
+    resampler = cfg.resampler
+    if resampler == "auto":
+        resampler = "gather" if jit_compile else "gather_xla"
+    elif resampler == "native" and jit_compile:
+        raise TrainError("--resampler=native cannot be XLA-compiled (no XLA kernel for "
+                         "ImageProjectiveTransformV3); use --resampler=gather or --jit_compile=false")
+    return dict(rotation_deg=cfg.rotation, zoom=cfg.zoom, shift=cfg.shift, shear=cfg.shear,
+                flip=cfg.flip, fill_mode=cfg.fill_mode, resampler=resampler, seed=cfg.seed)
+
+
+def _flag_line(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, tuple):
+        return f"--{name}=" + ",".join(repr(float(v)) if isinstance(v, float) else str(v)
+                                       for v in value)
+    return "" if value is None else f"--{name}={value}"
+
+
+def flags_file_text(cfg: TrainConfig, argv0: str = "python -m pneumo_tf.train") -> str:
+    """A flagfile holding every option of ``cfg`` (what ``flags.txt`` of a run holds)."""
+    lines = [f"# {argv0} --flagfile=THIS_FILE  (written by pneumo_tf.train)"]
+    lines += [_flag_line(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def check_resume_flags(run_flags_text: str, flags_text: str, run_flags_path: Path) -> bool:
+    """Refuse to resume a run with other settings than its ``flags.txt``.
+
+    The backup restores the model, the optimizer (learning rate included) and the callbacks'
+    state, so a changed flag would be silently overruled or half applied.
+
+    Args:
+        run_flags_text: the run's ``flags.txt``; flags_text: this invocation's flags.
+        run_flags_path: the path of ``flags.txt`` (for the message).
+
+    Returns:
+        True when ``--epochs`` grew (honoured; ``flags.txt`` should then be rewritten).
+
+    Raises:
+        TrainError: listing every differing flag outside :data:`RESUME_FREE_FLAGS`.
+    """
+    old, new = parse_flags_text(run_flags_text), parse_flags_text(flags_text)
+    differ = sorted(name for name in old.keys() & new.keys()
+                    if old[name] != new[name] and name not in RESUME_FREE_FLAGS)
+    epochs_grew = "epochs" in differ and int(new["epochs"]) > int(old["epochs"])
+    if epochs_grew:
+        differ.remove("epochs")
+    if differ:
+        changes = "; ".join(f"--{name}: run has {old[name]!r}, now {new[name]!r}"
+                            for name in differ)
+        raise TrainError(f"{run_flags_path.parent} is resumed from its backup, but these flags "
+                         f"differ from {run_flags_path}: {changes}. Resume with the run's flags "
+                         f"(--flagfile={run_flags_path}; --epochs may only grow) or train with "
+                         f"the new flags in a new --run_dir")
+    return epochs_grew
