@@ -273,18 +273,24 @@ class RandomAffine(keras.layers.Layer):
     def call(self, images, training=None):
         if not training:
             return images
-        in_dtype = images.dtype
-        x = tf.cast(images, tf.float32)
-        shape = tf.shape(x)
+        return tf.cast(self._resample(images, self._layer_seed()), images.dtype)
+
+    def _layer_seed(self):
+        """The next ``[2]`` int64 seed, folded with the replica id under ``tf.distribute``."""
         seed = tf.cast(self.seed_generator.next(), tf.int64)
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
             seed = tf.random.experimental.stateless_fold_in(
                 seed, tf.cast(replica.replica_id_in_sync_group, tf.int64))
+        return seed
+
+    def _resample(self, images, seed):
+        """``images`` (any float dtype) -> float32, one random affine resampling per image."""
+        x = tf.cast(images, tf.float32)
+        shape = tf.shape(x)
         matrices = random_affine_matrices(shape[0], shape[1], shape[2], self.rotation_deg,
                                           self.zoom, self.shift, self.shear, self.flip, seed)
-        resample = _RESAMPLE[self.resampler]
-        return tf.cast(resample(x, matrices, self.fill_mode, self.fill_value), in_dtype)
+        return _RESAMPLE[self.resampler](x, matrices, self.fill_mode, self.fill_value)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -295,3 +301,104 @@ class RandomAffine(keras.layers.Layer):
                       shear=self.shear, flip=self.flip, fill_mode=self.fill_mode,
                       resampler=self.resampler, seed=self.seed, fill_value=self.fill_value)
         return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Intensity changes (brightness, contrast, gamma, blur/sharpen, noise), after the geometry
+
+INTENSITY_KEYS = ("brightness", "contrast", "gamma", "sharpness", "noise")
+# 5x5 binomial low-pass filter (the blur that --sharpness mixes in or out).
+_BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+
+def random_intensity(images, seed, brightness: float = 0.0, contrast: float = 0.0,
+                     gamma: float = 0.0, sharpness: float = 0.0, noise: float = 0.0):
+    """Per-image random intensity changes of ``[B, H, W, C]`` float pixels in 0..255.
+
+    Each parameter is drawn per image, uniformly in its ± range (0 turns a change off):
+
+    - contrast ``c``: ``mean + (x - mean) * (1 + c)``, the image's own mean kept;
+    - brightness ``b``: ``x + 255 b`` (a fraction of the full scale);
+    - gamma ``g``: ``255 (x / 255) ** exp(g)`` (exp keeps darkening and brightening symmetric);
+    - sharpness ``s``: ``x + s (x - blur(x))`` with a 5x5 binomial blur: ``s < 0`` blurs
+      (``s = -1`` is the blur itself), ``s > 0`` sharpens;
+    - noise ``n``: Gaussian noise of standard deviation ``255 n u``, ``u`` uniform in [0, 1].
+
+    The result is clipped to 0..255. Films differ between hospitals in exactly these ways
+    (exposure, processing, detector sharpness and noise), so a model that must not read them as
+    signs of pneumonia sees them vary in training.
+
+    Args:
+        images: ``[B, H, W, C]`` float32 in 0..255.
+        seed: ``[2]`` integer tensor (stateless RNG).
+
+    Returns:
+        ``[B, H, W, C]`` float32 in 0..255.
+    """
+    x = tf.convert_to_tensor(images, tf.float32)
+    seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), 2**31 - 1), tf.int32)
+    u = tf.random.stateless_uniform([6, tf.shape(x)[0], 1, 1, 1], seed=seed, minval=-1.0,
+                                    maxval=1.0)
+    if contrast:
+        mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+        x = mean + (x - mean) * (1.0 + contrast * u[0])
+    if brightness:
+        x = x + 255.0 * brightness * u[1]
+    if gamma:
+        x = 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, tf.exp(gamma * u[2]))
+    if sharpness:
+        x = x + sharpness * u[3] * (x - _binomial_blur(x))
+    if noise:
+        sigma = 255.0 * noise * (u[4] + 1.0) / 2.0
+        x = x + sigma * tf.random.stateless_normal(tf.shape(x), seed=seed + 1)
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def _binomial_blur(x):
+    k = tf.constant(_BINOMIAL_5, tf.float32)
+    kernel = tf.tensordot(k, k, axes=0) / tf.reduce_sum(k) ** 2           # [5, 5]
+    channels = x.shape[-1] or tf.shape(x)[-1]
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])      # [5, 5, C, 1]
+    padded = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC")
+    return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class RandomAugment(RandomAffine):
+    """:class:`RandomAffine` followed by :func:`random_intensity`, in one layer call.
+
+    The geometric parameters are drawn exactly as :class:`RandomAffine` draws them; the
+    intensity parameters come from a seed folded from the same draw, so turning intensity
+    changes on does not change the geometry a seed gives.
+
+    Args:
+        brightness, contrast, gamma, sharpness, noise: ranges of :func:`random_intensity`
+            (0 = off); the rest as :class:`RandomAffine`.
+    """
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, gamma: float = 0.0,
+                 sharpness: float = 0.0, noise: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in zip(INTENSITY_KEYS, (brightness, contrast, gamma, sharpness, noise)):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (it is a ± range)")
+        self.intensity = dict(zip(INTENSITY_KEYS, map(float, (brightness, contrast, gamma,
+                                                               sharpness, noise))))
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        seed = self._layer_seed()
+        out = self._resample(images, seed)
+        folded = tf.random.experimental.stateless_fold_in(seed, 1)
+        return tf.cast(random_intensity(out, folded, **self.intensity), images.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), **self.intensity}
+
+
+def make_augment_layer(**kwargs) -> RandomAffine:
+    """:class:`RandomAugment` when an intensity range is set, else :class:`RandomAffine`."""
+    if any(kwargs.get(k) for k in INTENSITY_KEYS):
+        return RandomAugment(**kwargs)
+    return RandomAffine(**{k: v for k, v in kwargs.items() if k not in INTENSITY_KEYS})

@@ -4,7 +4,7 @@ Graph of :func:`build_model`::
 
     image [B, S, S, 1] uint8
       -> ToFloatRGB          float32 [B, S, S, 3], 0..255 (channel replication happens here, on device)
-      -> RandomAffine        training only (pneumo_tf.augment), float32
+      -> RandomAffine        training only (pneumo_tf.augment; RandomAugment adds intensity), float32
       -> PixelNorm           the backbone's own normalisation, or [0, 1] for the paper's recipe
       -> backbone            a nested keras.Model named "backbone" (registry below)
       -> GAP -> Dropout(0.5) -> Dense(128, relu) -> Dropout(0.3) -> Dense(1, sigmoid, float32)
@@ -23,7 +23,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from pneumo_tf import augment as _augment  # noqa: F401 -- registers RandomAffine for load_model
+from pneumo_tf import augment as _augment  # also registers its layers for load_model
 from pneumo_tf import preprocess
 
 
@@ -237,8 +237,8 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
         trainable_layers: backbone layers trained, counted from the top; -1 = all.
         train_bn: also train BatchNorm layers (default: frozen, inference mode).
         input_norm: ``backbone`` (its own preprocessing) or a :data:`preprocess.INPUT_NORMS` mode.
-        augment: keyword arguments of :class:`pneumo_tf.augment.RandomAffine`, or None for no
-            augmentation layer. The layer is active only when the model is called with training=True.
+        augment: keyword arguments of :func:`pneumo_tf.augment.make_augment_layer`, or None for
+            no augmentation layer. The layer is active only when the model is called with training=True.
         dense_units, dropout: the head (paper: 128, (0.5, 0.3)).
 
     Returns:
@@ -248,7 +248,7 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     inputs = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
     x = ToFloatRGB(name="to_float_rgb")(inputs)
     if augment is not None:
-        x = _augment.RandomAffine(**augment, dtype="float32", name="augment")(x)
+        x = _augment.make_augment_layer(**augment, dtype="float32", name="augment")(x)
     x = PixelNorm(norm, name="pixel_norm")(x)
     base = build_backbone(backbone, image_size, weights)
     set_trainable(base, trainable_layers, train_bn)

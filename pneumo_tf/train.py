@@ -26,6 +26,7 @@ so with ``--deterministic`` a run killed and resumed reproduces the uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,20 +62,25 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass
 class EarlyStopping:
-    """Keras' EarlyStopping(monitor=val_loss, min_delta=0, restore_best_weights) state machine."""
+    """Keras' EarlyStopping(min_delta=0, restore_best_weights=True) state machine.
+
+    ``mode`` ``min`` for a loss, ``max`` for a score such as AUC; ``patience`` -1 never stops.
+    """
 
     patience: int = 3
     best: float = math.inf
     best_epoch: int = -1
     wait: int = 0
+    mode: str = "min"
 
-    def update(self, epoch: int, val_loss: float) -> tuple[bool, bool]:
-        """Feed one epoch's val_loss. Returns ``(improved, stop)``."""
+    def update(self, epoch: int, value: float) -> tuple[bool, bool]:
+        """Feed one epoch's monitored value. Returns ``(improved, stop)``."""
         self.wait += 1
-        if val_loss < self.best:
-            self.best, self.best_epoch, self.wait = float(val_loss), int(epoch), 0
+        better = value < self.best if self.mode == "min" else value > self.best
+        if better:
+            self.best, self.best_epoch, self.wait = float(value), int(epoch), 0
             return True, False
-        return False, self.wait >= self.patience and epoch > 0
+        return False, 0 <= self.patience <= self.wait and epoch > 0
 
 
 @dataclasses.dataclass
@@ -132,8 +138,10 @@ class RunState:
     @classmethod
     def start(cls, cfg: TrainConfig) -> "RunState":
         """The state of a run that has not trained yet."""
-        return cls(EarlyStopping(cfg.early_stop_patience),
-                   ReduceLROnPlateau(cfg.lr_patience, cfg.lr_factor, cfg.min_lr))
+        mode = "max" if cfg.select_on == "val_auc" else "min"
+        early = EarlyStopping(cfg.early_stop_patience, -math.inf if mode == "max" else math.inf,
+                              mode=mode)
+        return cls(early, ReduceLROnPlateau(cfg.lr_patience, cfg.lr_factor, cfg.min_lr))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -148,6 +156,35 @@ class RunState:
 
 # ---------------------------------------------------------------------------------------------
 # The trainer: model, optimizer, loss, distributed step, checkpoint
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, precision_policy: str):
+    """The run's optimizer: Adam or AdamW, a constant (plateau-driven) or cosine learning rate,
+    optional weight averaging (EMA), loss scaling under ``mixed_float16``."""
+    lr = cfg.lr
+    if cfg.lr_schedule == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else cfg.lr, max(1, total - warmup), alpha=cfg.min_lr / cfg.lr,
+            warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
+    ema = {"use_ema": cfg.ema_decay > 0, "ema_momentum": cfg.ema_decay or 0.99}
+    if cfg.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **ema)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    else:
+        optimizer = keras.optimizers.Adam(lr, **ema)
+    if precision_policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def make_loss(cfg: TrainConfig):
+    """The per-example training loss (focal or binary cross-entropy, optional smoothing)."""
+    if cfg.loss == "focal":
+        return keras.losses.BinaryFocalCrossentropy(
+            gamma=cfg.focal_gamma, label_smoothing=cfg.label_smoothing, reduction=None)
+    return keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing, reduction=None)
 
 
 def build_model(cfg: TrainConfig, image_size: int, augment: dict | None):
@@ -178,20 +215,15 @@ class Trainer:
         self.strategy = setup.strategy
         self.image_size = int(manifest["image_size"])
         self.global_batch = cfg.batch_size * setup.num_replicas
+        train_count = int(manifest["splits"]["train"]["count"])
+        self.steps_per_epoch = cfg.steps_per_epoch or max(1, train_count // self.global_batch)
         self.augment = augment_kwargs(cfg, setup.jit_compile)
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.model = build_model(cfg, self.image_size, self.augment)
-            optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
-            if setup.precision_policy == "mixed_float16":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            self.optimizer = optimizer
+            self.optimizer = make_optimizer(cfg, self.steps_per_epoch, setup.precision_policy)
             self.optimizer.build(self.model.trainable_variables)
-        if cfg.loss == "focal":
-            self.loss_fn = keras.losses.BinaryFocalCrossentropy(gamma=cfg.focal_gamma,
-                                                                reduction=None)
-        else:
-            self.loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
+        self.loss_fn = make_loss(cfg)
         # Keras SeedGenerator states (dropout, augmentation): re-seeded per epoch, and saved.
         self.seed_states = [v for v in self.model.variables
                             if v.path.endswith("seed_generator_state")]
@@ -301,7 +333,30 @@ class Trainer:
         return float(np.mean(np.asarray(per)))
 
     def get_lr(self) -> float:
+        """The learning rate of the next step (a schedule evaluated at the current step)."""
         return float(np.asarray(self.optimizer.learning_rate))
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside: the model holds the weight averages (EMA); outside, its training weights.
+
+        A no-op without ``--ema_decay``. Validation, the best-epoch snapshot and the saved model
+        use the averages; the optimizer keeps stepping the training weights.
+        """
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        averages = getattr(inner, "_model_variables_moving_average", None) or []
+        if not self.cfg.ema_decay or not averages:
+            yield
+            return
+        variables = self.model.trainable_variables
+        saved = [v.numpy() for v in variables]
+        for var, avg in zip(variables, averages):
+            var.assign(avg)
+        try:
+            yield
+        finally:
+            for var, value in zip(variables, saved):
+                var.assign(value)
 
     def set_lr(self, lr: float) -> None:
         self.optimizer.learning_rate.assign(lr)
@@ -462,16 +517,17 @@ def _write_epoch_summaries(ctx: RunContext, row: dict, epoch: int, seconds: floa
 
 
 def end_epoch(ctx: RunContext, state: RunState, row: dict, seconds: float) -> None:
-    """Apply the epoch-end rules to ``row``, log it, write the history and back up."""
+    """Apply the epoch-end rules to ``row``, log it and write the history (no backup)."""
     cfg, epoch = ctx.cfg, row["epoch"]
     state.history.append(row)
-    improved, stop = state.early.update(epoch, row["val_loss"])
+    improved, stop = state.early.update(epoch, row[cfg.select_on])
     if improved:
         ctx.best_weights = ctx.trainer.model.get_weights()
         if ctx.chief:
             with atomic_files.atomic_output(ctx.paths.best_weights, keep_suffix=True) as tmp:
                 ctx.trainer.model.save_weights(str(tmp))
-    new_lr = state.plateau.update(row["val_loss"], row["lr"])
+    new_lr = (state.plateau.update(row["val_loss"], row["lr"]) if cfg.lr_schedule == "plateau"
+              else row["lr"])
     if new_lr != row["lr"]:
         log.info("epoch %d: val_loss did not improve for %d epochs; learning rate %g -> %g",
                  epoch, cfg.lr_patience, row["lr"], new_lr)
@@ -484,13 +540,12 @@ def end_epoch(ctx: RunContext, state: RunState, row: dict, seconds: float) -> No
     _write_epoch_summaries(ctx, row, epoch, seconds)
     if stop:
         state.stopped_early = True
-        log.info("early stopping after epoch %d: val_loss has not improved for %d epochs "
-                 "(best %.4f at epoch %d)", epoch, cfg.early_stop_patience, state.early.best,
-                 state.early.best_epoch)
+        log.info("early stopping after epoch %d: %s has not improved for %d epochs "
+                 "(best %.4f at epoch %d)", epoch, cfg.select_on, cfg.early_stop_patience,
+                 state.early.best, state.early.best_epoch)
     if ctx.chief:
         rundir.write_history_csv(ctx.paths.history, state.history, HISTORY_COLUMNS)
     state.next_epoch, state.step_in_epoch = epoch + 1, 0
-    save_backup(ctx, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,13 +671,13 @@ def _scalar_hparams(cfg: TrainConfig, summary_config: dict) -> dict:
 def log_augmented_images(trainer: Trainer, images, writer, step: int, max_images: int) -> None:
     """TensorBoard image summary of a few training inputs as the backbone sees them (augmented).
 
-    The augmentation runs in a separate :class:`pneumo_tf.augment.RandomAffine` built from the
-    same settings, so the model's own layer (its seed-generator state, saved in every backup)
-    is not advanced: logging cannot change training or break an exact resume.
+    The augmentation runs in a separate layer (:func:`pneumo_tf.augment.make_augment_layer`)
+    built from the same settings, so the model's own layer (its seed-generator state, saved in
+    every backup) is not advanced: logging cannot change training or break an exact resume.
     """
     shown = trainer.model.get_layer("to_float_rgb")(images[:max_images])
     if trainer.augment is not None:
-        shown = augment_lib.RandomAffine(**trainer.augment)(shown, training=True)
+        shown = augment_lib.make_augment_layer(**trainer.augment)(shown, training=True)
     with writer.as_default():
         tf.summary.image("augmented_inputs", tf.clip_by_value(shown / 255.0, 0.0, 1.0), step=step,
                          max_outputs=max_images)
@@ -643,7 +698,10 @@ def summary_config(cfg: TrainConfig, manifest: dict, trainer: Trainer) -> dict:
         "batch_size": cfg.batch_size, "global_batch_size": trainer.global_batch,
         "epochs": cfg.epochs, "seed": cfg.seed, "deterministic": cfg.deterministic,
         "early_stop_patience": cfg.early_stop_patience, "lr_patience": cfg.lr_patience,
-        "lr_factor": cfg.lr_factor, "data_dir": str(cfg.data_dir),
+        "lr_factor": cfg.lr_factor, "data_dir": str(cfg.data_dir), "optimizer": cfg.optimizer,
+        "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+        "warmup_epochs": cfg.warmup_epochs, "ema_decay": cfg.ema_decay,
+        "label_smoothing": cfg.label_smoothing, "select_on": cfg.select_on,
     }
 
 
@@ -657,13 +715,11 @@ def start_run(cfg: TrainConfig, setup: distribute.DistributionSetup, manifest: d
     log.info("model %s at %d px; strategy %s (%d replicas), precision %s, jit_compile %s, "
              "global batch %d", cfg.backbone, trainer.image_size, setup.strategy_name,
              setup.num_replicas, setup.precision_policy, setup.jit_compile, trainer.global_batch)
-    train_count = int(manifest["splits"]["train"]["count"])
     manager = tf.train.CheckpointManager(
         trainer.checkpoint, str(distribute.worker_write_dir(paths.backup, setup)), max_to_keep=2)
     return RunContext(cfg=cfg, setup=setup, paths=paths, trainer=trainer, manager=manager,
                       writers=_tb_writers(paths, setup.is_chief),
-                      steps_per_epoch=cfg.steps_per_epoch or max(1, train_count
-                                                                   // trainer.global_batch),
+                      steps_per_epoch=trainer.steps_per_epoch,
                       profile_range=cfg.profile_range())
 
 
@@ -701,8 +757,8 @@ def finish(ctx: RunContext, state: RunState, manifest: dict) -> dict:
         atomic_files.write_json_atomic(ctx.paths.summary, summary)
         for w in (ctx.writers or {}).values():
             w.close()
-    log.info("done: %d epochs, best epoch %d (val_loss %.4f); model in %s", len(state.history),
-             state.early.best_epoch, state.early.best, ctx.paths.model)
+    log.info("done: %d epochs, best epoch %d (%s %.4f); model in %s", len(state.history),
+             state.early.best_epoch, ctx.cfg.select_on, state.early.best, ctx.paths.model)
     return summary
 
 
@@ -716,7 +772,8 @@ def run_summary(ctx: RunContext, state: RunState, manifest: dict) -> dict:
         "status": "complete", "precision_policy": setup.precision_policy,
         "jit_compile": setup.jit_compile, "strategy": setup.strategy_name,
         "num_replicas": setup.num_replicas, "device_kind": setup.device_kind,
-        "epochs_run": len(state.history), "best_epoch": best, "best_val_loss": state.early.best,
+        "epochs_run": len(state.history), "best_epoch": best, "selected_on": ctx.cfg.select_on,
+        "best_val_loss": best_row.get("val_loss", state.early.best),
         "best_val_metrics": {k: v for k, v in best_row.items() if k.startswith("val_")},
         "stopped_early": state.stopped_early, "steps_per_epoch": ctx.steps_per_epoch,
         "global_batch_size": trainer.global_batch,
@@ -792,8 +849,10 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
         t0 = time.perf_counter()
         row = {"epoch": epoch, **run_epoch(ctx, state, epoch, lr)}
         seconds = time.perf_counter() - t0
-        row.update(validate(ctx), lr=lr)
-        end_epoch(ctx, state, row, seconds)
+        with trainer.averaged_weights():
+            row.update(validate(ctx), lr=lr)
+            end_epoch(ctx, state, row, seconds)
+        save_backup(ctx, state)
     return finish(ctx, state, manifest)
 
 

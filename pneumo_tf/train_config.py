@@ -19,6 +19,9 @@ from pneumo_tf.cli import option
 from pneumo_tf.rundir import parse_flags_text
 
 LOSSES = ("focal", "bce")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("plateau", "cosine")
+SELECT_ON = ("val_loss", "val_auc")
 RESAMPLERS = ("auto",) + augment_lib.RESAMPLERS
 CACHE_CHOICES = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -71,6 +74,15 @@ class TrainConfig:
     flip: bool = option(True, "Random horizontal flips.")
     fill_mode: str = option("nearest", "How augmentation fills pixels outside the image.",
                             choices=augment_lib.FILL_MODES)
+    brightness: float = option(0.0, "Max brightness change, fraction of the full scale (+-); "
+                               "0 = off.", lower=0)
+    contrast: float = option(0.0, "Max contrast change, fraction (+-; 0.3 = 0.7x to 1.3x around "
+                             "the image's mean); 0 = off.", lower=0)
+    gamma: float = option(0.0, "Max gamma change: exponent exp(+-g); 0 = off.", lower=0)
+    sharpness: float = option(0.0, "Max blur/sharpen amount (+-; -1 = a 5x5 binomial blur); "
+                              "0 = off.", lower=0)
+    noise: float = option(0.0, "Max Gaussian noise standard deviation, fraction of the full "
+                          "scale; 0 = off.", lower=0)
     resampler: str = option("auto", "Augmentation resampler: native (ImageProjectiveTransformV3, "
                             "no XLA kernel), gather (XLA-compilable), gather_xla (gather compiled "
                             "on its own); auto = gather inside an XLA-compiled step, else "
@@ -78,15 +90,32 @@ class TrainConfig:
     # -- loss and optimisation
     loss: str = option("focal", "focal (gamma --focal_gamma) or bce.", choices=LOSSES)
     focal_gamma: float = option(2.0, "Focal loss gamma.", lower=0)
+    label_smoothing: float = option(0.0, "Label smoothing of the loss: targets become "
+                                    "s/2 and 1 - s/2.", lower=0, upper=0.5)
     class_weights: str = option("balanced", "Per-class sample weights from the data manifest.",
                                 choices=CLASS_WEIGHTS)
-    lr: float = option(1e-5, "Adam learning rate.")
+    optimizer: str = option("adam", "adam, or adamw (decoupled weight decay --weight_decay, not "
+                            "applied to biases and BatchNorm).", choices=OPTIMIZERS)
+    weight_decay: float = option(1e-4, "AdamW weight decay.", lower=0)
+    lr: float = option(1e-5, "Peak learning rate.")
+    lr_schedule: str = option("plateau", "plateau: multiply by --lr_factor after --lr_patience "
+                              "epochs without val_loss improvement; cosine: linear warm-up over "
+                              "--warmup_epochs, then cosine decay to --min_lr at the last epoch.",
+                              choices=LR_SCHEDULES)
+    warmup_epochs: float = option(0.0, "Linear warm-up of the cosine schedule, epochs.", lower=0)
+    ema_decay: float = option(0.0, "Exponential moving average of the weights (e.g. 0.999); "
+                              "validation, the best epoch and model.keras use the average; "
+                              "0 = off.", lower=0, upper=0.99999)
     epochs: int = option(15, "Maximum epochs.", lower=1)
     steps_per_epoch: int = option(0, "Steps per epoch; 0 = train images // global batch.",
                                   lower=0)
     val_batch_size: int = option(64, "Batch size of validation.", lower=1)
-    early_stop_patience: int = option(3, "Epochs without val_loss improvement before stopping "
-                                      "(best weights restored).", lower=0)
+    select_on: str = option("val_loss", "Validation metric that picks the best epoch (whose "
+                            "weights are kept) and drives early stopping: val_loss (lower is "
+                            "better) or val_auc (higher is better).", choices=SELECT_ON)
+    early_stop_patience: int = option(3, "Epochs without improvement of --select_on before "
+                                      "stopping (best weights restored); -1 = never stop early.",
+                                      lower=-1)
     lr_patience: int = option(2, "Epochs without val_loss improvement before the learning rate "
                               "is multiplied by --lr_factor.", lower=0)
     lr_factor: float = option(0.2, "ReduceLROnPlateau factor.")
@@ -164,7 +193,8 @@ class TrainConfig:
 
 
 def augment_kwargs(cfg: TrainConfig, jit_compile: bool) -> dict | None:
-    """Keyword arguments of :class:`pneumo_tf.augment.RandomAffine`, or None (no augmentation).
+    """Keyword arguments of :func:`pneumo_tf.augment.make_augment_layer`, or None (no
+    augmentation).
 
     ``resampler=auto`` picks ``gather`` when the whole step is XLA-compiled (the native
     projective-transform op has no XLA kernel), else ``gather_xla``: the same sampler compiled on
@@ -178,8 +208,10 @@ def augment_kwargs(cfg: TrainConfig, jit_compile: bool) -> dict | None:
     elif resampler == "native" and jit_compile:
         raise TrainError("--resampler=native cannot be XLA-compiled (no XLA kernel for "
                          "ImageProjectiveTransformV3); use --resampler=gather or --jit_compile=false")
-    return dict(rotation_deg=cfg.rotation, zoom=cfg.zoom, shift=cfg.shift, shear=cfg.shear,
-                flip=cfg.flip, fill_mode=cfg.fill_mode, resampler=resampler, seed=cfg.seed)
+    kwargs = dict(rotation_deg=cfg.rotation, zoom=cfg.zoom, shift=cfg.shift, shear=cfg.shear,
+                  flip=cfg.flip, fill_mode=cfg.fill_mode, resampler=resampler, seed=cfg.seed)
+    kwargs.update({k: getattr(cfg, k) for k in augment_lib.INTENSITY_KEYS if getattr(cfg, k)})
+    return kwargs
 
 
 def _flag_line(name: str, value) -> str:
