@@ -117,7 +117,7 @@ def test_gather_xla_resampler_matches_native_inside_a_plain_graph():
 
 
 def test_native_resampler_has_no_xla_kernel():
-    # Why the gather resampler exists (SPEC §6); if TF ever adds the kernel this test says so.
+    # Why the gather resampler exists; if TF ever adds the kernel this test says so.
     m = augment.random_affine_matrices(1, H, W, seed=(0, 1))
     jitted = tf.function(augment.transform_native, jit_compile=True)
     with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.UnimplementedError)):
@@ -211,3 +211,80 @@ def test_get_config_round_trip_and_model_keras_safe_mode(tmp_path):
     # Saved seed state: the loaded layer draws the same next batch as the original.
     np.testing.assert_allclose(loaded(images, training=True).numpy(),
                                model(images, training=True).numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Intensity changes (RandomAugment)
+
+
+def _film(batch=8, size=32, seed=0):
+    """Smooth gray images with an edge, so blur and sharpening have something to act on."""
+    rng = np.random.default_rng(seed)
+    x = np.tile(np.linspace(40, 200, size, dtype=np.float32), (batch, size, 1))
+    x[:, :, size // 2:] += 30
+    return (x + rng.normal(0, 2, x.shape)).clip(0, 255)[..., None].repeat(3, -1).astype(np.float32)
+
+
+def test_intensity_off_is_the_identity_and_each_change_stays_in_range():
+    images = _film()
+    np.testing.assert_array_equal(augment.random_intensity(images, (1, 2)).numpy(), images)
+    for key, value in (("brightness", 0.2), ("contrast", 0.3), ("gamma", 0.4),
+                       ("sharpness", 1.0), ("noise", 0.05)):
+        out = augment.random_intensity(images, (1, 2), **{key: value}).numpy()
+        assert out.min() >= 0.0 and out.max() <= 255.0, key
+        assert np.abs(out - images).mean() > 0.5, key
+        # Channels stay identical (a replicated grayscale film stays gray) except for noise.
+        if key != "noise":
+            np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-3)
+
+
+def test_brightness_and_contrast_follow_their_definitions():
+    images = _film(batch=400)
+    shift = augment.random_intensity(images, (3, 4), brightness=0.1).numpy() - images
+    per_image = shift.reshape(400, -1)
+    inner = (images > 30) & (images < 220)
+    delta = np.array([s[m].mean() for s, m in zip(per_image, inner.reshape(400, -1))])
+    assert np.abs(delta).max() <= 25.5 + 1e-3 and np.abs(delta).max() > 20  # ±0.1 * 255
+    out = augment.random_intensity(images, (3, 5), contrast=0.3).numpy()
+    ratio = out.reshape(400, -1).std(1) / images.reshape(400, -1).std(1)
+    assert 0.69 < ratio.min() < 0.75 and 1.22 < ratio.max() < 1.31
+
+
+def test_negative_sharpness_blurs_and_positive_sharpens():
+    images = _film(batch=64)
+
+    def edge_energy(x):
+        return np.abs(np.diff(x[..., 0], axis=2)).mean(axis=(1, 2))
+
+    out = augment.random_intensity(images, (5, 6), sharpness=1.0).numpy()
+    u = tf.random.stateless_uniform([6, 64, 1, 1, 1], seed=(5, 6), minval=-1.0, maxval=1.0)
+    s = u[3].numpy().reshape(-1)
+    change = edge_energy(out) - edge_energy(images)
+    assert np.all(change[s < -0.2] < 0) and np.all(change[s > 0.2] > 0)
+
+
+def test_random_augment_keeps_the_geometry_of_random_affine():
+    images = _random_images(batch=4)
+    geometry = dict(rotation_deg=15, zoom=0.1, shift=0.1, shear=0.05, seed=4)
+    plain = augment.RandomAffine(**geometry)(images, training=True).numpy()
+    noisy = augment.RandomAugment(noise=0.0, contrast=0.0, **geometry)(images, training=True)
+    np.testing.assert_allclose(noisy.numpy(), plain, atol=1e-4)
+    bright = augment.RandomAugment(brightness=0.2, **geometry)(images, training=True).numpy()
+    assert np.abs(bright - plain).mean() > 1.0
+    layer = augment.RandomAugment(gamma=0.3, **geometry)
+    np.testing.assert_array_equal(layer(images, training=False).numpy(), images)
+
+
+def test_make_augment_layer_picks_the_class_and_round_trips(tmp_path):
+    assert type(augment.make_augment_layer(rotation_deg=5)) is augment.RandomAffine
+    layer = augment.make_augment_layer(rotation_deg=5, contrast=0.2, sharpness=0.5, seed=1,
+                                       name="aug")
+    assert isinstance(layer, augment.RandomAugment)
+    with pytest.raises(ValueError, match="noise=-0.1"):
+        augment.RandomAugment(noise=-0.1)
+    inputs = keras.Input((H, W, 3))
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True).get_layer("aug")
+    assert isinstance(loaded, augment.RandomAugment)
+    assert loaded.get_config() == layer.get_config()
