@@ -7,6 +7,10 @@ Data flow, one module per stage:
     pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
 """
 
+from pneumo_tf import quiet_tf
+
 __version__ = "0.1.0"
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
+
+quiet_tf.install()  # TensorFlow's start-up banner stays off the console (see quiet_tf)

@@ -43,6 +43,7 @@ from pneumo_tf import augment as augment_lib
 from pneumo_tf import model as model_lib
 from pneumo_tf.data import pipeline, records
 from pneumo_tf.metrics import binary_metrics
+from pneumo_tf.progress import Progress
 from pneumo_tf.train_config import (TrainConfig, TrainError, augment_kwargs,  # noqa: F401
                                     check_resume_flags, flags_file_text)
 
@@ -321,10 +322,14 @@ class Trainer:
         ds = pipeline.make_eval_dataset(self.cfg.data_dir, split, self.cfg.val_batch_size,
                                         cache=self.cfg.cache_arg(),
                                         skip_corrupt=self.cfg.skip_corrupt)
+        count = int(self.manifest["splits"][split]["count"])
+        bar = Progress(count, split, enabled=self.setup.is_chief)
         labels, probs = [], []
         for batch in pipeline.iterate_checked(ds, self.cfg.data_dir, split):
             probs.append(np.asarray(self._predict(batch["image"]))[:, 0])
             labels.append(batch["label"].numpy())
+            bar.update(sum(len(v) for v in labels))
+        bar.close()
         return np.concatenate(labels), np.concatenate(probs)
 
     def mean_loss(self, labels: np.ndarray, probs: np.ndarray) -> float:
@@ -466,6 +471,8 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
         trainer.reseed(epoch)
     iterator = iter(trainer.train_dataset(epoch, skip))
     losses, probs, labels = [], [], []
+    bar = Progress(ctx.steps_per_epoch, f"epoch {epoch}", unit="step",
+                   images_per_unit=trainer.global_batch, enabled=ctx.chief)
     for step in range(skip, ctx.steps_per_epoch):
         global_step = int(trainer.optimizer.iterations.numpy())
         _profile_toggle(ctx, global_step, starting=True)
@@ -487,10 +494,12 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
         losses.append(loss)
         probs.append(np.asarray(p))
         labels.append(np.asarray(lab))
+        bar.update(step + 1, loss=float(np.mean(losses)))
         if cfg.backup_every_steps and (step + 1) % cfg.backup_every_steps == 0 \
                 and step + 1 < ctx.steps_per_epoch:
             state.step_in_epoch = step + 1
             save_backup(ctx, state)
+    bar.close()
     return {"loss": float(np.mean(losses)),
             **binary_metrics(np.concatenate(labels), np.concatenate(probs))}
 
