@@ -7,10 +7,12 @@ BUILD.md):
   CPUs made by :func:`configure_cpu_devices`), ``multi_worker`` (``TF_CONFIG``), ``tpu``;
   ``auto`` picks multi_worker when ``TF_CONFIG`` lists several tasks, mirrored when there are
   several local accelerators or logical CPUs, else default.
-* precision policy: ``auto`` -> ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on TPUs and on
-  CPUs with AMX, ``float32`` on other CPUs (AVX512_BF16 alone trained ResNet50 at 0.6x float32
-  on one of them).
-* XLA: ``auto`` -> on for GPU/TPU, off on CPU (XLA gave nothing in float32 and halved bf16 here).
+* precision policy: ``auto`` -> ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on TPUs, and on a
+  CPU :data:`PROBE`: the trainer times the run's own model in float32 and in mixed_bfloat16 and
+  keeps the faster (:mod:`pneumo_tf.precision_probe`), because CPU flags do not predict it
+  (AVX512_BF16 trained ResNet50 at 0.6x float32 on one Xeon and at 1.38x on an AMD EPYC).
+* XLA: ``auto`` -> on for GPU/TPU, off on CPU (no CPU gain measured so far); ``probe`` on a CPU
+  times the step with and without XLA too (an XLA compile of ResNet50 takes minutes).
 
 Checkpoints and final files are written by the chief only; other workers of a multi-worker run
 write to a throw-away directory (:func:`worker_write_dir`), as the TensorFlow multi-worker guide
@@ -33,12 +35,9 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-JIT_CHOICES = ("auto", "true", "false")
-# /proc/cpuinfo flags of CPUs on which bfloat16 training beats float32: AMX tiles. AVX512_BF16
-# alone is not enough: on this project's 2-core Xeon VM (avx512_bf16, no AMX exposed) a ResNet50
-# fine-tune ran 10.1 img/s in mixed_bfloat16 vs 16.8 img/s in float32 (BUILD.md), so `auto`
-# keeps float32 there.
-BF16_CPU_FLAGS = ("amx_bf16",)
+JIT_CHOICES = ("auto", "true", "false", "probe")
+# The precision policy of a CPU run whose precision the trainer decides by timing (auto on CPU).
+PROBE = "probe"
 
 
 class DistributionError(ValueError):
@@ -58,6 +57,7 @@ class DistributionSetup:
         device_kind: ``gpu`` | ``tpu`` | ``cpu``.
         is_chief: whether this process writes checkpoints, logs and the final model.
         task: ``(task_type, task_id)`` in a multi-worker cluster, else ``(None, None)``.
+        probe_jit: time the step with and without XLA too (``--jit_compile=probe`` on a CPU).
     """
 
     strategy: tf.distribute.Strategy
@@ -68,6 +68,7 @@ class DistributionSetup:
     device_kind: str
     is_chief: bool = True
     task: tuple = (None, None)
+    probe_jit: bool = False
 
 
 def configure_cpu_devices(n: int) -> None:
@@ -94,30 +95,12 @@ def configure_cpu_devices(n: int) -> None:
             f"CPU(s)); configure_cpu_devices must be called before any TensorFlow op ({e})") from e
 
 
-def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
-    """The feature flags of the first CPU in ``cpuinfo_path`` (empty if unreadable)."""
-    try:
-        with open(cpuinfo_path, encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_supports_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU makes bfloat16 training faster than float32 (AMX; see BF16_CPU_FLAGS)."""
-    return bool(cpu_flags(cpuinfo_path) & set(BF16_CPU_FLAGS))
-
-
-def resolve_precision(precision: str, device_kind: str, cpu_bf16: bool | None = None) -> str:
-    """The keras mixed-precision policy for ``--precision`` on ``device_kind``.
+def resolve_precision(precision: str, device_kind: str) -> str:
+    """The keras mixed-precision policy for ``--precision`` on ``device_kind``, or :data:`PROBE`.
 
     Args:
         precision: one of :data:`PRECISIONS`.
         device_kind: ``gpu`` | ``tpu`` | ``cpu``.
-        cpu_bf16: whether the CPU does bf16 natively; None reads /proc/cpuinfo.
     """
     if precision not in PRECISIONS:
         raise DistributionError(f"--precision={precision!r}; expected one of {PRECISIONS}")
@@ -127,19 +110,18 @@ def resolve_precision(precision: str, device_kind: str, cpu_bf16: bool | None = 
         return "mixed_float16"
     if device_kind == "tpu":
         return "mixed_bfloat16"
-    if cpu_bf16 is None:
-        cpu_bf16 = cpu_supports_bf16()
-    return "mixed_bfloat16" if cpu_bf16 else "float32"
+    return PROBE
 
 
 def resolve_jit_compile(jit_compile: str | bool, device_kind: str) -> bool:
-    """``--jit_compile`` -> bool: ``auto`` is on for GPU/TPU, off on CPU (no CPU gain measured)."""
+    """``--jit_compile`` -> bool: ``auto`` is on for GPU/TPU, off on CPU (no CPU gain measured);
+    ``probe`` is on for GPU/TPU and starts off on a CPU, where the trainer times both."""
     if isinstance(jit_compile, bool):
         return jit_compile
     value = str(jit_compile).lower()
     if value not in JIT_CHOICES:
         raise DistributionError(f"--jit_compile={jit_compile!r}; expected one of {JIT_CHOICES}")
-    if value == "auto":
+    if value in ("auto", "probe"):
         return device_kind in ("gpu", "tpu")
     return value == "true"
 
@@ -243,7 +225,8 @@ def setup_distribution(strategy: str = "auto", precision: str = "auto",
     dist = make_strategy(name)
     kind = _device_kind()
     policy = resolve_precision(precision, kind)
-    keras.mixed_precision.set_global_policy(policy)
+    # A probed precision is decided when the model is built; float32 until then.
+    keras.mixed_precision.set_global_policy("float32" if policy == PROBE else policy)
     has_chief_job = False
     if name == "multi_worker":
         resolver = dist.cluster_resolver
@@ -253,7 +236,8 @@ def setup_distribution(strategy: str = "auto", precision: str = "auto",
     return DistributionSetup(strategy=dist, strategy_name=name,
                              num_replicas=int(dist.num_replicas_in_sync), precision_policy=policy,
                              jit_compile=resolve_jit_compile(jit_compile, kind), device_kind=kind,
-                             is_chief=chief, task=(task_type, task_id))
+                             is_chief=chief, task=(task_type, task_id),
+                             probe_jit=str(jit_compile).lower() == "probe" and kind == "cpu")
 
 
 def worker_write_dir(path: str | os.PathLike, setup: DistributionSetup) -> Path:

@@ -37,8 +37,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
-from pneumo_tf import atomic_files, cli, distribute, rundir
+from pneumo_tf import atomic_files, cli, distribute, precision_probe, rundir
 from pneumo_tf import augment as augment_lib
 from pneumo_tf import model as model_lib
 from pneumo_tf.data import pipeline, records
@@ -379,6 +380,70 @@ class Trainer:
         return float(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None))
 
 
+def _probe_candidates(setup: distribute.DistributionSetup) -> dict:
+    """``{name: setup}`` of the precisions (and XLA settings) a probed run times."""
+    policies = (precision_probe.CANDIDATES if setup.precision_policy == distribute.PROBE
+                else (setup.precision_policy,))
+    jits = (False, True) if setup.probe_jit else (setup.jit_compile,)
+    return {p + ("+xla" if jit else ""): dataclasses.replace(setup, precision_policy=p,
+                                                             jit_compile=jit, probe_jit=False)
+            for jit in jits for p in policies}
+
+
+def _time_trainer(trainer: Trainer) -> float:
+    """Images/s of ``trainer``'s step on synthetic data; its variables are restored after."""
+    variables = trainer.model.variables + list(trainer.optimizer.variables)
+    saved = [v.numpy() for v in variables]
+    try:
+        return precision_probe.time_steps(trainer.step_on_global_batch, trainer.global_batch,
+                                          trainer.image_size, trainer.cfg.seed)
+    finally:
+        for var, value in zip(variables, saved):
+            var.assign(value)
+
+
+def build_trainer(cfg: TrainConfig, setup: distribute.DistributionSetup,
+                  manifest: dict) -> tuple[Trainer, dict | None]:
+    """The run's :class:`Trainer`; for ``--precision=auto`` on a CPU, the faster candidate's.
+
+    Every candidate is built (same seed, same initial weights) and timed on synthetic batches;
+    the winner's trainer, its traced step included, trains the run with its variables restored.
+    The answer is cached per machine and setup (not for multi-worker runs, whose workers must
+    time together and agree).
+
+    Returns:
+        ``(trainer, probe)``: ``probe`` is ``{"candidates": {name: img/s}, "chosen", "cached"}``,
+        or None when the precision was given.
+    """
+    candidates = _probe_candidates(setup)
+    if len(candidates) == 1:
+        (only,) = candidates.values()
+        keras.mixed_precision.set_global_policy(only.precision_policy)
+        return Trainer(cfg, only, manifest), None
+    key = precision_probe.probe_key(cfg.backbone, int(manifest["image_size"]), cfg.batch_size,
+                                    cfg.trainable_layers, "probe" if setup.probe_jit else
+                                    str(setup.jit_compile), setup.strategy_name,
+                                    setup.num_replicas)
+    cached = precision_probe.read_cache(key) if setup.strategy_name != "multi_worker" else None
+    if cached and cached["chosen"] in candidates:
+        chosen = candidates[cached["chosen"]]
+        keras.mixed_precision.set_global_policy(chosen.precision_policy)
+        return Trainer(cfg, chosen, manifest), {**cached, "cached": True}
+    trainers, rates = {}, {}
+    for name, candidate in candidates.items():
+        keras.mixed_precision.set_global_policy(candidate.precision_policy)
+        trainers[name] = Trainer(cfg, candidate, manifest)
+        rates[name] = round(trainers[name].agree(_time_trainer(trainers[name])), 1)
+    name = precision_probe.choose(rates)
+    probe = {"candidates": rates, "chosen": name, "cached": False}
+    if setup.strategy_name != "multi_worker":
+        precision_probe.write_cache(key, probe)
+    keras.mixed_precision.set_global_policy(candidates[name].precision_policy)
+    print("precision probe: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items())
+          + f" -> {name}", flush=True)
+    return trainers[name], probe
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop's parts
 
@@ -402,6 +467,7 @@ class RunContext:
     writers: dict | None
     steps_per_epoch: int
     profile_range: tuple[int, int] | None
+    probe: dict | None = None
     best_weights: list | Path | None = None
     images_logged: bool = False
     first_step_done: bool = False
@@ -419,7 +485,7 @@ def save_backup(ctx: RunContext, state: RunState) -> None:
 
 
 def _profile_toggle(ctx: RunContext, global_step: int, starting: bool) -> None:
-    """Start the TensorFlow profiler at ``--profile``'s START step, stop it after END."""
+    """Start the TensorFlow profiler at ``--profile_steps``' START step, stop it after END."""
     if ctx.profile_range is None or not ctx.chief:
         return
     start, end = ctx.profile_range
@@ -638,7 +704,8 @@ def resolve_setup(cfg: TrainConfig,
     if setup is None:
         return distribute.setup_distribution(cfg.strategy, cfg.precision, cfg.jit_compile,
                                              cfg.cpu_devices)
-    keras.mixed_precision.set_global_policy(setup.precision_policy)
+    if setup.precision_policy != distribute.PROBE:
+        keras.mixed_precision.set_global_policy(setup.precision_policy)
     return setup
 
 
@@ -779,6 +846,7 @@ def run_summary(ctx: RunContext, state: RunState, manifest: dict) -> dict:
     secs = state.train_seconds
     return {
         "status": "complete", "precision_policy": setup.precision_policy,
+        "precision_probe": ctx.probe,
         "jit_compile": setup.jit_compile, "strategy": setup.strategy_name,
         "num_replicas": setup.num_replicas, "device_kind": setup.device_kind,
         "epochs_run": len(state.history), "best_epoch": best, "selected_on": ctx.cfg.select_on,
@@ -847,8 +915,9 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
     write_flags = check_resume(cfg, paths, flags_text)
     setup = resolve_setup(cfg, setup)
     prepare_run_dir(paths, manifest, setup, flags_text, write_flags)
-    trainer = Trainer(cfg, setup, manifest)
-    ctx = start_run(cfg, setup, manifest, trainer)
+    trainer, probe = build_trainer(cfg, setup, manifest)
+    ctx = start_run(cfg, trainer.setup, manifest, trainer)
+    ctx.probe = probe
     state = restore_state(ctx)
     if ctx.writers is not None and not state.resumes:
         _write_hparams(ctx, summary_config(cfg, manifest, trainer))
@@ -869,6 +938,8 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
 # Command line
 
 FLAG_HOLDERS = cli.define_config_flags(TrainConfig, module_name=__name__)
+if "profile" not in flags.FLAGS:  # the flag's earlier name, still accepted
+    flags.DEFINE_alias("profile", "profile_steps", module_name=__name__)
 
 
 def main(argv: list[str]) -> None:

@@ -29,7 +29,7 @@ INPUT_NORMS = ("backbone",) + preprocess.INPUT_NORMS
 # Flags that may change when a run resumes: locations (the data manifest is compared instead),
 # logging, and housekeeping that does not change what is trained. --epochs may also grow.
 RESUME_FREE_FLAGS = frozenset({"data_dir", "run_dir", "log_every_steps", "tb_images", "profile",
-                               "calibrate", "cache", "backup_every_steps"})
+                               "profile_steps", "calibrate", "cache", "backup_every_steps"})
 
 
 class TrainError(ValueError):
@@ -141,8 +141,9 @@ class TrainConfig:
                                      "epoch ends only).", lower=0)
     log_every_steps: int = option(10, "TensorBoard batch_loss every N steps.", lower=0)
     tb_images: int = option(8, "Augmented inputs shown in TensorBoard.", lower=0)
-    profile: str = option("", "START,END global steps to trace with the TensorFlow profiler into "
-                          "tb/train (empty = off).")
+    profile_steps: str = option("", "START,END global steps to trace with the TensorFlow "
+                                "profiler into tb/train, shown in TensorBoard's Profile tab "
+                                "(empty = off). --profile is an alias.")
     calibrate: bool = option(True, "Fit temperature and threshold on val at the end "
                              "(pneumo_tf.calibration).")
     debug_nan_at_step: int = option(-1, "Test hook: the loss of this global step (0-based) "
@@ -180,15 +181,16 @@ class TrainConfig:
         return {"auto": None, "true": True, "false": False}[self.cache]
 
     def profile_range(self) -> tuple[int, int] | None:
-        """``(start, end)`` global steps of ``--profile``, or None."""
-        if not self.profile:
+        """``(start, end)`` global steps of ``--profile_steps``, or None."""
+        if not self.profile_steps:
             return None
         try:
-            start, end = (int(v) for v in self.profile.split(","))
+            start, end = (int(v) for v in self.profile_steps.split(","))
         except ValueError as e:
-            raise TrainError(f"--profile={self.profile!r}; expected START,END steps, e.g. 5,10") from e
+            raise TrainError(f"--profile_steps={self.profile_steps!r}; expected START,END steps, "
+                             f"e.g. 5,10") from e
         if not 0 <= start < end:
-            raise TrainError(f"--profile={self.profile!r}; need 0 <= START < END")
+            raise TrainError(f"--profile_steps={self.profile_steps!r}; need 0 <= START < END")
         return start, end
 
 

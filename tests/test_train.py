@@ -109,7 +109,7 @@ def test_augment_kwargs_picks_resampler_for_xla():
     ("loss", "hinge", "--loss='hinge'"),
     ("epochs", 0, "--epochs=0"),
     ("backbone", "vgg", "unknown backbone 'vgg'"),
-    ("profile", "5", "--profile='5'"),
+    ("profile_steps", "5", "--profile_steps='5'"),
 ])
 def test_config_errors_name_the_flag(tmp_path, field, value, message):
     cfg = tiny_config(tmp_path / "d", tmp_path / "r", **{field: value})
