@@ -72,6 +72,12 @@ def batch_size_flag() -> flags.FlagHolder:
         "batch_size", 32, "Batch size (per replica when training).", lower_bound=1))
 
 
+def runs_flag() -> flags.FlagHolder:
+    """``--runs``: several run directories."""
+    return _shared("runs", lambda: flags.DEFINE_list(
+        "runs", None, "Comma-separated run directories (two or more)."))
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration dataclasses <-> flags
 

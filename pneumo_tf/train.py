@@ -889,6 +889,35 @@ def run_calibration(cfg: TrainConfig, model) -> str:
 # The run
 
 
+def train_ensemble(cfg: TrainConfig, setup: distribute.DistributionSetup | None,
+                   flags_text: str | None) -> dict:
+    """Train one member per ``--ensemble_seeds`` seed, then make ``cfg.run_dir`` their ensemble.
+
+    Members live in ``RUN_DIR/members/seed_N`` and resume (or are skipped when complete) like
+    any run; the ensemble (:func:`pneumo_tf.ensemble.create_ensemble`) is written last.
+    """
+    from pneumo_tf import ensemble
+
+    paths = rundir.RunPaths(cfg.run_dir)
+    if flags_text is not None and paths.flags.is_file():
+        check_resume_flags(paths.flags.read_text(encoding="utf-8"), flags_text, paths.flags)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if flags_text is not None:
+        atomic_files.write_text_atomic(paths.flags, flags_text)
+    members = []
+    for seed in cfg.member_seeds():
+        member = dataclasses.replace(cfg, seed=seed, ensemble_seeds="",
+                                     run_dir=str(paths.root / "members" / f"seed_{seed}"))
+        print(f"ensemble member seed {seed} -> {member.run_dir}", flush=True)
+        train(member, setup, flags_file_text(member) if flags_text is not None else None)
+        members.append(member.run_dir)
+    if setup is not None and not setup.is_chief:
+        return {"status": "complete", "ensemble": {"members": members}}
+    summary = ensemble.create_ensemble(members, cfg.run_dir, cfg.data_dir, cfg.calibrate)
+    print(f"ensemble of {len(members)} members -> {cfg.run_dir}", flush=True)
+    return summary
+
+
 def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
           flags_text: str | None = None) -> dict:
     """Train (or resume, or report complete) the run ``cfg.run_dir``; see the module docstring.
@@ -911,6 +940,8 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
     done = completed_run(cfg, paths, setup)
     if done is not None:
         return done
+    if cfg.member_seeds():
+        return train_ensemble(cfg, setup, flags_text)
     manifest = check_data(cfg)
     write_flags = check_resume(cfg, paths, flags_text)
     setup = resolve_setup(cfg, setup)

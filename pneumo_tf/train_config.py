@@ -120,6 +120,10 @@ class TrainConfig:
                               "is multiplied by --lr_factor.", lower=0)
     lr_factor: float = option(0.2, "ReduceLROnPlateau factor.")
     min_lr: float = option(0.0, "Lower bound of the plateau-reduced learning rate.", lower=0)
+    ensemble_seeds: str = option("", "Train one member per seed (e.g. 0,1,2) in "
+                                 "RUN_DIR/members/seed_N, then make RUN_DIR their ensemble "
+                                 "(pneumo_tf.ensemble: mean probability, calibrated on val); "
+                                 "empty = one model.")
     # -- execution
     deterministic: bool = option(False, "Op determinism and seeded data order: same flags -> "
                                  "same history (slower).")
@@ -175,6 +179,21 @@ class TrainConfig:
             if not ok:
                 raise TrainError(msg)
         model_lib.resolve_input_norm(self.backbone, self.input_norm)
+        self.member_seeds()
+
+    def member_seeds(self) -> list[int]:
+        """The seeds of ``--ensemble_seeds`` (``[]``: a single model)."""
+        if not self.ensemble_seeds:
+            return []
+        try:
+            seeds = [int(v) for v in self.ensemble_seeds.split(",")]
+        except ValueError as e:
+            raise TrainError(f"--ensemble_seeds={self.ensemble_seeds!r}; expected integers, "
+                             f"e.g. 0,1,2") from e
+        if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+            raise TrainError(f"--ensemble_seeds={self.ensemble_seeds!r}; give two or more "
+                             f"different seeds")
+        return seeds
 
     def cache_arg(self) -> bool | None:
         """``--cache`` as the pipeline's argument: None (decide by budget), True or False."""
