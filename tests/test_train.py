@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, write_tiny_dataset
 from pneumo_tf import atomic_files, rundir, train
-from pneumo_tf.data import records
+from pneumo_tf.data import pipeline, records
 
 TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1", "--train_bn",
               "--batch_size=4", "--precision=float32", "--nocalibrate", "--tb_images=2",
@@ -464,3 +464,118 @@ def test_mixed_precision_and_xla_steps_train_on_cpu(tmp_path, precision, jit):
     rows = rundir.read_history_csv(tmp_path / "run" / "history.csv")
     assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"]))
     assert rundir.load_model(tmp_path / "run").output.dtype == "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe levers: selection metric, schedules, weight averaging, label smoothing, the probe
+
+
+def test_early_stopping_on_a_score_and_never():
+    es = train.EarlyStopping(patience=2, best=-math.inf, mode="max")
+    out = [es.update(e, v) for e, v in enumerate([0.90, 0.95, 0.94, 0.93])]
+    assert [o[0] for o in out] == [True, True, False, False]
+    assert out[-1][1] is True and es.best == 0.95 and es.best_epoch == 1
+    never = train.EarlyStopping(patience=-1)
+    assert not any(never.update(e, 1.0 + e)[1] for e in range(20))
+
+
+def test_label_smoothing_and_the_optimizers(tmp_path):
+    import keras
+
+    smooth = train.make_loss(tiny_config("d", "r", loss="bce", label_smoothing=0.2))
+    plain = train.make_loss(tiny_config("d", "r", loss="bce"))
+    y, p = np.array([[1.0], [0.0]], np.float32), np.array([[0.999], [0.001]], np.float32)
+    assert float(np.mean(plain(y, p))) < 0.01 < float(np.mean(smooth(y, p)))
+    adamw = train.make_optimizer(tiny_config("d", "r", optimizer="adamw", weight_decay=0.01,
+                                             lr_schedule="cosine", warmup_epochs=1, epochs=4,
+                                             lr=1e-2), steps_per_epoch=10,
+                                 precision_policy="float32")
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 0.01
+    schedule = adamw._learning_rate  # warm-up 10 steps from 0 to 1e-2, then cosine to 0 at 40
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-2)
+    assert float(schedule(25)) == pytest.approx(0.5e-2, rel=1e-3)
+    assert float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_averages_are_swapped_in_and_out(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    trainer = train.Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.9, augment=False),
+                            _default_setup(), records.read_manifest(data))
+    images, labels, weights = next(iter(pipeline.make_dataset(data, "train", 4, training=False)))
+    for _ in range(3):
+        trainer.step_on_global_batch(images, labels, weights)
+    raw = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    with trainer.averaged_weights():
+        inside = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    after = [v.numpy() for v in trainer.model.trainable_variables]
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(raw, inside))
+    for a, b in zip(raw, after):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_cosine_ema_val_auc_run_keeps_the_best_auc_epoch(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    summary = train.train(tiny_config(data, run, epochs=3, optimizer="adamw", lr_schedule="cosine",
+                                      warmup_epochs=1, ema_decay=0.5, select_on="val_auc",
+                                      early_stop_patience=-1, loss="bce", label_smoothing=0.1,
+                                      contrast=0.2, sharpness=0.5))
+    hist = rundir.read_history_csv(run / "history.csv")
+    assert [r["lr"] for r in hist][0] == 0.0 and hist[1]["lr"] == pytest.approx(1e-3, rel=1e-4)
+    assert hist[2]["lr"] < hist[1]["lr"]
+    aucs = [r["val_auc"] for r in hist]
+    assert summary["selected_on"] == "val_auc" and summary["best_epoch"] == int(np.argmax(aucs))
+    assert summary["config"]["augment"]["contrast"] == 0.2
+    assert summary["precision_probe"] is None  # --precision=float32 was given
+    # model.keras holds the best epoch's averaged weights (the ones validated).
+    best = train.Trainer(tiny_config(data, run), _default_setup(), records.read_manifest(data))
+    best.model.load_weights(run / "best.weights.h5")
+    for a, b in zip(rundir.load_model(run).get_weights(), best.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_auto_precision_is_probed_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMO_TF_CACHE", str(tmp_path / "cache"))
+    data = write_tiny_dataset(tmp_path / "data")
+    first = train.train(tiny_config(data, tmp_path / "a", epochs=1, precision="auto"))
+    probe = first["precision_probe"]
+    assert probe["cached"] is False
+    assert set(probe["candidates"]) == {"float32", "mixed_bfloat16"}
+    assert all(v > 0 for v in probe["candidates"].values())
+    assert first["precision_policy"] == probe["chosen"]
+    again = train.train(tiny_config(data, tmp_path / "b", epochs=1, precision="auto"))
+    assert again["precision_probe"] == {**probe, "cached": True}
+    assert again["precision_policy"] == probe["chosen"]
+    forced = train.train(tiny_config(data, tmp_path / "c", epochs=1,
+                                     precision="mixed_bfloat16"))
+    assert forced["precision_probe"] is None and forced["precision_policy"] == "mixed_bfloat16"
+
+
+@pytest.mark.slow
+def test_profiler_trace_lands_in_the_runs_tensorboard_folder(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    train.train(tiny_config(data, run, epochs=1, steps_per_epoch=4, profile_steps="1,3"))
+    traces = list((run / "tb" / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ensemble_seeds_train_members_and_average_them(tmp_path):
+    from pneumo_tf import scoring
+
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    summary = train.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1", calibrate=True),
+                          flags_text="--epochs=1\n--ensemble_seeds=0,1\n")
+    members = [run / "members" / "seed_0", run / "members" / "seed_1"]
+    assert summary["ensemble"]["members"] == [str(m.resolve()) for m in members]
+    assert summary["ensemble"]["member_seeds"] == [0, 1]
+    assert (run / "calibration.json").is_file() and summary["calibration"] == "ok"
+    probs = [scoring.predict_split(rundir.load_model(r), data, "val")["probability"]
+             for r in (*members, run)]
+    np.testing.assert_allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-6)
+    assert train.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1"))["ensemble"]

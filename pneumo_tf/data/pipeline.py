@@ -470,3 +470,24 @@ def iterate_checked(dataset: tf.data.Dataset, data_dir: str | os.PathLike,
             yield element
     except DATA_LOSS_ERRORS as e:
         raise explain_data_loss(data_dir, split, e) from e
+
+
+def make_train_dataset(data_dir, batch_size: int, *, seed: int = 0, cache: bool | None = None,
+                       deterministic: bool = False, class_weights: str = "balanced",
+                       input_context=None, skip_corrupt: bool = False,
+                       cache_budget_bytes: int | None = None,
+                       shuffle_buffer: int | None = None) -> tf.data.Dataset:
+    """The train split as an endless stream of ``{"image", "label", "weight"}`` batches."""
+    ds = make_dataset(data_dir, "train", batch_size, training=True, cache=cache, seed=seed,
+                      deterministic=True if deterministic else None, class_weights=class_weights,
+                      repeat=True, drop_remainder=True, input_context=input_context,
+                      skip_corrupt=skip_corrupt, cache_budget_bytes=cache_budget_bytes,
+                      shuffle_buffer=shuffle_buffer)
+    return ds.map(lambda x, y, w: {"image": x, "label": y, "weight": w})
+
+
+def make_eval_dataset(data_dir, split: str, batch_size: int, *, cache: bool | None = False,
+                      skip_corrupt: bool = False, class_weights: str = "balanced") -> tf.data.Dataset:
+    """One pass over ``split`` in file order as ``{"image", "label", "patient_id", "path"}``."""
+    return make_dataset(data_dir, split, batch_size, training=False, cache=cache,
+                        skip_corrupt=skip_corrupt, with_meta=True)
