@@ -3,8 +3,8 @@
 ``Progress(total, "epoch 3", unit="step", images_per_unit=32)`` then ``update(done, loss=0.21)``
 after each step, and ``close()``. On a terminal the bar is redrawn in place at most five times a
 second (``epoch 3 [#########     ] 120/260 step  312 img/s  ETA 0:45  loss 0.2100``); when stderr
-is not a terminal (CI logs, ``nohup``) a full line is written at every tenth of the way and at
-least every :data:`PLAIN_EVERY_S` seconds, so a log shows the run is alive without filling up.
+is not a terminal (CI logs, ``nohup``) a full line is written every :data:`PLAIN_EVERY_S` seconds
+and when the work is done, so a log shows the run is alive without filling up.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TextIO
 
 BAR_WIDTH = 24
 REDRAW_S = 0.2
-PLAIN_EVERY_S = 60.0
+PLAIN_EVERY_S = 30.0
 
 
 def format_seconds(seconds: float) -> str:
@@ -47,8 +47,7 @@ class Progress:
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.monotonic()
-        self._last_draw = 0.0
-        self._last_tenth = -1
+        self._last_draw = self.start
         self._drawn = False
 
     def line(self, done: int, extra: dict | None = None) -> str:
@@ -79,10 +78,9 @@ class Progress:
             self.stream.write("\r\033[K" + self.line(done, extra))
             self._drawn = True
         else:
-            tenth = done * 10 // self.total if self.total else -1
-            if tenth == self._last_tenth and now - self._last_draw < PLAIN_EVERY_S:
+            finished = bool(self.total) and done >= self.total
+            if not finished and now - self._last_draw < PLAIN_EVERY_S:
                 return
-            self._last_tenth = tenth
             self.stream.write(self.line(done, extra) + "\n")
         self._last_draw = now
         self.stream.flush()

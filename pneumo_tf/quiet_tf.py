@@ -9,15 +9,20 @@ of the process: file descriptor 2 is pointed at a temporary file while TensorFlo
 lists its devices, then every captured line that is not one of those known notices is written
 back to stderr, so real errors still show.
 
-The banner comes back with ``PNEUMO_TF_TF_BANNER=1``, with any ``TF_CPP_MIN_LOG_LEVEL`` set in the
-environment (the user is managing TensorFlow's logs), or with ``--verbosity=1`` (or higher) on the
-command line.
+While it is quiet, TensorFlow's own informational lines stay quiet too (C++ ``I`` lines such as
+"XLA service ... initialized" or "The default buffer size is 262144", and Python INFO lines such as
+"Sharding callback duration"): ``TF_CPP_MIN_LOG_LEVEL`` defaults to 1 and the ``tensorflow``
+logger to WARNING. Warnings and errors always show.
+
+Everything comes back with ``PNEUMO_TF_TF_BANNER=1``, with a ``TF_CPP_MIN_LOG_LEVEL`` the user set
+(they are managing TensorFlow's logs), or with ``--verbosity=1`` (or higher) on the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import logging
 import importlib.util
 import os
 import re
@@ -32,13 +37,17 @@ NOISE = re.compile(
     r"|E\d{4} [\d:. ]+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*"
     r"|To enable the following instructions: .*in other operations, rebuild TensorFlow with the "
     r"appropriate compiler flags\.)$")
+# Marks a TF_CPP_MIN_LOG_LEVEL that install() set, so child processes do not take it for the user's.
+DEFAULTED = "PNEUMO_TF_TF_LOG_LEVEL_DEFAULTED"
 
 
 def banner_wanted(argv: list[str] | None = None, environ: dict | None = None) -> bool:
     """Whether the user asked to see TensorFlow's start-up lines (see the module docstring)."""
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
-    if environ.get("PNEUMO_TF_TF_BANNER") == "1" or "TF_CPP_MIN_LOG_LEVEL" in environ:
+    if environ.get("PNEUMO_TF_TF_BANNER") == "1":
+        return True
+    if "TF_CPP_MIN_LOG_LEVEL" in environ and environ.get(DEFAULTED) != "1":
         return True
     for arg in argv[1:]:
         m = re.fullmatch(r"--?(?:verbosity|v)=(-?\d+)", arg)
@@ -94,6 +103,7 @@ class _QuietLoader(importlib.abc.Loader):
             self._loader.exec_module(module)
             # The "failed call to cuInit" error comes with the first device query: do it here.
             module.config.list_physical_devices("GPU")
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 class _TensorFlowFinder(importlib.abc.MetaPathFinder):
@@ -116,6 +126,9 @@ def install() -> None:
     """Hook the process's first ``import tensorflow`` (no-op if it is done or not wanted)."""
     if "tensorflow" in sys.modules or banner_wanted() or _FINDER in sys.meta_path:
         return
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+        os.environ[DEFAULTED] = "1"
     sys.meta_path.insert(0, _FINDER)
 
 
