@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -190,18 +191,46 @@ def make_loss(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, image_size: int, augment: dict | None):
-    """The run's model (:func:`pneumo_tf.model.build_model`); a failed download names the fix."""
+    """The run's model (:func:`pneumo_tf.model.build_model`)."""
+    return model_lib.build_model(
+        cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
+        cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
+        dropout=tuple(cfg.head_dropout))
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights (``$KERAS_HOME/models``, default ``~/.keras/models``)."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+def check_weights(cfg: TrainConfig, image_size: int) -> None:
+    """Make sure the backbone's starting weights can be had, before the run dir is touched.
+
+    ``imagenet`` is fetched into the Keras cache now (a no-op when it is there); a local file is
+    loaded once. A randomly initialised backbone that is mostly frozen gets a warning.
+
+    Raises:
+        TrainError: the weights cannot be downloaded or loaded (naming the ways out).
+    """
+    if cfg.weights in ("none", "None", ""):
+        if cfg.trainable_layers >= 0:
+            log.warning("--weights=none with --trainable_layers=%d: the backbone starts random "
+                        "and all but its top %d layers stay random (frozen). From scratch, train "
+                        "every layer: --trainable_layers=-1", cfg.trainable_layers,
+                        cfg.trainable_layers)
+        return
+    ways_out = (f"Give a local file with --weights=PATH (the include_top=False weights of "
+                f"{cfg.backbone}), put that file into the Keras cache folder {keras_cache_dir()}, "
+                f"or train from scratch with --weights=none")
     try:
-        return model_lib.build_model(
-            cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
-            cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
-            dropout=tuple(cfg.head_dropout))
-    except Exception as e:  # noqa: BLE001 -- the download has many failure types
-        if cfg.weights == "imagenet" and "download" in f"{type(e).__name__} {e}".lower():
-            raise TrainError(f"--weights=imagenet: could not fetch the ImageNet weights "
-                             f"({e}); give a local file with --weights=PATH or train "
-                             f"from scratch with --weights=none") from e
-        raise
+        model_lib.build_backbone(cfg.backbone, image_size, cfg.weights)
+    except ValueError as e:  # a missing or unloadable local file, or no ImageNet weights
+        raise TrainError(f"{e}. {ways_out}") from None
+    except Exception as e:  # noqa: BLE001 -- the download fails in many ways (URL, SSL, proxy)
+        reason = " ".join(str(e).split())[:200]
+        raise TrainError(f"--weights={cfg.weights}: the ImageNet weights of {cfg.backbone} could "
+                         f"not be downloaded ({type(e).__name__}: {reason}). Offline? "
+                         f"{ways_out}") from None
 
 
 class Trainer:
@@ -656,14 +685,28 @@ def _completed_summary(paths: rundir.RunPaths) -> dict | None:
 
 
 def completed_run(cfg: TrainConfig, paths: rundir.RunPaths,
-                  setup: distribute.DistributionSetup | None) -> dict | None:
-    """The summary of a finished run (calibrating it if that did not finish), else None."""
+                  setup: distribute.DistributionSetup | None, flags_text: str | None) -> dict | None:
+    """The summary of a finished run (calibrating it if that did not finish), else None.
+
+    A finished run given a larger ``--epochs`` (or ``--early_stop_patience``) than its
+    ``flags.txt`` is continued instead: None is returned, and its summary says ``continuing``
+    until the new epochs are done. Any other changed flag is refused (:func:`check_resume_flags`).
+    """
     done = _completed_summary(paths)
     if done is None:
         return None
-    log.info("run dir %s is complete (%s epochs, best epoch %s, val_loss %.4f); nothing to do. "
-             "Use a new --run_dir to train again.", paths.root, done.get("epochs_run"),
-             done.get("best_epoch"), done.get("best_val_loss", math.nan))
+    if flags_text is not None and paths.flags.is_file() and check_resume_flags(
+            paths.flags.read_text(encoding="utf-8"), flags_text, paths.flags, finished=True):
+        if "ensemble" not in done and tf.train.latest_checkpoint(str(paths.backup)) is None:
+            raise TrainError(f"{paths.root} has finished and has no backup/ to continue from; "
+                             f"train the longer run in a new --run_dir")
+        log.info("continuing the finished run %s to --epochs=%d", paths.root, cfg.epochs)
+        if setup is None or setup.is_chief:
+            atomic_files.write_json_atomic(paths.summary, {**done, "status": "continuing"})
+        return None
+    log.info("run dir %s is complete (%s epochs, best epoch %s); nothing to do. Use a new "
+             "--run_dir to train again, or a larger --epochs to continue it.", paths.root,
+             done.get("epochs_run"), done.get("best_epoch"))
     if cfg.calibrate and not paths.calibration.is_file() and (setup is None or setup.is_chief):
         # summary.json is written before calibration: a failed or killed one is finished here.
         log.info("%s is missing; calibrating the finished run on val", paths.calibration)
@@ -680,7 +723,8 @@ def check_resume(cfg: TrainConfig, paths: rundir.RunPaths, flags_text: str | Non
         return not paths.flags.is_file()
     grew = check_resume_flags(paths.flags.read_text(encoding="utf-8"), flags_text, paths.flags)
     if grew:
-        log.info("--epochs raised to %d for the resumed run", cfg.epochs)
+        log.info("--epochs / --early_stop_patience raised to %d / %d for the resumed run",
+                 cfg.epochs, cfg.early_stop_patience)
     return grew
 
 
@@ -717,6 +761,9 @@ def restore_state(ctx: RunContext) -> RunState:
         ctx.trainer.checkpoint.restore(latest).expect_partial()
         state = RunState.from_json(ctx.trainer.state_var.numpy().decode("utf-8"))
         state.resumes.append(state.next_epoch)
+        # A raised --early_stop_patience applies from here on.
+        state.early.patience = ctx.cfg.early_stop_patience
+        state.stopped_early = state.stopped_early and 0 <= state.early.patience <= state.early.wait
         log.info("resumed from epoch %d (backup %s)", state.next_epoch, latest)
         print(f"resumed from epoch {state.next_epoch}", flush=True)
         if state.step_in_epoch:
@@ -937,12 +984,13 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
     cfg.validate()
     cfg.profile_range()
     paths = rundir.RunPaths(cfg.run_dir)
-    done = completed_run(cfg, paths, setup)
+    done = completed_run(cfg, paths, setup, flags_text)
     if done is not None:
         return done
     if cfg.member_seeds():
         return train_ensemble(cfg, setup, flags_text)
     manifest = check_data(cfg)
+    check_weights(cfg, int(manifest["image_size"]))
     write_flags = check_resume(cfg, paths, flags_text)
     setup = resolve_setup(cfg, setup)
     prepare_run_dir(paths, manifest, setup, flags_text, write_flags)

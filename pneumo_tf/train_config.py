@@ -251,33 +251,48 @@ def flags_file_text(cfg: TrainConfig, argv0: str = "python -m pneumo_tf.train") 
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def check_resume_flags(run_flags_text: str, flags_text: str, run_flags_path: Path) -> bool:
-    """Refuse to resume a run with other settings than its ``flags.txt``.
+def _grows(name: str, old: str, new: str) -> bool:
+    """Whether a change of ``--epochs`` or ``--early_stop_patience`` only gives the run more room."""
+    if name == "epochs":
+        return int(new) > int(old)
+    if name == "early_stop_patience":
+        return int(new) == -1 or (int(old) != -1 and int(new) > int(old))
+    return False
+
+
+def check_resume_flags(run_flags_text: str, flags_text: str, run_flags_path: Path,
+                       finished: bool = False) -> bool:
+    """Refuse to resume (or continue) a run with other settings than its ``flags.txt``.
 
     The backup restores the model, the optimizer (learning rate included) and the callbacks'
-    state, so a changed flag would be silently overruled or half applied.
+    state, so a changed flag would be silently overruled or half applied. Two changes only give
+    the run more room and are honoured: a larger ``--epochs`` and a larger (or -1)
+    ``--early_stop_patience``.
 
     Args:
         run_flags_text: the run's ``flags.txt``; flags_text: this invocation's flags.
         run_flags_path: the path of ``flags.txt`` (for the message).
+        finished: the run has finished (the message says "continued", not "resumed").
 
     Returns:
-        True when ``--epochs`` grew (honoured; ``flags.txt`` should then be rewritten).
+        True when ``--epochs`` or ``--early_stop_patience`` grew (``flags.txt`` should then be
+        rewritten).
 
     Raises:
-        TrainError: listing every differing flag outside :data:`RESUME_FREE_FLAGS`.
+        TrainError: listing every other differing flag outside :data:`RESUME_FREE_FLAGS`.
     """
     old, new = parse_flags_text(run_flags_text), parse_flags_text(flags_text)
     differ = sorted(name for name in old.keys() & new.keys()
                     if old[name] != new[name] and name not in RESUME_FREE_FLAGS)
-    epochs_grew = "epochs" in differ and int(new["epochs"]) > int(old["epochs"])
-    if epochs_grew:
-        differ.remove("epochs")
+    grew = [name for name in differ if _grows(name, old[name], new[name])]
+    differ = [name for name in differ if name not in grew]
     if differ:
         changes = "; ".join(f"--{name}: run has {old[name]!r}, now {new[name]!r}"
                             for name in differ)
-        raise TrainError(f"{run_flags_path.parent} is resumed from its backup, but these flags "
-                         f"differ from {run_flags_path}: {changes}. Resume with the run's flags "
+        how = ("has finished and can only be continued with more --epochs" if finished
+               else "is resumed from its backup")
+        raise TrainError(f"{run_flags_path.parent} {how}, but these flags differ from "
+                         f"{run_flags_path}: {changes}. Resume with the run's flags "
                          f"(--flagfile={run_flags_path}; --epochs may only grow) or train with "
                          f"the new flags in a new --run_dir")
-    return epochs_grew
+    return bool(grew)

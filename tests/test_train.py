@@ -579,3 +579,55 @@ def test_ensemble_seeds_train_members_and_average_them(tmp_path):
              for r in (*members, run)]
     np.testing.assert_allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-6)
     assert train.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1"))["ensemble"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_continues_with_more_epochs_and_refuses_other_changes(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = tiny_config(data, run, epochs=2, early_stop_patience=-1)
+    train.train(cfg, flags_text=train.flags_file_text(cfg))
+    changed = tiny_config(data, run, epochs=2, early_stop_patience=-1, lr=1e-4)
+    with pytest.raises(train.TrainError, match=r"has finished and can only be continued with "
+                                               r"more --epochs, but these flags differ .*"
+                                               r"--lr: run has '0.001', now '0.0001'"):
+        train.train(changed, flags_text=train.flags_file_text(changed))
+    same = train.train(cfg, flags_text=train.flags_file_text(cfg))
+    assert same["epochs_run"] == 2  # nothing to do
+    longer = tiny_config(data, run, epochs=3, early_stop_patience=-1)
+    summary = train.train(longer, flags_text=train.flags_file_text(longer))
+    assert summary["status"] == "complete" and summary["epochs_run"] == 3
+    assert [r["epoch"] for r in rundir.read_history_csv(run / "history.csv")] == [0, 1, 2]
+    assert summary["resumed_from_epochs"] == [2]
+    assert "--epochs=3" in (run / "flags.txt").read_text()
+
+
+@pytest.mark.slow
+def test_unreachable_imagenet_weights_fail_before_the_run_dir_is_written(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    env = _env(KERAS_HOME=str(tmp_path / "keras_home"), HTTPS_PROXY="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # the default console: no TensorFlow banner either
+    base = [sys.executable, "-m", "pneumo_tf.train", f"--data_dir={data}", f"--run_dir={run}",
+            "--backbone=resnet50", "--precision=float32", "--epochs=1"]
+    offline = subprocess.run(base + ["--weights=imagenet"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    err = offline.stderr
+    assert offline.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert "--weights=PATH" in err and "--weights=none" in err, err[-3000:]
+    assert str(tmp_path / "keras_home" / "models") in err
+    assert err.count("pneumo_tf.train: error:") == 1 and len(err.splitlines()) <= 3, err[-3000:]
+    assert not run.exists()
+    bad = subprocess.run(base + [f"--weights={tmp_path / 'missing.h5'}"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "missing.h5: no such file" in bad.stderr and not run.exists()
+
+
+def test_a_random_mostly_frozen_backbone_gets_a_warning(caplog):
+    train.check_weights(tiny_config("d", "r", weights="none", trainable_layers=5), 32)
+    assert "the backbone starts random" in caplog.text
+    caplog.clear()
+    train.check_weights(tiny_config("d", "r", weights="none", trainable_layers=-1), 32)
+    assert caplog.text == ""
