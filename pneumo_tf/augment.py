@@ -234,7 +234,8 @@ class RandomAffine(keras.layers.Layer):
         rotation_deg: max rotation, degrees (±).
         zoom: max zoom change, fraction (factors in ``[1 - zoom, 1 + zoom]``, x and y independent).
         shift: max shift, fraction of width / height (±).
-        shear: max shear FACTOR (±; ``x += shear * y``), not degrees (the paper's "0.1" is ambiguous).
+        shear: max shear FACTOR (±; ``x += shear * y``), not degrees (the paper's "0.1" is
+            ambiguous).
         flip: random left/right flip (turn off when laterality matters).
         fill_mode: ``nearest`` (the paper's loader), ``constant`` or ``reflect``.
         resampler: ``native`` (ImageProjectiveTransformV3; no XLA kernel), ``gather``

@@ -3,14 +3,14 @@
 Graph of :func:`build_model`::
 
     image [B, S, S, 1] uint8
-      -> ToFloatRGB          float32 [B, S, S, 3], 0..255 (channel replication happens here, on device)
-      -> RandomAffine        training only (pneumo_tf.augment; RandomAugment adds intensity), float32
+      -> ToFloatRGB          float32 [B, S, S, 3], 0..255 (channels replicated here, on device)
+      -> RandomAffine        training only (pneumo_tf.augment; RandomAugment adds intensity)
       -> PixelNorm           the backbone's own normalisation, or [0, 1] for the paper's recipe
       -> backbone            a nested keras.Model named "backbone" (registry below)
       -> GAP -> Dropout(0.5) -> Dense(128, relu) -> Dropout(0.3) -> Dense(1, sigmoid, float32)
 
-The head is the paper's text, not its buggy code listing (docs/method.md, errata). Under a mixed-precision policy the
-input layers and the final Dense stay float32.
+The head is the paper's text, not its buggy code listing (docs/method.md, errata). Under a
+mixed-precision policy the input layers and the final Dense stay float32.
 """
 
 from __future__ import annotations
