@@ -508,16 +508,6 @@ class TFLiteRunner:
 # Parity batch and the export driver
 
 
-def _data_dir_from_flags_file(run_dir) -> str | None:
-    path = rundir.RunPaths(run_dir).flags
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("--data_dir="):
-            return line.split("=", 1)[1].strip() or None
-    return None
-
-
 def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, seed: int = 0
                   ) -> tuple[np.ndarray, str]:
     """A batch to compare variants on: the run's val split, else rendered phantoms.
@@ -528,15 +518,15 @@ def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, s
     Returns:
         ``(images [n, S, S, 1] uint8, source description)``.
     """
-    candidates = [d for d in (data_dir, _data_dir_from_flags_file(run_dir)) if d]
+    from pneumo_tf import scoring
+
+    candidates = [d for d in (data_dir, rundir.read_run_flags(run_dir).get("data_dir")) if d]
     for candidate in candidates:
         try:
             rundir.check_data_compatible(run_dir, candidate)
-            from pneumo_tf.data import pipeline
-
-            ds = pipeline.make_dataset(candidate, "val", batch_size=count, training=False,
-                                       with_weights=False, cache=False)
-            images = next(iter(ds))[0].numpy()
+            images = next(scoring.iterate_split(candidate, "val", count), {}).get("image")
+            if images is None:
+                raise records.DataDirError(f"the val split of {candidate} has no images")
             return images, f"val split of {candidate} ({len(images)} images)"
         except (records.DataDirError, rundir.RunDirError) as e:
             log.warning("parity batch: cannot use %s (%s)", candidate, e)

@@ -341,3 +341,18 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
     assert out.returncode != 0
     assert "calibration.json is missing" in out.stderr and "--data_dir" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
+    from pneumo_tf import export
+
+    run, data = run_and_data
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    cfg = export.serving_config_for_run(copy, None)
+    images, source = export.parity_images(copy, cfg, count=4)
+    assert "phantom" in source and images.shape == (4, SIZE, SIZE, 1)
+    (copy / "flags.txt").write_text(f"# written by pneumo_tf.train\n--data_dir={data}\n--augment\n")
+    images, source = export.parity_images(copy, cfg, count=4)
+    assert source == f"val split of {data} (4 images)"
+    assert images.shape == (4, SIZE, SIZE, 1) and images.dtype == np.uint8
