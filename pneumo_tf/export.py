@@ -56,7 +56,7 @@ from absl import app, flags
 import pneumo_tf
 from pneumo_tf import atomic_files, calibration as calibration_lib
 from pneumo_tf import cli, preprocess, rundir
-from pneumo_tf.data import records
+from pneumo_tf.data import decode, records
 
 log = logging.getLogger(__name__)
 
@@ -267,102 +267,6 @@ def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.n
 
 
 # ---------------------------------------------------------------------------------------------
-# In-graph decoding (the serving twin of pneumo_tf.data.decode for JPEG and PNG)
-
-
-def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
-    """In-graph twin of :func:`pneumo_tf.data.decode.jpeg_reduction_factor` (int32 scalar)."""
-    import tensorflow as tf
-
-    from pneumo_tf.data import decode
-
-    factor = tf.constant(1, tf.int32)
-    for f in reversed(decode.JPEG_REDUCTION_FACTORS):  # 2, 4, 8: the last that fits wins
-        h = (height + f - 1) // f
-        w = (width + f - 1) // f
-        need = target_size
-        if crop == "fixed":
-            top, bottom, left, right = preprocess.tf_fixed_crop_box(h, w)
-            h, w = bottom - top, right - left
-        elif crop == "adaptive":
-            need = decode.ADAPTIVE_REDUCTION_MARGIN * target_size
-        factor = tf.where((h >= need) & (w >= need), tf.constant(f, tf.int32), factor)
-    return factor
-
-
-def _tf_luma(rgb):
-    """``[H, W, 3]`` uint8 RGB -> ``[H, W, 1]`` uint8, ITU-R BT.601 luma, rounded."""
-    import tensorflow as tf
-
-    y = tf.tensordot(tf.cast(rgb, tf.float32), tf.constant([0.299, 0.587, 0.114]), 1)
-    return tf.cast(tf.clip_by_value(tf.round(y), 0.0, 255.0), tf.uint8)[..., None]
-
-
-def _tf_min_max_uint8(values):
-    """In-graph twin of :func:`pneumo_tf.data.decode.to_uint8_min_max` for ``[H, W, 1]``."""
-    import tensorflow as tf
-
-    x = tf.cast(values, tf.float64)
-    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
-    scaled = tf.where(hi > lo, (x - lo) * (255.0 / tf.maximum(hi - lo, 1e-12)), tf.zeros_like(x))
-    return tf.cast(tf.round(scaled), tf.uint8)
-
-
-def tf_decode_gray(image_bytes, target_size: int, crop: str):
-    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray.
-
-    JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
-    converter's DCT-scaling rule; 8-bit PNGs use libpng's RGB -> gray; 16-bit PNGs are scaled from
-    their own min..max like the converter does; alpha is dropped. For 8-bit JPEG and PNG this
-    gives the converter's pixels exactly (measured in tests/test_export.py).
-    """
-    import tensorflow as tf
-
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(image_bytes)
-        factor = tf_jpeg_reduction_factor(shape[0], shape[1], target_size, crop)
-        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, what OpenCV uses: identical pixels.
-        branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=1, ratio=r,
-                                                  dct_method="INTEGER_ACCURATE")
-                    for r in (1, 2, 4, 8)]
-        index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
-        return tf.switch_case(index, branches)
-
-    def png16():
-        img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)
-        gray = tf.cond(tf.shape(img)[-1] >= 3,
-                       lambda: tf.tensordot(tf.cast(img[..., :3], tf.float64),
-                                            tf.constant([0.299, 0.587, 0.114], tf.float64), 1)[
-                                                ..., None],
-                       lambda: tf.cast(img[..., :1], tf.float64))
-        return _tf_min_max_uint8(gray)
-
-    def png8():
-        # libpng's own RGB -> gray (drops alpha), as OpenCV's IMREAD_GRAYSCALE does: identical.
-        return tf.io.decode_png(image_bytes, channels=1)
-
-    def other():  # BMP, GIF: BT.601 luma, within 1 grey level of OpenCV/Pillow
-        img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint8, expand_animations=False)
-        return tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
-                       lambda: img[..., :1])
-
-    is_png = tf.strings.substr(image_bytes, 0, 4) == b"\x89PNG"
-    # IHDR bit depth is byte 24 of a PNG file.
-    png_depth = tf.strings.substr(image_bytes, 24, 1)
-    is_png16 = is_png & tf.equal(png_depth, b"\x10")
-    gray = tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)],
-                   default=other, exclusive=False)
-    gray.set_shape([None, None, 1])
-    return gray
-
-
-def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):
-    """Scalar string -> ``[S, S, 1] uint8`` model input (decode, gray, crop, area resize)."""
-    return preprocess.tf_preprocess_gray(tf_decode_gray(image_bytes, image_size, crop),
-                                         image_size, crop)
-
-
-# ---------------------------------------------------------------------------------------------
 # SavedModel
 
 
@@ -400,7 +304,7 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
-        batch = tf.map_fn(lambda b: tf_preprocess_bytes(b, s, cfg.crop), images,
+        batch = tf.map_fn(lambda b: decode.tf_preprocess_bytes(b, s, cfg.crop), images,
                           fn_output_signature=tf.TensorSpec([s, s, 1], tf.uint8))
         return _outputs(model, batch, cfg)
 

@@ -192,7 +192,7 @@ def test_training_serving_skew(exported, tmp_path):
     """
     import tensorflow as tf
 
-    from pneumo_tf import export, rundir, scoring
+    from pneumo_tf import rundir, scoring
     from pneumo_tf.data import decode
 
     run, _, _ = exported
@@ -202,12 +202,12 @@ def test_training_serving_skew(exported, tmp_path):
     for crop in ("fixed", "none"):
         for name in names:
             host_gray = decode.decode_bytes(files[name], name=name, target_size=SIZE, crop=crop).gray
-            graph_gray = export.tf_decode_gray(tf.constant(files[name]), SIZE, crop).numpy()[..., 0]
+            graph_gray = decode.tf_decode_gray(tf.constant(files[name]), SIZE, crop).numpy()[..., 0]
             assert host_gray.shape == graph_gray.shape, (crop, name)
             decode_diff = np.abs(host_gray.astype(int) - graph_gray.astype(int)).max()
             assert decode_diff <= (1 if name.startswith("gray16") else 0), (crop, name, decode_diff)
         host = np.stack([host_preprocess(files[n], n, SIZE, crop) for n in names])
-        graph = np.stack([export.tf_preprocess_bytes(tf.constant(files[n]), SIZE, crop).numpy()[..., 0]
+        graph = np.stack([decode.tf_preprocess_bytes(tf.constant(files[n]), SIZE, crop).numpy()[..., 0]
                           for n in names])
         diff = np.abs(host.astype(int) - graph.astype(int))
         assert diff.max() <= 1 and diff.mean() <= 0.02, (crop, diff.max(), diff.mean())
@@ -222,14 +222,13 @@ def test_training_serving_skew(exported, tmp_path):
 def test_in_graph_jpeg_reduction_matches_the_converter_rule():
     import tensorflow as tf
 
-    from pneumo_tf import export
     from pneumo_tf.data import decode
 
     for h, w in [(100, 100), (517, 640), (2000, 1500), (4000, 3000), (300, 2000)]:
         for size in (32, 224):
             for crop in ("fixed", "none", "adaptive"):
                 expected = decode.jpeg_reduction_factor(h, w, size, crop)
-                got = int(export.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
+                got = int(decode.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
                 assert got == expected, (h, w, size, crop)
 
 
