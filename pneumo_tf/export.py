@@ -71,7 +71,6 @@ EXPORT_FORMATS = ("saved_model", "tflite")
 TFLITE_VARIANTS = {"fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 # Issue 6: the float16 TFLite model must agree with the Keras model to 0.01 in probability.
 FP16_MAX_ABS_DIFF = 0.01
-PROBABILITY_EPS = 1e-7  # keeps logit(p) finite for saturated sigmoids
 
 
 class ExportError(RuntimeError):
@@ -116,17 +115,17 @@ class ServingConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in obj.items() if k in names})
 
+    def _calibration(self) -> dict:
+        return {"threshold": self.threshold, "temperature": self.temperature,
+                "threshold_applies_to": self.threshold_applies_to}
+
     def calibrated_threshold(self) -> float:
         """The operating threshold expressed on the calibrated probability."""
-        if self.threshold_applies_to == "calibrated_probability":
-            return float(self.threshold)
-        return float(calibrate_probability(np.float64(self.threshold), self.temperature))
+        return calibration_lib.calibrated_threshold(self._calibration())
 
     def raw_threshold(self) -> float:
         """The operating threshold expressed on the model's raw probability."""
-        return calibration_lib.raw_threshold({
-            "threshold": self.threshold, "temperature": self.temperature,
-            "threshold_applies_to": self.threshold_applies_to})
+        return calibration_lib.raw_threshold(self._calibration())
 
 
 def calibration_from_json(obj: dict, where: str) -> dict:
@@ -189,16 +188,6 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None)
         cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
         cfg.calibrated = True
     return cfg
-
-
-def calibrate_probability(p, temperature: float):
-    """``sigmoid(logit(p) / T)`` for numpy arrays (float64) or tf tensors (their dtype)."""
-    if isinstance(p, (np.ndarray, np.generic, float, int)):
-        return calibration_lib.apply_temperature(p, temperature)
-    import tensorflow as tf
-
-    p = tf.clip_by_value(p, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
-    return tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +263,7 @@ def _outputs(model, images, cfg: ServingConfig) -> dict:
     import tensorflow as tf
 
     p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-    cal = calibrate_probability(p, cfg.temperature)
+    cal = calibration_lib.apply_temperature(p, cfg.temperature)
     decide_on = p if cfg.threshold_applies_to == "probability" else cal
     label = tf.cast(decide_on >= cfg.threshold, tf.int64)
     return {"probability": p, "calibrated_probability": cal, "label": label}

@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import cli, export, preprocess, rundir
+from pneumo_tf import calibration, cli, export, preprocess, rundir
 from pneumo_tf.data import decode
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
 def result_record(path: str, probability: float, config: export.ServingConfig,
                   film_reasons: list[str], refer_band: float) -> dict:
     """The output record of one predicted input (see the module docstring)."""
-    calibrated = float(export.calibrate_probability(np.float64(probability), config.temperature))
+    calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
     decide_on = probability if config.threshold_applies_to == "probability" else calibrated
     label = int(decide_on >= config.threshold)
     reasons = list(film_reasons)

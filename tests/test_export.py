@@ -114,15 +114,15 @@ def test_bad_calibration_is_named(bad, match):
 
 
 def test_calibrated_probability_and_thresholds_round_trip():
-    from pneumo_tf import export
+    from pneumo_tf import calibration, export
 
     p = np.array([0.01, 0.3, 0.5, 0.9, 0.999])
-    cal = export.calibrate_probability(p, 2.0)
+    cal = calibration.apply_temperature(p, 2.0)
     logit = np.log(p / (1 - p))
     np.testing.assert_allclose(cal, 1 / (1 + np.exp(-logit / 2.0)), rtol=1e-9)
     import tensorflow as tf
 
-    np.testing.assert_allclose(export.calibrate_probability(tf.constant(p, tf.float32), 2.0).numpy(),
+    np.testing.assert_allclose(calibration.apply_temperature(tf.constant(p, tf.float32), 2.0).numpy(),
                                cal, atol=1e-6)
     cfg = export.ServingConfig(32, "fixed", temperature=2.0, threshold=0.7,
                                threshold_applies_to="probability")
@@ -138,7 +138,7 @@ def test_calibrated_probability_and_thresholds_round_trip():
 def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     import tensorflow as tf
 
-    from pneumo_tf import export
+    from pneumo_tf import calibration, export
 
     run, _, _ = exported
     sm_dir = run / "export" / "saved_model"
@@ -155,7 +155,7 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     p = out["probability"].numpy()
     assert p.shape == (len(names),) and np.all((p >= 0) & (p <= 1))
     np.testing.assert_allclose(out["calibrated_probability"].numpy(),
-                               export.calibrate_probability(p.astype(np.float64), TEMPERATURE),
+                               calibration.apply_temperature(p.astype(np.float64), TEMPERATURE),
                                atol=1e-5)
     np.testing.assert_array_equal(out["label"].numpy(), (p >= THRESHOLD).astype(np.int64))
     assert out["label"].dtype == tf.int64

@@ -253,7 +253,7 @@ def test_film_refer_reasons_flag_unlike_films_only():
 
 
 def test_refer_band_around_the_calibrated_threshold():
-    from pneumo_tf import export, predict
+    from pneumo_tf import calibration, export, predict
 
     cfg = export.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
     at_threshold = predict.result_record("x", 0.8, cfg, [], 0.1)
@@ -261,7 +261,7 @@ def test_refer_band_around_the_calibrated_threshold():
     assert at_threshold["label"] == 1
     t_cal = cfg.calibrated_threshold()
     # A raw probability whose calibrated value is 0.15 below the calibrated threshold.
-    p = float(export.calibrate_probability(np.float64(t_cal - 0.15), 0.5))
+    p = float(calibration.apply_temperature(np.float64(t_cal - 0.15), 0.5))
     far = predict.result_record("x", p, cfg, [], 0.1)
     assert far["calibrated_probability"] == pytest.approx(t_cal - 0.15)
     assert not far["refer"] and far["label"] == 0
