@@ -2,7 +2,8 @@
 
 ``python -m pneumo_tf.export --run_dir=R --formats=saved_model,tflite [--data_dir=D]`` writes::
 
-    R/export/pneumo_tf_serving.json   image size, crop, temperature, threshold (read by predict)
+    R/export/pneumo_tf_serving.json   image size, crop, temperature, thresholds (read by predict;
+                                      pneumo_tf.serving.ServingConfig)
     R/export/saved_model/             TF Serving artefact; signatures below
     R/export/model_fp16.tflite        float16 weights
     R/export/model_int8.tflite        dynamic-range int8 weights (activations stay float)
@@ -18,12 +19,14 @@ SavedModel signatures (all outputs ``[N]``):
   converter stores images (:func:`pneumo_tf.preprocess.preprocess_gray`).
 - ``preprocessed_float``: the same as ``float32`` in 0..255 (rounded and clipped to uint8).
 
-Outputs: ``probability`` (the model's sigmoid, float32), ``calibrated_probability``
-(``sigmoid(logit(p) / T)`` with the validation temperature T), ``label`` (int64, 1 = PNEUMONIA):
-the operating threshold of ``calibration.json`` applied to the probability it was chosen on
-(its ``threshold_applies_to``; ``probability`` when absent, which is what
-:mod:`pneumo_tf.calibration` writes). Temperature scaling is monotone, so this is the same
-decision as the mapped threshold on the other probability.
+Outputs (:func:`pneumo_tf.serving.saved_model_outputs`): ``probability`` (the model's sigmoid,
+float32), ``calibrated_probability`` (``sigmoid(logit(p) / T)`` with the validation temperature
+T, float32), ``threshold`` (the run's operating threshold on the calibrated scale, float32, the
+same for every image) and ``label`` (int64, 1 = PNEUMONIA): ``calibrated_probability >=
+threshold`` on exactly the float32 values returned (:func:`pneumo_tf.serving.decide_label`), so
+a client comparing them always finds the label. Temperature scaling is monotone: this is the
+decision ``calibration.json``'s ``threshold`` makes on the raw probability, except for
+probabilities within float32 rounding of the threshold.
 
 In-graph decoding vs the converter (training/serving skew, measured by ``tests/test_export.py``):
 the converter decodes with OpenCV/Pillow (:mod:`pneumo_tf.data.decode`), the graph with
@@ -42,20 +45,17 @@ TFLite or ``pneumo_tf.predict``, which crop on the host).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
-import pneumo_tf
 from pneumo_tf import atomic_files, calibration as calibration_lib
-from pneumo_tf import cli, preprocess, rundir
+from pneumo_tf import cli, preprocess, rundir, serving
 from pneumo_tf.data import decode, records
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ DATA_DIR = cli.data_dir_flag()
 RUN_DIR = cli.run_dir_flag()
 SEED = cli.seed_flag()
 
-SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
 SAVED_MODEL_DIR = "saved_model"
 PARITY_NAME = "parity.json"
 EXPORT_FORMATS = ("saved_model", "tflite")
@@ -75,77 +74,6 @@ FP16_MAX_ABS_DIFF = 0.01
 
 class ExportError(RuntimeError):
     """Export cannot proceed or a parity check failed; the message names the file and fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving configuration: the facts a served model needs besides its weights.
-
-
-@dataclasses.dataclass
-class ServingConfig:
-    """What serving and prediction need to know about a run.
-
-    Attributes:
-        image_size: model input side S, pixels (the data manifest's ``image_size``).
-        crop: ``fixed`` | ``none`` | ``adaptive`` (the data manifest's ``crop``).
-        temperature: validation temperature T (1.0 = uncalibrated).
-        threshold: operating threshold, a probability.
-        threshold_applies_to: ``probability`` or ``calibrated_probability``: which one
-            ``threshold`` was chosen on.
-        threshold_method: how the threshold was chosen (from calibration.json).
-        calibrated: False when no calibration was available (T = 1, threshold 0.5).
-        backbone: backbone name, when known.
-    """
-
-    image_size: int
-    crop: str
-    temperature: float = 1.0
-    threshold: float = 0.5
-    threshold_applies_to: str = "probability"
-    threshold_method: str = "default_0.5"
-    calibrated: bool = False
-    backbone: str | None = None
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "label_names": list(pneumo_tf.CLASS_NAMES),
-                "normalisation": "inside the model (PixelNorm layer)"}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "ServingConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
-
-    def _calibration(self) -> dict:
-        return {"threshold": self.threshold, "temperature": self.temperature,
-                "threshold_applies_to": self.threshold_applies_to}
-
-    def calibrated_threshold(self) -> float:
-        """The operating threshold expressed on the calibrated probability."""
-        return calibration_lib.calibrated_threshold(self._calibration())
-
-    def raw_threshold(self) -> float:
-        """The operating threshold expressed on the model's raw probability."""
-        return calibration_lib.raw_threshold(self._calibration())
-
-
-def calibration_from_json(obj: dict, where: str) -> dict:
-    """Validate a ``calibration.json`` dict: temperature > 0, threshold in (0, 1)."""
-    try:
-        temperature = float(obj["temperature"])
-        threshold = float(obj["threshold"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"{where} needs numeric 'temperature' and 'threshold' entries ({e}); "
-                          "refit it with `python -m pneumo_tf.evaluate --split=val "
-                          "--run_dir=... --data_dir=...`") from e
-    if not (temperature > 0 and math.isfinite(temperature)) or not 0.0 <= threshold <= 1.0:
-        raise ExportError(f"{where}: temperature must be > 0 and threshold in [0, 1], got "
-                          f"T={temperature}, threshold={threshold}; re-calibrate the run")
-    applies_to = obj.get("threshold_applies_to", "probability")
-    if applies_to not in calibration_lib.THRESHOLD_APPLIES_TO:
-        raise ExportError(f"{where}: threshold_applies_to={applies_to!r}, expected one of "
-                          f"{calibration_lib.THRESHOLD_APPLIES_TO}")
-    return {**obj, "temperature": temperature, "threshold": threshold,
-            "threshold_applies_to": applies_to}
 
 
 def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
@@ -170,24 +98,7 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
                 f"--data_dir=... --split=val` first")
         log.info("%s missing: calibrating on the val split of %s", path, data_dir)
         calibration = calibration_lib.calibrate_run(run_dir, data_dir)
-    return calibration_from_json(calibration, str(path))
-
-
-def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None) -> ServingConfig:
-    """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known)."""
-    manifest = rundir.read_run_manifest(run_dir)
-    backbone = None
-    if rundir.RunPaths(run_dir).summary.is_file():
-        backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
-    cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
-                        backbone=backbone)
-    if calibration is not None:
-        cfg.temperature = float(calibration["temperature"])
-        cfg.threshold = float(calibration["threshold"])
-        cfg.threshold_applies_to = calibration.get("threshold_applies_to", "probability")
-        cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
-        cfg.calibrated = True
-    return cfg
+    return serving.calibration_from_json(calibration, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,17 +170,7 @@ def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.n
 # SavedModel
 
 
-def _outputs(model, images, cfg: ServingConfig) -> dict:
-    import tensorflow as tf
-
-    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-    cal = calibration_lib.apply_temperature(p, cfg.temperature)
-    decide_on = p if cfg.threshold_applies_to == "probability" else cal
-    label = tf.cast(decide_on >= cfg.threshold, tf.int64)
-    return {"probability": p, "calibrated_probability": cal, "label": label}
-
-
-def check_in_graph_crop(cfg: ServingConfig) -> None:
+def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
     """Refuse a bytes-taking SavedModel for runs whose crop has no in-graph twin (``adaptive``)."""
     if cfg.crop not in ("fixed", "none"):
         raise ExportError(
@@ -279,7 +180,7 @@ def check_in_graph_crop(cfg: ServingConfig) -> None:
             f"--model=<run dir>` (it crops on the host like the converter)")
 
 
-def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) -> Path:
+def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike) -> Path:
     """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
 
     Raises:
@@ -295,16 +196,16 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
     def serve_bytes(images):
         batch = tf.map_fn(lambda b: decode.tf_preprocess_bytes(b, s, cfg.crop), images,
                           fn_output_signature=tf.TensorSpec([s, s, 1], tf.uint8))
-        return _outputs(model, batch, cfg)
+        return serving.saved_model_outputs(model, batch, cfg)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
     def serve_preprocessed(image):
-        return _outputs(model, image, cfg)
+        return serving.saved_model_outputs(model, image, cfg)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
     def serve_preprocessed_float(image):
-        return _outputs(model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8),
-                        cfg)
+        return serving.saved_model_outputs(
+            model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), cfg)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -317,7 +218,7 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
         # assets.extra/ is TF Serving's place for files beside the graph that loaders ignore.
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
-        atomic_files.write_json_atomic(extra / SERVING_CONFIG_NAME, cfg.to_json())
+        atomic_files.write_json_atomic(extra / serving.SERVING_CONFIG_NAME, cfg.to_json())
     return out_dir
 
 
@@ -358,50 +259,11 @@ def convert_tflite(model, variant: str) -> bytes:
         return converter.convert()
 
 
-def tflite_interpreter(model_path_or_bytes: str | os.PathLike | bytes):
-    """A LiteRT interpreter (``ai-edge-litert``), or ``tf.lite.Interpreter`` without it."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # the optional [tflite] extra is not installed
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    if isinstance(model_path_or_bytes, (bytes, bytearray)):
-        return Interpreter(model_content=bytes(model_path_or_bytes))
-    return Interpreter(model_path=str(model_path_or_bytes))
-
-
-class TFLiteRunner:
-    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N."""
-
-    def __init__(self, model_path_or_bytes: str | os.PathLike | bytes):
-        self.interpreter = tflite_interpreter(model_path_or_bytes)
-        self._input = self.interpreter.get_input_details()[0]
-        self._batch = None
-
-    @property
-    def image_size(self) -> int:
-        return int(self._input["shape_signature"][1])
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
-        if len(images) == 0:
-            return np.zeros((0,), np.float64)
-        if self._batch != len(images):
-            self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
-            self.interpreter.allocate_tensors()
-            self._batch = len(images)
-        self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
-        self.interpreter.invoke()
-        out = self.interpreter.get_output_details()[0]
-        return np.asarray(self.interpreter.get_tensor(out["index"]), np.float64).reshape(-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Parity batch and the export driver
 
 
-def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, seed: int = 0
+def parity_images(run_dir, cfg: serving.ServingConfig, data_dir=None, count: int = 32, seed: int = 0
                   ) -> tuple[np.ndarray, str]:
     """A batch to compare variants on: the run's val split, else rendered phantoms.
 
@@ -479,7 +341,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
                           f"{','.join(EXPORT_FORMATS)}")
     paths = rundir.RunPaths(run_dir)
     calibration = calibration_for_export(run_dir, data_dir)
-    cfg = serving_config_for_run(run_dir, calibration)
+    cfg = serving.serving_config_for_run(run_dir, calibration)
     if "saved_model" in formats:
         check_in_graph_crop(cfg)
     run_model = rundir.load_model(run_dir)
@@ -488,7 +350,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     reference = keras_probabilities(model, images)
     t = cfg.raw_threshold()
     paths.export.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_json_atomic(paths.export / SERVING_CONFIG_NAME, cfg.to_json())
+    atomic_files.write_json_atomic(paths.export / serving.SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
               "reference": "Keras model in float32" + (
                   " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
@@ -507,7 +369,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         for variant, name in TFLITE_VARIANTS.items():
             flatbuffer = convert_tflite(model, variant)
             target = atomic_files.write_bytes_atomic(paths.export / name, flatbuffer)
-            probs = TFLiteRunner(target).probabilities(images)
+            probs = serving.TFLiteRunner(target).probabilities(images)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
                                            **_diff_stats(probs, reference, t)}
             log.info("wrote %s (%d bytes)", target, len(flatbuffer))

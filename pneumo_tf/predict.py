@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import calibration, cli, export, preprocess, rundir
+from pneumo_tf import calibration, cli, preprocess, rundir, serving
 from pneumo_tf.data import decode
 
 log = logging.getLogger(__name__)
@@ -90,25 +90,25 @@ class Predictor:
 
     kind: str
     source: Path
-    config: export.ServingConfig
+    config: serving.ServingConfig
     probabilities: Callable[[np.ndarray], np.ndarray]
     keras_model: object | None = None
 
 
-def _run_config(run_dir: Path) -> export.ServingConfig:
+def _run_config(run_dir: Path) -> serving.ServingConfig:
     calibration = rundir.read_calibration(run_dir)
     if calibration is not None:
-        calibration = export.calibration_from_json(calibration, str(rundir.RunPaths(run_dir).calibration))
-    return export.serving_config_for_run(run_dir, calibration)
+        calibration = serving.calibration_from_json(calibration, str(rundir.RunPaths(run_dir).calibration))
+    return serving.serving_config_for_run(run_dir, calibration)
 
 
-def _read_serving_config(path: Path, model_path: Path) -> export.ServingConfig:
+def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
     if not path.is_file():
         raise PredictError(f"{path} is missing, so the image size, crop and calibration of "
                            f"{model_path} are unknown; use a model written by "
                            f"`python -m pneumo_tf.export` (or pass the run directory)")
     try:
-        return export.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return serving.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as e:
         raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
 
@@ -167,7 +167,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     elif kind == "saved_model":
         import tensorflow as tf
 
-        config = _read_serving_config(path / "assets.extra" / export.SERVING_CONFIG_NAME, path)
+        config = _read_serving_config(path / "assets.extra" / serving.SERVING_CONFIG_NAME, path)
         signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
         if signature is None:
             raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
@@ -175,11 +175,11 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         predictor = Predictor(kind, path, config, lambda images: signature(
             image=tf.constant(images))["probability"].numpy().astype(np.float64))
     else:
-        config = _read_serving_config(path.parent / export.SERVING_CONFIG_NAME, path)
-        runner = export.TFLiteRunner(path)
+        config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
+        runner = serving.TFLiteRunner(path)
         if runner.image_size != config.image_size:
             raise PredictError(f"--model={path} takes {runner.image_size}px images but "
-                               f"{export.SERVING_CONFIG_NAME} beside it says "
+                               f"{serving.SERVING_CONFIG_NAME} beside it says "
                                f"{config.image_size}px; re-export the run")
         predictor = Predictor(kind, path, config, runner.probabilities)
     if not predictor.config.calibrated:
@@ -293,7 +293,7 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
 # Prediction
 
 
-def result_record(path: str, probability: float, config: export.ServingConfig,
+def result_record(path: str, probability: float, config: serving.ServingConfig,
                   film_reasons: list[str], refer_band: float) -> dict:
     """The output record of one predicted input (see the module docstring)."""
     calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
@@ -426,7 +426,7 @@ def main(argv: list[str]) -> None:
         for rec in results:
             failed += "error" in rec
             print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
-    except (PredictError, rundir.RunDirError, export.ExportError) as e:
+    except (PredictError, rundir.RunDirError, serving.ServingError) as e:
         raise SystemExit(f"predict: {e}") from None
     if failed:
         log.error("%d input(s) could not be predicted (see their 'error')", failed)

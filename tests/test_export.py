@@ -103,34 +103,6 @@ def test_missing_calibration_is_fitted_on_val_when_data_dir_given(run_and_data, 
     assert calibration["temperature"] > 0 and 0 <= calibration["threshold"] <= 1
 
 
-@pytest.mark.parametrize("bad, match", [({"temperature": 0, "threshold": 0.5}, "temperature"),
-                                        ({"threshold": 0.5}, "temperature"),
-                                        ({"temperature": 1, "threshold": 1.5}, "threshold")])
-def test_bad_calibration_is_named(bad, match):
-    from pneumo_tf import export
-
-    with pytest.raises(export.ExportError, match=match):
-        export.calibration_from_json(bad, "R/calibration.json")
-
-
-def test_calibrated_probability_and_thresholds_round_trip():
-    from pneumo_tf import calibration, export
-
-    p = np.array([0.01, 0.3, 0.5, 0.9, 0.999])
-    cal = calibration.apply_temperature(p, 2.0)
-    logit = np.log(p / (1 - p))
-    np.testing.assert_allclose(cal, 1 / (1 + np.exp(-logit / 2.0)), rtol=1e-9)
-    import tensorflow as tf
-
-    np.testing.assert_allclose(calibration.apply_temperature(tf.constant(p, tf.float32), 2.0).numpy(),
-                               cal, atol=1e-6)
-    cfg = export.ServingConfig(32, "fixed", temperature=2.0, threshold=0.7,
-                               threshold_applies_to="probability")
-    on_cal = export.ServingConfig(32, "fixed", temperature=2.0, threshold=cfg.calibrated_threshold(),
-                                  threshold_applies_to="calibrated_probability")
-    assert on_cal.raw_threshold() == pytest.approx(0.7)
-
-
 # ---------------------------------------------------------------------------------------------
 # SavedModel
 
@@ -138,20 +110,20 @@ def test_calibrated_probability_and_thresholds_round_trip():
 def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     import tensorflow as tf
 
-    from pneumo_tf import calibration, export
+    from pneumo_tf import calibration, serving
 
     run, _, _ = exported
     sm_dir = run / "export" / "saved_model"
     loaded = tf.saved_model.load(str(sm_dir))
     assert set(loaded.signatures) == {"serving_default", "preprocessed", "preprocessed_float"}
-    serving = loaded.signatures["serving_default"]
-    (spec,) = serving.structured_input_signature[1].values()
+    default = loaded.signatures["serving_default"]
+    (spec,) = default.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None]
-    assert set(serving.structured_outputs) == {"probability", "calibrated_probability", "label"}
+    assert set(default.structured_outputs) == {"probability", "calibrated_probability", "label"}
 
     files = phantom_files(tmp_path / "img", sizes=((300, 380), (700, 520)))
     names = sorted(files)
-    out = serving(images=tf.constant([files[n] for n in names]))
+    out = default(images=tf.constant([files[n] for n in names]))
     p = out["probability"].numpy()
     assert p.shape == (len(names),) and np.all((p >= 0) & (p <= 1))
     np.testing.assert_allclose(out["calibrated_probability"].numpy(),
@@ -165,7 +137,7 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     pre_f = loaded.signatures["preprocessed_float"](
         image=tf.constant(images.astype(np.float32)))["probability"].numpy()
     np.testing.assert_allclose(pre, pre_f, atol=1e-6)
-    config = json.loads((sm_dir / "assets.extra" / export.SERVING_CONFIG_NAME).read_text())
+    config = json.loads((sm_dir / "assets.extra" / serving.SERVING_CONFIG_NAME).read_text())
     assert config["image_size"] == SIZE and config["crop"] == "fixed"
     assert config["temperature"] == pytest.approx(TEMPERATURE)
 
@@ -268,13 +240,13 @@ def test_parity_json_reports_every_variant_within_tolerance(exported):
 
 
 def test_tflite_runner_matches_keras_on_any_batch_size(exported):
-    from pneumo_tf import export, rundir, scoring
+    from pneumo_tf import export, rundir, scoring, serving
 
     run, _, _ = exported
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, SIZE, SIZE, 1), dtype=np.uint8)
     keras_p = scoring.make_predict_fn(rundir.load_model(run))(images).numpy()
-    runner = export.TFLiteRunner(run / "export" / "model_fp16.tflite")
+    runner = serving.TFLiteRunner(run / "export" / "model_fp16.tflite")
     assert runner.image_size == SIZE
     np.testing.assert_allclose(runner.probabilities(images), keras_p, atol=export.FP16_MAX_ABS_DIFF)
     np.testing.assert_allclose(runner.probabilities(images[:2]), runner.probabilities(images)[:2],
@@ -299,7 +271,7 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
     """A mixed_bfloat16 model with the training augmentation layer, as pneumo_tf.train builds it."""
     import keras
 
-    from pneumo_tf import export, model as pmodel, scoring
+    from pneumo_tf import export, model as pmodel, scoring, serving
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -317,7 +289,7 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
     p_mixed = scoring.make_predict_fn(mixed)(images).numpy()
     p_f32 = scoring.make_predict_fn(f32)(images).numpy()
     assert np.max(np.abs(p_mixed - p_f32)) < 0.02  # bf16 rounding only: same weights
-    runner = export.TFLiteRunner(export.convert_tflite(f32, "fp16"))
+    runner = serving.TFLiteRunner(export.convert_tflite(f32, "fp16"))
     assert np.max(np.abs(runner.probabilities(images) - p_f32)) <= export.FP16_MAX_ABS_DIFF
 
 
@@ -343,12 +315,12 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
 
 
 def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
-    from pneumo_tf import export
+    from pneumo_tf import export, serving
 
     run, data = run_and_data
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
-    cfg = export.serving_config_for_run(copy, None)
+    cfg = serving.serving_config_for_run(copy, None)
     images, source = export.parity_images(copy, cfg, count=4)
     assert "phantom" in source and images.shape == (4, SIZE, SIZE, 1)
     (copy / "flags.txt").write_text(f"# written by pneumo_tf.train\n--data_dir={data}\n--augment\n")

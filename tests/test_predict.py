@@ -253,9 +253,9 @@ def test_film_refer_reasons_flag_unlike_films_only():
 
 
 def test_refer_band_around_the_calibrated_threshold():
-    from pneumo_tf import calibration, export, predict
+    from pneumo_tf import calibration, predict, serving
 
-    cfg = export.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
     at_threshold = predict.result_record("x", 0.8, cfg, [], 0.1)
     assert at_threshold["refer"] and at_threshold["refer_reasons"] == ["uncertain"]
     assert at_threshold["label"] == 1
