@@ -13,14 +13,17 @@ files. A SavedModel is called through its ``preprocessed`` signature for the sam
 
 One JSON line per input, in input order::
 
-    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "label": 1,
-     "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
+    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
+     "label": 1, "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
 
-``label`` applies the run's operating threshold (``calibration.json``) to the probability it was
-chosen on. ``refer`` is true when the case should go to a human: the calibrated probability lies
-within ``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film
-(see :func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
+``probability`` is the model's, ``calibrated_probability`` its temperature-scaled value; the
+decision is taken on the calibrated one: ``threshold`` is the run's operating threshold
+(``calibration.json``) on the calibrated scale, and ``label`` is 1 exactly when
+``calibrated_probability >= threshold`` (:func:`pneumo_tf.serving.decide_label`). ``refer`` is
+true when the case should go to a human: the calibrated probability lies within
+``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film (see
+:func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
 are still predicted and the exit status is 1.
 
 Grad-CAM overlays (``--gradcam_dir``) need the Keras model (a run directory or ``.keras`` file):
@@ -295,16 +298,21 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
 
 def result_record(path: str, probability: float, config: serving.ServingConfig,
                   film_reasons: list[str], refer_band: float) -> dict:
-    """The output record of one predicted input (see the module docstring)."""
+    """The output record of one predicted input (see the module docstring).
+
+    ``label`` is :func:`pneumo_tf.serving.decide_label` of the record's own
+    ``calibrated_probability`` and ``threshold`` (the calibrated-scale threshold), so
+    ``label == (calibrated_probability >= threshold)`` holds for the numbers in the record.
+    """
     calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
-    decide_on = probability if config.threshold_applies_to == "probability" else calibrated
-    label = int(decide_on >= config.threshold)
+    threshold = config.calibrated_threshold()
+    label = int(serving.decide_label(calibrated, threshold))
     reasons = list(film_reasons)
-    if abs(calibrated - config.calibrated_threshold()) <= refer_band:
+    if abs(calibrated - threshold) <= refer_band:
         reasons.insert(0, "uncertain")
     return {"path": path, "probability": float(probability), "calibrated_probability": calibrated,
-            "label": label, "class_name": pneumo_tf.CLASS_NAMES[label], "refer": bool(reasons),
-            "refer_reasons": reasons}
+            "threshold": threshold, "label": label, "class_name": pneumo_tf.CLASS_NAMES[label],
+            "refer": bool(reasons), "refer_reasons": reasons}
 
 
 def gradcam_file_name(index: int, path: str) -> str:
@@ -400,7 +408,8 @@ MODEL = flags.DEFINE_string(
 FORMAT = flags.DEFINE_enum(
     "format", "jsonl", OUTPUT_FORMATS,
     "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
-    "label, class_name, refer, refer_reasons; or path and error); table = aligned text.")
+    "threshold, label, class_name, refer, refer_reasons; or path and error); table = aligned "
+    "text.")
 GRADCAM_DIR = flags.DEFINE_string(
     "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
     "models only).")

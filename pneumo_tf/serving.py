@@ -188,14 +188,20 @@ def decide_label(calibrated_probability, threshold):
 
 
 def saved_model_outputs(model, images, cfg: ServingConfig) -> dict:
-    """The outputs of every SavedModel signature, all ``[N]``, for ``[N, S, S, 1] uint8`` images."""
+    """The outputs of every SavedModel signature, all ``[N]``, for ``[N, S, S, 1] uint8`` images.
+
+    Returns:
+        ``{"probability": float32 (the model's sigmoid), "calibrated_probability": float32,
+        "threshold": float32 (the operating threshold on the calibrated scale, repeated per
+        image), "label": int64 (:func:`decide_label` of the two before)}``.
+    """
     import tensorflow as tf
 
     p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
     cal = calibration_lib.apply_temperature(p, cfg.temperature)
-    decide_on = p if cfg.threshold_applies_to == "probability" else cal
-    label = tf.cast(decide_on >= cfg.threshold, tf.int64)
-    return {"probability": p, "calibrated_probability": cal, "label": label}
+    threshold = tf.fill(tf.shape(cal), tf.constant(cfg.calibrated_threshold(), tf.float32))
+    return {"probability": p, "calibrated_probability": cal, "threshold": threshold,
+            "label": decide_label(cal, threshold)}
 
 
 # ---------------------------------------------------------------------------------------------

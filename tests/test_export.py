@@ -119,7 +119,8 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     default = loaded.signatures["serving_default"]
     (spec,) = default.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None]
-    assert set(default.structured_outputs) == {"probability", "calibrated_probability", "label"}
+    assert set(default.structured_outputs) == {"probability", "calibrated_probability",
+                                               "threshold", "label"}
 
     files = phantom_files(tmp_path / "img", sizes=((300, 380), (700, 520)))
     names = sorted(files)
@@ -140,6 +141,63 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     config = json.loads((sm_dir / "assets.extra" / serving.SERVING_CONFIG_NAME).read_text())
     assert config["image_size"] == SIZE and config["crop"] == "fixed"
     assert config["temperature"] == pytest.approx(TEMPERATURE)
+
+
+def _sweep_model(size: int, raw_threshold: float):
+    """A Keras model whose probability crosses ``raw_threshold`` in sub-float32-ulp steps.
+
+    ``logit = w0 * pixel0 + w1 * pixel1 + b``: pixel 1 moves the logit in coarse steps, pixel 0
+    in steps smaller than the float32 spacing of the probability near the threshold.
+    """
+    import keras
+
+    inputs = keras.Input((size, size, 1), dtype="uint8")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1.0)(inputs))
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(x))
+    kernel = np.zeros((size * size, 1), np.float32)
+    kernel[0, 0], kernel[1, 0] = 2e-8, 1e-6
+    logit = np.log(raw_threshold / (1 - raw_threshold))
+    dense.set_weights([kernel, np.array([logit - 128 * 2e-8 - 128 * 1e-6], np.float32)])
+    return model
+
+
+def _sweep_images(size: int) -> np.ndarray:
+    pixel0, pixel1 = np.meshgrid(np.arange(0, 256, 3), np.arange(118, 139))
+    images = np.zeros((pixel0.size, size, size, 1), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 1, 0] = pixel0.ravel(), pixel1.ravel()
+    return images
+
+
+@pytest.mark.parametrize("temperature, threshold", [(1.7, 0.45), (0.6, 0.8)])
+def test_saved_model_label_is_calibrated_probability_at_threshold(tmp_path, temperature,
+                                                                  threshold):
+    """Every signature: label == (calibrated_probability >= threshold), also at the threshold."""
+    import tensorflow as tf
+
+    from pneumo_tf import export, serving
+
+    size = 8
+    cfg = serving.ServingConfig(size, "none", temperature=temperature, threshold=threshold,
+                                calibrated=True)
+    export.export_saved_model(_sweep_model(size, threshold), cfg, tmp_path / "sm")
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    images = _sweep_images(size)
+    png = [cv2.imencode(".png", image)[1].tobytes() for image in images[::7]]
+    calls = {"preprocessed": {"image": tf.constant(images)},
+             "preprocessed_float": {"image": tf.constant(images.astype(np.float32))},
+             "serving_default": {"images": tf.constant(png)}}
+    for name, kwargs in calls.items():
+        out = {k: v.numpy() for k, v in loaded.signatures[name](**kwargs).items()}
+        assert set(out["label"]) == {0, 1}, name
+        assert out["threshold"].dtype == np.float32 and out["label"].dtype == np.int64
+        np.testing.assert_array_equal(out["threshold"], np.float32(cfg.calibrated_threshold()))
+        np.testing.assert_array_equal(
+            out["label"], (out["calibrated_probability"] >= out["threshold"]).astype(np.int64),
+            err_msg=name)
+        # The sweep reaches the threshold within float32 rounding of it.
+        gap = np.abs(out["calibrated_probability"] - out["threshold"])
+        assert gap.min() <= np.spacing(out["threshold"][0]), name
 
 
 def test_saved_model_cli_shows_the_signatures(exported):

@@ -64,3 +64,70 @@ def test_serving_config_json_round_trip_and_calibrated_threshold_key():
     assert obj["calibrated_threshold"] == cfg.calibrated_threshold()
     assert obj["label_names"] == ["NORMAL", "PNEUMONIA"]
     assert serving.ServingConfig.from_json(obj) == cfg
+
+
+def _around(t: float, n_ulps: int = 40) -> np.ndarray:
+    """Float64 values around ``t``: ``n_ulps`` neighbours each side, then widening steps."""
+    below, above = [t], [t]
+    for _ in range(n_ulps):
+        below.append(np.nextafter(below[-1], 0.0))
+        above.append(np.nextafter(above[-1], 1.0))
+    steps = t + np.concatenate([-np.logspace(-15, -1, 29), np.logspace(-15, -1, 29)])
+    values = np.concatenate([below, above, steps, np.linspace(0, 1, 101)])
+    return np.clip(values, 0.0, 1.0)
+
+
+def test_decide_label_numpy_and_tensorflow_agree_with_the_comparison():
+    import tensorflow as tf
+
+    t = 0.4513
+    cal = _around(t)
+    host = serving.decide_label(cal, t)
+    assert host.dtype == np.int64
+    np.testing.assert_array_equal(host, (cal >= t).astype(np.int64))
+    assert serving.decide_label(t, t) == 1 and serving.decide_label(np.nextafter(t, 0), t) == 0
+    cal32 = tf.constant(cal, tf.float32)
+    graph = tf.function(lambda c: serving.decide_label(c, t))(cal32)
+    assert graph.dtype == tf.int64
+    # In the graph the threshold is compared in the tensor's dtype.
+    np.testing.assert_array_equal(graph.numpy(), (cal32.numpy() >= np.float32(t)).astype(np.int64))
+
+
+class _FixedProbabilities:
+    """Stands in for a Keras model: returns preset ``[N, 1]`` probabilities."""
+
+    def __init__(self, probs):
+        self.probs = probs
+
+    def __call__(self, images, training=False):
+        import tensorflow as tf
+
+        return tf.reshape(tf.constant(self.probs, tf.float32), [-1, 1])
+
+
+@pytest.mark.parametrize("temperature, threshold, applies_to", [
+    (1.7, 0.45, "probability"), (0.6, 0.8, "probability"), (2.5, 0.3, "calibrated_probability"),
+    (1.0, 0.5, "probability")])
+def test_saved_model_outputs_label_is_calibrated_probability_at_threshold(
+        temperature, threshold, applies_to):
+    import tensorflow as tf
+
+    cfg = serving.ServingConfig(8, "none", temperature=temperature, threshold=threshold,
+                                threshold_applies_to=applies_to, calibrated=True)
+    raw_t = cfg.raw_threshold()
+    probs = np.unique(_around(raw_t).astype(np.float32))
+    images = tf.zeros([len(probs), 8, 8, 1], tf.uint8)
+    out = tf.function(lambda x: serving.saved_model_outputs(_FixedProbabilities(probs), x, cfg))(
+        images)
+    out = {k: v.numpy() for k, v in out.items()}
+    assert {k: v.dtype for k, v in out.items()} == {
+        "probability": np.float32, "calibrated_probability": np.float32, "threshold": np.float32,
+        "label": np.int64}
+    assert all(v.shape == (len(probs),) for v in out.values())
+    np.testing.assert_array_equal(out["threshold"], np.float32(cfg.calibrated_threshold()))
+    np.testing.assert_array_equal(
+        out["label"], (out["calibrated_probability"] >= out["threshold"]).astype(np.int64))
+    assert set(out["label"]) == {0, 1}
+    # Values within one float32 step of the threshold were tested, not just far ones.
+    gap = np.abs(out["calibrated_probability"] - out["threshold"])
+    assert gap.min() <= np.spacing(np.float32(cfg.calibrated_threshold()))
