@@ -348,9 +348,9 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 f"--gradcam_dir needs the Keras model: a {predictor.kind} has no access to the "
                 f"backbone's feature maps. Pass --model=<run directory> (the one exported to "
                 f"{predictor.source})")
-        from pneumo_tf import gradcam
+        from pneumo_tf import cam
 
-        cam_model = gradcam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
+        cam_model = cam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
     cfg = predictor.config
     items = expand_inputs(paths)
@@ -375,12 +375,12 @@ def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list
                    out_dir: Path) -> None:
     import cv2
 
-    from pneumo_tf import gradcam
+    from pneumo_tf import cam
 
-    cams = gradcam.gradcam_batch(cam_model, images)["cam"]
-    for image, cam, index, rec in zip(images, cams, indices, recs):
+    cams = cam.gradcam_batch(cam_model, images)["cam"]
+    for image, heat, index, rec in zip(images, cams, indices, recs):
         target = out_dir / gradcam_file_name(index, rec["path"])
-        rgb = gradcam.overlay_cam(image[..., 0], cam)
+        rgb = cam.overlay_cam(image[..., 0], heat)
         if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"cannot write {target}")
         rec["gradcam"] = str(target)
