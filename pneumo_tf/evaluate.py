@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring
 from pneumo_tf import metrics as pmetrics
@@ -115,12 +115,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
 
 def main(argv):
     cli.check_args(argv, RUN_DIR, DATA_DIR)
-    try:
-        metrics = evaluate_run(RUN_DIR.value, DATA_DIR.value,
-                               SPLIT.value, THRESHOLD.value, BATCH_SIZE.value,
-                               NUM_RESAMPLES.value, SEED.value)
-    except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
-        raise SystemExit(f"pneumo_tf.evaluate: error: {e}") from None
+    metrics = evaluate_run(RUN_DIR.value, DATA_DIR.value, SPLIT.value, THRESHOLD.value,
+                           BATCH_SIZE.value, NUM_RESAMPLES.value, SEED.value)
     ci = (metrics["ci95"] or {}).get("roc_auc")
     auc_ci = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     print(f"{metrics['split']}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
@@ -130,7 +126,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.evaluate")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from pneumo_tf import atomic_files, calibration as calibration_lib
 from pneumo_tf import cli, preprocess, rundir, serving
@@ -398,20 +398,14 @@ PARITY_COUNT = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not RUN_DIR.value:
-        raise app.UsageError("--run_dir is required (a finished training run)")
-    try:
-        report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value,
-                            PARITY_COUNT.value, SEED.value)
-    except (ExportError, rundir.RunDirError, records.DataDirError) as e:
-        raise SystemExit(f"export failed: {e}") from None
+    cli.check_args(argv, RUN_DIR)
+    report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value, PARITY_COUNT.value,
+                        SEED.value)
     print(json.dumps(report, indent=2, sort_keys=True))
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.export", errors=(ExportError,))
 
 
 if __name__ == "__main__":

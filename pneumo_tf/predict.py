@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -419,31 +418,28 @@ REFER_BAND = flags.DEFINE_float(
     upper_bound=1.0)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    cli.check_args(argv[:1], MODEL)  # the positional arguments are this app's inputs
     inputs = argv[1:]
-    if not MODEL.value:
-        raise app.UsageError("--model is required (run dir, SavedModel dir, .keras or .tflite)")
     if not inputs:
         raise app.UsageError("give at least one image file or folder after the flags")
-    try:
-        predictor = load_predictor(MODEL.value)
-        results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
-                                GRADCAM_DIR.value)
-        failed = 0
-        if FORMAT.value == "table":
-            print(format_table_header())
-        for rec in results:
-            failed += "error" in rec
-            print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
-    except (PredictError, rundir.RunDirError, serving.ServingError) as e:
-        raise SystemExit(f"predict: {e}") from None
+    predictor = load_predictor(MODEL.value)
+    results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
+                            GRADCAM_DIR.value)
+    failed = 0
+    if FORMAT.value == "table":
+        print(format_table_header())
+    for rec in results:
+        failed += "error" in rec
+        print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
     if failed:
         log.error("%d input(s) could not be predicted (see their 'error')", failed)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.predict", errors=(PredictError,))
 
 
 if __name__ == "__main__":
