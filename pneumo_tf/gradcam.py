@@ -25,11 +25,7 @@ from absl import flags
 
 from pneumo_tf import atomic_files, calibration, cam, cli, rundir, scoring
 
-BATCH_SIZE = cli.batch_size_flag()
-DATA_DIR = cli.data_dir_flag()
-RUN_DIR = cli.run_dir_flag()
-SEED = cli.seed_flag()
-SPLIT = cli.split_flag()
+RUN = cli.run_split_flags()
 
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 64, "Images to explain, drawn (seeded) evenly across TP/FP/FN/TN.", lower_bound=1)
@@ -134,9 +130,10 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
 
 
 def main(argv):
-    cli.check_args(argv, RUN_DIR, DATA_DIR)
-    stats = run_gradcam(RUN_DIR.value, DATA_DIR.value, SPLIT.value, NUM_IMAGES.value,
-                        LAYER.value, BATCH_SIZE.value, SEED.value, CAM_CLASS.value)
+    cli.check_args(argv, RUN.run_dir, RUN.data_dir)
+    stats = run_gradcam(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
+                        NUM_IMAGES.value, LAYER.value, RUN.batch_size.value, RUN.seed.value,
+                        CAM_CLASS.value)
     overall = stats["groups"]["all"]
     line = (f"{stats['num_images']} images, layer {stats['layer']}: lung share "
             f"{overall['lung_share_mean']}")
@@ -144,7 +141,7 @@ def main(argv):
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
                  f"{overall['pointing_n']} maps empty, counted as misses)")
-    print(line + f" -> {rundir.RunPaths(RUN_DIR.value).gradcam}")
+    print(line + f" -> {rundir.RunPaths(RUN.run_dir.value).gradcam}")
 
 
 def run():
