@@ -300,14 +300,20 @@ def draw_phantom_size(rng: np.random.Generator) -> tuple[int, int]:
     return h, int(h * rng.uniform(1.0, 1.4))
 
 
-def _diff_stats(p: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+def _labels(p: np.ndarray, cfg: serving.ServingConfig) -> np.ndarray:
+    """The served labels of raw probabilities ``p`` (the decision predict and SavedModels take)."""
+    return serving.decide_label(calibration_lib.apply_temperature(p, cfg.temperature),
+                                cfg.calibrated_threshold())
+
+
+def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig) -> dict:
     d = np.abs(p - reference)
     if not np.all(np.isfinite(d)):  # NaN would compare False against any tolerance: report it
         return {"max_abs_prob_diff": None, "mean_abs_prob_diff": None,
                 "non_finite": int(np.sum(~np.isfinite(d))), "label_agreement": None}
     return {"max_abs_prob_diff": float(d.max()) if d.size else 0.0,
             "mean_abs_prob_diff": float(d.mean()) if d.size else 0.0,
-            "label_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))
+            "label_agreement": float(np.mean(_labels(p, cfg) == _labels(reference, cfg)))
             if d.size else 1.0}
 
 
@@ -348,7 +354,6 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     model = float32_model(run_model)
     images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
     reference = keras_probabilities(model, images)
-    t = cfg.raw_threshold()
     paths.export.mkdir(parents=True, exist_ok=True)
     atomic_files.write_json_atomic(paths.export / serving.SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
@@ -358,12 +363,12 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
               "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {}}
     if model is not run_model:
         report["variants"]["keras_run_precision"] = _diff_stats(
-            keras_probabilities(run_model, images), reference, t)
+            keras_probabilities(run_model, images), reference, cfg)
     if "saved_model" in formats:
         sm_dir = export_saved_model(model, cfg, paths.export / SAVED_MODEL_DIR)
         report["variants"]["saved_model"] = {
             "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
-            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, t)}
+            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, cfg)}
         log.info("wrote %s", sm_dir)
     if "tflite" in formats:
         for variant, name in TFLITE_VARIANTS.items():
@@ -371,7 +376,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
             target = atomic_files.write_bytes_atomic(paths.export / name, flatbuffer)
             probs = serving.TFLiteRunner(target).probabilities(images)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
-                                           **_diff_stats(probs, reference, t)}
+                                           **_diff_stats(probs, reference, cfg)}
             log.info("wrote %s (%d bytes)", target, len(flatbuffer))
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None

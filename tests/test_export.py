@@ -385,3 +385,16 @@ def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
     images, source = export.parity_images(copy, cfg, count=4)
     assert source == f"val split of {data} (4 images)"
     assert images.shape == (4, SIZE, SIZE, 1) and images.dtype == np.uint8
+
+
+def test_parity_label_agreement_uses_the_served_decision():
+    from pneumo_tf import export, serving
+
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=TEMPERATURE, threshold=THRESHOLD,
+                                calibrated=True)
+    reference = np.array([0.1, THRESHOLD, 0.9, np.nextafter(THRESHOLD, 0)])
+    variant = np.array([0.1, np.nextafter(THRESHOLD, 0), 0.9, THRESHOLD])
+    stats = export._diff_stats(variant, reference, cfg)
+    assert stats["label_agreement"] == 0.5
+    assert stats["max_abs_prob_diff"] == pytest.approx(0.0, abs=1e-15)
+    assert export._diff_stats(reference, reference, cfg)["label_agreement"] == 1.0
