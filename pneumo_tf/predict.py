@@ -98,10 +98,10 @@ class Predictor:
 
 
 def _run_config(run_dir: Path) -> serving.ServingConfig:
-    calibration = rundir.read_calibration(run_dir)
-    if calibration is not None:
-        calibration = serving.calibration_from_json(calibration, str(rundir.RunPaths(run_dir).calibration))
-    return serving.serving_config_for_run(run_dir, calibration)
+    cal = rundir.read_calibration(run_dir)
+    if cal is not None:
+        cal = serving.calibration_from_json(cal, str(rundir.RunPaths(run_dir).calibration))
+    return serving.serving_config_for_run(run_dir, cal)
 
 
 def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
@@ -186,8 +186,8 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         predictor = Predictor(kind, path, config, runner.probabilities)
     if not predictor.config.calibrated:
         log.warning("%s has no calibration.json: calibrated_probability = probability "
-                        "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
-                        "split for honest probabilities.", path)
+                    "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
+                    "split for honest probabilities.", path)
     return predictor
 
 

@@ -85,7 +85,7 @@ class ServingConfig:
                 "threshold_applies_to": self.threshold_applies_to}
 
     def calibrated_threshold(self) -> float:
-        """The operating threshold on the calibrated probability (what :func:`decide_label` uses)."""
+        """The operating threshold on the calibrated probability (:func:`decide_label`'s)."""
         return calibration_lib.calibrated_threshold(self._calibration())
 
     def raw_threshold(self) -> float:

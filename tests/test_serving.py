@@ -25,12 +25,13 @@ def test_calibrated_probability_and_thresholds_round_trip():
     np.testing.assert_allclose(cal, 1 / (1 + np.exp(-logit / 2.0)), rtol=1e-9)
     import tensorflow as tf
 
-    np.testing.assert_allclose(calibration.apply_temperature(tf.constant(p, tf.float32), 2.0).numpy(),
-                               cal, atol=1e-6)
+    np.testing.assert_allclose(
+        calibration.apply_temperature(tf.constant(p, tf.float32), 2.0).numpy(), cal, atol=1e-6)
     cfg = serving.ServingConfig(32, "fixed", temperature=2.0, threshold=0.7,
-                               threshold_applies_to="probability")
-    on_cal = serving.ServingConfig(32, "fixed", temperature=2.0, threshold=cfg.calibrated_threshold(),
-                                  threshold_applies_to="calibrated_probability")
+                                threshold_applies_to="probability")
+    on_cal = serving.ServingConfig(32, "fixed", temperature=2.0,
+                                   threshold=cfg.calibrated_threshold(),
+                                   threshold_applies_to="calibrated_probability")
     assert on_cal.raw_threshold() == pytest.approx(0.7)
 
 
@@ -44,7 +45,8 @@ def test_calibration_from_json_computes_a_missing_calibrated_threshold():
     stored = {**old, "calibrated_threshold": checked["calibrated_threshold"]}
     assert serving.calibration_from_json(stored, "R/calibration.json") == checked
     on_cal = {**old, "threshold_applies_to": "calibrated_probability"}
-    assert serving.calibration_from_json(on_cal, "R/calibration.json")["calibrated_threshold"] == 0.7
+    checked = serving.calibration_from_json(on_cal, "R/calibration.json")
+    assert checked["calibrated_threshold"] == 0.7
 
 
 @pytest.mark.parametrize("stored", [0.7, "x", None])
