@@ -1,21 +1,26 @@
-"""Temperature scaling and the operating threshold, both fitted on validation only (SPEC §4).
+"""Temperature scaling and the operating threshold, both fitted on validation only.
 
 ``R/calibration.json`` (written by :func:`calibrate_run`; the training app calls it at the end of
 every run, ``pneumo_tf.evaluate``/``pneumo_tf.gradcam`` only when it is missing)::
 
-    {"temperature": 1.7, "threshold": 0.62, "threshold_method": "val_youden", "source": "val",
-     "threshold_applies_to": "probability", "n_val": 834, "val": {"nll_before": ..,
-     "nll_after": .., "ece_before": .., "ece_after": .., "sensitivity": .., "specificity": ..}}
+    {"temperature": 1.7, "threshold": 0.62, "calibrated_threshold": 0.57,
+     "threshold_method": "val_youden", "source": "val", "threshold_applies_to": "probability",
+     "n_val": 834, "val": {"nll_before": .., "nll_after": .., "ece_before": .., "ece_after": ..,
+     "sensitivity": .., "specificity": ..}}
 
 It holds the run's operating point, which export, predict and Grad-CAM use: evaluating with
 another ``--threshold`` method computes that threshold on val in memory
 (:func:`operating_point`) and never rewrites the file.
 
-``threshold_applies_to`` says which quantity the threshold was chosen on: the model's raw
+``threshold_applies_to`` says which quantity ``threshold`` was chosen on: the model's raw
 probability (what :func:`calibrate_predictions` writes) or the calibrated probability.
-:func:`raw_threshold` is the one place that turns it into a cut on the raw probability.
+:func:`raw_threshold` and :func:`calibrated_threshold` are the one place that turns it into a
+cut on either scale; ``calibrated_threshold`` is the same cut on the calibrated probability,
+``sigmoid(logit(threshold) / T)`` (files written before it existed get it computed).
 Temperature scaling is monotone, so it never changes which side of the threshold an image falls
-on; it only makes the probabilities honest. Calibrated probability: ``sigmoid(logit(p) / T)``.
+on (up to float rounding at the threshold itself); it only makes the probabilities honest.
+Calibrated probability: ``sigmoid(logit(p) / T)`` (:func:`apply_temperature`, numpy or
+TensorFlow).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +55,24 @@ def prob_to_logit(probs) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def apply_temperature(probs, temperature: float) -> np.ndarray:
-    """Calibrated probabilities ``sigmoid(logit(p) / T)``, float64 ``[N]``."""
-    return 0.5 * (1.0 + np.tanh(0.5 * prob_to_logit(probs) / float(temperature)))
+def apply_temperature(probs, temperature: float):
+    """Calibrated probabilities ``sigmoid(logit(p) / T)``, ``p`` clipped away from 0 and 1.
+
+    The one temperature scaling of the project, on the host and in exported graphs.
+
+    Args:
+        probs: probabilities, any shape: numpy arrays, numbers or lists, or a TensorFlow tensor
+            (also a symbolic one inside a ``tf.function``).
+        temperature: T > 0.
+
+    Returns:
+        float64 numpy values for numpy input; a tensor of ``probs``' dtype for a tensor.
+    """
+    tf = sys.modules.get("tensorflow")  # a tensor implies TensorFlow is imported already
+    if tf is None or not tf.is_tensor(probs):
+        return 0.5 * (1.0 + np.tanh(0.5 * prob_to_logit(probs) / float(temperature)))
+    p = tf.clip_by_value(probs, _EPS, 1.0 - _EPS)
+    return tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / float(temperature))
 
 
 def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
@@ -169,6 +190,7 @@ def calibrate_predictions(labels, probs,
     return {
         "temperature": temperature,
         "threshold": threshold,
+        "calibrated_threshold": float(apply_temperature(np.float64(threshold), temperature)),
         "threshold_method": str(threshold_method),
         "threshold_applies_to": "probability",
         "source": "val",
@@ -225,25 +247,46 @@ def _predict_val(run_dir, data_dir, model, batch_size: int) -> dict:
     return scoring.predict_split(model, data_dir, "val", batch_size)
 
 
+def _threshold_applies_to(cal: dict) -> str:
+    applies_to = cal.get("threshold_applies_to", "probability")
+    if applies_to not in THRESHOLD_APPLIES_TO:
+        raise ValueError(f"calibration.json: threshold_applies_to={applies_to!r}, expected one "
+                         f"of {THRESHOLD_APPLIES_TO}; re-calibrate the run")
+    return applies_to
+
+
 def raw_threshold(cal: dict) -> float:
     """The operating threshold of a ``calibration.json`` dict, expressed on the raw probability.
 
     A threshold chosen on the calibrated probability ``c`` maps back through the inverse
     temperature scaling, ``sigmoid(T * logit(c))``; one chosen on the raw probability is returned
-    as is. Images with ``raw probability >= raw_threshold(cal)`` are PNEUMONIA, exactly as
-    ``pneumo_tf.export``/``pneumo_tf.predict`` decide.
+    as is. Images with ``raw probability >= raw_threshold(cal)`` are PNEUMONIA for evaluation and
+    Grad-CAM grouping.
 
     Raises:
         ValueError: unknown ``threshold_applies_to`` (naming the accepted values).
     """
-    applies_to = cal.get("threshold_applies_to", "probability")
-    if applies_to not in THRESHOLD_APPLIES_TO:
-        raise ValueError(f"calibration.json: threshold_applies_to={applies_to!r}, expected one "
-                         f"of {THRESHOLD_APPLIES_TO}; re-calibrate the run")
     threshold = float(cal["threshold"])
-    if applies_to == "probability":
+    if _threshold_applies_to(cal) == "probability":
         return threshold
     return float(apply_temperature(np.float64(threshold), 1.0 / float(cal["temperature"])))
+
+
+def calibrated_threshold(cal: dict) -> float:
+    """The operating threshold of a ``calibration.json`` dict on the calibrated probability.
+
+    ``sigmoid(logit(threshold) / T)`` for a threshold chosen on the raw probability (computed
+    with :func:`apply_temperature`, so an image whose raw probability equals the threshold gets
+    exactly this calibrated probability); a threshold chosen on the calibrated probability is
+    returned as is. The stored ``calibrated_threshold`` key is never trusted over this.
+
+    Raises:
+        ValueError: unknown ``threshold_applies_to`` (naming the accepted values).
+    """
+    threshold = float(cal["threshold"])
+    if _threshold_applies_to(cal) == "calibrated_probability":
+        return threshold
+    return float(apply_temperature(np.float64(threshold), float(cal["temperature"])))
 
 
 def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike, model=None,

@@ -78,6 +78,22 @@ def runs_flag() -> flags.FlagHolder:
         "runs", None, "Comma-separated run directories (two or more)."))
 
 
+class RunSplitFlags(typing.NamedTuple):
+    """The shared flags of an app that scores one split of a run (evaluate, gradcam)."""
+
+    run_dir: flags.FlagHolder
+    data_dir: flags.FlagHolder
+    split: flags.FlagHolder
+    batch_size: flags.FlagHolder
+    seed: flags.FlagHolder
+
+
+def run_split_flags() -> RunSplitFlags:
+    """``--run_dir``, ``--data_dir``, ``--split``, ``--batch_size`` and ``--seed`` as one group."""
+    return RunSplitFlags(run_dir_flag(), data_dir_flag(), split_flag(), batch_size_flag(),
+                         seed_flag())
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration dataclasses <-> flags
 

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
 from pneumo_tf import atomic_files, cli, rundir
 
@@ -31,7 +30,7 @@ OUT = cli.out_flag()
 SEED = cli.seed_flag()
 SPLIT = cli.split_flag()
 
-RUNS = flags.DEFINE_list("runs", None, "Comma-separated run directories to compare (2 or more).")
+RUNS = cli.runs_flag()
 
 # (column title, metrics.json value path, ci95 key)
 COLUMNS = (
@@ -164,22 +163,13 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not RUNS.value:
-        raise app.UsageError("--runs is required, e.g. --runs=runs/fixed_crop,runs/no_crop")
-    if not OUT.value:
-        raise app.UsageError("--out is required (folder for comparison.md/.png/.json)")
-    try:
-        compare_runs(RUNS.value, SPLIT.value, OUT.value,
-                     DATA_DIR.value, BATCH_SIZE.value, SEED.value)
-    except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
-        raise SystemExit(f"pneumo_tf.compare: error: {e}") from None
+    cli.check_args(argv, RUNS, OUT)
+    compare_runs(RUNS.value, SPLIT.value, OUT.value, DATA_DIR.value, BATCH_SIZE.value, SEED.value)
     print((Path(OUT.value) / "comparison.md").read_text(encoding="utf-8"))
 
 
 def run():
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.compare")
 
 
 if __name__ == "__main__":

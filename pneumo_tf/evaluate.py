@@ -19,16 +19,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring
 from pneumo_tf import metrics as pmetrics
 
-BATCH_SIZE = cli.batch_size_flag()
-DATA_DIR = cli.data_dir_flag()
-RUN_DIR = cli.run_dir_flag()
-SEED = cli.seed_flag()
-SPLIT = cli.split_flag()
+RUN = cli.run_split_flags()
 
 THRESHOLD = flags.DEFINE_string(
     "threshold", None,
@@ -114,23 +110,20 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
 
 
 def main(argv):
-    cli.check_args(argv, RUN_DIR, DATA_DIR)
-    try:
-        metrics = evaluate_run(RUN_DIR.value, DATA_DIR.value,
-                               SPLIT.value, THRESHOLD.value, BATCH_SIZE.value,
-                               NUM_RESAMPLES.value, SEED.value)
-    except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
-        raise SystemExit(f"pneumo_tf.evaluate: error: {e}") from None
+    cli.check_args(argv, RUN.run_dir, RUN.data_dir)
+    metrics = evaluate_run(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
+                           THRESHOLD.value, RUN.batch_size.value, NUM_RESAMPLES.value,
+                           RUN.seed.value)
     ci = (metrics["ci95"] or {}).get("roc_auc")
     auc_ci = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     print(f"{metrics['split']}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
           f"sensitivity={metrics['recall']:.4f} specificity={metrics['specificity']:.4f} "
           f"AUC={metrics['roc_auc']:.4f} {auc_ci} -> "
-          f"{rundir.RunPaths(RUN_DIR.value).eval_dir(metrics['split'])}")
+          f"{rundir.RunPaths(RUN.run_dir.value).eval_dir(metrics['split'])}")
 
 
 def run():
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.evaluate")
 
 
 if __name__ == "__main__":

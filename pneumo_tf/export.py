@@ -2,7 +2,8 @@
 
 ``python -m pneumo_tf.export --run_dir=R --formats=saved_model,tflite [--data_dir=D]`` writes::
 
-    R/export/pneumo_tf_serving.json   image size, crop, temperature, threshold (read by predict)
+    R/export/pneumo_tf_serving.json   image size, crop, temperature, thresholds (read by predict;
+                                      pneumo_tf.serving.ServingConfig)
     R/export/saved_model/             TF Serving artefact; signatures below
     R/export/model_fp16.tflite        float16 weights
     R/export/model_int8.tflite        dynamic-range int8 weights (activations stay float)
@@ -18,12 +19,14 @@ SavedModel signatures (all outputs ``[N]``):
   converter stores images (:func:`pneumo_tf.preprocess.preprocess_gray`).
 - ``preprocessed_float``: the same as ``float32`` in 0..255 (rounded and clipped to uint8).
 
-Outputs: ``probability`` (the model's sigmoid, float32), ``calibrated_probability``
-(``sigmoid(logit(p) / T)`` with the validation temperature T), ``label`` (int64, 1 = PNEUMONIA):
-the operating threshold of ``calibration.json`` applied to the probability it was chosen on
-(its ``threshold_applies_to``; ``probability`` when absent, which is what
-:mod:`pneumo_tf.calibration` writes). Temperature scaling is monotone, so this is the same
-decision as the mapped threshold on the other probability.
+Outputs (:func:`pneumo_tf.serving.saved_model_outputs`): ``probability`` (the model's sigmoid,
+float32), ``calibrated_probability`` (``sigmoid(logit(p) / T)`` with the validation temperature
+T, float32), ``threshold`` (the run's operating threshold on the calibrated scale, float32, the
+same for every image) and ``label`` (int64, 1 = PNEUMONIA): ``calibrated_probability >=
+threshold`` on exactly the float32 values returned (:func:`pneumo_tf.serving.decide_label`), so
+a client comparing them always finds the label. Temperature scaling is monotone: this is the
+decision ``calibration.json``'s ``threshold`` makes on the raw probability, except for
+probabilities within float32 rounding of the threshold.
 
 In-graph decoding vs the converter (training/serving skew, measured by ``tests/test_export.py``):
 the converter decodes with OpenCV/Pillow (:mod:`pneumo_tf.data.decode`), the graph with
@@ -42,21 +45,18 @@ TFLite or ``pneumo_tf.predict``, which crop on the host).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-import pneumo_tf
 from pneumo_tf import atomic_files, calibration as calibration_lib
-from pneumo_tf import cli, preprocess, rundir
-from pneumo_tf.data import records
+from pneumo_tf import cli, preprocess, rundir, serving
+from pneumo_tf.data import decode, records
 
 log = logging.getLogger(__name__)
 
@@ -64,89 +64,16 @@ DATA_DIR = cli.data_dir_flag()
 RUN_DIR = cli.run_dir_flag()
 SEED = cli.seed_flag()
 
-SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
 SAVED_MODEL_DIR = "saved_model"
 PARITY_NAME = "parity.json"
 EXPORT_FORMATS = ("saved_model", "tflite")
 TFLITE_VARIANTS = {"fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 # Issue 6: the float16 TFLite model must agree with the Keras model to 0.01 in probability.
 FP16_MAX_ABS_DIFF = 0.01
-PROBABILITY_EPS = 1e-7  # keeps logit(p) finite for saturated sigmoids
 
 
 class ExportError(RuntimeError):
     """Export cannot proceed or a parity check failed; the message names the file and fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving configuration: the facts a served model needs besides its weights.
-
-
-@dataclasses.dataclass
-class ServingConfig:
-    """What serving and prediction need to know about a run.
-
-    Attributes:
-        image_size: model input side S, pixels (the data manifest's ``image_size``).
-        crop: ``fixed`` | ``none`` | ``adaptive`` (the data manifest's ``crop``).
-        temperature: validation temperature T (1.0 = uncalibrated).
-        threshold: operating threshold, a probability.
-        threshold_applies_to: ``probability`` or ``calibrated_probability``: which one
-            ``threshold`` was chosen on.
-        threshold_method: how the threshold was chosen (from calibration.json).
-        calibrated: False when no calibration was available (T = 1, threshold 0.5).
-        backbone: backbone name, when known.
-    """
-
-    image_size: int
-    crop: str
-    temperature: float = 1.0
-    threshold: float = 0.5
-    threshold_applies_to: str = "probability"
-    threshold_method: str = "default_0.5"
-    calibrated: bool = False
-    backbone: str | None = None
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "label_names": list(pneumo_tf.CLASS_NAMES),
-                "normalisation": "inside the model (PixelNorm layer)"}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "ServingConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
-
-    def calibrated_threshold(self) -> float:
-        """The operating threshold expressed on the calibrated probability."""
-        if self.threshold_applies_to == "calibrated_probability":
-            return float(self.threshold)
-        return float(calibrate_probability(np.float64(self.threshold), self.temperature))
-
-    def raw_threshold(self) -> float:
-        """The operating threshold expressed on the model's raw probability."""
-        return calibration_lib.raw_threshold({
-            "threshold": self.threshold, "temperature": self.temperature,
-            "threshold_applies_to": self.threshold_applies_to})
-
-
-def calibration_from_json(obj: dict, where: str) -> dict:
-    """Validate a ``calibration.json`` dict: temperature > 0, threshold in (0, 1)."""
-    try:
-        temperature = float(obj["temperature"])
-        threshold = float(obj["threshold"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"{where} needs numeric 'temperature' and 'threshold' entries ({e}); "
-                          "refit it with `python -m pneumo_tf.evaluate --split=val "
-                          "--run_dir=... --data_dir=...`") from e
-    if not (temperature > 0 and math.isfinite(temperature)) or not 0.0 <= threshold <= 1.0:
-        raise ExportError(f"{where}: temperature must be > 0 and threshold in [0, 1], got "
-                          f"T={temperature}, threshold={threshold}; re-calibrate the run")
-    applies_to = obj.get("threshold_applies_to", "probability")
-    if applies_to not in calibration_lib.THRESHOLD_APPLIES_TO:
-        raise ExportError(f"{where}: threshold_applies_to={applies_to!r}, expected one of "
-                          f"{calibration_lib.THRESHOLD_APPLIES_TO}")
-    return {**obj, "temperature": temperature, "threshold": threshold,
-            "threshold_applies_to": applies_to}
 
 
 def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
@@ -171,34 +98,7 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
                 f"--data_dir=... --split=val` first")
         log.info("%s missing: calibrating on the val split of %s", path, data_dir)
         calibration = calibration_lib.calibrate_run(run_dir, data_dir)
-    return calibration_from_json(calibration, str(path))
-
-
-def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None) -> ServingConfig:
-    """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known)."""
-    manifest = rundir.read_run_manifest(run_dir)
-    backbone = None
-    if rundir.RunPaths(run_dir).summary.is_file():
-        backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
-    cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
-                        backbone=backbone)
-    if calibration is not None:
-        cfg.temperature = float(calibration["temperature"])
-        cfg.threshold = float(calibration["threshold"])
-        cfg.threshold_applies_to = calibration.get("threshold_applies_to", "probability")
-        cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
-        cfg.calibrated = True
-    return cfg
-
-
-def calibrate_probability(p, temperature: float):
-    """``sigmoid(logit(p) / T)`` for numpy arrays (float64) or tf tensors (their dtype)."""
-    if isinstance(p, (np.ndarray, np.generic, float, int)):
-        return calibration_lib.apply_temperature(p, temperature)
-    import tensorflow as tf
-
-    p = tf.clip_by_value(p, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
-    return tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / temperature)
+    return serving.calibration_from_json(calibration, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,116 +167,10 @@ def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.n
 
 
 # ---------------------------------------------------------------------------------------------
-# In-graph decoding (the serving twin of pneumo_tf.data.decode for JPEG and PNG)
-
-
-def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
-    """In-graph twin of :func:`pneumo_tf.data.decode.jpeg_reduction_factor` (int32 scalar)."""
-    import tensorflow as tf
-
-    from pneumo_tf.data import decode
-
-    factor = tf.constant(1, tf.int32)
-    for f in reversed(decode.JPEG_REDUCTION_FACTORS):  # 2, 4, 8: the last that fits wins
-        h = (height + f - 1) // f
-        w = (width + f - 1) // f
-        need = target_size
-        if crop == "fixed":
-            top, bottom, left, right = preprocess.tf_fixed_crop_box(h, w)
-            h, w = bottom - top, right - left
-        elif crop == "adaptive":
-            need = decode.ADAPTIVE_REDUCTION_MARGIN * target_size
-        factor = tf.where((h >= need) & (w >= need), tf.constant(f, tf.int32), factor)
-    return factor
-
-
-def _tf_luma(rgb):
-    """``[H, W, 3]`` uint8 RGB -> ``[H, W, 1]`` uint8, ITU-R BT.601 luma, rounded."""
-    import tensorflow as tf
-
-    y = tf.tensordot(tf.cast(rgb, tf.float32), tf.constant([0.299, 0.587, 0.114]), 1)
-    return tf.cast(tf.clip_by_value(tf.round(y), 0.0, 255.0), tf.uint8)[..., None]
-
-
-def _tf_min_max_uint8(values):
-    """In-graph twin of :func:`pneumo_tf.data.decode.to_uint8_min_max` for ``[H, W, 1]``."""
-    import tensorflow as tf
-
-    x = tf.cast(values, tf.float64)
-    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
-    scaled = tf.where(hi > lo, (x - lo) * (255.0 / tf.maximum(hi - lo, 1e-12)), tf.zeros_like(x))
-    return tf.cast(tf.round(scaled), tf.uint8)
-
-
-def tf_decode_gray(image_bytes, target_size: int, crop: str):
-    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray.
-
-    JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
-    converter's DCT-scaling rule; 8-bit PNGs use libpng's RGB -> gray; 16-bit PNGs are scaled from
-    their own min..max like the converter does; alpha is dropped. For 8-bit JPEG and PNG this
-    gives the converter's pixels exactly (measured in tests/test_export.py).
-    """
-    import tensorflow as tf
-
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(image_bytes)
-        factor = tf_jpeg_reduction_factor(shape[0], shape[1], target_size, crop)
-        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, what OpenCV uses: identical pixels.
-        branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=1, ratio=r,
-                                                  dct_method="INTEGER_ACCURATE")
-                    for r in (1, 2, 4, 8)]
-        index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
-        return tf.switch_case(index, branches)
-
-    def png16():
-        img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)
-        gray = tf.cond(tf.shape(img)[-1] >= 3,
-                       lambda: tf.tensordot(tf.cast(img[..., :3], tf.float64),
-                                            tf.constant([0.299, 0.587, 0.114], tf.float64), 1)[
-                                                ..., None],
-                       lambda: tf.cast(img[..., :1], tf.float64))
-        return _tf_min_max_uint8(gray)
-
-    def png8():
-        # libpng's own RGB -> gray (drops alpha), as OpenCV's IMREAD_GRAYSCALE does: identical.
-        return tf.io.decode_png(image_bytes, channels=1)
-
-    def other():  # BMP, GIF: BT.601 luma, within 1 grey level of OpenCV/Pillow
-        img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint8, expand_animations=False)
-        return tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
-                       lambda: img[..., :1])
-
-    is_png = tf.strings.substr(image_bytes, 0, 4) == b"\x89PNG"
-    # IHDR bit depth is byte 24 of a PNG file.
-    png_depth = tf.strings.substr(image_bytes, 24, 1)
-    is_png16 = is_png & tf.equal(png_depth, b"\x10")
-    gray = tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)],
-                   default=other, exclusive=False)
-    gray.set_shape([None, None, 1])
-    return gray
-
-
-def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):
-    """Scalar string -> ``[S, S, 1] uint8`` model input (decode, gray, crop, area resize)."""
-    return preprocess.tf_preprocess_gray(tf_decode_gray(image_bytes, image_size, crop),
-                                         image_size, crop)
-
-
-# ---------------------------------------------------------------------------------------------
 # SavedModel
 
 
-def _outputs(model, images, cfg: ServingConfig) -> dict:
-    import tensorflow as tf
-
-    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-    cal = calibrate_probability(p, cfg.temperature)
-    decide_on = p if cfg.threshold_applies_to == "probability" else cal
-    label = tf.cast(decide_on >= cfg.threshold, tf.int64)
-    return {"probability": p, "calibrated_probability": cal, "label": label}
-
-
-def check_in_graph_crop(cfg: ServingConfig) -> None:
+def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
     """Refuse a bytes-taking SavedModel for runs whose crop has no in-graph twin (``adaptive``)."""
     if cfg.crop not in ("fixed", "none"):
         raise ExportError(
@@ -386,7 +180,7 @@ def check_in_graph_crop(cfg: ServingConfig) -> None:
             f"--model=<run dir>` (it crops on the host like the converter)")
 
 
-def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) -> Path:
+def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike) -> Path:
     """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
 
     Raises:
@@ -400,18 +194,18 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
-        batch = tf.map_fn(lambda b: tf_preprocess_bytes(b, s, cfg.crop), images,
+        batch = tf.map_fn(lambda b: decode.tf_preprocess_bytes(b, s, cfg.crop), images,
                           fn_output_signature=tf.TensorSpec([s, s, 1], tf.uint8))
-        return _outputs(model, batch, cfg)
+        return serving.saved_model_outputs(model, batch, cfg)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
     def serve_preprocessed(image):
-        return _outputs(model, image, cfg)
+        return serving.saved_model_outputs(model, image, cfg)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
     def serve_preprocessed_float(image):
-        return _outputs(model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8),
-                        cfg)
+        return serving.saved_model_outputs(
+            model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), cfg)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -424,7 +218,7 @@ def export_saved_model(model, cfg: ServingConfig, out_dir: str | os.PathLike) ->
         # assets.extra/ is TF Serving's place for files beside the graph that loaders ignore.
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
-        atomic_files.write_json_atomic(extra / SERVING_CONFIG_NAME, cfg.to_json())
+        atomic_files.write_json_atomic(extra / serving.SERVING_CONFIG_NAME, cfg.to_json())
     return out_dir
 
 
@@ -465,60 +259,11 @@ def convert_tflite(model, variant: str) -> bytes:
         return converter.convert()
 
 
-def tflite_interpreter(model_path_or_bytes: str | os.PathLike | bytes):
-    """A LiteRT interpreter (``ai-edge-litert``), or ``tf.lite.Interpreter`` without it."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # the optional [tflite] extra is not installed
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    if isinstance(model_path_or_bytes, (bytes, bytearray)):
-        return Interpreter(model_content=bytes(model_path_or_bytes))
-    return Interpreter(model_path=str(model_path_or_bytes))
-
-
-class TFLiteRunner:
-    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N."""
-
-    def __init__(self, model_path_or_bytes: str | os.PathLike | bytes):
-        self.interpreter = tflite_interpreter(model_path_or_bytes)
-        self._input = self.interpreter.get_input_details()[0]
-        self._batch = None
-
-    @property
-    def image_size(self) -> int:
-        return int(self._input["shape_signature"][1])
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
-        if len(images) == 0:
-            return np.zeros((0,), np.float64)
-        if self._batch != len(images):
-            self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
-            self.interpreter.allocate_tensors()
-            self._batch = len(images)
-        self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
-        self.interpreter.invoke()
-        out = self.interpreter.get_output_details()[0]
-        return np.asarray(self.interpreter.get_tensor(out["index"]), np.float64).reshape(-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Parity batch and the export driver
 
 
-def _data_dir_from_flags_file(run_dir) -> str | None:
-    path = rundir.RunPaths(run_dir).flags
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("--data_dir="):
-            return line.split("=", 1)[1].strip() or None
-    return None
-
-
-def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, seed: int = 0
+def parity_images(run_dir, cfg: serving.ServingConfig, data_dir=None, count: int = 32, seed: int = 0
                   ) -> tuple[np.ndarray, str]:
     """A batch to compare variants on: the run's val split, else rendered phantoms.
 
@@ -528,15 +273,15 @@ def parity_images(run_dir, cfg: ServingConfig, data_dir=None, count: int = 32, s
     Returns:
         ``(images [n, S, S, 1] uint8, source description)``.
     """
-    candidates = [d for d in (data_dir, _data_dir_from_flags_file(run_dir)) if d]
+    from pneumo_tf import scoring
+
+    candidates = [d for d in (data_dir, rundir.read_run_flags(run_dir).get("data_dir")) if d]
     for candidate in candidates:
         try:
             rundir.check_data_compatible(run_dir, candidate)
-            from pneumo_tf.data import pipeline
-
-            ds = pipeline.make_dataset(candidate, "val", batch_size=count, training=False,
-                                       with_weights=False, cache=False)
-            images = next(iter(ds))[0].numpy()
+            images = next(scoring.iterate_split(candidate, "val", count), {}).get("image")
+            if images is None:
+                raise records.DataDirError(f"the val split of {candidate} has no images")
             return images, f"val split of {candidate} ({len(images)} images)"
         except (records.DataDirError, rundir.RunDirError) as e:
             log.warning("parity batch: cannot use %s (%s)", candidate, e)
@@ -555,14 +300,20 @@ def draw_phantom_size(rng: np.random.Generator) -> tuple[int, int]:
     return h, int(h * rng.uniform(1.0, 1.4))
 
 
-def _diff_stats(p: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+def _labels(p: np.ndarray, cfg: serving.ServingConfig) -> np.ndarray:
+    """The served labels of raw probabilities ``p`` (the decision predict and SavedModels take)."""
+    return serving.decide_label(calibration_lib.apply_temperature(p, cfg.temperature),
+                                cfg.calibrated_threshold())
+
+
+def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig) -> dict:
     d = np.abs(p - reference)
     if not np.all(np.isfinite(d)):  # NaN would compare False against any tolerance: report it
         return {"max_abs_prob_diff": None, "mean_abs_prob_diff": None,
                 "non_finite": int(np.sum(~np.isfinite(d))), "label_agreement": None}
     return {"max_abs_prob_diff": float(d.max()) if d.size else 0.0,
             "mean_abs_prob_diff": float(d.mean()) if d.size else 0.0,
-            "label_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))
+            "label_agreement": float(np.mean(_labels(p, cfg) == _labels(reference, cfg)))
             if d.size else 1.0}
 
 
@@ -596,16 +347,15 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
                           f"{','.join(EXPORT_FORMATS)}")
     paths = rundir.RunPaths(run_dir)
     calibration = calibration_for_export(run_dir, data_dir)
-    cfg = serving_config_for_run(run_dir, calibration)
+    cfg = serving.serving_config_for_run(run_dir, calibration)
     if "saved_model" in formats:
         check_in_graph_crop(cfg)
     run_model = rundir.load_model(run_dir)
     model = float32_model(run_model)
     images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
     reference = keras_probabilities(model, images)
-    t = cfg.raw_threshold()
     paths.export.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_json_atomic(paths.export / SERVING_CONFIG_NAME, cfg.to_json())
+    atomic_files.write_json_atomic(paths.export / serving.SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
               "reference": "Keras model in float32" + (
                   " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
@@ -613,20 +363,20 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
               "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {}}
     if model is not run_model:
         report["variants"]["keras_run_precision"] = _diff_stats(
-            keras_probabilities(run_model, images), reference, t)
+            keras_probabilities(run_model, images), reference, cfg)
     if "saved_model" in formats:
         sm_dir = export_saved_model(model, cfg, paths.export / SAVED_MODEL_DIR)
         report["variants"]["saved_model"] = {
             "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
-            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, t)}
+            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, cfg)}
         log.info("wrote %s", sm_dir)
     if "tflite" in formats:
         for variant, name in TFLITE_VARIANTS.items():
             flatbuffer = convert_tflite(model, variant)
             target = atomic_files.write_bytes_atomic(paths.export / name, flatbuffer)
-            probs = TFLiteRunner(target).probabilities(images)
+            probs = serving.TFLiteRunner(target).probabilities(images)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
-                                           **_diff_stats(probs, reference, t)}
+                                           **_diff_stats(probs, reference, cfg)}
             log.info("wrote %s (%d bytes)", target, len(flatbuffer))
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
@@ -653,20 +403,14 @@ PARITY_COUNT = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not RUN_DIR.value:
-        raise app.UsageError("--run_dir is required (a finished training run)")
-    try:
-        report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value,
-                            PARITY_COUNT.value, SEED.value)
-    except (ExportError, rundir.RunDirError, records.DataDirError) as e:
-        raise SystemExit(f"export failed: {e}") from None
+    cli.check_args(argv, RUN_DIR)
+    report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value, PARITY_COUNT.value,
+                        SEED.value)
     print(json.dumps(report, indent=2, sort_keys=True))
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.export", errors=(ExportError,))
 
 
 if __name__ == "__main__":

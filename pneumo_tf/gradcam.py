@@ -1,19 +1,11 @@
-"""Batched Grad-CAM with quantified attention: library (:func:`gradcam_batch`) and app.
+"""Grad-CAM app: explain a split's images and quantify where the model looks.
 
 Usage::
 
     python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64
 
-How the CAM is computed (SPEC §2, batched): one Keras model with two outputs -- the feature map
-of ``--layer`` inside the nested backbone and the head's last hidden activation -- is rebuilt
-from the trained model's own layers (weights shared, nothing copied). For a batch, one
-``GradientTape`` gives the gradient of each image's PNEUMONIA logit with respect to its feature
-map; channel weights are the spatial means of the gradients, the weighted sum over channels is a
-single einsum, then ReLU, per-image division by the maximum, and bilinear upsampling to the input
-size. The gradient is taken of the logit, not of the sigmoid probability, because a saturated
-float32 sigmoid has a zero gradient and would give an empty map; the two differ only by a positive
-factor per image, which the per-image normalisation removes. All CAM arithmetic runs in float32,
-also when the forward pass runs in a mixed-precision policy.
+The maths (batched Grad-CAM, overlays, attention statistics) is :mod:`pneumo_tf.cam`; this app
+picks the images, runs it and writes the results.
 
 Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
 the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
@@ -26,23 +18,14 @@ many such misses there were.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pneumo_tf import atomic_files, calibration, cli, preprocess, rundir, scoring
-from pneumo_tf.data import records
+from pneumo_tf import atomic_files, calibration, cam, cli, rundir, scoring
 
-BATCH_SIZE = cli.batch_size_flag()
-DATA_DIR = cli.data_dir_flag()
-RUN_DIR = cli.run_dir_flag()
-SEED = cli.seed_flag()
-SPLIT = cli.split_flag()
-
-GROUPS = ("TP", "FP", "FN", "TN")
-CAM_CLASSES = ("pneumonia", "predicted")
+RUN = cli.run_split_flags()
 
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 64, "Images to explain, drawn (seeded) evenly across TP/FP/FN/TN.", lower_bound=1)
@@ -50,324 +33,40 @@ LAYER = flags.DEFINE_string(
     "layer", None, "Feature-map layer inside the backbone; default: the backbone's registered "
     "Grad-CAM layer (resnet50: conv5_block3_out), else its last 4-D output.")
 CAM_CLASS = flags.DEFINE_enum(
-    "cam_class", "pneumonia", CAM_CLASSES,
+    "cam_class", "pneumonia", cam.CAM_CLASSES,
     "Explain the PNEUMONIA score for every image, or the predicted class (the NORMAL logit, "
     "i.e. minus the PNEUMONIA logit, for images predicted NORMAL).")
 
 
-# ---------------------------------------------------------------------------------------------
-# The two-output model
+def _cams(cam_model: cam.CamModel, images: np.ndarray, batch_size: int, cam_class: str,
+          threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(cams [N, S, S] float32, probabilities [N] float32)`` of ``images``, batch by batch."""
+    cams, probs = [], []
+    for start in range(0, len(images), batch_size):
+        out = cam.gradcam_batch(cam_model, images[start:start + batch_size], cam_class, threshold)
+        cams.append(out["cam"])
+        probs.append(out["probability"])
+    return np.concatenate(cams), np.concatenate(probs)
 
 
-def default_cam_layer(model, backbone_name: str | None = None) -> str:
-    """The Grad-CAM layer inside ``model``'s backbone.
-
-    The registry's ``cam_layer`` of ``backbone_name`` when the backbone has it, else the last
-    layer of the backbone whose output is a 4-D feature map.
-    """
-    from pneumo_tf import model as pmodel
-
-    backbone = pmodel.get_backbone(model)
-    if backbone_name in pmodel.BACKBONES:
-        name = pmodel.BACKBONES[backbone_name].cam_layer
-        if any(layer.name == name for layer in backbone.layers):
-            return name
-    for layer in reversed(backbone.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4:
-            return layer.name
-    raise ValueError(f"backbone of {model.name} has no 4-D feature map layer for Grad-CAM")
-
-
-class CamModel:
-    """The trained model rebuilt with two outputs for Grad-CAM (weights shared with ``model``).
-
-    Attributes:
-        model: ``keras.Model``: ``[B, S, S, 1]`` images -> ``(features [B, h, w, C], hidden
-            [B, D])``, where ``hidden`` is the input of the final sigmoid ``Dense``.
-        kernel, bias: the final Dense's weights (``logit = hidden @ kernel + bias``).
-        layer: name of the feature-map layer.
-        image_size: S.
-    """
-
-    def __init__(self, model, layer: str | None = None, backbone_name: str | None = None):
-        import keras
-
-        from pneumo_tf import model as pmodel
-
-        try:
-            backbone = pmodel.get_backbone(model)
-        except ValueError as e:
-            raise ValueError(f"model {model.name} has no nested layer named 'backbone'; Grad-CAM "
-                             f"needs a model built by pneumo_tf.model.build_model") from e
-        layer = layer or default_cam_layer(model, backbone_name)
-        names = [lyr.name for lyr in backbone.layers]
-        if layer not in names:
-            four_d = [lyr.name for lyr in backbone.layers if len(lyr.output.shape) == 4][-5:]
-            raise ValueError(f"--layer={layer}: no such layer in the backbone; the last "
-                             f"feature-map layers are {', '.join(four_d)}")
-        score = model.layers[-1]
-        if not (isinstance(score, keras.layers.Dense) and score.units == 1
-                and score.activation is keras.activations.sigmoid):
-            raise ValueError(f"the last layer of {model.name} must be Dense(1, sigmoid) "
-                             f"(got {score.__class__.__name__} {score.name})")
-        inner = keras.Model(backbone.inputs,
-                            [backbone.get_layer(layer).output, backbone.output],
-                            name="backbone_with_cam")
-        inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name="image")
-        x, features = inputs, None
-        # build_model makes a chain: preprocessing -> backbone -> head -> score.
-        for lyr in model.layers:
-            if isinstance(lyr, keras.layers.InputLayer) or lyr is score:
-                continue
-            if lyr is backbone:
-                features, x = inner(x)
-            else:
-                x = lyr(x)
-        if features is None:
-            raise ValueError(f"could not find the backbone in the layer chain of {model.name}")
-        self.model = keras.Model(inputs, [features, x], name="cam_model")
-        self.kernel = score.kernel
-        self.bias = score.bias
-        self.layer = layer
-        self.image_size = int(model.input_shape[1])
-        self._fn = None
-
-    def logits(self, hidden):
-        """``[B]`` float32 PNEUMONIA logits from the head's hidden activation."""
-        import tensorflow as tf
-
-        h = tf.cast(hidden, tf.float32)
-        return tf.reshape(tf.matmul(h, tf.cast(self.kernel, tf.float32))
-                          + tf.cast(self.bias, tf.float32), [-1])
-
-    def function(self):
-        """The traced batched CAM function (built once per CamModel)."""
-        import tensorflow as tf
-
-        if self._fn is not None:
-            return self._fn
-        size = self.image_size
-
-        @tf.function(input_signature=[
-            tf.TensorSpec((None, size, size, 1), self.model.inputs[0].dtype),
-            tf.TensorSpec((), tf.float32)])
-        def cam_fn(images, sign_threshold):
-            with tf.GradientTape() as tape:
-                features, hidden = self.model(images, training=False)
-                logits = self.logits(hidden)
-                probs = tf.sigmoid(logits)
-                # +1: explain PNEUMONIA; -1: explain NORMAL (for images below sign_threshold).
-                sign = tf.stop_gradient(tf.where(probs >= sign_threshold, 1.0, -1.0))
-                target = tf.reduce_sum(sign * logits)
-            # Images are independent in inference mode, so d(sum)/d(features_b) is image b's own
-            # gradient: one tape for the whole batch.
-            grads = tf.cast(tape.gradient(target, features), tf.float32)
-            features = tf.cast(features, tf.float32)
-            weights = tf.reduce_mean(grads, axis=(1, 2))                     # [B, C]
-            cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))   # [B, h, w]
-            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            cam = tf.math.divide_no_nan(cam, peak)
-            full = tf.image.resize(cam[..., tf.newaxis], (size, size), method="bilinear")[..., 0]
-            return full, cam, probs
-
-        self._fn = cam_fn
-        return cam_fn
-
-
-def gradcam_batch(cam_model: CamModel, images, cam_class: str = "pneumonia",
-                  threshold: float = 0.5) -> dict:
-    """Grad-CAM maps of a batch in one forward/backward pass.
-
-    Args:
-        cam_model: from ``CamModel(model)``.
-        images: ``[B, S, S, 1]`` uint8, exactly what the model is fed.
-        cam_class: ``pneumonia`` (gradient of the PNEUMONIA logit) or ``predicted`` (of the
-            predicted class's logit: images with probability below ``threshold`` get the
-            NORMAL logit, i.e. minus the PNEUMONIA logit).
-        threshold: operating threshold for ``cam_class="predicted"``.
-
-    Returns:
-        ``{"cam": [B, S, S] float32 in [0, 1], "cam_lowres": [B, h, w] float32 in [0, 1],
-        "probability": [B] float32}``; an image whose map is all-negative gets zeros.
-    """
-    if cam_class not in CAM_CLASSES:
-        raise ValueError(f"--cam_class={cam_class!r}; expected one of {CAM_CLASSES}")
-    sign_threshold = -1.0 if cam_class == "pneumonia" else float(threshold)
-    full, low, probs = cam_model.function()(np.asarray(images), np.float32(sign_threshold))
-    return {"cam": full.numpy(), "cam_lowres": low.numpy(), "probability": probs.numpy()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def overlay_cam(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """JET colour map of ``cam`` blended over the image the model saw.
-
-    Args:
-        gray: ``[S, S]`` or ``[S, S, 1]`` uint8 (the stored, preprocessed image).
-        cam: ``[S, S]`` float in [0, 1].
-        alpha: weight of the heat map.
-
-    Returns:
-        ``[S, S, 3]`` uint8 RGB.
-    """
-    gray = np.asarray(gray).reshape(cam.shape).astype(np.uint8)
-    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    return cv2.cvtColor(cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0), cv2.COLOR_BGR2RGB)
-
-
-def overlay_grid(tiles: list[np.ndarray], captions: list[str], columns: int = 8,
-                 tile_size: int = 160) -> np.ndarray:
-    """Tiles ``[S, S, 3]`` RGB in a grid with a caption strip under each; ``[H, W, 3]`` uint8."""
-    cols = max(1, min(columns, len(tiles)))
-    rows = -(-len(tiles) // cols)
-    cap_h = 18
-    grid = np.full((rows * (tile_size + cap_h), cols * tile_size, 3), 255, np.uint8)
-    for i, (tile, caption) in enumerate(zip(tiles, captions)):
-        r, c = divmod(i, cols)
-        y, x = r * (tile_size + cap_h), c * tile_size
-        grid[y:y + tile_size, x:x + tile_size] = cv2.resize(
-            tile, (tile_size, tile_size), interpolation=cv2.INTER_LINEAR)
-        cv2.putText(grid, caption, (x + 3, y + tile_size + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    return grid
-
-
-# ---------------------------------------------------------------------------------------------
-# Regions and attention statistics
-
-
-def read_crop_boxes(data_dir: str | os.PathLike, split: str) -> dict[str, tuple[int, ...]]:
-    """``{record path: crop box (top, bottom, left, right) in source pixels}`` of a split."""
+def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]]
+                    ) -> None:
+    """One overlay grid PNG per group in ``R/gradcam`` and every tile in ``R/tb/gradcam``."""
     import tensorflow as tf
 
-    manifest = records.read_manifest(data_dir)
-    shards = records.split_shards(data_dir, manifest, split)
-    spec = {k: v for k, v in records.feature_spec().items() if k in ("path", "crop_box")}
-    ds = tf.data.TFRecordDataset([str(p) for p in shards],
-                                 compression_type=records.tf_compression_type(
-                                     manifest["compression"]))
-    ds = ds.batch(256).map(lambda s: tf.io.parse_example(s, spec))
-    out = {}
-    for batch in ds:
-        for path, box in zip(batch["path"].numpy(), batch["crop_box"].numpy()):
-            out[path.decode("utf-8")] = tuple(int(v) for v in box)
-    return out
-
-
-def _mask_like_image(mask_path: Path, box, size: int) -> np.ndarray | None:
-    """A source-resolution mask cropped and resized exactly like its image; bool ``[S, S]``."""
-    if not mask_path.is_file():
-        return None
-    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        return None
-    resized = preprocess.resize_area(preprocess.apply_box(mask, preprocess.CropBox(*box)), size)
-    return resized >= 128
-
-
-def image_regions(gray: np.ndarray, record_path: str, box, source_root: str | None) -> dict:
-    """Lung (and lesion) masks of one stored image, ``[S, S]`` bool.
-
-    Phantom masks (``source_root/masks/...``, see :func:`pneumo_tf.data.phantoms.mask_paths`)
-    when they exist, cropped and resized like the image; else the adaptive lung box of the stored
-    image itself (:func:`pneumo_tf.preprocess.adaptive_crop_box`) and no lesion mask.
-
-    Returns:
-        ``{"lung": mask, "lesion": mask | None, "source": "phantom_masks" | "adaptive_box"}``.
-    """
-    size = gray.shape[0]
-    if source_root:
-        from pneumo_tf.data import phantoms
-
-        lung_path, lesion_path = phantoms.mask_paths(source_root, record_path)
-        lung = _mask_like_image(lung_path, box, size)
-        if lung is not None:
-            return {"lung": lung, "lesion": _mask_like_image(lesion_path, box, size),
-                    "source": "phantom_masks"}
-    lung_box, _ = preprocess.adaptive_crop_box(gray.reshape(size, size))
-    lung = np.zeros((size, size), bool)
-    lung[lung_box.top:lung_box.bottom, lung_box.left:lung_box.right] = True
-    return {"lung": lung, "lesion": None, "source": "adaptive_box"}
-
-
-def lung_mass_share(cam: np.ndarray, lung: np.ndarray) -> float:
-    """Fraction of the (positive) CAM mass inside ``lung``; NaN for an all-zero map."""
-    total = float(cam.sum())
-    return float(cam[lung].sum() / total) if total > 0 else float("nan")
-
-
-def pointing_hit(cam: np.ndarray, lesion: np.ndarray) -> bool:
-    """Pointing game: is the CAM's maximum inside the lesion mask?
-
-    An empty map (no positive value) points nowhere: a miss, never the argmax of zeros.
-    """
-    if not cam.max() > 0:
-        return False
-    return bool(lesion.reshape(-1)[int(np.argmax(cam))])
-
-
-def pointing_entry(cam: np.ndarray, lesion: np.ndarray | None) -> dict:
-    """Pointing-game fields of one image's entry in ``cam_stats.json``.
-
-    Images with an empty CAM stay in the game as misses, so they count in the hit rate's
-    denominator (dropping them would inflate it).
-
-    Args:
-        cam: ``[S, S]`` float CAM in [0, 1].
-        lesion: ``[S, S]`` bool lesion mask, or None.
-
-    Returns:
-        ``{}`` without a (non-empty) lesion mask, else ``{"pointing_hit": bool,
-        "lesion_fraction": float, "cam_empty": bool}``.
-    """
-    if lesion is None or not lesion.any():
-        return {}
-    return {"pointing_hit": pointing_hit(cam, lesion), "lesion_fraction": float(lesion.mean()),
-            "cam_empty": not bool(cam.max() > 0)}
-
-
-def group_of(label: int, prediction: int) -> str:
-    return {(1, 1): "TP", (0, 1): "FP", (1, 0): "FN", (0, 0): "TN"}[(int(label), int(prediction))]
-
-
-def select_balanced(groups: list[str], num_images: int, seed: int) -> np.ndarray:
-    """Indices of up to ``num_images`` images, round-robin over TP/FP/FN/TN (seeded), sorted."""
-    rng = np.random.default_rng(seed)
-    pools = {g: list(rng.permutation([i for i, x in enumerate(groups) if x == g])) for g in GROUPS}
-    chosen = []
-    while len(chosen) < num_images and any(pools.values()):
-        for g in GROUPS:
-            if pools[g] and len(chosen) < num_images:
-                chosen.append(int(pools[g].pop()))
-    return np.array(sorted(chosen), dtype=np.int64)
-
-
-def summarise_attention(entries: list[dict]) -> dict:
-    """Per-group and overall statistics from per-image entries (see :func:`run_gradcam`)."""
-
-    def stats(items):
-        shares = [e["lung_share"] for e in items if np.isfinite(e["lung_share"])]
-        out = {"n": len(items), "lung_share_mean": float(np.mean(shares)) if shares else None,
-               "empty_cams": len(items) - len(shares)}
-        pts = [e for e in items if e.get("pointing_hit") is not None]
-        if pts:
-            out["pointing_n"] = len(pts)  # empty maps included, as misses
-            out["pointing_hit_rate"] = float(np.mean([e["pointing_hit"] for e in pts]))
-            out["pointing_chance"] = float(np.mean([e["lesion_fraction"] for e in pts]))
-            out["pointing_empty"] = sum(bool(e.get("cam_empty")) for e in pts)
-        return out
-
-    result = {g: stats([e for e in entries if e["group"] == g]) for g in GROUPS}
-    result["all"] = stats(entries)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# The app's work
+    paths.gradcam.mkdir(parents=True, exist_ok=True)
+    writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
+    with writer.as_default(step=0):
+        for g in cam.GROUPS:
+            for n, (tile, entry) in enumerate(tiles[g]):
+                tf.summary.image(f"{g}/{n:03d}_p{entry['probability']:.3f}", tile[np.newaxis])
+    writer.flush()
+    writer.close()
+    for g in cam.GROUPS:
+        if tiles[g]:
+            grid = cam.overlay_grid([t for t, _ in tiles[g]],
+                                    [f"p={e['probability']:.3f}" for _, e in tiles[g]])
+            cv2.imwrite(str(paths.gradcam / f"{g}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
 def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
@@ -382,8 +81,6 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     Returns:
         The ``cam_stats.json`` dict.
     """
-    import tensorflow as tf
-
     manifest = rundir.check_data_compatible(run_dir, data_dir)
     paths = rundir.RunPaths(run_dir)
     if model is None:
@@ -392,72 +89,51 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
         backbone_name = rundir.read_summary(run_dir).get("config", {}).get("backbone")
     except rundir.RunDirError:
         backbone_name = None
-    cam_model = CamModel(model, layer, backbone_name)
-    # The run's stored operating point (the one export/predict use), as a raw-probability cut.
+    cam_model = cam.CamModel(model, layer, backbone_name)
+    # The run's stored operating point, as a raw-probability cut.
     point = calibration.operating_point(run_dir, data_dir, None, model, batch_size)
     threshold = point["threshold"]
 
     # The scoring pass keeps the decoded images, so the chosen ones need no second decode.
     pred = scoring.predict_split(model, data_dir, split, batch_size, return_images=True)
     predictions = (pred["probability"] >= threshold).astype(int)
-    groups = [group_of(y, p) for y, p in zip(pred["label"], predictions)]
-    chosen = select_balanced(groups, num_images, seed)
+    groups = [cam.group_of(y, p) for y, p in zip(pred["label"], predictions)]
+    chosen = cam.select_balanced(groups, num_images, seed)
     images = pred.pop("image")[chosen]
-    cams, probs = [], []
-    for start in range(0, len(images), batch_size):
-        out = gradcam_batch(cam_model, images[start:start + batch_size], cam_class, threshold)
-        cams.append(out["cam"])
-        probs.append(out["probability"])
-    cams, probs = np.concatenate(cams), np.concatenate(probs)
+    cams, probs = _cams(cam_model, images, batch_size, cam_class, threshold)
 
-    boxes = read_crop_boxes(data_dir, split)
+    boxes = cam.read_crop_boxes(data_dir, split)
     source_root = (manifest.get("source") or {}).get("path")
-    entries, tiles = [], {g: [] for g in GROUPS}
+    entries, tiles = [], {g: [] for g in cam.GROUPS}
     for k, i in enumerate(chosen):
         rec_path = pred["path"][i]
         size = images.shape[1]
-        regions = image_regions(images[k, ..., 0], rec_path,
-                                boxes.get(rec_path, (0, size, 0, size)), source_root)
+        regions = cam.image_regions(images[k, ..., 0], rec_path,
+                                    boxes.get(rec_path, (0, size, 0, size)), source_root)
         entry = {"path": rec_path, "label": int(pred["label"][i]), "group": groups[i],
                  "probability": float(probs[k]),
-                 "lung_share": lung_mass_share(cams[k], regions["lung"]),
+                 "lung_share": cam.lung_mass_share(cams[k], regions["lung"]),
                  "region_source": regions["source"]}
-        entry.update(pointing_entry(cams[k], regions["lesion"]))
+        entry.update(cam.pointing_entry(cams[k], regions["lesion"]))
         entries.append(entry)
-        tiles[groups[i]].append((overlay_cam(images[k, ..., 0], cams[k]), entry))
-
-    paths.gradcam.mkdir(parents=True, exist_ok=True)
-    writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
-    with writer.as_default(step=0):
-        for g in GROUPS:
-            for n, (tile, entry) in enumerate(tiles[g]):
-                tf.summary.image(f"{g}/{n:03d}_p{entry['probability']:.3f}", tile[np.newaxis])
-    writer.flush()
-    writer.close()
-    for g in GROUPS:
-        if tiles[g]:
-            grid = overlay_grid([t for t, _ in tiles[g]],
-                                [f"p={e['probability']:.3f}" for _, e in tiles[g]])
-            cv2.imwrite(str(paths.gradcam / f"{g}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        tiles[groups[i]].append((cam.overlay_cam(images[k, ..., 0], cams[k]), entry))
+    _write_pictures(paths, tiles)
 
     sources = sorted({e["region_source"] for e in entries})
     stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
              "threshold": threshold, "threshold_method": point["method"],
              "num_images": len(entries), "region_source": sources,
-             "groups": summarise_attention(entries),
+             "groups": cam.summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
     atomic_files.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
     return stats
 
 
 def main(argv):
-    cli.check_args(argv, RUN_DIR, DATA_DIR)
-    try:
-        stats = run_gradcam(RUN_DIR.value, DATA_DIR.value,
-                            SPLIT.value, NUM_IMAGES.value, LAYER.value,
-                            BATCH_SIZE.value, SEED.value, CAM_CLASS.value)
-    except (ValueError, OSError) as e:  # RunDirError / DataDirError are ValueErrors
-        raise SystemExit(f"pneumo_tf.gradcam: error: {e}") from None
+    cli.check_args(argv, RUN.run_dir, RUN.data_dir)
+    stats = run_gradcam(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
+                        NUM_IMAGES.value, LAYER.value, RUN.batch_size.value, RUN.seed.value,
+                        CAM_CLASS.value)
     overall = stats["groups"]["all"]
     line = (f"{stats['num_images']} images, layer {stats['layer']}: lung share "
             f"{overall['lung_share_mean']}")
@@ -465,11 +141,11 @@ def main(argv):
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
                  f"{overall['pointing_n']} maps empty, counted as misses)")
-    print(line + f" -> {rundir.RunPaths(RUN_DIR.value).gradcam}")
+    print(line + f" -> {rundir.RunPaths(RUN.run_dir.value).gradcam}")
 
 
 def run():
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.gradcam")
 
 
 if __name__ == "__main__":

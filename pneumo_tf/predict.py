@@ -13,14 +13,17 @@ files. A SavedModel is called through its ``preprocessed`` signature for the sam
 
 One JSON line per input, in input order::
 
-    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "label": 1,
-     "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
+    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
+     "label": 1, "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
 
-``label`` applies the run's operating threshold (``calibration.json``) to the probability it was
-chosen on. ``refer`` is true when the case should go to a human: the calibrated probability lies
-within ``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film
-(see :func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
+``probability`` is the model's, ``calibrated_probability`` its temperature-scaled value; the
+decision is taken on the calibrated one: ``threshold`` is the run's operating threshold
+(``calibration.json``) on the calibrated scale, and ``label`` is 1 exactly when
+``calibrated_probability >= threshold`` (:func:`pneumo_tf.serving.decide_label`). ``refer`` is
+true when the case should go to a human: the calibrated probability lies within
+``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film (see
+:func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
 are still predicted and the exit status is 1.
 
 Grad-CAM overlays (``--gradcam_dir``) need the Keras model (a run directory or ``.keras`` file):
@@ -35,7 +38,6 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -43,7 +45,7 @@ import numpy as np
 from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import cli, export, preprocess, rundir
+from pneumo_tf import calibration, cli, preprocess, rundir, serving
 from pneumo_tf.data import decode
 
 log = logging.getLogger(__name__)
@@ -90,25 +92,25 @@ class Predictor:
 
     kind: str
     source: Path
-    config: export.ServingConfig
+    config: serving.ServingConfig
     probabilities: Callable[[np.ndarray], np.ndarray]
     keras_model: object | None = None
 
 
-def _run_config(run_dir: Path) -> export.ServingConfig:
-    calibration = rundir.read_calibration(run_dir)
-    if calibration is not None:
-        calibration = export.calibration_from_json(calibration, str(rundir.RunPaths(run_dir).calibration))
-    return export.serving_config_for_run(run_dir, calibration)
+def _run_config(run_dir: Path) -> serving.ServingConfig:
+    cal = rundir.read_calibration(run_dir)
+    if cal is not None:
+        cal = serving.calibration_from_json(cal, str(rundir.RunPaths(run_dir).calibration))
+    return serving.serving_config_for_run(run_dir, cal)
 
 
-def _read_serving_config(path: Path, model_path: Path) -> export.ServingConfig:
+def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
     if not path.is_file():
         raise PredictError(f"{path} is missing, so the image size, crop and calibration of "
                            f"{model_path} are unknown; use a model written by "
                            f"`python -m pneumo_tf.export` (or pass the run directory)")
     try:
-        return export.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return serving.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as e:
         raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
 
@@ -167,7 +169,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     elif kind == "saved_model":
         import tensorflow as tf
 
-        config = _read_serving_config(path / "assets.extra" / export.SERVING_CONFIG_NAME, path)
+        config = _read_serving_config(path / "assets.extra" / serving.SERVING_CONFIG_NAME, path)
         signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
         if signature is None:
             raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
@@ -175,17 +177,17 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         predictor = Predictor(kind, path, config, lambda images: signature(
             image=tf.constant(images))["probability"].numpy().astype(np.float64))
     else:
-        config = _read_serving_config(path.parent / export.SERVING_CONFIG_NAME, path)
-        runner = export.TFLiteRunner(path)
+        config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
+        runner = serving.TFLiteRunner(path)
         if runner.image_size != config.image_size:
             raise PredictError(f"--model={path} takes {runner.image_size}px images but "
-                               f"{export.SERVING_CONFIG_NAME} beside it says "
+                               f"{serving.SERVING_CONFIG_NAME} beside it says "
                                f"{config.image_size}px; re-export the run")
         predictor = Predictor(kind, path, config, runner.probabilities)
     if not predictor.config.calibrated:
         log.warning("%s has no calibration.json: calibrated_probability = probability "
-                        "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
-                        "split for honest probabilities.", path)
+                    "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
+                    "split for honest probabilities.", path)
     return predictor
 
 
@@ -293,18 +295,23 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
 # Prediction
 
 
-def result_record(path: str, probability: float, config: export.ServingConfig,
+def result_record(path: str, probability: float, config: serving.ServingConfig,
                   film_reasons: list[str], refer_band: float) -> dict:
-    """The output record of one predicted input (see the module docstring)."""
-    calibrated = float(export.calibrate_probability(np.float64(probability), config.temperature))
-    decide_on = probability if config.threshold_applies_to == "probability" else calibrated
-    label = int(decide_on >= config.threshold)
+    """The output record of one predicted input (see the module docstring).
+
+    ``label`` is :func:`pneumo_tf.serving.decide_label` of the record's own
+    ``calibrated_probability`` and ``threshold`` (the calibrated-scale threshold), so
+    ``label == (calibrated_probability >= threshold)`` holds for the numbers in the record.
+    """
+    calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
+    threshold = config.calibrated_threshold()
+    label = int(serving.decide_label(calibrated, threshold))
     reasons = list(film_reasons)
-    if abs(calibrated - config.calibrated_threshold()) <= refer_band:
+    if abs(calibrated - threshold) <= refer_band:
         reasons.insert(0, "uncertain")
     return {"path": path, "probability": float(probability), "calibrated_probability": calibrated,
-            "label": label, "class_name": pneumo_tf.CLASS_NAMES[label], "refer": bool(reasons),
-            "refer_reasons": reasons}
+            "threshold": threshold, "label": label, "class_name": pneumo_tf.CLASS_NAMES[label],
+            "refer": bool(reasons), "refer_reasons": reasons}
 
 
 def gradcam_file_name(index: int, path: str) -> str:
@@ -340,9 +347,9 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 f"--gradcam_dir needs the Keras model: a {predictor.kind} has no access to the "
                 f"backbone's feature maps. Pass --model=<run directory> (the one exported to "
                 f"{predictor.source})")
-        from pneumo_tf import gradcam
+        from pneumo_tf import cam
 
-        cam_model = gradcam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
+        cam_model = cam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
     cfg = predictor.config
     items = expand_inputs(paths)
@@ -367,12 +374,12 @@ def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list
                    out_dir: Path) -> None:
     import cv2
 
-    from pneumo_tf import gradcam
+    from pneumo_tf import cam
 
-    cams = gradcam.gradcam_batch(cam_model, images)["cam"]
-    for image, cam, index, rec in zip(images, cams, indices, recs):
+    cams = cam.gradcam_batch(cam_model, images)["cam"]
+    for image, heat, index, rec in zip(images, cams, indices, recs):
         target = out_dir / gradcam_file_name(index, rec["path"])
-        rgb = gradcam.overlay_cam(image[..., 0], cam)
+        rgb = cam.overlay_cam(image[..., 0], heat)
         if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"cannot write {target}")
         rec["gradcam"] = str(target)
@@ -400,7 +407,8 @@ MODEL = flags.DEFINE_string(
 FORMAT = flags.DEFINE_enum(
     "format", "jsonl", OUTPUT_FORMATS,
     "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
-    "label, class_name, refer, refer_reasons; or path and error); table = aligned text.")
+    "threshold, label, class_name, refer, refer_reasons; or path and error); table = aligned "
+    "text.")
 GRADCAM_DIR = flags.DEFINE_string(
     "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
     "models only).")
@@ -410,31 +418,28 @@ REFER_BAND = flags.DEFINE_float(
     upper_bound=1.0)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    cli.check_args(argv[:1], MODEL)  # the positional arguments are this app's inputs
     inputs = argv[1:]
-    if not MODEL.value:
-        raise app.UsageError("--model is required (run dir, SavedModel dir, .keras or .tflite)")
     if not inputs:
         raise app.UsageError("give at least one image file or folder after the flags")
-    try:
-        predictor = load_predictor(MODEL.value)
-        results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
-                                GRADCAM_DIR.value)
-        failed = 0
-        if FORMAT.value == "table":
-            print(format_table_header())
-        for rec in results:
-            failed += "error" in rec
-            print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
-    except (PredictError, rundir.RunDirError, export.ExportError) as e:
-        raise SystemExit(f"predict: {e}") from None
+    predictor = load_predictor(MODEL.value)
+    results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
+                            GRADCAM_DIR.value)
+    failed = 0
+    if FORMAT.value == "table":
+        print(format_table_header())
+    for rec in results:
+        failed += "error" in rec
+        print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
     if failed:
         log.error("%d input(s) could not be predicted (see their 'error')", failed)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.predict", errors=(PredictError,))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The run directory: what one training run leaves behind, and how later stages read it (docs/data_contracts.md).
+"""The run directory: what one training run leaves behind, and how later stages read it.
 
 Layout (written by ``pneumo_tf.train`` unless noted)::
 
@@ -53,6 +53,39 @@ class RunPaths:
         return self.root / "eval" / split
 
 
+def parse_flags_text(text: str) -> dict[str, str]:
+    """``{flag name: value}`` of a flagfile as ``pneumo_tf.train`` writes it (``flags.txt``).
+
+    ``--name=value`` lines give ``value`` as written; booleans (``--name`` / ``--noname``, how
+    absl serialises them) become ``"true"`` / ``"false"``; comments, blank lines and anything
+    else not starting with ``--`` are skipped; a flag given twice keeps its last value. A
+    boolean flag whose own name starts with ``no`` would be ambiguous; no app defines one.
+    """
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, sep, value = line[2:].partition("=")
+        if not sep:
+            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
+        values[name] = value
+    return values
+
+
+def read_run_flags(run_dir: str | Path) -> dict[str, str]:
+    """The flags the run was trained with (``R/flags.txt``, see :func:`parse_flags_text`).
+
+    Returns:
+        ``{flag name: value as text}``; empty when the run has no ``flags.txt`` (a run made
+        by other means than the training app).
+    """
+    path = RunPaths(run_dir).flags
+    if not path.is_file():
+        return {}
+    return parse_flags_text(path.read_text(encoding="utf-8"))
+
+
 def _read_json(path: Path, what: str, fix: str) -> dict:
     if not path.is_file():
         raise RunDirError(f"{path} is missing ({what}); {fix}")
@@ -103,31 +136,6 @@ def check_data_compatible(run_dir: str | Path, data_dir: str | Path) -> dict:
             + ". Convert the data with the run's settings (see its data_manifest.json flags) "
               "or pick the matching data dir.")
     return data_manifest
-
-
-def parse_flags_text(text: str) -> dict[str, str]:
-    """``{flag name: value}`` of a flagfile such as ``flags.txt``.
-
-    Booleans (``--name`` / ``--noname``) become ``"true"`` / ``"false"``; comments are skipped.
-    """
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("--"):
-            continue
-        name, sep, value = line[2:].partition("=")
-        if not sep:
-            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
-        values[name] = value
-    return values
-
-
-def read_run_flags(run_dir: str | Path) -> dict[str, str]:
-    """The flags a run was trained with (``flags.txt``), ``{}`` when the file is missing."""
-    path = RunPaths(run_dir).flags
-    if not path.is_file():
-        return {}
-    return parse_flags_text(path.read_text(encoding="utf-8"))
 
 
 def write_history_csv(path: str | os.PathLike, rows: list[dict], columns: tuple[str, ...]) -> None:

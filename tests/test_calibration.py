@@ -31,6 +31,48 @@ def test_apply_temperature_is_monotone_and_identity_at_one():
     assert q[0] > p[0] and q[-1] < p[-1]  # softer
 
 
+def test_apply_temperature_takes_numpy_or_tensorflow():
+    import tensorflow as tf
+
+    p = np.array([0.0, 1e-9, 0.01, 0.3, 0.5, 0.9, 0.999, 1.0])
+    host = cal.apply_temperature(p, 1.7)
+    assert host.dtype == np.float64
+    assert isinstance(cal.apply_temperature(0.3, 1.7), np.floating)
+    assert cal.apply_temperature([0.3], 1.7) == pytest.approx([host[3]])
+    eager = cal.apply_temperature(tf.constant(p, tf.float32), 1.7)
+    assert eager.dtype == tf.float32
+    np.testing.assert_allclose(eager.numpy()[:-1], host[:-1], atol=1e-6)
+    # p = 1 is clipped to the float32 nearest 1 - 1e-7 (1 - 1.2e-7): its logit differs a little.
+    assert eager.numpy()[-1] == pytest.approx(host[-1], abs=1e-5)
+    graph = tf.function(lambda x: cal.apply_temperature(x, 1.7))(tf.constant(p, tf.float64))
+    assert graph.dtype == tf.float64
+    np.testing.assert_allclose(graph.numpy(), host, rtol=1e-12)
+
+
+def test_calibrated_threshold_is_the_same_cut_on_the_calibrated_scale():
+    raw = {"temperature": 2.0, "threshold": 0.7, "threshold_applies_to": "probability"}
+    t = cal.calibrated_threshold(raw)
+    assert t == float(cal.apply_temperature(np.float64(0.7), 2.0))  # bit for bit
+    assert t == pytest.approx(1 / (1 + (0.3 / 0.7) ** 0.5))
+    assert cal.calibrated_threshold({"temperature": 2.0, "threshold": 0.7}) == t  # old files
+    on_cal = dict(raw, threshold_applies_to="calibrated_probability")
+    assert cal.calibrated_threshold(on_cal) == 0.7
+    assert cal.calibrated_threshold(dict(raw, temperature=1.0)) == pytest.approx(0.7, abs=1e-15)
+    with pytest.raises(ValueError, match="threshold_applies_to='logit'"):
+        cal.calibrated_threshold(dict(raw, threshold_applies_to="logit"))
+
+
+def test_calibration_json_holds_both_thresholds():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 400)
+    probs = np.clip(0.3 * labels + rng.random(400) * 0.7, 0, 1)
+    out = cal.calibrate_predictions(labels, probs)
+    assert out["threshold_applies_to"] == "probability"
+    assert out["calibrated_threshold"] == cal.calibrated_threshold(out)
+    assert out["calibrated_threshold"] == pytest.approx(
+        1 / (1 + np.exp(-np.log(out["threshold"] / (1 - out["threshold"])) / out["temperature"])))
+
+
 def test_youden_threshold_hand_case():
     labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
     probs = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8])

@@ -41,3 +41,13 @@ def test_tools_are_executable_scripts_with_help(tool):
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"tools/{tool}" in proc.stdout or tool in proc.stdout
+
+
+def test_run_split_flags_is_the_shared_flags_as_one_group():
+    from pneumo_tf import cli
+
+    group = cli.run_split_flags()
+    assert [h.name for h in group] == ["run_dir", "data_dir", "split", "batch_size", "seed"]
+    assert group.split.default == "test" and group.batch_size.default == 32
+    again = cli.run_split_flags()  # a second app in the same process reuses the definitions
+    assert [h.name for h in again] == [h.name for h in group]

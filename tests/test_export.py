@@ -103,34 +103,6 @@ def test_missing_calibration_is_fitted_on_val_when_data_dir_given(run_and_data, 
     assert calibration["temperature"] > 0 and 0 <= calibration["threshold"] <= 1
 
 
-@pytest.mark.parametrize("bad, match", [({"temperature": 0, "threshold": 0.5}, "temperature"),
-                                        ({"threshold": 0.5}, "temperature"),
-                                        ({"temperature": 1, "threshold": 1.5}, "threshold")])
-def test_bad_calibration_is_named(bad, match):
-    from pneumo_tf import export
-
-    with pytest.raises(export.ExportError, match=match):
-        export.calibration_from_json(bad, "R/calibration.json")
-
-
-def test_calibrated_probability_and_thresholds_round_trip():
-    from pneumo_tf import export
-
-    p = np.array([0.01, 0.3, 0.5, 0.9, 0.999])
-    cal = export.calibrate_probability(p, 2.0)
-    logit = np.log(p / (1 - p))
-    np.testing.assert_allclose(cal, 1 / (1 + np.exp(-logit / 2.0)), rtol=1e-9)
-    import tensorflow as tf
-
-    np.testing.assert_allclose(export.calibrate_probability(tf.constant(p, tf.float32), 2.0).numpy(),
-                               cal, atol=1e-6)
-    cfg = export.ServingConfig(32, "fixed", temperature=2.0, threshold=0.7,
-                               threshold_applies_to="probability")
-    on_cal = export.ServingConfig(32, "fixed", temperature=2.0, threshold=cfg.calibrated_threshold(),
-                                  threshold_applies_to="calibrated_probability")
-    assert on_cal.raw_threshold() == pytest.approx(0.7)
-
-
 # ---------------------------------------------------------------------------------------------
 # SavedModel
 
@@ -138,24 +110,25 @@ def test_calibrated_probability_and_thresholds_round_trip():
 def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     import tensorflow as tf
 
-    from pneumo_tf import export
+    from pneumo_tf import calibration, serving
 
     run, _, _ = exported
     sm_dir = run / "export" / "saved_model"
     loaded = tf.saved_model.load(str(sm_dir))
     assert set(loaded.signatures) == {"serving_default", "preprocessed", "preprocessed_float"}
-    serving = loaded.signatures["serving_default"]
-    (spec,) = serving.structured_input_signature[1].values()
+    default = loaded.signatures["serving_default"]
+    (spec,) = default.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None]
-    assert set(serving.structured_outputs) == {"probability", "calibrated_probability", "label"}
+    assert set(default.structured_outputs) == {"probability", "calibrated_probability",
+                                               "threshold", "label"}
 
     files = phantom_files(tmp_path / "img", sizes=((300, 380), (700, 520)))
     names = sorted(files)
-    out = serving(images=tf.constant([files[n] for n in names]))
+    out = default(images=tf.constant([files[n] for n in names]))
     p = out["probability"].numpy()
     assert p.shape == (len(names),) and np.all((p >= 0) & (p <= 1))
     np.testing.assert_allclose(out["calibrated_probability"].numpy(),
-                               export.calibrate_probability(p.astype(np.float64), TEMPERATURE),
+                               calibration.apply_temperature(p.astype(np.float64), TEMPERATURE),
                                atol=1e-5)
     np.testing.assert_array_equal(out["label"].numpy(), (p >= THRESHOLD).astype(np.int64))
     assert out["label"].dtype == tf.int64
@@ -165,9 +138,66 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     pre_f = loaded.signatures["preprocessed_float"](
         image=tf.constant(images.astype(np.float32)))["probability"].numpy()
     np.testing.assert_allclose(pre, pre_f, atol=1e-6)
-    config = json.loads((sm_dir / "assets.extra" / export.SERVING_CONFIG_NAME).read_text())
+    config = json.loads((sm_dir / "assets.extra" / serving.SERVING_CONFIG_NAME).read_text())
     assert config["image_size"] == SIZE and config["crop"] == "fixed"
     assert config["temperature"] == pytest.approx(TEMPERATURE)
+
+
+def _sweep_model(size: int, raw_threshold: float):
+    """A Keras model whose probability crosses ``raw_threshold`` in sub-float32-ulp steps.
+
+    ``logit = w0 * pixel0 + w1 * pixel1 + b``: pixel 1 moves the logit in coarse steps, pixel 0
+    in steps smaller than the float32 spacing of the probability near the threshold.
+    """
+    import keras
+
+    inputs = keras.Input((size, size, 1), dtype="uint8")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1.0)(inputs))
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(x))
+    kernel = np.zeros((size * size, 1), np.float32)
+    kernel[0, 0], kernel[1, 0] = 2e-8, 1e-6
+    logit = np.log(raw_threshold / (1 - raw_threshold))
+    dense.set_weights([kernel, np.array([logit - 128 * 2e-8 - 128 * 1e-6], np.float32)])
+    return model
+
+
+def _sweep_images(size: int) -> np.ndarray:
+    pixel0, pixel1 = np.meshgrid(np.arange(0, 256, 3), np.arange(118, 139))
+    images = np.zeros((pixel0.size, size, size, 1), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 1, 0] = pixel0.ravel(), pixel1.ravel()
+    return images
+
+
+@pytest.mark.parametrize("temperature, threshold", [(1.7, 0.45), (0.6, 0.8)])
+def test_saved_model_label_is_calibrated_probability_at_threshold(tmp_path, temperature,
+                                                                  threshold):
+    """Every signature: label == (calibrated_probability >= threshold), also at the threshold."""
+    import tensorflow as tf
+
+    from pneumo_tf import export, serving
+
+    size = 8
+    cfg = serving.ServingConfig(size, "none", temperature=temperature, threshold=threshold,
+                                calibrated=True)
+    export.export_saved_model(_sweep_model(size, threshold), cfg, tmp_path / "sm")
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    images = _sweep_images(size)
+    png = [cv2.imencode(".png", image)[1].tobytes() for image in images[::7]]
+    calls = {"preprocessed": {"image": tf.constant(images)},
+             "preprocessed_float": {"image": tf.constant(images.astype(np.float32))},
+             "serving_default": {"images": tf.constant(png)}}
+    for name, kwargs in calls.items():
+        out = {k: v.numpy() for k, v in loaded.signatures[name](**kwargs).items()}
+        assert set(out["label"]) == {0, 1}, name
+        assert out["threshold"].dtype == np.float32 and out["label"].dtype == np.int64
+        np.testing.assert_array_equal(out["threshold"], np.float32(cfg.calibrated_threshold()))
+        np.testing.assert_array_equal(
+            out["label"], (out["calibrated_probability"] >= out["threshold"]).astype(np.int64),
+            err_msg=name)
+        # The sweep reaches the threshold within float32 rounding of it.
+        gap = np.abs(out["calibrated_probability"] - out["threshold"])
+        assert gap.min() <= np.spacing(out["threshold"][0]), name
 
 
 def test_saved_model_cli_shows_the_signatures(exported):
@@ -192,7 +222,7 @@ def test_training_serving_skew(exported, tmp_path):
     """
     import tensorflow as tf
 
-    from pneumo_tf import export, rundir, scoring
+    from pneumo_tf import rundir, scoring
     from pneumo_tf.data import decode
 
     run, _, _ = exported
@@ -202,12 +232,12 @@ def test_training_serving_skew(exported, tmp_path):
     for crop in ("fixed", "none"):
         for name in names:
             host_gray = decode.decode_bytes(files[name], name=name, target_size=SIZE, crop=crop).gray
-            graph_gray = export.tf_decode_gray(tf.constant(files[name]), SIZE, crop).numpy()[..., 0]
+            graph_gray = decode.tf_decode_gray(tf.constant(files[name]), SIZE, crop).numpy()[..., 0]
             assert host_gray.shape == graph_gray.shape, (crop, name)
             decode_diff = np.abs(host_gray.astype(int) - graph_gray.astype(int)).max()
             assert decode_diff <= (1 if name.startswith("gray16") else 0), (crop, name, decode_diff)
         host = np.stack([host_preprocess(files[n], n, SIZE, crop) for n in names])
-        graph = np.stack([export.tf_preprocess_bytes(tf.constant(files[n]), SIZE, crop).numpy()[..., 0]
+        graph = np.stack([decode.tf_preprocess_bytes(tf.constant(files[n]), SIZE, crop).numpy()[..., 0]
                           for n in names])
         diff = np.abs(host.astype(int) - graph.astype(int))
         assert diff.max() <= 1 and diff.mean() <= 0.02, (crop, diff.max(), diff.mean())
@@ -222,14 +252,13 @@ def test_training_serving_skew(exported, tmp_path):
 def test_in_graph_jpeg_reduction_matches_the_converter_rule():
     import tensorflow as tf
 
-    from pneumo_tf import export
     from pneumo_tf.data import decode
 
     for h, w in [(100, 100), (517, 640), (2000, 1500), (4000, 3000), (300, 2000)]:
         for size in (32, 224):
             for crop in ("fixed", "none", "adaptive"):
                 expected = decode.jpeg_reduction_factor(h, w, size, crop)
-                got = int(export.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
+                got = int(decode.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
                 assert got == expected, (h, w, size, crop)
 
 
@@ -269,13 +298,13 @@ def test_parity_json_reports_every_variant_within_tolerance(exported):
 
 
 def test_tflite_runner_matches_keras_on_any_batch_size(exported):
-    from pneumo_tf import export, rundir, scoring
+    from pneumo_tf import export, rundir, scoring, serving
 
     run, _, _ = exported
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, SIZE, SIZE, 1), dtype=np.uint8)
     keras_p = scoring.make_predict_fn(rundir.load_model(run))(images).numpy()
-    runner = export.TFLiteRunner(run / "export" / "model_fp16.tflite")
+    runner = serving.TFLiteRunner(run / "export" / "model_fp16.tflite")
     assert runner.image_size == SIZE
     np.testing.assert_allclose(runner.probabilities(images), keras_p, atol=export.FP16_MAX_ABS_DIFF)
     np.testing.assert_allclose(runner.probabilities(images[:2]), runner.probabilities(images)[:2],
@@ -300,7 +329,7 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
     """A mixed_bfloat16 model with the training augmentation layer, as pneumo_tf.train builds it."""
     import keras
 
-    from pneumo_tf import export, model as pmodel, scoring
+    from pneumo_tf import export, model as pmodel, scoring, serving
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -318,7 +347,7 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
     p_mixed = scoring.make_predict_fn(mixed)(images).numpy()
     p_f32 = scoring.make_predict_fn(f32)(images).numpy()
     assert np.max(np.abs(p_mixed - p_f32)) < 0.02  # bf16 rounding only: same weights
-    runner = export.TFLiteRunner(export.convert_tflite(f32, "fp16"))
+    runner = serving.TFLiteRunner(export.convert_tflite(f32, "fp16"))
     assert np.max(np.abs(runner.probabilities(images) - p_f32)) <= export.FP16_MAX_ABS_DIFF
 
 
@@ -341,3 +370,31 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
     assert out.returncode != 0
     assert "calibration.json is missing" in out.stderr and "--data_dir" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
+    from pneumo_tf import export, serving
+
+    run, data = run_and_data
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    cfg = serving.serving_config_for_run(copy, None)
+    images, source = export.parity_images(copy, cfg, count=4)
+    assert "phantom" in source and images.shape == (4, SIZE, SIZE, 1)
+    (copy / "flags.txt").write_text(f"# written by pneumo_tf.train\n--data_dir={data}\n--augment\n")
+    images, source = export.parity_images(copy, cfg, count=4)
+    assert source == f"val split of {data} (4 images)"
+    assert images.shape == (4, SIZE, SIZE, 1) and images.dtype == np.uint8
+
+
+def test_parity_label_agreement_uses_the_served_decision():
+    from pneumo_tf import export, serving
+
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=TEMPERATURE, threshold=THRESHOLD,
+                                calibrated=True)
+    reference = np.array([0.1, THRESHOLD, 0.9, np.nextafter(THRESHOLD, 0)])
+    variant = np.array([0.1, np.nextafter(THRESHOLD, 0), 0.9, THRESHOLD])
+    stats = export._diff_stats(variant, reference, cfg)
+    assert stats["label_agreement"] == 0.5
+    assert stats["max_abs_prob_diff"] == pytest.approx(0.0, abs=1e-15)
+    assert export._diff_stats(reference, reference, cfg)["label_agreement"] == 1.0

@@ -253,19 +253,74 @@ def test_film_refer_reasons_flag_unlike_films_only():
 
 
 def test_refer_band_around_the_calibrated_threshold():
-    from pneumo_tf import export, predict
+    from pneumo_tf import calibration, predict, serving
 
-    cfg = export.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
     at_threshold = predict.result_record("x", 0.8, cfg, [], 0.1)
     assert at_threshold["refer"] and at_threshold["refer_reasons"] == ["uncertain"]
     assert at_threshold["label"] == 1
     t_cal = cfg.calibrated_threshold()
     # A raw probability whose calibrated value is 0.15 below the calibrated threshold.
-    p = float(export.calibrate_probability(np.float64(t_cal - 0.15), 0.5))
+    p = float(calibration.apply_temperature(np.float64(t_cal - 0.15), 0.5))
     far = predict.result_record("x", p, cfg, [], 0.1)
     assert far["calibrated_probability"] == pytest.approx(t_cal - 0.15)
     assert not far["refer"] and far["label"] == 0
     assert predict.result_record("x", p, cfg, ["blank"], 0.1)["refer_reasons"] == ["blank"]
+
+
+def _probabilities_around(t: float, n_ulps: int = 40) -> list[float]:
+    """``t``, its ``n_ulps`` float64 neighbours each side, widening steps and a 0..1 grid."""
+    below, above = [t], [t]
+    for _ in range(n_ulps):
+        below.append(float(np.nextafter(below[-1], 0.0)))
+        above.append(float(np.nextafter(above[-1], 1.0)))
+    steps = [t + s * d for d in np.logspace(-15, -1, 29) for s in (-1, 1)]
+    return [min(max(v, 0.0), 1.0) for v in below + above + steps + list(np.linspace(0, 1, 101))]
+
+
+@pytest.mark.parametrize("temperature, threshold, applies_to", [
+    (1.5, 0.5, "probability"), (2.0, 0.8, "probability"), (0.4, 0.3, "probability"),
+    (1.7, 0.45, "calibrated_probability"), (3.0, 0.999, "probability"), (1.0, 0.62, "probability")])
+def test_row_label_is_calibrated_probability_at_threshold(temperature, threshold, applies_to):
+    """label == (calibrated_probability >= threshold) in every row, also at the threshold."""
+    from pneumo_tf import predict, serving
+
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=temperature, threshold=threshold,
+                                threshold_applies_to=applies_to, calibrated=True)
+    labels = set()
+    for p in _probabilities_around(cfg.raw_threshold()):
+        rec = json.loads(json.dumps(predict.result_record("x.png", p, cfg, [], 0.1)))
+        assert isinstance(rec["label"], int)
+        assert rec["label"] == int(rec["calibrated_probability"] >= rec["threshold"]), rec
+        assert rec["class_name"] == ("PNEUMONIA" if rec["label"] else "NORMAL")
+        assert rec["threshold"] == cfg.calibrated_threshold()
+        labels.add(rec["label"])
+    assert labels == {0, 1}
+
+
+def test_the_clinicians_case_cannot_happen():
+    """A calibrated probability above the calibrated threshold is never labelled NORMAL."""
+    from pneumo_tf import predict, serving
+
+    # Raw threshold 0.8 with T = 2: the same cut is 0.667 on the calibrated scale.
+    cfg = serving.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
+    p = 1 / (1 + ((1 - 0.715) / 0.715) ** 2)  # calibrated probability 0.715
+    rec = predict.result_record("x.png", p, cfg, [], 0.01)
+    assert rec["calibrated_probability"] == pytest.approx(0.715)
+    assert rec["threshold"] == pytest.approx(1 / (1 + 0.5))
+    assert rec["label"] == 1 and rec["class_name"] == "PNEUMONIA"
+
+
+def test_every_model_kind_reports_the_calibrated_threshold(exported_run, good_files):
+    from pneumo_tf import calibration, predict
+
+    expected = calibration.calibrated_threshold({"temperature": TEMPERATURE,
+                                                 "threshold": THRESHOLD})
+    for path in (exported_run, exported_run / "export" / "saved_model",
+                 exported_run / "export" / "model_int8.tflite"):
+        for rec in predict.predict_paths(predict.load_predictor(path), good_files):
+            assert rec["threshold"] == expected
+            assert rec["label"] == int(rec["calibrated_probability"] >= rec["threshold"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pneumo_tf import preprocess
 
 
 def test_fixed_crop_box_matches_paper_integer_maths():
-    # SPEC §2: top=int(h*0.15), bottom=int(h*0.90), left=int(w*0.20), right=int(w*0.80)
+    # The paper's fixed crop: top=int(h*0.15), bottom=int(h*0.90), left=int(w*0.20), right=int(w*0.80)
     assert preprocess.fixed_crop_box(1000, 800) == (150, 900, 160, 640)
     assert preprocess.fixed_crop_box(227, 333) == (int(227 * 0.15), int(227 * 0.90),
                                                    int(333 * 0.20), int(333 * 0.80))

@@ -1,7 +1,9 @@
 """Decode one radiograph (JPEG, PNG, TIFF, BMP, ..., DICOM, MedMNIST array) to grayscale uint8.
 
 The converter calls :func:`decode_item` in worker processes, so this module imports no
-TensorFlow: numpy, OpenCV, Pillow and pydicom only. A file that cannot be turned into a correct
+TensorFlow: numpy, OpenCV, Pillow and pydicom only. The in-graph twins at the end
+(:func:`tf_decode_gray`, :func:`tf_preprocess_bytes`), which exported SavedModels run, import
+TensorFlow inside their functions. A file that cannot be turned into a correct
 image raises :class:`RejectError` whose message is a short reason for ``rejects.jsonl``; nothing
 here ever returns a silently wrong image.
 
@@ -445,3 +447,102 @@ def _medmnist_image(npz_path: str, split: str, index: int) -> np.ndarray:
     if image.dtype != np.uint8:
         image = to_uint8_min_max(image)
     return np.ascontiguousarray(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-graph decoding: the TensorFlow twin of decode_bytes for JPEG and PNG, used by exported
+# SavedModels. TensorFlow is imported inside these functions only (see the module docstring).
+
+
+def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
+    """In-graph twin of :func:`jpeg_reduction_factor` (int32 scalar)."""
+    import tensorflow as tf
+
+    from pneumo_tf.preprocess import tf_fixed_crop_box
+
+    factor = tf.constant(1, tf.int32)
+    for f in reversed(JPEG_REDUCTION_FACTORS):  # 2, 4, 8: the last that fits wins
+        h = (height + f - 1) // f
+        w = (width + f - 1) // f
+        need = target_size
+        if crop == "fixed":
+            top, bottom, left, right = tf_fixed_crop_box(h, w)
+            h, w = bottom - top, right - left
+        elif crop == "adaptive":
+            need = ADAPTIVE_REDUCTION_MARGIN * target_size
+        factor = tf.where((h >= need) & (w >= need), tf.constant(f, tf.int32), factor)
+    return factor
+
+
+def _tf_luma(rgb):
+    """``[H, W, 3]`` uint8 RGB -> ``[H, W, 1]`` uint8, ITU-R BT.601 luma, rounded."""
+    import tensorflow as tf
+
+    y = tf.tensordot(tf.cast(rgb, tf.float32), tf.constant([0.299, 0.587, 0.114]), 1)
+    return tf.cast(tf.clip_by_value(tf.round(y), 0.0, 255.0), tf.uint8)[..., None]
+
+
+def _tf_min_max_uint8(values):
+    """In-graph twin of :func:`to_uint8_min_max` for ``[H, W, 1]``."""
+    import tensorflow as tf
+
+    x = tf.cast(values, tf.float64)
+    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
+    scaled = tf.where(hi > lo, (x - lo) * (255.0 / tf.maximum(hi - lo, 1e-12)), tf.zeros_like(x))
+    return tf.cast(tf.round(scaled), tf.uint8)
+
+
+def tf_decode_gray(image_bytes, target_size: int, crop: str):
+    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray.
+
+    JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
+    converter's DCT-scaling rule; 8-bit PNGs use libpng's RGB -> gray; 16-bit PNGs are scaled from
+    their own min..max like the converter does; alpha is dropped. For 8-bit JPEG and PNG this
+    gives the converter's pixels exactly (measured in tests/test_export.py).
+    EXIF orientation is not applied: clients must send upright images.
+    """
+    import tensorflow as tf
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(image_bytes)
+        factor = tf_jpeg_reduction_factor(shape[0], shape[1], target_size, crop)
+        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, what OpenCV uses: identical pixels.
+        branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=1, ratio=r,
+                                                  dct_method="INTEGER_ACCURATE")
+                    for r in (1, 2, 4, 8)]
+        index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
+        return tf.switch_case(index, branches)
+
+    def png16():
+        img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)
+        gray = tf.cond(tf.shape(img)[-1] >= 3,
+                       lambda: tf.tensordot(tf.cast(img[..., :3], tf.float64),
+                                            tf.constant([0.299, 0.587, 0.114], tf.float64), 1)[
+                                                ..., None],
+                       lambda: tf.cast(img[..., :1], tf.float64))
+        return _tf_min_max_uint8(gray)
+
+    def png8():
+        # libpng's own RGB -> gray (drops alpha), as OpenCV's IMREAD_GRAYSCALE does: identical.
+        return tf.io.decode_png(image_bytes, channels=1)
+
+    def other():  # BMP, GIF: BT.601 luma, within 1 grey level of OpenCV/Pillow
+        img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint8, expand_animations=False)
+        return tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
+                       lambda: img[..., :1])
+
+    is_png = tf.strings.substr(image_bytes, 0, 4) == b"\x89PNG"
+    # IHDR bit depth is byte 24 of a PNG file.
+    png_depth = tf.strings.substr(image_bytes, 24, 1)
+    is_png16 = is_png & tf.equal(png_depth, b"\x10")
+    gray = tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)],
+                   default=other, exclusive=False)
+    gray.set_shape([None, None, 1])
+    return gray
+
+
+def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):
+    """Scalar string -> ``[S, S, 1] uint8`` model input (decode, gray, crop, area resize)."""
+    from pneumo_tf.preprocess import tf_preprocess_gray
+
+    return tf_preprocess_gray(tf_decode_gray(image_bytes, image_size, crop), image_size, crop)

@@ -1,0 +1,247 @@
+"""Serving facts of a trained run: its config, its calibration, the decision, the runners.
+
+A library (it defines no flags), shared by the export app (:mod:`pneumo_tf.export`), which writes
+models for serving, and :mod:`pneumo_tf.predict`, which serves them on the host:
+
+- :class:`ServingConfig`: image size, crop, temperature and threshold of a run, written as
+  ``pneumo_tf_serving.json`` beside every exported model (:data:`SERVING_CONFIG_NAME`).
+- :func:`calibration_from_json`: a validated ``calibration.json``; :func:`serving_config_for_run`.
+- :func:`decide_label`: THE threshold decision, for numpy values and TensorFlow tensors alike. It
+  is taken on the calibrated probability with the threshold on that same scale
+  (:meth:`ServingConfig.calibrated_threshold`), so every place that shows a calibrated
+  probability, a threshold and a label shows ``label == (calibrated_probability >= threshold)``
+  for the very numbers it shows; float rounding cannot make them disagree.
+- :func:`saved_model_outputs`: what every SavedModel signature returns.
+- :func:`tflite_interpreter`, :class:`TFLiteRunner`: TFLite models on ``[N, S, S, 1] uint8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+import numpy as np
+
+import pneumo_tf
+from pneumo_tf import calibration as calibration_lib
+from pneumo_tf import rundir
+
+SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
+# A stored calibrated_threshold may differ from the one computed from threshold and temperature
+# by this much (a file written by another tool, rounded); beyond, the file contradicts itself.
+CALIBRATED_THRESHOLD_TOLERANCE = 1e-6
+
+
+class ServingError(ValueError):
+    """A run's serving facts are unusable (bad calibration.json); the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and calibration
+
+
+@dataclasses.dataclass
+class ServingConfig:
+    """What serving and prediction need to know about a run.
+
+    Attributes:
+        image_size: model input side S, pixels (the data manifest's ``image_size``).
+        crop: ``fixed`` | ``none`` | ``adaptive`` (the data manifest's ``crop``).
+        temperature: validation temperature T (1.0 = uncalibrated).
+        threshold: operating threshold, a probability on the scale ``threshold_applies_to``
+            names.
+        threshold_applies_to: ``probability`` or ``calibrated_probability``: which one
+            ``threshold`` was chosen on.
+        threshold_method: how the threshold was chosen (from calibration.json).
+        calibrated: False when no calibration was available (T = 1, threshold 0.5).
+        backbone: backbone name, when known.
+    """
+
+    image_size: int
+    crop: str
+    temperature: float = 1.0
+    threshold: float = 0.5
+    threshold_applies_to: str = "probability"
+    threshold_method: str = "default_0.5"
+    calibrated: bool = False
+    backbone: str | None = None
+
+    def to_json(self) -> dict:
+        """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation``."""
+        return {**dataclasses.asdict(self), "calibrated_threshold": self.calibrated_threshold(),
+                "label_names": list(pneumo_tf.CLASS_NAMES),
+                "normalisation": "inside the model (PixelNorm layer)"}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ServingConfig":
+        """From :meth:`to_json`'s dict; derived keys (``calibrated_threshold``) are recomputed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+    def _calibration(self) -> dict:
+        return {"threshold": self.threshold, "temperature": self.temperature,
+                "threshold_applies_to": self.threshold_applies_to}
+
+    def calibrated_threshold(self) -> float:
+        """The operating threshold on the calibrated probability (:func:`decide_label`'s)."""
+        return calibration_lib.calibrated_threshold(self._calibration())
+
+    def raw_threshold(self) -> float:
+        """The operating threshold expressed on the model's raw probability."""
+        return calibration_lib.raw_threshold(self._calibration())
+
+
+def calibration_from_json(obj: dict, where: str) -> dict:
+    """Validate a ``calibration.json`` dict and complete it with ``calibrated_threshold``.
+
+    Args:
+        obj: the file's content.
+        where: the file's path, for messages.
+
+    Returns:
+        ``obj`` with float ``temperature`` (> 0), ``threshold`` (in [0, 1]),
+        ``threshold_applies_to`` and ``calibrated_threshold`` (always computed by
+        :func:`pneumo_tf.calibration.calibrated_threshold`; files written before the key
+        existed work unchanged).
+
+    Raises:
+        ServingError: a missing or out-of-range entry, or a stored ``calibrated_threshold`` that
+            is not ``threshold`` on the calibrated scale.
+    """
+    fix = "refit it with `python -m pneumo_tf.evaluate --split=val --run_dir=... --data_dir=...`"
+    try:
+        temperature = float(obj["temperature"])
+        threshold = float(obj["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ServingError(f"{where} needs numeric 'temperature' and 'threshold' entries ({e}); "
+                           f"{fix}") from e
+    if not (temperature > 0 and math.isfinite(temperature)) or not 0.0 <= threshold <= 1.0:
+        raise ServingError(f"{where}: temperature must be > 0 and threshold in [0, 1], got "
+                           f"T={temperature}, threshold={threshold}; re-calibrate the run")
+    applies_to = obj.get("threshold_applies_to", "probability")
+    if applies_to not in calibration_lib.THRESHOLD_APPLIES_TO:
+        raise ServingError(f"{where}: threshold_applies_to={applies_to!r}, expected one of "
+                           f"{calibration_lib.THRESHOLD_APPLIES_TO}")
+    checked = {**obj, "temperature": temperature, "threshold": threshold,
+               "threshold_applies_to": applies_to}
+    computed = calibration_lib.calibrated_threshold(checked)
+    stored = obj.get("calibrated_threshold")
+    if stored is not None and not _agrees(stored, computed):
+        raise ServingError(f"{where}: calibrated_threshold={stored!r} is not the threshold "
+                           f"{threshold} ({applies_to}) on the calibrated scale with T="
+                           f"{temperature}, which is {computed}; {fix}")
+    return {**checked, "calibrated_threshold": computed}
+
+
+def _agrees(stored, computed: float) -> bool:
+    try:
+        return abs(float(stored) - computed) <= CALIBRATED_THRESHOLD_TOLERANCE
+    except (TypeError, ValueError):
+        return False
+
+
+def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None) -> ServingConfig:
+    """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known).
+
+    Args:
+        run_dir: the run directory (its ``data_manifest.json`` is read).
+        calibration: a dict from :func:`calibration_from_json`, or None (uncalibrated: T = 1,
+            threshold 0.5).
+    """
+    manifest = rundir.read_run_manifest(run_dir)
+    backbone = None
+    if rundir.RunPaths(run_dir).summary.is_file():
+        backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
+    cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
+                        backbone=backbone)
+    if calibration is not None:
+        cfg.temperature = float(calibration["temperature"])
+        cfg.threshold = float(calibration["threshold"])
+        cfg.threshold_applies_to = calibration.get("threshold_applies_to", "probability")
+        cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
+        cfg.calibrated = True
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision and the SavedModel outputs
+
+
+def decide_label(calibrated_probability, threshold):
+    """The operating decision: 1 (PNEUMONIA) where ``calibrated_probability >= threshold``.
+
+    Args:
+        calibrated_probability: numpy values (any shape) or a TensorFlow tensor.
+        threshold: on the calibrated scale (:meth:`ServingConfig.calibrated_threshold`); a number
+            or values broadcastable against ``calibrated_probability``.
+
+    Returns:
+        int64 numpy values, or an int64 tensor for a tensor input (compared in its dtype).
+    """
+    tf = sys.modules.get("tensorflow")  # a tensor implies TensorFlow is imported already
+    if tf is not None and tf.is_tensor(calibrated_probability):
+        threshold = tf.cast(threshold, calibrated_probability.dtype)
+        return tf.cast(calibrated_probability >= threshold, tf.int64)
+    return (np.asarray(calibrated_probability) >= threshold).astype(np.int64)
+
+
+def saved_model_outputs(model, images, cfg: ServingConfig) -> dict:
+    """The outputs of every SavedModel signature, all ``[N]``, for ``[N, S, S, 1] uint8`` images.
+
+    Returns:
+        ``{"probability": float32 (the model's sigmoid), "calibrated_probability": float32,
+        "threshold": float32 (the operating threshold on the calibrated scale, repeated per
+        image), "label": int64 (:func:`decide_label` of the two before)}``.
+    """
+    import tensorflow as tf
+
+    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+    cal = calibration_lib.apply_temperature(p, cfg.temperature)
+    threshold = tf.fill(tf.shape(cal), tf.constant(cfg.calibrated_threshold(), tf.float32))
+    return {"probability": p, "calibrated_probability": cal, "threshold": threshold,
+            "label": decide_label(cal, threshold)}
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite
+
+
+def tflite_interpreter(model_path_or_bytes: str | os.PathLike | bytes):
+    """A LiteRT interpreter (``ai-edge-litert``), or ``tf.lite.Interpreter`` without it."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the optional [tflite] extra is not installed
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    if isinstance(model_path_or_bytes, (bytes, bytearray)):
+        return Interpreter(model_content=bytes(model_path_or_bytes))
+    return Interpreter(model_path=str(model_path_or_bytes))
+
+
+class TFLiteRunner:
+    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N."""
+
+    def __init__(self, model_path_or_bytes: str | os.PathLike | bytes):
+        self.interpreter = tflite_interpreter(model_path_or_bytes)
+        self._input = self.interpreter.get_input_details()[0]
+        self._batch = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self._input["shape_signature"][1])
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
+        if len(images) == 0:
+            return np.zeros((0,), np.float64)
+        if self._batch != len(images):
+            self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
+            self.interpreter.allocate_tensors()
+            self._batch = len(images)
+        self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
+        self.interpreter.invoke()
+        out = self.interpreter.get_output_details()[0]
+        return np.asarray(self.interpreter.get_tensor(out["index"]), np.float64).reshape(-1)

@@ -1,0 +1,154 @@
+"""Grad-CAM maths: the batched CAM equals a per-image reference, nested backbones, mixed
+precision, attention statistics."""
+
+import numpy as np
+import pytest
+
+from pneumo_tf import cam as pcam
+from pneumo_tf import model as pmodel
+
+
+def _reference_cam(model, image, layer, sign=1.0):
+    """The paper's recipe, one image at a time, loop over channels, numpy maths."""
+    import keras
+    import tensorflow as tf
+
+    backbone = pmodel.get_backbone(model)
+    inner = keras.Model(backbone.inputs, [backbone.get_layer(layer).output, backbone.output])
+    head = [model.get_layer(n) for n in ("gap", "dropout_1", "dense", "dropout_2")]
+    score = model.get_layer("score")
+    x = tf.convert_to_tensor(image[np.newaxis])
+    with tf.GradientTape() as tape:
+        h = model.get_layer("pixel_norm")(model.get_layer("to_float_rgb")(x))
+        feats, h = inner(h, training=False)
+        for lyr in head:
+            h = lyr(h, training=False)
+        logit = tf.matmul(h, score.kernel) + score.bias
+        target = sign * logit[0, 0]
+    grads = tape.gradient(target, feats)[0].numpy()
+    feats = feats[0].numpy()
+    weights = grads.mean(axis=(0, 1))
+    cam = np.zeros(feats.shape[:2], np.float32)
+    for c, w in enumerate(weights):
+        cam += w * feats[:, :, c]
+    cam = np.maximum(cam, 0)
+    return cam / cam.max() if cam.max() > 0 else cam, float(tf.sigmoid(logit)[0, 0])
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return pmodel.build_model("small_cnn", 48, None)
+
+
+def _images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 1)).astype(np.uint8)
+
+
+def test_batched_equals_per_image_reference(small_model):
+    images = _images(6, 48)
+    cam_model = pcam.CamModel(small_model, backbone_name="small_cnn")
+    assert cam_model.layer == "features"
+    out = pcam.gradcam_batch(cam_model, images)
+    assert out["cam"].shape == (6, 48, 48) and out["cam"].dtype == np.float32
+    assert out["cam_lowres"].shape == (6, 3, 3)
+    assert 0.0 <= out["cam"].min() and out["cam"].max() <= 1.0
+    np.testing.assert_allclose(out["probability"], small_model(images).numpy()[:, 0], rtol=1e-5)
+    for i in range(6):
+        ref, prob = _reference_cam(small_model, images[i], "features")
+        np.testing.assert_allclose(out["cam_lowres"][i], ref, atol=2e-4)
+        assert out["probability"][i] == pytest.approx(prob, rel=1e-5)
+
+
+def test_predicted_class_explains_normal_with_minus_logit(small_model):
+    images = _images(4, 48, seed=1)
+    cam_model = pcam.CamModel(small_model, layer="b1_out")
+    probs = small_model(images).numpy()[:, 0]
+    threshold = float(np.median(probs))  # two images on each side
+    out = pcam.gradcam_batch(cam_model, images, cam_class="predicted", threshold=threshold)
+    for i in range(4):
+        sign = 1.0 if probs[i] >= threshold else -1.0
+        ref, _ = _reference_cam(small_model, images[i], "b1_out", sign)
+        np.testing.assert_allclose(out["cam_lowres"][i], ref, atol=2e-4)
+
+
+def test_bad_layer_is_named(small_model):
+    with pytest.raises(ValueError, match="--layer=conv5_block3_out: no such layer.*features"):
+        pcam.CamModel(small_model, layer="conv5_block3_out")
+
+
+@pytest.mark.slow
+def test_nested_resnet50_default_layer():
+    model = pmodel.build_model("resnet50", 32, None)
+    cam_model = pcam.CamModel(model, backbone_name="resnet50")
+    assert cam_model.layer == "conv5_block3_out"
+    out = pcam.gradcam_batch(cam_model, _images(2, 32))
+    assert out["cam"].shape == (2, 32, 32) and out["cam_lowres"].shape == (2, 1, 1)
+    # Auto-detection without the registry name: the backbone's last 4-D output.
+    assert pcam.default_cam_layer(model) == "conv5_block3_out"
+
+
+def test_mixed_precision_forward_float32_cam(small_model):
+    import keras
+
+    images = _images(4, 48, seed=2)
+    ref = pcam.gradcam_batch(pcam.CamModel(small_model), images)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = pmodel.build_model("small_cnn", 48, None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(small_model.get_weights())
+    assert pmodel.get_backbone(mixed).get_layer("features").compute_dtype == "bfloat16"
+    out = pcam.gradcam_batch(pcam.CamModel(mixed), images)
+    assert out["cam"].dtype == np.float32 and np.isfinite(out["cam"]).all()
+    for i in range(4):
+        corr = np.corrcoef(out["cam"][i].ravel(), ref["cam"][i].ravel())[0, 1]
+        assert corr > 0.9, (i, corr)
+
+
+def test_select_balanced_and_stats_helpers():
+    groups = ["TP"] * 10 + ["FP"] * 1 + ["FN"] * 2 + ["TN"] * 10
+    idx = pcam.select_balanced(groups, 8, seed=0)
+    picked = [groups[i] for i in idx]
+    assert picked.count("FP") == 1 and picked.count("FN") == 2
+    assert picked.count("TP") + picked.count("TN") == 5
+    assert list(idx) == sorted(idx)
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0], cam[3, 3] = 1.0, 3.0
+    lung = np.zeros((4, 4), bool)
+    lung[2:, 2:] = True
+    assert pcam.lung_mass_share(cam, lung) == pytest.approx(0.75)
+    assert pcam.pointing_hit(cam, lung) and not pcam.pointing_hit(cam, ~lung)
+    assert np.isnan(pcam.lung_mass_share(np.zeros((4, 4)), lung))
+    overlay = pcam.overlay_cam(np.full((4, 4), 100, np.uint8), cam / 3.0)
+    assert overlay.shape == (4, 4, 3) and overlay.dtype == np.uint8
+    # no masks -> the adaptive lung box of the stored image itself
+    reg = pcam.image_regions(np.full((32, 32), 90, np.uint8), "x/y.png", (0, 32, 0, 32), None)
+    assert reg["source"] == "adaptive_box" and reg["lesion"] is None and reg["lung"].any()
+
+
+def test_pointing_game_counts_empty_maps_as_misses():
+    lesion = np.zeros((4, 4), bool)
+    lesion[0, 0] = True  # where np.argmax of an all-zero map would point
+    hit = np.zeros((4, 4), np.float32)
+    hit[0, 0] = 1.0
+    empty = np.zeros((4, 4), np.float32)
+    assert not pcam.pointing_hit(empty, lesion)
+    assert pcam.pointing_entry(empty, lesion) == {"pointing_hit": False, "lesion_fraction": 1 / 16,
+                                                "cam_empty": True}
+    assert pcam.pointing_entry(hit, lesion)["pointing_hit"]
+    assert pcam.pointing_entry(hit, None) == {}
+    assert pcam.pointing_entry(hit, np.zeros_like(lesion)) == {}
+    # Two hits and two empty maps: 2/4, not 2/2.
+    entries = [{"group": "TP", "lung_share": 0.5, **pcam.pointing_entry(hit, lesion)}] * 2
+    miss = {"group": "FN", "lung_share": float("nan"), **pcam.pointing_entry(empty, lesion)}
+    entries += [miss] * 2
+    stats = pcam.summarise_attention(entries)
+    assert stats["all"]["pointing_n"] == 4 and stats["all"]["pointing_hit_rate"] == 0.5
+    assert stats["all"]["pointing_empty"] == 2 and stats["all"]["empty_cams"] == 2
+    assert stats["FN"]["pointing_hit_rate"] == 0.0 and stats["FN"]["pointing_empty"] == 2
+    assert stats["TP"]["pointing_empty"] == 0
