@@ -123,21 +123,21 @@ def _calibrate(out, data_dir: str, model) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line (flags are defined by run(): the trainer imports this module as a library)
 
-RUNS = cli.runs_flag()
-OUT = cli.out_flag()
-DATA_DIR = cli.data_dir_flag()
+FLAGS: dict = {}
 
 
 def main(argv: list[str]) -> None:
-    cli.check_args(argv, RUNS, OUT)
-    summary = create_ensemble(RUNS.value, OUT.value, DATA_DIR.value)
-    print(f"ensemble of {len(summary['ensemble']['members'])} runs -> {OUT.value} "
+    runs, out, data_dir = FLAGS["runs"], FLAGS["out"], FLAGS["data_dir"]
+    cli.check_args(argv, runs, out)
+    summary = create_ensemble(runs.value, out.value, data_dir.value)
+    print(f"ensemble of {len(summary['ensemble']['members'])} runs -> {out.value} "
           f"(calibration: {summary['calibration']})")
 
 
 def run() -> None:
+    FLAGS.update(runs=cli.runs_flag(), out=cli.out_flag(), data_dir=cli.data_dir_flag())
     cli.run_app(main, "pneumo_tf.ensemble")
 
 

@@ -223,8 +223,51 @@ def band_contrasts(gray: np.ndarray) -> tuple[float, float]:
 def film_orientation_reasons(gray: np.ndarray) -> list[str]:
     """``["inverted"]``, ``["on_its_side"]`` or ``[]`` for a decoded ``[H, W] uint8`` film."""
     vertical, horizontal = band_contrasts(gray)
-    if horizontal - vertical > MAX_BAND_RATIO_GAP and horizontal > MIN_VERTICAL_BAND:
-        return ["on_its_side"]
-    if vertical < MIN_VERTICAL_BAND:
-        return ["inverted"]
-    return []
+    sideways = horizontal - vertical > MAX_BAND_RATIO_GAP and horizontal > MIN_VERTICAL_BAND
+    if vertical >= MIN_VERTICAL_BAND and not sideways:
+        return []
+    # A dark spine (inverted) or a bright band across the rows (on its side): the stronger wins.
+    return ["inverted"] if -vertical >= horizontal else ["on_its_side"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (flags are defined by run(): importing this module as a library defines none)
+
+FLAGS: dict = {}
+
+
+def _define_flags() -> dict:
+    from absl import flags
+
+    from pneumo_tf import cli
+
+    return {"run_dir": cli.run_dir_flag(), "data_dir": cli.data_dir_flag(),
+            "batch_size": cli.batch_size_flag(),
+            "val_rate": flags.DEFINE_float(
+                "ood_val_rate", DEFAULT_VAL_RATE, "Fraction of the (in-distribution) val images "
+                "the out-of-distribution threshold flags.", lower_bound=0.0, upper_bound=0.5),
+            "layer": flags.DEFINE_string(
+                "ood_layer", DEFAULT_LAYER, "Feature layer of the model the score reads "
+                "(dense: the head's hidden layer; gap: the pooled backbone features).")}
+
+
+def main(argv: list[str]) -> None:
+    from pneumo_tf import cli
+
+    cli.check_args(argv, FLAGS["run_dir"])
+    info = fit_run(FLAGS["run_dir"].value, FLAGS["data_dir"].value, FLAGS["val_rate"].value,
+                   FLAGS["layer"].value, batch_size=FLAGS["batch_size"].value)
+    print(f"ood: threshold {info['threshold']:.1f} ({info['layer']}, {info['feature_dim']} "
+          f"features) flags {info['val_flagged']:.3f} of val -> "
+          f"{Path(FLAGS['run_dir'].value) / OOD_JSON}")
+
+
+def run() -> None:
+    from pneumo_tf import cli
+
+    FLAGS.update(_define_flags())
+    cli.run_app(main, "pneumo_tf.ood")
+
+
+if __name__ == "__main__":
+    run()

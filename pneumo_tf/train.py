@@ -877,6 +877,7 @@ def finish(ctx: RunContext, state: RunState, manifest: dict) -> dict:
         summary["calibration"] = "pending" if ctx.cfg.calibrate else "skipped: --nocalibrate"
         atomic_files.write_json_atomic(ctx.paths.summary, summary)
         summary["calibration"] = run_calibration(ctx.cfg, trainer.model)
+        summary["ood"] = run_ood_fit(ctx.cfg, trainer.model)
         atomic_files.write_json_atomic(ctx.paths.summary, summary)
         for w in (ctx.writers or {}).values():
             w.close()
@@ -932,6 +933,27 @@ def run_calibration(cfg: TrainConfig, model) -> str:
     return "ok"
 
 
+def run_ood_fit(cfg: TrainConfig, model) -> str:
+    """Fit the out-of-distribution guard (pneumo_tf.ood) if asked; a failure is logged.
+
+    Returns:
+        ``ok``, ``skipped: ...`` or ``failed: ...`` (recorded in summary.json).
+    """
+    if not cfg.fit_ood:
+        return "skipped: --nofit_ood"
+    from pneumo_tf import ood
+
+    try:
+        ood.fit_run(cfg.run_dir, cfg.data_dir, cfg.ood_val_rate, model=model,
+                    batch_size=cfg.val_batch_size)
+    except Exception as e:  # noqa: BLE001 -- logged; training results stay valid
+        log.error("fitting the out-of-distribution guard failed (%s: %s); training is "
+                  "complete. Re-run it with `python -m pneumo_tf.ood --run_dir=%s`",
+                  type(e).__name__, e, cfg.run_dir)
+        return f"failed: {type(e).__name__}: {e}"
+    return "ok"
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -961,6 +983,8 @@ def train_ensemble(cfg: TrainConfig, setup: distribute.DistributionSetup | None,
     if setup is not None and not setup.is_chief:
         return {"status": "complete", "ensemble": {"members": members}}
     summary = ensemble.create_ensemble(members, cfg.run_dir, cfg.data_dir, cfg.calibrate)
+    summary["ood"] = run_ood_fit(cfg, None)
+    atomic_files.write_json_atomic(paths.summary, summary)
     print(f"ensemble of {len(members)} members -> {cfg.run_dir}", flush=True)
     return summary
 

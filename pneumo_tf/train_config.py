@@ -29,7 +29,8 @@ INPUT_NORMS = ("backbone",) + preprocess.INPUT_NORMS
 # Flags that may change when a run resumes: locations (the data manifest is compared instead),
 # logging, and housekeeping that does not change what is trained. --epochs may also grow.
 RESUME_FREE_FLAGS = frozenset({"data_dir", "run_dir", "log_every_steps", "tb_images", "profile",
-                               "profile_steps", "calibrate", "cache", "backup_every_steps"})
+                               "profile_steps", "calibrate", "cache", "backup_every_steps",
+                               "fit_ood", "ood_val_rate"})
 
 
 class TrainError(ValueError):
@@ -150,6 +151,10 @@ class TrainConfig:
                                 "(empty = off). --profile is an alias.")
     calibrate: bool = option(True, "Fit temperature and threshold on val at the end "
                              "(pneumo_tf.calibration).")
+    fit_ood: bool = option(True, "Fit the out-of-distribution guard at the end: feature "
+                           "statistics of the train split, threshold on val (pneumo_tf.ood).")
+    ood_val_rate: float = option(0.01, "Fraction of the val images the out-of-distribution "
+                                 "threshold flags.", lower=0, upper=0.5)
     debug_nan_at_step: int = option(-1, "Test hook: the loss of this global step (0-based) "
                                     "becomes NaN; -1 = off.")
 

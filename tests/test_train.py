@@ -24,15 +24,15 @@ from pneumo_tf import atomic_files, rundir, train
 from pneumo_tf.data import pipeline, records
 
 TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1", "--train_bn",
-              "--batch_size=4", "--precision=float32", "--nocalibrate", "--tb_images=2",
-              "--val_batch_size=16"]
+              "--batch_size=4", "--precision=float32", "--nocalibrate", "--nofit_ood",
+              "--tb_images=2", "--val_batch_size=16"]
 
 
 def tiny_config(data_dir, run_dir, **overrides) -> train.TrainConfig:
     kwargs = dict(data_dir=str(data_dir), run_dir=str(run_dir), backbone="small_cnn",
                   weights="none", trainable_layers=-1, train_bn=True, batch_size=4, epochs=2,
                   steps_per_epoch=3, precision="float32", strategy="default", calibrate=False,
-                  tb_images=2, val_batch_size=16, lr=1e-3)
+                  fit_ood=False, tb_images=2, val_batch_size=16, lr=1e-3)
     kwargs.update(overrides)
     return train.TrainConfig(**kwargs)
 

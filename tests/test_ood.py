@@ -1,0 +1,81 @@
+"""Tests of pneumo_tf.ood: the Mahalanobis score, its fit on a run, the film checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_tiny_dataset
+from pneumo_tf import ood
+
+
+def test_mahalanobis_scores_are_distances_to_the_nearer_class():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (400, 3))
+    b = rng.normal(0, 1, (400, 3)) + [6, 0, 0]
+    means, precision = ood.fit_gaussians(np.vstack([a, b]), np.r_[np.zeros(400), np.ones(400)])
+    np.testing.assert_allclose(means, [[0, 0, 0], [6, 0, 0]], atol=0.2)
+    # Unit covariance: the squared distance of a point 3 sd away is about 9.
+    scores = ood.mahalanobis_scores(np.array([[0, 3, 0], [6, 0, -3], [3, 0, 0], [0, 0, 0]]),
+                                     means, precision)
+    np.testing.assert_allclose(scores[:2], 9.0, rtol=0.15)
+    assert scores[2] == pytest.approx(9.0, rel=0.15) and scores[3] < 0.2
+    far = ood.mahalanobis_scores(np.array([[30.0, 30, 30]]), means, precision)
+    assert far[0] > 1000
+
+
+def test_threshold_flags_the_asked_fraction():
+    scores = np.arange(1000, dtype=float)
+    t = ood.threshold_at_rate(scores, 0.01)
+    assert np.mean(scores > t) == pytest.approx(0.01, abs=0.002)
+    with pytest.raises(ValueError, match="--ood_val_rate=1.5"):
+        ood.threshold_at_rate(scores, 1.5)
+
+
+def _film(h=600, w=700, seed=0):
+    """A schematic frontal film: dark lungs either side of a bright spine, bright body edges."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 170.0)
+    ys, xs = np.mgrid[0:h, 0:w]
+    for cx in (0.3 * w, 0.7 * w):
+        img[((xs - cx) / (0.16 * w)) ** 2 + ((ys - 0.45 * h) / (0.3 * h)) ** 2 < 1] = 60
+    img[:, int(0.46 * w):int(0.54 * w)] = 200
+    return np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_film_checks_catch_inverted_and_sideways_films_only():
+    film = _film()
+    assert ood.film_orientation_reasons(film) == []
+    assert ood.film_orientation_reasons(255 - film) == ["inverted"]
+    assert ood.film_orientation_reasons(np.rot90(film).copy()) == ["on_its_side"]
+    assert ood.film_orientation_reasons(film[::-1].copy()) == []  # the features' job
+
+
+@pytest.mark.slow
+def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
+    from support_runs import make_run
+
+    data = write_tiny_dataset(tmp_path / "data", counts={"train": (30, 30), "val": (20, 20),
+                                                         "test": (6, 6)})
+    run = make_run(tmp_path / "run", data, epochs=2)
+    info = ood.fit_run(run, data, val_rate=0.05)
+    assert (run / ood.OOD_JSON).is_file() and (run / ood.OOD_STATS).is_file()
+    assert info["layer"] == "dense" and info["feature_dim"] > 0
+    assert info["fitted_on"]["train"] == 60 and info["fitted_on"]["val"] == 40
+    assert info["val_flagged"] <= 0.05 + 1e-9
+    stats = ood.load_stats(run)
+    assert stats.threshold == pytest.approx(info["threshold"])
+    assert ood.load_stats(tmp_path) is None  # a run without ood.json
+    proc = subprocess.run([sys.executable, "-m", "pneumo_tf.ood", f"--run_dir={run}",
+                           f"--data_dir={data}", "--ood_val_rate=0.1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / ood.OOD_JSON).read_text())["val_rate"] == 0.1
+    bad = subprocess.run([sys.executable, "-m", "pneumo_tf.ood", f"--run_dir={tmp_path}/nope"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "pneumo_tf.ood: error:" in bad.stderr
+    assert "Traceback" not in bad.stderr
