@@ -26,6 +26,8 @@ from keras import layers
 from pneumo_tf import augment as _augment  # also registers its layers for load_model
 from pneumo_tf import preprocess
 
+SUBTYPE_NAMES = ("NORMAL", "BACTERIAL", "VIRAL")  # subtype 0, 1, 2 (-1: unknown)
+
 
 @keras.saving.register_keras_serializable(package="pneumo_tf")
 class ToFloatRGB(layers.Layer):
@@ -62,6 +64,25 @@ class PixelNorm(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class PneumoniaProbability(layers.Layer):
+    """``[B, 3]`` class probabilities (NORMAL, BACTERIAL, VIRAL) -> ``[B, 1]`` P(PNEUMONIA).
+
+    The pneumonia probability of a subtype model is ``1 - p(NORMAL)``, so every binary stage
+    (threshold, calibration, reports, Grad-CAM, export, predict) reads it like a binary model's.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, probs):
+        return 1.0 - probs[:, :1]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +248,7 @@ def set_trainable(backbone: keras.Model, trainable_layers: int, train_bn: bool) 
 def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str | None = None,
                 trainable_layers: int = 50, train_bn: bool = False, input_norm: str = "backbone",
                 augment: dict | None = None, dense_units: int = 128,
-                dropout: tuple[float, float] = (0.5, 0.3)) -> keras.Model:
+                dropout: tuple[float, float] = (0.5, 0.3), task: str = "binary") -> keras.Model:
     """The full classifier (see the module docstring).
 
     Args:
@@ -240,6 +261,9 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
         augment: keyword arguments of :func:`pneumo_tf.augment.make_augment_layer`, or None for
             no augmentation layer. The layer is active only when the model is called with training=True.
         dense_units, dropout: the head (paper: 128, (0.5, 0.3)).
+        task: ``binary`` (a sigmoid ``score``) or ``subtype``: a three-way softmax
+            ``class_probabilities`` (NORMAL, BACTERIAL, VIRAL; its logits are the
+            ``class_logits`` layer) and ``score`` = 1 - p(NORMAL).
 
     Returns:
         ``keras.Model``: ``[B, S, S, 1]`` uint8 -> ``[B, 1]`` float32 probability of PNEUMONIA.
@@ -257,8 +281,25 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     x = layers.Dropout(dropout[0], name="dropout_1")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(dropout[1], name="dropout_2")(x)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="score")(x)
+    if task == "subtype":
+        logits = layers.Dense(len(SUBTYPE_NAMES), dtype="float32", name="class_logits")(x)
+        probs = layers.Softmax(dtype="float32", name="class_probabilities")(logits)
+        outputs = PneumoniaProbability(name="score")(probs)
+    elif task == "binary":
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="score")(x)
+    else:
+        raise ValueError(f"--task={task!r}; expected binary or subtype")
     return keras.Model(inputs, outputs, name=f"pneumo_{backbone}")
+
+
+def is_subtype_model(model: keras.Model) -> bool:
+    """Whether ``model`` has the three-way subtype head (see :func:`build_model`)."""
+    return any(layer.name == "class_probabilities" for layer in model.layers)
+
+
+def class_probability_model(model: keras.Model) -> keras.Model:
+    """``[B, S, S, 1] -> [B, 3]`` class probabilities of a subtype model (weights shared)."""
+    return keras.Model(model.inputs, model.get_layer("class_probabilities").output)
 
 
 def get_backbone(model: keras.Model) -> keras.Model:
