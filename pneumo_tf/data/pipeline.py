@@ -22,6 +22,13 @@ instead of one per image): per-element tf.data overhead, not I/O, bounds a pipel
 images. Images stay ``[B, S, S, 1] uint8`` here; float conversion, 3-channel replication and
 augmentation run on the device (:mod:`pneumo_tf.model`, :mod:`pneumo_tf.augment`).
 
+Order and epochs. A training stream repeats before it batches, so batches run across epoch
+boundaries. With ``deterministic=True`` the order is a function of the seed and every run of
+one epoch's images holds each image exactly once. With ``deterministic=False`` (the training
+default) the parallel stages after the repeat hand out batches as they finish, so a batch of the
+next epoch may come before the last batch of this one: every image is still seen equally often
+over the stream, but an epoch-long run of batches need not hold each image exactly once.
+
 Corrupt shards: TensorFlow's ``DataLossError`` (bad CRC) names only a record offset, not the
 file, and a shard truncated mid-record simply ends early without any error; the pipeline therefore
 asserts each shard's record count from the manifest (``FailedPreconditionError`` at the end of a

@@ -60,9 +60,11 @@ def test_training_batches_shapes_weights_and_epoch_coverage(unbalanced_dir, cach
         assert images.shape == (4, 16, 16, 1) and labels.dtype == tf.float32
         want = np.where(labels.numpy() == 0, 2.0, 2.0 / 3.0)
         np.testing.assert_allclose(weights.numpy(), want, rtol=1e-6)
-    # Each epoch of a training stream holds every image exactly once.
+    # Each epoch of a training stream holds every image exactly once. Exactly: only in a
+    # deterministic stream (with deterministic=False a batch may overtake the one before it,
+    # across the epoch boundary too).
     meta = pipeline.make_dataset(unbalanced_dir, "train", 4, True, cache=cache, seed=1,
-                                 with_meta=True)
+                                 deterministic=True, with_meta=True)
     seen = _paths_of(meta, n_batches=8)
     assert sorted(seen[:16]) == sorted(seen[16:]) and len(set(seen[:16])) == 16
     assert seen[:16] != seen[16:]  # reshuffled each epoch
@@ -152,8 +154,9 @@ def test_input_context_shards_disjoint_and_complete(tmp_path, num_shards, traini
     for pid in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
                                          num_replicas_in_sync=2)
+        # Deterministic: "the first 4 batches are one epoch" holds only in order.
         ds = pipeline.make_dataset(data_dir, "train", 2, training, input_context=ctx,
-                                   with_meta=True)
+                                   deterministic=True, with_meta=True)
         per_pipeline.append(_paths_of(ds, n_batches=4))  # 8 images = one epoch per pipeline
     a, b = map(set, per_pipeline)
     assert len(a) == len(b) == 8 and not a & b and len(a | b) == 16
@@ -177,8 +180,8 @@ def test_uneven_shards_give_every_image_the_same_frequency(tmp_path, cache):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
                                          num_replicas_in_sync=2)
         ds = pipeline.make_dataset(data_dir, "train", 2, True, cache=cache, input_context=ctx,
-                                   with_meta=True)
-        seen.update(_paths_of(ds, n_batches=12))  # 24 images = 2 epochs' worth of 12 images
+                                   deterministic=True, with_meta=True)
+        seen.update(_paths_of(ds, n_batches=12))  # 24 images = 4 epochs of 6 per pipeline
     assert len(seen) == 12 and set(seen.values()) == {4}, seen
 
 
