@@ -194,7 +194,7 @@ def file_sharding_is_even(num_files: int, num_pipelines: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
-    """What one input pipeline reads of a split (stage 1, :func:`plan_shards`).
+    """What one input pipeline reads of a split (made by :func:`plan_shards`).
 
     Attributes:
         paths: shard files this pipeline reads, in manifest order (every file of the split when
@@ -306,7 +306,7 @@ def _shard_reader(compression: str, skip_corrupt: bool, check_counts: bool):
 def read_records(plan: ShardPlan, *, interleave: bool = False, deterministic: bool = True,
                  file_shuffle_seed: int | None = None,
                  skip_corrupt: bool = False) -> tf.data.Dataset:
-    """Serialized records (``[] string``) of the planned shards: stage 2.
+    """Serialized records (``[] string``) of the planned shards, in the planned order.
 
     Args:
         plan: from :func:`plan_shards`.
@@ -338,7 +338,7 @@ def read_records(plan: ShardPlan, *, interleave: bool = False, deterministic: bo
 
 def batch_parser(manifest: dict, data_dir: str | os.PathLike,
                  with_meta: bool) -> Callable[[tf.Tensor], dict]:
-    """Stage 3: a function ``[N] string`` serialized Examples -> one batch of decoded tensors.
+    """A function: ``[N] string`` serialized Examples -> one batch of decoded tensors.
 
     The batch is ``{"image": [N, S, S, 1] uint8, "label": [N] float32}``, plus
     ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``.
@@ -425,7 +425,7 @@ class _Recipe:
 
 def _streamed_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe, plan: ShardPlan,
                       image_size: int) -> tf.data.Dataset:
-    """Stage 4, streamed: [shuffle records] -> [repeat] -> batch -> parse."""
+    """Streamed batches: [shuffle records] -> [repeat] -> batch -> parse."""
     ds = serialized
     if recipe.training:
         default_buffer = max(recipe.batch_size, STREAMING_SHUFFLE_BYTES // (image_size ** 2 + 1))
@@ -439,7 +439,7 @@ def _streamed_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe, plan:
 
 def _cached_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe,
                     plan: ShardPlan) -> tf.data.Dataset:
-    """Stage 4, cached: batch -> parse -> unbatch -> cache -> [shuffle] -> [repeat] -> batch."""
+    """Cached batches: batch -> parse -> unbatch -> cache -> [shuffle] -> [repeat] -> batch."""
     ds = serialized.batch(max(recipe.batch_size, 64)).map(
         parse, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch().cache()
     if recipe.training:  # the whole (per-pipeline) split fits the buffer: a full shuffle
@@ -452,7 +452,7 @@ def _cached_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe,
 
 
 def _finish(ds: tf.data.Dataset, recipe: _Recipe, plan: ShardPlan) -> tf.data.Dataset:
-    """Stage 6: prefetch, and the determinism and auto-shard options."""
+    """The last stage: prefetch, and the determinism and auto-shard options."""
     options = tf.data.Options()
     options.deterministic = recipe.deterministic
     policy = tf.data.experimental.AutoShardPolicy
@@ -486,7 +486,7 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         ds = _cached_batches(serialized, parse, recipe, plan)
     else:
         ds = _streamed_batches(serialized, parse, recipe, plan, int(manifest["image_size"]))
-    if weights is not None:  # stage 5
+    if weights is not None:
         ds = ds.map(lambda b: {**b, "weight": tf.gather(weights, tf.cast(b["label"], tf.int32))})
     if output is not None:
         ds = ds.map(output)
