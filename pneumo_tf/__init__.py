@@ -2,7 +2,7 @@
 
 Data flow, one module per stage:
     raw images --(pneumo_tf.data.convert)--> TFRecord shards + manifest.json
-    shards --(pneumo_tf.data.pipeline.make_dataset)--> uint8 batches
+    shards --(pneumo_tf.data.pipeline.make_train_dataset / make_eval_dataset)--> uint8 batches
     batches --(pneumo_tf.model / pneumo_tf.augment, on the device)--> pneumonia probability
     pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
 """

@@ -1,8 +1,8 @@
 """Score one split of a data dir with a model: probabilities, labels and ids in file order.
 
 Shared by evaluation, calibration, Grad-CAM and export parity checks, so every stage reads the
-split the same way: :func:`pneumo_tf.data.pipeline.make_dataset` with ``training=False`` (one pass,
-the manifest's file order, no augmentation) and the model called with ``training=False``.
+split the same way: :func:`pneumo_tf.data.pipeline.make_eval_dataset` (one pass, the manifest's
+file order, no augmentation) and the model called with ``training=False``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def iterate_split(data_dir: str | os.PathLike, split: str, batch_size: int = 64)
     """
     from pneumo_tf.data import pipeline
 
-    ds = pipeline.make_dataset(data_dir, split, batch_size, training=False, cache=False,
-                               with_weights=False, with_meta=True)
+    # Sample weights are not used here: "none" needs no class weights in the manifest.
+    ds = pipeline.make_eval_dataset(data_dir, split, batch_size, cache=False,
+                                    class_weights="none")
     for batch in pipeline.iterate_checked(ds, data_dir, split):
         yield {
             "image": batch["image"].numpy(),

@@ -1,8 +1,13 @@
 """Data stage: radiographs -> TFRecord shards (convert) -> tf.data batches (pipeline)."""
 
+# The dataset builders of pneumo_tf.data.pipeline, importable from here without importing
+# TensorFlow with the package (the converter's worker processes must not import it).
+_PIPELINE_BUILDERS = ("make_train_dataset", "make_eval_dataset", "make_dataset")
 
-def make_dataset(*args, **kwargs):
-    """See :func:`pneumo_tf.data.pipeline.make_dataset` (imported lazily: it needs TensorFlow)."""
-    from pneumo_tf.data.pipeline import make_dataset as _make_dataset
 
-    return _make_dataset(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _PIPELINE_BUILDERS:
+        from pneumo_tf.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

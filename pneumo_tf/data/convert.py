@@ -1,4 +1,4 @@
-"""Radiograph source -> verified TFRecord shards + ``manifest.json`` (SPEC §5; issue 2).
+"""Radiograph source -> verified TFRecord shards + ``manifest.json``.
 
 Usage::
 
@@ -6,7 +6,8 @@ Usage::
     tools/make_tfrecords --verify --out=data/cxr224                  # check an existing output
     python -m pneumo_tf.data.convert --src=pneumoniamnist_128.npz --out=data/mnist128
 
-How a conversion runs (:func:`convert_dataset`):
+How a conversion runs (:func:`convert_dataset`; settings in :class:`ConvertConfig`, whose fields
+are also the command line's flags):
 
 1. List the source (:func:`pneumo_tf.data.sources.discover`) and check it has something to
    convert: a bad ``--src`` fails here and leaves an earlier good output in ``--out`` alone.
@@ -23,7 +24,8 @@ How a conversion runs (:func:`convert_dataset`):
    every duplicate group kept in one split (:mod:`pneumo_tf.data.splits`), order each split by a
    seeded shuffle.
 5. Copy each split's records from the spool into its shards, each atomically (``*.partial``
-   then rename), then write ``rejects.jsonl``, then ``manifest.json`` last.
+   then rename), then write ``rejects.jsonl``.
+6. Write ``manifest.json``, last.
 
 Same inputs and seed give byte-identical shards whatever ``--workers`` is. A run killed at any
 moment leaves no manifest, so nothing downstream mistakes a half-written folder for data.
@@ -62,9 +64,6 @@ from pneumo_tf.data import records, splits
 
 log = logging.getLogger(__name__)
 
-OUT = cli.out_flag()
-SEED = cli.seed_flag()
-
 SPOOL_NAME = "_convert_spool.partial"
 REJECTS_NAME = "rejects.jsonl"
 # Default shard size: big enough that per-file overhead vanishes, small enough that a split is
@@ -79,66 +78,80 @@ MAX_LISTED_OVERLAP_IDS = 200
 DEFAULT_MAX_PIXELS = 100_000_000
 CLASS_NAMES = pneumo_tf.CLASS_NAMES
 
-_SRC = flags.DEFINE_string(
-    "src", None,
-    "Source to convert: a Kaggle/Mendeley folder ({train,val,test}/{NORMAL,PNEUMONIA}/*), a CSV "
-    "manifest (path,label[,patient_id][,split]) or a MedMNIST pneumoniamnist[_64|_128|_224].npz.")
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 224, "Side of the stored square images, pixels.", lower_bound=8)
-_CROP = flags.DEFINE_enum(
-    "crop", None, list(preprocess.CROP_METHODS),
-    "Lung crop: fixed (SPEC §2 box), none, adaptive (lung-field box, falls back to fixed). "
-    "Default: the source's default (fixed; none for MedMNIST, which is already cropped).")
-_ENCODING = flags.DEFINE_enum(
-    "encoding", "raw", list(records.ENCODINGS),
-    "How the uint8 image is stored: raw bytes (fastest to read) or png (about half the size).")
-_VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", 0.2, "Fraction of each class of the train pool carved into val, by patient.",
-    lower_bound=0.0, upper_bound=0.95)
-_SPLIT_BY = flags.DEFINE_enum(
-    "split_by", "patient", list(splits.SPLIT_BY),
-    "Group of the train/val carve: patient (no patient in two splits) or image.")
-_NUM_SHARDS = flags.DEFINE_integer(
-    "num_shards", None,
-    f"Shards per split. Default: size-based, ~{TARGET_SHARD_BYTES // 2**20} MiB per shard and at "
-    f"least {MIN_SHARDS} when the split has {MIN_SHARDS}x{MIN_IMAGES_PER_SHARD} images.",
-    lower_bound=1)
-_WORKERS = flags.DEFINE_integer(
-    "workers", None, "Decoding processes. Default: all CPU cores available to this process.",
-    lower_bound=1)
-_COMPRESSION = flags.DEFINE_enum(
-    "compression", "none", list(records.COMPRESSIONS), "TFRecord compression.")
-_MAX_REJECTS = flags.DEFINE_integer(
-    "max_rejects", 0,
-    "Rejected inputs tolerated before the exit status becomes 1 (the output is written anyway; "
-    "see OUT/rejects.jsonl). -1: any number.", lower_bound=-1)
-_DEDUPE = flags.DEFINE_boolean(
-    "dedupe", False,
-    "Drop byte- and pixel-identical duplicate images from train/val: a group keeps its official "
-    "test copies (test is never changed), else its official val copy, else the first by path. "
-    "Without it duplicates are only reported (and kept in one split).")
-_USE_OFFICIAL_VAL = flags.DEFINE_boolean(
-    "use_official_val", False,
-    "Keep the source's own val split instead of carving val from train (the Kaggle val has 16 "
-    "images; without this flag they join the train pool). MedMNIST splits are always kept.")
-_VERIFY = flags.DEFINE_boolean(
-    "verify", False,
-    "Check --out: re-read every shard with CRC checks, decode every image, compare counts with "
-    "the manifest; exit 1 naming the shard on any mismatch. Without --src only verifies; with "
-    "--src verifies right after converting.")
-_DOWNLOAD = flags.DEFINE_boolean(
-    "download", False,
-    "MedMNIST only: fetch --src (e.g. pneumoniamnist_128.npz) from Zenodo into --cache_dir, "
-    "checking its MD5, when it is not a local file.")
-_CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", None, "Download cache for --download (default ~/.cache/pneumo_tf).")
-_MAX_PIXELS = flags.DEFINE_integer(
-    "max_pixels", DEFAULT_MAX_PIXELS,
-    "Reject images with more pixels than this (decompression-bomb guard).", lower_bound=1)
-
 
 class ConvertError(ValueError):
     """Bad converter settings or output folder; the message names the flag or file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """How :func:`convert_dataset` converts a source; every field is also a converter flag.
+
+    ``crop=None`` and ``workers=None`` are resolved when a conversion starts (the source's default
+    crop, all cores); the manifest's ``flags`` records the resolved values.
+    """
+
+    image_size: int = cli.option(224, "Side of the stored square images, pixels.", lower=8)
+    crop: str | None = cli.option(
+        None, "Lung crop: fixed (the paper's fixed lung crop: rows 15-90 %, columns 20-80 %), "
+        "none, adaptive (lung-field box, falls back to fixed). Default: the source's default "
+        "(fixed; none for MedMNIST, which is already cropped).",
+        choices=preprocess.CROP_METHODS)
+    encoding: str = cli.option(
+        "raw", "How the uint8 image is stored: raw bytes (fastest to read) or png (about half "
+        "the size).", choices=records.ENCODINGS)
+    val_fraction: float = cli.option(
+        0.2, "Fraction of each class of the train pool carved into val, by patient.",
+        lower=0.0, upper=0.95)
+    split_by: str = cli.option(
+        "patient", "Group of the train/val carve: patient (no patient in two splits) or image.",
+        choices=splits.SPLIT_BY)
+    seed: int = cli.option(0, "Seed of the val carve and of the record order in each split.")
+    num_shards: int | None = cli.option(
+        None, f"Shards per split. Default: size-based, ~{TARGET_SHARD_BYTES // 2**20} MiB per "
+        f"shard and at least {MIN_SHARDS} when the split has {MIN_SHARDS}x{MIN_IMAGES_PER_SHARD} "
+        f"images.", lower=1)
+    workers: int | None = cli.option(
+        None, "Decoding processes. Default: all CPU cores available to this process; 1 decodes "
+        "in the converter's own process.", lower=1)
+    compression: str = cli.option("none", "TFRecord compression.", choices=records.COMPRESSIONS)
+    max_rejects: int = cli.option(
+        0, "Rejected inputs tolerated before the exit status becomes 1 (the output is written "
+        "anyway; see OUT/rejects.jsonl). -1: any number.", lower=-1)
+    dedupe: bool = cli.option(
+        False, "Drop byte- and pixel-identical duplicate images from train/val: a group keeps "
+        "its official test copies (test is never changed), else its official val copy, else the "
+        "first by path. Without it duplicates are only reported (and kept in one split).")
+    use_official_val: bool = cli.option(
+        False, "Keep the source's own val split instead of carving val from train (the Kaggle "
+        "val has 16 images; without this flag they join the train pool). MedMNIST splits are "
+        "always kept.")
+    download: bool = cli.option(
+        False, "MedMNIST only: fetch --src (e.g. pneumoniamnist_128.npz) from Zenodo into "
+        "--cache_dir, checking its MD5, when it is not a local file.")
+    cache_dir: str | None = cli.option(
+        None, "Download cache for --download (default ~/.cache/pneumo_tf).")
+    max_pixels: int = cli.option(
+        DEFAULT_MAX_PIXELS, "Reject images with more pixels than this (decompression-bomb "
+        "guard).", lower=1)
+    progress: bool = True  # a progress bar on stderr (not a flag: the app always shows it)
+
+    def check(self) -> None:
+        """Raise :class:`ConvertError` naming the flag for any value out of range."""
+        for name, allowed in (("encoding", records.ENCODINGS),
+                              ("compression", records.COMPRESSIONS),
+                              ("crop", (None, *preprocess.CROP_METHODS)),
+                              ("split_by", splits.SPLIT_BY)):
+            if getattr(self, name) not in allowed:
+                raise ConvertError(f"--{name}={getattr(self, name)!r} is not one of "
+                                   f"{tuple(a for a in allowed if a is not None)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConvertError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.image_size < 8:
+            raise ConvertError(f"--image_size={self.image_size} is too small (at least 8 pixels)")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ConvertError(f"--num_shards={self.num_shards} must be >= 1 (or unset for "
+                               f"size-based)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,88 +434,52 @@ def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: i
             f"memory. Re-run with --workers=1 to see which file, or lower --workers") from e
 
 
-def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_size: int = 224,
-                    crop: str | None = None, encoding: str = "raw", val_fraction: float = 0.2,
-                    split_by: str = "patient", seed: int = 0, num_shards: int | None = None,
-                    workers: int | None = None, compression: str = "none",
-                    max_rejects: int = 0, dedupe: bool = False, use_official_val: bool = False,
-                    download: bool = False, cache_dir: str | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> dict:
-    """Convert a radiograph source into TFRecord shards + ``manifest.json`` in ``out``.
+@dataclasses.dataclass
+class _Decoded:
+    """Stage 3's result: what the workers made of the listing."""
 
-    Args:
-        src: Kaggle-layout folder, CSV manifest or MedMNIST npz (see
-            :func:`pneumo_tf.data.sources.discover`).
-        out: output folder (created; earlier converter outputs in it are replaced).
-        image_size: stored side, pixels; records hold ``[image_size, image_size]`` uint8.
-        crop: fixed | none | adaptive; None = the source's default.
-        encoding: raw | png.
-        val_fraction: fraction of each class of the train pool carved into val.
-        split_by: patient | image.
-        seed: seed of the val carve and of the record order inside each split.
-        num_shards: shards per split (capped at the split's image count); None = size-based.
-        workers: decoding processes; None = all cores; 1 = in this process.
-        compression: none | gzip.
-        max_rejects: recorded in the manifest flags; the CLI exits 1 when ``rejected`` exceeds
-            it (-1 = unlimited). The conversion itself always completes.
-        dedupe: drop duplicates (all but the first key of each pixel-identical group).
-        use_official_val: keep the source's val split instead of carving one.
-        download: let a MedMNIST source be fetched (see sources.discover).
-        cache_dir: download cache.
-        max_pixels: decompression-bomb limit per image.
-        progress: show a progress bar on stderr.
+    kept: list[_Kept]
+    rejects: list[dict]            # {"path", "reason"}, in listing order
+    checksum_lines: list[str]      # "key<TAB>size<TAB>sha256\n" of every item read
+    first_result_at: float | None  # time.monotonic() of the first result (end of start-up)
+
+
+@dataclasses.dataclass
+class _Assignment:
+    """Stage 4's result: duplicates found and every kept image's split."""
+
+    by_split: dict[str, list[_Kept]]   # records.SPLITS -> members, in spool order
+    report: splits.DuplicateReport
+    dropped: set[str]                  # keys removed by --dedupe
+    cross_split: list[list[str]]       # duplicate groups spread over two splits
+    overlap: dict[str, list[str]]      # "a/b" -> patient ids in both splits
+    keep_official_val: bool
+
+
+def _list_source(src, out: Path, config: ConvertConfig):
+    """Stage 1: check the settings and the paths, list the source and refuse an empty one.
+
+    Nothing in ``out`` is touched yet: a mistyped ``--src`` must fail before an earlier good
+    output is deleted.
 
     Returns:
-        The manifest written to ``out/manifest.json`` (plus ``timing``).
-
-    Raises:
-        ConvertError: bad settings (naming the flag) or an unusable ``out``.
-        pneumo_tf.data.sources.SourceError: ``src`` is missing or has no known layout.
-
-    Note:
-        Workers are started with ``spawn``, which re-imports the caller's main script in each
-        worker (Python's rule for ``spawn``): keep heavy imports such as TensorFlow inside
-        ``main()`` or under ``if __name__ == "__main__":`` of scripts that call this with
-        ``workers > 1``, or every worker pays for them.
+        The :class:`pneumo_tf.data.sources.SourceListing`.
     """
     from pneumo_tf.data import sources
 
-    t_start = time.monotonic()
-    if encoding not in records.ENCODINGS:
-        raise ConvertError(f"--encoding={encoding!r} is not one of {records.ENCODINGS}")
-    if compression not in records.COMPRESSIONS:
-        raise ConvertError(f"--compression={compression!r} is not one of {records.COMPRESSIONS}")
-    if crop is not None and crop not in preprocess.CROP_METHODS:
-        raise ConvertError(f"--crop={crop!r} is not one of {preprocess.CROP_METHODS}")
-    if split_by not in splits.SPLIT_BY:
-        raise ConvertError(f"--split_by={split_by!r} is not one of {splits.SPLIT_BY}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConvertError(f"--val_fraction={val_fraction} must be in [0, 1)")
-    if image_size < 8:
-        raise ConvertError(f"--image_size={image_size} is too small (at least 8 pixels)")
-    if num_shards is not None and num_shards < 1:
-        raise ConvertError(f"--num_shards={num_shards} must be >= 1 (or unset for size-based)")
-    workers = workers or default_workers()
-
-    out = Path(out).absolute()
-    src_abs = Path(src).absolute()
-    if out == src_abs:
+    config.check()
+    if out == Path(src).absolute():
         raise ConvertError(f"--out={out} must not be the source itself; pick another folder")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out={out} exists and is not a folder; pick a folder path")
-    # The source first: a mistyped --src must fail before an earlier good output is deleted.
-    listing = sources.discover(str(src), download=download, cache_dir=cache_dir)
+    listing = sources.discover(str(src), download=config.download, cache_dir=config.cache_dir)
     _check_listing_not_empty(listing, src, out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_output_dir(out)
+    return listing
 
-    # TensorFlow is needed to write shards; import it before the clock of the steady state
-    # starts (workers are spawned, so the parent's TensorFlow never reaches them).
-    import tensorflow  # noqa: F401
 
-    crop = crop or listing.default_crop
+def _tasks_and_rejects(listing) -> tuple[list[tuple[int, Any]], list[dict]]:
+    """The items to decode (``(index, item)``) and the rejects known before decoding."""
     rejects: list[dict] = [dict(r) for r in listing.rejects]
-
     tasks = []
     for item in listing.items:
         if item.label not in (0, 1):
@@ -512,133 +489,226 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike, *, image_siz
             rejects.append({"path": item.key, "reason": f"unknown split {item.split!r}"})
         else:
             tasks.append((len(tasks), item))
-    items = [t[1] for t in tasks]
+    return tasks, rejects
 
-    config = _WorkerConfig(image_size=image_size, crop=crop, encoding=encoding,
-                           max_pixels=max_pixels)
-    kept: list[_Kept] = []
-    checksum_lines: list[str] = []
+
+def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool) -> _Decoded:
+    """Stage 3: decode every item in worker processes; append each record to ``spool``.
+
+    The parent writes each serialized record to the spool as it arrives, so memory stays flat.
+    """
+    items = [item for _, item in tasks]
+    decoded = _Decoded(kept=[], rejects=[], checksum_lines=[], first_result_at=None)
+    bar = _Progress(len(tasks), "convert", config.progress)
+
+    def on_result(r: ProcessedImage) -> None:
+        if decoded.first_result_at is None:
+            decoded.first_result_at = time.monotonic()
+        item = items[r.index]
+        if r.byte_sha256 is not None:
+            decoded.checksum_lines.append(f"{item.key}\t{r.size_bytes}\t{r.byte_sha256}\n")
+        if r.payload is None:
+            decoded.rejects.append({"path": item.key, "reason": r.reject_reason})
+        else:
+            offset = spool.tell()
+            spool.write(r.payload)
+            length = len(r.payload)
+            r.payload = None  # the spool holds it now
+            decoded.kept.append(_Kept(item.key, int(item.label), item.patient_id, item.split,
+                                      r, offset, length))
+        bar.update(r.index + 1)
+
+    worker_config = _WorkerConfig(image_size=config.image_size, crop=config.crop,
+                                  encoding=config.encoding, max_pixels=config.max_pixels)
+    _run_workers(tasks, worker_config, config.workers, on_result)
+    return decoded
+
+
+def _assign_splits(kept: list[_Kept], config: ConvertConfig, source_kind: str) -> _Assignment:
+    """Stage 4: find duplicates (drop them with ``--dedupe``), then assign splits by patient.
+
+    Duplicates left in the pool (all of them without ``--dedupe``) share a split.
+    """
+    report = splits.find_duplicates([k.key for k in kept], [k.result.byte_sha256 for k in kept],
+                                    [k.result.pixel_hash for k in kept],
+                                    [k.official_split for k in kept])
+    dropped = set(report.drop) if config.dedupe else set()
+    kept = [k for k in kept if k.key not in dropped]
+    keep_official_val = config.use_official_val or source_kind == "medmnist"
+    groups = report.byte_identical + report.pixel_identical
+    assigned = splits.assign_splits(
+        [k.official_split for k in kept], [k.label for k in kept], [k.patient_id for k in kept],
+        [k.key for k in kept], val_fraction=config.val_fraction, seed=config.seed,
+        split_by=config.split_by, keep_official_val=keep_official_val, linked_keys=groups)
+    # Duplicates that ended up in different splits leak between them (unless --dedupe).
+    split_of = {k.key: s for k, s in zip(kept, assigned)}
+    cross_split = [g for g in groups if len({split_of[x] for x in g if x in split_of}) > 1]
+    by_split: dict[str, list[_Kept]] = {s: [] for s in records.SPLITS}
+    for k, s in zip(kept, assigned):
+        by_split[s].append(k)
+    return _Assignment(by_split, report, dropped, cross_split,
+                       splits.patient_overlap(assigned, [k.patient_id for k in kept]),
+                       keep_official_val)
+
+
+def _write_shards(out: Path, by_split: dict[str, list[_Kept]], spool,
+                  config: ConvertConfig) -> dict[str, dict]:
+    """Stage 5: each split's records in a seeded order, copied from the spool into its shards.
+
+    Returns:
+        ``{split: manifest entry}`` for the splits that have images.
+    """
+    spool.flush()
+    split_info = {}
+    for si, name in enumerate(records.SPLITS):
+        members = by_split[name]
+        if not members:
+            continue
+        # Seeded order inside the split: shards mix classes and patients. Offsetting the seed
+        # per split keeps the orders independent.
+        order = np.random.default_rng([config.seed, si]).permutation(len(members))
+        split_info[name] = _write_split(out, name, [members[i] for i in order], spool,
+                                        config.num_shards, config.compression)
+    return split_info
+
+
+def _write_rejects(out: Path, rejects: list[dict]) -> None:
+    """``OUT/rejects.jsonl``: one ``{"path", "reason"}`` line per rejected input, by path."""
+    rejects.sort(key=lambda r: r["path"])
+    atomic_files.write_text_atomic(out / REJECTS_NAME,
+                                   "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+
+
+def _duplicates_entry(assignment: _Assignment) -> dict:
+    report = assignment.report
+    return {
+        "byte_identical_groups": len(report.byte_identical),
+        "pixel_identical_groups": len(report.pixel_identical),
+        "byte_identical": report.byte_identical[:MAX_LISTED_DUPLICATE_GROUPS],
+        "pixel_identical": report.pixel_identical[:MAX_LISTED_DUPLICATE_GROUPS],
+        "dropped": sorted(assignment.dropped),
+        "cross_split_groups": len(assignment.cross_split),
+        "cross_split": assignment.cross_split[:MAX_LISTED_DUPLICATE_GROUPS],
+    }
+
+
+def _source_entry(listing, checksum_lines: list[str]) -> dict:
+    checksum = hashlib.sha256("".join(sorted(checksum_lines)).encode("utf-8")).hexdigest()
+    return {
+        "path": str(Path(listing.root).absolute()),
+        "kind": listing.kind,
+        "items": len(listing.items) + len(listing.rejects),
+        "checksum": checksum,
+        "checksum_method": "sha256 over sorted lines 'key<TAB>size<TAB>sha256(file bytes)' "
+                           "of every item read (npz items: of their pixels)",
+    }
+
+
+def _flags_entry(src, out: Path, config: ConvertConfig, keep_official_val: bool) -> dict:
+    """The settings of the run (crop and workers resolved) as the manifest records them."""
+    settings = {f.name: getattr(config, f.name) for f in cli.flag_fields(ConvertConfig)
+                if f.name != "cache_dir"}
+    return {"src": str(Path(src).absolute()), "out": str(out), **settings,
+            "keep_official_val": keep_official_val}
+
+
+def _timing_entry(times: dict[str, float], converted: int) -> dict:
+    """Seconds per phase; ``times``: start, first (result), decoded, written (monotonic)."""
+    first = times["first"] or times["decoded"]
+    steady = times["written"] - first
+    return {
+        "total_s": round(times["written"] - times["start"], 3),
+        "startup_s": round(first - times["start"], 3),
+        "decode_s": round(times["decoded"] - first, 3),
+        "write_s": round(times["written"] - times["decoded"], 3),
+        "images_per_s": round(converted / steady, 1) if steady > 0 else None,
+    }
+
+
+def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
+              assignment: _Assignment, split_info: dict, times: dict[str, float]) -> dict:
+    """Stage 6's content: everything ``manifest.json`` says about the conversion."""
+    rejects = decoded.rejects
+    reasons = collections.Counter(_reason_class(r["reason"]) for r in rejects)
+    return {
+        "version": records.MANIFEST_VERSION,
+        "tool_version": pneumo_tf.__version__,
+        "image_size": config.image_size,
+        "channels": 1,
+        "crop": config.crop,
+        "encoding": config.encoding,
+        "compression": config.compression,
+        "splits": split_info,
+        "class_weights": balanced_class_weights([k.label for k in assignment.by_split["train"]]),
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "duplicates_dropped": len(assignment.dropped),
+        "duplicates": _duplicates_entry(assignment),
+        "patient_overlap": {pair: {"count": len(ids), "ids": ids[:MAX_LISTED_OVERLAP_IDS]}
+                            for pair, ids in assignment.overlap.items()},
+        "empty_folders": sorted(listing.empty_folders),
+        "source": _source_entry(listing, decoded.checksum_lines),
+        "flags": _flags_entry(src, out, config, assignment.keep_official_val),
+        "timing": _timing_entry(times, sum(v["count"] for v in split_info.values())),
+    }
+
+
+def convert_dataset(src: str | os.PathLike, out: str | os.PathLike,
+                    config: ConvertConfig | None = None, **overrides) -> dict:
+    """Convert a radiograph source into TFRecord shards + ``manifest.json`` in ``out``.
+
+    The stages of the module docstring: list + validate, clean ``out``, decode in workers,
+    duplicates + splits, write shards, manifest.
+
+    Args:
+        src: Kaggle-layout folder, CSV manifest or MedMNIST npz (see
+            :func:`pneumo_tf.data.sources.discover`).
+        out: output folder (created; earlier converter outputs in it are replaced).
+        config: the settings; None = the defaults of :class:`ConvertConfig`.
+        **overrides: :class:`ConvertConfig` fields to change, e.g. ``image_size=64,
+            workers=1, progress=False``.
+
+    Returns:
+        The manifest written to ``out/manifest.json`` (plus ``timing``).
+
+    Raises:
+        ConvertError: bad settings (naming the flag) or an unusable ``out``.
+        pneumo_tf.data.sources.SourceError: ``src`` is missing or has no known layout.
+        TypeError: an override that is not a :class:`ConvertConfig` field.
+
+    Note:
+        Workers are started with ``spawn``, which re-imports the caller's main script in each
+        worker (Python's rule for ``spawn``): keep heavy imports such as TensorFlow inside
+        ``main()`` or under ``if __name__ == "__main__":`` of scripts that call this with
+        ``workers > 1``, or every worker pays for them.
+    """
+    times = {"start": time.monotonic()}
+    config = dataclasses.replace(config or ConvertConfig(), **overrides)
+    out = Path(out).absolute()
+    listing = _list_source(src, out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_output_dir(out)
+    # TensorFlow is needed to write shards; import it before the clock of the steady state
+    # starts (workers are spawned, so the parent's TensorFlow never reaches them).
+    import tensorflow  # noqa: F401
+
+    config = dataclasses.replace(config, crop=config.crop or listing.default_crop,
+                                 workers=config.workers or default_workers())
+    tasks, rejects = _tasks_and_rejects(listing)
     spool_path = out / SPOOL_NAME
-    bar = _Progress(len(tasks), "convert", progress)
-    times = {"first": None}
     spool = open(spool_path, "w+b")  # noqa: SIM115 -- closed and removed in the finally below
     try:
-        def on_result(r: ProcessedImage) -> None:
-            if times["first"] is None:
-                times["first"] = time.monotonic()
-            item = items[r.index]
-            if r.byte_sha256 is not None:
-                checksum_lines.append(f"{item.key}\t{r.size_bytes}\t{r.byte_sha256}\n")
-            if r.payload is None:
-                rejects.append({"path": item.key, "reason": r.reject_reason})
-            else:
-                example = r.payload
-                offset = spool.tell()
-                spool.write(example)
-                r.payload = None  # the spool holds it now
-                kept.append(_Kept(item.key, int(item.label), item.patient_id, item.split,
-                                  r, offset, len(example)))
-            bar.update(r.index + 1)
-
-        _run_workers(tasks, config, workers, on_result)
-        t_decoded = time.monotonic()
-
-        # Duplicates, then splits on what survived.
-        report = splits.find_duplicates([k.key for k in kept],
-                                        [k.result.byte_sha256 for k in kept],
-                                        [k.result.pixel_hash for k in kept],
-                                        [k.official_split for k in kept])
-        dropped = set(report.drop) if dedupe else set()
-        kept = [k for k in kept if k.key not in dropped]
-        keep_official_val = use_official_val or listing.kind == "medmnist"
-        # Duplicates left in the pool (all of them without --dedupe) share a split.
-        assigned = splits.assign_splits(
-            [k.official_split for k in kept], [k.label for k in kept],
-            [k.patient_id for k in kept], [k.key for k in kept], val_fraction=val_fraction,
-            seed=seed, split_by=split_by, keep_official_val=keep_official_val,
-            linked_keys=report.byte_identical + report.pixel_identical)
-        overlap = splits.patient_overlap(assigned, [k.patient_id for k in kept])
-        # Duplicates that ended up in different splits leak between them (unless --dedupe).
-        split_of = {k.key: s for k, s in zip(kept, assigned)}
-        cross_split = [g for g in report.byte_identical + report.pixel_identical
-                       if len({split_of[x] for x in g if x in split_of}) > 1]
-
-        by_split: dict[str, list[_Kept]] = {s: [] for s in records.SPLITS}
-        for k, s in zip(kept, assigned):
-            by_split[s].append(k)
-        split_info = {}
-        spool.flush()
-        for si, name in enumerate(records.SPLITS):
-            members = by_split[name]
-            if not members:
-                continue
-            # Seeded order inside the split: shards mix classes and patients. Offsetting the
-            # seed per split keeps the orders independent.
-            order = np.random.default_rng([seed, si]).permutation(len(members))
-            members = [members[i] for i in order]
-            split_info[name] = _write_split(out, name, members, spool, num_shards, compression)
+        decoded = _decode_to_spool(tasks, config, spool)
+        times["first"], times["decoded"] = decoded.first_result_at, time.monotonic()
+        assignment = _assign_splits(decoded.kept, config, listing.kind)
+        split_info = _write_shards(out, assignment.by_split, spool, config)
     finally:
         spool.close()
         spool_path.unlink(missing_ok=True)  # also on error: no stale spool beside the output
-    t_written = time.monotonic()
-
-    rejects.sort(key=lambda r: r["path"])
-    atomic_files.write_text_atomic(out / REJECTS_NAME,
-                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    checksum = hashlib.sha256("".join(sorted(checksum_lines)).encode("utf-8")).hexdigest()
-    train_labels = [k.label for k in by_split["train"]]
-    reasons = collections.Counter(_reason_class(r["reason"]) for r in rejects)
-    converted = sum(v["count"] for v in split_info.values())
-    steady = t_written - (times["first"] or t_decoded)
-    manifest = {
-        "version": records.MANIFEST_VERSION,
-        "tool_version": pneumo_tf.__version__,
-        "image_size": image_size,
-        "channels": 1,
-        "crop": crop,
-        "encoding": encoding,
-        "compression": compression,
-        "splits": split_info,
-        "class_weights": balanced_class_weights(train_labels),
-        "rejected": len(rejects),
-        "rejects_by_reason": dict(sorted(reasons.items())),
-        "duplicates_dropped": len(dropped),
-        "duplicates": {
-            "byte_identical_groups": len(report.byte_identical),
-            "pixel_identical_groups": len(report.pixel_identical),
-            "byte_identical": report.byte_identical[:MAX_LISTED_DUPLICATE_GROUPS],
-            "pixel_identical": report.pixel_identical[:MAX_LISTED_DUPLICATE_GROUPS],
-            "dropped": sorted(dropped),
-            "cross_split_groups": len(cross_split),
-            "cross_split": cross_split[:MAX_LISTED_DUPLICATE_GROUPS],
-        },
-        "patient_overlap": {pair: {"count": len(ids), "ids": ids[:MAX_LISTED_OVERLAP_IDS]}
-                            for pair, ids in overlap.items()},
-        "empty_folders": sorted(listing.empty_folders),
-        "source": {
-            "path": str(Path(listing.root).absolute()),
-            "kind": listing.kind,
-            "items": len(listing.items) + len(listing.rejects),
-            "checksum": checksum,
-            "checksum_method": "sha256 over sorted lines 'key<TAB>size<TAB>sha256(file bytes)' "
-                               "of every item read (npz items: of their pixels)",
-        },
-        "flags": {
-            "src": str(src_abs), "out": str(out), "image_size": image_size, "crop": crop,
-            "encoding": encoding, "val_fraction": val_fraction, "split_by": split_by,
-            "seed": seed, "num_shards": num_shards, "workers": workers,
-            "compression": compression, "max_rejects": max_rejects, "dedupe": dedupe,
-            "use_official_val": use_official_val, "keep_official_val": keep_official_val,
-            "download": download, "max_pixels": max_pixels,
-        },
-        "timing": {
-            "total_s": round(t_written - t_start, 3),
-            "startup_s": round((times["first"] or t_decoded) - t_start, 3),
-            "decode_s": round(t_decoded - (times["first"] or t_decoded), 3),
-            "write_s": round(t_written - t_decoded, 3),
-            "images_per_s": round(converted / steady, 1) if steady > 0 else None,
-        },
-    }
+    times["written"] = time.monotonic()
+    decoded.rejects = rejects + decoded.rejects
+    _write_rejects(out, decoded.rejects)
+    manifest = _manifest(src, out, config, listing, decoded, assignment, split_info, times)
     records.write_manifest(out, manifest)
     return manifest
 
@@ -786,84 +856,90 @@ def _verify_shard(path: Path, compression: str, encoding: str, size: int):
     return labels, patients, problems, True
 
 
-def verify_data_dir(out: str | os.PathLike) -> list[str]:
-    """Check a converter output folder against its manifest.
+def _check_shard_name(name: str, split: str, num_shards: int, compression: str) -> list[str]:
+    parsed = records.parse_shard_name(name)
+    if parsed is None or parsed[0] != split or parsed[2] != num_shards \
+            or parsed[3] != compression:
+        return [f"{name}: name does not fit split {split!r} with {num_shards} shards and "
+                f"compression {compression!r}"]
+    return []
 
-    Re-reads every shard with CRC checks, decodes every image (raw: ``S*S`` bytes; PNG: decodes to
-    ``[S, S]`` uint8), and compares records per shard, per split and per class, and patients per
-    split, with ``manifest.json``. Also flags shard files the manifest does not list, leftover
-    ``*.partial`` files and patients shared by train and val that the manifest did not report.
 
-    Returns:
-        Problems, each naming the shard or file; empty when everything matches.
-    """
-    out = Path(out)
-    try:
-        manifest = records.read_manifest(out)
-    except records.DataDirError as e:
-        return [str(e)]
-    problems: list[str] = []
-    size = int(manifest["image_size"])
-    encoding, compression = manifest["encoding"], manifest["compression"]
-    listed: set[str] = set()
-    patients_by_split: dict[str, set[str]] = {}
-    for split, info in manifest["splits"].items():
-        shards = list(info.get("shards", []))
-        shard_counts = info.get("shard_counts") or [None] * len(shards)
-        if len(shard_counts) != len(shards):
-            problems.append(f"manifest: split {split} lists {len(shards)} shards but "
-                            f"{len(shard_counts)} shard_counts")
-            shard_counts = [None] * len(shards)
-        labels: list[int] = []
-        patients: set[str] = set()
-        all_readable = True
-        for name, expected in zip(shards, shard_counts):
-            listed.add(name)
-            parsed = records.parse_shard_name(name)
-            if parsed is None or parsed[0] != split or parsed[2] != len(shards) \
-                    or parsed[3] != compression:
-                problems.append(f"{name}: name does not fit split {split!r} with {len(shards)} "
-                                f"shards and compression {compression!r}")
-            path = out / name
-            if not path.is_file():
-                problems.append(f"{name}: listed in the manifest but missing; re-run the "
-                                f"converter")
-                all_readable = False
-                continue
-            got, pats, shard_problems, readable = _verify_shard(path, compression, encoding,
-                                                                size)
-            problems += shard_problems
-            all_readable &= readable
-            if readable and expected is not None and len(got) != int(expected):
-                problems.append(f"{name}: {len(got)} records, manifest says {expected}")
-            labels += got
-            patients.update(pats)
-        patients_by_split[split] = patients
-        if not all_readable:  # the shard is named above; split totals would only repeat it
+def _listed_shards(split: str, info: dict) -> tuple[list[str], list[int | None], list[str]]:
+    """``(shard names, expected counts, problems)`` of one split's manifest entry."""
+    shards = list(info.get("shards", []))
+    counts = info.get("shard_counts") or [None] * len(shards)
+    if len(counts) != len(shards):
+        return shards, [None] * len(shards), [
+            f"manifest: split {split} lists {len(shards)} shards but {len(counts)} shard_counts"]
+    return shards, list(counts), []
+
+
+def _check_split_totals(split: str, info: dict, labels: list[int],
+                        patients: set[str]) -> list[str]:
+    """Records, records per class and patients of a split against its manifest entry."""
+    problems = []
+    if len(labels) != int(info.get("count", -1)):
+        problems.append(f"split {split}: {len(labels)} records in its shards, manifest says "
+                        f"{info.get('count')}")
+    found = collections.Counter(labels)
+    want = info.get("class_counts", {})
+    for c, cname in enumerate(CLASS_NAMES):
+        if found.get(c, 0) != int(want.get(cname, -1)):
+            problems.append(f"split {split}: {found.get(c, 0)} {cname} records, manifest says "
+                            f"{want.get(cname)}")
+    if "patients" in info and len(patients) != int(info["patients"]):
+        problems.append(f"split {split}: {len(patients)} patients in its records, manifest "
+                        f"says {info['patients']}")
+    return problems
+
+
+def _verify_split(out: Path, manifest: dict, split: str) -> tuple[list[str], set[str]]:
+    """Every shard of ``split`` read and checked: ``(problems, patient ids found)``."""
+    info = manifest["splits"][split]
+    size, encoding = int(manifest["image_size"]), manifest["encoding"]
+    compression = manifest["compression"]
+    shards, expected_counts, problems = _listed_shards(split, info)
+    labels: list[int] = []
+    patients: set[str] = set()
+    all_readable = True
+    for name, expected in zip(shards, expected_counts):
+        problems += _check_shard_name(name, split, len(shards), compression)
+        if not (out / name).is_file():
+            problems.append(f"{name}: listed in the manifest but missing; re-run the converter")
+            all_readable = False
             continue
-        count = len(labels)
-        if count != int(info.get("count", -1)):
-            problems.append(f"split {split}: {count} records in its shards, manifest says "
-                            f"{info.get('count')}")
-        cc = collections.Counter(labels)
-        want = info.get("class_counts", {})
-        for c, cname in enumerate(CLASS_NAMES):
-            if cc.get(c, 0) != int(want.get(cname, -1)):
-                problems.append(f"split {split}: {cc.get(c, 0)} {cname} records, manifest says "
-                                f"{want.get(cname)}")
-        if "patients" in info and len(patients) != int(info["patients"]):
-            problems.append(f"split {split}: {len(patients)} patients in its records, manifest "
-                            f"says {info['patients']}")
-    reported = manifest.get("patient_overlap", {})
-    split_names = [s for s in records.SPLITS if s in patients_by_split]
-    split_names += sorted(set(patients_by_split) - set(split_names))
-    for i, a in enumerate(split_names):
-        for b in split_names[i + 1:]:
+        got, pats, shard_problems, readable = _verify_shard(out / name, compression, encoding,
+                                                            size)
+        problems += shard_problems
+        all_readable &= readable
+        if readable and expected is not None and len(got) != int(expected):
+            problems.append(f"{name}: {len(got)} records, manifest says {expected}")
+        labels += got
+        patients.update(pats)
+    if all_readable:  # else the shard is named above; split totals would only repeat it
+        problems += _check_split_totals(split, info, labels, patients)
+    return problems, patients
+
+
+def _check_patient_overlap(reported: dict, patients_by_split: dict[str, set[str]]) -> list[str]:
+    """Patients shared by two splits against the manifest's ``patient_overlap``."""
+    names = [s for s in records.SPLITS if s in patients_by_split]
+    names += sorted(set(patients_by_split) - set(names))
+    problems = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
             shared = patients_by_split[a] & patients_by_split[b]
             n_reported = int(reported.get(f"{a}/{b}", {}).get("count", 0))
             if len(shared) != n_reported:
                 problems.append(f"splits {a}/{b} share {len(shared)} patients, manifest reports "
                                 f"{n_reported} (e.g. {', '.join(sorted(shared)[:3])})")
+    return problems
+
+
+def _check_stray_files(out: Path, listed: set[str]) -> list[str]:
+    """Shard files the manifest does not list and leftover ``*.partial`` files."""
+    problems = []
     for p in sorted(out.iterdir()):
         if records.parse_shard_name(p.name) and p.name not in listed:
             problems.append(f"{p.name}: shard file not listed in the manifest (left from another "
@@ -874,57 +950,91 @@ def verify_data_dir(out: str | os.PathLike) -> list[str]:
     return problems
 
 
+def verify_data_dir(out: str | os.PathLike) -> list[str]:
+    """Check a converter output folder against its manifest.
+
+    Re-reads every shard with CRC checks, decodes every image (raw: ``S*S`` bytes; PNG: decodes to
+    ``[S, S]`` uint8), and compares records per shard, per split and per class, and patients per
+    split, with ``manifest.json``. Also flags shard files the manifest does not list, leftover
+    ``*.partial`` files and patients shared by two splits that the manifest did not report.
+
+    Returns:
+        Problems, each naming the shard or file; empty when everything matches.
+    """
+    out = Path(out)
+    try:
+        manifest = records.read_manifest(out)
+    except records.DataDirError as e:
+        return [str(e)]
+    problems: list[str] = []
+    patients_by_split: dict[str, set[str]] = {}
+    listed: set[str] = set()
+    for split, info in manifest["splits"].items():
+        listed.update(info.get("shards", []))
+        split_problems, patients_by_split[split] = _verify_split(out, manifest, split)
+        problems += split_problems
+    problems += _check_patient_overlap(manifest.get("patient_overlap", {}), patients_by_split)
+    return problems + _check_stray_files(out, listed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
+OUT = cli.out_flag()
+_SRC = flags.DEFINE_string(
+    "src", None,
+    "Source to convert: a Kaggle/Mendeley folder ({train,val,test}/{NORMAL,PNEUMONIA}/*), a CSV "
+    "manifest (path,label[,patient_id][,split]) or a MedMNIST pneumoniamnist[_64|_128|_224].npz.")
+_VERIFY = flags.DEFINE_boolean(
+    "verify", False,
+    "Check --out: re-read every shard with CRC checks, decode every image, compare counts with "
+    "the manifest; exit 1 naming the shard on any mismatch. Without --src only verifies; with "
+    "--src verifies right after converting.")
+cli.seed_flag()  # the shared --seed; ConvertConfig.seed reads it
+_CONFIG_FLAGS = cli.define_config_flags(ConvertConfig, module_name=__name__)
+
+
+def _convert_from_flags(out: str) -> int:
+    """Convert ``--src`` into ``out`` with the flags' settings; exit status 1 for too many rejects."""
+    config = cli.config_from_flags(ConvertConfig, _CONFIG_FLAGS)
+    manifest = convert_dataset(_SRC.value, out, config)
+    print(format_summary(manifest, out))
+    limit = config.max_rejects
+    if limit >= 0 and manifest["rejected"] > limit:
+        print(f"error: {manifest['rejected']} inputs rejected, more than --max_rejects={limit}; "
+              f"the output is complete without them (see {Path(out) / REJECTS_NAME}); raise "
+              f"--max_rejects to accept", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify_from_flags(out: str) -> int:
+    """Verify ``out``; print its problems (exit status 1) or one OK line (0)."""
+    problems = verify_data_dir(out)
+    if problems:
+        print(f"verify {out}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    m = records.read_manifest(out)
+    n = sum(s["count"] for s in m["splits"].values())
+    k = sum(len(s["shards"]) for s in m["splits"].values())
+    print(f"verify {out}: OK ({n} records in {k} shards match manifest.json)")
+    return 0
+
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    out = OUT.value
-    if not out:
-        raise app.UsageError("--out is required: the folder for shards + manifest.json "
-                             "(with --verify: the folder to check)")
-    status = 0
-    if _SRC.value:
-        try:
-            manifest = convert_dataset(
-                _SRC.value, out, image_size=_IMAGE_SIZE.value, crop=_CROP.value,
-                encoding=_ENCODING.value, val_fraction=_VAL_FRACTION.value,
-                split_by=_SPLIT_BY.value, seed=SEED.value,
-                num_shards=_NUM_SHARDS.value, workers=_WORKERS.value,
-                compression=_COMPRESSION.value, max_rejects=_MAX_REJECTS.value,
-                dedupe=_DEDUPE.value, use_official_val=_USE_OFFICIAL_VAL.value,
-                download=_DOWNLOAD.value, cache_dir=_CACHE_DIR.value,
-                max_pixels=_MAX_PIXELS.value)
-        except (ValueError, OSError) as e:  # bad settings/source: a message, not a traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(format_summary(manifest, out))
-        limit = _MAX_REJECTS.value
-        if limit >= 0 and manifest["rejected"] > limit:
-            print(f"error: {manifest['rejected']} inputs rejected, more than --max_rejects="
-                  f"{limit}; the output is complete without them (see "
-                  f"{Path(out) / REJECTS_NAME}); raise --max_rejects to accept", file=sys.stderr)
-            status = 1
-    elif not _VERIFY.value:
+    cli.check_args(argv, OUT)
+    if not _SRC.value and not _VERIFY.value:
         raise app.UsageError("--src is required (or use --verify --out=DIR to check an output)")
+    status = _convert_from_flags(OUT.value) if _SRC.value else 0
     if _VERIFY.value:
-        problems = verify_data_dir(out)
-        if problems:
-            print(f"verify {out}: {len(problems)} problem(s)", file=sys.stderr)
-            for p in problems:
-                print(f"  {p}", file=sys.stderr)
-            return 1
-        m = records.read_manifest(out)
-        n = sum(s["count"] for s in m["splits"].values())
-        k = sum(len(s["shards"]) for s in m["splits"].values())
-        print(f"verify {out}: OK ({n} records in {k} shards match manifest.json)")
+        status = max(status, _verify_from_flags(OUT.value))
     return status
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.data.convert", errors=(ConvertError, records.DataDirError))
 
 
 if __name__ == "__main__":

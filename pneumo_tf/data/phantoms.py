@@ -13,6 +13,14 @@ with probability ``confounder_rate`` and on NORMAL images with ``confounder_norm
 (default never). A model trained on uncropped images can cheat with it; cropping removes it,
 which reproduces the paper's before/after-crop effect.
 
+Two acquiring sites, for a known, controllable site shift (``--site``). Site a is the reference.
+Site b films are darker or brighter (``site_b_exposure``), flatter (``site_b_contrast``) and
+blurrier (``site_b_blur``), and each split holds another share of PNEUMONIA images
+(``site_b_pneumonia_fraction``); its patients and films are drawn from other random streams
+than site a's, so two sets written with the same seed share no anatomy. ``phantoms.json``
+records the site and its look. The anatomy drawn from a given random state is the same at both
+sites (:func:`render_phantom`): only how the film looks differs.
+
 Output (Kaggle layout; masks live outside the split folders so a converter pointed at ``OUT``
 does not take them for data)::
 
@@ -27,13 +35,18 @@ Usage::
 
     tools/make_phantoms --out=/tmp/phantoms --num_train=200 --num_test=50 \\
         --min_size=400 --max_size=600 --confounder_rate=0.5
+    tools/make_phantoms --out=/tmp/phantoms_b --num_train=0 --num_test=200 --site=b
+
+Settings are a :class:`PhantomConfig`, whose fields are also the flags.
 
 Same flags and seed give byte-identical files. Every image draws from its own random stream
-(seeded by ``(seed, image index)``), so changing one image's parameters never shifts the others.
+(seeded by ``(seed, image index)``, plus the site for site b), so changing one image's
+parameters never shifts the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,16 +56,12 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from absl import app, flags
 
 import pneumo_tf
 from pneumo_tf import atomic_files, cli
 from pneumo_tf.preprocess import CropBox, fixed_crop_box
 
 log = logging.getLogger(__name__)
-
-OUT = cli.out_flag()
-SEED = cli.seed_flag()
 
 CLASS_NAMES = pneumo_tf.CLASS_NAMES  # label 0, label 1
 SPLIT_NAMES = ("train", "test")
@@ -70,6 +79,10 @@ RENDER_MAX_SIDE = 384
 LESION_VISIBLE_FRACTION = 0.3
 # The Kaggle set has about 2 bacterial per viral pneumonia.
 BACTERIA_FRACTION = 0.65
+SITES = ("a", "b")
+# Extra words of each site's random-stream seeds: site a keeps the original streams (its files
+# never change); site b draws other patients and films than site a for the same --seed.
+_SITE_STREAMS = {"a": (), "b": (1,)}
 
 
 class Phantom(NamedTuple):
@@ -88,6 +101,112 @@ class Phantom(NamedTuple):
     lesion_mask: np.ndarray
     marker_box: CropBox | None
     num_lesions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteLook:
+    """How a site's films look beside site a's; the defaults are site a (nothing changed).
+
+    Attributes:
+        exposure: shift of the film's brightness, fraction of full scale (-0.1: darker by about
+            25 gray levels).
+        contrast: scale of the film's deviations from its mean brightness (1: site a's; below 1
+            flatter films).
+        blur: Gaussian blur sigma as a fraction of the image's short side (0: none). Applied
+            after the quantum noise, like a detector's blur, so it softens the noise too.
+    """
+
+    exposure: float = 0.0
+    contrast: float = 1.0
+    blur: float = 0.0
+
+
+SITE_A = SiteLook()
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomConfig:
+    """What :func:`write_phantom_dataset` writes; every field is also a flag of make_phantoms."""
+
+    num_train: int = cli.option(400, "Phantom images in the train split.")
+    num_test: int = cli.option(100, "Phantom images in the test split.")
+    seed: int = cli.option(0, "Random seed; same flags and seed -> byte-identical files.")
+    confounder_rate: float = cli.option(
+        0.0, "Fraction of PNEUMONIA phantoms carrying a bright corner tag outside the fixed crop "
+        "box (a label-correlated shortcut that cropping removes).")
+    confounder_normal_rate: float = cli.option(
+        0.0, "Fraction of NORMAL phantoms carrying the same tag.")
+    min_size: int = cli.option(DEFAULT_MIN_SIZE, "Smallest phantom height, pixels.")
+    max_size: int = cli.option(DEFAULT_MAX_SIZE, "Largest phantom height, pixels.")
+    pneumonia_fraction: float = cli.option(
+        0.74, "Fraction of PNEUMONIA images per split at site a (Kaggle train: 0.74); site b "
+        "uses --site_b_pneumonia_fraction.")
+    images_per_patient: tuple[int, int] = cli.option(
+        (1, 4), "MIN,MAX images per patient (drawn uniformly per patient), e.g. 1,4.")
+    jpeg_quality: int = cli.option(JPEG_QUALITY, "JPEG quality of the images, 0-100.")
+    site: str = cli.option(
+        "a", "Acquiring site: a (the reference look and prevalence) or b (a known site shift: "
+        "other exposure, lower contrast, more blur and another prevalence, set by the "
+        "--site_b_* flags). Site b draws other patients than site a for the same seed.",
+        choices=SITES)
+    site_b_exposure: float = cli.option(
+        -0.1, "Site b: shift of the film's brightness, fraction of full scale (negative: "
+        "darker films; -0.1 is about 25 gray levels).")
+    site_b_contrast: float = cli.option(
+        0.75, "Site b: scale of the film's deviations from its mean brightness (1: site a's "
+        "contrast; below 1: flatter films).")
+    site_b_blur: float = cli.option(
+        0.005, "Site b: Gaussian blur sigma, fraction of the image's short side (0.005: 2.5 px on "
+        "a 500 px film), applied after the noise like a detector's blur.")
+    site_b_pneumonia_fraction: float = cli.option(
+        0.5, "Site b: fraction of PNEUMONIA images per split (site a: --pneumonia_fraction).")
+
+    def site_look(self) -> SiteLook:
+        """How this site's films look (site a: :data:`SITE_A`, nothing changed)."""
+        if self.site == "a":
+            return SITE_A
+        return SiteLook(self.site_b_exposure, self.site_b_contrast, self.site_b_blur)
+
+    def prevalence(self) -> float:
+        """Fraction of PNEUMONIA images per split at this site."""
+        return self.pneumonia_fraction if self.site == "a" else self.site_b_pneumonia_fraction
+
+    def check(self) -> None:
+        """Raise ValueError naming the flag and the fix for any bad value."""
+        for name in ("num_train", "num_test"):
+            value = getattr(self, name)
+            if int(value) != value or value < 0:
+                raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
+        if self.num_train + self.num_test == 0:
+            raise ValueError("--num_train and --num_test are both 0: nothing to generate; "
+                             "set at least one of them > 0")
+        for name in ("confounder_rate", "confounder_normal_rate", "pneumonia_fraction",
+                     "site_b_pneumonia_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be a fraction in [0, 1], got "
+                                 f"{getattr(self, name)!r}")
+        if self.min_size < SMALLEST_SIZE:
+            raise ValueError(f"--min_size must be >= {SMALLEST_SIZE} px, got {self.min_size}")
+        if self.min_size > self.max_size:
+            raise ValueError(f"--min_size ({self.min_size}) is larger than --max_size "
+                             f"({self.max_size}); set --min_size <= --max_size")
+        lo, hi = self.images_per_patient
+        if int(lo) != lo or int(hi) != hi or lo < 1 or lo > hi:
+            raise ValueError(f"--images_per_patient must be MIN,MAX with 1 <= MIN <= MAX, "
+                             f"got {lo},{hi}")
+        self._check_site()
+
+    def _check_site(self) -> None:
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality must be in 0-100, got {self.jpeg_quality}")
+        if self.site not in SITES:
+            raise ValueError(f"--site={self.site!r} is not one of {SITES}")
+        if not -1.0 < self.site_b_exposure < 1.0:
+            raise ValueError(f"--site_b_exposure must be in (-1, 1), got {self.site_b_exposure}")
+        if self.site_b_contrast <= 0.0:
+            raise ValueError(f"--site_b_contrast must be > 0, got {self.site_b_contrast}")
+        if self.site_b_blur < 0.0:
+            raise ValueError(f"--site_b_blur must be >= 0, got {self.site_b_blur}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,23 +343,22 @@ def _marker_box(rng: np.random.Generator, height: int, width: int) -> CropBox:
     return CropBox(top, min(top + side, rows[1]), left, min(left + side, cols[1]))
 
 
-def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int] | None = None,
-                   confounder: bool = False) -> Phantom:
-    """Draw one chest-radiograph phantom and its ground truth.
+class _Frame(NamedTuple):
+    """Where the chest sits on the render grid (see the normalised coordinates above)."""
 
-    The random draws do not depend on ``confounder``: the same ``rng`` state with and without it
-    gives the same film, differing only inside :attr:`Phantom.marker_box`.
+    gh: int             # render grid height, pixels
+    gw: int             # render grid width, pixels
+    y_top: float        # lung apex row, grid pixels
+    chest_h: float      # apex-to-diaphragm height, grid pixels
+    xn: np.ndarray      # [1, gw] normalised column of each grid pixel centre
+    yn: np.ndarray      # [gh, 1] normalised row of each grid pixel centre
+    u: np.ndarray       # [1, gw] |xn|: both sides at once
+    edge: float         # a pixel or two of soft edge, in xn units
 
-    Args:
-        rng: random generator (consumed).
-        label: 0 = NORMAL (no opacity), 1 = PNEUMONIA (1-3 opacities in the lung fields).
-        size_hw: ``(height, width)`` in pixels; None draws the height from
-            ``DEFAULT_MIN_SIZE..DEFAULT_MAX_SIZE`` and width / height from 0.8-1.3.
-        confounder: burn a bright tag into a corner outside the fixed crop box.
 
-    Returns:
-        A :class:`Phantom`.
-    """
+def _checked_size(rng: np.random.Generator, label: int,
+                  size_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """``(height, width)`` of the film (drawn when ``size_hw`` is None); refuses bad input."""
     if label not in (0, 1):
         raise ValueError(f"label must be 0 (NORMAL) or 1 (PNEUMONIA), got {label!r}")
     if size_hw is None:
@@ -248,13 +366,18 @@ def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int
     h, w = int(size_hw[0]), int(size_hw[1])
     if h < SMALLEST_SIZE or w < SMALLEST_SIZE:
         raise ValueError(f"phantom size {h}x{w} is too small; use at least {SMALLEST_SIZE} px")
+    return h, w
 
-    # Anatomy is smooth, so it is drawn on a grid of at most RENDER_MAX_SIDE px and upsampled;
-    # noise, the tag and the masks' thresholds are applied at full size. Geometry is drawn in
-    # fractions of the image, so the film does not depend on the grid size.
+
+def _chest_frame(rng: np.random.Generator, h: int, w: int) -> _Frame:
+    """The render grid and the chest's position and scale on it.
+
+    Anatomy is smooth, so it is drawn on a grid of at most RENDER_MAX_SIDE px and upsampled;
+    noise, the tag and the masks' thresholds are applied at full size. Geometry is drawn in
+    fractions of the image, so the film does not depend on the grid size.
+    """
     scale = min(1.0, RENDER_MAX_SIDE / max(h, w))
     gh, gw = max(1, round(h * scale)), max(1, round(w * scale))
-
     # Position and scale: lungs roughly fill the fixed crop box, jittered like real films.
     cx = gw * (0.5 + rng.uniform(-0.03, 0.03))
     half_w = gw * rng.uniform(0.37, 0.44)
@@ -264,56 +387,129 @@ def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int
     # Pixel centres of the grid, so the upsampled maps line up with the full-size pixels.
     xn = ((np.arange(gw, dtype=np.float32) + 0.5 - cx) / half_w)[None, :]
     yn = ((np.arange(gh, dtype=np.float32) + 0.5 - y_top) / chest_h)[:, None]
-    u = np.abs(xn)
-    edge = 1.5 / half_w  # a pixel or two of soft edge, in xn units
+    return _Frame(gh, gw, y_top, chest_h, xn, yn, np.abs(xn), 1.5 / half_w)
 
-    density = np.full((gh, gw), 0.04, np.float32)
+
+def _draw_soft_tissue(rng: np.random.Generator, f: _Frame
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body, lungs, heart and mediastinum: ``(density, lung_soft, body)``, ``[gh, gw]`` each."""
+    density = np.full((f.gh, f.gw), 0.04, np.float32)
     # Chest wall widest at the bases; sloping shoulders; the neck above the apices.
-    body_half = 0.9 + 0.12 * np.clip(yn / 0.7, 0.0, 1.0)
-    body_half = np.where(yn < -0.04, np.maximum(0.34, 0.9 + 1.6 * (yn + 0.04)), body_half)
-    body = _soft(body_half - u, 0.04 + edge)
-    density += body * (0.5 + 0.1 * np.clip((yn - 0.85) / 0.3, 0.0, 1.0))  # abdomen is denser
+    body_half = 0.9 + 0.12 * np.clip(f.yn / 0.7, 0.0, 1.0)
+    body_half = np.where(f.yn < -0.04, np.maximum(0.34, 0.9 + 1.6 * (f.yn + 0.04)), body_half)
+    body = _soft(body_half - f.u, 0.04 + f.edge)
+    density += body * (0.5 + 0.1 * np.clip((f.yn - 0.85) / 0.3, 0.0, 1.0))  # denser abdomen
 
-    lung_soft, heart = _lung_fields(xn, yn, rng)
+    lung_soft, heart = _lung_fields(f.xn, f.yn, rng)
     lung_soft *= body
     # Apices sit under more soft tissue than the bases, so they are less dark.
-    density -= lung_soft * rng.uniform(0.33, 0.4) * (0.8 + 0.2 * np.clip(yn, 0.0, 1.0))
+    density -= lung_soft * rng.uniform(0.33, 0.4) * (0.8 + 0.2 * np.clip(f.yn, 0.0, 1.0))
     density += 0.07 * heart * body
-    mediastinum = _soft(0.15 - u, 0.05) * _soft(1.05 - yn, 0.1) * body
+    mediastinum = _soft(0.15 - f.u, 0.05) * _soft(1.05 - f.yn, 0.1) * body
     density += 0.07 * mediastinum
+    return density, lung_soft, body
 
-    # Spine with vertebral bodies (brighter blocks) and disc spaces.
-    spine = _soft(0.075 - u, 0.02 + edge)
+
+def _add_spine(density: np.ndarray, rng: np.random.Generator, f: _Frame,
+               body: np.ndarray) -> None:
+    """Spine with vertebral bodies (brighter blocks) and disc spaces, in place."""
+    spine = _soft(0.075 - f.u, 0.02 + f.edge)
     period = rng.uniform(0.08, 0.095)
     phase = rng.uniform(0.0, 1.0)
-    vertebrae = 0.5 + 0.5 * np.cos(2.0 * np.pi * (yn / period + phase))
+    vertebrae = 0.5 + 0.5 * np.cos(2.0 * np.pi * (f.yn / period + phase))
     density += spine * (0.09 + 0.04 * vertebrae) * body
 
-    # Ribs: posterior arcs leave the spine, rise a little, then sweep down laterally; anterior
-    # arcs are fainter and run down towards the midline.
+
+def _add_ribs_and_clavicles(density: np.ndarray, rng: np.random.Generator, f: _Frame) -> None:
+    """Rib and clavicle arcs, in place.
+
+    Posterior rib arcs leave the spine, rise a little, then sweep down laterally; anterior arcs
+    are fainter and run down towards the midline.
+    """
     rib_gap = rng.uniform(0.095, 0.11)
     rib_t = rng.uniform(0.026, 0.034)
     bend = rng.uniform(0.4, 0.5)
     for k in range(11):
         y0 = -0.1 + k * rib_gap
-        rows = _rows_for(y0 - 0.06, y0 + bend + 0.06, y_top, chest_h, gh)
-        _add_arc(density, yn, u, rows, lambda uu, y0=y0: y0 - 0.12 * uu + bend * uu * uu,
+        rows = _rows_for(y0 - 0.06, y0 + bend + 0.06, f.y_top, f.chest_h, f.gh)
+        _add_arc(density, f.yn, f.u, rows, lambda uu, y0=y0: y0 - 0.12 * uu + bend * uu * uu,
                  rib_t * (1.0 + 0.1 * k / 10), 0.045, 0.07, 0.97)
     for k in range(6):
         y0 = 0.02 + k * 0.14
-        rows = _rows_for(y0 - 0.05, y0 + 0.2, y_top, chest_h, gh)
-        _add_arc(density, yn, u, rows, lambda uu, y0=y0: y0 + 0.22 * (0.92 - uu),
+        rows = _rows_for(y0 - 0.05, y0 + 0.2, f.y_top, f.chest_h, f.gh)
+        _add_arc(density, f.yn, f.u, rows, lambda uu, y0=y0: y0 + 0.22 * (0.92 - uu),
                  0.022, 0.025, 0.3, 0.92)
     clavicle_y = rng.uniform(-0.1, -0.04)
-    rows = _rows_for(clavicle_y - 0.15, clavicle_y + 0.08, y_top, chest_h, gh)
-    _add_arc(density, yn, u, rows,
+    rows = _rows_for(clavicle_y - 0.15, clavicle_y + 0.08, f.y_top, f.chest_h, f.gh)
+    _add_arc(density, f.yn, f.u, rows,
              lambda uu: clavicle_y - 0.16 * (uu - 0.1) + 0.12 * (uu - 0.1) ** 2,
              0.035, 0.12, 0.1, 0.78)
 
-    # Lung markings: faint low-frequency texture inside the lungs only.
-    markings = _smooth_noise(rng, (gh, gw), 24)
-    density += 0.025 * markings * lung_soft
 
+def _draw_anatomy(rng: np.random.Generator, f: _Frame) -> tuple[np.ndarray, np.ndarray]:
+    """The chest's density map and soft lung fields on the render grid, ``[gh, gw]`` each."""
+    density, lung_soft, body = _draw_soft_tissue(rng, f)
+    _add_spine(density, rng, f, body)
+    _add_ribs_and_clavicles(density, rng, f)
+    # Lung markings: faint low-frequency texture inside the lungs only.
+    markings = _smooth_noise(rng, (f.gh, f.gw), 24)
+    density += 0.025 * markings * lung_soft
+    return density, lung_soft
+
+
+def _add_lesions(density: np.ndarray, rng: np.random.Generator, f: _Frame,
+                 lung_soft: np.ndarray, lung_mask: np.ndarray, count: int) -> np.ndarray:
+    """Add ``count`` opacities to the full-size ``density`` in place; the lesion mask."""
+    h, w = density.shape
+    opacity = _upsample(
+        _draw_opacities(rng, (f.gh, f.gw), lung_soft, lung_soft >= 0.5, count), h, w)
+    # Confine to the full-size lung mask too, so lesion_mask is inside lung_mask exactly.
+    opacity *= lung_mask
+    density += rng.uniform(0.32, 0.42) * opacity
+    return opacity >= LESION_VISIBLE_FRACTION
+
+
+def _expose(density: np.ndarray, rng: np.random.Generator, site: SiteLook) -> np.ndarray:
+    """Full-size density -> ``[H, W] uint8`` film: gain, offset, gamma, the site's look, noise.
+
+    Site a (:data:`SITE_A`) changes nothing, so its films stay exactly as they were.
+    """
+    gain = rng.uniform(0.9, 1.2)
+    offset = rng.uniform(-0.04, 0.06)
+    gamma = rng.uniform(0.8, 1.25)
+    film = np.clip(gain * (density - 0.04) + 0.05 + offset, 0.0, 1.0) ** gamma
+    if site.contrast != 1.0 or site.exposure != 0.0:
+        mean = float(film.mean())
+        film = np.clip(mean + site.contrast * (film - mean) + site.exposure, 0.0, 1.0)
+    noise = rng.standard_normal(density.shape, dtype=np.float32) * rng.uniform(2.0, 5.0)
+    image = film * 255.0 + noise
+    if site.blur > 0.0:
+        image = cv2.GaussianBlur(image, (0, 0), site.blur * min(density.shape))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int] | None = None,
+                   confounder: bool = False, site: SiteLook = SITE_A) -> Phantom:
+    """Draw one chest-radiograph phantom and its ground truth.
+
+    The random draws depend on neither ``confounder`` nor ``site``: the same ``rng`` state
+    gives the same anatomy, with and without the tag (which only changes the pixels inside
+    :attr:`Phantom.marker_box`) and at every site (which only changes how the film looks).
+
+    Args:
+        rng: random generator (consumed).
+        label: 0 = NORMAL (no opacity), 1 = PNEUMONIA (1-3 opacities in the lung fields).
+        size_hw: ``(height, width)`` in pixels; None draws the height from
+            ``DEFAULT_MIN_SIZE..DEFAULT_MAX_SIZE`` and width / height from 0.8-1.3.
+        confounder: burn a bright tag into a corner outside the fixed crop box.
+        site: the look of the acquiring site (:data:`SITE_A`: the reference look).
+
+    Returns:
+        A :class:`Phantom`.
+    """
+    h, w = _checked_size(rng, label, size_hw)
+    frame = _chest_frame(rng, h, w)
+    density, lung_soft = _draw_anatomy(rng, frame)
     # The confounder tag and the lesion count are drawn for every image, so the random stream
     # (and thus the film) does not depend on `confounder` or on the label of earlier draws.
     marker = _marker_box(rng, h, w)
@@ -321,27 +517,12 @@ def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int
     num_lesions = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
 
     density = _upsample(density, h, w)
-    lung_soft_full = _upsample(lung_soft, h, w)
-    lung_mask = lung_soft_full >= 0.5
-    lesion_mask = np.zeros((h, w), bool)
+    lung_mask = _upsample(lung_soft, h, w) >= 0.5
     if label == 1:
-        opacity = _upsample(
-            _draw_opacities(rng, (gh, gw), lung_soft, lung_soft >= 0.5, num_lesions), h, w)
-        # Confine to the full-size lung mask too, so lesion_mask is inside lung_mask exactly.
-        opacity *= lung_mask
-        density += rng.uniform(0.32, 0.42) * opacity
-        lesion_mask = opacity >= LESION_VISIBLE_FRACTION
+        lesion_mask = _add_lesions(density, rng, frame, lung_soft, lung_mask, num_lesions)
     else:
-        num_lesions = 0
-
-    # Exposure: random gain, offset and gamma, then quantum noise.
-    gain = rng.uniform(0.9, 1.2)
-    offset = rng.uniform(-0.04, 0.06)
-    gamma = rng.uniform(0.8, 1.25)
-    film = np.clip(gain * (density - 0.04) + 0.05 + offset, 0.0, 1.0) ** gamma
-    noise = rng.standard_normal((h, w), dtype=np.float32) * rng.uniform(2.0, 5.0)
-    image = np.clip(film * 255.0 + noise, 0, 255).astype(np.uint8)
-
+        lesion_mask, num_lesions = np.zeros((h, w), bool), 0
+    image = _expose(density, rng, site)
     if confounder:
         _burn_marker(image, marker, marker_value)
     return Phantom(image, lung_mask, lesion_mask, marker if confounder else None, num_lesions)
@@ -447,32 +628,6 @@ def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
     return items
 
 
-def _check_args(num_train: int, num_test: int, confounder_rate: float,
-                confounder_normal_rate: float, min_size: int, max_size: int,
-                pneumonia_fraction: float, images_per_patient: tuple[int, int]) -> None:
-    """Raise ValueError naming the flag and the fix for any bad argument."""
-    for name, value in (("num_train", num_train), ("num_test", num_test)):
-        if int(value) != value or value < 0:
-            raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
-    if num_train + num_test == 0:
-        raise ValueError("--num_train and --num_test are both 0: nothing to generate; "
-                         "set at least one of them > 0")
-    for name, value in (("confounder_rate", confounder_rate),
-                        ("confounder_normal_rate", confounder_normal_rate),
-                        ("pneumonia_fraction", pneumonia_fraction)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"--{name} must be a fraction in [0, 1], got {value!r}")
-    if min_size < SMALLEST_SIZE:
-        raise ValueError(f"--min_size must be >= {SMALLEST_SIZE} px, got {min_size}")
-    if min_size > max_size:
-        raise ValueError(f"--min_size ({min_size}) is larger than --max_size ({max_size}); "
-                         "set --min_size <= --max_size")
-    lo, hi = images_per_patient
-    if lo < 1 or lo > hi:
-        raise ValueError(f"--images_per_patient must be MIN,MAX with 1 <= MIN <= MAX, "
-                         f"got {lo},{hi}")
-
-
 def _prepare_out(out: Path) -> None:
     """Make ``out`` ready: create it, or clear a previous (complete or interrupted) phantom set.
 
@@ -515,100 +670,109 @@ def _write_png(path: Path, mask: np.ndarray) -> None:
     path.write_bytes(data.tobytes())
 
 
-def write_phantom_dataset(out: str | os.PathLike, num_train: int, num_test: int, seed: int = 0,
-                          confounder_rate: float = 0.0, min_size: int = DEFAULT_MIN_SIZE,
-                          max_size: int = DEFAULT_MAX_SIZE, pneumonia_fraction: float = 0.74,
-                          images_per_patient: tuple[int, int] = (1, 4),
-                          confounder_normal_rate: float = 0.0,
-                          jpeg_quality: int = JPEG_QUALITY) -> dict:
-    """Write a Kaggle-layout phantom data set with masks and ``phantoms.json``.
-
-    Args:
-        out: output folder; created, or replaced if it holds an earlier phantom set. Any other
-            non-empty folder is refused.
-        num_train, num_test: images per split (each split gets
-            ``round(n * pneumonia_fraction)`` PNEUMONIA images, the rest NORMAL).
-        seed: random seed; same arguments -> byte-identical files.
-        confounder_rate: probability that a PNEUMONIA image carries the corner tag.
-        min_size, max_size: image height range in pixels (width follows an aspect ratio 0.8-1.3,
-            clipped to the same range).
-        pneumonia_fraction: fraction of PNEUMONIA images per split (Kaggle train: 0.74).
-        images_per_patient: ``(min, max)`` images per patient, drawn uniformly per patient.
-        confounder_normal_rate: probability that a NORMAL image carries the tag (label noise of
-            the shortcut; 0 = the tag is a perfect PNEUMONIA cue).
-        jpeg_quality: JPEG quality of the images (0-100).
-
-    Returns:
-        The summary written to ``phantoms.json`` minus the per-image list: ``counts``
-        (``{split: {NORMAL: n, PNEUMONIA: n}}``), ``patients``, ``confounders`` (same shape),
-        ``seed``, ``params`` and ``out``.
-
-    Raises:
-        ValueError: a bad argument (the message names the flag and the fix) or an unusable
-            ``out`` folder.
-    """
-    images_per_patient = (int(images_per_patient[0]), int(images_per_patient[1]))
-    _check_args(num_train, num_test, confounder_rate, confounder_normal_rate, min_size, max_size,
-                pneumonia_fraction, images_per_patient)
-    out = Path(out)
-    _prepare_out(out)
-
+def _class_counts(config: PhantomConfig) -> dict[str, tuple[int, int]]:
+    """``{split: (NORMAL, PNEUMONIA)}``: ``round(n * prevalence)`` PNEUMONIA images per split."""
     counts = {}
-    for split, n in (("train", int(num_train)), ("test", int(num_test))):
-        n_pneumonia = int(round(n * pneumonia_fraction))
+    for split, n in (("train", int(config.num_train)), ("test", int(config.num_test))):
+        n_pneumonia = int(round(n * config.prevalence()))
         counts[split] = (n - n_pneumonia, n_pneumonia)
-    plan_rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    items = _plan_files(plan_rng, counts, images_per_patient)
+    return counts
 
-    for split in SPLIT_NAMES:
-        for cls in CLASS_NAMES:
-            (out / split / cls).mkdir(parents=True, exist_ok=True)
-            (out / MASKS_DIR / split / cls).mkdir(parents=True, exist_ok=True)
 
-    summary_counts = {s: {c: 0 for c in CLASS_NAMES} for s in SPLIT_NAMES}
+def _write_image(out: Path, config: PhantomConfig, index: int, item: _Item) -> dict:
+    """Render image ``index`` of the plan and write it and its masks; its record for the summary."""
+    # One stream per image (seed, 1, index): images are independent of each other's draws.
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [config.seed, 1, index, *_SITE_STREAMS[config.site]]))
+    rate = config.confounder_rate if item.label == 1 else config.confounder_normal_rate
+    confounder = bool(rng.random() < rate)
+    size = draw_size(rng, config.min_size, config.max_size)
+    phantom = render_phantom(rng, item.label, size, confounder, config.site_look())
+    rel = f"{item.split}/{CLASS_NAMES[item.label]}/{item.stem}.jpeg"
+    ok, data = cv2.imencode(".jpeg", phantom.image,
+                            [cv2.IMWRITE_JPEG_QUALITY, int(config.jpeg_quality)])
+    if not ok:
+        raise OSError(f"JPEG encoding failed for {out / rel}")
+    (out / rel).write_bytes(data.tobytes())
+    lung_path, lesion_path = mask_paths(out, rel)
+    _write_png(lung_path, phantom.lung_mask)
+    _write_png(lesion_path, phantom.lesion_mask)
+    return {
+        "path": rel, "split": item.split, "label": item.label, "patient_id": item.patient_id,
+        "height": size[0], "width": size[1], "num_lesions": phantom.num_lesions,
+        "lesion_pixels": int(phantom.lesion_mask.sum()),
+        "marker_box": list(phantom.marker_box) if phantom.marker_box else None,
+    }
+
+
+def _summary(config: PhantomConfig, image_records: list[dict]) -> dict:
+    """What ``phantoms.json`` says besides the per-image list: settings, site, counts, layout."""
+    counts = {s: {c: 0 for c in CLASS_NAMES} for s in SPLIT_NAMES}
     confounders = {s: {c: 0 for c in CLASS_NAMES} for s in SPLIT_NAMES}
-    patients = {s: {c: set() for c in CLASS_NAMES} for s in SPLIT_NAMES}
-    image_records = []
-    for index, item in enumerate(items):
-        # One stream per image (seed, 1, index): images are independent of each other's draws.
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 1, index]))
-        rate = confounder_rate if item.label == 1 else confounder_normal_rate
-        confounder = bool(rng.random() < rate)
-        size = draw_size(rng, min_size, max_size)
-        phantom = render_phantom(rng, item.label, size, confounder)
-        cls = CLASS_NAMES[item.label]
-        rel = f"{item.split}/{cls}/{item.stem}.jpeg"
-        ok, data = cv2.imencode(".jpeg", phantom.image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        if not ok:
-            raise OSError(f"JPEG encoding failed for {out / rel}")
-        (out / rel).write_bytes(data.tobytes())
-        mask_dir = out / MASKS_DIR / item.split / cls
-        _write_png(mask_dir / f"{item.stem}_lung.png", phantom.lung_mask)
-        _write_png(mask_dir / f"{item.stem}_lesion.png", phantom.lesion_mask)
-        summary_counts[item.split][cls] += 1
-        confounders[item.split][cls] += int(confounder)
-        patients[item.split][cls].add(item.patient_id)
-        image_records.append({
-            "path": rel, "split": item.split, "label": item.label, "patient_id": item.patient_id,
-            "height": size[0], "width": size[1], "num_lesions": phantom.num_lesions,
-            "lesion_pixels": int(phantom.lesion_mask.sum()),
-            "marker_box": list(phantom.marker_box) if phantom.marker_box else None,
-        })
-
-    summary = {
-        "tool": "pneumo_tf.data.phantoms", "tool_version": pneumo_tf.__version__, "seed": seed,
-        "params": {"num_train": int(num_train), "num_test": int(num_test),
-                   "confounder_rate": confounder_rate,
-                   "confounder_normal_rate": confounder_normal_rate, "min_size": min_size,
-                   "max_size": max_size, "pneumonia_fraction": pneumonia_fraction,
-                   "images_per_patient": list(images_per_patient), "jpeg_quality": jpeg_quality},
-        "counts": summary_counts,
+    patients: dict[str, dict[str, set]] = {s: {c: set() for c in CLASS_NAMES} for s in SPLIT_NAMES}
+    for rec in image_records:
+        split, cls = rec["split"], CLASS_NAMES[rec["label"]]
+        counts[split][cls] += 1
+        confounders[split][cls] += int(rec["marker_box"] is not None)
+        patients[split][cls].add(rec["patient_id"])
+    params = {f.name: getattr(config, f.name) for f in cli.flag_fields(PhantomConfig)
+              if f.name != "seed"}
+    params["images_per_patient"] = list(config.images_per_patient)
+    look = config.site_look()
+    return {
+        "tool": "pneumo_tf.data.phantoms", "tool_version": pneumo_tf.__version__,
+        "seed": config.seed, "params": params,
+        "site": {"name": config.site, "exposure": look.exposure, "contrast": look.contrast,
+                 "blur": look.blur, "pneumonia_fraction": config.prevalence()},
+        "counts": counts,
         "patients": {s: {c: len(p) for c, p in v.items()} for s, v in patients.items()},
         "confounders": confounders,
         "layout": {"images": "{split}/{CLASS}/{stem}.jpeg",
                    "lung_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lung.png",
                    "lesion_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lesion.png"},
     }
+
+
+def write_phantom_dataset(out: str | os.PathLike, config: PhantomConfig | None = None,
+                          **overrides) -> dict:
+    """Write a Kaggle-layout phantom data set with masks and ``phantoms.json``.
+
+    Args:
+        out: output folder; created, or replaced if it holds an earlier phantom set. Any other
+            non-empty folder is refused.
+        config: what to write (:class:`PhantomConfig`); None = its defaults. Each split gets
+            ``round(n * prevalence)`` PNEUMONIA images, the rest NORMAL.
+        **overrides: :class:`PhantomConfig` fields to change, e.g. ``num_train=40,
+            num_test=12, seed=3, site="b"``.
+
+    Returns:
+        The summary written to ``phantoms.json`` minus the per-image list: ``counts``
+        (``{split: {NORMAL: n, PNEUMONIA: n}}``), ``patients``, ``confounders`` (same shape),
+        ``seed``, ``params``, ``site`` (its name and look) and ``out``.
+
+    Raises:
+        ValueError: a bad setting (the message names the flag and the fix) or an unusable
+            ``out`` folder.
+        TypeError: ``config`` is not a :class:`PhantomConfig`, or an unknown override.
+    """
+    if config is not None and not isinstance(config, PhantomConfig):
+        raise TypeError(f"config must be a PhantomConfig, got {config!r}; pass the image counts "
+                        f"as num_train=..., num_test=...")
+    config = dataclasses.replace(config or PhantomConfig(), **overrides)
+    config.check()
+    lo, hi = config.images_per_patient
+    config = dataclasses.replace(config, images_per_patient=(int(lo), int(hi)))
+    out = Path(out)
+    _prepare_out(out)
+    plan_rng = np.random.default_rng(np.random.SeedSequence(
+        [config.seed, 0, *_SITE_STREAMS[config.site]]))
+    items = _plan_files(plan_rng, _class_counts(config), config.images_per_patient)
+    for split in SPLIT_NAMES:
+        for cls in CLASS_NAMES:
+            (out / split / cls).mkdir(parents=True, exist_ok=True)
+            (out / MASKS_DIR / split / cls).mkdir(parents=True, exist_ok=True)
+    image_records = [_write_image(out, config, i, item) for i, item in enumerate(items)]
+    summary = _summary(config, image_records)
     # Written last: its presence marks a complete set (and lets a re-run replace it).
     atomic_files.write_json_atomic(out / PHANTOMS_JSON, {**summary, "images": image_records})
     (out / IN_PROGRESS).unlink()
@@ -635,59 +799,43 @@ def mask_paths(out: str | os.PathLike, image_rel_path: str) -> tuple[Path, Path]
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-NUM_TRAIN = flags.DEFINE_integer("num_train", 400, "Phantom images in the train split.")
-NUM_TEST = flags.DEFINE_integer("num_test", 100, "Phantom images in the test split.")
-CONFOUNDER_RATE = flags.DEFINE_float(
-    "confounder_rate", 0.0,
-    "Fraction of PNEUMONIA phantoms carrying a bright corner tag outside the fixed crop box "
-    "(a label-correlated shortcut that cropping removes).")
-CONFOUNDER_NORMAL_RATE = flags.DEFINE_float(
-    "confounder_normal_rate", 0.0, "Fraction of NORMAL phantoms carrying the same tag.")
-MIN_SIZE = flags.DEFINE_integer("min_size", DEFAULT_MIN_SIZE, "Smallest phantom height, pixels.")
-MAX_SIZE = flags.DEFINE_integer("max_size", DEFAULT_MAX_SIZE, "Largest phantom height, pixels.")
-PNEUMONIA_FRACTION = flags.DEFINE_float(
-    "pneumonia_fraction", 0.74, "Fraction of PNEUMONIA images per split (Kaggle train: 0.74).")
-IMAGES_PER_PATIENT = flags.DEFINE_list(
-    "images_per_patient", ["1", "4"],
-    "MIN,MAX images per patient (drawn uniformly per patient), e.g. 1,4.")
+OUT = cli.out_flag()
+cli.seed_flag()  # the shared --seed; PhantomConfig.seed reads it
+_CONFIG_FLAGS = cli.define_config_flags(PhantomConfig, module_name=__name__)
 
 
 def _parse_images_per_patient(values: list[str]) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in values)
     except ValueError:
-        raise app.UsageError(
-            f"--images_per_patient must be two integers MIN,MAX (e.g. 1,4), got {values}"
-        ) from None
+        raise ValueError(f"--images_per_patient must be two integers MIN,MAX (e.g. 1,4), got "
+                         f"{','.join(values)}") from None
     return lo, hi
 
 
+def config_from_flags() -> PhantomConfig:
+    """The :class:`PhantomConfig` the parsed flags describe."""
+    holders = dict(_CONFIG_FLAGS)
+    pair = _parse_images_per_patient(holders.pop("images_per_patient").value)
+    return dataclasses.replace(cli.config_from_flags(PhantomConfig, holders),
+                               images_per_patient=pair)
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not OUT.value:
-        raise app.UsageError("--out is required: the folder to write the phantom set into")
-    try:
-        summary = write_phantom_dataset(
-            OUT.value, NUM_TRAIN.value, NUM_TEST.value, seed=SEED.value,
-            confounder_rate=CONFOUNDER_RATE.value,
-            confounder_normal_rate=CONFOUNDER_NORMAL_RATE.value,
-            min_size=MIN_SIZE.value, max_size=MAX_SIZE.value,
-            pneumonia_fraction=PNEUMONIA_FRACTION.value,
-            images_per_patient=_parse_images_per_patient(IMAGES_PER_PATIENT.value))
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    cli.check_args(argv, OUT)
+    summary = write_phantom_dataset(OUT.value, config_from_flags())
     for split in SPLIT_NAMES:
         c, p = summary["counts"][split], summary["patients"][split]
         k = summary["confounders"][split]
         log.info("%s: NORMAL %d images / %d patients, PNEUMONIA %d / %d; tags %d N, %d P",
-                     split, c["NORMAL"], p["NORMAL"], c["PNEUMONIA"], p["PNEUMONIA"],
-                     k["NORMAL"], k["PNEUMONIA"])
-    print(f"phantoms written to {summary['out']} (summary: {Path(summary['out']) / PHANTOMS_JSON})")
+                 split, c["NORMAL"], p["NORMAL"], c["PNEUMONIA"], p["PNEUMONIA"],
+                 k["NORMAL"], k["PNEUMONIA"])
+    print(f"phantoms of site {summary['site']['name']} written to {summary['out']} "
+          f"(summary: {Path(summary['out']) / PHANTOMS_JSON})")
 
 
 def run() -> None:
-    app.run(main)
+    cli.run_app(main, "pneumo_tf.data.phantoms")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,28 @@
 """tf.data input pipeline: TFRecord shards + manifest.json -> uint8 batches for the accelerator.
 
-Graph built by :func:`make_dataset` (per input pipeline, i.e. per worker)::
+Two builders, one per use (like big_vision's ``make_for_train`` / ``make_for_inference``):
 
-    shard files (manifest order) -> [shard files across workers]
-      -> [shuffle files, training & streaming] -> interleave TFRecordDataset (parallel)
-      -> [shard records across workers, when the files do not divide evenly among them]
-      streaming (cache off):                 cached (cache on):
-        -> [shuffle serialized records]        -> batch -> parse_example + decode (vectorised)
-        -> [repeat]                            -> unbatch -> cache (decoded uint8, in RAM)
-        -> batch -> parse_example + decode     -> [shuffle] -> [repeat] -> batch
-      -> sample weights -> prefetch(AUTOTUNE)
+* :func:`make_train_dataset`: the train split, seeded shuffle, repeated forever, a fixed batch
+  shape; dicts ``{"image", "label", "weight"}``. No strings: MirroredStrategy places every
+  tensor of a batch on the replicas' devices, and a string tensor cannot live on a GPU.
+* :func:`make_eval_dataset`: one pass over any split in the manifest's file order, the last
+  partial batch kept; the same keys plus ``"patient_id"`` and ``"path"``.
+
+:func:`make_dataset` is the older single entry point, a thin wrapper that yields tuples for
+``keras.Model.fit``.
+
+Both are chained from the same named stages (per input pipeline, i.e. per worker)::
+
+    plan_shards    the shard files this pipeline reads and how it shares them with the others
+    read_records   shard files -> serialized records:
+                     [shuffle files, training & streaming] -> interleave TFRecordDataset
+                     -> [keep every n-th record, when sharding by record]
+    then either
+      streamed:      [shuffle records] -> [repeat] -> batch -> parse (batch_parser)
+      cached:        batch -> parse -> unbatch -> cache (decoded uint8, in RAM)
+                     -> [shuffle] -> [repeat] -> batch
+    weights        + per-image sample weight from the manifest's class weights
+    finish         prefetch(AUTOTUNE), determinism and auto-shard options
 
 Sharding across input pipelines (workers) is by file only when every pipeline gets the same number
 of files (shards divisible by pipelines): each pipeline repeats its own files, so with 4 shards
@@ -21,6 +34,17 @@ Records are parsed a whole batch at a time (one ``parse_example`` and one ``deco
 instead of one per image): per-element tf.data overhead, not I/O, bounds a pipeline over small
 images. Images stay ``[B, S, S, 1] uint8`` here; float conversion, 3-channel replication and
 augmentation run on the device (:mod:`pneumo_tf.model`, :mod:`pneumo_tf.augment`).
+
+Decoded images are cached in RAM when the pipeline's share of the split fits the cache budget
+(:func:`resolve_cache`: 25 % of ``MemAvailable`` unless told otherwise); else they are streamed
+from the shards every epoch.
+
+Order and epochs. A training stream repeats before it batches, so batches run across epoch
+boundaries. With ``deterministic=True`` the order is a function of the seed and every run of
+one epoch's images holds each image exactly once. With ``deterministic=False`` (the training
+default) the parallel stages after the repeat hand out batches as they finish, so a batch of the
+next epoch may come before the last batch of this one: every image is still seen equally often
+over the stream, but an epoch-long run of batches need not hold each image exactly once.
 
 Corrupt shards: TensorFlow's ``DataLossError`` (bad CRC) names only a record offset, not the
 file, and a shard truncated mid-record simply ends early without any error; the pipeline therefore
@@ -40,16 +64,21 @@ iterate with :func:`iterate_checked` or wrap their loop in::
 after a bad record, so the rest of that shard is dropped too (tf.data's ``ignore_errors`` ends the
 shard's reader at the first error). Each time a shard is read short, the pipeline prints to stderr
 the shard, the records read and the number lost against the manifest's ``shard_counts``.
+
+Auto-shard policy: without an ``input_context`` the datasets carry ``AutoShardPolicy.FILE`` when
+the shards divide evenly among the workers in ``TF_CONFIG``, else ``DATA``; with one, ``OFF``
+(the pipeline has sharded itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import tensorflow as tf
 
@@ -91,7 +120,7 @@ class CorruptShardError(records.DataDirError):
 def dataset_size(data_dir: str | os.PathLike, split: str) -> int:
     """Number of images in ``split`` of ``data_dir``, from its manifest."""
     manifest = records.read_manifest(data_dir)
-    records.split_shards(data_dir, manifest, split)  # same checks/errors as make_dataset
+    records.split_shards(data_dir, manifest, split)  # same checks/errors as the builders
     return int(manifest["splits"][split]["count"])
 
 
@@ -159,6 +188,68 @@ def file_sharding_is_even(num_files: int, num_pipelines: int) -> bool:
     return num_files >= num_pipelines and num_files % num_pipelines == 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What one input pipeline reads of a split (made by :func:`plan_shards`).
+
+    Attributes:
+        paths: shard files this pipeline reads, in manifest order (every file of the split when
+            the pipelines share it by record).
+        counts: records in each of ``paths`` (the manifest's ``shard_counts``); -1 = unknown.
+        compression: ``none`` | ``gzip`` (the manifest's ``compression``).
+        num_pipelines: input pipelines sharing the split (1 without an input context).
+        pipeline_id: this pipeline's index among them.
+        by_record: the pipelines share the split by record (this one keeps every
+            ``num_pipelines``-th record from ``pipeline_id``) rather than by file.
+        records_per_pipeline: the split's images divided among the pipelines, rounded up.
+        split_files: shard files of the whole split (for the auto-shard policy).
+    """
+
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+    compression: str = "none"
+    num_pipelines: int = 1
+    pipeline_id: int = 0
+    by_record: bool = False
+    records_per_pipeline: int = 0
+    split_files: int = 0
+
+    @property
+    def counts_known(self) -> bool:
+        """Whether the manifest gives every shard's record count (so it can be asserted)."""
+        return all(c >= 0 for c in self.counts)
+
+
+def plan_shards(data_dir: str | os.PathLike, manifest: dict, split: str,
+                input_context: tf.distribute.InputContext | None = None) -> ShardPlan:
+    """The shard files of ``split`` this input pipeline reads (see the module docstring).
+
+    Raises:
+        records.DataDirError: unknown split, missing shard or unknown compression; the message
+            names the file and the fix.
+    """
+    paths = [str(p) for p in records.split_shards(data_dir, manifest, split)]
+    compression = manifest["compression"]
+    if compression not in records.COMPRESSIONS:
+        raise records.DataDirError(f"{Path(data_dir) / records.MANIFEST_NAME}: unknown compression "
+                                   f"{compression!r}; re-run the converter")
+    info = manifest["splits"][split]
+    counts = info.get("shard_counts")
+    counts = [int(c) for c in counts] if counts and len(counts) == len(paths) else [-1] * len(paths)
+    num = input_context.num_input_pipelines if input_context else 1
+    pid = input_context.input_pipeline_id if input_context else 0
+    by_file = num > 1 and file_sharding_is_even(len(paths), num)
+    return ShardPlan(
+        paths=tuple(paths[pid::num] if by_file else paths),
+        counts=tuple(counts[pid::num] if by_file else counts), compression=compression,
+        num_pipelines=num, pipeline_id=pid, by_record=num > 1 and not by_file,
+        records_per_pipeline=-(-int(info["count"]) // num), split_files=len(paths))
+
+
 def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
                         expected: tf.Tensor) -> tf.data.Dataset:
     """The records of one shard, printing a warning to stderr if it ends short of ``expected``.
@@ -191,8 +282,70 @@ def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
         lambda record, is_end, n: record)
 
 
-def _parse_batch_fn(manifest: dict, data_dir, with_meta: bool):
-    """A function: ``[N] string`` serialized Examples -> dict of decoded tensors (one batch)."""
+def _shard_reader(compression: str, skip_corrupt: bool, check_counts: bool):
+    """A function ``(path, expected count) -> records of that shard`` for ``interleave``.
+
+    TFRecordDataset ends quietly at a shard truncated mid-record, so each shard's count is
+    asserted (an error at the shard's end) unless skipping is asked, when a short shard is
+    reported instead.
+    """
+    compression_type = records.tf_compression_type(compression)
+
+    def read(path, count):
+        ds = tf.data.TFRecordDataset(path, compression_type=compression_type,
+                                     buffer_size=4 * 2**20)
+        if skip_corrupt:
+            return _report_short_shard(ds.ignore_errors(log_warning=True), path, count)
+        if check_counts:
+            return ds.apply(tf.data.experimental.assert_cardinality(count))
+        return ds
+
+    return read
+
+
+def read_records(plan: ShardPlan, *, interleave: bool = False, deterministic: bool = True,
+                 file_shuffle_seed: int | None = None,
+                 skip_corrupt: bool = False) -> tf.data.Dataset:
+    """Serialized records (``[] string``) of the planned shards, in the planned order.
+
+    Args:
+        plan: from :func:`plan_shards`.
+        interleave: read up to :data:`INTERLEAVE_CYCLE` files at once, in parallel (training);
+            False reads the files one after another, record by record, in manifest order.
+        deterministic: with ``interleave``, keep a fixed order across files.
+        file_shuffle_seed: shuffle the files, differently each epoch (None: manifest order).
+        skip_corrupt: read each shard up to its first bad record and report what was lost, instead
+            of failing (see the module docstring).
+    """
+    files = tf.data.Dataset.from_tensor_slices(
+        (list(plan.paths), tf.constant(plan.counts, tf.int64)))
+    # Sharding by record needs the same record order in every pipeline: the files in manifest
+    # order and a deterministic interleave upstream of the shard.
+    if file_shuffle_seed is not None and not plan.by_record:
+        files = files.shuffle(len(plan.paths), seed=file_shuffle_seed,
+                              reshuffle_each_iteration=True)
+    read = _shard_reader(plan.compression, skip_corrupt, plan.counts_known)
+    if interleave:
+        ds = files.interleave(read, cycle_length=min(len(plan.paths), INTERLEAVE_CYCLE),
+                              block_length=1, num_parallel_calls=AUTOTUNE,
+                              deterministic=deterministic or plan.by_record)
+    else:
+        ds = files.interleave(read, cycle_length=1, num_parallel_calls=None)
+    if plan.by_record:
+        ds = ds.shard(plan.num_pipelines, plan.pipeline_id)
+    return ds
+
+
+def batch_parser(manifest: dict, data_dir: str | os.PathLike,
+                 with_meta: bool) -> Callable[[tf.Tensor], dict]:
+    """A function: ``[N] string`` serialized Examples -> one batch of decoded tensors.
+
+    The batch is ``{"image": [N, S, S, 1] uint8, "label": [N] float32}``, plus
+    ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``.
+
+    Raises:
+        records.DataDirError: the manifest names an unknown encoding.
+    """
     size = int(manifest["image_size"])
     encoding = manifest["encoding"]
     if encoding not in records.ENCODINGS:
@@ -229,8 +382,14 @@ def _parse_batch_fn(manifest: dict, data_dir, with_meta: bool):
     return parse
 
 
-def _class_weight_table(manifest: dict, data_dir, class_weights: str) -> tf.Tensor:
-    """``[2] float32``: sample weight of label 0 and label 1."""
+def class_weight_table(manifest: dict, data_dir: str | os.PathLike,
+                       class_weights: str) -> tf.Tensor:
+    """``[2] float32``: the sample weight of label 0 and of label 1.
+
+    Args:
+        class_weights: ``balanced`` -> the manifest's ``class_weights`` (sklearn "balanced", from
+            the train split); ``none`` -> all ones.
+    """
     if class_weights not in CLASS_WEIGHT_MODES:
         raise ValueError(f"class_weights={class_weights!r}; expected one of {CLASS_WEIGHT_MODES}")
     if class_weights == "none":
@@ -243,160 +402,234 @@ def _class_weight_table(manifest: dict, data_dir, class_weights: str) -> tf.Tens
     return tf.constant([float(weights["0"]), float(weights["1"])], tf.float32)
 
 
-def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, training: bool,
-                 cache: bool | None = None, *, seed: int = 0, deterministic: bool | None = None,
-                 with_weights: bool = True, class_weights: str = "balanced",
-                 repeat: bool | None = None, drop_remainder: bool | None = None,
-                 input_context: tf.distribute.InputContext | None = None,
-                 skip_corrupt: bool = False, cache_budget_bytes: int | None = None,
-                 shuffle_buffer: int | None = None, with_meta: bool = False) -> tf.data.Dataset:
-    """Batches of one split of a converter output directory (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How one stream is put together; filled in by the public builders."""
+
+    split: str
+    batch_size: int
+    training: bool            # seeded shuffles and an interleaved read
+    repeat: bool
+    drop_remainder: bool
+    deterministic: bool
+    cache: bool | None = None
+    seed: int = 0
+    class_weights: str = "balanced"
+    with_weights: bool = True
+    with_meta: bool = False
+    input_context: tf.distribute.InputContext | None = None
+    skip_corrupt: bool = False
+    cache_budget_bytes: int | None = None
+    shuffle_buffer: int | None = None
+
+
+def _streamed_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe, plan: ShardPlan,
+                      image_size: int) -> tf.data.Dataset:
+    """Streamed batches: [shuffle records] -> [repeat] -> batch -> parse."""
+    ds = serialized
+    if recipe.training:
+        default_buffer = max(recipe.batch_size, STREAMING_SHUFFLE_BYTES // (image_size ** 2 + 1))
+        ds = ds.shuffle(recipe.shuffle_buffer or min(plan.records_per_pipeline, default_buffer),
+                        seed=recipe.seed, reshuffle_each_iteration=True)
+    if recipe.repeat:
+        ds = ds.repeat()
+    ds = ds.batch(recipe.batch_size, drop_remainder=recipe.drop_remainder)
+    return ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=recipe.deterministic)
+
+
+def _cached_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe,
+                    plan: ShardPlan) -> tf.data.Dataset:
+    """Cached batches: batch -> parse -> unbatch -> cache -> [shuffle] -> [repeat] -> batch."""
+    ds = serialized.batch(max(recipe.batch_size, 64)).map(
+        parse, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch().cache()
+    if recipe.training:  # the whole (per-pipeline) split fits the buffer: a full shuffle
+        ds = ds.shuffle(recipe.shuffle_buffer or plan.records_per_pipeline, seed=recipe.seed,
+                        reshuffle_each_iteration=True)
+    if recipe.repeat:
+        ds = ds.repeat()
+    return ds.batch(recipe.batch_size, drop_remainder=recipe.drop_remainder,
+                    num_parallel_calls=AUTOTUNE, deterministic=recipe.deterministic)
+
+
+def _finish(ds: tf.data.Dataset, recipe: _Recipe, plan: ShardPlan) -> tf.data.Dataset:
+    """The last stage: prefetch, and the determinism and auto-shard options."""
+    options = tf.data.Options()
+    options.deterministic = recipe.deterministic
+    policy = tf.data.experimental.AutoShardPolicy
+    if recipe.input_context is not None:
+        options.experimental_distribute.auto_shard_policy = policy.OFF  # sharded by plan_shards
+    else:
+        options.experimental_distribute.auto_shard_policy = (
+            policy.FILE if file_sharding_is_even(plan.split_files, _num_workers_from_tf_config())
+            else policy.DATA)
+    return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def _build(data_dir: str | os.PathLike, recipe: _Recipe,
+           output: Callable[[dict], object] | None = None) -> tf.data.Dataset:
+    """The stages chained for ``recipe``; ``output`` maps each batch dict before the prefetch."""
+    if recipe.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {recipe.batch_size}")
+    manifest = records.read_manifest(data_dir)
+    plan = plan_shards(data_dir, manifest, recipe.split, recipe.input_context)
+    weights = (class_weight_table(manifest, data_dir, recipe.class_weights)
+               if recipe.with_weights else None)
+    parse = batch_parser(manifest, data_dir, recipe.with_meta)
+    use_cache = resolve_cache(recipe.cache, manifest, recipe.split, plan.num_pipelines,
+                              recipe.cache_budget_bytes)
+    # Cached data is shuffled whole after the cache; streamed data is shuffled by file too.
+    serialized = read_records(
+        plan, interleave=recipe.training, deterministic=recipe.deterministic,
+        file_shuffle_seed=recipe.seed if recipe.training and not use_cache else None,
+        skip_corrupt=recipe.skip_corrupt)
+    if use_cache:
+        ds = _cached_batches(serialized, parse, recipe, plan)
+    else:
+        ds = _streamed_batches(serialized, parse, recipe, plan, int(manifest["image_size"]))
+    if weights is not None:
+        ds = ds.map(lambda b: {**b, "weight": tf.gather(weights, tf.cast(b["label"], tf.int32))})
+    if output is not None:
+        ds = ds.map(output)
+    return _finish(ds, recipe, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+
+
+def make_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, seed: int = 0,
+                       cache: bool | None = None, deterministic: bool = False,
+                       class_weights: str = "balanced",
+                       input_context: tf.distribute.InputContext | None = None,
+                       skip_corrupt: bool = False, cache_budget_bytes: int | None = None,
+                       shuffle_buffer: int | None = None) -> tf.data.Dataset:
+    """The training stream of the train split: seeded shuffle, repeated forever, fixed batches.
 
     Args:
         data_dir: converter output (shards + ``manifest.json``).
-        split: ``train`` | ``val`` | ``test`` (any split the manifest lists).
         batch_size: images per batch: per replica when ``input_context`` is given
             (``distribute_datasets_from_function``), else the global batch
             (``experimental_distribute_dataset`` splits it across replicas).
-        training: True -> seeded shuffle, repeat forever, fixed batch shape; False -> one pass in
-            file order, the last partial batch kept.
-        cache: True caches decoded images in RAM, False streams from the shards every epoch, None
-            caches when the decoded split fits ``cache_budget_bytes``.
         seed: seed of the file and record shuffles.
-        deterministic: True -> the same order on every run (deterministic interleave and maps,
-            ``options.deterministic``); False -> throughput first (elements may come out of
-            order); None -> ``not training`` (evaluation is always in file order).
-        with_weights: also yield per-image sample weights.
+        cache: True caches decoded images in RAM, False streams from the shards every epoch, None
+            caches when this pipeline's share of the decoded split fits ``cache_budget_bytes``.
+        deterministic: True -> the same order on every run (see "Order and epochs" in the module
+            docstring); False -> throughput first.
         class_weights: ``balanced`` -> weights from the manifest's ``class_weights`` (sklearn
             "balanced", from the train split); ``none`` -> all ones.
-        repeat: repeat forever; None -> ``training``.
-        drop_remainder: drop the last partial batch (static batch shape); None -> ``training``.
         input_context: from ``strategy.distribute_datasets_from_function``: this pipeline reads
-            shard files ``input_pipeline_id::num_input_pipelines`` when the shard count is a
-            multiple of the pipeline count, else every n-th record of all files (so every image
-            is seen equally often).
-        skip_corrupt: do not fail on a corrupt or truncated shard: read each shard up to its
-            first bad record and DROP THE REST OF THAT SHARD (a TFRecord reader cannot resume
-            after a bad record), skipping the shard count check. Each short shard prints a
-            warning to stderr naming it with the records read and lost (vs the manifest's
-            ``shard_counts``) each time the shard is read (every epoch when streaming, once
-            when cached). Off by default: a corrupt shard must not silently shrink a split.
+            its share of the shard files when they divide evenly among the pipelines, else every
+            n-th record of all files (so every image is seen equally often).
+        skip_corrupt: do not fail on a corrupt or truncated shard: read each shard up to its first
+            bad record and DROP THE REST OF THAT SHARD, warning on stderr each time a shard is
+            read short (every epoch when streaming, once when cached). Off by default: a corrupt
+            shard must not silently shrink a split.
         cache_budget_bytes: RAM the automatic cache may use, bytes; None = 25 % of MemAvailable.
         shuffle_buffer: records in the shuffle buffer; None = the whole (per-pipeline) split when
             cached, else as many serialized records as fit in 32 MiB (650 at 224 px).
-        with_meta: yield dicts ``{"image", "label", "patient_id", "path"}`` (evaluation,
-            Grad-CAM) instead of tuples; ``with_weights`` is then ignored.
 
     Returns:
-        ``tf.data.Dataset`` of ``(images [B, S, S, 1] uint8, labels [B] float32,
-        sample_weights [B] float32)``, or ``(images, labels)`` when ``with_weights=False``, or the
-        ``with_meta`` dict (``patient_id``, ``path``: ``[B]`` string).
+        ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "label": [B] float32,
+        "weight": [B] float32}`` with a static batch dimension B (``drop_remainder``).
 
     Raises:
-        records.DataDirError: missing/incomplete data dir, unknown split, missing shard, unknown
+        records.DataDirError: missing/incomplete data dir, no train split, missing shard, unknown
             encoding, no class weights; the message names the file and the fix.
         ValueError: bad argument values.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    manifest = records.read_manifest(data_dir)
-    paths = records.split_shards(data_dir, manifest, split)
-    compression = manifest["compression"]
-    if compression not in records.COMPRESSIONS:
-        raise records.DataDirError(f"{Path(data_dir) / records.MANIFEST_NAME}: unknown compression "
-                                   f"{compression!r}; re-run the converter")
-    weight_table = _class_weight_table(manifest, data_dir, class_weights) if with_weights else None
-    parse_batch = _parse_batch_fn(manifest, data_dir, with_meta)
-    deterministic = (not training) if deterministic is None else bool(deterministic)
-    repeat = training if repeat is None else bool(repeat)
-    drop_remainder = training if drop_remainder is None else bool(drop_remainder)
+    return _build(data_dir, _Recipe(
+        split="train", batch_size=batch_size, training=True, repeat=True, drop_remainder=True,
+        deterministic=bool(deterministic), cache=cache, seed=seed, class_weights=class_weights,
+        input_context=input_context, skip_corrupt=skip_corrupt,
+        cache_budget_bytes=cache_budget_bytes, shuffle_buffer=shuffle_buffer))
 
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    pipeline_id = input_context.input_pipeline_id if input_context else 0
-    shard_files = num_pipelines > 1 and file_sharding_is_even(len(paths), num_pipelines)
-    shard_records = num_pipelines > 1 and not shard_files
-    use_cache = resolve_cache(cache, manifest, split, num_pipelines, cache_budget_bytes)
 
-    # Expected records per shard: TFRecordDataset ends quietly at a shard truncated mid-record,
-    # so each shard's count is asserted (an error at the shard's end) unless skipping is asked,
-    # when a short shard is reported instead.
-    counts = manifest["splits"][split].get("shard_counts")
-    counts_known = counts is not None and len(counts) == len(paths)
-    check_counts = not skip_corrupt and counts_known
-    counts = [int(c) for c in counts] if counts_known else [-1] * len(paths)
-    files = tf.data.Dataset.from_tensor_slices(
-        ([str(p) for p in paths], tf.constant(counts, tf.int64)))
-    if shard_files:
-        files = files.shard(num_pipelines, pipeline_id)
-    # Record-level sharding needs the same record order in every pipeline: no file shuffle and
-    # a deterministic interleave upstream of the shard.
-    shuffle_files = training and not use_cache and not shard_records
-    if shuffle_files:
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    compression_type = records.tf_compression_type(compression)
+def make_eval_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, *,
+                      cache: bool | None = False, skip_corrupt: bool = False,
+                      class_weights: str = "balanced",
+                      input_context: tf.distribute.InputContext | None = None
+                      ) -> tf.data.Dataset:
+    """One pass over ``split`` in the manifest's file order, the last partial batch kept.
 
-    def read_file(path, count):
-        ds = tf.data.TFRecordDataset(path, compression_type=compression_type,
-                                     buffer_size=4 * 2**20)
-        if skip_corrupt:
-            ds = _report_short_shard(ds.ignore_errors(log_warning=True), path, count)
-        elif check_counts:
-            ds = ds.apply(tf.data.experimental.assert_cardinality(count))
-        return ds
+    Args:
+        data_dir: converter output (shards + ``manifest.json``).
+        split: any split the manifest lists (``train`` | ``val`` | ``test``).
+        batch_size: images per batch (per replica with ``input_context``).
+        cache: as in :func:`make_train_dataset`; off by default (one pass gains nothing from it).
+        skip_corrupt: as in :func:`make_train_dataset`.
+        class_weights: as in :func:`make_train_dataset` (``none`` needs no weights in the
+            manifest).
+        input_context: from ``strategy.distribute_datasets_from_function``: this pipeline reads
+            its share of the split (by file or by record, as for training); every image is read
+            by exactly one pipeline.
 
-    if training:
-        det_read = deterministic or shard_records
-        ds = files.interleave(read_file, cycle_length=min(len(paths), INTERLEAVE_CYCLE),
-                              block_length=1, num_parallel_calls=AUTOTUNE,
-                              deterministic=det_read)
-    else:
-        # Evaluation reads the files one after another: the manifest's order, record by record.
-        ds = files.interleave(read_file, cycle_length=1, num_parallel_calls=None)
-    if shard_records:
-        ds = ds.shard(num_pipelines, pipeline_id)
+    Returns:
+        ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "label": [B] float32,
+        "weight": [B] float32, "patient_id": [B] string, "path": [B] string}``.
 
-    if use_cache:
-        parse_size = max(batch_size, 64)
-        ds = ds.batch(parse_size).map(parse_batch, num_parallel_calls=AUTOTUNE,
-                                      deterministic=True).unbatch().cache()
-        if training:
-            n = -(-int(manifest["splits"][split]["count"]) // num_pipelines)
-            ds = ds.shuffle(shuffle_buffer or n, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                      num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    else:
-        if training:
-            size = int(manifest["image_size"])
-            default_buf = max(batch_size, STREAMING_SHUFFLE_BYTES // (size * size + 1))
-            n = -(-int(manifest["splits"][split]["count"]) // num_pipelines)
-            ds = ds.shuffle(shuffle_buffer or min(n, default_buf), seed=seed,
-                            reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    Raises:
+        records.DataDirError, ValueError: as :func:`make_train_dataset`, or an unknown split.
+    """
+    return _build(data_dir, _Recipe(
+        split=split, batch_size=batch_size, training=False, repeat=False, drop_remainder=False,
+        deterministic=True, cache=cache, class_weights=class_weights, with_meta=True,
+        input_context=input_context, skip_corrupt=skip_corrupt))
 
+
+# Keywords make_dataset still takes from its earlier, all-in-one signature, with their defaults
+# (each one a _Recipe field). Deprecated: callers move to make_train_dataset / make_eval_dataset.
+_LEGACY_KEYWORDS = {"seed": 0, "deterministic": None, "with_weights": True,
+                    "class_weights": "balanced", "repeat": None, "drop_remainder": None,
+                    "input_context": None, "skip_corrupt": False, "cache_budget_bytes": None,
+                    "shuffle_buffer": None, "with_meta": False}
+
+
+def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, training: bool,
+                 cache: bool | None = None, **legacy) -> tf.data.Dataset:
+    """Batches of ``split`` as tuples for ``keras.Model.fit``: a thin wrapper over the builders.
+
+    ``training=True`` gives the training stream of ``split`` (as :func:`make_train_dataset`
+    gives it for ``train``: shuffled, repeated, fixed batch shape); ``training=False`` one pass
+    in file order (as :func:`make_eval_dataset`).
+
+    Args:
+        data_dir, split, batch_size, cache: as in :func:`make_eval_dataset`, except that
+            ``cache=None`` (the default here) decides from the RAM budget.
+        training: the training stream, or one evaluation pass.
+        **legacy: deprecated keywords of the earlier signature, still honoured: ``seed``,
+            ``class_weights``, ``input_context``, ``skip_corrupt``, ``cache_budget_bytes``,
+            ``shuffle_buffer`` (as in the builders); ``deterministic`` (None = ``not training``),
+            ``repeat`` and ``drop_remainder`` (None = ``training``); ``with_weights`` (False:
+            yield ``(images, labels)``); ``with_meta`` (yield dicts ``{"image", "label",
+            "patient_id", "path"}`` instead of tuples).
+
+    Returns:
+        ``tf.data.Dataset`` of ``(images [B, S, S, 1] uint8, labels [B] float32,
+        sample_weights [B] float32)``, or as ``with_weights`` / ``with_meta`` say.
+
+    Raises:
+        TypeError: an unknown keyword.
+        records.DataDirError, ValueError: as :func:`make_train_dataset`.
+    """
+    unknown = sorted(set(legacy) - set(_LEGACY_KEYWORDS))
+    if unknown:
+        raise TypeError(f"make_dataset() got unexpected keyword argument(s) {unknown}")
+    opt = {**_LEGACY_KEYWORDS, **legacy}
+    for key, unset in (("repeat", training), ("drop_remainder", training),
+                       ("deterministic", not training)):
+        opt[key] = bool(unset if opt[key] is None else opt[key])
+    recipe = _Recipe(split=split, batch_size=batch_size, training=bool(training), cache=cache,
+                     **opt)
+    return _build(data_dir, recipe, output=_legacy_output(recipe.with_weights, recipe.with_meta))
+
+
+def _legacy_output(with_weights: bool, with_meta: bool) -> Callable[[dict], object]:
+    """What :func:`make_dataset` yields from a batch dict: tuples, or the metadata dict."""
     if with_meta:
-        out = ds
-    elif weight_table is not None:
-        out = ds.map(lambda b: (b["image"], b["label"],
-                                tf.gather(weight_table, tf.cast(b["label"], tf.int32))))
-    else:
-        out = ds.map(lambda b: (b["image"], b["label"]))
-    out = out.prefetch(AUTOTUNE)
-
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    policy = tf.data.experimental.AutoShardPolicy
-    if input_context is not None:
-        options.experimental_distribute.auto_shard_policy = policy.OFF  # sharded above
-    else:
-        options.experimental_distribute.auto_shard_policy = (
-            policy.FILE if file_sharding_is_even(len(paths), _num_workers_from_tf_config())
-            else policy.DATA)
-    return out.with_options(options)
+        return lambda b: {k: b[k] for k in ("image", "label", "patient_id", "path")}
+    if with_weights:
+        return lambda b: (b["image"], b["label"], b["weight"])
+    return lambda b: (b["image"], b["label"])
 
 
 def find_corrupt_shards(paths: Iterable[str | os.PathLike], compression: str = "none",

@@ -1,4 +1,4 @@
-"""The TFRecord contract between the converter and the input pipeline (SPEC §5).
+"""The TFRecord contract between the converter and the input pipeline.
 
 A data directory holds ``{split}-{i:05d}-of-{n:05d}.tfrecord[.gz]`` shards and a
 ``manifest.json`` written last. Each record is a ``tf.train.Example`` with the features in

@@ -1,6 +1,6 @@
 """Train/val/test assignment by patient, duplicate detection and patient-overlap reports.
 
-SPEC §4: the official test split is kept as it is; validation is carved out of train **by
+The official test split is kept as it is; validation is carved out of train **by
 patient**, stratified by class and seeded, so the images of one patient never sit in two splits
 (also a patient with images of both classes). Byte-identical and pixel-identical images are found
 and reported; the carve keeps every duplicate group in one split (:func:`merge_linked_groups`), and
@@ -122,7 +122,7 @@ def assign_splits(official: Sequence[str | None], labels: Sequence[int],
             patients may then straddle train and val, which the overlap report shows).
         keep_official_val: keep the source's own val split and carve nothing. When False, the
             official val images join the train pool before the carve (Kaggle's 16-image val is
-            useless for model selection, SPEC §2).
+            useless for model selection).
         linked_keys: groups of keys that must share a split (duplicate groups, e.g.
             ``DuplicateReport.byte_identical + DuplicateReport.pixel_identical``): their groups
             are merged before the carve, so identical images filed under different patients

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -393,6 +394,47 @@ def test_bad_settings_name_the_flag(tmp_path):
             convert.convert_dataset(src, tmp_path / "out", progress=False, **kw)
     with pytest.raises(ValueError, match="no such file"):
         convert.convert_dataset(tmp_path / "missing", tmp_path / "out", progress=False)
+
+
+def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
+    from absl import flags
+
+    from pneumo_tf import cli
+
+    names = [f.name for f in cli.flag_fields(convert.ConvertConfig)]
+    assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "seed",
+                     "num_shards", "workers", "compression", "max_rejects", "dedupe",
+                     "use_official_val", "download", "cache_dir", "max_pixels"]
+    defaults = convert.ConvertConfig()
+    for name in names:  # one flag per field, with the field's default
+        assert flags.FLAGS[name].default == getattr(defaults, name), name
+    src = tmp_path / "src"
+    write_kaggle_source(src, n_train_patients=4, n_test_patients=1)
+    config = convert.ConvertConfig(image_size=SIZE, workers=1, num_shards=1, progress=False)
+    a = convert.convert_dataset(src, tmp_path / "a", config)
+    b = convert.convert_dataset(src, tmp_path / "b", image_size=SIZE, workers=1, num_shards=1,
+                                progress=False)
+    assert a["splits"] == b["splits"] and a["flags"]["image_size"] == SIZE
+    # Resolved settings are what the manifest records.
+    assert a["flags"]["crop"] == "fixed" and a["flags"]["workers"] == 1
+    assert convert.convert_dataset(src, tmp_path / "c", config, seed=5)["flags"]["seed"] == 5
+    with pytest.raises(TypeError, match="imagesize"):
+        convert.convert_dataset(src, tmp_path / "d", config, imagesize=SIZE)
+    with pytest.raises(convert.ConvertError, match="--image_size=4 is too small"):
+        convert.ConvertConfig(image_size=4).check()
+
+
+@pytest.mark.slow
+def test_cli_bad_input_ends_in_one_line_and_help_lists_only_converter_flags(tmp_path):
+    res = _run_cli([f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"])
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("pneumo_tf.data.convert: error: ")
+    assert "no such file" in res.stderr and not (tmp_path / "out").exists()
+    stray = _run_cli([f"--out={tmp_path / 'out'}", "extra"])
+    assert stray.returncode != 0 and "unexpected arguments: extra" in stray.stderr
+    help_text = _run_cli(["--helpfull"]).stdout
+    assert "--image_size" in help_text and "--max_pixels" in help_text
+    assert not re.search(r"--(run_dir|split)\b", help_text)
 
 
 def test_default_shard_count():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,8 +41,9 @@ def _all_files(root: Path) -> dict[str, bytes]:
 def phantom_set(tmp_path_factory) -> tuple[Path, dict]:
     """A 40 + 12 image set with every PNEUMONIA image tagged and no NORMAL one."""
     out = tmp_path_factory.mktemp("phantoms") / "set"
-    summary = phantoms.write_phantom_dataset(out, 40, 12, seed=3, confounder_rate=1.0,
-                                             images_per_patient=(1, 4), **SMALL)
+    summary = phantoms.write_phantom_dataset(out, num_train=40, num_test=12, seed=3,
+                                             confounder_rate=1.0, images_per_patient=(1, 4),
+                                             **SMALL)
     return out, summary
 
 
@@ -226,9 +228,9 @@ def test_confounder_rate_tags_pneumonia_only_outside_the_crop(phantom_set):
 
 
 def test_partial_confounder_rates(tmp_path):
-    summary = phantoms.write_phantom_dataset(tmp_path / "p", 120, 0, seed=1, confounder_rate=0.5,
-                                             confounder_normal_rate=0.25, min_size=40,
-                                             max_size=48)
+    summary = phantoms.write_phantom_dataset(tmp_path / "p", num_train=120, num_test=0, seed=1,
+                                             confounder_rate=0.5, confounder_normal_rate=0.25,
+                                             min_size=40, max_size=48)
     tagged = summary["confounders"]["train"]
     counts = summary["counts"]["train"]
     assert counts == {"NORMAL": 31, "PNEUMONIA": 89}
@@ -251,8 +253,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
 def test_rerun_replaces_an_earlier_phantom_set(tmp_path):
     out = tmp_path / "set"
-    phantoms.write_phantom_dataset(out, 12, 4, seed=0, **SMALL)
-    phantoms.write_phantom_dataset(out, 3, 1, seed=0, **SMALL)
+    phantoms.write_phantom_dataset(out, num_train=12, num_test=4, seed=0, **SMALL)
+    phantoms.write_phantom_dataset(out, num_train=3, num_test=1, seed=0, **SMALL)
     images = [p for p in out.rglob("*.jpeg")]
     masks = [p for p in (out / "masks").rglob("*.png")]
     assert len(images) == 4 and len(masks) == 8
@@ -269,13 +271,13 @@ def test_an_interrupted_run_looks_incomplete_and_a_rerun_recovers(tmp_path, monk
 
     monkeypatch.setattr(phantoms.atomic_files, "write_json_atomic", dying_write_json)
     with pytest.raises(KeyboardInterrupt):
-        phantoms.write_phantom_dataset(out, 6, 2, seed=0, **SMALL)
+        phantoms.write_phantom_dataset(out, num_train=6, num_test=2, seed=0, **SMALL)
     monkeypatch.undo()
     assert calls and len(list(out.rglob("*.jpeg"))) == 8
     assert (out / phantoms.IN_PROGRESS).exists() and not (out / "phantoms.json").exists()
     with pytest.raises(ValueError, match="not a complete phantom set"):
         phantoms.read_phantom_summary(out)
-    phantoms.write_phantom_dataset(out, 2, 1, seed=0, **SMALL)
+    phantoms.write_phantom_dataset(out, num_train=2, num_test=1, seed=0, **SMALL)
     assert len(list(out.rglob("*.jpeg"))) == 3
     assert not (out / phantoms.IN_PROGRESS).exists()
 
@@ -285,13 +287,13 @@ def test_refuses_a_folder_that_is_not_a_phantom_set(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty and holds no phantoms.json"):
-        phantoms.write_phantom_dataset(out, 2, 0, **SMALL)
+        phantoms.write_phantom_dataset(out, num_train=2, num_test=0, **SMALL)
     assert (out / "precious.txt").read_text() == "keep me"
     # A phantom set with a stranger inside is refused too (nothing is deleted).
-    phantoms.write_phantom_dataset(tmp_path / "set", 2, 0, **SMALL)
+    phantoms.write_phantom_dataset(tmp_path / "set", num_train=2, num_test=0, **SMALL)
     (tmp_path / "set" / "notes.md").write_text("x")
     with pytest.raises(ValueError, match="plus other files"):
-        phantoms.write_phantom_dataset(tmp_path / "set", 2, 0, **SMALL)
+        phantoms.write_phantom_dataset(tmp_path / "set", num_train=2, num_test=0, **SMALL)
     assert (tmp_path / "set" / "train").is_dir()
 
 
@@ -306,6 +308,12 @@ def test_refuses_a_folder_that_is_not_a_phantom_set(tmp_path):
     (dict(pneumonia_fraction=2.0), r"--pneumonia_fraction must be a fraction"),
     (dict(images_per_patient=(3, 2)), r"--images_per_patient must be MIN,MAX"),
     (dict(images_per_patient=(0, 2)), r"--images_per_patient must be MIN,MAX"),
+    (dict(site="c"), r"--site='c' is not one of \('a', 'b'\)"),
+    (dict(site_b_contrast=0.0), r"--site_b_contrast must be > 0"),
+    (dict(site_b_blur=-0.1), r"--site_b_blur must be >= 0"),
+    (dict(site_b_exposure=1.5), r"--site_b_exposure must be in \(-1, 1\)"),
+    (dict(site_b_pneumonia_fraction=1.2), r"--site_b_pneumonia_fraction must be a fraction"),
+    (dict(jpeg_quality=101), r"--jpeg_quality must be in 0-100"),
 ])
 def test_bad_arguments_name_the_flag(tmp_path, kwargs, message):
     args = dict(num_train=4, num_test=0, min_size=64, max_size=64)
@@ -313,6 +321,95 @@ def test_bad_arguments_name_the_flag(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         phantoms.write_phantom_dataset(tmp_path / "out", **args)
     assert not (tmp_path / "out").exists(), "bad arguments must not touch --out"
+
+
+def test_config_declares_the_flags_and_a_config_or_overrides_write_the_same(tmp_path):
+    from absl import flags
+
+    from pneumo_tf import cli
+
+    names = [f.name for f in cli.flag_fields(phantoms.PhantomConfig)]
+    assert {"num_train", "num_test", "seed", "images_per_patient", "site", "site_b_exposure",
+            "site_b_contrast", "site_b_blur", "site_b_pneumonia_fraction"} <= set(names)
+    defaults = phantoms.PhantomConfig()
+    for name in names:  # one flag per field, with the field's default
+        default = getattr(defaults, name)
+        want = [str(v) for v in default] if isinstance(default, tuple) else default
+        assert flags.FLAGS[name].default == want, name
+    config = phantoms.PhantomConfig(num_train=3, num_test=1, seed=2, **SMALL)
+    phantoms.write_phantom_dataset(tmp_path / "config", config)
+    phantoms.write_phantom_dataset(tmp_path / "keywords", num_train=3, num_test=1, seed=2, **SMALL)
+    assert _all_files(tmp_path / "config") == _all_files(tmp_path / "keywords")
+    with pytest.raises(TypeError, match="num_train=..."):
+        phantoms.write_phantom_dataset(tmp_path / "positional", 3)
+
+
+# ----------------------------------------------------------------------------- sites
+
+# Digest of site-a renders made by the code before the site switch existed (commit d623f88):
+# site a must keep drawing exactly those films.
+SITE_A_DIGEST = "f79d8766e41f2bde6f5626933122665777560832717dd9f7c3d3c10d161e12ef"
+
+
+def _render_digest(**site) -> str:
+    digest = hashlib.sha256()
+    for seed, label, size, tag in ((0, 0, (96, 120), False), (1, 1, (200, 260), True),
+                                   (2, 1, (500, 430), False)):  # 500 px: the upsampled path
+        ph = phantoms.render_phantom(np.random.default_rng(seed), label, size, tag, **site)
+        for array in (ph.image, ph.lung_mask, ph.lesion_mask):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def test_site_a_is_unchanged():
+    assert _render_digest() == SITE_A_DIGEST
+    assert _render_digest(site=phantoms.SITE_A) == SITE_A_DIGEST
+    assert phantoms.PhantomConfig().site_look() == phantoms.SITE_A
+
+
+def _laplacian_variance(image: np.ndarray) -> float:
+    return float(cv2.Laplacian(image.astype(np.float64), cv2.CV_64F).var())
+
+
+def test_site_b_films_are_darker_flatter_and_blurrier():
+    site_b = phantoms.PhantomConfig(site="b").site_look()
+    assert site_b == phantoms.SiteLook(exposure=-0.1, contrast=0.75, blur=0.005)
+    for seed in range(4):
+        # The same random state: the same anatomy and masks, only the look differs.
+        a = phantoms.render_phantom(np.random.default_rng(seed), seed % 2, (300, 340))
+        b = phantoms.render_phantom(np.random.default_rng(seed), seed % 2, (300, 340), site=site_b)
+        np.testing.assert_array_equal(a.lung_mask, b.lung_mask)
+        np.testing.assert_array_equal(a.lesion_mask, b.lesion_mask)
+        mean_a, mean_b = a.image.mean(), b.image.mean()
+        assert mean_a - mean_b > 15, (seed, mean_a, mean_b)  # -0.1 of full scale: ~25 levels
+        lung_a = a.image[a.lung_mask].mean()
+        body_a = a.image[~a.lung_mask].mean()
+        lung_b, body_b = b.image[b.lung_mask].mean(), b.image[~b.lung_mask].mean()
+        assert abs(body_b - lung_b) < 0.85 * abs(body_a - lung_a), seed  # contrast 0.75
+        assert b.image.std() < 0.85 * a.image.std(), seed
+        assert _laplacian_variance(b.image) < 0.3 * _laplacian_variance(a.image), seed
+
+
+def test_site_b_set_records_its_site_prevalence_and_other_patients(tmp_path):
+    a = phantoms.write_phantom_dataset(tmp_path / "a", num_train=20, num_test=8, seed=4, **SMALL)
+    b = phantoms.write_phantom_dataset(tmp_path / "b", num_train=20, num_test=8, seed=4,
+                                       site="b", **SMALL)
+    assert a["site"] == {"name": "a", "exposure": 0.0, "contrast": 1.0, "blur": 0.0,
+                         "pneumonia_fraction": 0.74}
+    assert b["site"] == {"name": "b", "exposure": -0.1, "contrast": 0.75, "blur": 0.005,
+                         "pneumonia_fraction": 0.5}
+    assert phantoms.read_phantom_summary(tmp_path / "b")["site"]["name"] == "b"
+    assert b["params"]["site"] == "b" and b["params"]["site_b_contrast"] == 0.75
+    assert a["counts"]["train"] == {"NORMAL": 5, "PNEUMONIA": 15}  # round(20 * 0.74)
+    assert b["counts"]["train"] == {"NORMAL": 10, "PNEUMONIA": 10}  # round(20 * 0.5)
+    # Other random streams: no film of site b repeats one of site a.
+    images_a = {v for k, v in _all_files(tmp_path / "a").items() if k.endswith(".jpeg")}
+    images_b = {v for k, v in _all_files(tmp_path / "b").items() if k.endswith(".jpeg")}
+    assert len(images_b) == 28 and not images_a & images_b
+    # A site-a set written with site="a" spelled out is the default set, byte for byte.
+    phantoms.write_phantom_dataset(tmp_path / "a2", num_train=20, num_test=8, seed=4, site="a",
+                                   **SMALL)
+    assert _all_files(tmp_path / "a2") == _all_files(tmp_path / "a")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -347,3 +444,12 @@ def test_cli_writes_a_set_and_rejects_bad_flags(tmp_path):
     for flag in ("--num_train", "--num_test", "--confounder_rate", "--min_size", "--max_size",
                  "--pneumonia_fraction", "--images_per_patient", "--out", "--seed"):
         assert flag in helpfull.stdout + helpfull.stderr, flag
+    for flag in ("--site", "--site_b_exposure", "--site_b_contrast", "--site_b_blur",
+                 "--site_b_pneumonia_fraction", "--jpeg_quality"):
+        assert flag in helpfull.stdout, flag
+    site_b = _run_tool(f"--out={tmp_path / 'b'}", "--num_train=4", "--num_test=0",
+                       "--min_size=48", "--max_size=64", "--site=b", "--site_b_contrast=0.5")
+    assert site_b.returncode == 0, site_b.stderr
+    summary = json.loads((tmp_path / "b" / "phantoms.json").read_text())
+    assert summary["site"]["name"] == "b" and summary["site"]["contrast"] == 0.5
+    assert bad.stderr.strip().splitlines()[-1].startswith("pneumo_tf.data.phantoms: error: ")

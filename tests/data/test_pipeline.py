@@ -25,12 +25,20 @@ def unbalanced_dir(tmp_path):
     return write_tiny_dataset(tmp_path / "data", counts=UNBALANCED, image_size=16, num_shards=2)
 
 
-def _paths_of(dataset, n_batches=None):
+def _paths_of(dataset, n_batches=None, lookup=None):
+    """Source paths of the images of the first ``n_batches`` batches, in stream order.
+
+    Evaluation batches carry their paths; training batches (no strings) are identified by their
+    pixels through ``lookup`` (:func:`_pixel_lookup`).
+    """
     out = []
     for i, batch in enumerate(dataset):
         if n_batches is not None and i >= n_batches:
             break
-        out.extend(p.decode() for p in batch["path"].numpy())
+        if "path" in batch:
+            out.extend(p.decode() for p in batch["path"].numpy())
+        else:
+            out.extend(lookup[image.tobytes()] for image in batch["image"].numpy())
     return out
 
 
@@ -51,26 +59,36 @@ def _all_records(data_dir, split):
     return out
 
 
+def _pixel_lookup(data_dir, split="train"):
+    """{image bytes: path} of a split whose images are all different (noise images are)."""
+    table = {img.tobytes(): path for path, (img, _) in _all_records(data_dir, split).items()}
+    assert len(table) == records.read_manifest(data_dir)["splits"][split]["count"]
+    return table
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_training_batches_shapes_weights_and_epoch_coverage(unbalanced_dir, cache):
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, training=True, cache=cache, seed=1)
-    assert ds.element_spec[0].shape.as_list() == [4, 16, 16, 1]  # fixed batch shape
-    assert ds.element_spec[0].dtype == tf.uint8
-    for images, labels, weights in ds.take(12):  # 3 epochs of 16 images: repeats forever
+    ds = pipeline.make_train_dataset(unbalanced_dir, 4, cache=cache, seed=1)
+    assert ds.element_spec["image"].shape.as_list() == [4, 16, 16, 1]  # fixed batch shape
+    assert ds.element_spec["image"].dtype == tf.uint8
+    for batch in ds.take(12):  # 3 epochs of 16 images: repeats forever
+        images, labels, weights = batch["image"], batch["label"], batch["weight"]
         assert images.shape == (4, 16, 16, 1) and labels.dtype == tf.float32
         want = np.where(labels.numpy() == 0, 2.0, 2.0 / 3.0)
         np.testing.assert_allclose(weights.numpy(), want, rtol=1e-6)
-    # Each epoch of a training stream holds every image exactly once.
-    meta = pipeline.make_dataset(unbalanced_dir, "train", 4, True, cache=cache, seed=1,
-                                 with_meta=True)
-    seen = _paths_of(meta, n_batches=8)
+    # Each epoch of a training stream holds every image exactly once. Exactly: only in a
+    # deterministic stream (with deterministic=False a batch may overtake the one before it,
+    # across the epoch boundary too).
+    ordered = pipeline.make_train_dataset(unbalanced_dir, 4, cache=cache, seed=1,
+                                          deterministic=True)
+    seen = _paths_of(ordered, n_batches=8, lookup=_pixel_lookup(unbalanced_dir))
     assert sorted(seen[:16]) == sorted(seen[16:]) and len(set(seen[:16])) == 16
     assert seen[:16] != seen[16:]  # reshuffled each epoch
 
 
 def test_weights_none_and_without_weights(unbalanced_dir):
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True, class_weights="none")
-    _, _, w = next(iter(ds))
+    ds = pipeline.make_train_dataset(unbalanced_dir, 4, class_weights="none")
+    w = next(iter(ds))["weight"]
     np.testing.assert_array_equal(w.numpy(), np.ones(4, np.float32))
     pair = pipeline.make_dataset(unbalanced_dir, "train", 4, True, with_weights=False)
     assert len(pair.element_spec) == 2
@@ -82,7 +100,7 @@ def test_eval_one_pass_in_file_order_with_exact_pixels(tmp_path, encoding, compr
     data_dir = write_tiny_dataset(tmp_path / "d", counts={"test": (5, 6)}, image_size=16,
                                   encoding=encoding, compression=compression, num_shards=2)
     truth = _all_records(data_dir, "test")
-    ds = pipeline.make_dataset(data_dir, "test", 4, training=False, cache=cache, with_meta=True)
+    ds = pipeline.make_eval_dataset(data_dir, "test", 4, cache=cache)
     batches = list(ds)
     assert [len(b["path"]) for b in ds] == [4, 4, 3]  # a second pass (cached: from RAM)
     assert [int(b["image"].shape[0]) for b in batches] == [4, 4, 3]  # last partial batch kept
@@ -93,32 +111,36 @@ def test_eval_one_pass_in_file_order_with_exact_pixels(tmp_path, encoding, compr
             want_img, want_label = truth[path.decode()]
             np.testing.assert_array_equal(img, want_img)
             assert label == want_label
-    assert set(batches[0]) == {"image", "label", "patient_id", "path"}
+    # The evaluation dicts carry the training stream's keys plus the ids (the older
+    # make_dataset(with_meta=True) dicts, without "weight", are tested with the wrapper).
+    assert set(batches[0]) == {"image", "label", "weight", "patient_id", "path"}
 
 
 def test_raw_and_png_shards_give_identical_batches(tmp_path):
     raw = write_tiny_dataset(tmp_path / "raw", counts={"val": (3, 4)}, image_size=16, seed=3)
     png = write_tiny_dataset(tmp_path / "png", counts={"val": (3, 4)}, image_size=16, seed=3,
                              encoding="png", compression="gzip")
-    a = list(pipeline.make_dataset(raw, "val", 3, False, with_weights=False))
-    b = list(pipeline.make_dataset(png, "val", 3, False, with_weights=False))
-    for (ia, la), (ib, lb) in zip(a, b):
-        np.testing.assert_array_equal(ia.numpy(), ib.numpy())
-        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+    a = list(pipeline.make_eval_dataset(raw, "val", 3))
+    b = list(pipeline.make_eval_dataset(png, "val", 3))
+    for batch_a, batch_b in zip(a, b):
+        np.testing.assert_array_equal(batch_a["image"].numpy(), batch_b["image"].numpy())
+        np.testing.assert_array_equal(batch_a["label"].numpy(), batch_b["label"].numpy())
 
 
 def test_deterministic_order_follows_seed(unbalanced_dir):
+    lookup = _pixel_lookup(unbalanced_dir)
+
     def order(seed, cache):
-        ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True, cache=cache, seed=seed,
-                                   deterministic=True, with_meta=True)
-        return _paths_of(ds, n_batches=8)
+        ds = pipeline.make_train_dataset(unbalanced_dir, 4, cache=cache, seed=seed,
+                                         deterministic=True)
+        return _paths_of(ds, n_batches=8, lookup=lookup)
 
     for cache in (False, True):
         assert order(0, cache) == order(0, cache)
         assert order(0, cache) != order(1, cache)
-    assert pipeline.make_dataset(unbalanced_dir, "train", 4, True,
-                                 deterministic=True).options().deterministic is True
-    assert pipeline.make_dataset(unbalanced_dir, "train", 4, True).options().deterministic is False
+    assert pipeline.make_train_dataset(unbalanced_dir, 4,
+                                       deterministic=True).options().deterministic is True
+    assert pipeline.make_train_dataset(unbalanced_dir, 4).options().deterministic is False
 
 
 def test_cache_decision_follows_budget(unbalanced_dir):
@@ -136,10 +158,9 @@ def test_cache_decision_follows_budget(unbalanced_dir):
         graph = ds._as_serialized_graph().numpy()
         return b"CacheDatasetV2" in graph or b"MemoryCache" in graph
 
-    assert not has_cache(pipeline.make_dataset(unbalanced_dir, "train", 4, True,
-                                               cache_budget_bytes=need - 1))
-    assert has_cache(pipeline.make_dataset(unbalanced_dir, "train", 4, True,
-                                           cache_budget_bytes=need))
+    assert not has_cache(pipeline.make_train_dataset(unbalanced_dir, 4,
+                                                     cache_budget_bytes=need - 1))
+    assert has_cache(pipeline.make_train_dataset(unbalanced_dir, 4, cache_budget_bytes=need))
 
 
 # 2 shards: file-level sharding; 1 (fewer than pipelines) and 3 (uneven): record-level.
@@ -148,13 +169,17 @@ def test_cache_decision_follows_budget(unbalanced_dir):
 def test_input_context_shards_disjoint_and_complete(tmp_path, num_shards, training):
     data_dir = write_tiny_dataset(tmp_path / "d", counts={"train": (4, 12)}, image_size=16,
                                   num_shards=num_shards)
+    lookup = _pixel_lookup(data_dir)
     per_pipeline = []
     for pid in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
                                          num_replicas_in_sync=2)
-        ds = pipeline.make_dataset(data_dir, "train", 2, training, input_context=ctx,
-                                   with_meta=True)
-        per_pipeline.append(_paths_of(ds, n_batches=4))  # 8 images = one epoch per pipeline
+        # Deterministic: "the first 4 batches are one epoch" holds only in order.
+        if training:
+            ds = pipeline.make_train_dataset(data_dir, 2, input_context=ctx, deterministic=True)
+        else:
+            ds = pipeline.make_eval_dataset(data_dir, "train", 2, input_context=ctx)
+        per_pipeline.append(_paths_of(ds, n_batches=4, lookup=lookup))  # 8 images = one epoch
     a, b = map(set, per_pipeline)
     assert len(a) == len(b) == 8 and not a & b and len(a | b) == 16
 
@@ -166,36 +191,166 @@ def test_file_sharding_only_when_files_divide_evenly():
     assert not pipeline.file_sharding_is_even(2, 3)
 
 
+def _context(pid, num=2):
+    return tf.distribute.InputContext(num_input_pipelines=num, input_pipeline_id=pid,
+                                      num_replicas_in_sync=num)
+
+
+def test_plan_shards_by_file_or_by_record(tmp_path):
+    two = write_tiny_dataset(tmp_path / "two", counts={"train": (4, 12)}, num_shards=2)
+    three = write_tiny_dataset(tmp_path / "three", counts={"train": (4, 12)}, num_shards=3)
+
+    def shards(d):
+        return [str(p) for p in records.split_shards(d, records.read_manifest(d), "train")]
+
+    alone = pipeline.plan_shards(two, records.read_manifest(two), "train")
+    assert alone.paths == tuple(shards(two)) and alone.counts == (8, 8) and alone.counts_known
+    assert (alone.num_pipelines, alone.by_record, alone.records_per_pipeline) == (1, False, 16)
+    # 2 shards, 2 pipelines: one file each.
+    plans = [pipeline.plan_shards(two, records.read_manifest(two), "train", _context(i))
+             for i in range(2)]
+    assert [p.paths for p in plans] == [(shards(two)[0],), (shards(two)[1],)]
+    assert not any(p.by_record for p in plans) and plans[1].records_per_pipeline == 8
+    # 3 shards, 2 pipelines: every file, every other record.
+    plan = pipeline.plan_shards(three, records.read_manifest(three), "train", _context(1))
+    assert plan.paths == tuple(shards(three)) and plan.by_record and plan.pipeline_id == 1
+    assert plan.split_files == 3
+    # No shard_counts in the manifest: counts unknown (nothing to assert at a shard's end).
+    manifest = records.read_manifest(two)
+    del manifest["splits"]["train"]["shard_counts"]
+    plan = pipeline.plan_shards(two, manifest, "train")
+    assert plan.counts == (-1, -1) and not plan.counts_known
+    manifest["compression"] = "zip"
+    with pytest.raises(records.DataDirError, match="unknown compression 'zip'"):
+        pipeline.plan_shards(two, manifest, "train")
+
+
+def _paths_in(serialized):
+    return [tf.io.parse_single_example(r, records.feature_spec())["path"].numpy().decode()
+            for r in serialized]
+
+
+def test_read_records_in_file_order_or_every_nth(tmp_path):
+    data_dir = write_tiny_dataset(tmp_path / "d", counts={"train": (3, 4)}, num_shards=3)
+    manifest = records.read_manifest(data_dir)
+    in_order = list(_all_records(data_dir, "train"))
+    plan = pipeline.plan_shards(data_dir, manifest, "train")
+    assert _paths_in(pipeline.read_records(plan)) == in_order
+    # Interleaved (training): the same records, files in turn.
+    interleaved = _paths_in(pipeline.read_records(plan, interleave=True))
+    assert sorted(interleaved) == sorted(in_order) and interleaved != in_order
+    # By record: the pipelines keep every other record of the same order.
+    for pid in range(2):
+        mine = pipeline.plan_shards(data_dir, manifest, "train", _context(pid))
+        shuffled = pipeline.read_records(mine, file_shuffle_seed=3)  # by record: not shuffled
+        assert _paths_in(shuffled) == in_order[pid::2]
+
+
+def test_batch_parser_decodes_one_batch(unbalanced_dir):
+    manifest = records.read_manifest(unbalanced_dir)
+    plan = pipeline.plan_shards(unbalanced_dir, manifest, "test")
+    serialized = next(iter(pipeline.read_records(plan).batch(5)))
+    truth = list(_all_records(unbalanced_dir, "test").values())[:5]
+    plain = pipeline.batch_parser(manifest, unbalanced_dir, with_meta=False)(serialized)
+    assert set(plain) == {"image", "label"} and plain["image"].dtype == tf.uint8
+    np.testing.assert_array_equal(plain["image"].numpy(), np.stack([t[0] for t in truth]))
+    np.testing.assert_array_equal(plain["label"].numpy(), [float(t[1]) for t in truth])
+    meta = pipeline.batch_parser(manifest, unbalanced_dir, with_meta=True)(serialized)
+    assert set(meta) == {"image", "label", "patient_id", "path"}
+    manifest["encoding"] = "jpeg"
+    with pytest.raises(records.DataDirError, match="unknown encoding 'jpeg'.*re-run"):
+        pipeline.batch_parser(manifest, unbalanced_dir, with_meta=False)
+
+
+def test_class_weight_table(unbalanced_dir):
+    manifest = records.read_manifest(unbalanced_dir)
+    table = pipeline.class_weight_table(manifest, unbalanced_dir, "balanced")
+    np.testing.assert_allclose(table.numpy(), [2.0, 2.0 / 3.0], rtol=1e-6)
+    del manifest["class_weights"]
+    np.testing.assert_array_equal(
+        pipeline.class_weight_table(manifest, unbalanced_dir, "none").numpy(), [1.0, 1.0])
+    with pytest.raises(records.DataDirError, match="no class_weights"):
+        pipeline.class_weight_table(manifest, unbalanced_dir, "balanced")
+
+
+def test_train_and_eval_streams_share_their_common_keys(unbalanced_dir):
+    train = pipeline.make_train_dataset(unbalanced_dir, 4).element_spec
+    evaluation = pipeline.make_eval_dataset(unbalanced_dir, "test", 4).element_spec
+    assert set(train) == {"image", "label", "weight"}
+    assert set(evaluation) == set(train) | {"patient_id", "path"}
+    for key in train:
+        assert train[key].dtype == evaluation[key].dtype, key
+        assert train[key].shape[1:] == evaluation[key].shape[1:], key
+        assert train[key].shape[0] == 4 and evaluation[key].shape[0] is None, key
+    # No strings in the training stream: MirroredStrategy puts every tensor on the GPUs.
+    assert all(spec.dtype != tf.string for spec in train.values())
+
+
+def test_nondeterministic_train_stream_holds_only_the_split(unbalanced_dir):
+    lookup = _pixel_lookup(unbalanced_dir)
+    seen = _paths_of(pipeline.make_train_dataset(unbalanced_dir, 4, cache=False), 12, lookup)
+    assert len(seen) == 48 and set(seen) <= set(lookup.values())
+
+
+def test_make_dataset_wrapper_serves_the_older_calls(unbalanced_dir):
+    # The default: (image, label, weight) tuples for keras.Model.fit.
+    images, labels, weights = next(iter(pipeline.make_dataset(unbalanced_dir, "train", 4, True)))
+    assert images.shape == (4, 16, 16, 1)
+    np.testing.assert_allclose(weights.numpy(), np.where(labels.numpy() == 0, 2.0, 2.0 / 3.0),
+                               rtol=1e-6)
+    # As export.parity_images calls it: one batch of images of an evaluation pass.
+    ds = pipeline.make_dataset(unbalanced_dir, "test", batch_size=11, training=False,
+                               with_weights=False, cache=False)
+    assert len(ds.element_spec) == 2 and next(iter(ds))[0].shape == (11, 16, 16, 1)
+    # As train.py calls it for its training stream.
+    ds = pipeline.make_dataset(unbalanced_dir, "train", 2, training=True, cache=False, seed=3,
+                               deterministic=None, class_weights="none", repeat=True,
+                               drop_remainder=True, input_context=_context(0),
+                               skip_corrupt=False)
+    assert ds.options().deterministic is False and len(list(ds.take(9))) == 9
+    meta = pipeline.make_dataset(unbalanced_dir, "test", 4, False, with_meta=True)
+    assert set(meta.element_spec) == {"image", "label", "patient_id", "path"}
+    assert len(_paths_of(meta)) == 11
+    # Repeated evaluation order and a training stream of another split, as before.
+    again = pipeline.make_dataset(unbalanced_dir, "test", 11, False, with_meta=True, repeat=True)
+    assert _paths_of(again, 2)[:11] == _paths_of(again, 2)[11:]
+    test_stream = pipeline.make_dataset(unbalanced_dir, "test", 4, True, with_meta=True)
+    assert set(_paths_of(test_stream, 6)) == set(_all_records(unbalanced_dir, "test"))
+    with pytest.raises(TypeError, match="'shuffle'"):
+        pipeline.make_dataset(unbalanced_dir, "train", 4, True, shuffle=False)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_uneven_shards_give_every_image_the_same_frequency(tmp_path, cache):
     # 3 shards of 4 images over 2 pipelines: by file, one pipeline would repeat 8 images and the
     # other 4 (seen twice as often); by record each pipeline repeats 6.
     data_dir = write_tiny_dataset(tmp_path / "d", counts={"train": (6, 6)}, image_size=16,
                                   num_shards=3)
+    lookup = _pixel_lookup(data_dir)
     seen = collections.Counter()
     for pid in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
                                          num_replicas_in_sync=2)
-        ds = pipeline.make_dataset(data_dir, "train", 2, True, cache=cache, input_context=ctx,
-                                   with_meta=True)
-        seen.update(_paths_of(ds, n_batches=12))  # 24 images = 2 epochs' worth of 12 images
+        ds = pipeline.make_train_dataset(data_dir, 2, cache=cache, input_context=ctx,
+                                         deterministic=True)
+        seen.update(_paths_of(ds, n_batches=12, lookup=lookup))  # 4 epochs of 6 per pipeline
     assert len(seen) == 12 and set(seen.values()) == {4}, seen
 
 
 def test_auto_shard_policy(unbalanced_dir, monkeypatch):
     policy = tf.data.experimental.AutoShardPolicy
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True)
+    ds = pipeline.make_train_dataset(unbalanced_dir, 4)
     assert ds.options().experimental_distribute.auto_shard_policy == policy.FILE
     cluster = {"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))  # 3 workers > 2 shards
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, True)
+    ds = pipeline.make_train_dataset(unbalanced_dir, 4)
     assert ds.options().experimental_distribute.auto_shard_policy == policy.DATA
     three = write_tiny_dataset(unbalanced_dir.parent / "three", counts=UNBALANCED, image_size=16,
                                num_shards=3)
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]}}))
-    assert pipeline.make_dataset(unbalanced_dir, "train", 4, True).options() \
+    assert pipeline.make_train_dataset(unbalanced_dir, 4).options() \
         .experimental_distribute.auto_shard_policy == policy.FILE  # 2 shards, 2 workers
-    assert pipeline.make_dataset(three, "train", 4, True).options() \
+    assert pipeline.make_train_dataset(three, 4).options() \
         .experimental_distribute.auto_shard_policy == policy.DATA  # 3 shards, 2 workers
 
 
@@ -220,7 +375,8 @@ def _flip_byte(path, fraction=0.5):
 def test_corrupt_shard_error_names_the_shard(unbalanced_dir, damage, training):
     bad = unbalanced_dir / "train-00001-of-00002.tfrecord"
     damage(bad)
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, training, cache=False)
+    ds = (pipeline.make_train_dataset(unbalanced_dir, 4, cache=False) if training
+          else pipeline.make_eval_dataset(unbalanced_dir, "train", 4, cache=False))
     with pytest.raises(pipeline.CorruptShardError, match="train-00001-of-00002.tfrecord") as info:
         for _ in pipeline.iterate_checked(ds, unbalanced_dir, "train"):
             pass
@@ -231,7 +387,7 @@ def test_corrupt_shard_error_names_the_shard(unbalanced_dir, damage, training):
 
 def test_explain_data_loss_for_a_fit_style_loop(unbalanced_dir):
     _flip_byte(unbalanced_dir / "train-00000-of-00002.tfrecord")
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, False)
+    ds = pipeline.make_eval_dataset(unbalanced_dir, "train", 4)
     with pytest.raises(pipeline.DATA_LOSS_ERRORS) as info:
         for _ in ds:
             pass
@@ -265,8 +421,8 @@ def test_skip_corrupt_drops_the_rest_of_the_shard_and_reports_it(unbalanced_dir,
     starts = _record_starts(bad)
     assert len(starts) == 8
     _flip_byte(bad, (starts[2] + 12 + 5) / bad.stat().st_size)  # inside record 2's data
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, False, skip_corrupt=True)
-    n = sum(int(x.shape[0]) for x, _, _ in ds)
+    ds = pipeline.make_eval_dataset(unbalanced_dir, "train", 4, skip_corrupt=True)
+    n = sum(int(batch["image"].shape[0]) for batch in ds)
     # Shard 0 whole, shard 1 up to its bad record: records 3-7 are intact but lost as well.
     assert n == 8 + 2
     err = capfd.readouterr().err
@@ -277,27 +433,27 @@ def test_skip_corrupt_drops_the_rest_of_the_shard_and_reports_it(unbalanced_dir,
 def test_skip_corrupt_reports_a_truncated_shard(unbalanced_dir, capfd):
     bad = unbalanced_dir / "train-00001-of-00002.tfrecord"
     _truncate(bad)
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 4, False, skip_corrupt=True)
-    n = sum(int(x.shape[0]) for x, _, _ in ds)
+    ds = pipeline.make_eval_dataset(unbalanced_dir, "train", 4, skip_corrupt=True)
+    n = sum(int(batch["image"].shape[0]) for batch in ds)
     assert 8 <= n < 16  # shard 0 whole, shard 1 partly
     assert f"{n - 8} of 8 records; {16 - n} records lost" in capfd.readouterr().err
 
 
 def test_bad_inputs_give_actionable_errors(tmp_path, unbalanced_dir):
     with pytest.raises(records.DataDirError, match="manifest.json is missing"):
-        pipeline.make_dataset(tmp_path, "train", 4, True)
+        pipeline.make_train_dataset(tmp_path, 4)
     with pytest.raises(records.DataDirError, match="split 'val' is not in"):
-        pipeline.make_dataset(unbalanced_dir, "val", 4, True)
+        pipeline.make_eval_dataset(unbalanced_dir, "val", 4)
     with pytest.raises(ValueError, match="class_weights='equal'"):
-        pipeline.make_dataset(unbalanced_dir, "train", 4, True, class_weights="equal")
+        pipeline.make_train_dataset(unbalanced_dir, 4, class_weights="equal")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        pipeline.make_dataset(unbalanced_dir, "train", 0, True)
+        pipeline.make_train_dataset(unbalanced_dir, 0)
     # A manifest that lies about the image size: the error names the data dir and the fix.
     manifest = records.read_manifest(unbalanced_dir)
     manifest["image_size"] = 32
     records.write_manifest(unbalanced_dir, manifest)
     with pytest.raises(tf.errors.InvalidArgumentError, match="not 32x32 raw uint8.*re-run"):
-        next(iter(pipeline.make_dataset(unbalanced_dir, "train", 4, False)))
+        next(iter(pipeline.make_eval_dataset(unbalanced_dir, "train", 4)))
 
 
 _DISTRIBUTED_SCRIPT = textwrap.dedent("""
@@ -314,8 +470,8 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
     out = {"replicas": strategy.num_replicas_in_sync}
 
     def fn(ctx):
-        return pipeline.make_dataset(data_dir, "test", ctx.get_per_replica_batch_size(
-            per_replica * ctx.num_replicas_in_sync), False, input_context=ctx, with_meta=True)
+        return pipeline.make_eval_dataset(data_dir, "test", ctx.get_per_replica_batch_size(
+            per_replica * ctx.num_replicas_in_sync), input_context=ctx)
 
     def paths_and_global_batches(dist):
         paths, sizes = [], []
@@ -327,19 +483,19 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
 
     out["from_function"] = paths_and_global_batches(
         strategy.distribute_datasets_from_function(fn))
-    global_ds = pipeline.make_dataset(data_dir, "test", per_replica * 2, False, with_meta=True)
+    global_ds = pipeline.make_eval_dataset(data_dir, "test", per_replica * 2)
     out["distribute_dataset"] = paths_and_global_batches(
         strategy.experimental_distribute_dataset(global_ds))
 
     # Training stream + the augmentation layer in a replicated step.
-    train = strategy.distribute_datasets_from_function(lambda ctx: pipeline.make_dataset(
-        data_dir, "train", per_replica, True, input_context=ctx))
+    train = strategy.distribute_datasets_from_function(lambda ctx: pipeline.make_train_dataset(
+        data_dir, per_replica, input_context=ctx))
     with strategy.scope():
         layer = RandomAffine(seed=1, resampler="gather")
 
     @tf.function
     def step(batch):
-        images = tf.repeat(tf.cast(batch[0], tf.float32), 3, axis=-1)
+        images = tf.repeat(tf.cast(batch["image"], tf.float32), 3, axis=-1)
         return layer(images, training=True)
 
     res = strategy.run(step, args=(next(iter(train)),))
