@@ -350,6 +350,7 @@ class Trainer:
     def predict_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [N], probs [N])`` of a whole split, on this worker, in file order."""
         ds = pipeline.make_eval_dataset(self.cfg.data_dir, split, self.cfg.val_batch_size,
+                                        class_weights="none",
                                         cache=self.cfg.cache_arg(),
                                         skip_corrupt=self.cfg.skip_corrupt)
         count = int(self.manifest["splits"][split]["count"])

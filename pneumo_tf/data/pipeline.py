@@ -161,7 +161,7 @@ def resolve_cache(cache: bool | None, manifest: dict, split: str, num_pipelines:
               if cache_budget_bytes is None else int(cache_budget_bytes))
     if cache is None:
         use = need <= budget
-        log.info("split %s: decoded size %.1f MiB, cache budget %.1f MiB -> %s", split,
+        log.debug("split %s: decoded size %.1f MiB, cache budget %.1f MiB -> %s", split,
                  need / 2**20, budget / 2**20, "cache in RAM" if use else "stream from shards")
         return use
     if cache and need > budget:
@@ -704,23 +704,3 @@ def iterate_checked(dataset: tf.data.Dataset, data_dir: str | os.PathLike,
     except DATA_LOSS_ERRORS as e:
         raise explain_data_loss(data_dir, split, e) from e
 
-
-def make_train_dataset(data_dir, batch_size: int, *, seed: int = 0, cache: bool | None = None,
-                       deterministic: bool = False, class_weights: str = "balanced",
-                       input_context=None, skip_corrupt: bool = False,
-                       cache_budget_bytes: int | None = None,
-                       shuffle_buffer: int | None = None) -> tf.data.Dataset:
-    """The train split as an endless stream of ``{"image", "label", "weight"}`` batches."""
-    ds = make_dataset(data_dir, "train", batch_size, training=True, cache=cache, seed=seed,
-                      deterministic=True if deterministic else None, class_weights=class_weights,
-                      repeat=True, drop_remainder=True, input_context=input_context,
-                      skip_corrupt=skip_corrupt, cache_budget_bytes=cache_budget_bytes,
-                      shuffle_buffer=shuffle_buffer)
-    return ds.map(lambda x, y, w: {"image": x, "label": y, "weight": w})
-
-
-def make_eval_dataset(data_dir, split: str, batch_size: int, *, cache: bool | None = False,
-                      skip_corrupt: bool = False, class_weights: str = "balanced") -> tf.data.Dataset:
-    """One pass over ``split`` in file order as ``{"image", "label", "patient_id", "path"}``."""
-    return make_dataset(data_dir, split, batch_size, training=False, cache=cache,
-                        skip_corrupt=skip_corrupt, with_meta=True)
