@@ -87,6 +87,32 @@ def binary_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
             "auc": ranking["roc_auc"], "pr_auc": ranking["average_precision"]}
 
 
+def subtype_epoch_metrics(subtypes, class_probs) -> dict[str, float]:
+    """Per-class recall and one-vs-rest ROC AUC of the three-way head, over the known subtypes.
+
+    Args:
+        subtypes: ``[N]`` 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (skipped).
+        class_probs: ``[N, 3]`` softmax probabilities.
+
+    Returns:
+        ``{"recall_NORMAL": .., "auc_NORMAL": .., ...}``; NaN where a class is absent.
+    """
+    from pneumo_tf.model import SUBTYPE_NAMES
+
+    y = np.asarray(subtypes).astype(int).reshape(-1)
+    p = np.asarray(class_probs, np.float64)
+    known = y >= 0
+    y, p = y[known], p[known]
+    pred = np.argmax(p, axis=1)
+    out = {}
+    for c, name in enumerate(SUBTYPE_NAMES):
+        is_c = y == c
+        out[f"recall_{name}"] = float(np.mean(pred[is_c] == c)) if is_c.any() else float("nan")
+        both = is_c.any() and (~is_c).any()
+        out[f"auc_{name}"] = float(skm.roc_auc_score(is_c, p[:, c])) if both else float("nan")
+    return out
+
+
 def expected_calibration_error(labels, probs, num_bins: int = ECE_BINS) -> float:
     """ECE of the PNEUMONIA probability with ``num_bins`` equal-width bins on [0, 1].
 

@@ -44,6 +44,7 @@ from pneumo_tf import atomic_files, cli, distribute, precision_probe, rundir
 from pneumo_tf import augment as augment_lib
 from pneumo_tf import model as model_lib
 from pneumo_tf.data import pipeline, records
+from pneumo_tf import metrics as metrics_lib
 from pneumo_tf.metrics import binary_metrics
 from pneumo_tf.progress import Progress
 from pneumo_tf.train_config import (TrainConfig, TrainError, augment_kwargs,  # noqa: F401
@@ -183,11 +184,27 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, precision_policy: str
 
 
 def make_loss(cfg: TrainConfig):
-    """The per-example training loss (focal or binary cross-entropy, optional smoothing)."""
+    """The per-example training loss: focal or cross-entropy, binary (sigmoid) or, for
+    ``--task=subtype``, categorical over the softmax (focal loss generalised to softmax: each
+    class's term weighted by ``(1 - p)^gamma``); optional label smoothing."""
+    smooth = cfg.label_smoothing
+    if cfg.task == "subtype":
+        if cfg.loss == "focal":
+            return keras.losses.CategoricalFocalCrossentropy(
+                alpha=1.0, gamma=cfg.focal_gamma, label_smoothing=smooth, reduction=None)
+        return keras.losses.CategoricalCrossentropy(label_smoothing=smooth, reduction=None)
     if cfg.loss == "focal":
         return keras.losses.BinaryFocalCrossentropy(
-            gamma=cfg.focal_gamma, label_smoothing=cfg.label_smoothing, reduction=None)
-    return keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing, reduction=None)
+            gamma=cfg.focal_gamma, label_smoothing=smooth, reduction=None)
+    return keras.losses.BinaryCrossentropy(label_smoothing=smooth, reduction=None)
+
+
+def loss_targets(cfg: TrainConfig, labels, targets):
+    """What the loss compares the output with: ``[B, 1]`` labels, or one-hot subtypes ``[B, 3]``
+    (an unknown subtype, -1, is all zeros: it contributes no loss)."""
+    if cfg.task == "subtype":
+        return tf.one_hot(tf.cast(targets, tf.int32), len(model_lib.SUBTYPE_NAMES))
+    return tf.cast(labels, tf.float32)[:, None]
 
 
 def build_model(cfg: TrainConfig, image_size: int, augment: dict | None):
@@ -195,7 +212,7 @@ def build_model(cfg: TrainConfig, image_size: int, augment: dict | None):
     return model_lib.build_model(
         cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
         cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
-        dropout=tuple(cfg.head_dropout))
+        dropout=tuple(cfg.head_dropout), task=cfg.task)
 
 
 def keras_cache_dir() -> Path:
@@ -255,6 +272,9 @@ class Trainer:
             self.optimizer = make_optimizer(cfg, self.steps_per_epoch, setup.precision_policy)
             self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = make_loss(cfg)
+        # What the loss reads: the pneumonia probability [B, 1], or the class probabilities.
+        self.net = (model_lib.class_probability_model(self.model) if cfg.task == "subtype"
+                    else self.model)
         # Keras SeedGenerator states (dropout, augmentation): re-seeded per epoch, and saved.
         self.seed_states = [v for v in self.model.variables
                             if v.path.endswith("seed_generator_state")]
@@ -264,12 +284,16 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, run_state=self.state_var,
             **{f"seed_state_{i}": v.value for i, v in enumerate(self.seed_states)})
         self._step = self._make_step()
-        self._predict = tf.function(lambda x: self.model(x, training=False))
+        self._predict = tf.function(lambda x: self.net(x, training=False))
 
-    def _replica_step(self, images, labels, weights):
+    def pneumonia_probability(self, outputs):
+        """``[B]`` P(PNEUMONIA) from :attr:`net`'s outputs (1 - p(NORMAL) for subtypes)."""
+        return 1.0 - outputs[:, 0] if self.cfg.task == "subtype" else outputs[:, 0]
+
+    def _replica_step(self, images, labels, weights, targets):
         with tf.GradientTape() as tape:
-            probs = self.model(images, training=True)
-            per_example = self.loss_fn(labels[:, None], probs)
+            outputs = self.net(images, training=True)
+            per_example = self.loss_fn(loss_targets(self.cfg, labels, targets), outputs)
             if self.cfg.debug_nan_at_step >= 0:
                 per_example = tf.where(
                     self.optimizer.iterations == self.cfg.debug_nan_at_step,
@@ -279,7 +303,7 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.model.trainable_variables)
         self.optimizer.apply(grads, self.model.trainable_variables)
-        return loss, probs[:, 0]
+        return loss, self.pneumonia_probability(tf.cast(outputs, tf.float32))
 
     def _make_step(self):
         replica_fn = self._replica_step
@@ -288,26 +312,30 @@ class Trainer:
         strategy = self.strategy
 
         @tf.function
-        def step(images, labels, weights):
-            loss, probs = strategy.run(replica_fn, args=(images, labels, weights))
+        def step(images, labels, weights, targets):
+            loss, probs = strategy.run(replica_fn, args=(images, labels, weights, targets))
             return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
                     strategy.gather(probs, axis=0), strategy.gather(labels, axis=0))
 
         return step
 
-    def train_step(self, images, labels, weights):
+    def train_step(self, images, labels, weights, targets):
         """One optimizer step on a distributed batch (from :meth:`train_dataset`).
 
-        Returns:
-            ``(global mean loss, probabilities [G], labels [G])`` gathered from every replica.
-        """
-        return self._step(images, labels, weights)
+        Args:
+            targets: ``[B]`` int32: the subtype for ``--task=subtype`` (ignored otherwise).
 
-    def step_on_global_batch(self, images, labels, weights) -> float:
+        Returns:
+            ``(global mean loss, P(PNEUMONIA) [G], labels [G])`` gathered from every replica.
+        """
+        return self._step(images, labels, weights, targets)
+
+    def step_on_global_batch(self, images, labels, weights, targets=None) -> float:
         """One optimizer step on a given global batch split evenly across replicas; its loss.
 
         Args:
-            images: ``[G, S, S, 1] uint8``; labels, weights: ``[G] float32``; G = global batch.
+            images: ``[G, S, S, 1] uint8``; labels, weights: ``[G] float32``; targets: ``[G]``
+                subtypes (default: the labels); G = global batch.
 
         Raises:
             ValueError: G is not ``batch_size`` times the number of replicas.
@@ -317,13 +345,22 @@ class Trainer:
             raise ValueError(f"a global batch of {int(tf.shape(images)[0])} images; expected "
                              f"--batch_size ({per}) x {self.setup.num_replicas} replicas")
 
+        targets = tf.cast(labels if targets is None else targets, tf.int32)
+
         def part(ctx):
             lo = ctx.replica_id_in_sync_group * per
-            return (images[lo:lo + per], labels[lo:lo + per], weights[lo:lo + per])
+            return (images[lo:lo + per], labels[lo:lo + per], weights[lo:lo + per],
+                    targets[lo:lo + per])
 
         dist = self.strategy.experimental_distribute_values_from_function(part)
         loss, _, _ = self.train_step(*dist)
         return float(loss)
+
+    def pipeline_class_weights(self) -> str:
+        """The pipeline's weight mode: per subtype for ``--task=subtype``, else per label."""
+        if self.cfg.task == "subtype" and self.cfg.class_weights == "balanced":
+            return "balanced_subtype"
+        return self.cfg.class_weights
 
     def train_dataset(self, epoch: int, skip_steps: int = 0):
         """The distributed training stream of ``epoch``: order a function of (seed, epoch)."""
@@ -333,9 +370,11 @@ class Trainer:
         def dataset_fn(ctx):
             ds = pipeline.make_train_dataset(
                 cfg.data_dir, cfg.batch_size, seed=seed, cache=cfg.cache_arg(),
-                deterministic=cfg.deterministic, class_weights=cfg.class_weights,
+                deterministic=cfg.deterministic, class_weights=self.pipeline_class_weights(),
                 input_context=ctx, skip_corrupt=cfg.skip_corrupt)
-            ds = ds.map(lambda b: (b["image"], b["label"], b["weight"]))
+            subtype = cfg.task == "subtype"
+            ds = ds.map(lambda b: (b["image"], b["label"], b["weight"],
+                                   b["subtype"] if subtype else tf.cast(b["label"], tf.int32)))
             if skip_steps:
                 ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
             return ds
@@ -347,25 +386,40 @@ class Trainer:
         for i, var in enumerate(self.seed_states):
             var.assign(np.array([epoch_seed(self.cfg.seed, epoch, 1 + i), 0], np.uint32))
 
-    def predict_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(labels [N], probs [N])`` of a whole split, on this worker, in file order."""
+    def predict_split(self, split: str) -> dict:
+        """A whole split on this worker, in file order: ``{"label" [N], "probability" [N]}``,
+        plus ``"subtype" [N]`` and ``"class_probabilities" [N, 3]`` for ``--task=subtype``."""
         ds = pipeline.make_eval_dataset(self.cfg.data_dir, split, self.cfg.val_batch_size,
                                         class_weights="none",
                                         cache=self.cfg.cache_arg(),
                                         skip_corrupt=self.cfg.skip_corrupt)
         count = int(self.manifest["splits"][split]["count"])
         bar = Progress(count, split, enabled=self.setup.is_chief)
-        labels, probs = [], []
+        parts = {"label": [], "outputs": [], "subtype": []}
         for batch in pipeline.iterate_checked(ds, self.cfg.data_dir, split):
-            probs.append(np.asarray(self._predict(batch["image"]))[:, 0])
-            labels.append(batch["label"].numpy())
-            bar.update(sum(len(v) for v in labels))
+            parts["outputs"].append(np.asarray(self._predict(batch["image"]), np.float32))
+            parts["label"].append(batch["label"].numpy())
+            if self.cfg.task == "subtype":
+                parts["subtype"].append(batch["subtype"].numpy())
+            bar.update(sum(len(v) for v in parts["label"]))
         bar.close()
-        return np.concatenate(labels), np.concatenate(probs)
+        outputs = np.concatenate(parts["outputs"])
+        out = {"label": np.concatenate(parts["label"]),
+               "probability": np.asarray(self.pneumonia_probability(outputs))}
+        if self.cfg.task == "subtype":
+            out.update(subtype=np.concatenate(parts["subtype"]), class_probabilities=outputs)
+        return out
 
-    def mean_loss(self, labels: np.ndarray, probs: np.ndarray) -> float:
-        """Unweighted mean of the training loss over ``probs`` (Keras' val_loss)."""
-        per = self.loss_fn(labels[:, None].astype(np.float32), probs[:, None].astype(np.float32))
+    def mean_loss(self, pred: dict) -> float:
+        """Unweighted mean of the training loss over a :meth:`predict_split` result (Keras'
+        val_loss); images of unknown subtype do not count for ``--task=subtype``."""
+        if self.cfg.task == "subtype":
+            known = pred["subtype"] >= 0
+            targets = loss_targets(self.cfg, None, pred["subtype"][known])
+            per = self.loss_fn(targets, pred["class_probabilities"][known])
+        else:
+            per = self.loss_fn(pred["label"][:, None].astype(np.float32),
+                               pred["probability"][:, None].astype(np.float32))
         return float(np.mean(np.asarray(per)))
 
     def get_lr(self) -> float:
@@ -574,10 +628,10 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
         _profile_toggle(ctx, global_step, starting=True)
         t0 = time.perf_counter()
         try:
-            images, y, w = next(iterator)
+            images, y, w, targets = next(iterator)
         except pipeline.DATA_LOSS_ERRORS as e:
             raise pipeline.explain_data_loss(cfg.data_dir, "train", e) from e
-        loss, p, lab = trainer.train_step(images, y, w)
+        loss, p, lab = trainer.train_step(images, y, w, targets)
         loss = float(loss)
         if ctx.first_step_done:  # the first step traces and compiles: not throughput
             state.train_seconds += time.perf_counter() - t0
@@ -601,10 +655,15 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
 
 
 def validate(ctx: RunContext) -> dict:
-    """``val_loss`` and the ``val_*`` metrics of the whole val split (agreed across workers)."""
-    labels, probs = ctx.trainer.predict_split("val")
-    row = {f"val_{k}": v for k, v in binary_metrics(labels, probs).items()}
-    row["val_loss"] = ctx.trainer.agree(ctx.trainer.mean_loss(labels, probs))
+    """``val_loss`` and the ``val_*`` metrics of the whole val split (agreed across workers);
+    for ``--task=subtype`` also per-class recall and one-vs-rest AUC (``val_subtype_*``)."""
+    pred = ctx.trainer.predict_split("val")
+    row = {f"val_{k}": v for k, v in binary_metrics(pred["label"], pred["probability"]).items()}
+    row["val_loss"] = ctx.trainer.agree(ctx.trainer.mean_loss(pred))
+    if "subtype" in pred:
+        per_class = metrics_lib.subtype_epoch_metrics(pred["subtype"],
+                                                      pred["class_probabilities"])
+        row.update({f"val_subtype_{k}": v for k, v in per_class.items()})
     return row
 
 
@@ -618,6 +677,9 @@ def _write_epoch_summaries(ctx: RunContext, row: dict, epoch: int, seconds: floa
             if split == "train":
                 tf.summary.scalar("learning_rate", row["lr"], step=epoch)
                 tf.summary.scalar("epoch_seconds", seconds, step=epoch)
+            else:
+                for key in (k for k in row if k.startswith("val_subtype_")):
+                    tf.summary.scalar(key.removeprefix("val_"), row[key], step=epoch)
         ctx.writers[split].flush()
 
 
@@ -811,7 +873,7 @@ def summary_config(cfg: TrainConfig, manifest: dict, trainer: Trainer) -> dict:
     """The ``config`` block of summary.json that evaluation, Grad-CAM and export read."""
     spec = model_lib.get_backbone_spec(cfg.backbone)
     return {
-        "backbone": cfg.backbone, "image_size": int(manifest["image_size"]),
+        "backbone": cfg.backbone, "task": cfg.task, "image_size": int(manifest["image_size"]),
         "input_norm": model_lib.resolve_input_norm(cfg.backbone, cfg.input_norm),
         "input_norm_flag": cfg.input_norm, "crop": manifest.get("crop"),
         "encoding": manifest.get("encoding"), "channels": int(manifest.get("channels", 1)),

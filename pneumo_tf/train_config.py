@@ -18,6 +18,7 @@ from pneumo_tf import model as model_lib
 from pneumo_tf.cli import option
 from pneumo_tf.rundir import parse_flags_text
 
+TASKS = ("binary", "subtype")
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
@@ -53,6 +54,10 @@ class TrainConfig:
     batch_size: int = option(32, "Batch size per replica; the global batch is this times the "
                              "number of replicas.", lower=1)
     # -- model
+    task: str = option("binary", "binary: PNEUMONIA vs NORMAL (a sigmoid); subtype: NORMAL / "
+                       "BACTERIAL / VIRAL (a three-way softmax, weighted per subtype; the "
+                       "pneumonia probability is 1 - p(NORMAL), so every binary stage works).",
+                       choices=TASKS)
     backbone: str = option("resnet50", "Backbone from the registry in pneumo_tf.model.",
                            choices=_backbones)
     weights: str = option("imagenet", "imagenet (Keras download, cached) | none | PATH of a local "
@@ -89,7 +94,8 @@ class TrainConfig:
                             "on its own); auto = gather inside an XLA-compiled step, else "
                             "gather_xla.", choices=RESAMPLERS)
     # -- loss and optimisation
-    loss: str = option("focal", "focal (gamma --focal_gamma) or bce.", choices=LOSSES)
+    loss: str = option("focal", "focal (gamma --focal_gamma) or bce (cross-entropy; categorical "
+                       "for --task=subtype).", choices=LOSSES)
     focal_gamma: float = option(2.0, "Focal loss gamma.", lower=0)
     label_smoothing: float = option(0.0, "Label smoothing of the loss: targets become "
                                     "s/2 and 1 - s/2.", lower=0, upper=0.5)
