@@ -10,6 +10,8 @@ probabilities of PNEUMONIA; an image is predicted PNEUMONIA when ``prob >= thres
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -280,4 +282,125 @@ def binary_report(labels, probs, threshold: float, threshold_info: dict | None =
         out["ci95"] = bootstrap_ci(labels, probs, threshold, num_resamples, seed, level=0.95)
     else:
         out["ci95"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Two runs on the same images: paired differences and DeLong's test
+
+DIFF_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+
+
+def _stratified_weights(labels: np.ndarray, num_resamples: int, rng) -> tuple:
+    pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("comparing runs needs both classes among the images")
+    w_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=num_resamples)
+    w_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=num_resamples)
+    return pos, neg, w_pos.astype(np.float64), w_neg.astype(np.float64)
+
+
+def _resampled_stats(probs, preds, pos, neg, w_pos, w_neg) -> dict[str, np.ndarray]:
+    """:data:`DIFF_METRICS` per resample, from per-class resampling weights."""
+    tp = w_pos @ preds[pos].astype(np.float64)
+    tn = w_neg @ (1.0 - preds[neg].astype(np.float64))
+    return {"roc_auc": _auc_weighted(probs[pos], probs[neg], w_pos, w_neg),
+            "accuracy": (tp + tn) / (pos.size + neg.size),
+            "sensitivity": tp / pos.size, "specificity": tn / neg.size}
+
+
+def _point_stats(labels, probs, preds) -> dict[str, float]:
+    labels, probs = _check(labels, probs)
+    preds = np.asarray(preds).astype(bool)
+    return {"roc_auc": float(skm.roc_auc_score(labels, probs)),
+            "accuracy": float(np.mean(preds == labels)),
+            "sensitivity": float(np.mean(preds[labels == 1])),
+            "specificity": float(np.mean(~preds[labels == 0]))}
+
+
+def delong_test(labels, probs_a, probs_b) -> dict:
+    """DeLong's test of two correlated ROC AUCs (the same images scored by two models).
+
+    The AUCs' covariance comes from the structural components of the Mann-Whitney statistic
+    (DeLong, DeLong & Clarke-Pearson 1988), computed with mid-ranks (Sun & Xu 2014).
+
+    Returns:
+        ``{"auc_a", "auc_b", "difference" (b - a), "se", "z", "p_value" (two-sided),
+        "ci95": [lo, hi]}`` (normal approximation).
+    """
+    from scipy.stats import rankdata  # scikit-learn's own dependency
+
+    y = np.asarray(labels).astype(int).reshape(-1)
+    scores = np.stack([np.asarray(probs_a, np.float64), np.asarray(probs_b, np.float64)])
+    pos, neg = scores[:, y == 1], scores[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    if m == 0 or n == 0:
+        raise ValueError("DeLong's test needs both classes among the images")
+    ranks_all = np.stack([rankdata(np.r_[p, q]) for p, q in zip(pos, neg)])
+    ranks_pos = np.stack([rankdata(p) for p in pos])
+    ranks_neg = np.stack([rankdata(q) for q in neg])
+    auc = (ranks_all[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    v_pos = (ranks_all[:, :m] - ranks_pos) / n          # [2, m]
+    v_neg = 1.0 - (ranks_all[:, m:] - ranks_neg) / m    # [2, n]
+    cov = np.cov(v_pos) / m + np.cov(v_neg) / n
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    diff = float(auc[1] - auc[0])
+    se = float(np.sqrt(max(var, 0.0)))
+    z = diff / se if se > 0 else (0.0 if diff == 0 else float("inf"))
+    p_value = float(math.erfc(abs(z) / math.sqrt(2.0))) if np.isfinite(z) else 0.0
+    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": diff, "se": se,
+            "z": float(z), "p_value": p_value, "ci95": [diff - 1.96 * se, diff + 1.96 * se]}
+
+
+def paired_differences(labels, probs_a, preds_a, probs_b, preds_b, num_resamples: int = 2000,
+                       seed: int = 0) -> dict:
+    """Run b minus run a on the same images: :data:`DIFF_METRICS` with paired bootstrap CIs.
+
+    Each resample draws the images once (stratified by class) and scores both runs on that
+    draw, so what the two runs share (the images' difficulty) cancels out of the difference.
+    ``preds_*`` are each run's decisions at its own operating threshold. DeLong's test is added
+    for the AUC.
+
+    Returns:
+        ``{metric: {"a", "b", "difference", "ci95"}}``, plus ``"delong"`` and ``"paired": True``.
+    """
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    rng = np.random.default_rng(seed)
+    pos, neg, w_pos, w_neg = _stratified_weights(labels, num_resamples, rng)
+    res_a = _resampled_stats(np.asarray(probs_a, float), np.asarray(preds_a), pos, neg, w_pos,
+                             w_neg)
+    res_b = _resampled_stats(np.asarray(probs_b, float), np.asarray(preds_b), pos, neg, w_pos,
+                             w_neg)
+    out = _difference_table(_point_stats(labels, probs_a, preds_a),
+                            _point_stats(labels, probs_b, preds_b), res_a, res_b)
+    out["delong"] = delong_test(labels, probs_a, probs_b)
+    return {**out, "paired": True, "num_resamples": int(num_resamples), "seed": int(seed)}
+
+
+def unpaired_differences(run_a: tuple, run_b: tuple, num_resamples: int = 2000,
+                         seed: int = 0) -> dict:
+    """Run b minus run a on different images: independent bootstraps of each run.
+
+    Args:
+        run_a, run_b: ``(labels, probs, preds)`` of each run's own images.
+    """
+    rng = np.random.default_rng(seed)
+    points, resampled = [], []
+    for labels, probs, preds in (run_a, run_b):
+        labels = np.asarray(labels).astype(int).reshape(-1)
+        pos, neg, w_pos, w_neg = _stratified_weights(labels, num_resamples, rng)
+        points.append(_point_stats(labels, probs, preds))
+        resampled.append(_resampled_stats(np.asarray(probs, float), np.asarray(preds), pos, neg,
+                                          w_pos, w_neg))
+    out = _difference_table(points[0], points[1], resampled[0], resampled[1])
+    return {**out, "paired": False, "num_resamples": int(num_resamples), "seed": int(seed)}
+
+
+def _difference_table(point_a: dict, point_b: dict, res_a: dict, res_b: dict) -> dict:
+    out = {}
+    for key in DIFF_METRICS:
+        diff = res_b[key] - res_a[key]
+        out[key] = {"a": point_a[key], "b": point_b[key],
+                    "difference": point_b[key] - point_a[key],
+                    "ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]}
     return out

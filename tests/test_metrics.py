@@ -1,5 +1,7 @@
 """Metrics against hand-computed cases; the vectorised bootstrap against scikit-learn."""
 
+import math
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -136,3 +138,24 @@ def test_reliability_legend_uses_the_metrics_json_bins():
     table = report.metrics_table_markdown(pm.binary_report(labels, probs, 0.5,
                                                            num_resamples=1000))
     assert f"| ECE ({pm.ECE_BINS} bins) |" in table
+
+
+def test_delong_matches_the_direct_structural_components():
+    rng = np.random.default_rng(3)
+    y = (rng.random(200) < 0.5).astype(int)
+    a = np.round(y * rng.normal(1, 1, 200) + rng.normal(0, 1, 200), 1)  # ties on purpose
+    b = np.round(y * rng.normal(2, 1, 200) + rng.normal(0, 1, 200), 1)
+    got = pm.delong_test(y, a, b)
+
+    def psi(x, z):
+        return (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+
+    comps = [psi(s[y == 1], s[y == 0]) for s in (a, b)]
+    v10 = np.stack([c.mean(axis=1) for c in comps])
+    v01 = np.stack([c.mean(axis=0) for c in comps])
+    cov = np.cov(v10) / v10.shape[1] + np.cov(v01) / v01.shape[1]
+    want_se = np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    assert got["auc_a"] == pytest.approx(comps[0].mean())
+    assert got["auc_b"] == pytest.approx(comps[1].mean())
+    assert got["se"] == pytest.approx(want_se)
+    assert got["p_value"] == pytest.approx(math.erfc(abs(got["z"]) / math.sqrt(2)))
