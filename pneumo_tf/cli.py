@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
+from pneumo_tf import quiet_tf
+
 FLAGS = flags.FLAGS
 # The errors a user can cause and fix: they end an app with one line, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -216,6 +218,7 @@ def run_app(main: Callable[[list[str]], Any], name: str,
     caught = USER_ERRORS + tuple(errors)
 
     def guarded(argv: list[str]):
+        quiet_tf.quiet_python_logs()  # after flag parsing, which sets absl's log level
         try:
             return main(argv)
         except app.UsageError:

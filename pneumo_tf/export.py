@@ -55,7 +55,7 @@ import numpy as np
 from absl import flags
 
 from pneumo_tf import atomic_files, calibration as calibration_lib
-from pneumo_tf import cli, preprocess, rundir, serving
+from pneumo_tf import cli, preprocess, quiet_tf, rundir, serving
 from pneumo_tf.data import decode, records
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def convert_tflite(model, variant: str) -> bytes:
     if variant == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     # from_keras_model exports a temporary SavedModel and prints every captured variable.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered():
         return converter.convert()
 
 

@@ -11,8 +11,10 @@ back to stderr, so real errors still show.
 
 While it is quiet, TensorFlow's own informational lines stay quiet too (C++ ``I`` lines such as
 "XLA service ... initialized" or "The default buffer size is 262144", and Python INFO lines such as
-"Sharding callback duration"): ``TF_CPP_MIN_LOG_LEVEL`` defaults to 1 and the ``tensorflow``
-logger to WARNING. Warnings and errors always show.
+"Sharding callback duration", which TensorFlow logs through absl): ``TF_CPP_MIN_LOG_LEVEL``
+defaults to 1, and the ``tensorflow`` and ``absl`` loggers to WARNING (:func:`quiet_python_logs`,
+called by :func:`pneumo_tf.cli.run_app` once flags are parsed). pneumo_tf's own INFO lines (its
+loggers are ``pneumo_tf.*``) and every warning and error still show.
 
 Everything comes back with ``PNEUMO_TF_TF_BANNER=1``, with a ``TF_CPP_MIN_LOG_LEVEL`` the user set
 (they are managing TensorFlow's logs), or with ``--verbosity=1`` (or higher) on the command line.
@@ -36,7 +38,13 @@ NOISE = re.compile(
     r"|[IW]\d{4} [\d:. ]+\d+ (port|cudart_stub|cpu_feature_guard)\.cc:\d+\] .*"
     r"|E\d{4} [\d:. ]+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*"
     r"|To enable the following instructions: .*in other operations, rebuild TensorFlow with the "
-    r"appropriate compiler flags\.)$")
+    r"appropriate compiler flags\."
+    # The TFLite converter and interpreter (pneumo_tf.export): internals, nothing to act on.
+    r"|W\d{4} [\d:. ]+\d+ tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored "
+    r"(output_format|drop_control_dependency)\."
+    r"|E\d{4} [\d:. ]+\d+ node_def_util\.cc:\d+\] NodeDef mentions attribute Truncate which "
+    r"is not in the op definition: .*"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)$")
 # Marks a TF_CPP_MIN_LOG_LEVEL that install() set, so child processes do not take it for the user's.
 DEFAULTED = "PNEUMO_TF_TF_LOG_LEVEL_DEFAULTED"
 
@@ -54,6 +62,33 @@ def banner_wanted(argv: list[str] | None = None, environ: dict | None = None) ->
         if m and int(m[1]) >= 1:
             return True
     return False
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Passes every warning and error, and INFO/DEBUG records of pneumo_tf's own loggers only.
+
+    TensorFlow logs its Python INFO lines through absl and resets absl's logger level when it
+    loads, so a level cannot keep them out; a filter on the handler can.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.WARNING or record.name == "__main__"
+                or record.name.startswith("pneumo_tf"))
+
+
+_OWN_INFO_ONLY = _OwnInfoOnly()
+
+
+def quiet_python_logs() -> None:
+    """TensorFlow's (and absl's) Python INFO lines off, pneumo_tf's own on, unless the user asked
+    for everything (:func:`banner_wanted`). Call it once the app's flags are parsed."""
+    if banner_wanted():
+        return
+    from absl import logging as absl_logging
+
+    for handler in {absl_logging.get_absl_handler(), *logging.root.handlers}:
+        if _OWN_INFO_ONLY not in handler.filters:
+            handler.addFilter(_OWN_INFO_ONLY)
 
 
 def filtered(text: str) -> str:

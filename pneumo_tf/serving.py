@@ -26,7 +26,7 @@ import numpy as np
 
 import pneumo_tf
 from pneumo_tf import calibration as calibration_lib
-from pneumo_tf import rundir
+from pneumo_tf import quiet_tf, rundir
 
 SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
 # A stored calibrated_threshold may differ from the one computed from threshold and temperature
@@ -239,7 +239,8 @@ class TFLiteRunner:
             return np.zeros((0,), np.float64)
         if self._batch != len(images):
             self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
-            self.interpreter.allocate_tensors()
+            with quiet_tf.stderr_filtered():  # "Created TensorFlow Lite XNNPACK delegate ..."
+                self.interpreter.allocate_tensors()
             self._batch = len(images)
         self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
         self.interpreter.invoke()
