@@ -262,9 +262,9 @@ def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
         out.crop_method = method
         # The record is serialized here, in parallel, so the parent only writes bytes.
         out.payload = records.serialize_example(
-            encode_image(image, config.encoding), int(item.label), item.patient_id, item.key,
-            config.image_size, config.image_size, out.orig_height, out.orig_width,
-            out.crop_box, method)
+            encode_image(image, config.encoding), int(item.label), int(item.subtype),
+            item.patient_id, item.key, (config.image_size, config.image_size),
+            (out.orig_height, out.orig_width), out.crop_box, method)
     except decode.RejectError as e:
         out.reject_reason = str(e)
     except Exception as e:  # noqa: BLE001 -- bad input must never stop a run; it is reported
