@@ -21,8 +21,8 @@ are also the command line's flags):
    error): memory stays flat however large the source.
 4. With every image's hashes known: find duplicates (``--dedupe`` drops the extra copies, keeping
    an official test copy first, then val, then the first by key), assign splits by patient with
-   every duplicate group kept in one split (:mod:`pneumo_tf.data.splits`), order each split by a
-   seeded shuffle.
+   every duplicate group kept in one split, the val carve stratified by class or by subtype
+   (``--stratify``; :mod:`pneumo_tf.data.splits`), order each split by a seeded shuffle.
 5. Copy each split's records from the spool into its shards, each atomically (``*.partial``
    then rename), then write ``rejects.jsonl``.
 6. Write ``manifest.json``, last.
@@ -111,6 +111,10 @@ class ConvertConfig:
     split_by: str = cli.option(
         "patient", "Group of the train/val carve: patient (no patient in two splits) or image.",
         choices=splits.SPLIT_BY)
+    stratify: str = cli.option(
+        "label", "What the train/val carve stratifies on: label (NORMAL / PNEUMONIA) or subtype "
+        "(NORMAL / BACTERIAL / VIRAL / unknown, so val holds each subtype in proportion). "
+        "Patients stay whole either way.", choices=splits.STRATIFY)
     seed: int = cli.option(0, "Seed of the val carve and of the record order in each split.")
     num_shards: int | None = cli.option(
         None, f"Shards per split. Default: size-based, ~{TARGET_SHARD_BYTES // 2**20} MiB per "
@@ -146,7 +150,8 @@ class ConvertConfig:
         for name, allowed in (("encoding", records.ENCODINGS),
                               ("compression", records.COMPRESSIONS),
                               ("crop", (None, *preprocess.CROP_METHODS)),
-                              ("split_by", splits.SPLIT_BY)):
+                              ("split_by", splits.SPLIT_BY),
+                              ("stratify", splits.STRATIFY)):
             if getattr(self, name) not in allowed:
                 raise ConvertError(f"--{name}={getattr(self, name)!r} is not one of "
                                    f"{tuple(a for a in allowed if a is not None)}")
@@ -549,8 +554,9 @@ def _assign_splits(kept: list[_Kept], config: ConvertConfig, source_kind: str) -
     kept = [k for k in kept if k.key not in dropped]
     keep_official_val = config.use_official_val or source_kind == "medmnist"
     groups = report.byte_identical + report.pixel_identical
+    strata = splits.strata([k.label for k in kept], [k.subtype for k in kept], config.stratify)
     assigned = splits.assign_splits(
-        [k.official_split for k in kept], [k.label for k in kept], [k.patient_id for k in kept],
+        [k.official_split for k in kept], strata, [k.patient_id for k in kept],
         [k.key for k in kept], val_fraction=config.val_fraction, seed=config.seed,
         split_by=config.split_by, keep_official_val=keep_official_val, linked_keys=groups)
     # Duplicates that ended up in different splits leak between them (unless --dedupe).

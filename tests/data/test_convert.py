@@ -416,13 +416,27 @@ def test_csv_source(tmp_path):
     assert convert.verify_data_dir(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stratify_subtype_carves_viral_patients_into_val(tmp_path, seed):
+    src = tmp_path / "src"
+    write_kaggle_source(src, n_train_patients=14, n_test_patients=0)
+    kw = dict(image_size=SIZE, workers=1, progress=False, seed=seed, num_shards=1)
+    m = convert.convert_dataset(src, tmp_path / "subtype", stratify="subtype", **kw)
+    assert m["flags"]["stratify"] == "subtype"
+    # 7 viral images of 3 patients (2, 3 and 2 images): 20 % is 1.4, nearest a 2-image patient.
+    assert m["splits"]["val"]["subtype_counts"]["VIRAL"] == 2
+    assert m["patient_overlap"] == {}
+    assert convert.verify_data_dir(tmp_path / "subtype") == []
+
+
 def test_bad_settings_name_the_flag(tmp_path):
     src = tmp_path / "src"
     write_kaggle_source(src, n_train_patients=1, n_test_patients=0)
     for kw, flag in ((dict(encoding="jpeg"), "--encoding"), (dict(compression="zip"),
                      "--compression"), (dict(crop="lungs"), "--crop"),
                      (dict(val_fraction=1.0), "--val_fraction"), (dict(num_shards=0),
-                     "--num_shards"), (dict(split_by="study"), "--split_by")):
+                     "--num_shards"), (dict(split_by="study"), "--split_by"),
+                     (dict(stratify="patient"), "--stratify")):
         with pytest.raises(convert.ConvertError, match=flag):
             convert.convert_dataset(src, tmp_path / "out", progress=False, **kw)
     with pytest.raises(ValueError, match="no such file"):
@@ -435,7 +449,8 @@ def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     from pneumo_tf import cli
 
     names = [f.name for f in cli.flag_fields(convert.ConvertConfig)]
-    assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "seed",
+    assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "stratify",
+                     "seed",
                      "num_shards", "workers", "compression", "max_rejects", "dedupe",
                      "use_official_val", "download", "cache_dir", "max_pixels"]
     defaults = convert.ConvertConfig()
