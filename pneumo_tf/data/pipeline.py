@@ -3,8 +3,8 @@
 Two builders, one per use (like big_vision's ``make_for_train`` / ``make_for_inference``):
 
 * :func:`make_train_dataset`: the train split, seeded shuffle, repeated forever, a fixed batch
-  shape; dicts ``{"image", "label", "subtype", "weight"}``. No strings: MirroredStrategy places every
-  tensor of a batch on the replicas' devices, and a string tensor cannot live on a GPU.
+  shape; dicts ``{"image", "label", "subtype", "weight"}``. No strings: MirroredStrategy places
+  every tensor of a batch on the replicas' devices, and a string tensor cannot live on a GPU.
 * :func:`make_eval_dataset`: one pass over any split in the manifest's file order, the last
   partial batch kept; the same keys plus ``"patient_id"`` and ``"path"``.
 

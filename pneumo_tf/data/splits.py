@@ -1,8 +1,8 @@
 """Train/val/test assignment by patient, duplicate detection and patient-overlap reports.
 
 The official test split is kept as it is; validation is carved out of train **by
-patient**, stratified by class (or by subtype, :func:`strata`) and seeded, so the images of one patient never sit in two splits
-(also a patient with images of both classes). Byte-identical and pixel-identical images are found
+patient**, stratified by class (or by subtype, :func:`strata`) and seeded, so the images of one
+patient never sit in two splits (also a patient with images of both classes). Byte-identical and pixel-identical images are found
 and reported; the carve keeps every duplicate group in one split (:func:`merge_linked_groups`), and
 the converter can drop duplicates (``--dedupe``), never from the official test split.
 
