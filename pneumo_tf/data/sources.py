@@ -56,9 +56,8 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
                   "test": "test"}
 _LABELS = {"0": 0, "1": 1, CLASS_NAMES[0].lower(): 0, CLASS_NAMES[1].lower(): 1}
 _IGNORED_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})
-# A CSV's subtype column: words and numbers, any case.
-_SUBTYPES = {"normal": 0, "bacterial": 1, "bacteria": 1, "viral": 2, "virus": 2, "unknown": -1,
-             "0": 0, "1": 1, "2": 2, "-1": -1}
+# A CSV's subtype column: these words, any case, or the numbers -1, 0, 1, 2.
+_SUBTYPES = {"normal": 0, "bacterial": 1, "bacteria": 1, "viral": 2, "virus": 2, "unknown": -1}
 # Words of a PNEUMONIA file name that say its subtype (Kermany: person12_bacteria_34.jpeg).
 _SUBTYPE_WORDS = {"bacteria": 1, "bacterial": 1, "virus": 2, "viral": 2}
 _NAME_WORD_RE = re.compile(r"[^a-z0-9]+")
@@ -303,28 +302,20 @@ def list_folder(root: str) -> SourceListing:
 # CSV manifest
 
 
-def _parse_label(text: str) -> int | None:
-    """0/1 (also 0.0/1.0 as spreadsheets write them) or NORMAL/PNEUMONIA, any case."""
+def _parse_code(text: str, words: dict[str, int]) -> int | None:
+    """A CSV cell holding one of ``words``' values: a word (any case) or the number itself,
+    also as spreadsheets write it (1.0). None for anything else.
+
+    ``_parse_code("Pneumonia", _LABELS)`` -> 1; ``_parse_code("-1.0", _SUBTYPES)`` -> -1.
+    """
     text = text.strip().lower()
-    if text in _LABELS:
-        return _LABELS[text]
+    if text in words:
+        return words[text]
     try:
         value = float(text)
     except ValueError:
         return None
-    return int(value) if value in (0.0, 1.0) else None
-
-
-def _parse_subtype(text: str) -> int | None:
-    """A CSV subtype cell: a word of :data:`_SUBTYPES` or -1/0/1/2 (also as 1.0), any case."""
-    text = text.strip().lower()
-    if text in _SUBTYPES:
-        return _SUBTYPES[text]
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if value in (-1.0, 0.0, 1.0, 2.0) else None
+    return int(value) if value in set(words.values()) else None
 
 
 def _csv_subtype(text: str, label: int, written: str) -> tuple[int, str | None]:
@@ -334,7 +325,7 @@ def _csv_subtype(text: str, label: int, written: str) -> tuple[int, str | None]:
     """
     if not text:
         return subtype_from_name(written, label), None
-    subtype = _parse_subtype(text)
+    subtype = _parse_code(text, _SUBTYPES)
     if subtype is None:
         return records.UNKNOWN_SUBTYPE, (f"subtype {text!r} is not normal, bacterial, viral, "
                                          f"unknown or 0, 1, 2, -1")
@@ -360,7 +351,7 @@ def _csv_row(cell, line: int, csv_path: str, first_line_of: dict[str, int]) -> S
     where = f"line {line}"
     if not written:
         return {"path": f"{os.path.basename(csv_path)}:{line}", "reason": f"{where}: empty path"}
-    label = _parse_label(cell("label"))
+    label = _parse_code(cell("label"), _LABELS)
     split_text = cell("split")
     split = _SPLIT_ALIASES.get(split_text.lower()) if split_text else None
     file_path = os.path.normpath(os.path.join(os.path.dirname(csv_path),
