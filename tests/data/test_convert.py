@@ -429,6 +429,20 @@ def test_stratify_subtype_carves_viral_patients_into_val(tmp_path, seed):
     assert convert.verify_data_dir(tmp_path / "subtype") == []
 
 
+def test_phantom_subtypes_reach_the_records(tmp_path):
+    from pneumo_tf.data import phantoms
+
+    summary = phantoms.write_phantom_dataset(tmp_path / "src", num_train=30, num_test=10, seed=2,
+                                             min_size=64, max_size=96)
+    m = convert.convert_dataset(tmp_path / "src", tmp_path / "out", image_size=SIZE, workers=1,
+                                progress=False, stratify="subtype", num_shards=1)
+    for split, parts in (("train", ("train", "val")), ("test", ("test",))):
+        found = {name: sum(m["splits"][s]["subtype_counts"][name] for s in parts)
+                 for name in records.SUBTYPE_COUNT_NAMES}
+        assert found == {**summary["subtype_counts"][split], "UNKNOWN": 0}, split
+    assert m["splits"]["val"]["subtype_counts"]["VIRAL"] > 0
+
+
 def test_bad_settings_name_the_flag(tmp_path):
     src = tmp_path / "src"
     write_kaggle_source(src, n_train_patients=1, n_test_patients=0)
