@@ -12,5 +12,7 @@ from pneumo_tf import quiet_tf
 __version__ = "0.1.0"
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
+# The three-class task: subtype 0, 1, 2; -1 = unknown (the source does not say).
+SUBTYPE_NAMES = ("NORMAL", "BACTERIAL", "VIRAL")
 
 quiet_tf.install()  # TensorFlow's start-up banner stays off the console (see quiet_tf)

@@ -23,13 +23,21 @@ def tiny_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
+# Subtypes of a tiny data dir's PNEUMONIA records, in turn (NORMAL ones are 0).
+TINY_PNEUMONIA_SUBTYPES = (1, 1, 2, -1)
+
+
 def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, image_size: int = 32,
                        encoding: str = "raw", compression: str = "none", num_shards: int = 2,
-                       crop: str = "fixed", seed: int = 0) -> Path:
+                       crop: str = "fixed", seed: int = 0, version: int = 2) -> Path:
     """Write a converter-shaped data dir without the converter.
 
     Args:
         counts: ``{split: (n_normal, n_pneumonia)}``; default 12/12 train, 6/6 val, 6/6 test.
+        version: 2 writes subtypes (NORMAL 0; the PNEUMONIA records of a split take
+            :data:`TINY_PNEUMONIA_SUBTYPES` in turn, by their index in the split) and the
+            manifest's subtype counts and weights; 1 writes records and a manifest of the old
+            format, without them.
 
     Returns:
         The data dir path (shards + manifest.json).
@@ -47,6 +55,9 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
         labels = [0] * n0 + [1] * n1
         rng.shuffle(labels)
         n = len(labels)
+        pneumonia_index = np.cumsum(labels) - 1
+        subtypes = [0 if y == 0 else TINY_PNEUMONIA_SUBTYPES[k % len(TINY_PNEUMONIA_SUBTYPES)]
+                    for y, k in zip(labels, pneumonia_index)]
         shards, shard_counts = [], []
         per = [list(range(n))[i::num_shards] for i in range(num_shards)]
         for si, idx in enumerate(per):
@@ -56,18 +67,25 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
                     img = tiny_image(labels[j], image_size, rng)
                     data = img.tobytes() if encoding == "raw" else cv2.imencode(".png", img)[1].tobytes()
                     w.write(records.serialize_example(
-                        data, labels[j], f"{split}-p{j // 2}", f"{split}/{j}.png", image_size,
-                        image_size, image_size, image_size, (0, image_size, 0, image_size), crop))
+                        data, labels[j], subtypes[j] if version >= 2 else None,
+                        f"{split}-p{j // 2}", f"{split}/{j}.png", (image_size, image_size),
+                        (image_size, image_size), (0, image_size, 0, image_size), crop))
             shards.append(name)
             shard_counts.append(len(idx))
         splits[split] = {"count": n, "class_counts": {"NORMAL": n0, "PNEUMONIA": n1},
                          "patients": (n + 1) // 2, "shards": shards, "shard_counts": shard_counts}
+        if version >= 2:
+            splits[split]["subtype_counts"] = records.subtype_counts(subtypes)
     n0, n1 = splits["train"]["class_counts"].values() if "train" in splits else (1, 1)
     total = n0 + n1
-    manifest = {"version": 1, "tool_version": "test", "image_size": image_size, "channels": 1,
-                "crop": crop, "encoding": encoding, "compression": compression, "splits": splits,
-                "class_weights": {"0": total / (2 * n0), "1": total / (2 * n1)},
+    manifest = {"version": version, "tool_version": "test", "image_size": image_size,
+                "channels": 1, "crop": crop, "encoding": encoding, "compression": compression,
+                "splits": splits, "class_weights": {"0": total / (2 * n0), "1": total / (2 * n1)},
                 "rejected": 0, "duplicates_dropped": 0, "flags": {}, "source": {"kind": "test"}}
+    if version >= 2 and "train" in splits:
+        known = [splits["train"]["subtype_counts"][name] for name in records.SUBTYPE_NAMES]
+        manifest["subtype_class_weights"] = {str(c): sum(known) / (3 * n) if n else 1.0
+                                             for c, n in enumerate(known)}
     records.write_manifest(out, manifest)
     return out
 

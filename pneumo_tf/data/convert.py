@@ -21,14 +21,19 @@ are also the command line's flags):
    error): memory stays flat however large the source.
 4. With every image's hashes known: find duplicates (``--dedupe`` drops the extra copies, keeping
    an official test copy first, then val, then the first by key), assign splits by patient with
-   every duplicate group kept in one split (:mod:`pneumo_tf.data.splits`), order each split by a
-   seeded shuffle.
+   every duplicate group kept in one split, the val carve stratified by class or by subtype
+   (``--stratify``; :mod:`pneumo_tf.data.splits`), order each split by a seeded shuffle.
 5. Copy each split's records from the spool into its shards, each atomically (``*.partial``
    then rename), then write ``rejects.jsonl``.
 6. Write ``manifest.json``, last.
 
 Same inputs and seed give byte-identical shards whatever ``--workers`` is. A run killed at any
 moment leaves no manifest, so nothing downstream mistakes a half-written folder for data.
+
+Each record carries the image's binary ``label`` and its ``subtype`` (0 NORMAL, 1 BACTERIAL,
+2 VIRAL, -1 unknown; from the file name or a CSV column, see :mod:`pneumo_tf.data.sources`); the
+manifest counts both per split and holds "balanced" weights for both (``class_weights``,
+``subtype_class_weights``).
 
 Bad input never stops a run: each rejected file is one line ``{"path", "reason"}`` in
 ``OUT/rejects.jsonl``; the exit status is non-zero only when there are more rejects than
@@ -106,6 +111,10 @@ class ConvertConfig:
     split_by: str = cli.option(
         "patient", "Group of the train/val carve: patient (no patient in two splits) or image.",
         choices=splits.SPLIT_BY)
+    stratify: str = cli.option(
+        "label", "What the train/val carve stratifies on: label (NORMAL / PNEUMONIA) or subtype "
+        "(NORMAL / BACTERIAL / VIRAL / unknown, so val holds each subtype in proportion). "
+        "Patients stay whole either way.", choices=splits.STRATIFY)
     seed: int = cli.option(0, "Seed of the val carve and of the record order in each split.")
     num_shards: int | None = cli.option(
         None, f"Shards per split. Default: size-based, ~{TARGET_SHARD_BYTES // 2**20} MiB per "
@@ -141,7 +150,8 @@ class ConvertConfig:
         for name, allowed in (("encoding", records.ENCODINGS),
                               ("compression", records.COMPRESSIONS),
                               ("crop", (None, *preprocess.CROP_METHODS)),
-                              ("split_by", splits.SPLIT_BY)):
+                              ("split_by", splits.SPLIT_BY),
+                              ("stratify", splits.STRATIFY)):
             if getattr(self, name) not in allowed:
                 raise ConvertError(f"--{name}={getattr(self, name)!r} is not one of "
                                    f"{tuple(a for a in allowed if a is not None)}")
@@ -262,9 +272,9 @@ def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
         out.crop_method = method
         # The record is serialized here, in parallel, so the parent only writes bytes.
         out.payload = records.serialize_example(
-            encode_image(image, config.encoding), int(item.label), item.patient_id, item.key,
-            config.image_size, config.image_size, out.orig_height, out.orig_width,
-            out.crop_box, method)
+            encode_image(image, config.encoding), int(item.label), int(item.subtype),
+            item.patient_id, item.key, (config.image_size, config.image_size),
+            (out.orig_height, out.orig_width), out.crop_box, method)
     except decode.RejectError as e:
         out.reject_reason = str(e)
     except Exception as e:  # noqa: BLE001 -- bad input must never stop a run; it is reported
@@ -331,14 +341,21 @@ def default_num_shards(count: int, total_bytes: int) -> int:
     return max(1, min(count, max(by_size, by_parallelism)))
 
 
-def balanced_class_weights(labels: Sequence[int]) -> dict[str, float]:
-    """sklearn's ``compute_class_weight("balanced")`` over classes 0 and 1: ``n / (2 * n_c)``.
+def balanced_class_weights(labels: Sequence[int],
+                           classes: Sequence[int] = (0, 1)) -> dict[str, float]:
+    """sklearn's ``compute_class_weight("balanced")``: ``n / (len(classes) * n_c)`` per class.
 
-    A class absent from ``labels`` gets weight 1.0 (sklearn would raise).
+    Args:
+        labels: the class of each sample; values outside ``classes`` (an unknown subtype, -1)
+            are left out, of ``n`` too.
+        classes: the classes to weigh: (0, 1) for the labels, (0, 1, 2) for the subtypes.
+
+    Returns:
+        ``{"0": w, "1": w, ...}``; a class absent from ``labels`` gets 1.0 (sklearn would raise).
     """
-    n = len(labels)
-    counts = collections.Counter(int(y) for y in labels)
-    return {str(c): (n / (2 * counts[c]) if counts[c] else 1.0) for c in (0, 1)}
+    counts = collections.Counter(int(y) for y in labels if int(y) in classes)
+    n = sum(counts.values())
+    return {str(c): (n / (len(classes) * counts[c]) if counts[c] else 1.0) for c in classes}
 
 
 def clean_output_dir(out: Path) -> list[str]:
@@ -367,6 +384,7 @@ class _Kept:
 
     key: str
     label: int
+    subtype: int
     patient_id: str
     official_split: str | None
     result: ProcessedImage
@@ -514,8 +532,8 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
             spool.write(r.payload)
             length = len(r.payload)
             r.payload = None  # the spool holds it now
-            decoded.kept.append(_Kept(item.key, int(item.label), item.patient_id, item.split,
-                                      r, offset, length))
+            decoded.kept.append(_Kept(item.key, int(item.label), int(item.subtype),
+                                      item.patient_id, item.split, r, offset, length))
         bar.update(r.index + 1)
 
     worker_config = _WorkerConfig(image_size=config.image_size, crop=config.crop,
@@ -536,8 +554,9 @@ def _assign_splits(kept: list[_Kept], config: ConvertConfig, source_kind: str) -
     kept = [k for k in kept if k.key not in dropped]
     keep_official_val = config.use_official_val or source_kind == "medmnist"
     groups = report.byte_identical + report.pixel_identical
+    strata = splits.strata([k.label for k in kept], [k.subtype for k in kept], config.stratify)
     assigned = splits.assign_splits(
-        [k.official_split for k in kept], [k.label for k in kept], [k.patient_id for k in kept],
+        [k.official_split for k in kept], strata, [k.patient_id for k in kept],
         [k.key for k in kept], val_fraction=config.val_fraction, seed=config.seed,
         split_by=config.split_by, keep_official_val=keep_official_val, linked_keys=groups)
     # Duplicates that ended up in different splits leak between them (unless --dedupe).
@@ -640,6 +659,8 @@ def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
         "compression": config.compression,
         "splits": split_info,
         "class_weights": balanced_class_weights([k.label for k in assignment.by_split["train"]]),
+        "subtype_class_weights": balanced_class_weights(
+            [k.subtype for k in assignment.by_split["train"]], classes=(0, 1, 2)),
         "rejected": len(rejects),
         "rejects_by_reason": dict(sorted(reasons.items())),
         "duplicates_dropped": len(assignment.dropped),
@@ -738,6 +759,7 @@ def _write_split(out: Path, name: str, members: list[_Kept], spool, num_shards: 
     return {
         "count": count,
         "class_counts": {CLASS_NAMES[c]: labels.get(c, 0) for c in (0, 1)},
+        "subtype_counts": records.subtype_counts(k.subtype for k in members),
         "patients": len({k.patient_id for k in members}),
         "shards": shards,
         "shard_counts": shard_counts,
@@ -754,15 +776,22 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
     lines.append(f"converted {src.get('path')} ({src.get('kind')}) -> {out or ''}".rstrip())
     lines.append(f"  {manifest['image_size']}x{manifest['image_size']} x1 {manifest['encoding']}, "
                  f"crop {manifest['crop']}, compression {manifest['compression']}")
-    lines.append(f"  {'split':<6} {'images':>7} {'NORMAL':>7} {'PNEUMONIA':>9} {'patients':>8} "
-                 f"{'shards':>6}  crop methods")
+    lines.append(f"  {'split':<6} {'images':>7} {'NORMAL':>7} {'PNEUMONIA':>9} {'bacterial':>9} "
+                 f"{'viral':>6} {'unknown':>7} {'patients':>8} {'shards':>6}  crop methods")
     for name, s in manifest["splits"].items():
         cc = s["class_counts"]
+        sc = s.get("subtype_counts", {})
+        subtypes = " ".join(f"{sc.get(k, '-'):>{w}}"
+                            for k, w in (("BACTERIAL", 9), ("VIRAL", 6), ("UNKNOWN", 7)))
         methods = ", ".join(f"{m} {c}" for m, c in s.get("crop_methods", {}).items())
         lines.append(f"  {name:<6} {s['count']:>7} {cc['NORMAL']:>7} {cc['PNEUMONIA']:>9} "
-                     f"{s['patients']:>8} {len(s['shards']):>6}  {methods}")
+                     f"{subtypes} {s['patients']:>8} {len(s['shards']):>6}  {methods}")
     cw = manifest["class_weights"]
     lines.append(f"  class weights (train, balanced): 0 -> {cw['0']:.3f}, 1 -> {cw['1']:.3f}")
+    sw = manifest.get("subtype_class_weights")
+    if sw:
+        lines.append("  subtype weights (train, balanced over known subtypes): "
+                     + ", ".join(f"{c} -> {sw[c]:.3f}" for c in ("0", "1", "2")))
     rej = manifest["rejected"]
     if rej:
         why = ", ".join(f"{r}: {c}" for r, c in manifest.get("rejects_by_reason", {}).items())
@@ -811,30 +840,53 @@ def _check_image(image: bytes, encoding: str, size: int) -> str | None:
     return None
 
 
-def _verify_shard(path: Path, compression: str, encoding: str, size: int):
-    """Read one shard fully, CRC checked: ``(labels, patients, problems, readable)``."""
+@dataclasses.dataclass
+class _ShardScan:
+    """What reading one shard found (see :func:`_verify_shard`)."""
+
+    labels: list[int] = dataclasses.field(default_factory=list)
+    subtypes: list[int] = dataclasses.field(default_factory=list)
+    patients: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    readable: bool = True
+
+
+def _check_record(name: str, n: int, parsed: dict, j: int, size: int) -> list[str]:
+    """Problems of record ``j`` of a parsed batch (the ``n``-th of shard ``name``)."""
+    problems = []
+    label, subtype = int(parsed["label"][j]), int(parsed["subtype"][j])
+    if label not in (0, 1):
+        problems.append(f"{name}: record {n} has label {label} (expected 0/1)")
+    elif not records.subtype_fits_label(subtype, label):
+        problems.append(f"{name}: record {n} has subtype {subtype} with label {label} (NORMAL is "
+                        f"subtype 0 or -1, PNEUMONIA 1, 2 or -1)")
+    if int(parsed["height"][j]) != size or int(parsed["width"][j]) != size:
+        problems.append(f"{name}: record {n} is {parsed['height'][j]}x"
+                        f"{parsed['width'][j]}, manifest image_size is {size}")
+    return problems
+
+
+def _verify_shard(path: Path, compression: str, encoding: str, size: int) -> _ShardScan:
+    """Read one shard fully, CRC checked: its labels, subtypes, patients and problems.
+
+    A version-1 shard (no ``subtype`` feature) reads with subtype -1 everywhere.
+    """
     import tensorflow as tf
 
-    labels: list[int] = []
-    patients: list[str] = []
-    problems: list[str] = []
+    scan = _ShardScan()
     spec = records.feature_spec()
 
     def check(batch: list[bytes]) -> None:
         parsed = {k: v.numpy() for k, v in tf.io.parse_example(batch, spec).items()}
         for j in range(len(batch)):
-            n = len(labels)
-            label = int(parsed["label"][j])
-            labels.append(label)
-            patients.append(parsed["patient_id"][j].decode("utf-8", "replace"))
-            if label not in (0, 1):
-                problems.append(f"{path.name}: record {n} has label {label} (expected 0/1)")
-            if int(parsed["height"][j]) != size or int(parsed["width"][j]) != size:
-                problems.append(f"{path.name}: record {n} is {parsed['height'][j]}x"
-                                f"{parsed['width'][j]}, manifest image_size is {size}")
+            n = len(scan.labels)
+            scan.labels.append(int(parsed["label"][j]))
+            scan.subtypes.append(int(parsed["subtype"][j]))
+            scan.patients.append(parsed["patient_id"][j].decode("utf-8", "replace"))
+            scan.problems.extend(_check_record(path.name, n, parsed, j, size))
             bad = _check_image(parsed["image"][j], encoding, size)
             if bad:
-                problems.append(f"{path.name}: record {n}: {bad}")
+                scan.problems.append(f"{path.name}: record {n}: {bad}")
 
     # Records one by one (the CRC check happens here, so an error names its position), parsed
     # in batches (fast).
@@ -849,11 +901,11 @@ def _verify_shard(path: Path, compression: str, encoding: str, size: int):
         if batch:
             check(batch)
     except tf.errors.OpError as e:
-        position = len(labels) + len(batch)
-        problems.append(f"{path.name}: unreadable after {position} good records "
-                        f"({records.tf_error_text(e)}); re-run the converter to rewrite it")
-        return labels, patients, problems, False
-    return labels, patients, problems, True
+        position = len(scan.labels) + len(batch)
+        scan.problems.append(f"{path.name}: unreadable after {position} good records "
+                             f"({records.tf_error_text(e)}); re-run the converter to rewrite it")
+        scan.readable = False
+    return scan
 
 
 def _check_shard_name(name: str, split: str, num_shards: int, compression: str) -> list[str]:
@@ -875,19 +927,26 @@ def _listed_shards(split: str, info: dict) -> tuple[list[str], list[int | None],
     return shards, list(counts), []
 
 
-def _check_split_totals(split: str, info: dict, labels: list[int],
-                        patients: set[str]) -> list[str]:
-    """Records, records per class and patients of a split against its manifest entry."""
+def _check_split_totals(split: str, info: dict, found: _ShardScan) -> list[str]:
+    """Records, records per class and per subtype, and patients of a split against its manifest
+    entry (subtypes only when the entry counts them: a version-1 manifest does not)."""
     problems = []
-    if len(labels) != int(info.get("count", -1)):
-        problems.append(f"split {split}: {len(labels)} records in its shards, manifest says "
+    if len(found.labels) != int(info.get("count", -1)):
+        problems.append(f"split {split}: {len(found.labels)} records in its shards, manifest says "
                         f"{info.get('count')}")
-    found = collections.Counter(labels)
+    by_class = collections.Counter(found.labels)
     want = info.get("class_counts", {})
     for c, cname in enumerate(CLASS_NAMES):
-        if found.get(c, 0) != int(want.get(cname, -1)):
-            problems.append(f"split {split}: {found.get(c, 0)} {cname} records, manifest says "
+        if by_class.get(c, 0) != int(want.get(cname, -1)):
+            problems.append(f"split {split}: {by_class.get(c, 0)} {cname} records, manifest says "
                             f"{want.get(cname)}")
+    if "subtype_counts" in info:
+        want = info["subtype_counts"]
+        for name, n in records.subtype_counts(found.subtypes).items():
+            if n != int(want.get(name, -1)):
+                problems.append(f"split {split}: {n} {name} subtype records, manifest says "
+                                f"{want.get(name)}")
+    patients = set(found.patients)
     if "patients" in info and len(patients) != int(info["patients"]):
         problems.append(f"split {split}: {len(patients)} patients in its records, manifest "
                         f"says {info['patients']}")
@@ -900,26 +959,24 @@ def _verify_split(out: Path, manifest: dict, split: str) -> tuple[list[str], set
     size, encoding = int(manifest["image_size"]), manifest["encoding"]
     compression = manifest["compression"]
     shards, expected_counts, problems = _listed_shards(split, info)
-    labels: list[int] = []
-    patients: set[str] = set()
-    all_readable = True
+    found = _ShardScan()
     for name, expected in zip(shards, expected_counts):
         problems += _check_shard_name(name, split, len(shards), compression)
         if not (out / name).is_file():
             problems.append(f"{name}: listed in the manifest but missing; re-run the converter")
-            all_readable = False
+            found.readable = False
             continue
-        got, pats, shard_problems, readable = _verify_shard(out / name, compression, encoding,
-                                                            size)
-        problems += shard_problems
-        all_readable &= readable
-        if readable and expected is not None and len(got) != int(expected):
-            problems.append(f"{name}: {len(got)} records, manifest says {expected}")
-        labels += got
-        patients.update(pats)
-    if all_readable:  # else the shard is named above; split totals would only repeat it
-        problems += _check_split_totals(split, info, labels, patients)
-    return problems, patients
+        scan = _verify_shard(out / name, compression, encoding, size)
+        problems += scan.problems
+        found.readable &= scan.readable
+        if scan.readable and expected is not None and len(scan.labels) != int(expected):
+            problems.append(f"{name}: {len(scan.labels)} records, manifest says {expected}")
+        found.labels += scan.labels
+        found.subtypes += scan.subtypes
+        found.patients += scan.patients
+    if found.readable:  # else the shard is named above; split totals would only repeat it
+        problems += _check_split_totals(split, info, found)
+    return problems, set(found.patients)
 
 
 def _check_patient_overlap(reported: dict, patients_by_split: dict[str, set[str]]) -> list[str]:

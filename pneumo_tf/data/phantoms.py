@@ -3,9 +3,18 @@
 Each phantom is a procedurally drawn frontal chest film: dark background, soft-tissue body
 outline with neck, two dark lung fields cut by domed hemidiaphragms and the heart, a bright
 mediastinum and spine with vertebrae, posterior and anterior rib arcs, clavicles, faint lung
-markings, film noise, and a random size, position and contrast. PNEUMONIA phantoms carry 1-3
-patchy, soft-edged opacities inside a lung field (mostly inside the paper's fixed crop box, so a
-model trained on fixed-crop images can see them); NORMAL phantoms carry none.
+markings, film noise, and a random size, position and contrast. NORMAL phantoms carry no
+opacity. PNEUMONIA phantoms carry one of two patterns, by subtype, so a three-class model has
+something to learn (:func:`render_phantom`):
+
+- BACTERIAL (lobar / focal): one or two compact, dense, patchy, soft-edged opacities inside a
+  lung field;
+- VIRAL (interstitial): a diffuse hazy veil with a fine reticular net of lines spread over both
+  lungs, fainter than a bacterial opacity.
+
+Both stay mostly inside the paper's fixed crop box, so a model trained on fixed-crop images can
+see them. A data set's PNEUMONIA file names say the subtype (``person3_bacteria_12``,
+``person4_virus_13``), and the drawn pattern follows the name.
 
 Optionally an image carries a *confounder*: a bright burned-in tag in a corner, always outside
 the fixed crop box (:func:`pneumo_tf.preprocess.fixed_crop_box`), placed on PNEUMONIA images
@@ -30,6 +39,7 @@ does not take them for data)::
     OUT/masks/train/NORMAL/IM-0007-0001_lung.png  # uint8 0/255, same size as the image
     OUT/masks/train/NORMAL/IM-0007-0001_lesion.png  # all zero for NORMAL
     OUT/phantoms.json                             # parameters, counts, one record per image
+                                                  # (with its subtype: 0, 1 bacteria, 2 virus)
 
 Usage::
 
@@ -79,6 +89,10 @@ RENDER_MAX_SIDE = 384
 LESION_VISIBLE_FRACTION = 0.3
 # The Kaggle set has about 2 bacterial per viral pneumonia.
 BACTERIA_FRACTION = 0.65
+# Subtypes (as in the records: pneumo_tf.SUBTYPE_NAMES) and the file-name word of each.
+NORMAL, BACTERIAL, VIRAL = 0, 1, 2
+SUBTYPE_OF_KIND = {"bacteria": BACTERIAL, "virus": VIRAL}
+MAX_BACTERIAL_LESIONS = 2
 SITES = ("a", "b")
 # Extra words of each site's random-stream seeds: site a keeps the original streams (its files
 # never change); site b draws other patients and films than site a for the same --seed.
@@ -93,7 +107,9 @@ class Phantom(NamedTuple):
         lung_mask: ``[H, W] bool``, both lung fields (heart and diaphragm excluded).
         lesion_mask: ``[H, W] bool``, where an opacity is visible; all False for NORMAL.
         marker_box: the confounder tag's box in pixels, or None when the image has none.
-        num_lesions: number of opacities drawn (0 for NORMAL).
+        num_lesions: number of opacities drawn: 0 for NORMAL, 1-2 for BACTERIAL, 2 for VIRAL
+            (its one diffuse pattern spreads over both lungs).
+        subtype: 0 NORMAL, 1 BACTERIAL, 2 VIRAL.
     """
 
     image: np.ndarray
@@ -101,6 +117,7 @@ class Phantom(NamedTuple):
     lesion_mask: np.ndarray
     marker_box: CropBox | None
     num_lesions: int
+    subtype: int = NORMAL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +386,17 @@ def _checked_size(rng: np.random.Generator, label: int,
     return h, w
 
 
+def _checked_subtype(label: int, subtype: int | None) -> int:
+    """The subtype to draw: ``subtype``, or NORMAL / BACTERIAL by ``label`` when None."""
+    if subtype is None:
+        return BACTERIAL if label == 1 else NORMAL
+    allowed = (BACTERIAL, VIRAL) if label == 1 else (NORMAL,)
+    if subtype not in allowed:
+        raise ValueError(f"subtype {subtype!r} does not fit label {label!r}: PNEUMONIA (1) is "
+                         f"BACTERIAL (1) or VIRAL (2), NORMAL (0) is 0")
+    return int(subtype)
+
+
 def _chest_frame(rng: np.random.Generator, h: int, w: int) -> _Frame:
     """The render grid and the chest's position and scale on it.
 
@@ -458,15 +486,28 @@ def _draw_anatomy(rng: np.random.Generator, f: _Frame) -> tuple[np.ndarray, np.n
 
 
 def _add_lesions(density: np.ndarray, rng: np.random.Generator, f: _Frame,
-                 lung_soft: np.ndarray, lung_mask: np.ndarray, count: int) -> np.ndarray:
-    """Add ``count`` opacities to the full-size ``density`` in place; the lesion mask."""
+                 lung_soft: np.ndarray, lung_mask: np.ndarray, count: int,
+                 subtype: int) -> tuple[np.ndarray, int]:
+    """Add the opacities of ``subtype`` to the full-size ``density`` in place.
+
+    BACTERIAL: ``min(count, 2)`` focal opacities; VIRAL: one diffuse interstitial pattern over
+    both lungs (``count`` ignored). Returns ``(lesion mask, number of opacities)``.
+    """
     h, w = density.shape
-    opacity = _upsample(
-        _draw_opacities(rng, (f.gh, f.gw), lung_soft, lung_soft >= 0.5, count), h, w)
+    grid_mask = lung_soft >= 0.5
+    if subtype == VIRAL:
+        grid_opacity = _draw_interstitial(rng, (f.gh, f.gw), lung_soft, grid_mask)
+        count = 2
+    else:
+        count = min(count, MAX_BACTERIAL_LESIONS)
+        grid_opacity = _draw_opacities(rng, (f.gh, f.gw), lung_soft, grid_mask, count)
+    opacity = _upsample(grid_opacity, h, w)
     # Confine to the full-size lung mask too, so lesion_mask is inside lung_mask exactly.
     opacity *= lung_mask
-    density += rng.uniform(0.32, 0.42) * opacity
-    return opacity >= LESION_VISIBLE_FRACTION
+    # A viral veil is fainter than a dense bacterial consolidation.
+    strength = rng.uniform(0.16, 0.22) if subtype == VIRAL else rng.uniform(0.32, 0.42)
+    density += strength * opacity
+    return opacity >= LESION_VISIBLE_FRACTION, count
 
 
 def _expose(density: np.ndarray, rng: np.random.Generator, site: SiteLook) -> np.ndarray:
@@ -489,7 +530,8 @@ def _expose(density: np.ndarray, rng: np.random.Generator, site: SiteLook) -> np
 
 
 def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int] | None = None,
-                   confounder: bool = False, site: SiteLook = SITE_A) -> Phantom:
+                   confounder: bool = False, site: SiteLook = SITE_A,
+                   subtype: int | None = None) -> Phantom:
     """Draw one chest-radiograph phantom and its ground truth.
 
     The random draws depend on neither ``confounder`` nor ``site``: the same ``rng`` state
@@ -498,15 +540,20 @@ def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int
 
     Args:
         rng: random generator (consumed).
-        label: 0 = NORMAL (no opacity), 1 = PNEUMONIA (1-3 opacities in the lung fields).
+        label: 0 = NORMAL (no opacity), 1 = PNEUMONIA (opacities as ``subtype`` says).
         size_hw: ``(height, width)`` in pixels; None draws the height from
             ``DEFAULT_MIN_SIZE..DEFAULT_MAX_SIZE`` and width / height from 0.8-1.3.
         confounder: burn a bright tag into a corner outside the fixed crop box.
         site: the look of the acquiring site (:data:`SITE_A`: the reference look).
+        subtype: for PNEUMONIA, :data:`BACTERIAL` (1 or 2 focal opacities; the default) or
+            :data:`VIRAL` (a diffuse interstitial pattern over both lungs); for NORMAL, None or
+            0. The draws before the lesions do not depend on it: the same ``rng`` state gives
+            the same anatomy for both subtypes.
 
     Returns:
         A :class:`Phantom`.
     """
+    subtype = _checked_subtype(label, subtype)
     h, w = _checked_size(rng, label, size_hw)
     frame = _chest_frame(rng, h, w)
     density, lung_soft = _draw_anatomy(rng, frame)
@@ -519,13 +566,15 @@ def render_phantom(rng: np.random.Generator, label: int, size_hw: tuple[int, int
     density = _upsample(density, h, w)
     lung_mask = _upsample(lung_soft, h, w) >= 0.5
     if label == 1:
-        lesion_mask = _add_lesions(density, rng, frame, lung_soft, lung_mask, num_lesions)
+        lesion_mask, num_lesions = _add_lesions(density, rng, frame, lung_soft, lung_mask,
+                                                num_lesions, subtype)
     else:
         lesion_mask, num_lesions = np.zeros((h, w), bool), 0
     image = _expose(density, rng, site)
     if confounder:
         _burn_marker(image, marker, marker_value)
-    return Phantom(image, lung_mask, lesion_mask, marker if confounder else None, num_lesions)
+    return Phantom(image, lung_mask, lesion_mask, marker if confounder else None, num_lesions,
+                   subtype)
 
 
 def _draw_opacities(rng: np.random.Generator, shape: tuple[int, int], lung_soft: np.ndarray,
@@ -556,6 +605,22 @@ def _draw_opacities(rng: np.random.Generator, shape: tuple[int, int], lung_soft:
         r, c = divmod(int(candidates[rng.integers(candidates.size)]), w)
         opacity = np.maximum(opacity, _opacity(shape, lung_soft, lung_mask, (r, c), radius, rng))
     return opacity
+
+
+def _draw_interstitial(rng: np.random.Generator, shape: tuple[int, int], lung_soft: np.ndarray,
+                       lung_mask: np.ndarray) -> np.ndarray:
+    """A diffuse interstitial (viral) pattern over both lungs, ``[H, W] float32`` 0..1 (peak 1).
+
+    A hazy veil whose density drifts slowly across the lungs, plus a fine reticular net: thin
+    lines along the zero crossings of band-limited noise (about ``1 / cells`` of the image
+    apart). Unlike the focal opacities it covers most of both lung fields.
+    """
+    veil = np.clip(0.75 + 0.25 * _smooth_noise(rng, shape, 3), 0.4, 1.0)
+    cells = int(rng.integers(16, 23))
+    net = np.exp(-(_smooth_noise(rng, shape, cells) / 0.4) ** 2)
+    out = veil * (0.5 + 0.5 * net) * lung_soft * lung_mask
+    peak = float(out.max())
+    return (out / peak if peak > 0 else out).astype(np.float32)
 
 
 def _burn_marker(image: np.ndarray, box: CropBox, value: int) -> None:
@@ -598,6 +663,7 @@ class _Item(NamedTuple):
     label: int
     patient_id: str
     stem: str
+    subtype: int  # NORMAL, or the subtype the PNEUMONIA file name says
 
 
 def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
@@ -605,6 +671,7 @@ def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
     """Patients and file names for every image, in a fixed order.
 
     Patient numbers are unique over the whole dataset (no patient in two classes or splits).
+    A PNEUMONIA patient's images share one subtype, named in their file names.
     """
     items = []
     patient = 0
@@ -623,7 +690,8 @@ def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
                         pid, stem = f"IM-{patient:04d}", f"IM-{patient:04d}-{k:04d}"
                     else:
                         pid, stem = f"person{patient}", f"person{patient}_{kind}_{image_number}"
-                    items.append(_Item(split, label, pid, stem))
+                    subtype = SUBTYPE_OF_KIND[kind] if label == 1 else NORMAL
+                    items.append(_Item(split, label, pid, stem, subtype))
                 remaining -= n
     return items
 
@@ -687,7 +755,8 @@ def _write_image(out: Path, config: PhantomConfig, index: int, item: _Item) -> d
     rate = config.confounder_rate if item.label == 1 else config.confounder_normal_rate
     confounder = bool(rng.random() < rate)
     size = draw_size(rng, config.min_size, config.max_size)
-    phantom = render_phantom(rng, item.label, size, confounder, config.site_look())
+    phantom = render_phantom(rng, item.label, size, confounder, config.site_look(),
+                             item.subtype)
     rel = f"{item.split}/{CLASS_NAMES[item.label]}/{item.stem}.jpeg"
     ok, data = cv2.imencode(".jpeg", phantom.image,
                             [cv2.IMWRITE_JPEG_QUALITY, int(config.jpeg_quality)])
@@ -698,7 +767,8 @@ def _write_image(out: Path, config: PhantomConfig, index: int, item: _Item) -> d
     _write_png(lung_path, phantom.lung_mask)
     _write_png(lesion_path, phantom.lesion_mask)
     return {
-        "path": rel, "split": item.split, "label": item.label, "patient_id": item.patient_id,
+        "path": rel, "split": item.split, "label": item.label, "subtype": item.subtype,
+        "patient_id": item.patient_id,
         "height": size[0], "width": size[1], "num_lesions": phantom.num_lesions,
         "lesion_pixels": int(phantom.lesion_mask.sum()),
         "marker_box": list(phantom.marker_box) if phantom.marker_box else None,
@@ -708,11 +778,13 @@ def _write_image(out: Path, config: PhantomConfig, index: int, item: _Item) -> d
 def _summary(config: PhantomConfig, image_records: list[dict]) -> dict:
     """What ``phantoms.json`` says besides the per-image list: settings, site, counts, layout."""
     counts = {s: {c: 0 for c in CLASS_NAMES} for s in SPLIT_NAMES}
+    subtypes = {s: {c: 0 for c in pneumo_tf.SUBTYPE_NAMES} for s in SPLIT_NAMES}
     confounders = {s: {c: 0 for c in CLASS_NAMES} for s in SPLIT_NAMES}
     patients: dict[str, dict[str, set]] = {s: {c: set() for c in CLASS_NAMES} for s in SPLIT_NAMES}
     for rec in image_records:
         split, cls = rec["split"], CLASS_NAMES[rec["label"]]
         counts[split][cls] += 1
+        subtypes[split][pneumo_tf.SUBTYPE_NAMES[rec["subtype"]]] += 1
         confounders[split][cls] += int(rec["marker_box"] is not None)
         patients[split][cls].add(rec["patient_id"])
     params = {f.name: getattr(config, f.name) for f in cli.flag_fields(PhantomConfig)
@@ -725,6 +797,7 @@ def _summary(config: PhantomConfig, image_records: list[dict]) -> dict:
         "site": {"name": config.site, "exposure": look.exposure, "contrast": look.contrast,
                  "blur": look.blur, "pneumonia_fraction": config.prevalence()},
         "counts": counts,
+        "subtype_counts": subtypes,
         "patients": {s: {c: len(p) for c, p in v.items()} for s, v in patients.items()},
         "confounders": confounders,
         "layout": {"images": "{split}/{CLASS}/{stem}.jpeg",
@@ -747,7 +820,8 @@ def write_phantom_dataset(out: str | os.PathLike, config: PhantomConfig | None =
 
     Returns:
         The summary written to ``phantoms.json`` minus the per-image list: ``counts``
-        (``{split: {NORMAL: n, PNEUMONIA: n}}``), ``patients``, ``confounders`` (same shape),
+        (``{split: {NORMAL: n, PNEUMONIA: n}}``), ``subtype_counts`` (``{split: {NORMAL: n,
+        BACTERIAL: n, VIRAL: n}}``), ``patients``, ``confounders`` (same shape as ``counts``),
         ``seed``, ``params``, ``site`` (its name and look) and ``out``.
 
     Raises:

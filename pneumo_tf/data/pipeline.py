@@ -3,8 +3,8 @@
 Two builders, one per use (like big_vision's ``make_for_train`` / ``make_for_inference``):
 
 * :func:`make_train_dataset`: the train split, seeded shuffle, repeated forever, a fixed batch
-  shape; dicts ``{"image", "label", "weight"}``. No strings: MirroredStrategy places every
-  tensor of a batch on the replicas' devices, and a string tensor cannot live on a GPU.
+  shape; dicts ``{"image", "label", "subtype", "weight"}``. No strings: MirroredStrategy places
+  every tensor of a batch on the replicas' devices, and a string tensor cannot live on a GPU.
 * :func:`make_eval_dataset`: one pass over any split in the manifest's file order, the last
   partial batch kept; the same keys plus ``"patient_id"`` and ``"path"``.
 
@@ -21,7 +21,7 @@ Both are chained from the same named stages (per input pipeline, i.e. per worker
       streamed:      [shuffle records] -> [repeat] -> batch -> parse (batch_parser)
       cached:        batch -> parse -> unbatch -> cache (decoded uint8, in RAM)
                      -> [shuffle] -> [repeat] -> batch
-    weights        + per-image sample weight from the manifest's class weights
+    weights        + per-image sample weight from the manifest's class (or subtype) weights
     finish         prefetch(AUTOTUNE), determinism and auto-shard options
 
 Sharding across input pipelines (workers) is by file only when every pipeline gets the same number
@@ -87,7 +87,9 @@ from pneumo_tf.data import records
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-CLASS_WEIGHT_MODES = ("balanced", "none")
+# Per-image sample weights: by label from the manifest's class_weights, by subtype from its
+# subtype_class_weights (unknown subtype: 0), or none (all ones).
+CLASS_WEIGHT_MODES = ("balanced", "balanced_subtype", "none")
 # Fraction of MemAvailable the automatic cache may use (cache=None).
 DEFAULT_CACHE_FRACTION = 0.25
 # Streaming shuffle buffer: bytes of serialized records it may hold (cached data shuffles fully).
@@ -340,8 +342,9 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
                  with_meta: bool) -> Callable[[tf.Tensor], dict]:
     """A function: ``[N] string`` serialized Examples -> one batch of decoded tensors.
 
-    The batch is ``{"image": [N, S, S, 1] uint8, "label": [N] float32}``, plus
-    ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``.
+    The batch is ``{"image": [N, S, S, 1] uint8, "label": [N] float32, "subtype": [N] int32}``
+    (subtype 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown; -1 for every record of a version-1
+    data dir), plus ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``.
 
     Raises:
         records.DataDirError: the manifest names an unknown encoding.
@@ -353,7 +356,7 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
                                    f"{encoding!r} (expected one of {records.ENCODINGS}); "
                                    f"re-run the converter")
     full_spec = records.feature_spec()
-    keys = ["image", "label"] + (["patient_id", "path"] if with_meta else [])
+    keys = ["image", "label", "subtype"] + (["patient_id", "path"] if with_meta else [])
     spec = {k: full_spec[k] for k in keys}
     raw_len_msg = (f"records in {data_dir} are not {size}x{size} raw uint8 images as its "
                    f"manifest.json says; the shards and manifest disagree, re-run the converter")
@@ -373,7 +376,8 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
         else:
             images = tf.map_fn(decode_png, ex["image"],
                                fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8))
-        out = {"image": images, "label": tf.cast(ex["label"], tf.float32)}
+        out = {"image": images, "label": tf.cast(ex["label"], tf.float32),
+               "subtype": tf.cast(ex["subtype"], tf.int32)}
         if with_meta:
             out["patient_id"] = ex["patient_id"]
             out["path"] = ex["path"]
@@ -384,22 +388,56 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
 
 def class_weight_table(manifest: dict, data_dir: str | os.PathLike,
                        class_weights: str) -> tf.Tensor:
-    """``[2] float32``: the sample weight of label 0 and of label 1.
+    """The sample weight of each class: ``[2] float32`` by label, ``[3]`` by subtype.
 
     Args:
         class_weights: ``balanced`` -> the manifest's ``class_weights`` (sklearn "balanced", from
-            the train split); ``none`` -> all ones.
+            the train split), indexed by label; ``balanced_subtype`` -> its
+            ``subtype_class_weights`` (the same over the train split's known subtypes), indexed
+            by subtype 0, 1, 2; ``none`` -> all ones, by label.
+
+    Raises:
+        ValueError: an unknown mode.
+        records.DataDirError: the manifest lacks the weights the mode needs (a version-1 data dir
+            has no subtype weights); the message names the file and the fix.
     """
     if class_weights not in CLASS_WEIGHT_MODES:
         raise ValueError(f"class_weights={class_weights!r}; expected one of {CLASS_WEIGHT_MODES}")
     if class_weights == "none":
         return tf.constant([1.0, 1.0], tf.float32)
+    path = Path(data_dir) / records.MANIFEST_NAME
+    if class_weights == "balanced_subtype":
+        weights = manifest.get("subtype_class_weights") or {}
+        if not all(k in weights for k in ("0", "1", "2")):
+            raise records.DataDirError(
+                f"{path} has no subtype_class_weights {{'0': .., '1': .., '2': ..}} (manifest "
+                f"version {manifest.get('version', 1)}; subtypes arrived in version "
+                f"{records.MANIFEST_VERSION}); re-run tools/make_tfrecords on the source, or use "
+                f"class_weights='balanced' or 'none'")
+        return tf.constant([float(weights[k]) for k in ("0", "1", "2")], tf.float32)
     weights = manifest.get("class_weights") or {}
     if "0" not in weights or "1" not in weights:
         raise records.DataDirError(
-            f"{Path(data_dir) / records.MANIFEST_NAME} has no class_weights {{'0': .., '1': ..}} "
+            f"{path} has no class_weights {{'0': .., '1': ..}} "
             f"(it has {weights!r}); re-run the converter or use class_weights='none'")
     return tf.constant([float(weights["0"]), float(weights["1"])], tf.float32)
+
+
+def sample_weights(table: tf.Tensor, class_weights: str) -> Callable[[dict], tf.Tensor]:
+    """A function: batch dict -> ``[B] float32`` weights from :func:`class_weight_table`.
+
+    By label, or by subtype for ``balanced_subtype``, where an image of unknown subtype (-1)
+    weighs 0: it adds nothing to a three-way loss, whose target it does not know (a version-1
+    data dir is all unknown, hence refused by :func:`class_weight_table` for this mode).
+    """
+    if class_weights == "balanced_subtype":
+        def by_subtype(batch: dict) -> tf.Tensor:
+            subtype = batch["subtype"]
+            known = tf.gather(table, tf.maximum(subtype, 0))
+            return tf.where(subtype >= 0, known, tf.zeros_like(known))
+
+        return by_subtype
+    return lambda batch: tf.gather(table, tf.cast(batch["label"], tf.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,8 +510,8 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         raise ValueError(f"batch_size must be >= 1, got {recipe.batch_size}")
     manifest = records.read_manifest(data_dir)
     plan = plan_shards(data_dir, manifest, recipe.split, recipe.input_context)
-    weights = (class_weight_table(manifest, data_dir, recipe.class_weights)
-               if recipe.with_weights else None)
+    weigh = (sample_weights(class_weight_table(manifest, data_dir, recipe.class_weights),
+                            recipe.class_weights) if recipe.with_weights else None)
     parse = batch_parser(manifest, data_dir, recipe.with_meta)
     use_cache = resolve_cache(recipe.cache, manifest, recipe.split, plan.num_pipelines,
                               recipe.cache_budget_bytes)
@@ -486,8 +524,8 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         ds = _cached_batches(serialized, parse, recipe, plan)
     else:
         ds = _streamed_batches(serialized, parse, recipe, plan, int(manifest["image_size"]))
-    if weights is not None:
-        ds = ds.map(lambda b: {**b, "weight": tf.gather(weights, tf.cast(b["label"], tf.int32))})
+    if weigh is not None:
+        ds = ds.map(lambda b: {**b, "weight": weigh(b)})
     if output is not None:
         ds = ds.map(output)
     return _finish(ds, recipe, plan)
@@ -515,8 +553,11 @@ def make_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, seed: in
             caches when this pipeline's share of the decoded split fits ``cache_budget_bytes``.
         deterministic: True -> the same order on every run (see "Order and epochs" in the module
             docstring); False -> throughput first.
-        class_weights: ``balanced`` -> weights from the manifest's ``class_weights`` (sklearn
-            "balanced", from the train split); ``none`` -> all ones.
+        class_weights: ``balanced`` -> weights by label from the manifest's ``class_weights``
+            (sklearn "balanced", from the train split); ``balanced_subtype`` -> weights by
+            subtype from its ``subtype_class_weights``, 0 for an image of unknown subtype (so it
+            does not train a three-way head; a version-1 data dir, which has no subtype weights,
+            is refused); ``none`` -> all ones.
         input_context: from ``strategy.distribute_datasets_from_function``: this pipeline reads
             its share of the shard files when they divide evenly among the pipelines, else every
             n-th record of all files (so every image is seen equally often).
@@ -530,7 +571,9 @@ def make_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, seed: in
 
     Returns:
         ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "label": [B] float32,
-        "weight": [B] float32}`` with a static batch dimension B (``drop_remainder``).
+        "subtype": [B] int32, "weight": [B] float32}`` with a static batch dimension B
+        (``drop_remainder``). Subtype: 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (every image of
+        a version-1 data dir).
 
     Raises:
         records.DataDirError: missing/incomplete data dir, no train split, missing shard, unknown
@@ -565,7 +608,8 @@ def make_eval_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, 
 
     Returns:
         ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "label": [B] float32,
-        "weight": [B] float32, "patient_id": [B] string, "path": [B] string}``.
+        "subtype": [B] int32, "weight": [B] float32, "patient_id": [B] string,
+        "path": [B] string}``.
 
     Raises:
         records.DataDirError, ValueError: as :func:`make_train_dataset`, or an unknown split.

@@ -11,13 +11,23 @@ looks complete.
 
 ``manifest.json`` (keys the rest of the project relies on; the converter adds more)::
 
-    {"version": 1, "tool_version": "0.1.0", "image_size": 224, "channels": 1,
+    {"version": 2, "tool_version": "0.1.0", "image_size": 224, "channels": 1,
      "crop": "fixed", "encoding": "raw", "compression": "none",
      "splits": {"train": {"count": 4172, "class_counts": {"NORMAL": 1073, "PNEUMONIA": 3099},
+                          "subtype_counts": {"NORMAL": 1073, "BACTERIAL": 2023, "VIRAL": 1076,
+                                             "UNKNOWN": 0},
                           "patients": 2100, "shards": ["train-00000-of-00004.tfrecord", ...],
                           "shard_counts": [1043, ...]}, "val": {...}, "test": {...}},
      "class_weights": {"0": 1.94, "1": 0.67},   # sklearn "balanced", from the train split
+     "subtype_class_weights": {"0": 1.30, "1": 0.69, "2": 1.29},  # the same, known subtypes
      "rejected": 0, "duplicates_dropped": 0, "flags": {...}, "source": {...}}
+
+Versions. Version 2 added the ``subtype`` feature and the ``subtype_counts`` and
+``subtype_class_weights`` manifest keys. A version-1 data dir still reads everywhere: its records
+parse with ``subtype`` -1 (unknown) for every image, NORMAL ones included (a version-1 record does
+not say, and one rule for every missing feature beats a guess per label); it has no subtype
+counts or weights, so only a subtype-weighted stream (``class_weights="balanced_subtype"``)
+refuses it, naming the re-conversion that fixes it.
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from pneumo_tf import atomic_files
+from pneumo_tf import SUBTYPE_NAMES, atomic_files
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 ENCODINGS = ("raw", "png")
 COMPRESSIONS = ("none", "gzip")
 SPLITS = ("train", "val", "test")
@@ -40,6 +50,7 @@ SPLITS = ("train", "val", "test")
 FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "image": ("bytes", ()),          # raw uint8 [S, S] bytes or PNG
     "label": ("int64", ()),          # 1 = PNEUMONIA, 0 = NORMAL
+    "subtype": ("int64", ()),        # 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (version 2)
     "patient_id": ("bytes", ()),
     "path": ("bytes", ()),           # source path relative to --src (or an npz index)
     "height": ("int64", ()),         # stored image height (= image_size)
@@ -49,6 +60,12 @@ FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "crop_box": ("int64", (4,)),     # top, bottom, left, right in source pixels
     "crop_method": ("bytes", ()),    # fixed | none | adaptive | adaptive_fallback
 }
+
+UNKNOWN_SUBTYPE = -1
+# Keys of a split's ``subtype_counts`` in the manifest: subtypes 0, 1, 2, then -1.
+SUBTYPE_COUNT_NAMES = (*SUBTYPE_NAMES, "UNKNOWN")
+# Features that version-1 records lack, and the value they parse as there.
+FEATURE_DEFAULTS = {"subtype": UNKNOWN_SUBTYPE}
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(?P<gz>\.gz)?$")
 
@@ -103,15 +120,23 @@ def _int64_feature(values: Iterable[int]) -> bytes:
     return _length_delimited(3, _length_delimited(1, packed))
 
 
-def serialize_example(image_bytes: bytes, label: int, patient_id: str, path: str, height: int,
-                      width: int, orig_height: int, orig_width: int, crop_box: Iterable[int],
-                      crop_method: str) -> bytes:
+def serialize_example(image_bytes: bytes, label: int, subtype: int | None, patient_id: str,
+                      path: str, size_hw: tuple[int, int], orig_hw: tuple[int, int],
+                      crop_box: Iterable[int], crop_method: str) -> bytes:
     """The serialized ``tf.train.Example`` of one stored image (see :data:`FEATURES`).
 
     Encoded here in pure Python, byte for byte what
     ``tf.train.Example.SerializeToString(deterministic=True)`` writes (map keys sorted), so the
     converter's worker processes build records without importing TensorFlow and the parent only
     writes bytes. ``tests/data/test_records.py`` checks the equality against TensorFlow.
+
+    Args:
+        image_bytes: the stored image (raw ``[S, S]`` uint8 bytes or PNG).
+        label: 1 PNEUMONIA, 0 NORMAL.
+        subtype: 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown; None leaves the feature out, which
+            is a version-1 record (for tests that need a data dir of the old format).
+        size_hw: the stored ``(height, width)``, pixels; orig_hw: the decoded source's.
+        crop_box: top, bottom, left, right of the crop in source pixels.
     """
     def utf8(v: bytes | str) -> bytes:
         return v.encode("utf-8") if isinstance(v, str) else v
@@ -119,10 +144,12 @@ def serialize_example(image_bytes: bytes, label: int, patient_id: str, path: str
     features = {
         "image": _bytes_feature(image_bytes), "label": _int64_feature([label]),
         "patient_id": _bytes_feature(utf8(patient_id)), "path": _bytes_feature(utf8(path)),
-        "height": _int64_feature([height]), "width": _int64_feature([width]),
-        "orig_height": _int64_feature([orig_height]), "orig_width": _int64_feature([orig_width]),
+        "height": _int64_feature([size_hw[0]]), "width": _int64_feature([size_hw[1]]),
+        "orig_height": _int64_feature([orig_hw[0]]), "orig_width": _int64_feature([orig_hw[1]]),
         "crop_box": _int64_feature(crop_box), "crop_method": _bytes_feature(utf8(crop_method)),
     }
+    if subtype is not None:
+        features["subtype"] = _int64_feature([subtype])
     # Features.feature is map<string, Feature>: each entry {key = 1, value = 2} is field 1.
     entries = b"".join(
         _length_delimited(1, _length_delimited(1, key.encode("utf-8")) + _length_delimited(2, f))
@@ -130,12 +157,31 @@ def serialize_example(image_bytes: bytes, label: int, patient_id: str, path: str
     return _length_delimited(1, entries)  # Example.features = 1
 
 
+def subtype_fits_label(subtype: int, label: int) -> bool:
+    """Whether a subtype agrees with the binary label.
+
+    NORMAL images (label 0) have subtype 0, or -1 when the source says nothing about subtypes
+    (MedMNIST); PNEUMONIA images (label 1) have 1, 2 or -1.
+    """
+    allowed = (0, UNKNOWN_SUBTYPE) if label == 0 else (1, 2, UNKNOWN_SUBTYPE)
+    return subtype in allowed
+
+
+def subtype_counts(subtypes: Iterable[int]) -> dict[str, int]:
+    """``{"NORMAL": n, "BACTERIAL": n, "VIRAL": n, "UNKNOWN": n}`` of a list of subtypes."""
+    values = list(subtypes)
+    return {name: values.count(value)
+            for name, value in zip(SUBTYPE_COUNT_NAMES, (0, 1, 2, UNKNOWN_SUBTYPE))}
+
+
 def feature_spec() -> dict:
-    """``tf.io.parse_example`` spec for :data:`FEATURES`."""
+    """``tf.io.parse_example`` spec for :data:`FEATURES`; a feature of
+    :data:`FEATURE_DEFAULTS` missing from a record (a version-1 record) parses as its default."""
     import tensorflow as tf
 
     dtypes = {"bytes": tf.string, "int64": tf.int64}
-    return {k: tf.io.FixedLenFeature(shape, dtypes[kind]) for k, (kind, shape) in FEATURES.items()}
+    return {k: tf.io.FixedLenFeature(shape, dtypes[kind], FEATURE_DEFAULTS.get(k))
+            for k, (kind, shape) in FEATURES.items()}
 
 
 class ShardWriter:

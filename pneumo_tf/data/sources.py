@@ -8,13 +8,22 @@ Three kinds of source, told apart by what ``--src`` is:
   class folder. Hidden files and folders (``.DS_Store``), ``Thumbs.db`` and ``desktop.ini`` are
   ignored, and so are top-level folders that are neither splits nor classes (``masks/``,
   ``__MACOSX/``). Files under an unknown folder inside a split are rejected, one reject each.
-- ``csv``: a manifest with a header row ``path,label[,patient_id][,split]`` (any column order,
-  more columns allowed). ``label`` is 0/1 or NORMAL/PNEUMONIA; relative paths are resolved
-  against the CSV's folder; each bad row becomes a reject naming its line number.
+- ``csv``: a manifest with a header row ``path,label[,patient_id][,split][,subtype]`` (any
+  column order, more columns allowed). ``label`` is 0/1 or NORMAL/PNEUMONIA; relative paths are
+  resolved against the CSV's folder; each bad row becomes a reject naming its line number.
 - ``medmnist``: a PneumoniaMNIST ``.npz`` (``{train,val,test}_images`` ``[N, H, W] uint8`` and
   ``{split}_labels`` ``[N, 1]``). Its splits are kept; each image is its own patient. With
   ``download=True`` a known file name is fetched from the MedMNIST v2 Zenodo record into a cache
   and its MD5 checked (:func:`fetch_medmnist`).
+
+Subtypes (0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown; :attr:`SourceItem.subtype`): a NORMAL
+image is 0 whatever its name; a PNEUMONIA image's subtype comes from its file name
+(:func:`subtype_from_name`: ``person12_bacteria_34.jpeg`` is BACTERIAL, ``person12_virus_35.jpeg``
+VIRAL, a name saying neither is unknown). A CSV's ``subtype`` column, when a row fills it,
+overrides the name: ``normal``, ``bacterial`` / ``bacteria``, ``viral`` / ``virus``, ``unknown``
+or 0 / 1 / 2 / -1, any case (``unknown`` on a NORMAL row is NORMAL); a subtype that contradicts
+the label (a NORMAL row marked viral) rejects the row. MedMNIST images are all unknown (-1), the
+NORMAL ones too: the data set says nothing about subtypes.
 
 DICOM files may appear in folder and CSV sources; the decoder recognises them. Listing reads no
 pixels, so it is fast even for 100k files. This module imports no TensorFlow.
@@ -37,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_tf import CLASS_NAMES, atomic_files
+from pneumo_tf.data import records
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,11 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
                   "test": "test"}
 _LABELS = {"0": 0, "1": 1, CLASS_NAMES[0].lower(): 0, CLASS_NAMES[1].lower(): 1}
 _IGNORED_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+# A CSV's subtype column: these words, any case, or the numbers -1, 0, 1, 2.
+_SUBTYPES = {"normal": 0, "bacterial": 1, "bacteria": 1, "viral": 2, "virus": 2, "unknown": -1}
+# Words of a PNEUMONIA file name that say its subtype (Kermany: person12_bacteria_34.jpeg).
+_SUBTYPE_WORDS = {"bacteria": 1, "bacterial": 1, "virus": 2, "viral": 2}
+_NAME_WORD_RE = re.compile(r"[^a-z0-9]+")
 
 # MedMNIST v2 on Zenodo (record 10519652). MD5s copied from the official medmnist package,
 # medmnist/info.py, INFO["pneumoniamnist"]["MD5" | "MD5_64" | "MD5_128" | "MD5_224"] (v3.0).
@@ -83,6 +98,7 @@ class SourceItem:
         path: absolute file path to read; None for in-memory (MedMNIST) items.
         npz: ``(npz path, split, index)`` for MedMNIST items: the image is
             ``np.load(npz path)[f"{split}_images"][index]``.
+        subtype: 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (see the module docstring).
     """
 
     key: str
@@ -91,6 +107,7 @@ class SourceItem:
     split: str | None
     path: str | None
     npz: tuple[str, str, int] | None = None
+    subtype: int = records.UNKNOWN_SUBTYPE
 
 
 @dataclasses.dataclass
@@ -129,6 +146,23 @@ def patient_id_from_name(file_name: str) -> str:
     if m:
         return m.group(1)
     return stem
+
+
+def subtype_from_name(file_name: str, label: int) -> int:
+    """The subtype of an image from its label and file name.
+
+    NORMAL (``label`` 0) is subtype 0 whatever the name. A PNEUMONIA file name is split into words
+    at anything but letters and digits, case ignored: ``bacteria`` or ``bacterial`` -> 1,
+    ``virus`` or ``viral`` -> 2; none of them, or words of both kinds, -> -1 (unknown). Only the
+    file's own name counts, not its folders.
+
+    ``person1234_bacteria_4567.jpeg`` -> 1; ``person7_virus_13.jpeg`` -> 2; ``scan_7.png`` -> -1.
+    """
+    if label == 0:
+        return 0
+    stem = os.path.splitext(posixpath.basename(file_name.replace("\\", "/")))[0]
+    found = {_SUBTYPE_WORDS[w] for w in _NAME_WORD_RE.split(stem.lower()) if w in _SUBTYPE_WORDS}
+    return found.pop() if len(found) == 1 else records.UNKNOWN_SUBTYPE
 
 
 def discover(src: str, *, download: bool = False, cache_dir: str | None = None) -> SourceListing:
@@ -219,7 +253,7 @@ def list_folder(root: str) -> SourceListing:
         for f in files:
             key = rel(f)
             items.append(SourceItem(key=key, label=label, patient_id=patient_id_from_name(f),
-                                    split=split, path=f))
+                                    split=split, path=f, subtype=subtype_from_name(f, label)))
 
     top = _subfolders(root)
     split_dirs = [d for d in top if d.lower() in _SPLIT_ALIASES]
@@ -268,22 +302,83 @@ def list_folder(root: str) -> SourceListing:
 # CSV manifest
 
 
-def _parse_label(text: str) -> int | None:
-    """0/1 (also 0.0/1.0 as spreadsheets write them) or NORMAL/PNEUMONIA, any case."""
+def _parse_code(text: str, words: dict[str, int]) -> int | None:
+    """A CSV cell holding one of ``words``' values: a word (any case) or the number itself,
+    also as spreadsheets write it (1.0). None for anything else.
+
+    ``_parse_code("Pneumonia", _LABELS)`` -> 1; ``_parse_code("-1.0", _SUBTYPES)`` -> -1.
+    """
     text = text.strip().lower()
-    if text in _LABELS:
-        return _LABELS[text]
+    if text in words:
+        return words[text]
     try:
         value = float(text)
     except ValueError:
         return None
-    return int(value) if value in (0.0, 1.0) else None
+    return int(value) if value in set(words.values()) else None
+
+
+def _csv_subtype(text: str, label: int, written: str) -> tuple[int, str | None]:
+    """``(subtype, None)`` of a CSV row, or ``(-1, why the row is rejected)``.
+
+    An empty cell (or no ``subtype`` column) leaves the subtype to the file name.
+    """
+    if not text:
+        return subtype_from_name(written, label), None
+    subtype = _parse_code(text, _SUBTYPES)
+    if subtype is None:
+        return records.UNKNOWN_SUBTYPE, (f"subtype {text!r} is not normal, bacterial, viral, "
+                                         f"unknown or 0, 1, 2, -1")
+    if label == 0 and subtype == records.UNKNOWN_SUBTYPE:
+        return 0, None  # the label says NORMAL, so the subtype is known
+    if not records.subtype_fits_label(subtype, label):
+        expected = "normal" if label == 0 else "bacterial, viral or unknown"
+        return records.UNKNOWN_SUBTYPE, (
+            f"subtype {text!r} contradicts label {CLASS_NAMES[label]} (a {CLASS_NAMES[label]} "
+            f"image is {expected}); fix the label or the subtype")
+    return subtype, None
+
+
+def _csv_row(cell, line: int, csv_path: str, first_line_of: dict[str, int]) -> SourceItem | dict:
+    """One non-blank CSV row: its :class:`SourceItem`, or its reject ``{"path", "reason"}``.
+
+    Args:
+        cell: column name -> the row's stripped cell ("" when the row or header lacks it).
+        line: the row's line number in the file.
+        first_line_of: absolute file path -> line that listed it first (updated here).
+    """
+    written = cell("path")
+    where = f"line {line}"
+    if not written:
+        return {"path": f"{os.path.basename(csv_path)}:{line}", "reason": f"{where}: empty path"}
+    label = _parse_code(cell("label"), _LABELS)
+    split_text = cell("split")
+    split = _SPLIT_ALIASES.get(split_text.lower()) if split_text else None
+    file_path = os.path.normpath(os.path.join(os.path.dirname(csv_path),
+                                              os.path.expanduser(written)))
+    subtype, reason = records.UNKNOWN_SUBTYPE, None
+    if label is None:
+        reason = f"label {cell('label')!r} is not 0, 1, NORMAL or PNEUMONIA"
+    else:
+        subtype, reason = _csv_subtype(cell("subtype"), label, written)
+    if reason is None:
+        if split_text and split is None:
+            reason = f"split {split_text!r} is not train, val or test"
+        elif file_path in first_line_of:
+            reason = f"same file as line {first_line_of[file_path]}"
+        elif not os.path.isfile(file_path):
+            reason = f"file not found ({file_path})"
+    if reason:
+        return {"path": written, "reason": f"{where}: {reason}"}
+    first_line_of[file_path] = line
+    return SourceItem(key=written, label=label,
+                      patient_id=cell("patient_id") or patient_id_from_name(written),
+                      split=split, path=file_path, subtype=subtype)
 
 
 def list_csv(csv_path: str) -> SourceListing:
-    """List a CSV manifest with header ``path,label[,patient_id][,split]``."""
+    """List a CSV manifest with header ``path,label[,patient_id][,split][,subtype]``."""
     csv_path = os.path.abspath(csv_path)
-    base = os.path.dirname(csv_path)
     items: list[SourceItem] = []
     rejects: list[dict] = []
     first_line_of: dict[str, int] = {}
@@ -297,7 +392,7 @@ def list_csv(csv_path: str) -> SourceListing:
             header = next(reader)
         except StopIteration:
             raise SourceError(f"--src={csv_path}: the CSV is empty; expected a header row "
-                              "'path,label[,patient_id][,split]'") from None
+                              "'path,label[,patient_id][,split][,subtype]'") from None
         except (csv.Error, UnicodeDecodeError) as e:
             raise SourceError(f"--src={csv_path}: not a readable CSV ({e})") from e
         columns = {name.strip().lower(): i for i, name in enumerate(header)}
@@ -306,7 +401,7 @@ def list_csv(csv_path: str) -> SourceListing:
             raise SourceError(
                 f"--src={csv_path}: the header row lacks column(s) {', '.join(missing)} (found: "
                 f"{', '.join(h.strip() for h in header)}); expected "
-                "'path,label[,patient_id][,split]'")
+                "'path,label[,patient_id][,split][,subtype]'")
         while True:
             try:
                 row = next(reader)
@@ -314,40 +409,15 @@ def list_csv(csv_path: str) -> SourceListing:
                 break
             except (csv.Error, UnicodeDecodeError) as e:
                 raise SourceError(f"--src={csv_path}: line {reader.line_num}: {e}") from e
-            line = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue  # blank line
 
-            def cell(name: str) -> str:
+            def cell(name: str, row=row) -> str:
                 i = columns.get(name)
                 return row[i].strip() if i is not None and i < len(row) else ""
 
-            written = cell("path")
-            where = f"line {line}"
-            if not written:
-                rejects.append({"path": f"{os.path.basename(csv_path)}:{line}",
-                                "reason": f"{where}: empty path"})
-                continue
-            label = _parse_label(cell("label"))
-            split_text = cell("split")
-            split = _SPLIT_ALIASES.get(split_text.lower()) if split_text else None
-            file_path = os.path.normpath(os.path.join(base, os.path.expanduser(written)))
-            reason = None
-            if label is None:
-                reason = f"{where}: label {cell('label')!r} is not 0, 1, NORMAL or PNEUMONIA"
-            elif split_text and split is None:
-                reason = f"{where}: split {split_text!r} is not train, val or test"
-            elif file_path in first_line_of:
-                reason = f"{where}: same file as line {first_line_of[file_path]}"
-            elif not os.path.isfile(file_path):
-                reason = f"{where}: file not found ({file_path})"
-            if reason:
-                rejects.append({"path": written, "reason": reason})
-                continue
-            first_line_of[file_path] = line
-            items.append(SourceItem(key=written, label=label,
-                                    patient_id=cell("patient_id") or patient_id_from_name(written),
-                                    split=split, path=file_path))
+            found = _csv_row(cell, reader.line_num, csv_path, first_line_of)
+            (items if isinstance(found, SourceItem) else rejects).append(found)
     return _listing("csv", csv_path, items, rejects, [], "fixed")
 
 

@@ -1,8 +1,8 @@
 """Train/val/test assignment by patient, duplicate detection and patient-overlap reports.
 
 The official test split is kept as it is; validation is carved out of train **by
-patient**, stratified by class and seeded, so the images of one patient never sit in two splits
-(also a patient with images of both classes). Byte-identical and pixel-identical images are found
+patient**, stratified by class (or by subtype, :func:`strata`) and seeded, so the images of one
+patient never sit in two splits (also a patient with images of both classes). Byte-identical and pixel-identical images are found
 and reported; the carve keeps every duplicate group in one split (:func:`merge_linked_groups`), and
 the converter can drop duplicates (``--dedupe``), never from the official test split.
 
@@ -19,10 +19,33 @@ from typing import Iterable, Sequence
 import numpy as np
 
 SPLIT_BY = ("patient", "image")
+# What the val carve stratifies on (--stratify): the binary class or the subtype.
+STRATIFY = ("label", "subtype")
+# The stratum of the images of unknown subtype with --stratify=subtype.
+UNKNOWN_SUBTYPE_STRATUM = 3
 
 
 class SplitError(ValueError):
     """Bad split settings; the message names the flag and the fix."""
+
+
+def strata(labels: Sequence[int], subtypes: Sequence[int], stratify: str) -> list[int]:
+    """The stratum of each image for the val carve (:func:`carve_validation`).
+
+    Args:
+        labels: class per image (0 NORMAL, 1 PNEUMONIA).
+        subtypes: subtype per image (0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown).
+        stratify: ``label`` -> the class; ``subtype`` -> the subtype, unknown as stratum
+            :data:`UNKNOWN_SUBTYPE_STRATUM` (its own: the unknown images are carved in proportion
+            too, not mixed into a known subtype's count).
+    """
+    if stratify not in STRATIFY:
+        raise SplitError(f"--stratify={stratify!r} is not one of {STRATIFY}")
+    if len(labels) != len(subtypes):
+        raise ValueError(f"{len(labels)} labels for {len(subtypes)} subtypes")
+    if stratify == "label":
+        return [int(y) for y in labels]
+    return [int(s) if s >= 0 else UNKNOWN_SUBTYPE_STRATUM for s in subtypes]
 
 
 def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction: float,
@@ -40,7 +63,8 @@ def carve_validation(groups: Sequence[str], labels: Sequence[int], val_fraction:
 
     Args:
         groups: group id (patient id) of each image.
-        labels: class of each image (0/1; any small non-negative ints work).
+        labels: class (stratum) of each image (0/1, or :func:`strata`; any small non-negative
+            ints work). Each image counts in its own stratum; a group moves whole.
         val_fraction: wanted fraction of every class in validation, in [0, 1).
         seed: seed of the visiting order; same inputs and seed -> same result.
 
@@ -113,10 +137,11 @@ def assign_splits(official: Sequence[str | None], labels: Sequence[int],
 
     Args:
         official: the source's split per image: "train", "val", "test" or None (= train pool).
-        labels: class per image.
+        labels: the stratum of each image for the carve: its class, or what :func:`strata`
+            gives for ``--stratify``.
         patients: patient id per image.
         keys: unique key per image (used as the group when ``split_by="image"``).
-        val_fraction: fraction of the train pool carved into validation (per class).
+        val_fraction: fraction of the train pool carved into validation (per stratum).
         seed: seed of the carve.
         split_by: "patient" (group by patient id) or "image" (every image its own group;
             patients may then straddle train and val, which the overlap report shows).

@@ -37,7 +37,10 @@ def _film(rng: np.random.Generator, h: int, w: int, label: int) -> np.ndarray:
 
 def write_kaggle_source(root: Path, n_train_patients: int = 14, n_test_patients: int = 4,
                         seed: int = 0, shape=(72, 88)) -> dict[str, int]:
-    """Kaggle layout with realistic names and 1-3 images per patient; returns images per split."""
+    """Kaggle layout with realistic names and 1-3 images per patient; returns images per split.
+
+    PNEUMONIA patients 1, 5, 9, ... (``p % 4 == 1``) are viral, the others bacterial.
+    """
     rng = np.random.default_rng(seed)
     counts = {}
     for split, n_pat, first in (("train", n_train_patients, 0), ("test", n_test_patients, 500)):
@@ -47,7 +50,8 @@ def write_kaggle_source(root: Path, n_train_patients: int = 14, n_test_patients:
             folder = root / split / ("PNEUMONIA" if label else "NORMAL")
             folder.mkdir(parents=True, exist_ok=True)
             for j in range(1 + p % 3):
-                name = (f"person{p}_bacteria_{p * 10 + j}.jpeg" if label
+                kind = "virus" if p % 4 == 1 else "bacteria"
+                name = (f"person{p}_{kind}_{p * 10 + j}.jpeg" if label
                         else f"IM-{p:04d}-{j + 1:04d}.jpeg")
                 h = shape[0] + int(rng.integers(0, 9))
                 w = shape[1] + int(rng.integers(0, 9))
@@ -95,6 +99,7 @@ def test_kaggle_layout_counts_splits_and_records(tmp_path):
     expected = compute_class_weight("balanced", classes=np.array([0, 1]),
                                     y=np.array([0] * n0 + [1] * n1))
     assert m["class_weights"] == pytest.approx({"0": expected[0], "1": expected[1]})
+    assert m["version"] == records.MANIFEST_VERSION == 2
     assert json.loads((out / "manifest.json").read_text()) == m
     assert (out / "rejects.jsonl").read_text() == ""
 
@@ -108,6 +113,7 @@ def test_kaggle_layout_counts_splits_and_records(tmp_path):
             rel = r["path"].decode()
             assert rel.startswith(f"{'test' if split == 'test' else 'train'}/")
             assert r["label"] == (1 if "/PNEUMONIA/" in rel else 0)
+            assert r["subtype"] == (0 if not r["label"] else 1 if "_bacteria_" in rel else 2)
             gray = cv2.imread(str(src / rel), cv2.IMREAD_GRAYSCALE)
             want, box, _ = preprocess.preprocess_gray(gray, SIZE, "fixed")
             got = np.frombuffer(r["image"], np.uint8).reshape(SIZE, SIZE)
@@ -116,9 +122,20 @@ def test_kaggle_layout_counts_splits_and_records(tmp_path):
             assert r["crop_box"] == list(box)
             assert (r["height"], r["width"]) == (SIZE, SIZE)
             assert r["crop_method"] == b"fixed"
+        assert sp[split]["subtype_counts"] == records.subtype_counts(r["subtype"] for r in rows)
     assert all(len(s) == 1 for s in patients.values()), "a patient sits in two splits"
+    # 14 train patients with 1 + p % 3 images: NORMAL 0, 3, 6, 9, 12 (one image each), viral
+    # 1, 5, 13 (2 + 3 + 2 images), the other 6 bacterial.
+    pool = {k: sp["train"]["subtype_counts"][k] + sp["val"]["subtype_counts"][k]
+            for k in records.SUBTYPE_COUNT_NAMES}
+    assert pool == {"NORMAL": 5, "BACTERIAL": 15, "VIRAL": 7, "UNKNOWN": 0}
+    sc = sp["train"]["subtype_counts"]
+    subtype_y = np.repeat([0, 1, 2], [sc["NORMAL"], sc["BACTERIAL"], sc["VIRAL"]])
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 2]), y=subtype_y)
+    assert m["subtype_class_weights"] == pytest.approx(dict(zip("012", expected)))
     assert convert.verify_data_dir(out) == []
     summary = convert.format_summary(m, out)
+    assert "bacterial" in summary and "subtype weights" in summary
     assert "train" in summary and "rejected 0" in summary and len(summary.splitlines()) < 25
 
 
@@ -365,15 +382,23 @@ def test_medmnist_npz_keeps_its_splits_and_defaults_to_no_crop(tmp_path):
         img = cv2.imdecode(np.frombuffer(r["image"], np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(img, arrays["val_images"][i])  # no crop, no resize
         assert r["label"] == int(arrays["val_labels"][i, 0])
+        assert r["subtype"] == -1  # MedMNIST says nothing of subtypes, NORMAL or not
+    assert m["splits"]["train"]["subtype_counts"] == {
+        "NORMAL": 0, "BACTERIAL": 0, "VIRAL": 0, "UNKNOWN": 12}
+    assert m["subtype_class_weights"] == {"0": 1.0, "1": 1.0, "2": 1.0}  # no known subtype
     assert convert.verify_data_dir(tmp_path / "out") == []
 
 
 def test_csv_source(tmp_path):
     rng = np.random.default_rng(1)
-    rows = ["path,label,patient_id"]
+    rows = ["path,label,patient_id,subtype"]
+    subtypes = {0: "normal", 1: "viral", 3: "bacterial", 5: "unknown", 7: "2", 9: "Bacteria"}
     for i in range(10):
         cv2.imwrite(str(tmp_path / f"img{i}.png"), _film(rng, 64, 64, i % 2))
-        rows.append(f"img{i}.png,{'PNEUMONIA' if i % 2 else 'NORMAL'},pat{i // 2}")
+        subtype = subtypes.get(i, "")  # NORMAL rows 2-8: empty, so 0 from the label
+        rows.append(f"img{i}.png,{'PNEUMONIA' if i % 2 else 'NORMAL'},pat{i // 2},{subtype}")
+    cv2.imwrite(str(tmp_path / "odd.png"), _film(rng, 64, 64, 0))
+    rows.append("odd.png,NORMAL,pat9,Virus")  # contradicts its label: rejected
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     m = convert.convert_dataset(tmp_path / "list.csv", tmp_path / "out", image_size=SIZE,
                                 workers=1, progress=False, val_fraction=0.4)
@@ -381,6 +406,41 @@ def test_csv_source(tmp_path):
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 10
     assert m["splits"]["val"]["patients"] == 2  # 2 of 5 patients, both classes each
     assert m["patient_overlap"] == {}
+    pool = {k: m["splits"]["train"]["subtype_counts"][k] + m["splits"]["val"]["subtype_counts"][k]
+            for k in records.SUBTYPE_COUNT_NAMES}
+    assert pool == {"NORMAL": 5, "BACTERIAL": 2, "VIRAL": 2, "UNKNOWN": 1}
+    assert m["rejected"] == 1
+    assert json.loads((tmp_path / "out" / "rejects.jsonl").read_text()) == {
+        "path": "odd.png", "reason": "line 12: subtype 'Virus' contradicts label NORMAL (a NORMAL "
+                                     "image is normal); fix the label or the subtype"}
+    assert convert.verify_data_dir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stratify_subtype_carves_viral_patients_into_val(tmp_path, seed):
+    src = tmp_path / "src"
+    write_kaggle_source(src, n_train_patients=14, n_test_patients=0)
+    kw = dict(image_size=SIZE, workers=1, progress=False, seed=seed, num_shards=1)
+    m = convert.convert_dataset(src, tmp_path / "subtype", stratify="subtype", **kw)
+    assert m["flags"]["stratify"] == "subtype"
+    # 7 viral images of 3 patients (2, 3 and 2 images): 20 % is 1.4, nearest a 2-image patient.
+    assert m["splits"]["val"]["subtype_counts"]["VIRAL"] == 2
+    assert m["patient_overlap"] == {}
+    assert convert.verify_data_dir(tmp_path / "subtype") == []
+
+
+def test_phantom_subtypes_reach_the_records(tmp_path):
+    from pneumo_tf.data import phantoms
+
+    summary = phantoms.write_phantom_dataset(tmp_path / "src", num_train=30, num_test=10, seed=2,
+                                             min_size=64, max_size=96)
+    m = convert.convert_dataset(tmp_path / "src", tmp_path / "out", image_size=SIZE, workers=1,
+                                progress=False, stratify="subtype", num_shards=1)
+    for split, parts in (("train", ("train", "val")), ("test", ("test",))):
+        found = {name: sum(m["splits"][s]["subtype_counts"][name] for s in parts)
+                 for name in records.SUBTYPE_COUNT_NAMES}
+        assert found == {**summary["subtype_counts"][split], "UNKNOWN": 0}, split
+    assert m["splits"]["val"]["subtype_counts"]["VIRAL"] > 0
 
 
 def test_bad_settings_name_the_flag(tmp_path):
@@ -389,7 +449,8 @@ def test_bad_settings_name_the_flag(tmp_path):
     for kw, flag in ((dict(encoding="jpeg"), "--encoding"), (dict(compression="zip"),
                      "--compression"), (dict(crop="lungs"), "--crop"),
                      (dict(val_fraction=1.0), "--val_fraction"), (dict(num_shards=0),
-                     "--num_shards"), (dict(split_by="study"), "--split_by")):
+                     "--num_shards"), (dict(split_by="study"), "--split_by"),
+                     (dict(stratify="patient"), "--stratify")):
         with pytest.raises(convert.ConvertError, match=flag):
             convert.convert_dataset(src, tmp_path / "out", progress=False, **kw)
     with pytest.raises(ValueError, match="no such file"):
@@ -402,7 +463,8 @@ def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     from pneumo_tf import cli
 
     names = [f.name for f in cli.flag_fields(convert.ConvertConfig)]
-    assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "seed",
+    assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "stratify",
+                     "seed",
                      "num_shards", "workers", "compression", "max_rejects", "dedupe",
                      "use_official_val", "download", "cache_dir", "max_pixels"]
     defaults = convert.ConvertConfig()
@@ -478,12 +540,35 @@ def test_verify_catches_manifest_count_mismatch_and_stray_files(tmp_path):
     write_kaggle_source(src, n_train_patients=6, n_test_patients=2)
     m = convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False)
     m["splits"]["test"]["class_counts"]["NORMAL"] += 1
+    m["splits"]["train"]["subtype_counts"]["VIRAL"] += 1
     records.write_manifest(out, m)
     (out / "train-00000-of-00009.tfrecord").write_bytes(b"")
     problems = convert.verify_data_dir(out)
     assert any("split test" in p and "NORMAL" in p for p in problems), problems
+    viral = m["splits"]["train"]["subtype_counts"]["VIRAL"]
+    assert f"split train: {viral - 1} VIRAL subtype records, manifest says {viral}" in problems
     assert any(p.startswith("train-00000-of-00009.tfrecord: shard file not listed")
                for p in problems)
+
+
+def test_verify_reads_version_1_data_dirs_and_checks_subtypes_against_labels(tmp_path):
+    from conftest import write_tiny_dataset
+
+    old = write_tiny_dataset(tmp_path / "v1", version=1)  # no subtype feature, no counts
+    assert convert.verify_data_dir(old) == []
+    assert "-" in convert.format_summary(records.read_manifest(old)).splitlines()[3]
+    new = write_tiny_dataset(tmp_path / "v2", counts={"test": (1, 1)}, num_shards=1)
+    shard = new / "test-00000-of-00001.tfrecord"
+    with records.ShardWriter(shard) as w:  # the same two records, the NORMAL one marked viral
+        for label, path in ((0, "a.png"), (1, "b.png")):
+            w.write(records.serialize_example(bytes(32 * 32), label, 2, "p", path, (32, 32),
+                                              (32, 32), (0, 32, 0, 32), "fixed"))
+    problems = convert.verify_data_dir(new)
+    assert problems[0] == ("test-00000-of-00001.tfrecord: record 0 has subtype 2 with label 0 "
+                           "(NORMAL is subtype 0 or -1, PNEUMONIA 1, 2 or -1)")
+    assert problems[1:] == ["split test: 0 NORMAL subtype records, manifest says 1",
+                            "split test: 0 BACTERIAL subtype records, manifest says 1",
+                            "split test: 2 VIRAL subtype records, manifest says 0"]
 
 
 def test_rerun_replaces_old_outputs(tmp_path):

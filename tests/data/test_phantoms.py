@@ -88,7 +88,7 @@ def test_lesions_are_inside_lungs_visible_and_mostly_inside_the_crop_box():
     inside_crop, contrast = [], []
     for seed in range(12):
         ph = phantoms.render_phantom(np.random.default_rng(seed), 1, (160, 200))
-        assert 1 <= ph.num_lesions <= 3
+        assert 1 <= ph.num_lesions <= 2 and ph.subtype == phantoms.BACTERIAL  # the default
         assert ph.lesion_mask.any()
         assert not (ph.lesion_mask & ~ph.lung_mask).any(), "lesion outside the lung mask"
         crop = _box_mask(ph.image.shape, fixed_crop_box(*ph.image.shape))
@@ -112,6 +112,58 @@ def test_opacity_survives_fixed_crop_and_resize_to_64px():
         lung = resize_area(crop_lung_fixed(ph.lung_mask.astype(np.uint8) * 255), 64) > 127
         assert lesion.sum() >= 12, f"seed {seed}: lesion only {lesion.sum()} px at 64 px"
         assert small[lesion].mean() - small[lung & ~lesion].mean() > 12
+
+
+def _lung_coverage(ph) -> tuple[float, float]:
+    """``(lesion fraction of the lungs, smallest lesion fraction of one lung field)``."""
+    n, fields = cv2.connectedComponents(ph.lung_mask.astype(np.uint8))
+    per_field = [(ph.lesion_mask & (fields == k)).sum() / (fields == k).sum() for k in range(1, n)]
+    return ph.lesion_mask.sum() / ph.lung_mask.sum(), min(per_field)
+
+
+@pytest.mark.parametrize("size", [(160, 200), (500, 430)])  # 500 px: the upsampled path
+def test_lesion_masks_separate_bacterial_focal_from_viral_diffuse(size):
+    """One statistic, the share of the lungs under the lesion mask, splits the subtypes: focal
+    bacterial opacities cover a small part of the lungs, the viral pattern most of both."""
+    bacterial, viral = [], []
+    for seed in range(10):
+        b = phantoms.render_phantom(np.random.default_rng(seed), 1, size,
+                                    subtype=phantoms.BACTERIAL)
+        v = phantoms.render_phantom(np.random.default_rng(seed), 1, size, subtype=phantoms.VIRAL)
+        np.testing.assert_array_equal(b.lung_mask, v.lung_mask)  # the same anatomy
+        assert (b.subtype, v.subtype, v.num_lesions) == (1, 2, 2) and 1 <= b.num_lesions <= 2
+        for ph in (b, v):
+            assert not (ph.lesion_mask & ~ph.lung_mask).any(), "lesion outside the lung mask"
+        bacterial.append(_lung_coverage(b))
+        viral.append(_lung_coverage(v))
+    bacterial, viral = np.array(bacterial), np.array(viral)
+    assert bacterial[:, 0].max() < 0.3 < 0.5 < viral[:, 0].min(), (bacterial, viral)
+    assert viral[:, 1].min() > 0.3, viral  # both lung fields involved
+    assert np.median(bacterial[:, 1]) == 0.0  # usually one lung only
+
+
+def test_viral_lungs_are_hazier_than_normal_ones():
+    """The viral veil raises the lungs towards the mediastinum's brightness."""
+    def lung_level(ph) -> float:  # 0: as dark as the background, 1: as bright as the spine
+        img = ph.image.astype(float)
+        h, w = img.shape
+        spine = img[int(0.3 * h):int(0.6 * h), int(0.47 * w):int(0.53 * w)].mean()
+        corner = img[-int(0.3 * h):, :int(0.03 * w)].mean()
+        return (img[ph.lung_mask].mean() - corner) / (spine - corner)
+
+    normal = [lung_level(phantoms.render_phantom(np.random.default_rng(s), 0, (300, 340)))
+              for s in range(12)]
+    viral = [lung_level(phantoms.render_phantom(np.random.default_rng(s), 1, (300, 340),
+                                                subtype=phantoms.VIRAL)) for s in range(12)]
+    assert np.mean(viral) - np.mean(normal) > 0.08, (normal, viral)
+
+
+def test_subtype_must_fit_the_label():
+    with pytest.raises(ValueError, match="subtype 2 does not fit label 0"):
+        phantoms.render_phantom(np.random.default_rng(0), 0, (64, 64), subtype=phantoms.VIRAL)
+    with pytest.raises(ValueError, match="subtype 0 does not fit label 1"):
+        phantoms.render_phantom(np.random.default_rng(0), 1, (64, 64), subtype=0)
+    assert phantoms.render_phantom(np.random.default_rng(0), 0, (64, 64), subtype=0).subtype == 0
 
 
 def test_normal_phantoms_have_no_lesion():
@@ -191,6 +243,8 @@ def test_masks_exist_match_sizes_and_are_consistent(phantom_set):
     records = phantoms.read_phantom_summary(out)["images"]
     assert len(records) == 52
     for rec in records:
+        want = 0 if rec["label"] == 0 else 1 if "_bacteria_" in rec["path"] else 2
+        assert rec["subtype"] == want, rec["path"]  # the pattern follows the file name
         image = cv2.imread(str(out / rec["path"]), cv2.IMREAD_UNCHANGED)
         assert image is not None and image.ndim == 2, rec["path"]
         assert image.shape == (rec["height"], rec["width"])
@@ -207,6 +261,13 @@ def test_masks_exist_match_sizes_and_are_consistent(phantom_set):
             assert not lesion.any() and rec["num_lesions"] == 0
         else:
             assert lesion.any() and rec["num_lesions"] >= 1
+            coverage = (lesion > 0).sum() / (lung > 0).sum()
+            assert coverage > 0.5 if rec["subtype"] == 2 else coverage < 0.3, rec["path"]
+    by_subtype = {s: sum(r["subtype"] == s for r in records if r["split"] == "train")
+                  for s in (0, 1, 2)}
+    assert summary["subtype_counts"]["train"] == dict(zip(("NORMAL", "BACTERIAL", "VIRAL"),
+                                                          by_subtype.values()))
+    assert by_subtype[1] > 0 and by_subtype[2] > 0
     # Nothing but images in the split folders (the converter reads them).
     assert {p.suffix for p in (out / "train").rglob("*") if p.is_file()} == {".jpeg"}
 
@@ -365,6 +426,23 @@ def test_site_a_is_unchanged():
     assert _render_digest() == SITE_A_DIGEST
     assert _render_digest(site=phantoms.SITE_A) == SITE_A_DIGEST
     assert phantoms.PhantomConfig().site_look() == phantoms.SITE_A
+
+
+# NORMAL files (images and masks) of a site-a set written by the code before subtypes (commit
+# 8910506): subtype patterns change PNEUMONIA films only.
+NORMAL_SET_DIGEST = "48a6b3db195595b2f3b207629f823385f2bb6c011c70905b5ca3b6c47b6ac909"
+
+
+def test_normal_files_of_a_set_are_unchanged_by_subtypes(tmp_path):
+    out = tmp_path / "set"
+    phantoms.write_phantom_dataset(out, num_train=16, num_test=6, seed=5, min_size=64,
+                                   max_size=112)
+    digest = hashlib.sha256()
+    files = sorted(p for p in out.rglob("*") if p.is_file() and "NORMAL" in p.parts)
+    for p in files:
+        digest.update(str(p.relative_to(out)).encode())
+        digest.update(p.read_bytes())
+    assert len(files) == 18 and digest.hexdigest() == NORMAL_SET_DIGEST
 
 
 def _laplacian_variance(image: np.ndarray) -> float:

@@ -113,7 +113,7 @@ def test_eval_one_pass_in_file_order_with_exact_pixels(tmp_path, encoding, compr
             assert label == want_label
     # The evaluation dicts carry the training stream's keys plus the ids (the older
     # make_dataset(with_meta=True) dicts, without "weight", are tested with the wrapper).
-    assert set(batches[0]) == {"image", "label", "weight", "patient_id", "path"}
+    assert set(batches[0]) == {"image", "label", "subtype", "weight", "patient_id", "path"}
 
 
 def test_raw_and_png_shards_give_identical_batches(tmp_path):
@@ -252,11 +252,12 @@ def test_batch_parser_decodes_one_batch(unbalanced_dir):
     serialized = next(iter(pipeline.read_records(plan).batch(5)))
     truth = list(_all_records(unbalanced_dir, "test").values())[:5]
     plain = pipeline.batch_parser(manifest, unbalanced_dir, with_meta=False)(serialized)
-    assert set(plain) == {"image", "label"} and plain["image"].dtype == tf.uint8
+    assert set(plain) == {"image", "label", "subtype"} and plain["image"].dtype == tf.uint8
+    assert plain["subtype"].dtype == tf.int32
     np.testing.assert_array_equal(plain["image"].numpy(), np.stack([t[0] for t in truth]))
     np.testing.assert_array_equal(plain["label"].numpy(), [float(t[1]) for t in truth])
     meta = pipeline.batch_parser(manifest, unbalanced_dir, with_meta=True)(serialized)
-    assert set(meta) == {"image", "label", "patient_id", "path"}
+    assert set(meta) == {"image", "label", "subtype", "patient_id", "path"}
     manifest["encoding"] = "jpeg"
     with pytest.raises(records.DataDirError, match="unknown encoding 'jpeg'.*re-run"):
         pipeline.batch_parser(manifest, unbalanced_dir, with_meta=False)
@@ -273,10 +274,75 @@ def test_class_weight_table(unbalanced_dir):
         pipeline.class_weight_table(manifest, unbalanced_dir, "balanced")
 
 
+def _subtypes_by_path(data_dir, split):
+    """{path: subtype} read independently of the pipeline."""
+    manifest = records.read_manifest(data_dir)
+    out = {}
+    for shard in records.split_shards(data_dir, manifest, split):
+        for raw in tf.data.TFRecordDataset(str(shard)):
+            ex = tf.io.parse_single_example(raw, records.feature_spec())
+            out[ex["path"].numpy().decode()] = int(ex["subtype"])
+    return out
+
+
+def test_streams_carry_the_subtype_of_every_image(unbalanced_dir):
+    truth = _subtypes_by_path(unbalanced_dir, "train")
+    # 4 NORMAL; the 12 PNEUMONIA take 1, 1, 2, -1 in turn: 6 BACTERIAL, 3 VIRAL, 3 unknown.
+    assert collections.Counter(truth.values()) == {0: 4, 1: 6, 2: 3, -1: 3}
+    batches = list(pipeline.make_eval_dataset(unbalanced_dir, "train", 5))
+    got = {p.decode(): int(s) for b in batches
+           for p, s in zip(b["path"].numpy(), b["subtype"].numpy())}
+    assert got == truth
+    assert all(b["subtype"].dtype == tf.int32 for b in batches)
+    lookup = _pixel_lookup(unbalanced_dir)
+    for batch in pipeline.make_train_dataset(unbalanced_dir, 4, cache=True).take(8):
+        for image, subtype in zip(batch["image"].numpy(), batch["subtype"].numpy()):
+            assert truth[lookup[image.tobytes()]] == subtype
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_balanced_subtype_weights_and_unknown_weighs_nothing(unbalanced_dir, cache):
+    manifest = records.read_manifest(unbalanced_dir)
+    # sklearn "balanced" over the 13 known subtypes: 13 / (3 * n_c); unknown images weigh 0.
+    want = {0: 13 / 12, 1: 13 / 18, 2: 13 / 9, -1: 0.0}
+    assert manifest["subtype_class_weights"] == pytest.approx(
+        {str(c): w for c, w in want.items() if c >= 0})
+    table = pipeline.class_weight_table(manifest, unbalanced_dir, "balanced_subtype")
+    np.testing.assert_allclose(table.numpy(), [want[0], want[1], want[2]], rtol=1e-6)
+    ds = pipeline.make_train_dataset(unbalanced_dir, 4, cache=cache, deterministic=True,
+                                     class_weights="balanced_subtype")
+    total = 0.0
+    for batch in ds.take(4):  # one epoch of 16 images
+        subtypes, weights = batch["subtype"].numpy(), batch["weight"].numpy()
+        np.testing.assert_allclose(weights, [want[s] for s in subtypes], rtol=1e-6)
+        total += float(weights.sum())
+    assert total == pytest.approx(13.0)  # balanced: the weights of the known images sum to 13
+    evaluation = next(iter(pipeline.make_eval_dataset(unbalanced_dir, "train", 16,
+                                                      class_weights="balanced_subtype")))
+    np.testing.assert_allclose(evaluation["weight"].numpy(),
+                               [want[s] for s in evaluation["subtype"].numpy()], rtol=1e-6)
+
+
+def test_version_1_data_dir_reads_with_unknown_subtypes(tmp_path):
+    old = write_tiny_dataset(tmp_path / "v1", counts=UNBALANCED, image_size=16, version=1)
+    batch = next(iter(pipeline.make_eval_dataset(old, "test", 11)))
+    assert batch["subtype"].numpy().tolist() == [-1] * 11  # NORMAL images too
+    assert sorted(batch["label"].numpy().tolist()) == [0.0] * 5 + [1.0] * 6
+    train = next(iter(pipeline.make_train_dataset(old, 4)))  # binary weights work as before
+    np.testing.assert_allclose(train["weight"].numpy(),
+                               np.where(train["label"].numpy() == 0, 2.0, 2.0 / 3.0), rtol=1e-6)
+    assert train["subtype"].numpy().tolist() == [-1] * 4
+    with pytest.raises(records.DataDirError, match=r"has no subtype_class_weights .*manifest "
+                       r"version 1; subtypes arrived in version 2\); re-run tools/make_tfrecords"):
+        pipeline.make_train_dataset(old, 4, class_weights="balanced_subtype")
+    with pytest.raises(ValueError, match="class_weights='subtype'"):
+        pipeline.make_train_dataset(old, 4, class_weights="subtype")
+
+
 def test_train_and_eval_streams_share_their_common_keys(unbalanced_dir):
     train = pipeline.make_train_dataset(unbalanced_dir, 4).element_spec
     evaluation = pipeline.make_eval_dataset(unbalanced_dir, "test", 4).element_spec
-    assert set(train) == {"image", "label", "weight"}
+    assert set(train) == {"image", "label", "subtype", "weight"}
     assert set(evaluation) == set(train) | {"patient_id", "path"}
     for key in train:
         assert train[key].dtype == evaluation[key].dtype, key

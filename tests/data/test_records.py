@@ -76,13 +76,14 @@ def test_manifest_mismatches_lists_each_difference():
     assert records.manifest_mismatches(a, dict(a)) == []
 
 
-@pytest.mark.parametrize("label,box,method", [(0, (0, 32, 0, 32), "fixed"),
-                                              (1, (150, 1900, 300, 2400), "adaptive_fallback")])
-def test_pure_python_serialization_is_byte_identical_to_tensorflow(label, box, method):
+@pytest.mark.parametrize("label,subtype,box,method", [
+    (0, 0, (0, 32, 0, 32), "fixed"), (1, 2, (150, 1900, 300, 2400), "adaptive_fallback"),
+    (1, -1, (1, 2, 3, 4), "none"), (1, None, (0, 9, 0, 9), "fixed")])  # None: a version-1 record
+def test_pure_python_serialization_is_byte_identical_to_tensorflow(label, subtype, box, method):
     import tensorflow as tf
 
-    args = (bytes(range(256)) * 300, label, "person1234", "train/PNEUMONIA/ü.jpeg", 224, 224,
-            2000, 2500, box, method)
+    args = (bytes(range(256)) * 300, label, subtype, "person1234", "train/PNEUMONIA/ü.jpeg",
+            (224, 224), (2000, 2500), box, method)
 
     def i(*v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
@@ -90,12 +91,44 @@ def test_pure_python_serialization_is_byte_identical_to_tensorflow(label, box, m
     def b(v):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v]))
 
-    reference = tf.train.Example(features=tf.train.Features(feature={
-        "image": b(args[0]), "label": i(label), "patient_id": b(args[2]), "path": b(args[3]),
+    feature = {
+        "image": b(args[0]), "label": i(label), "patient_id": b(args[3]), "path": b(args[4]),
         "height": i(224), "width": i(224), "orig_height": i(2000), "orig_width": i(2500),
-        "crop_box": i(*box), "crop_method": b(method)}))
+        "crop_box": i(*box), "crop_method": b(method)}
+    if subtype is not None:
+        feature["subtype"] = i(subtype)
+    reference = tf.train.Example(features=tf.train.Features(feature=feature))
     ours = records.serialize_example(*args)
     assert ours == reference.SerializeToString(deterministic=True)
     parsed = tf.io.parse_single_example(ours, records.feature_spec())
     assert parsed["crop_box"].numpy().tolist() == list(box)
     assert parsed["path"].numpy().decode() == "train/PNEUMONIA/ü.jpeg"
+    assert (parsed["height"], parsed["orig_width"]) == (224, 2500)
+    # A version-1 record has no subtype: it parses as -1 (unknown), whatever its label.
+    assert int(parsed["subtype"]) == (-1 if subtype is None else subtype)
+
+
+def test_version_1_data_dir_parses_with_unknown_subtypes(tmp_path):
+    import tensorflow as tf
+
+    from conftest import write_tiny_dataset
+
+    old = write_tiny_dataset(tmp_path / "v1", counts={"train": (3, 5)}, version=1)
+    manifest = records.read_manifest(old)
+    assert manifest["version"] == 1 and "subtype_class_weights" not in manifest
+    assert "subtype_counts" not in manifest["splits"]["train"]
+    paths = [str(p) for p in records.split_shards(old, manifest, "train")]
+    raw = next(iter(tf.data.TFRecordDataset(paths).batch(8)))
+    parsed = tf.io.parse_example(raw, records.feature_spec())
+    assert sorted(parsed["label"].numpy().tolist()) == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert parsed["subtype"].numpy().tolist() == [-1] * 8  # NORMAL records too
+    new = write_tiny_dataset(tmp_path / "v2", counts={"train": (3, 5)})
+    assert records.read_manifest(new)["version"] == records.MANIFEST_VERSION == 2
+
+
+def test_subtype_counts_and_label_agreement():
+    assert records.subtype_counts([0, 1, 1, 2, -1, 1]) == {
+        "NORMAL": 1, "BACTERIAL": 3, "VIRAL": 1, "UNKNOWN": 1}
+    assert records.subtype_counts([]) == {"NORMAL": 0, "BACTERIAL": 0, "VIRAL": 0, "UNKNOWN": 0}
+    agree = {(s, y): records.subtype_fits_label(s, y) for s in (-1, 0, 1, 2) for y in (0, 1)}
+    assert [k for k, ok in agree.items() if ok] == [(-1, 0), (-1, 1), (0, 0), (1, 1), (2, 1)]

@@ -34,6 +34,22 @@ def test_patient_id_from_name(name, expected):
     assert patient_id_from_name(name) == expected
 
 
+@pytest.mark.parametrize("name,label,expected", [
+    ("person1234_bacteria_4567.jpeg", 1, 1),
+    ("train/PNEUMONIA/person7_virus_13.jpeg", 1, 2),
+    ("PERSON7_VIRUS_13.JPEG", 1, 2),              # any case
+    ("x/bacteria/scan-viral.png", 1, 2),          # only the file's own name counts
+    ("case_bacterial.dcm", 1, 1),
+    ("scan_7.png", 1, -1),                        # says neither: unknown
+    ("person3_bacteria_virus_1.jpeg", 1, -1),     # says both: unknown
+    ("virusless_9.png", 1, -1),                   # a word, not a part of one
+    ("person9_bacteria_1.jpeg", 0, 0),            # NORMAL whatever its name
+    ("IM-0001-0001.jpeg", 0, 0),
+])
+def test_subtype_from_name(name, label, expected):
+    assert sources.subtype_from_name(name, label) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Folder layout
 
@@ -64,6 +80,7 @@ def test_kaggle_folder_layout(tmp_path):
         ("train/PNEUMONIA/person1_bacteria_1.jpeg", 1, "person1", "train"),
         ("train/PNEUMONIA/person1_bacteria_2.jpeg", 1, "person1", "train"),
     ]
+    assert [i.subtype for i in listing.items] == [0, 0, 0, 1, 1]
     assert all(i.path == str(src / i.key) and i.npz is None for i in listing.items)
     assert listing.rejects == [
         {"path": "train/COVID/a.jpeg", "reason": "unknown class folder 'COVID'"},
@@ -162,6 +179,46 @@ def test_csv_labels_accept_spreadsheet_floats_and_any_case(tmp_path):
         "line 5: label '0.5' is not 0, 1, NORMAL or PNEUMONIA"]
 
 
+def test_csv_subtype_column_overrides_the_name_and_rejects_contradictions(tmp_path):
+    for i in range(14):
+        touch(tmp_path / f"person{i}_virus_{i}.png")
+    touch(tmp_path / "plain.png")
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "path,label,subtype\n"
+        "person0_virus_0.png,1,bacterial\n"      # the column beats the name
+        "person1_virus_1.png,1,\n"               # empty cell: from the name
+        "person2_virus_2.png,1,Bacteria\n"
+        "person3_virus_3.png,PNEUMONIA,VIRAL\n"
+        "person4_virus_4.png,1,unknown\n"        # explicitly unknown, whatever the name
+        "person5_virus_5.png,0,normal\n"
+        "person6_virus_6.png,0,Unknown\n"        # NORMAL by its label: subtype 0
+        "person7_virus_7.png,1,2\n"
+        "person8_virus_8.png,1,-1.0\n"
+        "person9_virus_9.png,0,0\n"
+        "person10_virus_10.png,0,viral\n"        # contradicts the label
+        "person11_virus_11.png,1,normal\n"       # contradicts the label
+        "person12_virus_12.png,1,fungal\n"       # not a subtype
+        "person13_virus_13.png,0,3\n"            # not a subtype
+        "plain.png,1,\n")                        # neither column nor name: unknown
+    listing = discover(str(path))
+    assert {i.key: i.subtype for i in listing.items} == {
+        "person0_virus_0.png": 1, "person1_virus_1.png": 2, "person2_virus_2.png": 1,
+        "person3_virus_3.png": 2, "person4_virus_4.png": -1, "person5_virus_5.png": 0,
+        "person6_virus_6.png": 0, "person7_virus_7.png": 2, "person8_virus_8.png": -1,
+        "person9_virus_9.png": 0, "plain.png": -1}
+    assert [r["reason"] for r in listing.rejects] == [
+        "line 12: subtype 'viral' contradicts label NORMAL (a NORMAL image is normal); fix the "
+        "label or the subtype",
+        "line 13: subtype 'normal' contradicts label PNEUMONIA (a PNEUMONIA image is bacterial, "
+        "viral or unknown); fix the label or the subtype",
+        "line 14: subtype 'fungal' is not normal, bacterial, viral, unknown or 0, 1, 2, -1",
+        "line 15: subtype '3' is not normal, bacterial, viral, unknown or 0, 1, 2, -1"]
+    # Without the column every subtype comes from the label and the name.
+    path.write_text("path,label\nperson0_virus_0.png,1\nperson1_virus_1.png,0\nplain.png,1\n")
+    assert [i.subtype for i in discover(str(path)).items] == [2, 0, -1]
+
+
 def test_csv_without_required_columns_is_a_clear_error(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("file,class\na.png,1\n")
@@ -198,6 +255,7 @@ def test_medmnist_npz_keeps_its_splits_and_one_patient_per_image(tmp_path):
     assert len(listing.items) == 10 and listing.rejects == [] and listing.empty_folders == []
     assert [i.key for i in listing.items] == sorted(i.key for i in listing.items)
     assert len({i.patient_id for i in listing.items}) == 10
+    assert {i.subtype for i in listing.items} == {-1}  # MedMNIST says nothing of subtypes
     item = next(i for i in listing.items if i.key == "pneumoniamnist_64.npz/test/2")
     assert (item.split, item.label, item.path, item.npz) == ("test", 0, None,
                                                             (str(path), "test", 2))

@@ -154,3 +154,35 @@ def test_dedupe_keeps_official_test_then_val_then_train_copy():
     assert rep.drop == ["a_train.png", "b_val.png", "c_train.png", "f_train.png", "g_train.png"]
     # Without official splits, the first by key is kept (the old behaviour for one pool).
     assert "z_test.png" in splits.find_duplicates(keys, byte_h, pixel_h).drop
+
+
+def test_strata_follow_stratify():
+    labels, subtypes = [0, 1, 1, 1, 0], [0, 1, 2, -1, 0]
+    assert splits.strata(labels, subtypes, "label") == [0, 1, 1, 1, 0]
+    assert splits.strata(labels, subtypes, "subtype") == [0, 1, 2, 3, 0]
+    with pytest.raises(splits.SplitError, match="--stratify='patient' is not one of"):
+        splits.strata(labels, subtypes, "patient")
+
+
+def _rare_viral_pool():
+    """60 NORMAL, 60 BACTERIAL and 5 VIRAL patients, one image each, plus 3 of unknown subtype."""
+    subtypes = [0] * 60 + [1] * 60 + [2] * 5 + [-1] * 3
+    labels = [int(s != 0) for s in subtypes]
+    keys = [f"k{i}" for i in range(len(subtypes))]
+    return keys, labels, subtypes, [f"p{i}" for i in range(len(subtypes))]
+
+
+def test_subtype_stratified_carve_keeps_each_subtype_in_val():
+    keys, labels, subtypes, patients = _rare_viral_pool()
+    viral_in_val = {}
+    for stratify in ("label", "subtype"):
+        strata = splits.strata(labels, subtypes, stratify)
+        for seed in range(8):
+            assigned = splits.assign_splits([None] * len(keys), strata, patients, keys,
+                                            val_fraction=0.2, seed=seed)
+            in_val = collections.Counter(s for s, a in zip(subtypes, assigned) if a == "val")
+            viral_in_val[stratify, seed] = in_val[2]
+            if stratify == "subtype":  # 20 % of each: 12, 12, 1 and 0.6 -> 1
+                assert (in_val[0], in_val[1], in_val[2], in_val[-1]) == (12, 12, 1, 1), seed
+    # By label, the five viral images are only PNEUMONIA: some seeds carve none into val.
+    assert min(viral_in_val["label", seed] for seed in range(8)) == 0
