@@ -23,10 +23,9 @@ from typing import Callable
 import keras
 from keras import layers
 
+from pneumo_tf import SUBTYPE_NAMES  # noqa: F401 -- subtype 0, 1, 2 (-1: unknown)
 from pneumo_tf import augment as _augment  # also registers its layers for load_model
 from pneumo_tf import preprocess
-
-SUBTYPE_NAMES = ("NORMAL", "BACTERIAL", "VIRAL")  # subtype 0, 1, 2 (-1: unknown)
 
 
 @keras.saving.register_keras_serializable(package="pneumo_tf")
