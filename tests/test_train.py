@@ -631,3 +631,32 @@ def test_a_random_mostly_frozen_backbone_gets_a_warning(caplog):
     caplog.clear()
     train.check_weights(tiny_config("d", "r", weights="none", trainable_layers=-1), 32)
     assert caplog.text == ""
+
+
+@pytest.mark.slow
+def test_subtype_task_trains_a_three_way_head_and_keeps_the_binary_score(tmp_path):
+    import tensorflow as tf
+
+    from pneumo_tf import model as model_lib
+
+    data = write_tiny_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    summary = train.train(tiny_config(data, run, epochs=2, task="subtype", calibrate=True))
+    assert summary["config"]["task"] == "subtype"
+    events = _tb_events(run / "tb")["val"]
+    for name in ("NORMAL", "BACTERIAL", "VIRAL"):
+        assert events[f"subtype_recall_{name}"] == ("scalars", 2)
+        assert events[f"subtype_auc_{name}"][1] == 2
+    model = rundir.load_model(run)
+    assert model_lib.is_subtype_model(model)
+    images = next(iter(pipeline.make_eval_dataset(data, "val", 8)))["image"]
+    probs3 = model_lib.class_probability_model(model)(images).numpy()
+    np.testing.assert_allclose(probs3.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(model(images).numpy()[:, 0], 1.0 - probs3[:, 0], atol=1e-6)
+    assert json.loads((run / "calibration.json").read_text())["source"] == "val"
+    trainer = train.Trainer(tiny_config(data, run, task="subtype"), _default_setup(),
+                            records.read_manifest(data))
+    assert trainer.pipeline_class_weights() == "balanced_subtype"
+    # An unknown subtype (-1) contributes no loss.
+    y = train.loss_targets(trainer.cfg, None, tf.constant([1, -1]))
+    assert y.numpy().tolist() == [[0, 1, 0], [0, 0, 0]]
