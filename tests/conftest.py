@@ -13,23 +13,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``[size, size] uint8``: noisy gray field; label 1 adds a bright square blob."""
+def tiny_image(label: int, size: int, rng: np.random.Generator,
+               brightness_offset: float = 0.0) -> np.ndarray:
+    """``[size, size] uint8``: noisy gray field; label 1 adds a bright square blob.
+
+    ``brightness_offset`` (grey levels) is added before clipping: a film from a brighter site.
+    """
     img = rng.normal(90, 12, (size, size)).clip(0, 255)
     if label == 1:
         s = max(2, size // 4)
         y, x = rng.integers(0, size - s, 2)
         img[y:y + s, x:x + s] += 90
-    return img.clip(0, 255).astype(np.uint8)
+    return (img + brightness_offset).clip(0, 255).astype(np.uint8)
 
 
 def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, image_size: int = 32,
                        encoding: str = "raw", compression: str = "none", num_shards: int = 2,
-                       crop: str = "fixed", seed: int = 0) -> Path:
+                       crop: str = "fixed", seed: int = 0,
+                       brightness_offset: float = 0.0) -> Path:
     """Write a converter-shaped data dir without the converter.
 
     Args:
         counts: ``{split: (n_normal, n_pneumonia)}``; default 12/12 train, 6/6 val, 6/6 test.
+        brightness_offset: grey levels added to every image (a second site's brighter films).
+            The manifest's ``source`` records it and ``seed``, as the converter records a
+            checksum of its source, so data dirs of other images have other manifests.
 
     Returns:
         The data dir path (shards + manifest.json).
@@ -53,7 +61,7 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
             name = records.shard_name(split, si, num_shards, compression)
             with records.ShardWriter(out / name, compression) as w:
                 for j in idx:
-                    img = tiny_image(labels[j], image_size, rng)
+                    img = tiny_image(labels[j], image_size, rng, brightness_offset)
                     data = img.tobytes() if encoding == "raw" else cv2.imencode(".png", img)[1].tobytes()
                     w.write(records.serialize_example(
                         data, labels[j], f"{split}-p{j // 2}", f"{split}/{j}.png", image_size,
@@ -67,7 +75,8 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
     manifest = {"version": 1, "tool_version": "test", "image_size": image_size, "channels": 1,
                 "crop": crop, "encoding": encoding, "compression": compression, "splits": splits,
                 "class_weights": {"0": total / (2 * n0), "1": total / (2 * n1)},
-                "rejected": 0, "duplicates_dropped": 0, "flags": {}, "source": {"kind": "test"}}
+                "rejected": 0, "duplicates_dropped": 0, "flags": {},
+                "source": {"kind": "test", "seed": seed, "brightness_offset": brightness_offset}}
     records.write_manifest(out, manifest)
     return out
 
