@@ -25,6 +25,7 @@ TensorFlow).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -369,6 +370,27 @@ def _named_point(run_dir, name: str, threshold_method: str | None) -> dict:
     return {"temperature": float(cal["temperature"]), "threshold": raw_threshold(cal),
             "method": str(stored), "source": str(cal.get("source", name)), "calibration": name,
             "from_calibration_json": True}
+
+
+def manifest_sha256(data_dir: str | os.PathLike) -> str:
+    """SHA-256 of a data dir's ``manifest.json`` bytes: which conversion a calibration saw."""
+    path = Path(data_dir) / records.MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise records.DataDirError(f"cannot read {path} ({e.strerror or e}); is {data_dir} a "
+                                   f"converter output?") from e
+
+
+def fitted_on(cal: dict, data_dir: str | os.PathLike, split: str) -> bool:
+    """Whether calibration ``cal`` was fitted on ``split`` of ``data_dir``: its recorded split
+    matches and so does its data dir (resolved path, or the manifest's SHA-256)."""
+    if cal.get("split", "val" if cal.get("source") == "val" else None) != split:
+        return False
+    if cal.get("data_dir") and Path(cal["data_dir"]).resolve() == Path(data_dir).resolve():
+        return True
+    stored = cal.get("manifest_sha256")
+    return stored is not None and stored == manifest_sha256(data_dir)
 
 
 def _same_method(a: str, b: str | None) -> bool:

@@ -58,12 +58,16 @@ class RunPaths:
         self.history = self.root / "history.csv"
         self.summary = self.root / "summary.json"
         self.calibration = self.root / "calibration.json"
-        self.calibrations = self.root / "calibrations"
         self.gradcam = self.root / "gradcam"
         self.export = self.root / "export"
 
     def eval_dir(self, split: str) -> Path:
         return self.root / "eval" / split
+
+    @property
+    def calibrations(self) -> Path:
+        """``calibrations/``: the site calibrations, ``NAME.json`` each."""
+        return self.root / "calibrations"
 
     def calibration_file(self, name: str = VAL_CALIBRATION) -> Path:
         """``calibration.json`` for ``val``, else ``calibrations/<name>.json``."""
