@@ -272,7 +272,8 @@ def main(argv: list[str]) -> None:
                         for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"))
     print(f"{result['name']}: n={result['n']} T={result['temperature']:.3f} threshold="
           f"{result['threshold']:.4f} ({result['threshold_method']}); {cv['folds']}-fold by "
-          f"patient: {figures} -> {rundir.RunPaths(RUN.run_dir.value).calibration_file(NAME.value)}")
+          f"patient: {figures} -> "
+          f"{rundir.RunPaths(RUN.run_dir.value).calibration_file(NAME.value)}")
 
 
 def run() -> None:
