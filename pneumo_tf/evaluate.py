@@ -99,7 +99,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         calibration.parse_threshold_method(threshold_method)
     rundir.check_data_compatible(run_dir, data_dir)
     reference = _shift_reference(run_dir, data_dir, val_data_dir)
-    val_dir = val_data_dir or reference or data_dir  # whose val split calibrates, if needed
+    val_dir = val_data_dir or rundir.own_data_dir(run_dir, data_dir)  # calibrates, if needed
     if model is None:
         model = rundir.load_model(run_dir)
     point = calibration.operating_point(run_dir, val_dir, threshold_method, model, batch_size,

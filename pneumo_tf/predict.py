@@ -378,7 +378,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 f"{predictor.source})")
         from pneumo_tf import cam
 
-        cam_model = cam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
+        cam_model = cam.cam_model_for(predictor.keras_model,
+                                      backbone_name=predictor.config.backbone)
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
     cfg = predictor.config
     items = expand_inputs(paths)

@@ -224,6 +224,15 @@ def is_run_data(run_dir: str | Path, data_dir: str | Path) -> bool:
     return own is not None and Path(own).resolve() == Path(data_dir).resolve()
 
 
+def own_data_dir(run_dir: str | Path, data_dir: str | Path) -> str:
+    """The data dir whose val split calibrates the run when it is used on ``data_dir``:
+    ``data_dir`` itself when it is the run's own data (:func:`is_run_data`), else the run's
+    recorded data dir (:func:`run_data_dir`), else ``data_dir`` after all."""
+    if is_run_data(run_dir, data_dir):
+        return str(data_dir)
+    return run_data_dir(run_dir) or str(data_dir)
+
+
 def check_data_compatible(run_dir: str | Path, data_dir: str | Path) -> dict:
     """Refuse a data dir whose manifest differs from the run's in image size, crop or encoding.
 
