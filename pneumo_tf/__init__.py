@@ -5,6 +5,7 @@ Data flow, one module per stage:
     shards --(pneumo_tf.data.pipeline.make_train_dataset / make_eval_dataset)--> uint8 batches
     batches --(pneumo_tf.model / pneumo_tf.augment, on the device)--> pneumonia probability
     pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
+    another site's sample --(pneumo_tf.calibrate)--> R/calibrations/NAME.json (--calibration=NAME)
 """
 
 from pneumo_tf import quiet_tf

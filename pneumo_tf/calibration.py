@@ -25,6 +25,7 @@ TensorFlow).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -305,12 +306,15 @@ def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike, 
 
 def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
                     threshold_method: str | None = None, model=None,
-                    batch_size: int = 64) -> dict:
-    """Temperature and raw-probability threshold to apply, both from validation only.
+                    batch_size: int = 64, calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
+    """Temperature and raw-probability threshold to apply, never fitted on the evaluated data.
 
-    The stored operating point (``R/calibration.json``, fitted first if missing) when
-    ``threshold_method`` is None or the stored method; otherwise that method's threshold is
-    chosen on the ``val`` split in memory, and ``calibration.json`` is left unchanged.
+    ``calibration_name="val"`` (the default): the stored operating point (``R/calibration.json``,
+    fitted first if missing) when ``threshold_method`` is None or the stored method; otherwise
+    that method's threshold is chosen on the ``val`` split in memory, and ``calibration.json``
+    is left unchanged. Another name: ``R/calibrations/<name>.json`` as stored (fitted on a
+    site's sample by ``pneumo_tf.calibrate``); another ``threshold_method`` is refused, since
+    its threshold can only be re-fitted on that sample.
 
     Args:
         run_dir: run directory.
@@ -318,15 +322,24 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         threshold_method: see :func:`choose_threshold`; None = the stored one.
         model: an already loaded model, or None to load ``R/model.keras`` when needed.
         batch_size: images per forward pass.
+        calibration_name: ``val`` or the name of a site calibration.
 
     Returns:
         ``{"threshold": float (on the raw probability), "temperature": float,
-        "method": str, "source": "val", "from_calibration_json": bool}``.
+        "method": str, "source": str ("val" or the site calibration's), "calibration": name,
+        "from_calibration_json": bool (the stored threshold)}``.
+
+    Raises:
+        rundir.RunDirError: a named calibration the run does not have.
+        ValueError: a bad ``threshold_method``, or another method with a named calibration.
     """
     if threshold_method is not None:
         parse_threshold_method(threshold_method)  # fail before predicting anything
+    if calibration_name != rundir.VAL_CALIBRATION:
+        return _named_point(run_dir, calibration_name, threshold_method)
     cal = ensure_calibration(run_dir, data_dir, model, batch_size)
-    point = {"temperature": float(cal["temperature"]), "source": "val"}
+    point = {"temperature": float(cal["temperature"]), "source": "val",
+             "calibration": rundir.VAL_CALIBRATION}
     stored = cal.get("threshold_method")
     if threshold_method is None or _same_method(threshold_method, stored):
         return {**point, "threshold": raw_threshold(cal), "method": str(stored),
@@ -341,6 +354,43 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
                  threshold_method, threshold, stored)
     return {**point, "threshold": threshold, "method": str(threshold_method),
             "from_calibration_json": False}
+
+
+def _named_point(run_dir, name: str, threshold_method: str | None) -> dict:
+    """:func:`operating_point` of the site calibration ``name``, as stored."""
+    cal = rundir.read_named_calibration(run_dir, name)
+    stored = cal.get("threshold_method")
+    if threshold_method is not None and not _same_method(threshold_method, stored):
+        raise ValueError(
+            f"--threshold={threshold_method} with --calibration={name}: that calibration's "
+            f"threshold ({stored}) was fitted on its site's sample, the only data that can "
+            f"re-fit it. Drop --threshold, or re-fit with `python -m pneumo_tf.calibrate "
+            f"--run_dir={run_dir} --data_dir=<site data dir> --name={name} "
+            f"--threshold={threshold_method}`")
+    return {"temperature": float(cal["temperature"]), "threshold": raw_threshold(cal),
+            "method": str(stored), "source": str(cal.get("source", name)), "calibration": name,
+            "from_calibration_json": True}
+
+
+def manifest_sha256(data_dir: str | os.PathLike) -> str:
+    """SHA-256 of a data dir's ``manifest.json`` bytes: which conversion a calibration saw."""
+    path = Path(data_dir) / records.MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise records.DataDirError(f"cannot read {path} ({e.strerror or e}); is {data_dir} a "
+                                   f"converter output?") from e
+
+
+def fitted_on(cal: dict, data_dir: str | os.PathLike, split: str) -> bool:
+    """Whether calibration ``cal`` was fitted on ``split`` of ``data_dir``: its recorded split
+    matches and so does its data dir (resolved path, or the manifest's SHA-256)."""
+    if cal.get("split", "val" if cal.get("source") == "val" else None) != split:
+        return False
+    if cal.get("data_dir") and Path(cal["data_dir"]).resolve() == Path(data_dir).resolve():
+        return True
+    stored = cal.get("manifest_sha256")
+    return stored is not None and stored == manifest_sha256(data_dir)
 
 
 def _same_method(a: str, b: str | None) -> bool:

@@ -12,6 +12,13 @@ an empty map; the two differ only by a positive factor per image, which the per-
 normalisation removes. All CAM arithmetic runs in float32, also when the forward pass runs in a
 mixed-precision policy.
 
+Ensembles (:mod:`pneumo_tf.ensemble`) have no backbone of their own: :func:`cam_model_for` gives
+an :class:`EnsembleCamModel`, which builds a :class:`CamModel` per member and returns the mean of
+the members' maps (each normalised per image first, so every member weighs the same; the mean is
+not renormalised, so where members look at different places the map is fainter) and the
+ensemble's probability, the mean of the members'. With ``cam_class="predicted"`` every member
+explains the class the ensemble predicts.
+
 Pictures: :func:`overlay_cam` (JET heat map over the image the model saw), :func:`overlay_grid`.
 Attention statistics: the share of the positive CAM mass inside the lung region
 (:func:`lung_mass_share`) and the pointing game (:func:`pointing_hit`: does the CAM peak fall
@@ -113,6 +120,10 @@ class CamModel:
         self.image_size = int(model.input_shape[1])
         self._fn = None
 
+    @property
+    def members(self) -> list["CamModel"]:
+        return [self]
+
     def logits(self, hidden):
         """``[B]`` float32 PNEUMONIA logits from the head's hidden activation."""
         import tensorflow as tf
@@ -123,44 +134,97 @@ class CamModel:
 
     def function(self):
         """The traced batched CAM function (built once per CamModel)."""
-        import tensorflow as tf
-
-        if self._fn is not None:
-            return self._fn
-        size = self.image_size
-
-        @tf.function(input_signature=[
-            tf.TensorSpec((None, size, size, 1), self.model.inputs[0].dtype),
-            tf.TensorSpec((), tf.float32)])
-        def cam_fn(images, sign_threshold):
-            with tf.GradientTape() as tape:
-                features, hidden = self.model(images, training=False)
-                logits = self.logits(hidden)
-                probs = tf.sigmoid(logits)
-                # +1: explain PNEUMONIA; -1: explain NORMAL (for images below sign_threshold).
-                sign = tf.stop_gradient(tf.where(probs >= sign_threshold, 1.0, -1.0))
-                target = tf.reduce_sum(sign * logits)
-            # Images are independent in inference mode, so d(sum)/d(features_b) is image b's own
-            # gradient: one tape for the whole batch.
-            grads = tf.cast(tape.gradient(target, features), tf.float32)
-            features = tf.cast(features, tf.float32)
-            weights = tf.reduce_mean(grads, axis=(1, 2))                     # [B, C]
-            cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))   # [B, h, w]
-            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            cam = tf.math.divide_no_nan(cam, peak)
-            full = tf.image.resize(cam[..., tf.newaxis], (size, size), method="bilinear")[..., 0]
-            return full, cam, probs
-
-        self._fn = cam_fn
-        return cam_fn
+        if self._fn is None:
+            self._fn = _trace_cam(self.members, self.image_size, self.model.inputs[0].dtype)
+        return self._fn
 
 
-def gradcam_batch(cam_model: CamModel, images, cam_class: str = "pneumonia",
+class EnsembleCamModel:
+    """Grad-CAM of an ensemble model: a :class:`CamModel` per member, maps averaged.
+
+    Attributes:
+        members: the members' :class:`CamModel`, in member order.
+        layer: the feature-map layer (the members' names joined by ``,`` when they differ).
+        image_size: S.
+    """
+
+    def __init__(self, model, members: list, layer: str | None = None,
+                 backbone_name: str | None = None):
+        self.members = [CamModel(member, layer, backbone_name) for member in members]
+        self.layer = ",".join(dict.fromkeys(m.layer for m in self.members))
+        self.image_size = int(model.input_shape[1])
+        self.model = model
+        self._fn = None
+
+    def function(self):
+        """The traced batched CAM function (built once): mean maps, ensemble probabilities."""
+        if self._fn is None:
+            self._fn = _trace_cam(self.members, self.image_size, self.model.inputs[0].dtype)
+        return self._fn
+
+
+def _trace_cam(members: list[CamModel], size: int, dtype):
+    """``cam_fn(images [B, S, S, 1], sign_threshold) -> (cam, cam_lowres, probs)``, traced once
+    for any batch size (see :func:`_members_cam`)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), dtype),
+                                  tf.TensorSpec((), tf.float32)])
+    def cam_fn(images, sign_threshold):
+        return _members_cam(members, images, sign_threshold, size)
+
+    return cam_fn
+
+
+def _members_cam(members: list[CamModel], images, sign_threshold, size: int):
+    """``(cam [B, S, S], cam_lowres [B, h, w], probs [B])`` averaged over ``members`` (one
+    member: its own), inside a ``tf.function``; one tape for every member and image.
+
+    The sign of each image's target comes from the members' mean probability, so every member
+    explains the same class; the low-resolution maps are resized to the first member's grid.
+    """
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        outputs = [m.model(images, training=False) for m in members]
+        logits = [m.logits(hidden) for m, (_, hidden) in zip(members, outputs)]
+        probs = tf.add_n([tf.sigmoid(z) for z in logits]) / len(members)
+        # +1: explain PNEUMONIA; -1: explain NORMAL (for images below sign_threshold).
+        sign = tf.stop_gradient(tf.where(probs >= sign_threshold, 1.0, -1.0))
+        target = tf.add_n([tf.reduce_sum(sign * z) for z in logits])
+    # Images are independent in inference mode, so d(sum)/d(features_b) is image b's own
+    # gradient: one tape for the whole batch (and member i's features reach only its logits).
+    grads = tape.gradient(target, [features for features, _ in outputs])
+    grid = outputs[0][0].shape[1:3]
+    fulls, lows = [], []
+    for (features, _), g in zip(outputs, grads):
+        g, features = tf.cast(g, tf.float32), tf.cast(features, tf.float32)
+        weights = tf.reduce_mean(g, axis=(1, 2))                          # [B, C]
+        cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))    # [B, h, w]
+        cam = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+        fulls.append(tf.image.resize(cam[..., tf.newaxis], (size, size), method="bilinear"))
+        lows.append(cam[..., tf.newaxis] if cam.shape[1:3] == grid
+                    else tf.image.resize(cam[..., tf.newaxis], grid, method="bilinear"))
+    return (tf.add_n(fulls)[..., 0] / len(members), tf.add_n(lows)[..., 0] / len(members),
+            probs)
+
+
+def cam_model_for(model, layer: str | None = None, backbone_name: str | None = None):
+    """A :class:`CamModel` of ``model``, or an :class:`EnsembleCamModel` for an ensemble."""
+    from pneumo_tf.ensemble import ensemble_members  # lazily: an app module (its flags)
+
+    members = ensemble_members(model)
+    if members:
+        return EnsembleCamModel(model, members, layer, backbone_name)
+    return CamModel(model, layer, backbone_name)
+
+
+def gradcam_batch(cam_model: "CamModel | EnsembleCamModel", images, cam_class: str = "pneumonia",
                   threshold: float = 0.5) -> dict:
     """Grad-CAM maps of a batch in one forward/backward pass.
 
     Args:
-        cam_model: from ``CamModel(model)``.
+        cam_model: from :func:`cam_model_for` (``CamModel(model)`` for a single model).
         images: ``[B, S, S, 1]`` uint8, exactly what the model is fed.
         cam_class: ``pneumonia`` (gradient of the PNEUMONIA logit) or ``predicted`` (of the
             predicted class's logit: images with probability below ``threshold`` get the

@@ -80,6 +80,31 @@ def runs_flag() -> flags.FlagHolder:
         "runs", None, "Comma-separated run directories (two or more)."))
 
 
+def calibration_flag() -> flags.FlagHolder:
+    """``--calibration``: which of a run's calibrations (temperature + threshold) to use."""
+    return _shared("calibration", lambda: flags.DEFINE_string(
+        "calibration", "val", "The run's calibration to use: val = R/calibration.json (fitted "
+        "on the run's validation split); NAME = R/calibrations/NAME.json (re-fitted on a site's "
+        "sample by `python -m pneumo_tf.calibrate --name=NAME`). predict with an exported model "
+        "uses the calibration baked in at export unless this flag is given."))
+
+
+def threshold_flag() -> flags.FlagHolder:
+    """``--threshold``: how the operating threshold is chosen (evaluate, calibrate)."""
+    return _shared("threshold", lambda: flags.DEFINE_string(
+        "threshold", None, "Operating threshold method: val_youden | val_sensitivity:<target, "
+        "e.g. 0.95> | <fixed value, e.g. 0.5>. evaluate: chosen on the val split, default the "
+        "run's stored operating point (another method never rewrites calibration.json); "
+        "calibrate: chosen on the site's sample, default val_youden."))
+
+
+def num_resamples_flag() -> flags.FlagHolder:
+    """``--num_resamples``: stratified bootstrap resamples of the 95 % CIs."""
+    return _shared("num_resamples", lambda: flags.DEFINE_integer(
+        "num_resamples", 2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",
+        lower_bound=1000))
+
+
 class RunSplitFlags(typing.NamedTuple):
     """The shared flags of an app that scores one split of a run (evaluate, gradcam)."""
 

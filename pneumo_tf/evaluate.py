@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden]
+    python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
+        [--calibration=val|NAME] [--val_data_dir=V]
 
 Writes ``R/eval/<split>/``: ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
 (figures inline) and the PNG figures; the same figures and the metrics table go to TensorBoard
@@ -10,30 +11,46 @@ under ``R/tb/eval``. The threshold and the temperature come from ``R/calibration
 on validation, first if it is missing). Another ``--threshold`` method than the stored one is
 chosen on the ``val`` split in memory: ``calibration.json`` keeps the run's operating point (the
 one export, predict and Grad-CAM use). The evaluated split never influences either.
+
+``--calibration=NAME`` applies a site calibration instead (``R/calibrations/NAME.json``, from
+``pneumo_tf.calibrate``); ``metrics.json`` names the calibration used (``calibration``). When
+that calibration was fitted on the very split evaluated, its figures there are in-sample:
+``calibration_in_sample`` is true, ``cross_validated`` holds the calibration's patient-grouped
+cross-validated figures, and the report and the printed line give those instead.
+
+Another site: when ``--data_dir`` is not the data the run was trained on (its manifest differs
+from ``R/data_manifest.json``), ``metrics.json`` gains ``shift`` and the report a section comparing
+the run's val split (of ``--val_data_dir``, default the run's own data dir: ``summary.json``
+``config.data_dir``, else ``flags.txt``) with the evaluated split at the val operating point:
+AUC with CIs and their difference, sensitivity and specificity, ECE, score histograms per class
+and per-class image statistics (:mod:`pneumo_tf.shift`).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from absl import flags
 
-from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring
+from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring, shift
 from pneumo_tf import metrics as pmetrics
+from pneumo_tf.data import records
+
+log = logging.getLogger(__name__)
 
 RUN = cli.run_split_flags()
 
-THRESHOLD = flags.DEFINE_string(
-    "threshold", None,
-    "Operating threshold, always chosen on the val split: " + calibration.THRESHOLD_METHODS_HELP
-    + ". A number is used as is. Default: the run's stored operating point (calibration.json, "
-    "val_youden unless training chose otherwise); another method never rewrites that file.")
-NUM_RESAMPLES = flags.DEFINE_integer(
-    "num_resamples", 2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",
-    lower_bound=1000)
+THRESHOLD = cli.threshold_flag()
+NUM_RESAMPLES = cli.num_resamples_flag()
+CALIBRATION = cli.calibration_flag()
+VAL_DATA_DIR = flags.DEFINE_string(
+    "val_data_dir", None, "Data dir whose val split is the reference of the shift report when "
+    "--data_dir is another site's (and fits a missing calibration.json); default: the run's "
+    "own data dir (summary.json config.data_dir, else flags.txt).")
 
 
 def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.ndarray,
@@ -51,11 +68,13 @@ def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.nd
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
                  threshold_method: str | None = None, batch_size: int = 64,
-                 num_resamples: int = 2000, seed: int = 0, model=None) -> dict:
+                 num_resamples: int = 2000, seed: int = 0, model=None,
+                 calibration_name: str = rundir.VAL_CALIBRATION,
+                 val_data_dir: str | os.PathLike | None = None) -> dict:
     """Evaluate ``run_dir``'s model on ``split`` of ``data_dir`` and write ``R/eval/<split>/``.
 
     Args:
-        run_dir: finished run directory.
+        run_dir: finished run (or ensemble) directory.
         data_dir: data dir converted with the run's settings (checked against its manifest).
         split: split to evaluate (``val`` is allowed; the report says so).
         threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`; None = the
@@ -65,61 +84,170 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         batch_size: images per forward pass.
         num_resamples, seed: of the bootstrap CIs.
         model: an already loaded model, or None to load ``R/model.keras``.
+        calibration_name: ``val`` (``calibration.json``) or a site calibration's name.
+        val_data_dir: the data dir of the run's val split (shift reference, missing
+            calibration); None = the run's own (:func:`pneumo_tf.rundir.run_data_dir`).
 
     Returns:
         The ``metrics.json`` dict.
 
     Raises:
-        rundir.RunDirError: incompatible data or an unfinished run.
+        rundir.RunDirError: incompatible data, an unfinished run or a missing calibration.
         records.DataDirError: unusable data dir or split.
     """
     if threshold_method is not None:
         calibration.parse_threshold_method(threshold_method)
-    paths = rundir.RunPaths(run_dir)
     rundir.check_data_compatible(run_dir, data_dir)
+    reference = _shift_reference(run_dir, data_dir, val_data_dir)
+    val_dir = val_data_dir or rundir.own_data_dir(run_dir, data_dir)  # calibrates, if needed
     if model is None:
         model = rundir.load_model(run_dir)
-    point = calibration.operating_point(run_dir, data_dir, threshold_method, model, batch_size)
-    threshold = point["threshold"]  # on the raw probability, whatever calibration.json holds
-    temperature = point["temperature"]
-
-    pred = scoring.predict_split(model, data_dir, split, batch_size)
+    point = calibration.operating_point(run_dir, val_dir, threshold_method, model, batch_size,
+                                        calibration_name)
+    pred = scoring.predict_split(model, data_dir, split, batch_size,
+                                 return_images=reference is not None,
+                                 progress_label=f"evaluate {split}")
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
-    calibrated = calibration.apply_temperature(probs, temperature)
-    threshold_info = {"value": threshold, "method": point["method"], "source": "val",
-                      "applies_to": "probability"}
-    metrics = pmetrics.binary_report(labels, probs, threshold, threshold_info, num_resamples, seed)
+    calibrated = calibration.apply_temperature(probs, point["temperature"])
+    threshold_info = {"value": point["threshold"], "method": point["method"],
+                      "source": point["source"], "applies_to": "probability"}
+    metrics = pmetrics.binary_report(labels, probs, point["threshold"], threshold_info,
+                                     num_resamples, seed)
     metrics["split"] = split
-    metrics["temperature"] = temperature
+    metrics["temperature"] = point["temperature"]
     metrics["calibrated"] = {"brier": pmetrics.ranking_metrics(labels, calibrated)["brier"],
                              "ece": pmetrics.expected_calibration_error(labels, calibrated)}
+    metrics.update(_calibration_entries(run_dir, calibration_name, data_dir, split))
+    figures = report.make_figures(labels, probs, calibrated, point["threshold"],
+                                  metrics["confusion_matrix"],
+                                  report.read_history(rundir.RunPaths(run_dir).history))
+    if reference is not None:
+        val_point = calibration.operating_point(run_dir, val_dir, None, model, batch_size)
+        metrics["shift"], shift_figures = _shift_section(
+            run_dir, model, reference, pred, val_point, batch_size, (num_resamples, seed),
+            explicit=val_data_dir is not None)
+        metrics["shift"].get("evaluated", {}).update(data_dir=str(data_dir), split=split)
+        figures.update(shift_figures)
+    _write_outputs(run_dir, data_dir, metrics, figures, pred, calibrated)
+    return metrics
 
+
+def _shift_reference(run_dir, data_dir, val_data_dir) -> str | None:
+    """The data dir whose val split the shift report compares with; None when ``data_dir`` is
+    the run's own data (no shift report) or the run's own data dir is unknown."""
+    if rundir.is_run_data(run_dir, data_dir):
+        return None
+    reference = val_data_dir or rundir.run_data_dir(run_dir)
+    if reference is None:
+        log.warning("%s is not the data %s was trained on, but the run does not name its own "
+                    "data dir: pass --val_data_dir=<the run's data dir> for a shift report",
+                    data_dir, run_dir)
+        return None
+    return str(reference)
+
+
+def _shift_section(run_dir, model, reference: str, pred: dict, val_point: dict,
+                   batch_size: int, resampling: tuple[int, int], explicit: bool
+                   ) -> tuple[dict, dict]:
+    """``(metrics.json "shift" entry, shift figures)`` of the evaluated ``pred`` (with images)
+    against the val split of ``reference``, at the val operating point.
+
+    An unusable reference the user did not name (the run's own data dir, moved or deleted)
+    gives ``{"skipped": reason}`` and a warning instead of an error.
+    """
+    try:
+        rundir.check_data_compatible(run_dir, reference)
+        ref = scoring.predict_split(model, reference, "val", batch_size, return_images=True,
+                                    progress_label="evaluate val (shift reference)")
+    except (records.DataDirError, rundir.RunDirError) as e:
+        if explicit:
+            raise
+        log.warning("no shift report: the run's val split is unusable (%s); pass "
+                    "--val_data_dir", e)
+        return {"skipped": f"the run's val split is unusable ({e}); pass --val_data_dir"}, {}
+    samples = []
+    for sample in (ref, pred):
+        samples.append({"label": sample["label"], "probability": sample["probability"],
+                        "statistics": shift.image_statistics(sample.pop("image"))})
+    result = shift.shift_report(samples[0], samples[1], val_point["threshold"],
+                                val_point["temperature"], *resampling)
+    result["reference"].update(data_dir=str(reference), split="val")
+    result["calibration"] = rundir.VAL_CALIBRATION
+    return result, report.shift_figures(samples[0], samples[1], val_point["threshold"])
+
+
+def _calibration_entries(run_dir, name: str, data_dir, split: str) -> dict:
+    """``metrics.json``'s ``calibration`` (the name used), ``calibration_in_sample`` and, for a
+    site calibration fitted on this very split, its ``cross_validated`` figures."""
+    entries = {"calibration": name, "calibration_in_sample": False}
+    if name == rundir.VAL_CALIBRATION:
+        return entries
+    cal = rundir.read_named_calibration(run_dir, name)
+    entries["calibration_fitted_on"] = {"data_dir": cal.get("data_dir"), "split": cal.get("split")}
+    if calibration.fitted_on(cal, data_dir, split):
+        log.warning("calibration %s was fitted on this very split (%s of %s): the figures at "
+                    "its threshold are in-sample; its cross-validated figures are reported",
+                    name, split, data_dir)
+        entries["calibration_in_sample"] = True
+        entries["cross_validated"] = cal.get("cross_validation")
+    return entries
+
+
+def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
+                   calibrated: np.ndarray) -> None:
+    """``R/eval/<split>/`` (predictions, metrics, figures, reports) and ``R/tb/eval``."""
+    paths, split = rundir.RunPaths(run_dir), metrics["split"]
     out = paths.eval_dir(split)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", pred, calibrated, threshold)
+    write_predictions_csv(out / "predictions.csv", pred, calibrated, metrics["threshold"]["value"])
     atomic_files.write_json_atomic(out / "metrics.json", metrics)
-    figures = report.make_figures(labels, probs, calibrated, threshold,
-                                  metrics["confusion_matrix"], report.read_history(paths.history))
     figure_files = report.save_figures(figures, out)
+    fitted_on = metrics.get("calibration_fitted_on") or {}
     context = {"split": split, "run_dir": str(Path(run_dir)), "data_dir": str(Path(data_dir)),
-               "temperature": temperature}
+               "temperature": metrics["temperature"],
+               "calibration_fitted_on": f"split `{fitted_on.get('split')}` of "
+                                        f"`{fitted_on.get('data_dir')}`"}
     report.write_markdown(out / "report.md", metrics, figure_files, context)
     report.write_html(out / "report.html", metrics, figures, context)
     report.write_tensorboard(paths.tb / "eval", figures, metrics, split)
-    return metrics
 
 
 def main(argv):
     cli.check_args(argv, RUN.run_dir, RUN.data_dir)
     metrics = evaluate_run(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
                            THRESHOLD.value, RUN.batch_size.value, NUM_RESAMPLES.value,
-                           RUN.seed.value)
-    ci = (metrics["ci95"] or {}).get("roc_auc")
-    auc_ci = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-    print(f"{metrics['split']}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
-          f"sensitivity={metrics['recall']:.4f} specificity={metrics['specificity']:.4f} "
-          f"AUC={metrics['roc_auc']:.4f} {auc_ci} -> "
-          f"{rundir.RunPaths(RUN.run_dir.value).eval_dir(metrics['split'])}")
+                           RUN.seed.value, calibration_name=CALIBRATION.value,
+                           val_data_dir=VAL_DATA_DIR.value)
+    out = rundir.RunPaths(RUN.run_dir.value).eval_dir(metrics["split"])
+    print(f"{summary_line(metrics)} -> {out}")
+
+
+def summary_line(metrics: dict) -> str:
+    """The printed result: the split's figures, or a site calibration's cross-validated ones
+    when it was fitted on this split; the AUC drop from val when there is a shift report."""
+    def ci(entry: dict, key: str) -> str:
+        lo_hi = (entry.get("ci95") or {}).get(key)
+        return f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
+
+    line = f"{metrics['split']}: n={metrics['n']} calibration={metrics.get('calibration', 'val')} "
+    cv = metrics.get("cross_validated") if metrics.get("calibration_in_sample") else None
+    if cv:
+        pooled = cv["pooled"]
+        line += (f"(fitted on this split; {cv['folds']}-fold cross-validated by patient) "
+                 f"accuracy={pooled['accuracy']:.4f}{ci(cv, 'accuracy')} "
+                 f"sensitivity={pooled['sensitivity']:.4f}{ci(cv, 'sensitivity')} "
+                 f"specificity={pooled['specificity']:.4f}{ci(cv, 'specificity')} "
+                 f"AUC={pooled['roc_auc']:.4f}{ci(cv, 'roc_auc')}")
+    else:
+        line += (f"accuracy={metrics['accuracy']:.4f} sensitivity={metrics['recall']:.4f} "
+                 f"specificity={metrics['specificity']:.4f} "
+                 f"AUC={metrics['roc_auc']:.4f}{ci(metrics, 'roc_auc')}")
+    moved = metrics.get("shift") or {}
+    if "difference" in moved:
+        diff_ci = moved.get("roc_auc_difference_ci95")
+        line += (f"; AUC vs val {moved['difference']['roc_auc']:+.4f}"
+                 + (f" [{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}]" if diff_ci else ""))
+    return line
 
 
 def run():

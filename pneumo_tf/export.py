@@ -1,6 +1,7 @@
 """Export a trained run for serving (SavedModel) and phones (TFLite), with parity checks.
 
-``python -m pneumo_tf.export --run_dir=R --formats=saved_model,tflite [--data_dir=D]`` writes::
+``python -m pneumo_tf.export --run_dir=R --formats=saved_model,tflite [--data_dir=D]
+[--calibration=val|NAME]`` writes::
 
     R/export/pneumo_tf_serving.json   image size, crop, temperature, thresholds (read by predict;
                                       pneumo_tf.serving.ServingConfig)
@@ -9,6 +10,12 @@
     R/export/model_int8.tflite        dynamic-range int8 weights (activations stay float)
     R/export/parity.json              max |p_variant - p_keras| per variant on a validation batch,
                                       file sizes in bytes
+
+``--calibration=NAME`` bakes the site calibration ``R/calibrations/NAME.json`` (temperature and
+threshold, from ``pneumo_tf.calibrate``) into the models instead of ``calibration.json``, and
+writes them to ``R/export_NAME/`` (same layout), so the val export in ``R/export/`` stays as it
+is. ``pneumo_tf_serving.json`` names the calibration (``calibration``) and ``predict`` shows it.
+Ensembles (:mod:`pneumo_tf.ensemble`) export like any run: one SavedModel averaging the members.
 
 SavedModel signatures (all outputs ``[N]``):
 
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 DATA_DIR = cli.data_dir_flag()
 RUN_DIR = cli.run_dir_flag()
 SEED = cli.seed_flag()
+CALIBRATION = cli.calibration_flag()
 
 SAVED_MODEL_DIR = "saved_model"
 PARITY_NAME = "parity.json"
@@ -76,18 +84,24 @@ class ExportError(RuntimeError):
     """Export cannot proceed or a parity check failed; the message names the file and fix."""
 
 
-def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
-                           ) -> dict:
-    """``R/calibration.json``, computed from the run's validation split when missing.
+def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                           calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
+    """The calibration to bake in: ``R/calibration.json`` (computed from the run's validation
+    split when missing) or the site calibration ``R/calibrations/<calibration_name>.json``.
 
     Args:
         run_dir: the run directory.
         data_dir: converter output to calibrate on when the run has no calibration yet.
+        calibration_name: ``val`` or a site calibration's name.
 
     Raises:
         ExportError: no calibration and no ``data_dir`` (the message says what to pass).
+        rundir.RunDirError: a site calibration the run does not have.
     """
-    path = rundir.RunPaths(run_dir).calibration
+    path = rundir.RunPaths(run_dir).calibration_file(calibration_name)
+    if calibration_name != rundir.VAL_CALIBRATION:
+        return serving.calibration_from_json(
+            rundir.read_named_calibration(run_dir, calibration_name), str(path))
     calibration = rundir.read_calibration(run_dir)
     if calibration is None:
         if data_dir is None:
@@ -322,19 +336,22 @@ def _dir_bytes(path: Path) -> int:
 
 
 def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None,
-               parity_count: int = 32, seed: int = 0) -> dict:
+               parity_count: int = 32, seed: int = 0,
+               calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
     """Export a run: serving config, SavedModel and/or TFLite variants, then ``parity.json``.
 
     Args:
-        run_dir: a finished run (``model.keras``, ``data_manifest.json``).
+        run_dir: a finished run or ensemble (``model.keras``, ``data_manifest.json``).
         formats: subset of :data:`EXPORT_FORMATS`.
         data_dir: converter output, used to calibrate (when ``calibration.json`` is missing) and
             for the parity batch (its val split).
         parity_count: images in the parity batch.
         seed: seed of the phantom parity batch (when no data is usable).
+        calibration_name: the calibration baked in: ``val`` (``calibration.json``, written to
+            ``R/export/``) or a site calibration (written to ``R/export_<name>/``).
 
     Returns:
-        The parity report written to ``R/export/parity.json``.
+        The parity report written to ``parity.json`` of the export folder.
 
     Raises:
         ExportError: missing calibration without ``data_dir``, adaptive crop with a SavedModel,
@@ -346,17 +363,19 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         raise ExportError(f"--formats={','.join(formats)}: unknown or empty; choose from "
                           f"{','.join(EXPORT_FORMATS)}")
     paths = rundir.RunPaths(run_dir)
-    calibration = calibration_for_export(run_dir, data_dir)
-    cfg = serving.serving_config_for_run(run_dir, calibration)
+    out = paths.export_dir(calibration_name)
+    calibration = calibration_for_export(run_dir, data_dir, calibration_name)
+    cfg = serving.serving_config_for_run(run_dir, calibration, calibration_name)
     if "saved_model" in formats:
         check_in_graph_crop(cfg)
     run_model = rundir.load_model(run_dir)
     model = float32_model(run_model)
     images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
     reference = keras_probabilities(model, images)
-    paths.export.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_json_atomic(paths.export / serving.SERVING_CONFIG_NAME, cfg.to_json())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_files.write_json_atomic(out / serving.SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
+              "calibration": calibration_name,
               "reference": "Keras model in float32" + (
                   " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
               "keras_model_bytes": paths.model.stat().st_size,
@@ -365,7 +384,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         report["variants"]["keras_run_precision"] = _diff_stats(
             keras_probabilities(run_model, images), reference, cfg)
     if "saved_model" in formats:
-        sm_dir = export_saved_model(model, cfg, paths.export / SAVED_MODEL_DIR)
+        sm_dir = export_saved_model(model, cfg, out / SAVED_MODEL_DIR)
         report["variants"]["saved_model"] = {
             "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
             **_diff_stats(saved_model_probabilities(sm_dir, images), reference, cfg)}
@@ -373,7 +392,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     if "tflite" in formats:
         for variant, name in TFLITE_VARIANTS.items():
             flatbuffer = convert_tflite(model, variant)
-            target = atomic_files.write_bytes_atomic(paths.export / name, flatbuffer)
+            target = atomic_files.write_bytes_atomic(out / name, flatbuffer)
             probs = serving.TFLiteRunner(target).probabilities(images)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
                                            **_diff_stats(probs, reference, cfg)}
@@ -381,11 +400,11 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
                                         and fp16["max_abs_prob_diff"] <= FP16_MAX_ABS_DIFF)
-    atomic_files.write_json_atomic(paths.export / PARITY_NAME, report)
+    atomic_files.write_json_atomic(out / PARITY_NAME, report)
     if not report["passed"]:
         raise ExportError(f"float16 TFLite model differs from the Keras model by "
                           f"{fp16['max_abs_prob_diff']} in probability (> {FP16_MAX_ABS_DIFF}); "
-                          f"see {paths.export / PARITY_NAME}. Do not ship {TFLITE_VARIANTS['fp16']}")
+                          f"see {out / PARITY_NAME}. Do not ship {TFLITE_VARIANTS['fp16']}")
     return report
 
 
@@ -405,7 +424,7 @@ PARITY_COUNT = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     cli.check_args(argv, RUN_DIR)
     report = export_run(RUN_DIR.value, FORMATS.value, DATA_DIR.value, PARITY_COUNT.value,
-                        SEED.value)
+                        SEED.value, CALIBRATION.value)
     print(json.dumps(report, indent=2, sort_keys=True))
 
 

@@ -2,10 +2,14 @@
 
 Usage::
 
-    python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64
+    python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64 \
+        [--calibration=val|NAME]
 
 The maths (batched Grad-CAM, overlays, attention statistics) is :mod:`pneumo_tf.cam`; this app
-picks the images, runs it and writes the results.
+picks the images, runs it and writes the results. Images are grouped TP/FP/FN/TN at the
+operating point of ``--calibration`` (``val``: ``calibration.json``; ``NAME``: a site
+calibration from ``pneumo_tf.calibrate``). An ensemble run's maps are the mean of its members'
+maps (:class:`pneumo_tf.cam.EnsembleCamModel`), its probabilities the ensemble's.
 
 Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
 the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
@@ -26,6 +30,7 @@ from absl import flags
 from pneumo_tf import atomic_files, calibration, cam, cli, rundir, scoring
 
 RUN = cli.run_split_flags()
+CALIBRATION = cli.calibration_flag()
 
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 64, "Images to explain, drawn (seeded) evenly across TP/FP/FN/TN.", lower_bound=1)
@@ -38,7 +43,7 @@ CAM_CLASS = flags.DEFINE_enum(
     "i.e. minus the PNEUMONIA logit, for images predicted NORMAL).")
 
 
-def _cams(cam_model: cam.CamModel, images: np.ndarray, batch_size: int, cam_class: str,
+def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
           threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """``(cams [N, S, S] float32, probabilities [N] float32)`` of ``images``, batch by batch."""
     cams, probs = [], []
@@ -71,12 +76,14 @@ def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarr
 
 def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
                 num_images: int = 64, layer: str | None = None, batch_size: int = 32,
-                seed: int = 0, cam_class: str = "pneumonia", model=None) -> dict:
+                seed: int = 0, cam_class: str = "pneumonia", model=None,
+                calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
     """Explain ``num_images`` images of ``split`` and write ``R/gradcam/`` and ``R/tb/gradcam``.
 
     Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
-    on val first if missing; its threshold applied to the quantity it was chosen on, see
-    :func:`pneumo_tf.calibration.raw_threshold`) and drawn evenly across the groups.
+    on val first if missing, or the site calibration ``calibration_name``; its threshold applied
+    to the quantity it was chosen on, see :func:`pneumo_tf.calibration.raw_threshold`) and drawn
+    evenly across the groups. ``run_dir`` may be an ensemble (the members' mean map).
 
     Returns:
         The ``cam_stats.json`` dict.
@@ -89,9 +96,10 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
         backbone_name = rundir.read_summary(run_dir).get("config", {}).get("backbone")
     except rundir.RunDirError:
         backbone_name = None
-    cam_model = cam.CamModel(model, layer, backbone_name)
-    # The run's stored operating point, as a raw-probability cut.
-    point = calibration.operating_point(run_dir, data_dir, None, model, batch_size)
+    cam_model = cam.cam_model_for(model, layer, backbone_name)
+    # The stored operating point, as a raw-probability cut.
+    point = calibration.operating_point(run_dir, rundir.own_data_dir(run_dir, data_dir), None,
+                                        model, batch_size, calibration_name)
     threshold = point["threshold"]
 
     # The scoring pass keeps the decoded images, so the chosen ones need no second decode.
@@ -122,6 +130,8 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     sources = sorted({e["region_source"] for e in entries})
     stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
              "threshold": threshold, "threshold_method": point["method"],
+             "calibration": calibration_name, "ensemble_members": (
+                 len(cam_model.members) if isinstance(cam_model, cam.EnsembleCamModel) else 0),
              "num_images": len(entries), "region_source": sources,
              "groups": cam.summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
@@ -133,7 +143,7 @@ def main(argv):
     cli.check_args(argv, RUN.run_dir, RUN.data_dir)
     stats = run_gradcam(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
                         NUM_IMAGES.value, LAYER.value, RUN.batch_size.value, RUN.seed.value,
-                        CAM_CLASS.value)
+                        CAM_CLASS.value, calibration_name=CALIBRATION.value)
     overall = stats["groups"]["all"]
     line = (f"{stats['num_images']} images, layer {stats['layer']}: lung share "
             f"{overall['lung_share_mean']}")

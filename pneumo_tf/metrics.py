@@ -199,6 +199,25 @@ def _ap_weighted(labels, probs, weights) -> np.ndarray:
     return np.sum(d_recall * precision, axis=1)
 
 
+def _stratified_draws(labels: np.ndarray, num_resamples: int, seed: int):
+    """``(pos, neg, w_pos [R, n_pos], w_neg [R, n_neg])``: per-class multiplicities of
+    ``num_resamples`` stratified resamples (the same draws for the same labels and seed)."""
+    pos = np.nonzero(labels == 1)[0]
+    neg = np.nonzero(labels == 0)[0]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("a stratified bootstrap needs both classes in the split; "
+                         f"got {pos.size} PNEUMONIA and {neg.size} NORMAL images")
+    rng = np.random.default_rng(seed)
+    w_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=num_resamples)
+    w_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=num_resamples)
+    return pos, neg, w_pos.astype(np.float64), w_neg.astype(np.float64)
+
+
+def _percentiles(values: np.ndarray, level: float) -> list[float]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
+
+
 def bootstrap_ci(labels, probs, threshold: float, num_resamples: int = 2000, seed: int = 0,
                  level: float = 0.95) -> dict:
     """Stratified percentile bootstrap confidence intervals of :data:`CI_METRICS`.
@@ -219,17 +238,7 @@ def bootstrap_ci(labels, probs, threshold: float, num_resamples: int = 2000, see
         ``"seed"`` and ``"level"``.
     """
     labels, probs = _check(labels, probs)
-    pos = np.nonzero(labels == 1)[0]
-    neg = np.nonzero(labels == 0)[0]
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("a stratified bootstrap needs both classes in the split; "
-                         f"got {pos.size} PNEUMONIA and {neg.size} NORMAL images")
-    rng = np.random.default_rng(seed)
-    w_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=num_resamples)
-    w_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=num_resamples)
-    w_pos = w_pos.astype(np.float64)
-    w_neg = w_neg.astype(np.float64)
-
+    pos, neg, w_pos, w_neg = _stratified_draws(labels, num_resamples, seed)
     pred_pos = probs[pos] >= threshold
     pred_neg = probs[neg] >= threshold
     tp = w_pos @ pred_pos
@@ -250,11 +259,55 @@ def bootstrap_ci(labels, probs, threshold: float, num_resamples: int = 2000, see
         "roc_auc": _auc_weighted(probs[pos], probs[neg], w_pos, w_neg),
         "average_precision": _ap_weighted(labels, probs, weights),
     }
-    tail = (1.0 - level) / 2.0 * 100.0
-    out = {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail))]
-           for k, v in values.items()}
+    out = {k: _percentiles(v, level) for k, v in values.items()}
     out.update(num_resamples=int(num_resamples), seed=int(seed), level=float(level))
     return out
+
+
+def bootstrap_auc(labels, probs, num_resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """``[num_resamples]`` ROC AUCs of the stratified resamples :func:`bootstrap_ci` draws."""
+    labels, probs = _check(labels, probs)
+    pos, neg, w_pos, w_neg = _stratified_draws(labels, num_resamples, seed)
+    return _auc_weighted(probs[pos], probs[neg], w_pos, w_neg)
+
+
+def auc_difference_ci(reference: tuple, other: tuple, num_resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """ROC AUC of ``other`` minus that of ``reference``, two independent samples.
+
+    Each sample is resampled on its own (stratified, :func:`bootstrap_auc`; the second with
+    ``seed + 1``) and the percentile interval is taken of the resampled differences.
+
+    Args:
+        reference, other: ``(labels [N], probs [N])`` each, both classes present.
+
+    Returns:
+        ``{"difference": float, "ci95": [lo, hi], "num_resamples", "seed", "level"}``.
+    """
+    auc_ref = ranking_metrics(*reference)["roc_auc"]
+    auc_other = ranking_metrics(*other)["roc_auc"]
+    diffs = (bootstrap_auc(*other, num_resamples, seed + 1)
+             - bootstrap_auc(*reference, num_resamples, seed))
+    return {"difference": float(auc_other - auc_ref), "ci95": _percentiles(diffs, level),
+            "num_resamples": int(num_resamples), "seed": int(seed), "level": float(level)}
+
+
+def bootstrap_ece_ci(labels, probs, num_resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95, num_bins: int = ECE_BINS) -> list[float]:
+    """Percentile interval ``[lo, hi]`` of the ECE over the resamples :func:`bootstrap_ci` draws.
+
+    A resample's ECE is ``sum_b |sum of probs in b - PNEUMONIA count in b| / N`` with every
+    image weighted by how often it was drawn (the ECE of :func:`expected_calibration_error`).
+    """
+    labels, probs = _check(labels, probs)
+    pos, neg, w_pos, w_neg = _stratified_draws(labels, num_resamples, seed)
+    weights = np.zeros((num_resamples, labels.size))
+    weights[:, pos] = w_pos
+    weights[:, neg] = w_neg
+    bins = np.clip((probs * num_bins).astype(np.int64), 0, num_bins - 1)
+    gap = np.zeros((labels.size, num_bins))
+    gap[np.arange(labels.size), bins] = probs - labels  # one bin per image
+    return _percentiles(np.abs(weights @ gap).sum(axis=1) / labels.size, level)
 
 
 def binary_report(labels, probs, threshold: float, threshold_info: dict | None = None,

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m pneumo_tf.predict --model=PATH [--format=jsonl|table] [--gradcam_dir=DIR] FILE_OR_DIR...
+    python -m pneumo_tf.predict --model=PATH [--calibration=NAME] [--format=jsonl|table] \
+        [--gradcam_dir=DIR] FILE_OR_DIR...
 
 ``--model`` is a run directory, a SavedModel directory written by :mod:`pneumo_tf.export`, a
 ``.keras`` file inside a run directory, or a ``.tflite`` file inside ``R/export/``. Files are read
@@ -14,13 +15,18 @@ files. A SavedModel is called through its ``preprocessed`` signature for the sam
 One JSON line per input, in input order::
 
     {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
-     "label": 1, "class_name": "PNEUMONIA", "refer": false, "refer_reasons": []}
+     "calibration": "val", "label": 1, "class_name": "PNEUMONIA", "refer": false,
+     "refer_reasons": []}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
 
 ``probability`` is the model's, ``calibrated_probability`` its temperature-scaled value; the
 decision is taken on the calibrated one: ``threshold`` is the run's operating threshold
-(``calibration.json``) on the calibrated scale, and ``label`` is 1 exactly when
-``calibrated_probability >= threshold`` (:func:`pneumo_tf.serving.decide_label`). ``refer`` is
+on the calibrated scale, and ``label`` is 1 exactly when
+``calibrated_probability >= threshold`` (:func:`pneumo_tf.serving.decide_label`).
+``calibration`` names where temperature and threshold come from: ``val`` (the run's
+``calibration.json``, the default for a run directory), a site calibration
+(``--calibration=NAME``: ``R/calibrations/NAME.json``), or for an exported model the one baked
+in at export (``--calibration`` must then name that one). ``refer`` is
 true when the case should go to a human: the calibrated probability lies within
 ``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film (see
 :func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
@@ -97,11 +103,23 @@ class Predictor:
     keras_model: object | None = None
 
 
-def _run_config(run_dir: Path) -> serving.ServingConfig:
-    cal = rundir.read_calibration(run_dir)
+def _run_config(run_dir: Path, calibration_name: str) -> serving.ServingConfig:
+    cal = rundir.read_named_calibration(run_dir, calibration_name)
     if cal is not None:
-        cal = serving.calibration_from_json(cal, str(rundir.RunPaths(run_dir).calibration))
-    return serving.serving_config_for_run(run_dir, cal)
+        cal = serving.calibration_from_json(
+            cal, str(rundir.RunPaths(run_dir).calibration_file(calibration_name)))
+    return serving.serving_config_for_run(run_dir, cal, calibration_name)
+
+
+def _check_baked_calibration(config: serving.ServingConfig, path: Path,
+                             calibration_name: str | None) -> None:
+    """Refuse a ``--calibration`` other than the one an exported model has baked in."""
+    if calibration_name is not None and calibration_name != config.calibration:
+        raise PredictError(
+            f"--calibration={calibration_name}: {path} was exported with calibration "
+            f"{config.calibration!r} baked in. Export the run with `python -m pneumo_tf.export "
+            f"--calibration={calibration_name}` (R/export_{calibration_name}/), or pass "
+            f"--model=<the run directory> to apply any of its calibrations")
 
 
 def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
@@ -147,29 +165,38 @@ def model_kind(path: str | os.PathLike) -> str:
                        f"directory, a .keras file or a .tflite file")
 
 
-def load_predictor(path: str | os.PathLike) -> Predictor:
+def load_predictor(path: str | os.PathLike, calibration_name: str | None = None) -> Predictor:
     """Load ``--model`` (see the module docstring) with its serving config.
 
     ``.keras`` files are loaded with Keras safe mode (:func:`pneumo_tf.rundir.load_model`);
     SavedModels and TFLite files are graphs and flatbuffers, nothing is unpickled.
 
+    Args:
+        path: a run (or ensemble) directory, ``.keras`` file, SavedModel or ``.tflite`` file.
+        calibration_name: for a run directory or ``.keras`` file, the run's calibration to
+            apply (None = ``val``); for an exported model, None or the name baked in.
+
     Raises:
-        PredictError, rundir.RunDirError: unusable model path (the message says what to give).
+        PredictError, rundir.RunDirError: unusable model path or calibration (the message says
+            what to give).
     """
     path = Path(path)
     kind = model_kind(path)
+    name = calibration_name or rundir.VAL_CALIBRATION
     if kind == "run_dir":
-        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path))
+        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name))
     elif kind == "keras":
         if not rundir.RunPaths(path.parent).data_manifest.is_file():
             raise PredictError(f"--model={path}: no data_manifest.json beside it, so the image size "
                                f"and crop the model was trained with are unknown; point --model "
                                f"at the run directory that holds it")
-        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path.parent))
+        predictor = _keras_predictor(kind, path, rundir.load_model(path),
+                                     _run_config(path.parent, name))
     elif kind == "saved_model":
         import tensorflow as tf
 
         config = _read_serving_config(path / "assets.extra" / serving.SERVING_CONFIG_NAME, path)
+        _check_baked_calibration(config, path, calibration_name)
         signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
         if signature is None:
             raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
@@ -178,6 +205,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
             image=tf.constant(images))["probability"].numpy().astype(np.float64))
     else:
         config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
+        _check_baked_calibration(config, path, calibration_name)
         runner = serving.TFLiteRunner(path)
         if runner.image_size != config.image_size:
             raise PredictError(f"--model={path} takes {runner.image_size}px images but "
@@ -310,7 +338,8 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
     if abs(calibrated - threshold) <= refer_band:
         reasons.insert(0, "uncertain")
     return {"path": path, "probability": float(probability), "calibrated_probability": calibrated,
-            "threshold": threshold, "label": label, "class_name": pneumo_tf.CLASS_NAMES[label],
+            "threshold": threshold, "calibration": config.calibration, "label": label,
+            "class_name": pneumo_tf.CLASS_NAMES[label],
             "refer": bool(reasons), "refer_reasons": reasons}
 
 
@@ -349,7 +378,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 f"{predictor.source})")
         from pneumo_tf import cam
 
-        cam_model = cam.CamModel(predictor.keras_model, backbone_name=predictor.config.backbone)
+        cam_model = cam.cam_model_for(predictor.keras_model,
+                                      backbone_name=predictor.config.backbone)
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
     cfg = predictor.config
     items = expand_inputs(paths)
@@ -401,13 +431,15 @@ def format_table_header() -> str:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+CALIBRATION = cli.calibration_flag()
 MODEL = flags.DEFINE_string(
     "model", None, "Model to predict with: a run directory, a SavedModel directory "
     "(R/export/saved_model), a .keras file in a run directory or a .tflite file in R/export/.")
 FORMAT = flags.DEFINE_enum(
     "format", "jsonl", OUTPUT_FORMATS,
     "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
-    "threshold, label, class_name, refer, refer_reasons; or path and error); table = aligned "
+    "threshold, calibration, label, class_name, refer, refer_reasons; or path and error); "
+    "table = aligned "
     "text.")
 GRADCAM_DIR = flags.DEFINE_string(
     "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
@@ -423,7 +455,8 @@ def main(argv: list[str]) -> int:
     inputs = argv[1:]
     if not inputs:
         raise app.UsageError("give at least one image file or folder after the flags")
-    predictor = load_predictor(MODEL.value)
+    # Unless given, an exported model keeps the calibration baked into it (a run dir: val).
+    predictor = load_predictor(MODEL.value, CALIBRATION.value if CALIBRATION.present else None)
     results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
                             GRADCAM_DIR.value)
     failed = 0

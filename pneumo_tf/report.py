@@ -113,6 +113,60 @@ def histogram_figure(labels, probs, threshold: float) -> Figure:
     return fig
 
 
+def shift_scores_figure(reference: dict, evaluated: dict, threshold: float) -> Figure:
+    """Per true class, the probability histograms of the run's val split and the evaluated
+    split overlaid (densities, so splits of different sizes compare), with the val threshold."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=False)
+    bins = np.linspace(0, 1, 26)
+    for ax, (label, name) in zip(axes, enumerate(CLASS_NAMES)):
+        for sample, title in ((reference, "val (reference)"), (evaluated, "evaluated")):
+            probs = np.asarray(sample["probability"])[np.asarray(sample["label"]) == label]
+            if probs.size:
+                ax.hist(probs, bins=bins, density=True, alpha=0.55,
+                        label=f"{title} (n={probs.size})")
+        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"val threshold {threshold:.3f}")
+        ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="density",
+               title=f"true {name}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Scores: the run's val split vs the evaluated split")
+    fig.tight_layout()
+    return fig
+
+
+def shift_statistics_figure(reference: dict, evaluated: dict) -> Figure:
+    """Box plots of each image statistic per class, val split beside the evaluated split."""
+    from pneumo_tf import shift
+
+    keys = list(shift.STATISTICS)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.6))
+    for ax, key in zip(axes, keys):
+        data, names = [], []
+        for label, name in enumerate(CLASS_NAMES):
+            for sample, tag in ((reference, "val"), (evaluated, "eval")):
+                chosen = np.asarray(sample["label"]) == label
+                data.append(np.asarray(sample["statistics"][key])[chosen])
+                names.append(f"{name[:4]}\n{tag}")
+        kept = [(d, n) for d, n in zip(data, names) if d.size]
+        ax.boxplot([d for d, _ in kept], showfliers=False)
+        ax.set_xticks(range(1, len(kept) + 1), [n for _, n in kept], fontsize=8)
+        ax.set(title=key.replace("_", " "), ylabel=shift.STATISTICS[key][0])
+    fig.suptitle("Image statistics per class: val split vs evaluated split")
+    fig.tight_layout()
+    return fig
+
+
+def shift_figures(reference: dict, evaluated: dict, threshold: float) -> dict[str, bytes]:
+    """``{"shift_scores": PNG, "shift_image_statistics": PNG}`` for :func:`make_figures`' dict.
+
+    Args:
+        reference, evaluated: ``{"label", "probability", "statistics"}`` of the run's val split
+            and of the evaluated split (:func:`pneumo_tf.shift.image_statistics`).
+        threshold: the val threshold on the raw probability.
+    """
+    return {"shift_scores": figure_png(shift_scores_figure(reference, evaluated, threshold)),
+            "shift_image_statistics": figure_png(shift_statistics_figure(reference, evaluated))}
+
+
 def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """``history.csv`` as ``{column: [epochs] float}`` (empty dict when the file is missing)."""
     path = Path(path)
@@ -236,6 +290,64 @@ def metrics_table_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _with_ci(value, ci) -> str:
+    return _fmt(value) + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def shift_markdown(shift: dict) -> str:
+    """The shift section's tables: metrics on both splits, then per-class image statistics."""
+    ref, ev, diff = shift["reference"], shift["evaluated"], shift["difference"]
+    rows = (("ROC AUC", "roc_auc"), ("sensitivity at the val threshold", "sensitivity"),
+            ("specificity at the val threshold", "specificity"), ("ECE", "ece"),
+            ("ECE, val temperature", "ece_calibrated"))
+    lines = [f"Scored at the run's val operating point (threshold {shift['threshold']:.4f} on "
+             f"the raw probability, temperature {shift['temperature']:.3f}); val: "
+             f"{ref['n']} images, evaluated: {ev['n']} images. 95 % CIs: stratified bootstrap, "
+             f"{shift['num_resamples']} resamples.", "",
+             "| metric | val (reference) | evaluated split | difference |", "|---|---|---|---|"]
+    for title, key in rows:
+        diff_ci = shift.get("roc_auc_difference_ci95") if key == "roc_auc" else None
+        lines.append(f"| {title} | {_with_ci(ref[key], (ref.get('ci95') or {}).get(key))} | "
+                     f"{_with_ci(ev[key], (ev.get('ci95') or {}).get(key))} | "
+                     f"{_with_ci(diff[key], diff_ci)} |")
+    lines += ["", "| class | image statistic | val mean (sd) | evaluated mean (sd) | difference |",
+              "|---|---|---|---|---|"]
+    for name, stats in shift["image_statistics"].items():
+        for key, entry in stats.items():
+            a, b = entry["reference"], entry["evaluated"]
+            lines.append(f"| {name} | {key.replace('_', ' ')} | {_fmt(a['mean'])} "
+                         f"({_fmt(a['std'])}) | {_fmt(b['mean'])} ({_fmt(b['std'])}) | "
+                         f"{_fmt(entry['difference'])} |")
+    return "\n".join(lines)
+
+
+def cross_validated_markdown(cross_validated: dict) -> str:
+    """The cross-validated figures of a site calibration as a markdown table."""
+    pooled = cross_validated["pooled"]
+    lines = [f"{cross_validated['folds']}-fold cross-validation grouped by patient on this "
+             f"sample ({pooled['n']} images): each image decided by the threshold and "
+             f"temperature fitted on the other folds.", "",
+             "| metric | cross-validated | 95 % CI |", "|---|---|---|"]
+    for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"):
+        lines.append(f"| {key.replace('_', ' ')} | {_fmt(pooled[key])} | "
+                     f"{_ci(cross_validated, key)} |")
+    return "\n".join(lines)
+
+
+def _sections(metrics: dict) -> list[tuple[str, str]]:
+    """``(title, markdown)`` of the optional sections: cross-validated figures, the shift."""
+    out = []
+    if metrics.get("calibration_in_sample") and metrics.get("cross_validated"):
+        out.append((f"Cross-validated figures of calibration `{metrics['calibration']}` (quote "
+                    f"these)", cross_validated_markdown(metrics["cross_validated"])))
+    shift = metrics.get("shift") or {}
+    if "reference" in shift:
+        out.append(("Shift from the run's val split", shift_markdown(shift)))
+    elif "skipped" in shift:
+        out.append(("Shift from the run's val split", f"Not computed: {shift['skipped']}"))
+    return out
+
+
 def _header(metrics: dict, context: dict) -> list[str]:
     thr = metrics["threshold"]
     counts = metrics.get("class_counts", {})
@@ -244,14 +356,24 @@ def _header(metrics: dict, context: dict) -> list[str]:
         f"- **split evaluated: `{context['split']}`** ({metrics['n']} images: "
         + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")",
         f"- run: `{context['run_dir']}`; data: `{context['data_dir']}`",
-        f"- threshold {thr['value']:.4f} chosen by `{thr['method']}` on `{thr['source']}` "
-        f"(never on the evaluated split); temperature {context.get('temperature', 1.0):.3f} "
-        f"fitted on `val`",
     ]
+    name = metrics.get("calibration", "val")
+    if name == "val":
+        lines.append(f"- threshold {thr['value']:.4f} chosen by `{thr['method']}` on "
+                     f"`{thr['source']}` (never on the evaluated split); temperature "
+                     f"{context.get('temperature', 1.0):.3f} fitted on `val`")
+    else:
+        lines.append(f"- calibration `{name}`: threshold {thr['value']:.4f} chosen by "
+                     f"`{thr['method']}` and temperature {context.get('temperature', 1.0):.3f} "
+                     f"fitted on {context.get('calibration_fitted_on', 'a site sample')}")
+    if metrics.get("calibration_in_sample"):
+        lines.append(f"- **note: calibration `{name}` was fitted on this very split: the "
+                     f"figures at its threshold are in-sample and optimistic; expect the "
+                     f"cross-validated figures instead**")
     if ci:
         lines.append(f"- 95 % CIs: stratified percentile bootstrap, {ci.get('num_resamples')} "
                      f"resamples, seed {ci.get('seed')}")
-    if context["split"] == "val":
+    if context["split"] == "val" and name == "val":
         lines.append("- note: this is the validation split, on which the threshold and "
                      "temperature were fitted; its numbers are optimistic")
     return lines
@@ -262,9 +384,24 @@ def write_markdown(path: str | os.PathLike, metrics: dict, figure_files: dict[st
     """``report.md``: header, metrics table, figures linked as sibling PNG files."""
     lines = [f"# Evaluation report: {context['split']} split", ""] + _header(metrics, context)
     lines += ["", metrics_table_markdown(metrics), ""]
+    for title, text in _sections(metrics):
+        lines += [f"## {title}", "", text, ""]
     for name, fpath in figure_files.items():
         lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({Path(fpath).name})", ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _markdown_html(text: str) -> str:
+    """A markdown table (``|`` rows, the first a header) and its prose lines as HTML."""
+    md = text.split("\n")
+    rows = [r for r in md if r.startswith("|") and not r.startswith("|---")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    table = "<table>" + "".join(
+        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+        for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(cells))) \
+        + "</table>"
+    tail = html.escape(" ".join(r for r in md if r and not r.startswith("|")))
+    return f"{table}<p>{tail}</p>"
 
 
 def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes],
@@ -272,14 +409,11 @@ def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes]
     """``report.html``: self-contained (figures inline as base64 PNG)."""
     header = "".join(f"<li>{html.escape(line[2:]).replace('**', '')}</li>"
                      for line in _header(metrics, context))
-    table_md = metrics_table_markdown(metrics).split("\n")
-    rows = [r for r in table_md if r.startswith("|") and not r.startswith("|---")]
-    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-    table = "<table>" + "".join(
-        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
-        for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(cells))) \
-        + "</table>"
-    tail = html.escape(" ".join(r for r in table_md if r and not r.startswith("|")))
+    body = _markdown_html(metrics_table_markdown(metrics))
+    for title, text in _sections(metrics):
+        # A section's tables one by one: the prose above each stays with it.
+        body += f"<h2>{html.escape(title)}</h2>" + "".join(
+            _markdown_html(part) for part in text.split("\n\n") if part.strip())
     imgs = "".join(
         f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{html.escape(name)}' "
         f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'/>"
@@ -289,7 +423,7 @@ def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes]
            f"max-width:1100px;margin:auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}"
            f"table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>"
            f"<h1>Evaluation report: {html.escape(context['split'])} split</h1><ul>{header}</ul>"
-           f"{table}<p>{tail}</p>{imgs}</body></html>")
+           f"{body}{imgs}</body></html>")
     Path(path).write_text(doc, encoding="utf-8")
 
 
@@ -304,9 +438,16 @@ def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], met
             image = tf.io.decode_png(png, channels=4)[tf.newaxis]
             tf.summary.image(f"{split}/{name}", image)
         tf.summary.text(f"{split}/metrics", metrics_table_markdown(metrics))
-        for key in ("accuracy", "recall", "specificity", "f1_macro", "roc_auc",
-                    "average_precision", "brier", "ece"):
-            value = metrics.get(key)
+        for title, text in _sections(metrics):
+            tf.summary.text(f"{split}/{'shift' if 'Shift' in title else 'cross_validated'}",
+                            text)
+        scalars = {key: metrics.get(key) for key in (
+            "accuracy", "recall", "specificity", "f1_macro", "roc_auc", "average_precision",
+            "brier", "ece")}
+        shift = metrics.get("shift") or {}
+        scalars.update({f"shift_{key}_difference": value
+                        for key, value in (shift.get("difference") or {}).items()})
+        for key, value in scalars.items():
             if isinstance(value, float) and np.isfinite(value):
                 tf.summary.scalar(f"{split}/{key}", value)
     writer.flush()

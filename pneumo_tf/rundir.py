@@ -11,9 +11,15 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
     R/history.csv          one row per epoch, 0-based ``epoch`` column
     R/summary.json         precision, strategy, epochs, best epoch, throughput, ``config``
     R/calibration.json     temperature and operating threshold, fitted on val (pneumo_tf.calibration)
+    R/calibrations/        NAME.json: the same re-fitted on another site's sample (pneumo_tf.calibrate)
     R/eval/<split>/        evaluation report (pneumo_tf.evaluate)
     R/gradcam/             Grad-CAM grids and cam_stats.json (pneumo_tf.gradcam)
     R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
+    R/export_NAME/         the same with calibration NAME baked in (export --calibration=NAME)
+
+A run's calibrations are named: ``val`` is ``R/calibration.json`` (every run has it), any other
+name ``R/calibrations/NAME.json`` (:func:`read_named_calibration`). Runs written before named
+calibrations existed simply have no ``calibrations/`` folder.
 """
 
 from __future__ import annotations
@@ -22,10 +28,16 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from pneumo_tf import atomic_files
 from pneumo_tf.data import records
+
+
+# The calibration every run has: R/calibration.json, fitted on its own val split.
+VAL_CALIBRATION = "val"
+_CALIBRATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RunDirError(ValueError):
@@ -51,6 +63,35 @@ class RunPaths:
 
     def eval_dir(self, split: str) -> Path:
         return self.root / "eval" / split
+
+    @property
+    def calibrations(self) -> Path:
+        """``calibrations/``: the site calibrations, ``NAME.json`` each."""
+        return self.root / "calibrations"
+
+    def calibration_file(self, name: str = VAL_CALIBRATION) -> Path:
+        """``calibration.json`` for ``val``, else ``calibrations/<name>.json``."""
+        if name == VAL_CALIBRATION:
+            return self.calibration
+        return self.calibrations / f"{check_calibration_name(name)}.json"
+
+    def export_dir(self, calibration: str = VAL_CALIBRATION) -> Path:
+        """``export/`` for the ``val`` calibration, else ``export_<name>/`` (same layout)."""
+        if calibration == VAL_CALIBRATION:
+            return self.export
+        return self.root / f"export_{check_calibration_name(calibration)}"
+
+
+def check_calibration_name(name: str) -> str:
+    """``name`` if it can name a calibration file (letters, digits, ``_.-``; 64 at most).
+
+    Raises:
+        ValueError: naming ``--name``/``--calibration`` and the allowed characters.
+    """
+    if not isinstance(name, str) or not _CALIBRATION_NAME.fullmatch(name):
+        raise ValueError(f"calibration name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                         f"starting with a letter or digit (e.g. site_b)")
+    return name
 
 
 def parse_flags_text(text: str) -> dict[str, str]:
@@ -115,6 +156,81 @@ def read_calibration(run_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     return _read_json(path, "calibration", "re-run `python -m pneumo_tf.evaluate --split=val`")
+
+
+def list_calibrations(run_dir: str | Path) -> list[str]:
+    """Names of the run's calibrations: ``val`` when ``calibration.json`` exists, then the
+    ``calibrations/*.json`` stems, sorted."""
+    paths = RunPaths(run_dir)
+    names = [VAL_CALIBRATION] if paths.calibration.is_file() else []
+    if paths.calibrations.is_dir():
+        names += sorted(p.stem for p in paths.calibrations.glob("*.json"))
+    return names
+
+
+def read_named_calibration(run_dir: str | Path, name: str = VAL_CALIBRATION) -> dict | None:
+    """The run's calibration ``name``: ``val`` = ``calibration.json`` (None when missing, as
+    :func:`read_calibration`), any other name ``calibrations/<name>.json``, which must exist.
+
+    Raises:
+        RunDirError: a named calibration is missing (the existing names and the command that
+            fits one are given).
+        ValueError: ``name`` is not a valid calibration name.
+    """
+    if name == VAL_CALIBRATION:
+        return read_calibration(run_dir)
+    path = RunPaths(run_dir).calibration_file(name)
+    fix = (f"fit it with `python -m pneumo_tf.calibrate --run_dir={run_dir} --data_dir=<the "
+           f"site's data dir> --split=test --name={name}`")
+    if not path.is_file():
+        known = ", ".join(list_calibrations(run_dir)) or "none"
+        raise RunDirError(f"--calibration={name}: {path} is missing (this run has: {known}); "
+                          f"{fix}")
+    return _read_json(path, f"calibration {name}", fix)
+
+
+def run_data_dir(run_dir: str | Path) -> str | None:
+    """The data dir the run was trained on: ``summary.json``'s ``config.data_dir``, else the
+    ``--data_dir`` of ``flags.txt``; None when neither names one."""
+    summary = RunPaths(run_dir).summary
+    if summary.is_file():
+        try:
+            data_dir = (json.loads(summary.read_text(encoding="utf-8")).get("config") or {}
+                        ).get("data_dir")
+        except json.JSONDecodeError:
+            data_dir = None
+        if data_dir:
+            return str(data_dir)
+    return read_run_flags(run_dir).get("data_dir") or None
+
+
+def is_same_data(data_dir_a: str | Path, data_dir_b: str | Path) -> bool:
+    """Whether two data dirs are one conversion: the same resolved path or equal manifests
+    (a manifest records its source checksum, flags and timing, so two conversions differ)."""
+    if Path(data_dir_a).resolve() == Path(data_dir_b).resolve():
+        return True
+    try:
+        return records.read_manifest(data_dir_a) == records.read_manifest(data_dir_b)
+    except records.DataDirError:
+        return False
+
+
+def is_run_data(run_dir: str | Path, data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` is the data the run was trained on: its manifest equals the run's
+    ``data_manifest.json`` (a moved copy counts), or it is :func:`run_data_dir`."""
+    if records.read_manifest(data_dir) == read_run_manifest(run_dir):
+        return True
+    own = run_data_dir(run_dir)
+    return own is not None and Path(own).resolve() == Path(data_dir).resolve()
+
+
+def own_data_dir(run_dir: str | Path, data_dir: str | Path) -> str:
+    """The data dir whose val split calibrates the run when it is used on ``data_dir``:
+    ``data_dir`` itself when it is the run's own data (:func:`is_run_data`), else the run's
+    recorded data dir (:func:`run_data_dir`), else ``data_dir`` after all."""
+    if is_run_data(run_dir, data_dir):
+        return str(data_dir)
+    return run_data_dir(run_dir) or str(data_dir)
 
 
 def check_data_compatible(run_dir: str | Path, data_dir: str | Path) -> dict:

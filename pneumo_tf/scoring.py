@@ -56,7 +56,7 @@ def make_predict_fn(model):
 
 
 def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: int = 64,
-                  return_images: bool = False) -> dict:
+                  return_images: bool = False, progress_label: str | None = None) -> dict:
     """Probabilities of PNEUMONIA for every image of ``split``, in file order.
 
     Args:
@@ -68,6 +68,8 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
         return_images: also keep the decoded images (``"image": [N, S, S, 1] uint8``, N * S^2
             bytes: 31 MB for 624 images at 224 px), so a caller that needs some of them does not
             decode the split a second time.
+        progress_label: show a :class:`pneumo_tf.progress.Progress` bar with this label on
+            stderr (None: silent).
 
     Returns:
         ``{"probability": [N] float32, "label": [N] int64, "path": [N] str (object),
@@ -84,13 +86,19 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
         raise ValueError(f"data dir {data_dir} holds {size}x{size} images but the model takes "
                          f"{model.input_shape[1]}x{model.input_shape[2]}; use the data dir the run "
                          f"was trained on (see its data_manifest.json)")
+    from pneumo_tf.progress import Progress
+
     predict = make_predict_fn(model)
     kept = ("label", "path", "patient_id") + (("image",) if return_images else ())
     parts = {"probability": [], **{key: [] for key in kept}}
+    total = int((manifest["splits"].get(split) or {}).get("count", 0))
+    bar = Progress(total, progress_label or "", enabled=progress_label is not None)
     for batch in iterate_split(data_dir, split, batch_size):
         parts["probability"].append(predict(batch["image"]).numpy())
         for key in kept:
             parts[key].append(batch[key])
+        bar.update(sum(len(b) for b in parts["label"]))
+    bar.close()
     if not parts["label"]:
         raise records.DataDirError(f"split {split!r} of {data_dir} yielded no images")
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -57,6 +57,8 @@ class ServingConfig:
         threshold_method: how the threshold was chosen (from calibration.json).
         calibrated: False when no calibration was available (T = 1, threshold 0.5).
         backbone: backbone name, when known.
+        calibration: the run's calibration this config holds: ``val`` (``calibration.json``),
+            a site calibration's name (``calibrations/NAME.json``), or ``none``.
     """
 
     image_size: int
@@ -67,6 +69,7 @@ class ServingConfig:
     threshold_method: str = "default_0.5"
     calibrated: bool = False
     backbone: str | None = None
+    calibration: str = "val"
 
     def to_json(self) -> dict:
         """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation``."""
@@ -76,9 +79,15 @@ class ServingConfig:
 
     @classmethod
     def from_json(cls, obj: dict) -> "ServingConfig":
-        """From :meth:`to_json`'s dict; derived keys (``calibrated_threshold``) are recomputed."""
+        """From :meth:`to_json`'s dict; derived keys (``calibrated_threshold``) are recomputed.
+
+        A config written before ``calibration`` existed held ``calibration.json``: ``val``
+        (``none`` when it was uncalibrated).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
+        fields = {k: v for k, v in obj.items() if k in names}
+        fields.setdefault("calibration", "val" if obj.get("calibrated") else "none")
+        return cls(**fields)
 
     def _calibration(self) -> dict:
         return {"threshold": self.threshold, "temperature": self.temperature,
@@ -142,21 +151,24 @@ def _agrees(stored, computed: float) -> bool:
         return False
 
 
-def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None) -> ServingConfig:
+def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
+                           calibration_name: str = rundir.VAL_CALIBRATION) -> ServingConfig:
     """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known).
 
     Args:
         run_dir: the run directory (its ``data_manifest.json`` is read).
         calibration: a dict from :func:`calibration_from_json`, or None (uncalibrated: T = 1,
             threshold 0.5).
+        calibration_name: the name of ``calibration`` in the run (``val`` or a site's).
     """
     manifest = rundir.read_run_manifest(run_dir)
     backbone = None
     if rundir.RunPaths(run_dir).summary.is_file():
         backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
     cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
-                        backbone=backbone)
+                        backbone=backbone, calibration="none")
     if calibration is not None:
+        cfg.calibration = calibration_name
         cfg.temperature = float(calibration["temperature"])
         cfg.threshold = float(calibration["threshold"])
         cfg.threshold_applies_to = calibration.get("threshold_applies_to", "probability")

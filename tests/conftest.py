@@ -13,14 +13,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``[size, size] uint8``: noisy gray field; label 1 adds a bright square blob."""
+def tiny_image(label: int, size: int, rng: np.random.Generator,
+               brightness_offset: float = 0.0) -> np.ndarray:
+    """``[size, size] uint8``: noisy gray field; label 1 adds a bright square blob.
+
+    ``brightness_offset`` (grey levels) is added before clipping: a film from a brighter site.
+    """
     img = rng.normal(90, 12, (size, size)).clip(0, 255)
     if label == 1:
         s = max(2, size // 4)
         y, x = rng.integers(0, size - s, 2)
         img[y:y + s, x:x + s] += 90
-    return img.clip(0, 255).astype(np.uint8)
+    return (img + brightness_offset).clip(0, 255).astype(np.uint8)
 
 
 # Subtypes of a tiny data dir's PNEUMONIA records, in turn (NORMAL ones are 0).
@@ -29,7 +33,8 @@ TINY_PNEUMONIA_SUBTYPES = (1, 1, 2, -1)
 
 def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, image_size: int = 32,
                        encoding: str = "raw", compression: str = "none", num_shards: int = 2,
-                       crop: str = "fixed", seed: int = 0, version: int = 2) -> Path:
+                       crop: str = "fixed", seed: int = 0, version: int = 2,
+                       brightness_offset: float = 0.0) -> Path:
     """Write a converter-shaped data dir without the converter.
 
     Args:
@@ -38,6 +43,9 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
             :data:`TINY_PNEUMONIA_SUBTYPES` in turn, by their index in the split) and the
             manifest's subtype counts and weights; 1 writes records and a manifest of the old
             format, without them.
+        brightness_offset: grey levels added to every image (a second site's brighter films).
+            The manifest's ``source`` records it and ``seed``, as the converter records a
+            checksum of its source, so data dirs of other images have other manifests.
 
     Returns:
         The data dir path (shards + manifest.json).
@@ -64,7 +72,7 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
             name = records.shard_name(split, si, num_shards, compression)
             with records.ShardWriter(out / name, compression) as w:
                 for j in idx:
-                    img = tiny_image(labels[j], image_size, rng)
+                    img = tiny_image(labels[j], image_size, rng, brightness_offset)
                     data = img.tobytes() if encoding == "raw" else cv2.imencode(".png", img)[1].tobytes()
                     w.write(records.serialize_example(
                         data, labels[j], subtypes[j] if version >= 2 else None,
@@ -81,7 +89,8 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
     manifest = {"version": version, "tool_version": "test", "image_size": image_size,
                 "channels": 1, "crop": crop, "encoding": encoding, "compression": compression,
                 "splits": splits, "class_weights": {"0": total / (2 * n0), "1": total / (2 * n1)},
-                "rejected": 0, "duplicates_dropped": 0, "flags": {}, "source": {"kind": "test"}}
+                "rejected": 0, "duplicates_dropped": 0, "flags": {},
+                "source": {"kind": "test", "seed": seed, "brightness_offset": brightness_offset}}
     if version >= 2 and "train" in splits:
         known = [splits["train"]["subtype_counts"][name] for name in records.SUBTYPE_NAMES]
         manifest["subtype_class_weights"] = {str(c): sum(known) / (3 * n) if n else 1.0

@@ -175,3 +175,24 @@ def test_calibrate_run_reads_val_only(tmp_path):
     records.write_manifest(data, manifest)
     with pytest.raises(records.DataDirError, match="no 'val' split"):
         cal.calibrate_run(run, data)
+
+
+def test_operating_point_of_a_named_calibration_is_used_as_stored(tmp_path):
+    from pneumo_tf import rundir
+
+    _write_calibration(tmp_path / "run")  # val: T = 2, threshold on the calibrated scale
+    site = {"temperature": 0.5, "threshold": 0.3, "threshold_method": "val_youden",
+            "threshold_applies_to": "probability", "source": "site:b"}
+    path = rundir.RunPaths(tmp_path / "run").calibration_file("b")
+    path.parent.mkdir()
+    path.write_text(json.dumps(site), encoding="utf-8")
+    point = cal.operating_point(tmp_path / "run", None, None, calibration_name="b")
+    assert point == {"temperature": 0.5, "threshold": 0.3, "method": "val_youden",
+                     "source": "site:b", "calibration": "b", "from_calibration_json": True}
+    assert cal.operating_point(tmp_path / "run", None, "val_youden",
+                               calibration_name="b")["threshold"] == 0.3
+    assert cal.operating_point(tmp_path / "run", None)["calibration"] == "val"
+    with pytest.raises(ValueError, match=r"--threshold=0.5 with --calibration=b: .*calibrate"):
+        cal.operating_point(tmp_path / "run", None, "0.5", calibration_name="b")
+    with pytest.raises(rundir.RunDirError, match="--calibration=c"):
+        cal.operating_point(tmp_path / "run", None, calibration_name="c")

@@ -152,3 +152,52 @@ def test_pointing_game_counts_empty_maps_as_misses():
     assert stats["all"]["pointing_empty"] == 2 and stats["all"]["empty_cams"] == 2
     assert stats["FN"]["pointing_hit_rate"] == 0.0 and stats["FN"]["pointing_empty"] == 2
     assert stats["TP"]["pointing_empty"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles: the mean of the members' maps
+
+
+@pytest.fixture(scope="module")
+def ensemble_model():
+    import keras
+
+    from pneumo_tf import ensemble
+
+    members = []
+    for seed in (3, 4):
+        keras.utils.set_random_seed(seed)
+        members.append(pmodel.build_model("small_cnn", 48, None))
+    return ensemble.build_ensemble_model(members), members
+
+
+def test_ensemble_cam_is_the_mean_of_the_members_maps(ensemble_model, small_model):
+    model, members = ensemble_model
+    assert isinstance(pcam.cam_model_for(small_model), pcam.CamModel)
+    cam_model = pcam.cam_model_for(model, backbone_name="small_cnn")
+    assert isinstance(cam_model, pcam.EnsembleCamModel) and len(cam_model.members) == 2
+    assert cam_model.layer == "features"
+    images = _images(5, 48, seed=5)
+    out = pcam.gradcam_batch(cam_model, images)
+    # Probabilities: the ensemble model's (the mean of the members').
+    np.testing.assert_allclose(out["probability"], model(images).numpy()[:, 0], rtol=1e-5)
+    per_member = [pcam.gradcam_batch(pcam.CamModel(m), images) for m in members]
+    np.testing.assert_allclose(out["cam"], np.mean([o["cam"] for o in per_member], axis=0),
+                               atol=1e-5)
+    for i in range(5):
+        refs = [_reference_cam(m, images[i], "features")[0] for m in members]
+        np.testing.assert_allclose(out["cam_lowres"][i], np.mean(refs, axis=0), atol=2e-4)
+    assert 0.0 <= out["cam"].min() and out["cam"].max() <= 1.0
+
+
+def test_ensemble_members_explain_the_class_the_ensemble_predicts(ensemble_model):
+    model, members = ensemble_model
+    images = _images(6, 48, seed=6)
+    probs = model(images).numpy()[:, 0]
+    threshold = float(np.median(probs))  # three images on each side
+    out = pcam.gradcam_batch(pcam.cam_model_for(model), images, cam_class="predicted",
+                             threshold=threshold)
+    for i in range(6):
+        sign = 1.0 if probs[i] >= threshold else -1.0  # the ensemble's decision, not a member's
+        refs = [_reference_cam(m, images[i], "features", sign)[0] for m in members]
+        np.testing.assert_allclose(out["cam_lowres"][i], np.mean(refs, axis=0), atol=2e-4)

@@ -231,3 +231,140 @@ def test_cli_end_to_end(trained):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert "pneumo_tf.evaluate: error: data dir" in bad.stderr and "does not exist" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Another site: the shift report and site calibrations
+
+
+@pytest.fixture(scope="module")
+def second_site(trained):
+    """A brighter second site (+40 grey levels), one labelled split `test`, as converted alone."""
+    root, data, _ = trained
+    return write_tiny_dataset(root / "site", image_size=32, counts={"test": (24, 26)}, seed=3,
+                              brightness_offset=40)
+
+
+def _run_naming_its_data(trained, name):
+    """A copy of the run whose summary.json names its data dir (as training writes it)."""
+    root, data, _ = trained
+    run = _fresh_run(trained, name)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["config"]["data_dir"] = str(data)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_shift_section_on_a_second_site(trained, second_site):
+    import tensorflow as tf
+
+    root, data, _ = trained
+    run = _run_naming_its_data(trained, "run_shift")
+    m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
+    out = run / "eval" / "test"
+    stored = json.loads((out / "metrics.json").read_text())
+    shift = stored["shift"]
+    assert shift["reference"]["data_dir"] == str(data) and shift["reference"]["split"] == "val"
+    assert shift["reference"]["n"] == 20 and shift["evaluated"]["n"] == 50
+    assert shift["evaluated"]["data_dir"] == str(second_site)
+    # The evaluated side is this report's own figures at the val threshold.
+    cal = json.loads((run / "calibration.json").read_text())
+    assert shift["threshold"] == cal["threshold"] == stored["threshold"]["value"]
+    assert shift["evaluated"]["roc_auc"] == pytest.approx(stored["roc_auc"])
+    assert shift["evaluated"]["sensitivity"] == pytest.approx(stored["recall"])
+    assert shift["evaluated"]["specificity"] == pytest.approx(stored["specificity"])
+    assert shift["evaluated"]["ece"] == pytest.approx(stored["ece"])
+    # ... the reference side the val report's.
+    val = evaluate.evaluate_run(_fresh_run(trained, "run_shift_val"), data, "val",
+                                num_resamples=1000)
+    assert "shift" not in val  # the run's own data: no shift report
+    assert shift["reference"]["roc_auc"] == pytest.approx(val["roc_auc"])
+    assert shift["reference"]["specificity"] == pytest.approx(val["specificity"])
+    assert shift["difference"]["roc_auc"] == pytest.approx(stored["roc_auc"] - val["roc_auc"])
+    lo, hi = shift["roc_auc_difference_ci95"]
+    assert lo <= shift["difference"]["roc_auc"] <= hi
+    # The +40 grey levels show in both classes' mean intensity; the contrast barely moves.
+    for name in ("NORMAL", "PNEUMONIA"):
+        stats = shift["image_statistics"][name]
+        assert 34 < stats["mean_intensity"]["difference"] < 42, stats["mean_intensity"]
+        assert abs(stats["contrast"]["difference"]) < 4, stats["contrast"]
+    assert m["shift"]["difference"] == shift["difference"]
+    # The report: a section, two more figures, TensorBoard text and scalars.
+    md = (out / "report.md").read_text()
+    assert "## Shift from the run's val split" in md and "| NORMAL | mean intensity |" in md
+    assert "![shift_scores](shift_scores.png)" in md
+    assert (out / "shift_scores.png").is_file() and (out / "shift_image_statistics.png").is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 8 and "Shift from the run" in html
+    tags = {}
+    for path in (run / "tb" / "eval").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in ev.summary.value:
+                tags[v.tag] = v.metadata.plugin_data.plugin_name
+    assert tags["test/shift_scores"] == "images" and tags["test/shift"] == "text"
+    assert tags["test/shift_roc_auc_difference"] == "scalars"
+
+
+def test_val_data_dir_names_the_reference_of_a_run_that_does_not(trained, second_site):
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_val_data_dir")  # summary.json names no data dir
+    assert not (run / "calibration.json").exists()
+    # --val_data_dir: the reference, and the val split a missing calibration.json is fitted on.
+    m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000, val_data_dir=data)
+    assert m["shift"]["reference"]["data_dir"] == str(data)
+    assert json.loads((run / "calibration.json").read_text())["data_dir"] == str(data.resolve())
+    m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
+    assert "shift" not in m  # nothing to compare with (a warning says to pass --val_data_dir)
+    # A reference the run names but that is gone: the evaluation still runs and says why ...
+    summary = json.loads((run / "summary.json").read_text())
+    summary["config"]["data_dir"] = str(root / "gone")
+    (run / "summary.json").write_text(json.dumps(summary))
+    m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
+    assert "does not exist" in m["shift"]["skipped"] and "--val_data_dir" in m["shift"]["skipped"]
+    assert "Not computed: " in (run / "eval" / "test" / "report.md").read_text()
+    # ... while a --val_data_dir the user names must be usable.
+    with pytest.raises(records.DataDirError, match="does not exist"):
+        evaluate.evaluate_run(run, second_site, "test", num_resamples=1000,
+                              val_data_dir=root / "gone")
+
+
+def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures(
+        trained, second_site):
+    from pneumo_tf import calibrate
+
+    root, data, _ = trained
+    run = _run_naming_its_data(trained, "run_site_cal")
+    cal = calibrate.calibrate_site(run, second_site, "site_b", "test", num_resamples=1000)
+    m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000,
+                              calibration_name="site_b")
+    assert m["calibration"] == "site_b" and m["calibration_in_sample"] is True
+    assert m["threshold"] == {"value": pytest.approx(cal["threshold"]), "method": "val_youden",
+                              "source": "site", "applies_to": "probability"}
+    assert m["temperature"] == pytest.approx(cal["temperature"])
+    assert m["cross_validated"] == json.loads(json.dumps(cal["cross_validation"]))
+    # The shift section still judges the site at the val operating point.
+    val_cal = json.loads((run / "calibration.json").read_text())
+    assert m["shift"]["threshold"] == val_cal["threshold"] != m["threshold"]["value"]
+    md = (run / "eval" / "test" / "report.md").read_text()
+    assert "fitted on this very split" in md and "Cross-validated figures of calibration" in md
+    line = evaluate.summary_line(m)
+    pooled = cal["cross_validation"]["pooled"]
+    assert "cross-validated" in line and f"accuracy={pooled['accuracy']:.4f}" in line
+    # On another split the site calibration is not in-sample.
+    other = evaluate.evaluate_run(run, data, "test", num_resamples=1000,
+                                  calibration_name="site_b")
+    assert other["calibration_in_sample"] is False and "cross_validated" not in other
+    assert other["calibration"] == "site_b" and "shift" not in other
+    default = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    assert default["calibration"] == "val" and default["calibration_in_sample"] is False
+
+
+def test_cli_names_a_missing_calibration_of_an_old_run(trained):
+    root, data, run = trained
+    assert not (run / "calibrations").exists()
+    done = subprocess.run([sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}",
+                           f"--data_dir={data}", "--calibration=site_x"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "pneumo_tf.evaluate: error: --calibration=site_x" in done.stderr
+    assert "pneumo_tf.calibrate" in done.stderr

@@ -398,3 +398,37 @@ def test_parity_label_agreement_uses_the_served_decision():
     assert stats["label_agreement"] == 0.5
     assert stats["max_abs_prob_diff"] == pytest.approx(0.0, abs=1e-15)
     assert export._diff_stats(reference, reference, cfg)["label_agreement"] == 1.0
+
+
+def test_export_of_a_calibration_the_run_lacks_is_refused(run_and_data, tmp_path):
+    from pneumo_tf import export, rundir
+
+    run, data = run_and_data
+    with pytest.raises(rundir.RunDirError, match=r"--calibration=site_b: .*site_b.json is missing"):
+        export.export_run(run, ["tflite"], data_dir=data, calibration_name="site_b")
+    assert not (run / "export_site_b").exists()
+    with pytest.raises(ValueError, match="calibration name"):
+        export.export_run(run, ["tflite"], data_dir=data, calibration_name="../x")
+
+
+@pytest.mark.slow
+def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
+    run, data = run_and_data
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export*"))
+    write_calibration(copy)
+    (copy / "calibrations").mkdir()
+    (copy / "calibrations" / "site_b.json").write_text(json.dumps({
+        "temperature": 0.9, "threshold": 0.6, "threshold_method": "val_youden",
+        "threshold_applies_to": "probability", "source": "site"}))
+    done = subprocess.run([sys.executable, "-m", "pneumo_tf.export", f"--run_dir={copy}",
+                           f"--data_dir={data}", "--formats=saved_model", "--parity_count=4",
+                           "--calibration=site_b"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["calibration"] == "site_b"
+    config = json.loads((copy / "export_site_b" / "pneumo_tf_serving.json").read_text())
+    assert (config["calibration"], config["temperature"], config["threshold"]) == (
+        "site_b", 0.9, 0.6)
+    assert (copy / "export_site_b" / "saved_model" / "saved_model.pb").is_file()
+    assert not (copy / "export").exists()

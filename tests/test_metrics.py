@@ -159,3 +159,43 @@ def test_delong_matches_the_direct_structural_components():
     assert got["auc_b"] == pytest.approx(comps[1].mean())
     assert got["se"] == pytest.approx(want_se)
     assert got["p_value"] == pytest.approx(math.erfc(abs(got["z"]) / math.sqrt(2)))
+
+
+def _shifted_sample(rng, n0, n1, separation):
+    labels = np.r_[np.zeros(n0, int), np.ones(n1, int)]
+    return labels, np.clip(rng.normal(0.5 + separation * (labels - 0.5), 0.15), 0, 1)
+
+
+def test_bootstrap_auc_draws_the_resamples_of_bootstrap_ci():
+    labels, probs = _shifted_sample(np.random.default_rng(6), 40, 60, 0.3)
+    aucs = pm.bootstrap_auc(labels, probs, num_resamples=1000, seed=2)
+    assert aucs.shape == (1000,)
+    ci = pm.bootstrap_ci(labels, probs, 0.5, num_resamples=1000, seed=2)
+    assert [np.percentile(aucs, 2.5), np.percentile(aucs, 97.5)] == pytest.approx(ci["roc_auc"])
+
+
+def test_auc_difference_ci_sees_a_real_drop_and_not_a_null_one():
+    rng = np.random.default_rng(7)
+    val = _shifted_sample(rng, 100, 100, 0.5)
+    drop = _shifted_sample(rng, 100, 100, 0.15)
+    same = _shifted_sample(rng, 100, 100, 0.5)
+    d = pm.auc_difference_ci(val, drop, num_resamples=1000, seed=0)
+    expected = skm.roc_auc_score(*drop) - skm.roc_auc_score(*val)
+    assert d["difference"] == pytest.approx(expected) and expected < -0.1
+    assert d["ci95"][0] < d["difference"] < d["ci95"][1] < 0  # the drop is certain
+    null = pm.auc_difference_ci(val, same, num_resamples=1000, seed=0)
+    assert null["ci95"][0] < 0 < null["ci95"][1]
+    assert d == pm.auc_difference_ci(val, drop, num_resamples=1000, seed=0)  # seeded
+
+
+def test_bootstrap_ece_ci_is_the_ece_of_each_resample():
+    labels, probs = _shifted_sample(np.random.default_rng(8), 30, 50, 0.4)
+    lo, hi = pm.bootstrap_ece_ci(labels, probs, num_resamples=1000, seed=4)
+    # By hand: the same draws, each resample's images repeated by their multiplicity.
+    pos, neg, w_pos, w_neg = pm._stratified_draws(labels, 1000, 4)
+    eces = []
+    for r in range(1000):
+        idx = np.r_[np.repeat(pos, w_pos[r].astype(int)), np.repeat(neg, w_neg[r].astype(int))]
+        eces.append(pm.expected_calibration_error(labels[idx], probs[idx]))
+    assert [lo, hi] == pytest.approx([np.percentile(eces, 2.5), np.percentile(eces, 97.5)])
+    assert lo < pm.expected_calibration_error(labels, probs) < hi

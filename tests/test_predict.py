@@ -378,3 +378,109 @@ def test_cli_jsonl_exit_status_and_table(exported_run, good_files, tmp_path):
     out = subprocess.run(base + [f"--model={tmp_path / 'no_model'}", str(good_files[0])],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode != 0 and "--model=" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Site calibrations (--calibration)
+
+SITE_TEMPERATURE, SITE_THRESHOLD = 0.8, 0.3
+
+
+@pytest.fixture(scope="module")
+def site_run(exported_run, tmp_path_factory):
+    """A copy of the exported run with a site calibration, exported with it baked in."""
+    from pneumo_tf import export
+
+    run = tmp_path_factory.mktemp("site") / "run"
+    shutil.copytree(exported_run, run)
+    (run / "calibrations").mkdir()
+    (run / "calibrations" / "site_b.json").write_text(json.dumps({
+        "name": "site_b", "temperature": SITE_TEMPERATURE, "threshold": SITE_THRESHOLD,
+        "threshold_method": "val_youden", "threshold_applies_to": "probability",
+        "source": "site", "split": "test"}))
+    val_export = {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()}
+    export.export_run(run, ["saved_model", "tflite"], parity_count=8, calibration_name="site_b")
+    assert {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()} \
+        == val_export  # the val export stays as it is
+    return run
+
+
+def test_rows_name_the_calibration_val_by_default(exported_run, good_files):
+    from pneumo_tf import predict
+
+    for path in (exported_run, exported_run / "export" / "saved_model",
+                 exported_run / "export" / "model_fp16.tflite"):
+        for rec in predict.predict_paths(predict.load_predictor(path), good_files):
+            assert rec["calibration"] == "val", path
+    # An old export whose serving config predates the key holds calibration.json: "val".
+    config = json.loads((exported_run / "export" / "pneumo_tf_serving.json").read_text())
+    assert config["calibration"] == "val"
+
+
+def test_a_run_dir_applies_any_of_its_calibrations(site_run, good_files):
+    from pneumo_tf import calibration, predict, rundir
+
+    by_name = {name: list(predict.predict_paths(predict.load_predictor(site_run, name),
+                                                good_files))
+               for name in ("val", "site_b")}
+    site_cut = calibration.calibrated_threshold({"temperature": SITE_TEMPERATURE,
+                                                 "threshold": SITE_THRESHOLD})
+    for val_rec, rec in zip(by_name["val"], by_name["site_b"]):
+        assert rec["calibration"] == "site_b" and val_rec["calibration"] == "val"
+        assert rec["probability"] == val_rec["probability"]
+        assert rec["calibrated_probability"] == pytest.approx(
+            calibration.apply_temperature(rec["probability"], SITE_TEMPERATURE))
+        assert rec["threshold"] == site_cut
+        assert rec["label"] == int(rec["probability"] >= SITE_THRESHOLD)
+    with pytest.raises(rundir.RunDirError, match=r"--calibration=site_c: .*this run has: val, "
+                                                 r"site_b"):
+        predict.load_predictor(site_run, "site_c")
+
+
+def test_export_bakes_the_site_calibration_and_predict_reports_it(site_run, good_files):
+    import tensorflow as tf
+
+    from pneumo_tf import calibration, predict
+
+    out = site_run / "export_site_b"
+    config = json.loads((out / "pneumo_tf_serving.json").read_text())
+    assert config["calibration"] == "site_b" and config["temperature"] == SITE_TEMPERATURE
+    assert json.loads((out / "parity.json").read_text())["calibration"] == "site_b"
+    site_cut = calibration.calibrated_threshold({"temperature": SITE_TEMPERATURE,
+                                                 "threshold": SITE_THRESHOLD})
+    images = np.stack([predict.read_input(str(f), SIZE, "fixed").image for f in good_files])
+    outputs = tf.saved_model.load(str(out / "saved_model")).signatures["preprocessed"](
+        image=tf.constant(images[..., None]))
+    p = outputs["probability"].numpy()
+    np.testing.assert_allclose(outputs["calibrated_probability"].numpy(),
+                               calibration.apply_temperature(p, SITE_TEMPERATURE), atol=1e-6)
+    np.testing.assert_allclose(outputs["threshold"].numpy(), site_cut, atol=1e-7)
+    reference = [r["probability"] for r in predict.predict_paths(
+        predict.load_predictor(site_run, "site_b"), good_files)]
+    for path in (out / "saved_model", out / "model_fp16.tflite"):
+        predictor = predict.load_predictor(path)  # the baked calibration, no flag needed
+        assert predictor.config.calibration == "site_b"
+        recs = list(predict.predict_paths(predictor, good_files))
+        assert [r["calibration"] for r in recs] == ["site_b"] * len(good_files)
+        np.testing.assert_allclose([r["probability"] for r in recs], reference, atol=0.01)
+        assert all(r["threshold"] == site_cut for r in recs)
+        assert predict.load_predictor(path, "site_b").config.calibration == "site_b"
+        with pytest.raises(predict.PredictError, match=r"--calibration=val: .*'site_b' baked in"):
+            predict.load_predictor(path, "val")
+
+
+@pytest.mark.slow
+def test_cli_calibration_flag(site_run, good_files):
+    base = [sys.executable, "-m", "pneumo_tf.predict", str(good_files[0])]
+    out = subprocess.run(base + [f"--model={site_run}", "--calibration=site_b"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[0])["calibration"] == "site_b"
+    out = subprocess.run(base + [f"--model={site_run / 'export_site_b' / 'saved_model'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["calibration"] == "site_b"
+    out = subprocess.run(base + [f"--model={site_run / 'export_site_b' / 'saved_model'}",
+                                 "--calibration=val"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "pneumo_tf.predict: error: --calibration=val" in out.stderr

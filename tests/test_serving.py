@@ -133,3 +133,21 @@ def test_saved_model_outputs_label_is_calibrated_probability_at_threshold(
     # Values within one float32 step of the threshold were tested, not just far ones.
     gap = np.abs(out["calibrated_probability"] - out["threshold"])
     assert gap.min() <= np.spacing(np.float32(cfg.calibrated_threshold()))
+
+
+def test_serving_config_names_its_calibration_and_old_configs_read_as_val(tmp_path):
+    site = serving.ServingConfig(32, "fixed", temperature=0.8, threshold=0.3, calibrated=True,
+                                 calibration="site_b")
+    obj = json.loads(json.dumps(site.to_json()))
+    assert obj["calibration"] == "site_b" and serving.ServingConfig.from_json(obj) == site
+    # Written before the key existed: it held calibration.json, or nothing when uncalibrated.
+    old = {k: v for k, v in obj.items() if k != "calibration"}
+    assert serving.ServingConfig.from_json(old).calibration == "val"
+    assert serving.ServingConfig.from_json({**old, "calibrated": False}).calibration == "none"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_manifest.json").write_text(json.dumps({"image_size": 32, "crop": "fixed"}))
+    cal = serving.calibration_from_json({"temperature": 0.8, "threshold": 0.3}, "c.json")
+    assert serving.serving_config_for_run(run, cal).calibration == "val"
+    assert serving.serving_config_for_run(run, cal, "site_b").calibration == "site_b"
+    assert serving.serving_config_for_run(run, None).calibration == "none"
