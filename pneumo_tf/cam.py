@@ -19,7 +19,7 @@ not renormalised, so where members look at different places the map is fainter) 
 ensemble's probability, the mean of the members'. With ``cam_class="predicted"`` every member
 explains the class the ensemble predicts.
 
-Pictures: :func:`overlay_cam` (JET heat map over the image the model saw), :func:`overlay_grid`.
+Pictures: :func:`overlay_cam` (JET heat map over the image the model saw), :func:`grid_figure`.
 Attention statistics: the share of the positive CAM mass inside the lung region
 (:func:`lung_mass_share`) and the pointing game (:func:`pointing_hit`: does the CAM peak fall
 inside a lesion?), summarised per TP/FP/FN/TN group by :func:`summarise_attention`. An image
@@ -263,21 +263,60 @@ def overlay_cam(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.nda
     return cv2.cvtColor(cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0), cv2.COLOR_BGR2RGB)
 
 
-def overlay_grid(tiles: list[np.ndarray], captions: list[str], columns: int = 8,
-                 tile_size: int = 160) -> np.ndarray:
-    """Tiles ``[S, S, 3]`` RGB in a grid with a caption strip under each; ``[H, W, 3]`` uint8."""
-    cols = max(1, min(columns, len(tiles)))
-    rows = -(-len(tiles) // cols)
-    cap_h = 18
-    grid = np.full((rows * (tile_size + cap_h), cols * tile_size, 3), 255, np.uint8)
-    for i, (tile, caption) in enumerate(zip(tiles, captions)):
-        r, c = divmod(i, cols)
-        y, x = r * (tile_size + cap_h), c * tile_size
-        grid[y:y + tile_size, x:x + tile_size] = cv2.resize(
-            tile, (tile_size, tile_size), interpolation=cv2.INTER_LINEAR)
-        cv2.putText(grid, caption, (x + 3, y + tile_size + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    return grid
+GROUP_MEANING = {"TP": "true positives: PNEUMONIA called PNEUMONIA",
+                 "FP": "false positives: NORMAL called PNEUMONIA",
+                 "FN": "false negatives: PNEUMONIA called NORMAL",
+                 "TN": "true negatives: NORMAL called NORMAL"}
+
+
+def grid_columns(n: int, max_columns: int = 8) -> int:
+    """Columns for ``n`` tiles: the most (up to ``max_columns``) that leave no empty cell, or
+    ``max_columns`` when no such count gives at least 4 columns (the spare cells are removed)."""
+    for cols in range(min(max_columns, n), 3, -1):
+        if n % cols == 0:
+            return cols
+    return max(1, min(max_columns, n))
+
+
+def grid_figure(tiles: list[np.ndarray], captions: list[str], title: str,
+                max_columns: int = 8):
+    """Overlay tiles ``[S, S, 3]`` RGB in a grid: a caption over each tile, space between
+    tiles, no empty cells, the title on top and a colour bar of the Grad-CAM intensity.
+
+    Returns:
+        A matplotlib ``Figure`` (see :func:`pneumo_tf.report.figure_png` for its PNG).
+    """
+    from matplotlib import cm as mpl_cm
+    from matplotlib import colors
+
+    from pneumo_tf import report  # selects the Agg backend
+
+    n = max(1, len(tiles))
+    cols = grid_columns(n, max_columns)
+    rows = -(-n // cols)
+    fig, axes = report.plt.subplots(rows, cols, figsize=(1.9 * cols + 1.0, 2.15 * rows + 0.9),
+                                    squeeze=False)
+    for ax in axes.flat[len(tiles):]:
+        fig.delaxes(ax)
+    for ax, tile, caption in zip(axes.flat, tiles, captions):
+        ax.imshow(tile)
+        ax.set_title(caption, fontsize=7)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.75 / (2.15 * rows + 0.9), bottom=0.02,
+                        wspace=0.08, hspace=0.3)
+    bar_ax = fig.add_axes([0.92, 0.15, 0.015, 0.7])
+    fig.colorbar(mpl_cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet"), cax=bar_ax,
+                 label="Grad-CAM intensity (per image, 0-1)")
+    return fig
+
+
+def tile_caption(path: str, probability: float, max_chars: int = 22) -> str:
+    """``person12_bacteria_4\np = 0.973``: the file's name (shortened) and its probability."""
+    stem = Path(path).stem
+    if len(stem) > max_chars:
+        stem = stem[: max_chars - 3] + "..."
+    return f"{stem}\np = {probability:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,13 +429,28 @@ def select_balanced(groups: list[str], num_images: int, seed: int) -> np.ndarray
     return np.array(sorted(chosen), dtype=np.int64)
 
 
+# The share of the CAM mass inside the lung region, named for the region it was measured in:
+# the phantoms' lung masks, or on real films the adaptive lung *box* (which also holds the heart
+# and mediastinum, so it overstates how much of the map is on lung tissue).
+SHARE_KEYS = {"phantom_masks": "lung_mask_share", "adaptive_box": "lung_box_share"}
+
+
 def summarise_attention(entries: list[dict]) -> dict:
-    """Per-group and overall statistics of per-image ``cam_stats.json`` entries."""
+    """Per-group and overall statistics of per-image ``cam_stats.json`` entries.
+
+    Each entry holds its share under its region's name (:data:`SHARE_KEYS`); the summary gives
+    ``<name>_mean`` for every name present and counts empty maps (NaN shares) in
+    ``empty_cams``.
+    """
 
     def stats(items):
-        shares = [e["lung_share"] for e in items if np.isfinite(e["lung_share"])]
-        out = {"n": len(items), "lung_share_mean": float(np.mean(shares)) if shares else None,
-               "empty_cams": len(items) - len(shares)}
+        out = {"n": len(items), "empty_cams": 0}
+        for key in SHARE_KEYS.values():
+            values = [e[key] for e in items if key in e]
+            finite = [v for v in values if np.isfinite(v)]
+            if values:
+                out[f"{key}_mean"] = float(np.mean(finite)) if finite else None
+                out["empty_cams"] += len(values) - len(finite)
         pts = [e for e in items if e.get("pointing_hit") is not None]
         if pts:
             out["pointing_n"] = len(pts)  # empty maps included, as misses

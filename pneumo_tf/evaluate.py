@@ -120,7 +120,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     metrics.update(_calibration_entries(run_dir, calibration_name, data_dir, split))
     figures = report.make_figures(labels, probs, calibrated, point["threshold"],
                                   metrics["confusion_matrix"],
-                                  report.read_history(rundir.RunPaths(run_dir).history))
+                                  report.read_history(rundir.RunPaths(run_dir).history),
+                                  split=split)
     if reference is not None:
         val_point = calibration.operating_point(run_dir, val_dir, None, model, batch_size)
         metrics["shift"], shift_figures = _shift_section(

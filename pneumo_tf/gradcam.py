@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 
-import cv2
 import numpy as np
 from absl import flags
 
@@ -54,24 +53,32 @@ def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
     return np.concatenate(cams), np.concatenate(probs)
 
 
-def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]]
-                    ) -> None:
-    """One overlay grid PNG per group in ``R/gradcam`` and every tile in ``R/tb/gradcam``."""
+def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]],
+                    context: dict) -> None:
+    """One overlay grid per group: ``R/gradcam/<group>.png`` and one image each in
+    ``R/tb/gradcam`` (a handful of tags, not one per tile)."""
     import tensorflow as tf
+
+    from pneumo_tf import report
 
     paths.gradcam.mkdir(parents=True, exist_ok=True)
     writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
     with writer.as_default(step=0):
         for g in cam.GROUPS:
-            for n, (tile, entry) in enumerate(tiles[g]):
-                tf.summary.image(f"{g}/{n:03d}_p{entry['probability']:.3f}", tile[np.newaxis])
+            if not tiles[g]:
+                continue
+            title = (f"Grad-CAM {g} ({cam.GROUP_MEANING[g]}), {context['split']} split, "
+                     f"{len(tiles[g])} images\nthreshold {context['threshold']:.3f} on the raw "
+                     f"probability (calibration '{context['calibration']}'), explaining "
+                     f"{context['cam_class']}")
+            fig = cam.grid_figure([t for t, _ in tiles[g]],
+                                  [cam.tile_caption(e["path"], e["probability"])
+                                   for _, e in tiles[g]], title)
+            png = report.figure_png(fig)
+            atomic_files.write_bytes_atomic(paths.gradcam / f"{g}.png", png)
+            tf.summary.image(f"gradcam/{g}", tf.io.decode_png(png, channels=4)[tf.newaxis])
     writer.flush()
     writer.close()
-    for g in cam.GROUPS:
-        if tiles[g]:
-            grid = cam.overlay_grid([t for t, _ in tiles[g]],
-                                    [f"p={e['probability']:.3f}" for _, e in tiles[g]])
-            cv2.imwrite(str(paths.gradcam / f"{g}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
 def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
@@ -120,12 +127,13 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                                     boxes.get(rec_path, (0, size, 0, size)), source_root)
         entry = {"path": rec_path, "label": int(pred["label"][i]), "group": groups[i],
                  "probability": float(probs[k]),
-                 "lung_share": cam.lung_mass_share(cams[k], regions["lung"]),
+                 cam.SHARE_KEYS[regions["source"]]: cam.lung_mass_share(cams[k], regions["lung"]),
                  "region_source": regions["source"]}
         entry.update(cam.pointing_entry(cams[k], regions["lesion"]))
         entries.append(entry)
         tiles[groups[i]].append((cam.overlay_cam(images[k, ..., 0], cams[k]), entry))
-    _write_pictures(paths, tiles)
+    _write_pictures(paths, tiles, {"split": split, "threshold": threshold,
+                                   "calibration": calibration_name, "cam_class": cam_class})
 
     sources = sorted({e["region_source"] for e in entries})
     stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
@@ -145,8 +153,10 @@ def main(argv):
                         NUM_IMAGES.value, LAYER.value, RUN.batch_size.value, RUN.seed.value,
                         CAM_CLASS.value, calibration_name=CALIBRATION.value)
     overall = stats["groups"]["all"]
-    line = (f"{stats['num_images']} images, layer {stats['layer']}: lung share "
-            f"{overall['lung_share_mean']}")
+    shares = ", ".join(f"{key.replace('_', ' ')} {overall[key + '_mean']:.2f}"
+                       for key in cam.SHARE_KEYS.values()
+                       if overall.get(key + "_mean") is not None)
+    line = f"{stats['num_images']} images, layer {stats['layer']}: {shares or 'no shares'}"
     if "pointing_hit_rate" in overall:
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "

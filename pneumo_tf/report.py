@@ -31,32 +31,61 @@ CURVE_METRICS = (("accuracy", "accuracy"), ("loss", "loss"), ("auc", "ROC AUC"),
                  ("recall", "recall (sensitivity)"))
 
 
-def roc_figure(labels, probs) -> Figure:
-    """ROC curve with the AUC in the legend."""
+def _split_title(name: str, split: str, labels) -> str:
+    return f"{name}: {split} split (n = {len(labels)})"
+
+
+def _operating_point(labels, probs, threshold: float) -> dict[str, float]:
+    """Sensitivity, 1 - specificity and precision of ``probs >= threshold``."""
+    labels, pred = np.asarray(labels), np.asarray(probs) >= threshold
+    tp = float(np.sum(pred & (labels == 1)))
+    fp = float(np.sum(pred & (labels == 0)))
+    return {"tpr": tp / max(1, int(np.sum(labels == 1))),
+            "fpr": fp / max(1, int(np.sum(labels == 0))),
+            "precision": tp / (tp + fp) if tp + fp else 1.0}
+
+
+def roc_figure(labels, probs, threshold: float | None = None, split: str = "evaluated"
+               ) -> Figure:
+    """ROC curve with the AUC in the legend, titled with the split and n, and the operating
+    point (``probs >= threshold``) marked."""
     fpr, tpr, _ = skm.roc_curve(labels, probs)
     auc = skm.roc_auc_score(labels, probs)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
     ax.plot(fpr, tpr, lw=2, label=f"model (AUC = {auc:.3f})")
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="chance (AUC = 0.5)")
+    if threshold is not None:
+        op = _operating_point(labels, probs, threshold)
+        ax.plot(op["fpr"], op["tpr"], "o", ms=9, mfc="none", mew=2, color="C3",
+                label=f"threshold {threshold:.3f}: sens {op['tpr']:.2f}, spec "
+                      f"{1 - op['fpr']:.2f}")
     ax.set(xlabel="1 - specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)",
-           title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+           title=_split_title("ROC curve", split, labels), xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def pr_figure(labels, probs) -> Figure:
-    """Precision-recall curve with the average precision in the legend."""
+def pr_figure(labels, probs, threshold: float | None = None, split: str = "evaluated"
+              ) -> Figure:
+    """Precision-recall curve with the average precision in the legend, titled with the split
+    and n, and the operating point marked."""
     precision, recall, _ = skm.precision_recall_curve(labels, probs)
     ap = skm.average_precision_score(labels, probs)
     prevalence = float(np.mean(labels))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
     ax.step(recall, precision, where="post", lw=2, label=f"model (AP = {ap:.3f})")
     ax.axhline(prevalence, ls="--", color="gray", lw=1, label=f"chance (AP = {prevalence:.3f})")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve",
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower left")
+    if threshold is not None:
+        op = _operating_point(labels, probs, threshold)
+        ax.plot(op["tpr"], op["precision"], "o", ms=9, mfc="none", mew=2, color="C3",
+                label=f"threshold {threshold:.3f}: recall {op['tpr']:.2f}, precision "
+                      f"{op['precision']:.2f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision",
+           title=_split_title("Precision-recall curve", split, labels), xlim=(0, 1),
+           ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -79,20 +108,34 @@ def confusion_figure(confusion: dict, threshold: float) -> Figure:
     return fig
 
 
-def reliability_figure(labels, probs, calibrated,
-                       num_bins: int = pmetrics.ECE_BINS) -> Figure:
-    """Reliability diagram before and after temperature scaling (ECE in the legend)."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+def reliability_figure(labels, probs, calibrated, num_bins: int = pmetrics.ECE_BINS,
+                       split: str = "evaluated") -> Figure:
+    """Reliability diagram before and after temperature scaling.
+
+    Marker area follows each bin's image count (a sparse bin's zig-zag is then seen to weigh
+    little, as it does in the ECE) and the busier curve's counts are written beside its
+    markers; the legend (with each curve's ECE) sits below the axes, over no data.
+    """
+    fig, ax = plt.subplots(figsize=(5.0, 5.6))
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
-    for p, name, marker in ((probs, "before", "o"), (calibrated, "after temperature", "s")):
+    n = max(1, len(labels))
+    for p, name, color in ((probs, "before", "C0"), (calibrated, "after temperature", "C1")):
         curve = pmetrics.reliability_curve(labels, p, num_bins)
         ece = pmetrics.expected_calibration_error(labels, p, num_bins)
         used = curve["count"] > 0
-        ax.plot(curve["confidence"][used], curve["frequency"][used], marker=marker,
-                label=f"{name} (ECE = {ece:.3f})")
+        x, y, count = curve["confidence"][used], curve["frequency"][used], curve["count"][used]
+        ax.plot(x, y, "-", color=color, lw=1, alpha=0.6)
+        ax.scatter(x, y, s=20 + 400 * count / n, color=color, alpha=0.7, edgecolors="k",
+                   linewidths=0.5, label=f"{name} (ECE = {ece:.3f})")
+        if name == "before":
+            for xi, yi, c in zip(x, y, count):
+                ax.annotate(str(int(c)), (xi, yi), textcoords="offset points", xytext=(6, -10),
+                            fontsize=7, color=color)
     ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="observed fraction of PNEUMONIA",
-           title="Reliability diagram", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
+           title=_split_title("Reliability diagram", split, labels) + "\n(marker area: images "
+           "in the bin; numbers: count before)", xlim=(0, 1), ylim=(0, 1.02))
+    ax.title.set_fontsize(9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -212,7 +255,7 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 
 def make_figures(labels, probs, calibrated, threshold: float, confusion: dict,
-                 history: dict | None) -> dict[str, bytes]:
+                 history: dict | None, split: str = "evaluated") -> dict[str, bytes]:
     """All report figures as ``{name: PNG bytes}`` (name = file stem, e.g. ``roc``).
 
     ROC/PR need both classes; they are skipped for a single-class split.
@@ -220,10 +263,10 @@ def make_figures(labels, probs, calibrated, threshold: float, confusion: dict,
     labels = np.asarray(labels)
     figs = {}
     if labels.min() != labels.max():
-        figs["roc"] = roc_figure(labels, probs)
-        figs["pr"] = pr_figure(labels, probs)
+        figs["roc"] = roc_figure(labels, probs, threshold, split)
+        figs["pr"] = pr_figure(labels, probs, threshold, split)
     figs["confusion_matrix"] = confusion_figure(confusion, threshold)
-    figs["reliability"] = reliability_figure(labels, probs, calibrated)
+    figs["reliability"] = reliability_figure(labels, probs, calibrated, split=split)
     figs["probability_histogram"] = histogram_figure(labels, probs, threshold)
     curves = training_curves_figure(history or {})
     if curves is not None:
@@ -359,8 +402,10 @@ def _header(metrics: dict, context: dict) -> list[str]:
     ]
     name = metrics.get("calibration", "val")
     if name == "val":
+        where = ("this same split, so the figures at it are optimistic"
+                 if context["split"] == "val" else "never on the evaluated split")
         lines.append(f"- threshold {thr['value']:.4f} chosen by `{thr['method']}` on "
-                     f"`{thr['source']}` (never on the evaluated split); temperature "
+                     f"`{thr['source']}` ({where}); temperature "
                      f"{context.get('temperature', 1.0):.3f} fitted on `val`")
     else:
         lines.append(f"- calibration `{name}`: threshold {thr['value']:.4f} chosen by "
@@ -373,9 +418,6 @@ def _header(metrics: dict, context: dict) -> list[str]:
     if ci:
         lines.append(f"- 95 % CIs: stratified percentile bootstrap, {ci.get('num_resamples')} "
                      f"resamples, seed {ci.get('seed')}")
-    if context["split"] == "val" and name == "val":
-        lines.append("- note: this is the validation split, on which the threshold and "
-                     "temperature were fitted; its numbers are optimistic")
     return lines
 
 

@@ -144,8 +144,8 @@ def test_pointing_game_counts_empty_maps_as_misses():
     assert pcam.pointing_entry(hit, None) == {}
     assert pcam.pointing_entry(hit, np.zeros_like(lesion)) == {}
     # Two hits and two empty maps: 2/4, not 2/2.
-    entries = [{"group": "TP", "lung_share": 0.5, **pcam.pointing_entry(hit, lesion)}] * 2
-    miss = {"group": "FN", "lung_share": float("nan"), **pcam.pointing_entry(empty, lesion)}
+    entries = [{"group": "TP", "lung_mask_share": 0.5, **pcam.pointing_entry(hit, lesion)}] * 2
+    miss = {"group": "FN", "lung_mask_share": float("nan"), **pcam.pointing_entry(empty, lesion)}
     entries += [miss] * 2
     stats = pcam.summarise_attention(entries)
     assert stats["all"]["pointing_n"] == 4 and stats["all"]["pointing_hit_rate"] == 0.5
