@@ -84,7 +84,8 @@ def test_youden_threshold_hand_case():
     assert cal.choose_threshold(labels, probs, "0.5") == 0.5
 
 
-@pytest.mark.parametrize("bad", ["youden", "val_sensitivity:1.5", "2", "val_sensitivity:x"])
+@pytest.mark.parametrize("bad", ["youden", "val_sensitivity:1.5", "2", "val_sensitivity:x",
+                                 "calibrated:1.0", "val_prevalence:0", "calibrated"])
 def test_bad_threshold_method_names_the_flag(bad):
     with pytest.raises(ValueError, match="--threshold"):
         cal.parse_threshold_method(bad)
@@ -165,7 +166,8 @@ def test_calibrate_run_reads_val_only(tmp_path):
     assert second["threshold"] == first["threshold"]
     assert second["temperature"] == first["temperature"]
     stored = json.loads((run / "calibration.json").read_text())
-    assert stored["source"] == "val" and stored["threshold_method"] == "val_youden"
+    assert stored["source"] == "val"
+    assert stored["threshold_method"] == cal.DEFAULT_THRESHOLD_METHOD
     assert stored["n_val"] == 12
     assert rundir.read_calibration(run)["threshold"] == first["threshold"]
 
@@ -196,3 +198,37 @@ def test_operating_point_of_a_named_calibration_is_used_as_stored(tmp_path):
         cal.operating_point(tmp_path / "run", None, "0.5", calibration_name="b")
     with pytest.raises(rundir.RunDirError, match="--calibration=c"):
         cal.operating_point(tmp_path / "run", None, calibration_name="c")
+
+
+def test_calibrated_cut_maps_back_through_the_temperature():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([0.1, 0.6, 0.4, 0.9])
+    assert cal.parse_threshold_method("calibrated:0.5") == ("calibrated", 0.5)
+    for t in (0.5, 1.0, 3.0):
+        assert cal.choose_threshold(labels, probs, "calibrated:0.5", t) == pytest.approx(0.5)
+        raw = cal.choose_threshold(labels, probs, "calibrated:0.7", t)
+        assert cal.apply_temperature(np.float64(raw), t) == pytest.approx(0.7)
+    # calibrate_predictions stores the raw cut and the calibrated one it came from.
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.7).astype(int)
+    p = np.clip(1 / (1 + np.exp(-(3 * (y - 0.5) + rng.normal(0, 1.5, 400)))), 1e-4, 1 - 1e-4)
+    out = cal.calibrate_predictions(y, p, "calibrated:0.6")
+    assert out["calibrated_threshold"] == pytest.approx(0.6)
+    assert out["threshold_method"] == "calibrated:0.6"
+
+
+def test_prevalence_cut_is_bayes_rule_for_the_sites_prevalence():
+    # Scores whose true log-odds at the val prevalence are a * logit + b (Platt's model).
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 20000)
+    a, b = 1.5, 0.8
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-(a * z + b)))).astype(int)
+    probs = 1 / (1 + np.exp(-z))
+    prev = y.mean()
+    for q in (0.5, 0.2):
+        want_z = -(b + np.log(q / (1 - q)) - np.log(prev / (1 - prev))) / a
+        got = cal.choose_threshold(y, probs, f"val_prevalence:{q}")
+        assert np.log(got / (1 - got)) == pytest.approx(want_z, abs=0.08)
+    # A lower site prevalence asks for more evidence: a higher cut.
+    assert cal.choose_threshold(y, probs, "val_prevalence:0.2") > \
+        cal.choose_threshold(y, probs, "val_prevalence:0.5")
