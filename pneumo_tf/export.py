@@ -363,6 +363,11 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         raise ExportError(f"--formats={','.join(formats)}: unknown or empty; choose from "
                           f"{','.join(EXPORT_FORMATS)}")
     paths = rundir.RunPaths(run_dir)
+    if not paths.model.is_file():
+        raise ExportError(
+            f"{paths.model} is missing: {run_dir} has not finished training (or is not a run "
+            f"directory). Finish it first: `python -m pneumo_tf.train --run_dir={run_dir} "
+            f"--flagfile={paths.flags}` resumes it from its backup")
     out = paths.export_dir(calibration_name)
     calibration = calibration_for_export(run_dir, data_dir, calibration_name)
     cfg = serving.serving_config_for_run(run_dir, calibration, calibration_name)

@@ -432,3 +432,16 @@ def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
         "site_b", 0.9, 0.6)
     assert (copy / "export_site_b" / "saved_model" / "saved_model.pb").is_file()
     assert not (copy / "export").exists()
+
+
+def test_exporting_an_unfinished_run_says_to_finish_training(run_and_data, tmp_path):
+    from pneumo_tf import export
+
+    run, _ = run_and_data
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns(
+        "model.keras", "calibration.json", "export"))
+    with pytest.raises(export.ExportError) as e:
+        export.export_run(unfinished, ["tflite"])
+    assert "has not finished training" in str(e.value) and "pneumo_tf.train" in str(e.value)
+    assert "calibration.json" not in str(e.value)

@@ -226,6 +226,22 @@ def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
     atomic_files.write_json_atomic(Path(data_dir) / MANIFEST_NAME, manifest)
 
 
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+
+
+def looks_like_image_folder(folder: Path, max_entries: int = 2000) -> bool:
+    """Whether ``folder`` holds image files or class/split folders (a converter *source*)."""
+    names = {"normal", "pneumonia", "train", "val", "test"}
+    for i, entry in enumerate(folder.rglob("*")):
+        if i >= max_entries:
+            break
+        if entry.is_dir() and entry.name.lower() in names and entry.parent == folder:
+            return True
+        if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False
+
+
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     """Load and sanity-check ``data_dir/manifest.json``.
 
@@ -238,6 +254,11 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise DataDirError(f"data dir {data_dir} does not exist; create it with "
                            f"`tools/make_tfrecords --src=... --out={data_dir}`")
     if not path.is_file():
+        if looks_like_image_folder(data_dir):
+            raise DataDirError(
+                f"{data_dir} holds radiographs, not a converter output (no {MANIFEST_NAME}). "
+                f"Convert it first: `tools/make_tfrecords --src={data_dir} --out=<a new "
+                f"folder>`, then pass that new folder as --data_dir")
         raise DataDirError(f"{path} is missing: {data_dir} is not a finished converter output "
                            f"(an interrupted conversion leaves no manifest). Re-run "
                            f"`tools/make_tfrecords --src=... --out={data_dir}`")

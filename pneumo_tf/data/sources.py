@@ -210,21 +210,27 @@ def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in _IGNORED_FILE_NAMES
 
 
+def _walk(folder: str):
+    """``os.walk`` that follows symlinked folders (a class folder may be a link to elsewhere)
+    and skips hidden entries; a link back into a folder already seen is not entered twice."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        yield dirpath, [f for f in filenames if not _is_ignored(f)]
+
+
 def _visible_files(folder: str) -> list[str]:
     """Absolute paths of the non-hidden files under ``folder`` (recursively), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
-        found.extend(os.path.join(dirpath, f) for f in filenames if not _is_ignored(f))
-    return sorted(found)
+    return sorted(os.path.join(dirpath, f) for dirpath, files in _walk(folder) for f in files)
 
 
 def _has_visible_file(folder: str) -> bool:
-    for _, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not _is_ignored(d)]
-        if any(not _is_ignored(f) for f in filenames):
-            return True
-    return False
+    return any(files for _, files in _walk(folder))
 
 
 def _subfolders(folder: str) -> list[str]:

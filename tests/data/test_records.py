@@ -132,3 +132,17 @@ def test_subtype_counts_and_label_agreement():
     assert records.subtype_counts([]) == {"NORMAL": 0, "BACTERIAL": 0, "VIRAL": 0, "UNKNOWN": 0}
     agree = {(s, y): records.subtype_fits_label(s, y) for s in (-1, 0, 1, 2) for y in (0, 1)}
     assert [k for k, ok in agree.items() if ok] == [(-1, 0), (-1, 1), (0, 0), (1, 1), (2, 1)]
+
+
+def test_an_image_folder_given_as_data_dir_gets_the_convert_command(tmp_path):
+    (tmp_path / "xrays" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "xrays" / "NORMAL" / "a.jpeg").write_bytes(b"\xff\xd8")
+    with pytest.raises(records.DataDirError) as e:
+        records.read_manifest(tmp_path / "xrays")
+    msg = str(e.value)
+    assert "holds radiographs, not a converter output" in msg
+    assert f"--src={tmp_path / 'xrays'} --out=<a new folder>" in msg
+    assert f"--out={tmp_path / 'xrays'}`" not in msg
+    (tmp_path / "half").mkdir()
+    with pytest.raises(records.DataDirError, match="is not a finished converter output"):
+        records.read_manifest(tmp_path / "half")

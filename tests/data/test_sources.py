@@ -350,3 +350,34 @@ def test_md5_table_lists_the_four_pneumoniamnist_files():
     assert all(len(v) == 32 and int(v, 16) >= 0 for v in sources.MEDMNIST_MD5.values())
     assert sources.MEDMNIST_URL_TEMPLATE.format(name="pneumoniamnist_128.npz") == (
         "https://zenodo.org/records/10519652/files/pneumoniamnist_128.npz?download=1")
+
+
+def test_symlinked_class_and_split_folders_are_followed(tmp_path):
+    """A class folder that is a link to elsewhere (src/test/NORMAL -> elsewhere) is listed."""
+    import cv2
+    import numpy as np
+
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (elsewhere / name).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(elsewhere / name / f"person{i}_virus_{i}.png"),
+                        np.full((16, 16), 100, np.uint8))
+    src = tmp_path / "src"
+    (src / "test").mkdir(parents=True)
+    (src / "train").mkdir()
+    for name in ("NORMAL", "PNEUMONIA"):
+        (src / "test" / name).symlink_to(elsewhere / name, target_is_directory=True)
+    (src / "train" / "NORMAL").mkdir()
+    (src / "train" / "NORMAL" / "loop").symlink_to(src / "train", target_is_directory=True)
+    cv2.imwrite(str(src / "train" / "NORMAL" / "IM-0001-0001.png"), np.zeros((16, 16), np.uint8))
+    listing = sources.discover(str(src))
+    by_split = {}
+    for item in listing.items:
+        by_split.setdefault(item.split, []).append(item.key)
+    assert sorted(by_split["test"]) == ["test/NORMAL/person0_virus_0.png",
+                                        "test/NORMAL/person1_virus_1.png",
+                                        "test/PNEUMONIA/person0_virus_0.png",
+                                        "test/PNEUMONIA/person1_virus_1.png"]
+    assert by_split["train"] == ["train/NORMAL/IM-0001-0001.png"]  # the loop is not followed
+    assert "test" not in listing.empty_folders
