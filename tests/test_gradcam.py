@@ -19,8 +19,10 @@ def phantom_run(tmp_path_factory):
     from pneumo_tf.data import convert, phantoms
 
     root = tmp_path_factory.mktemp("gradcam")
+    # Focal (bacterial) lesions only: the pointing game asks whether the map's peak falls on a
+    # compact lesion; a diffuse viral pattern covers most of both lungs.
     phantoms.write_phantom_dataset(root / "src", num_train=200, num_test=40, seed=0,
-                                   min_size=96, max_size=128)
+                                   min_size=96, max_size=128, bacteria_fraction=1.0)
     convert.convert_dataset(root / "src", root / "data", image_size=96, crop="fixed", workers=1,
                             progress=False)
     run = make_run(root / "run", root / "data", epochs=10, learning_rate=2e-3)
@@ -53,8 +55,9 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
         for ev in tf.compat.v1.train.summary_iterator(str(path)):
             tags += [(v.tag, v.metadata.plugin_data.plugin_name) for v in ev.summary.value]
-    assert len(tags) == 40 and all(p == "images" for _, p in tags)
-    assert all(t.split("/")[0] in cam.GROUPS and "_p" in t for t, _ in tags)
+    # One grid image per group (a handful of tags), not one per tile.
+    groups_present = [g for g in cam.GROUPS if stats["groups"][g]["n"]]
+    assert sorted(tags) == sorted((f"gradcam/{g}", "images") for g in groups_present)
 
 
 @pytest.mark.slow

@@ -158,6 +158,10 @@ class PhantomConfig:
     pneumonia_fraction: float = cli.option(
         0.74, "Fraction of PNEUMONIA images per split at site a (Kaggle train: 0.74); site b "
         "uses --site_b_pneumonia_fraction.")
+    bacteria_fraction: float = cli.option(
+        BACTERIA_FRACTION, "Fraction of PNEUMONIA patients with bacterial (focal) pneumonia; the "
+        "rest are viral (diffuse). The Kaggle set has about two bacterial per viral.",
+        lower=0.0, upper=1.0)
     images_per_patient: tuple[int, int] = cli.option(
         (1, 4), "MIN,MAX images per patient (drawn uniformly per patient), e.g. 1,4.")
     jpeg_quality: int = cli.option(JPEG_QUALITY, "JPEG quality of the images, 0-100.")
@@ -667,7 +671,8 @@ class _Item(NamedTuple):
 
 
 def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
-                images_per_patient: tuple[int, int]) -> list[_Item]:
+                images_per_patient: tuple[int, int],
+                bacteria_fraction: float = BACTERIA_FRACTION) -> list[_Item]:
     """Patients and file names for every image, in a fixed order.
 
     Patient numbers are unique over the whole dataset (no patient in two classes or splits).
@@ -683,7 +688,7 @@ def _plan_files(rng: np.random.Generator, counts: dict[str, tuple[int, int]],
             while remaining > 0:
                 patient += 1
                 n = min(int(rng.integers(lo, hi + 1)), remaining)
-                kind = "bacteria" if rng.random() < BACTERIA_FRACTION else "virus"
+                kind = "bacteria" if rng.random() < bacteria_fraction else "virus"
                 for k in range(1, n + 1):
                     image_number += 1
                     if label == 0:
@@ -840,7 +845,8 @@ def write_phantom_dataset(out: str | os.PathLike, config: PhantomConfig | None =
     _prepare_out(out)
     plan_rng = np.random.default_rng(np.random.SeedSequence(
         [config.seed, 0, *_SITE_STREAMS[config.site]]))
-    items = _plan_files(plan_rng, _class_counts(config), config.images_per_patient)
+    items = _plan_files(plan_rng, _class_counts(config), config.images_per_patient,
+                        config.bacteria_fraction)
     for split in SPLIT_NAMES:
         for cls in CLASS_NAMES:
             (out / split / cls).mkdir(parents=True, exist_ok=True)
