@@ -163,9 +163,11 @@ def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
     - ``val_youden``: maximises sensitivity + specificity - 1.
     - ``val_sensitivity:t``: the highest threshold whose sensitivity is at least ``t`` (best
       specificity under that constraint).
-    - ``val_prevalence:q``: Platt scaling on validation (``a * logit + b``, at the validation
-      prevalence), moved to a site whose prevalence is ``q`` (Bayes' rule: the log prior odds
-      change by ``logit(q) - logit(val prevalence)``), cut at 0.5.
+    - ``val_prevalence:q``: the Bayes decision for a site whose prevalence is ``q``: the
+      temperature-calibrated probability (calibrated on validation, at its prevalence ``v``) has
+      its prior odds moved from ``v`` to ``q`` and is cut at 0.5, i.e. the cut
+      ``odds(v) / (odds(v) + odds(q))`` on the calibrated probability (``q = 0.5``: the
+      validation prevalence itself); needs ``temperature``, else fits it.
     - a number: that fixed threshold on the raw probability.
 
     The data-driven cuts lie midway between two neighbouring distinct validation scores, so they
@@ -187,7 +189,11 @@ def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
         raise ValueError(f"threshold method {method!r} needs both classes in the validation "
                          f"split; it has only {pneumo_tf.CLASS_NAMES[labels[0]]}")
     if kind == "val_prevalence":
-        return _prevalence_threshold(labels, probs, value)
+        if temperature is None:
+            temperature = fit_temperature(labels, prob_to_logit(probs))
+        odds_val = np.mean(labels) / (1.0 - np.mean(labels))
+        cut = odds_val / (odds_val + value / (1.0 - value))
+        return float(apply_temperature(np.float64(cut), 1.0 / temperature))
     fpr, tpr, thr = skm.roc_curve(labels, probs, drop_intermediate=False)
     # thr[0] is +inf (nothing positive); candidate k predicts positive for probs >= thr[k].
     if kind == "val_youden":
@@ -198,21 +204,6 @@ def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
     upper = float(thr[k])
     lower = float(thr[k + 1]) if k + 1 < thr.size else 0.0
     return float(np.clip(0.5 * (upper + lower), 0.0, 1.0))
-
-
-def _prevalence_threshold(labels: np.ndarray, probs: np.ndarray, prevalence: float) -> float:
-    """The raw threshold of ``val_prevalence:prevalence`` (see :func:`choose_threshold`)."""
-    from sklearn.linear_model import LogisticRegression
-
-    z = prob_to_logit(probs)[:, None]
-    platt = LogisticRegression(C=1e6, max_iter=1000).fit(z, labels)
-    a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
-    if a <= 0:
-        raise ValueError("val_prevalence: the model's scores do not rise with PNEUMONIA on val "
-                         "(Platt slope <= 0); use another --threshold method")
-    val_prev = float(np.mean(labels))
-    shift = np.log(prevalence / (1 - prevalence)) - np.log(val_prev / (1 - val_prev))
-    return float(1.0 / (1.0 + np.exp((b + shift) / a)))
 
 
 def calibrate_predictions(labels, probs,

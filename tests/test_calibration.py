@@ -218,17 +218,22 @@ def test_calibrated_cut_maps_back_through_the_temperature():
 
 
 def test_prevalence_cut_is_bayes_rule_for_the_sites_prevalence():
-    # Scores whose true log-odds at the val prevalence are a * logit + b (Platt's model).
+    # Scores that temperature T0 calibrates at the val prevalence: P(y=1 | z) = sigmoid(z / T0).
     rng = np.random.default_rng(1)
-    z = rng.normal(0, 2, 20000)
-    a, b = 1.5, 0.8
-    y = (rng.random(z.size) < 1 / (1 + np.exp(-(a * z + b)))).astype(int)
+    t0 = 2.0
+    z = rng.normal(1.5, 3, 20000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z / t0))).astype(int)
     probs = 1 / (1 + np.exp(-z))
     prev = y.mean()
     for q in (0.5, 0.2):
-        want_z = -(b + np.log(q / (1 - q)) - np.log(prev / (1 - prev))) / a
+        # Posterior odds at a site of prevalence q: exp(z / T0) * odds(q) / odds(prev) >= 1.
+        want_z = t0 * (np.log(prev / (1 - prev)) - np.log(q / (1 - q)))
         got = cal.choose_threshold(y, probs, f"val_prevalence:{q}")
-        assert np.log(got / (1 - got)) == pytest.approx(want_z, abs=0.08)
+        assert np.log(got / (1 - got)) == pytest.approx(want_z, abs=0.15)
+    # q = 0.5: the cut on the calibrated probability is the val prevalence itself.
+    t = cal.fit_temperature(y, cal.prob_to_logit(probs))
+    raw = cal.choose_threshold(y, probs, "val_prevalence:0.5", t)
+    assert cal.apply_temperature(np.float64(raw), t) == pytest.approx(prev)
     # A lower site prevalence asks for more evidence: a higher cut.
     assert cal.choose_threshold(y, probs, "val_prevalence:0.2") > \
         cal.choose_threshold(y, probs, "val_prevalence:0.5")
