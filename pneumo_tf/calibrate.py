@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 MIN_PER_CLASS = 20
 WARN_PER_CLASS = 50
 DEFAULT_FOLDS = 5
+# A site calibration exists to move the operating point to the site, so its default threshold
+# is chosen on the site's own labels (Youden's J on the sample; the validation default,
+# calibrated:0.5, would re-fit only the temperature and leave the cut where it was).
+SITE_THRESHOLD_METHOD = "val_youden"
 
 
 class SampleTooSmallError(ValueError):
@@ -182,8 +186,8 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
         data_dir: the site's sample, converted with the run's image size and crop.
         name: the calibration's name (not ``val``: that is ``calibration.json``).
         split: the labelled split of ``data_dir`` to fit on.
-        threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`; None =
-            :data:`pneumo_tf.calibration.DEFAULT_THRESHOLD_METHOD`.
+        threshold_method: see :func:`pneumo_tf.calibration.choose_threshold`, fitted on the
+            site's sample; None = :data:`SITE_THRESHOLD_METHOD`.
         num_folds: requested cross-validation folds (fewer when a class has fewer patients).
         batch_size: images per forward pass.
         num_resamples, seed: of the bootstrap CIs (``seed`` also shuffles the folds).
@@ -197,7 +201,7 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
         rundir.RunDirError, records.DataDirError: unusable run or data dir.
         ValueError: a bad name or threshold method.
     """
-    method = threshold_method or calibration.DEFAULT_THRESHOLD_METHOD
+    method = threshold_method or SITE_THRESHOLD_METHOD
     target = _check_request(run_dir, name, method, num_folds)
     manifest = rundir.check_data_compatible(run_dir, data_dir)
     where = f"split {split!r} of {data_dir}"

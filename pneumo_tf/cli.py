@@ -92,10 +92,12 @@ def calibration_flag() -> flags.FlagHolder:
 def threshold_flag() -> flags.FlagHolder:
     """``--threshold``: how the operating threshold is chosen (evaluate, calibrate)."""
     return _shared("threshold", lambda: flags.DEFINE_string(
-        "threshold", None, "Operating threshold method: val_youden | val_sensitivity:<target, "
-        "e.g. 0.95> | <fixed value, e.g. 0.5>. evaluate: chosen on the val split, default the "
-        "run's stored operating point (another method never rewrites calibration.json); "
-        "calibrate: chosen on the site's sample, default val_youden."))
+        "threshold", None, "Operating threshold method: calibrated:<cut on the calibrated "
+        "probability, e.g. 0.5> | val_youden | val_sensitivity:<target, e.g. 0.95> | "
+        "val_prevalence:<a site's prevalence, e.g. 0.5> | <fixed value on the raw probability>. "
+        "evaluate: chosen on the val split, default the run's stored operating point (another "
+        "method never rewrites calibration.json); calibrate: chosen on the site's sample, "
+        "default val_youden."))
 
 
 def num_resamples_flag() -> flags.FlagHolder:
