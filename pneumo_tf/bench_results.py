@@ -14,7 +14,7 @@ import os
 import platform
 from pathlib import Path
 
-from pneumo_tf import atomic_files
+from pneumo_tf import atomic_files, precision_probe
 
 DEFAULT_DIR = Path("out") / "bench"
 # The CPU features that change what is fast for TensorFlow on a CPU.
@@ -24,14 +24,7 @@ RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx51
 
 def machine(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """``{"cpu", "cpu_flags", "cores", "platform", "tensorflow"}`` of this machine."""
-    info = {}
-    try:
-        with open(cpuinfo_path, encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    info = precision_probe.read_cpuinfo(cpuinfo_path)
     flags = set(info.get("flags", "").split())
     try:
         cores = len(os.sched_getaffinity(0))

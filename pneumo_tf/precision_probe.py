@@ -40,9 +40,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PNEUMO_TF_CACHE") or Path.home() / ".cache" / "pneumo_tf")
 
 
-def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
-    """``{"model": CPU model name, "flags": short hash of its feature flags}``."""
-    info = {}
+def read_cpuinfo(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first CPU's ``key: value`` lines of ``/proc/cpuinfo`` (empty if unreadable)."""
+    info: dict[str, str] = {}
     try:
         with open(cpuinfo_path, encoding="ascii", errors="replace") as f:
             for line in f:
@@ -50,6 +50,12 @@ def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """``{"model": CPU model name, "flags": short hash of its feature flags}``."""
+    info = read_cpuinfo(cpuinfo_path)
     flags = " ".join(sorted(info.get("flags", "").split()))
     return {"model": info.get("model name") or platform.processor() or platform.machine(),
             "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
