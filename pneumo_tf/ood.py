@@ -34,6 +34,8 @@ OOD_JSON = "ood.json"
 OOD_STATS = "ood_stats.npz"
 DEFAULT_LAYER = "dense"
 DEFAULT_VAL_RATE = 0.01
+# predict's refer reason for a feature score above the threshold.
+NOT_A_CHEST_FILM = "not_a_chest_film"
 
 
 @dataclasses.dataclass
@@ -60,6 +62,26 @@ def mahalanobis_scores(features: np.ndarray, means: np.ndarray, precision: np.nd
         dist = np.einsum("nd,de,ne->n", d, precision, d)
         best = dist if best is None else np.minimum(best, dist)
     return best
+
+
+def tf_mahalanobis_scores(features, means: np.ndarray, precision: np.ndarray):
+    """In-graph twin of :func:`mahalanobis_scores`: ``[B, D]`` features -> ``[B]`` float32.
+
+    The fitted constants are baked into the graph (``D * D + K * D`` floats: 66 KB for the
+    128-wide ``dense`` layer). Computed in float32; the host's float64 scores agree to a relative
+    1e-4 or so (tests).
+    """
+    import tensorflow as tf
+
+    x = tf.cast(features, tf.float32)
+    mu = tf.constant(np.asarray(means, np.float32))                      # [K, D]
+    p = tf.constant(np.asarray(precision, np.float32))                   # [D, D]
+    d = x[:, tf.newaxis, :] - mu[tf.newaxis]                             # [B, K, D]
+    # (d P) . d, with P as the right operand of one [B*K, D] x [D, D] product.
+    k, dim = mu.shape
+    flat = tf.reshape(d, [-1, dim])
+    dist = tf.reduce_sum(tf.matmul(flat, p) * flat, axis=-1)
+    return tf.reduce_min(tf.reshape(dist, [-1, k]), axis=-1)
 
 
 def fit_gaussians(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +250,53 @@ def film_orientation_reasons(gray: np.ndarray) -> list[str]:
         return []
     # A dark spine (inverted) or a bright band across the rows (on its side): the stronger wins.
     return ["inverted"] if -vertical >= horizontal else ["on_its_side"]
+
+
+def tf_film_orientation_flags(gray):
+    """In-graph twin of :func:`film_orientation_reasons` for one ``[H, W, 1] uint8`` film.
+
+    TensorFlow's area resize to the 64x64 thumbnail stands in for OpenCV's (float vs fixed
+    point: the band contrasts agree to about 1e-3, so only films within that of a limit can
+    decide differently).
+
+    Returns:
+        ``(inverted, on_its_side)``: two scalar bools, at most one true.
+    """
+    import tensorflow as tf
+
+    s = tf.image.resize(tf.cast(gray, tf.float32), (64, 64), method="area")[..., 0]
+    s = (s - tf.reduce_mean(s)) / (tf.math.reduce_std(s) + 1e-6)
+
+    def band(a):
+        mid = a[16:48]
+        return (tf.reduce_mean(mid[:, 26:38])
+                - 0.5 * (tf.reduce_mean(mid[:, 10:22]) + tf.reduce_mean(mid[:, 42:54])))
+
+    vertical, horizontal = band(s), band(tf.transpose(s))
+    sideways = tf.logical_and(horizontal - vertical > MAX_BAND_RATIO_GAP,
+                              horizontal > MIN_VERTICAL_BAND)
+    flagged = tf.logical_or(vertical < MIN_VERTICAL_BAND, sideways)
+    inverted = -vertical >= horizontal
+    return (tf.logical_and(flagged, inverted),
+            tf.logical_and(flagged, tf.logical_not(inverted)))
+
+
+def in_distribution(score, threshold: float, image_reasons: list[str]) -> bool | None:
+    """The verdict of one image: the feature score at most ``threshold`` and no image-check
+    reason; None when there is no score (a run without ``ood.json``)."""
+    if score is None:
+        return None
+    return bool(score <= threshold) and not image_reasons
+
+
+def refer_reasons(score, threshold: float | None, image_reasons: list[str]) -> list[str]:
+    """``predict``'s reasons from the guard: the image checks' (``inverted``,
+    ``on_its_side``), then :data:`NOT_A_CHEST_FILM` when the feature score is above the
+    threshold."""
+    reasons = list(image_reasons)
+    if score is not None and threshold is not None and score > threshold:
+        reasons.append(NOT_A_CHEST_FILM)
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------
