@@ -121,3 +121,25 @@ def test_verdict_and_refer_reasons():
     assert ood.refer_reasons(6.0, 5.0, ["inverted"]) == ["inverted", ood.NOT_A_CHEST_FILM]
     assert ood.refer_reasons(3.0, 5.0, []) == []
     assert ood.refer_reasons(None, None, ["on_its_side"]) == ["on_its_side"]
+
+
+@pytest.mark.slow
+def test_bench_ood_runs_end_to_end_on_phantoms(phantom_ood_run, tmp_path):
+    run, _, src = phantom_ood_run
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ood"), f"--run_dir={run}",
+                           f"--films={src / 'train'}", f"--external={src / 'test'}",
+                           "--per_kind=3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ood"]["layer"] == "gap" and result["per_kind"] == 3
+    for kind in ("photo", "noise", "text", "blank", "inverted", "rotated_90", "film_unchanged"):
+        entry = result["kinds"][kind]
+        assert entry["n"] == 3 and set(entry) == {"n", "flagged", "flagged_by_features",
+                                                  "flagged_by_image_checks"}, kind
+    assert result["kinds"]["inverted"]["flagged"] == 1.0
+    assert (tmp_path / "out" / "bench").is_dir()
+    bare = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ood"),
+                           f"--run_dir={tmp_path}", "--per_kind=1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0 and "Traceback" not in bare.stderr
