@@ -18,6 +18,14 @@ that calibration was fitted on the very split evaluated, its figures there are i
 ``calibration_in_sample`` is true, ``cross_validated`` holds the calibration's patient-grouped
 cross-validated figures, and the report and the printed line give those instead.
 
+``metrics.json`` also holds ``ood``: the fraction of the split the run's out-of-distribution
+guard flags (feature score only; ``{"skipped": ...}`` without ``ood.json``), and for a
+three-class run (``--task=subtype``) ``subtype``: the 3x3 confusion matrix at the operating
+point (the binary threshold, then the larger of the two pneumonia probabilities), per-class
+precision, recall, F1 and one-vs-rest AUC, macro F1 and bacterial vs viral among pneumonia
+cases, with bootstrap CIs (:func:`pneumo_tf.metrics.subtype_report`), over the images of known
+subtype; the report gains both sections (docs/data_contracts.md).
+
 Another site: when ``--data_dir`` is not the data the run was trained on (its manifest differs
 from ``R/data_manifest.json``), ``metrics.json`` gains ``shift`` and the report a section comparing
 the run's val split (of ``--val_data_dir``, default the run's own data dir: ``summary.json``
