@@ -12,6 +12,11 @@ It holds the run's operating point, which export, predict and Grad-CAM use: eval
 another ``--threshold`` method computes that threshold on val in memory
 (:func:`operating_point`) and never rewrites the file.
 
+A subtype run (``--task=subtype``) adds ``"subtype": {"temperature": 1.3, "n_val": .., "nll_before":
+.., "nll_after": ..}``: one temperature on its three-way softmax logits, fitted on the val images of
+known subtype (:func:`subtype_calibration`). It never changes the subtype decision (the larger
+of the two pneumonia logits stays larger); it makes the class probabilities honest.
+
 ``threshold_applies_to`` says which quantity ``threshold`` was chosen on: the model's raw
 probability (what :func:`calibrate_predictions` writes) or the calibrated probability.
 :func:`raw_threshold` and :func:`calibrated_threshold` are the one place that turns it into a
@@ -125,6 +130,88 @@ def fit_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 1e2) -> 
         else:
             hi = mid
     return float(1.0 / np.exp(0.5 * (lo + hi)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The subtype head: one temperature on the three-way softmax logits
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """``[N, K]`` float64 ``softmax(logits / T)`` (stable for large logits)."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_nll(labels, logits, temperature: float = 1.0) -> float:
+    """Mean negative log likelihood of class ``labels`` under ``softmax(logits / T)``."""
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    z = np.asarray(logits, np.float64) / float(temperature)
+    top = z.max(axis=-1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=-1))
+    return float(np.mean(log_norm - z[np.arange(y.size), y]))
+
+
+def fit_softmax_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 1e2) -> float:
+    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (``[N, K]`` logits).
+
+    As :func:`fit_temperature`: the NLL is convex in ``a = 1/T`` and its derivative
+    ``mean(sum_k softmax(a z)_k z_k - z_y)`` increases, so bisection on ``log a`` finds it.
+    """
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    z = np.asarray(logits, np.float64)
+    if y.size == 0:
+        raise ValueError("cannot fit a temperature on zero images")
+    z_true = z[np.arange(y.size), y]
+
+    def grad(log_a: float) -> float:
+        return float(np.mean((softmax(z, 1.0 / np.exp(log_a)) * z).sum(axis=-1) - z_true))
+
+    lo, hi = np.log(1.0 / max_t), np.log(1.0 / min_t)
+    if grad(lo) >= 0.0:
+        return float(max_t)
+    if grad(hi) <= 0.0:
+        return float(min_t)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if grad(mid) < 0.0 else (lo, mid)
+    return float(1.0 / np.exp(0.5 * (lo + hi)))
+
+
+def subtype_calibration(subtypes, class_logits) -> dict | None:
+    """The subtype temperature fitted on (validation) images of known subtype.
+
+    Args:
+        subtypes: ``[N]`` 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (skipped).
+        class_logits: ``[N, 3]`` the ``class_logits`` layer's outputs.
+
+    Returns:
+        ``calibration.json``'s ``subtype`` entry: ``{"temperature", "n_val", "nll_before",
+        "nll_after"}``; None when no image has a known subtype.
+    """
+    y = np.asarray(subtypes).astype(np.int64).reshape(-1)
+    known = y >= 0
+    if not known.any():
+        return None
+    y, z = y[known], np.asarray(class_logits, np.float64)[known]
+    temperature = fit_softmax_temperature(y, z)
+    return {"temperature": temperature, "n_val": int(y.size), "nll_before": softmax_nll(y, z),
+            "nll_after": softmax_nll(y, z, temperature)}
+
+
+def subtype_temperature(run_dir, data_dir, model, batch_size: int = 64) -> tuple[float, str]:
+    """``(T, where it comes from)``: ``calibration.json``'s ``subtype`` temperature, or one
+    fitted on the ``val`` split in memory (a run calibrated before the entry existed; the file
+    is not rewritten), or 1.0 when val has no image of known subtype."""
+    stored = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
+    if "temperature" in stored:
+        return float(stored["temperature"]), "calibration.json"
+    val = _predict_val(run_dir, data_dir, model, batch_size)
+    fitted = subtype_calibration(val["subtype"], val["class_logits"])
+    if fitted is None:
+        return 1.0, "none: no val image of known subtype"
+    return fitted["temperature"], "fitted on val (in memory)"
 
 
 def parse_threshold_method(method: str) -> tuple[str, float | None]:
@@ -260,6 +347,10 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     parse_threshold_method(threshold_method)  # fail before predicting anything
     pred = _predict_val(run_dir, data_dir, model, batch_size)
     result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
+    subtype = (subtype_calibration(pred["subtype"], pred["class_logits"])
+               if "class_logits" in pred else None)
+    if subtype is not None:
+        result["subtype"] = subtype
     result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
     atomic_files.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
     return result

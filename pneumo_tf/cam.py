@@ -19,6 +19,11 @@ not renormalised, so where members look at different places the map is fainter) 
 ensemble's probability, the mean of the members'. With ``cam_class="predicted"`` every member
 explains the class the ensemble predicts.
 
+A three-class model (``--task=subtype``) has ``class_logits`` ``z`` (NORMAL, BACTERIAL, VIRAL)
+instead of one logit: its PNEUMONIA logit is the log-odds ``logsumexp(z_b, z_v) - z_n``, and
+``cam_class="bacterial"`` / ``"viral"`` explain that class's log-odds against the other two
+(:meth:`CamModel.logits`).
+
 Pictures: :func:`overlay_cam` (JET heat map over the image the model saw), :func:`grid_figure`.
 Attention statistics: the share of the positive CAM mass inside the lung region
 (:func:`lung_mass_share`) and the pointing game (:func:`pointing_hit`: does the CAM peak fall
@@ -39,7 +44,9 @@ from pneumo_tf import preprocess
 from pneumo_tf.data import records
 
 GROUPS = ("TP", "FP", "FN", "TN")
-CAM_CLASSES = ("pneumonia", "predicted")
+CAM_CLASSES = ("pneumonia", "predicted", "bacterial", "viral")
+# The classes only a subtype model (--task=subtype) can explain: each one's log-odds.
+SUBTYPE_CAM_CLASSES = ("bacterial", "viral")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +78,10 @@ class CamModel:
 
     Attributes:
         model: ``keras.Model``: ``[B, S, S, 1]`` images -> ``(features [B, h, w, C], hidden
-            [B, D])``, where ``hidden`` is the input of the final sigmoid ``Dense``.
-        kernel, bias: the final Dense's weights (``logit = hidden @ kernel + bias``).
+            [B, D])``, where ``hidden`` is the input of the final ``Dense`` (the sigmoid
+            ``score``, or a subtype model's ``class_logits``).
+        kernel, bias: that Dense's weights (``logits = hidden @ kernel + bias``).
+        subtype: whether the model has the three-way subtype head.
         layer: name of the feature-map layer.
         image_size: S.
     """
@@ -93,11 +102,8 @@ class CamModel:
             four_d = [lyr.name for lyr in backbone.layers if len(lyr.output.shape) == 4][-5:]
             raise ValueError(f"--layer={layer}: no such layer in the backbone; the last "
                              f"feature-map layers are {', '.join(four_d)}")
-        score = model.layers[-1]
-        if not (isinstance(score, keras.layers.Dense) and score.units == 1
-                and score.activation is keras.activations.sigmoid):
-            raise ValueError(f"the last layer of {model.name} must be Dense(1, sigmoid) "
-                             f"(got {score.__class__.__name__} {score.name})")
+        self.subtype = pmodel.is_subtype_model(model)
+        head, skipped = _head_of(model, self.subtype)
         inner = keras.Model(backbone.inputs,
                             [backbone.get_layer(layer).output, backbone.output],
                             name="backbone_with_cam")
@@ -105,7 +111,7 @@ class CamModel:
         x, features = inputs, None
         # build_model makes a chain: preprocessing -> backbone -> head -> score.
         for lyr in model.layers:
-            if isinstance(lyr, keras.layers.InputLayer) or lyr is score:
+            if isinstance(lyr, keras.layers.InputLayer) or lyr in skipped:
                 continue
             if lyr is backbone:
                 features, x = inner(x)
@@ -114,29 +120,59 @@ class CamModel:
         if features is None:
             raise ValueError(f"could not find the backbone in the layer chain of {model.name}")
         self.model = keras.Model(inputs, [features, x], name="cam_model")
-        self.kernel = score.kernel
-        self.bias = score.bias
+        self.kernel = head.kernel
+        self.bias = head.bias
         self.layer = layer
         self.image_size = int(model.input_shape[1])
-        self._fn = None
+        self._fns = {}
 
     @property
     def members(self) -> list["CamModel"]:
         return [self]
 
-    def logits(self, hidden):
-        """``[B]`` float32 PNEUMONIA logits from the head's hidden activation."""
+    def logits(self, hidden, target: str = "pneumonia"):
+        """``[B]`` float32 log-odds of ``target`` from the head's hidden activation.
+
+        ``pneumonia``: the PNEUMONIA logit of a binary model; for a subtype model (class
+        logits ``z``) ``logsumexp(z_bacterial, z_viral) - z_normal``, whose sigmoid is
+        ``1 - p(NORMAL)``. ``bacterial`` / ``viral`` (subtype models): that class's log-odds
+        against the other two, ``z_c - logsumexp(others)``.
+        """
         import tensorflow as tf
 
         h = tf.cast(hidden, tf.float32)
-        return tf.reshape(tf.matmul(h, tf.cast(self.kernel, tf.float32))
-                          + tf.cast(self.bias, tf.float32), [-1])
+        z = tf.matmul(h, tf.cast(self.kernel, tf.float32)) + tf.cast(self.bias, tf.float32)
+        if not self.subtype:
+            return tf.reshape(z, [-1])
+        normal, bacterial, viral = z[:, 0], z[:, 1], z[:, 2]
+        if target == "bacterial":
+            return bacterial - tf.reduce_logsumexp(tf.stack([normal, viral], -1), -1)
+        if target == "viral":
+            return viral - tf.reduce_logsumexp(tf.stack([normal, bacterial], -1), -1)
+        return tf.reduce_logsumexp(z[:, 1:], -1) - normal
 
-    def function(self):
-        """The traced batched CAM function (built once per CamModel)."""
-        if self._fn is None:
-            self._fn = _trace_cam(self.members, self.image_size, self.model.inputs[0].dtype)
-        return self._fn
+    def function(self, target: str = "pneumonia"):
+        """The traced batched CAM function explaining ``target`` (built once per target)."""
+        if target not in self._fns:
+            self._fns[target] = _trace_cam(self.members, self.image_size,
+                                           self.model.inputs[0].dtype, target)
+        return self._fns[target]
+
+
+def _head_of(model, subtype: bool) -> tuple:
+    """``(final Dense, layers the CAM model leaves out)``: the sigmoid ``score`` of a binary
+    model; a subtype model's ``class_logits`` and what follows it (softmax, ``score``)."""
+    import keras
+
+    if subtype:
+        head = model.get_layer("class_logits")
+        return head, [head, model.get_layer("class_probabilities"), model.layers[-1]]
+    score = model.layers[-1]
+    if not (isinstance(score, keras.layers.Dense) and score.units == 1
+            and score.activation is keras.activations.sigmoid):
+        raise ValueError(f"the last layer of {model.name} must be Dense(1, sigmoid) "
+                         f"(got {score.__class__.__name__} {score.name})")
+    return score, [score]
 
 
 class EnsembleCamModel:
@@ -152,18 +188,21 @@ class EnsembleCamModel:
                  backbone_name: str | None = None):
         self.members = [CamModel(member, layer, backbone_name) for member in members]
         self.layer = ",".join(dict.fromkeys(m.layer for m in self.members))
+        self.subtype = all(m.subtype for m in self.members)
         self.image_size = int(model.input_shape[1])
         self.model = model
-        self._fn = None
+        self._fns = {}
 
-    def function(self):
-        """The traced batched CAM function (built once): mean maps, ensemble probabilities."""
-        if self._fn is None:
-            self._fn = _trace_cam(self.members, self.image_size, self.model.inputs[0].dtype)
-        return self._fn
+    def function(self, target: str = "pneumonia"):
+        """The traced batched CAM function (built once per target): mean maps, ensemble
+        probabilities."""
+        if target not in self._fns:
+            self._fns[target] = _trace_cam(self.members, self.image_size,
+                                           self.model.inputs[0].dtype, target)
+        return self._fns[target]
 
 
-def _trace_cam(members: list[CamModel], size: int, dtype):
+def _trace_cam(members: list[CamModel], size: int, dtype, target: str = "pneumonia"):
     """``cam_fn(images [B, S, S, 1], sign_threshold) -> (cam, cam_lowres, probs)``, traced once
     for any batch size (see :func:`_members_cam`)."""
     import tensorflow as tf
@@ -171,30 +210,35 @@ def _trace_cam(members: list[CamModel], size: int, dtype):
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), dtype),
                                   tf.TensorSpec((), tf.float32)])
     def cam_fn(images, sign_threshold):
-        return _members_cam(members, images, sign_threshold, size)
+        return _members_cam(members, images, sign_threshold, size, target)
 
     return cam_fn
 
 
-def _members_cam(members: list[CamModel], images, sign_threshold, size: int):
+def _members_cam(members: list[CamModel], images, sign_threshold, size: int,
+                 target: str = "pneumonia"):
     """``(cam [B, S, S], cam_lowres [B, h, w], probs [B])`` averaged over ``members`` (one
     member: its own), inside a ``tf.function``; one tape for every member and image.
 
-    The sign of each image's target comes from the members' mean probability, so every member
-    explains the same class; the low-resolution maps are resized to the first member's grid.
+    ``target`` is the log-odds explained (:meth:`CamModel.logits`); ``probs`` is always the
+    PNEUMONIA probability. The sign of each image's target comes from the members' mean
+    probability, so every member explains the same class; the low-resolution maps are resized
+    to the first member's grid.
     """
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         outputs = [m.model(images, training=False) for m in members]
         logits = [m.logits(hidden) for m, (_, hidden) in zip(members, outputs)]
+        explained = logits if target == "pneumonia" else [
+            m.logits(hidden, target) for m, (_, hidden) in zip(members, outputs)]
         probs = tf.add_n([tf.sigmoid(z) for z in logits]) / len(members)
-        # +1: explain PNEUMONIA; -1: explain NORMAL (for images below sign_threshold).
+        # +1: explain the target; -1: explain NORMAL (for images below sign_threshold).
         sign = tf.stop_gradient(tf.where(probs >= sign_threshold, 1.0, -1.0))
-        target = tf.add_n([tf.reduce_sum(sign * z) for z in logits])
+        target_sum = tf.add_n([tf.reduce_sum(sign * z) for z in explained])
     # Images are independent in inference mode, so d(sum)/d(features_b) is image b's own
     # gradient: one tape for the whole batch (and member i's features reach only its logits).
-    grads = tape.gradient(target, [features for features, _ in outputs])
+    grads = tape.gradient(target_sum, [features for features, _ in outputs])
     grid = outputs[0][0].shape[1:3]
     fulls, lows = [], []
     for (features, _), g in zip(outputs, grads):
@@ -226,9 +270,11 @@ def gradcam_batch(cam_model: "CamModel | EnsembleCamModel", images, cam_class: s
     Args:
         cam_model: from :func:`cam_model_for` (``CamModel(model)`` for a single model).
         images: ``[B, S, S, 1]`` uint8, exactly what the model is fed.
-        cam_class: ``pneumonia`` (gradient of the PNEUMONIA logit) or ``predicted`` (of the
-            predicted class's logit: images with probability below ``threshold`` get the
-            NORMAL logit, i.e. minus the PNEUMONIA logit).
+        cam_class: ``pneumonia`` (gradient of the PNEUMONIA logit; a subtype model's
+            pneumonia log-odds), ``predicted`` (of the predicted class's logit: images with
+            probability below ``threshold`` get the NORMAL logit, i.e. minus the PNEUMONIA
+            logit), or for a subtype model ``bacterial`` / ``viral`` (that class's log-odds
+            against the other two, for every image).
         threshold: operating threshold for ``cam_class="predicted"``.
 
     Returns:
@@ -237,8 +283,12 @@ def gradcam_batch(cam_model: "CamModel | EnsembleCamModel", images, cam_class: s
     """
     if cam_class not in CAM_CLASSES:
         raise ValueError(f"--cam_class={cam_class!r}; expected one of {CAM_CLASSES}")
-    sign_threshold = -1.0 if cam_class == "pneumonia" else float(threshold)
-    full, low, probs = cam_model.function()(np.asarray(images), np.float32(sign_threshold))
+    if cam_class in SUBTYPE_CAM_CLASSES and not cam_model.subtype:
+        raise ValueError(f"--cam_class={cam_class} needs a three-class model (trained with "
+                         f"--task=subtype); this one is binary: use pneumonia or predicted")
+    sign_threshold = float(threshold) if cam_class == "predicted" else -1.0
+    target = cam_class if cam_class in SUBTYPE_CAM_CLASSES else "pneumonia"
+    full, low, probs = cam_model.function(target)(np.asarray(images), np.float32(sign_threshold))
     return {"cam": full.numpy(), "cam_lowres": low.numpy(), "probability": probs.numpy()}
 
 

@@ -18,6 +18,14 @@ that calibration was fitted on the very split evaluated, its figures there are i
 ``calibration_in_sample`` is true, ``cross_validated`` holds the calibration's patient-grouped
 cross-validated figures, and the report and the printed line give those instead.
 
+``metrics.json`` also holds ``ood``: the fraction of the split the run's out-of-distribution
+guard flags (feature score only; ``{"skipped": ...}`` without ``ood.json``), and for a
+three-class run (``--task=subtype``) ``subtype``: the 3x3 confusion matrix at the operating
+point (the binary threshold, then the larger of the two pneumonia probabilities), per-class
+precision, recall, F1 and one-vs-rest AUC, macro F1 and bacterial vs viral among pneumonia
+cases, with bootstrap CIs (:func:`pneumo_tf.metrics.subtype_report`), over the images of known
+subtype; the report gains both sections (docs/data_contracts.md).
+
 Another site: when ``--data_dir`` is not the data the run was trained on (its manifest differs
 from ``R/data_manifest.json``), ``metrics.json`` gains ``shift`` and the report a section comparing
 the run's val split (of ``--val_data_dir``, default the run's own data dir: ``summary.json``
@@ -36,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from pneumo_tf import atomic_files, calibration, cli, report, rundir, scoring, shift
+from pneumo_tf import CLASS_NAMES
+from pneumo_tf import atomic_files, calibration, cli, ood, report, rundir, scoring, shift
 from pneumo_tf import metrics as pmetrics
 from pneumo_tf.data import records
 
@@ -55,15 +64,32 @@ VAL_DATA_DIR = flags.DEFINE_string(
 
 def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.ndarray,
                           threshold: float) -> None:
-    """One row per image: path, patient, label, probability, calibrated probability, prediction."""
+    """One row per image: path, patient, label, probability, calibrated probability, prediction;
+    then ``ood_score`` (a run with an OOD guard) and ``subtype``, ``p_normal``,
+    ``p_bacterial``, ``p_viral`` (the model's softmax) and ``predicted_subtype`` (0/1/2 at the
+    operating point; a subtype run)."""
+    from pneumo_tf import calibration as calibration_lib
+
+    extra = (["ood_score"] if "ood_score" in pred else []) + (
+        ["subtype", "p_normal", "p_bacterial", "p_viral", "predicted_subtype"]
+        if "class_logits" in pred else [])
+    if "class_logits" in pred:
+        class_probs = calibration_lib.softmax(pred["class_logits"])
+        decided = pmetrics.subtype_decisions(pred["probability"], class_probs, threshold)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "patient_id", "label", "probability", "calibrated_probability",
-                    "prediction"])
+                    "prediction"] + extra)
         for i in range(pred["label"].size):
             p = float(pred["probability"][i])
-            w.writerow([pred["path"][i], pred["patient_id"][i], int(pred["label"][i]),
-                        f"{p:.6f}", f"{float(calibrated[i]):.6f}", int(p >= threshold)])
+            row = [pred["path"][i], pred["patient_id"][i], int(pred["label"][i]),
+                   f"{p:.6f}", f"{float(calibrated[i]):.6f}", int(p >= threshold)]
+            if "ood_score" in pred:
+                row.append(f"{float(pred['ood_score'][i]):.4f}")
+            if "class_logits" in pred:
+                row += [int(pred["subtype"][i])] + [f"{v:.6f}" for v in class_probs[i]] + [
+                    int(decided[i])]
+            w.writerow(row)
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
@@ -104,9 +130,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         model = rundir.load_model(run_dir)
     point = calibration.operating_point(run_dir, val_dir, threshold_method, model, batch_size,
                                         calibration_name)
+    stats = ood.load_stats(run_dir)
     pred = scoring.predict_split(model, data_dir, split, batch_size,
                                  return_images=reference is not None,
-                                 progress_label=f"evaluate {split}")
+                                 progress_label=f"evaluate {split}", ood_stats=stats)
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
     calibrated = calibration.apply_temperature(probs, point["temperature"])
     threshold_info = {"value": point["threshold"], "method": point["method"],
@@ -118,10 +145,19 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     metrics["calibrated"] = {"brier": pmetrics.ranking_metrics(labels, calibrated)["brier"],
                              "ece": pmetrics.expected_calibration_error(labels, calibrated)}
     metrics.update(_calibration_entries(run_dir, calibration_name, data_dir, split))
+    metrics["ood"] = ood_section(run_dir, pred, stats)
     figures = report.make_figures(labels, probs, calibrated, point["threshold"],
                                   metrics["confusion_matrix"],
                                   report.read_history(rundir.RunPaths(run_dir).history),
                                   split=split)
+    if "class_logits" in pred:
+        temperature = calibration.subtype_temperature(run_dir, val_dir, model, batch_size)
+        metrics["subtype"] = subtype_section(pred, point["threshold"], temperature,
+                                             (num_resamples, seed))
+        if "confusion_matrix" in metrics["subtype"]:
+            figures["subtype_confusion_matrix"] = report.figure_png(
+                report.subtype_confusion_figure(metrics["subtype"]["confusion_matrix"],
+                                                point["threshold"]))
     if reference is not None:
         val_point = calibration.operating_point(run_dir, val_dir, None, model, batch_size)
         metrics["shift"], shift_figures = _shift_section(
@@ -131,6 +167,48 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         figures.update(shift_figures)
     _write_outputs(run_dir, data_dir, metrics, figures, pred, calibrated)
     return metrics
+
+
+def ood_section(run_dir, pred: dict, stats) -> dict:
+    """``metrics.json``'s ``ood``: how much of the evaluated split the run's OOD guard flags.
+
+    The records keep the cropped, resized image only, so the score is the feature score alone:
+    the guard's image checks (inverted, on its side) need the full film and run in ``predict``.
+    A run without ``ood.json``: ``{"skipped": reason}``.
+    """
+    if stats is None:
+        return {"skipped": f"the run has no {ood.OOD_JSON}; fit it with `python -m pneumo_tf.ood "
+                           f"--run_dir={run_dir}`"}
+    flagged = pred["ood_score"] > stats.threshold
+    labels = pred["label"]
+    return {"threshold": stats.threshold, "layer": stats.layer, "n": int(flagged.size),
+            "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+            "flagged_fraction_by_class": {
+                name: float(flagged[labels == c].mean()) if (labels == c).any() else None
+                for c, name in enumerate(CLASS_NAMES)},
+            "score_median": float(np.median(pred["ood_score"])),
+            "checks": "feature score only (the image checks need the full film; predict runs "
+                      "them)"}
+
+
+def subtype_section(pred: dict, threshold: float, temperature: tuple[float, str],
+                    resampling: tuple[int, int]) -> dict:
+    """``metrics.json``'s ``subtype`` (:func:`pneumo_tf.metrics.subtype_report`) plus the
+    subtype temperature (fitted on val) and the NLL it gives on the evaluated split."""
+    section = pmetrics.subtype_report(pred["subtype"], pred["probability"], pred["class_logits"],
+                                      threshold, *resampling)
+    if "skipped" in section:
+        return section
+    known = pred["subtype"] >= 0
+    y, z = pred["subtype"][known], pred["class_logits"][known]
+    t, source = temperature
+    section["decision"] = ("NORMAL below the binary threshold on P(pneumonia); else the larger "
+                           "of the BACTERIAL and VIRAL probabilities")
+    section["threshold"] = float(threshold)
+    section["temperature"] = {"value": t, "source": source,
+                              "nll_before": calibration.softmax_nll(y, z),
+                              "nll_after": calibration.softmax_nll(y, z, t)}
+    return section
 
 
 def _shift_reference(run_dir, data_dir, val_data_dir) -> str | None:
@@ -243,6 +321,13 @@ def summary_line(metrics: dict) -> str:
         line += (f"accuracy={metrics['accuracy']:.4f} sensitivity={metrics['recall']:.4f} "
                  f"specificity={metrics['specificity']:.4f} "
                  f"AUC={metrics['roc_auc']:.4f}{ci(metrics, 'roc_auc')}")
+    sub = metrics.get("subtype") or {}
+    if "macro_f1" in sub:
+        bv = sub["bacterial_vs_viral"]
+        line += f"; subtype macro F1={sub['macro_f1']:.4f}, bacterial vs viral AUC={bv['auc']:.4f}"
+    guard = metrics.get("ood") or {}
+    if "flagged_fraction" in guard:
+        line += f"; OOD flagged {guard['flagged_fraction']:.4f}"
     moved = metrics.get("shift") or {}
     if "difference" in moved:
         diff_ci = moved.get("roc_auc_difference_ci95")

@@ -35,6 +35,26 @@ a client comparing them always finds the label. Temperature scaling is monotone:
 decision ``calibration.json``'s ``threshold`` makes on the raw probability, except for
 probabilities within float32 rounding of the threshold.
 
+A run with an OOD guard (``R/ood.json``, :mod:`pneumo_tf.ood`) adds ``ood_score`` (float32, the
+Mahalanobis score of the guard's feature layer, computed in the graph from the fitted
+constants) and ``in_distribution`` (bool): ``ood_score <= ood.json's threshold`` and, in
+``serving_default`` only, no image check failed (the inverted / on-its-side checks run in the
+graph on the decoded full film, before the crop; the ``preprocessed`` signatures never see the
+full film, so there ``in_distribution`` is the feature score alone). A run without
+``ood.json`` exports without these two outputs (a warning says how to fit the guard).
+A three-class run (``--task=subtype``) adds ``class_probabilities`` (``[N, 3]`` float32, the
+model's softmax over NORMAL, BACTERIAL, VIRAL), ``subtype`` (int64: 0 where ``label`` is 0, else
+1 BACTERIAL or 2 VIRAL, the larger of the two pneumonia probabilities) and
+``subtype_probability`` (float32, that larger one given pneumonia, ``sigmoid(|z_b - z_v| / T_s)``
+with ``calibration.json``'s subtype temperature ``T_s``; defined for every image).
+
+The TFLite models' signature ``serving_default`` (input ``image``, ``[N, S, S, 1] uint8``) gives
+the ``preprocessed`` signature's outputs, all of them (:class:`pneumo_tf.serving.TFLiteRunner`);
+the guard costs them its constants (a 128-wide ``dense`` layer: about 36 KB in the float16
+model, 69 KB in the int8 one, where the whitening matrix stays float32; see BUILD.md).
+``parity.json`` also compares ``ood_score`` (relative), ``in_distribution``, the class
+probabilities and the subtype of every variant with the Keras model's.
+
 In-graph decoding vs the converter (training/serving skew, measured by ``tests/test_export.py``):
 the converter decodes with OpenCV/Pillow (:mod:`pneumo_tf.data.decode`), the graph with
 TensorFlow's libjpeg/libpng. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT
@@ -56,6 +76,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +215,16 @@ def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
             f"--model=<run dir>` (it crops on the host like the converter)")
 
 
-def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike) -> Path:
+def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike,
+                       ood_stats=None) -> Path:
     """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
+
+    Args:
+        model: the float32 Keras model.
+        cfg: the serving facts baked in.
+        out_dir: the SavedModel directory.
+        ood_stats: the run's :class:`pneumo_tf.ood.OodStats` (adds ``ood_score`` and
+            ``in_distribution``), or None.
 
     Raises:
         ExportError: the run's crop has no in-graph implementation (``adaptive``).
@@ -203,26 +232,35 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     import keras
     import tensorflow as tf
 
+    from pneumo_tf import ood, scoring
+
     check_in_graph_crop(cfg)
     s = cfg.image_size
+    core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
+
+    def decode_one(image_bytes):
+        gray = decode.tf_decode_gray(image_bytes, s, cfg.crop)
+        inverted, on_its_side = ood.tf_film_orientation_flags(gray)
+        return (preprocess.tf_preprocess_gray(gray, s, cfg.crop),
+                tf.logical_or(inverted, on_its_side))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
-        batch = tf.map_fn(lambda b: decode.tf_preprocess_bytes(b, s, cfg.crop), images,
-                          fn_output_signature=tf.TensorSpec([s, s, 1], tf.uint8))
-        return serving.saved_model_outputs(model, batch, cfg)
+        batch, flags_ = tf.map_fn(decode_one, images, fn_output_signature=(
+            tf.TensorSpec([s, s, 1], tf.uint8), tf.TensorSpec([], tf.bool)))
+        return serving.saved_model_outputs(core, batch, cfg, ood_stats, flags_)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
     def serve_preprocessed(image):
-        return serving.saved_model_outputs(model, image, cfg)
+        return serving.saved_model_outputs(core, image, cfg, ood_stats)
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
     def serve_preprocessed_float(image):
         return serving.saved_model_outputs(
-            model, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), cfg)
+            core, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), cfg, ood_stats)
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    archive.track(core)
     archive.add_endpoint("serving_default", serve_bytes)
     archive.add_endpoint("preprocessed", serve_preprocessed)
     archive.add_endpoint("preprocessed_float", serve_preprocessed_float)
@@ -236,27 +274,45 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     return out_dir
 
 
-def saved_model_probabilities(saved_model_dir: str | os.PathLike, images: np.ndarray,
-                              batch_size: int = 64) -> np.ndarray:
-    """``[N] float64`` probabilities from the ``preprocessed`` signature of a SavedModel."""
+def saved_model_batch_outputs(saved_model_dir: str | os.PathLike, images: np.ndarray,
+                              batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Every output of the ``preprocessed`` signature of a SavedModel, as numpy arrays."""
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(saved_model_dir)).signatures["preprocessed"]
-    out = [fn(image=tf.constant(images[i:i + batch_size]))["probability"].numpy()
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,), np.float64)
+    parts: dict[str, list] = {}
+    for i in range(0, len(images), batch_size):
+        for key, value in fn(image=tf.constant(images[i:i + batch_size])).items():
+            parts.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def saved_model_probabilities(saved_model_dir: str | os.PathLike, images: np.ndarray,
+                              batch_size: int = 64) -> np.ndarray:
+    """``[N] float64`` probabilities from the ``preprocessed`` signature of a SavedModel."""
+    if len(images) == 0:
+        return np.zeros((0,), np.float64)
+    out = saved_model_batch_outputs(saved_model_dir, images, batch_size)
+    return out["probability"].astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
 # TFLite
 
 
-def convert_tflite(model, variant: str) -> bytes:
+def convert_tflite(model, variant: str, cfg: serving.ServingConfig | None = None,
+                   ood_stats=None) -> bytes:
     """A float32 Keras model -> TFLite flatbuffer bytes.
 
     Args:
+        model: the float32 Keras model.
         variant: ``fp16`` (float16 weights, float compute) or ``int8`` (dynamic-range
             quantisation: int8 weights, activations quantised on the fly, no calibration data).
+        cfg: with it, the flatbuffer's signature ``serving_default`` (input ``image``) gives
+            every output of the SavedModel's ``preprocessed`` signature
+            (:func:`pneumo_tf.serving.saved_model_outputs`, with ``ood_stats`` baked in);
+            without, the model's probability alone.
+        ood_stats: the run's :class:`pneumo_tf.ood.OodStats`, or None.
     """
     import tensorflow as tf
 
@@ -264,13 +320,40 @@ def convert_tflite(model, variant: str) -> bytes:
         raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
     if is_mixed_precision(model):
         raise ExportError("TFLite cannot convert a mixed-precision graph; pass float32_model(model)")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if variant == "fp16":
-        converter.target_spec.supported_types = [tf.float16]
-    # from_keras_model exports a temporary SavedModel and prints every captured variable.
-    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered():
+    # The converter (or the export below) writes a SavedModel and prints every captured variable.
+    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered(), \
+            tempfile.TemporaryDirectory() as tmp:
+        if cfg is None:
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        else:
+            _write_serving_function(model, cfg, ood_stats, Path(tmp) / "serving")
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "serving"))
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
         return converter.convert()
+
+
+def _write_serving_function(model, cfg: serving.ServingConfig, ood_stats, out_dir: Path) -> None:
+    """A SavedModel whose one signature is the ``preprocessed`` one, for the TFLite converter
+    (which freezes the variables of a SavedModel; a bare concrete function would leave them
+    uninitialised)."""
+    import keras
+    import tensorflow as tf
+
+    from pneumo_tf import scoring
+
+    core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
+    s = cfg.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+    def serve(image):
+        return serving.saved_model_outputs(core, image, cfg, ood_stats)
+
+    archive = keras.export.ExportArchive()
+    archive.track(core)
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(str(out_dir), verbose=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +414,50 @@ def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig
             if d.size else 1.0}
 
 
+def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 64) -> dict:
+    """The Keras model's reference outputs for ``[N, S, S, 1] uint8`` images: ``probability``
+    ``[N] float64``, plus ``ood_score`` (float64, :meth:`pneumo_tf.ood.OodStats.scores`) with
+    ``ood_stats`` and ``class_probabilities`` ``[N, 3]`` for a subtype model."""
+    from pneumo_tf import calibration, scoring
+
+    outputs = scoring.make_outputs_fn(model, ood_stats.layer if ood_stats is not None else None)
+    parts: dict[str, list] = {}
+    for i in range(0, len(images), batch_size):
+        out = outputs(images[i:i + batch_size])
+        batch = {"probability": out["probability"].numpy().astype(np.float64)}
+        if ood_stats is not None:
+            batch["ood_score"] = ood_stats.scores(out["features"].numpy())
+        if "class_logits" in out:
+            batch["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dict:
+    """:func:`_diff_stats` of the probability, plus the OOD and subtype outputs' agreement:
+    ``max_rel_ood_score_diff`` and ``in_distribution_agreement`` (at the served threshold), and
+    ``max_abs_class_prob_diff`` and ``subtype_agreement`` (among images labelled PNEUMONIA)."""
+    stats = _diff_stats(np.asarray(got["probability"], np.float64).reshape(-1),
+                        reference["probability"], cfg)
+    if "ood_score" in reference:
+        score, ref = np.asarray(got["ood_score"], np.float64), reference["ood_score"]
+        threshold = cfg.ood_threshold
+        stats["max_rel_ood_score_diff"] = float(np.max(np.abs(score - ref) / np.maximum(ref, 1e-6)))
+        stats["in_distribution_agreement"] = float(np.mean(
+            np.asarray(got["in_distribution"], bool) == (ref <= threshold)))
+    if "class_probabilities" in reference:
+        probs, ref = np.asarray(got["class_probabilities"], np.float64), reference[
+            "class_probabilities"]
+        stats["max_abs_class_prob_diff"] = float(np.max(np.abs(probs - ref)))
+        labelled = np.asarray(got["label"]) == 1
+        ref_subtype = np.where(ref[:, 1] >= ref[:, 2], 1, 2)
+        stats["subtype_agreement"] = float(np.mean(
+            np.asarray(got["subtype"])[labelled] == ref_subtype[labelled])) if labelled.any() \
+            else 1.0
+    return stats
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -357,6 +484,8 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         ExportError: missing calibration without ``data_dir``, adaptive crop with a SavedModel,
             unknown format, or the float16 TFLite model misses its 0.01 tolerance.
     """
+    from pneumo_tf import model as model_lib, ood
+
     formats = list(formats)
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown or not formats:
@@ -375,8 +504,14 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         check_in_graph_crop(cfg)
     run_model = rundir.load_model(run_dir)
     model = float32_model(run_model)
+    cfg.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
+    stats = ood.load_stats(run_dir)
+    if stats is None:
+        log.warning("%s has no %s: the exported models carry no ood_score/in_distribution. Fit "
+                    "the guard with `python -m pneumo_tf.ood --run_dir=%s` and export again",
+                    run_dir, ood.OOD_JSON, run_dir)
     images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
-    reference = keras_probabilities(model, images)
+    reference = keras_outputs(model, images, stats)
     out.mkdir(parents=True, exist_ok=True)
     atomic_files.write_json_atomic(out / serving.SERVING_CONFIG_NAME, cfg.to_json())
     report = {"batch": {"source": source, "count": int(len(images))},
@@ -384,24 +519,12 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
               "reference": "Keras model in float32" + (
                   " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
               "keras_model_bytes": paths.model.stat().st_size,
-              "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {}}
+              "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {},
+              "outputs": {"ood": stats is not None, "subtype": cfg.task == "subtype"}}
     if model is not run_model:
         report["variants"]["keras_run_precision"] = _diff_stats(
-            keras_probabilities(run_model, images), reference, cfg)
-    if "saved_model" in formats:
-        sm_dir = export_saved_model(model, cfg, out / SAVED_MODEL_DIR)
-        report["variants"]["saved_model"] = {
-            "path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
-            **_diff_stats(saved_model_probabilities(sm_dir, images), reference, cfg)}
-        log.info("wrote %s", sm_dir)
-    if "tflite" in formats:
-        for variant, name in TFLITE_VARIANTS.items():
-            flatbuffer = convert_tflite(model, variant)
-            target = atomic_files.write_bytes_atomic(out / name, flatbuffer)
-            probs = serving.TFLiteRunner(target).probabilities(images)
-            report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),
-                                           **_diff_stats(probs, reference, cfg)}
-            log.info("wrote %s (%d bytes)", target, len(flatbuffer))
+            keras_probabilities(run_model, images), reference["probability"], cfg)
+    report["variants"].update(_export_variants(model, cfg, stats, formats, out, (images, reference)))
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
                                         and fp16["max_abs_prob_diff"] <= FP16_MAX_ABS_DIFF)
@@ -411,6 +534,28 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
                           f"{fp16['max_abs_prob_diff']} in probability (> {FP16_MAX_ABS_DIFF}); "
                           f"see {out / PARITY_NAME}. Do not ship {TFLITE_VARIANTS['fp16']}")
     return report
+
+
+def _export_variants(model, cfg: serving.ServingConfig, stats, formats: list[str], out: Path,
+                     parity: tuple[np.ndarray, dict]) -> dict:
+    """Write the SavedModel and the TFLite variants; their parity entries by variant name."""
+    images, reference = parity
+    variants = {}
+    if "saved_model" in formats:
+        sm_dir = export_saved_model(model, cfg, out / SAVED_MODEL_DIR, stats)
+        variants["saved_model"] = {"path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
+                                   **_output_diffs(saved_model_batch_outputs(sm_dir, images),
+                                                   reference, cfg)}
+        log.info("wrote %s", sm_dir)
+    if "tflite" in formats:
+        for variant, name in TFLITE_VARIANTS.items():
+            flatbuffer = convert_tflite(model, variant, cfg, stats)
+            target = atomic_files.write_bytes_atomic(out / name, flatbuffer)
+            got = serving.TFLiteRunner(target).outputs(images)
+            variants[variant] = {"path": name, "bytes": len(flatbuffer),
+                                 **_output_diffs(got, reference, cfg)}
+            log.info("wrote %s (%d bytes)", target, len(flatbuffer))
+    return variants
 
 
 # ---------------------------------------------------------------------------------------------

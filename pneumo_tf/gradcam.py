@@ -11,6 +11,10 @@ operating point of ``--calibration`` (``val``: ``calibration.json``; ``NAME``: a
 calibration from ``pneumo_tf.calibrate``). An ensemble run's maps are the mean of its members'
 maps (:class:`pneumo_tf.cam.EnsembleCamModel`), its probabilities the ensemble's.
 
+``--cam_class`` chooses what is explained: ``pneumonia`` (default), ``predicted``, or for a
+three-class run (``--task=subtype``) ``bacterial`` / ``viral`` (that class's log-odds against
+the other two); the groups stay the binary TP/FP/FN/TN at the operating point.
+
 Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
 the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
 often the CAM peak falls inside a lesion, next to the chance level = lesion area fraction), and
@@ -38,8 +42,10 @@ LAYER = flags.DEFINE_string(
     "Grad-CAM layer (resnet50: conv5_block3_out), else its last 4-D output.")
 CAM_CLASS = flags.DEFINE_enum(
     "cam_class", "pneumonia", cam.CAM_CLASSES,
-    "Explain the PNEUMONIA score for every image, or the predicted class (the NORMAL logit, "
-    "i.e. minus the PNEUMONIA logit, for images predicted NORMAL).")
+    "Explain the PNEUMONIA score for every image (a three-class model's pneumonia log-odds), the "
+    "predicted class (the NORMAL logit, i.e. minus the PNEUMONIA logit, for images predicted "
+    "NORMAL), or for a three-class model (--task=subtype) bacterial | viral: that class's "
+    "log-odds against the other two, for every image.")
 
 
 def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
@@ -104,6 +110,9 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     except rundir.RunDirError:
         backbone_name = None
     cam_model = cam.cam_model_for(model, layer, backbone_name)
+    if cam_class in cam.SUBTYPE_CAM_CLASSES and not cam_model.subtype:
+        raise ValueError(f"--cam_class={cam_class} needs a three-class run (trained with "
+                         f"--task=subtype); {run_dir} is binary: use pneumonia or predicted")
     # The stored operating point, as a raw-probability cut.
     point = calibration.operating_point(run_dir, rundir.own_data_dir(run_dir, data_dir), None,
                                         model, batch_size, calibration_name)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
-from pneumo_tf import CLASS_NAMES
+from pneumo_tf import CLASS_NAMES, SUBTYPE_NAMES
 
 # Keys of the bootstrap intervals in metrics.json (``ci95``). Per-class recall: NORMAL recall is
 # the specificity, PNEUMONIA recall the sensitivity.
@@ -456,4 +456,124 @@ def _difference_table(point_a: dict, point_b: dict, res_a: dict, res_b: dict) ->
         out[key] = {"a": point_a[key], "b": point_b[key],
                     "difference": point_b[key] - point_a[key],
                     "ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The three-class task (NORMAL / BACTERIAL / VIRAL): the operating point, the report section
+
+
+def subtype_decisions(probs, class_probs, threshold: float) -> np.ndarray:
+    """``[N]`` predicted class at the operating point: 0 (NORMAL) where the pneumonia
+    probability is below ``threshold`` (the binary decision, unchanged), else 1 (BACTERIAL) or
+    2 (VIRAL), whichever of the two pneumonia probabilities is larger (a tie: BACTERIAL).
+
+    Args:
+        probs: ``[N]`` P(PNEUMONIA) (``1 - p(NORMAL)``), the scale ``threshold`` applies to.
+        class_probs: ``[N, 3]`` probabilities or logits (only the order of columns 1 and 2
+            matters, which a temperature does not change).
+    """
+    p = np.asarray(probs, np.float64).reshape(-1)
+    c = np.asarray(class_probs, np.float64)
+    return np.where(p >= threshold, np.where(c[:, 1] >= c[:, 2], 1, 2), 0).astype(np.int64)
+
+
+def _per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall and F1 ``[..., 3]`` of confusion matrices ``[..., 3, 3]`` (rows: true
+    class, columns: predicted); undefined ratios are 0.0 (scikit-learn's zero_division=0)."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    predicted, true = cm.sum(axis=-2), cm.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(true > 0, tp / true, 0.0)
+        f1 = np.where(predicted + true > 0, 2 * tp / (predicted + true), 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _class_draws(y: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
+    """``[R, N]`` multiplicities of resamples stratified by class (each class keeps its count)."""
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((num_resamples, y.size))
+    for c in np.unique(y):
+        idx = np.nonzero(y == c)[0]
+        weights[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size),
+                                          size=num_resamples)
+    return weights
+
+
+def _subtype_auc(is_pos: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None):
+    """ROC AUC of ``scores`` for ``is_pos`` (NaN / None without both), or ``[R]`` resampled."""
+    if is_pos.all() or not is_pos.any():
+        return float("nan") if weights is None else None
+    if weights is None:
+        return float(skm.roc_auc_score(is_pos, scores))
+    return _auc_weighted(scores[is_pos], scores[~is_pos], weights[:, is_pos], weights[:, ~is_pos])
+
+
+def _bacterial_vs_viral(y, class_logits, weights, level: float) -> dict:
+    """Among images of known pneumonia subtype: AUC of ``z_viral - z_bacterial`` for VIRAL
+    and the accuracy of the larger of the two, with bootstrap CIs (the resamples' columns)."""
+    pneumonia = (y == 1) | (y == 2)
+    yp, z, w = y[pneumonia], np.asarray(class_logits, np.float64)[pneumonia], weights[:, pneumonia]
+    out = {"n": int(yp.size), "class_counts": {SUBTYPE_NAMES[c]: int((yp == c).sum())
+                                                for c in (1, 2)}, "positive": "VIRAL"}
+    if yp.size == 0:
+        return {**out, "auc": float("nan"), "accuracy": float("nan"), "ci95": None}
+    score = z[:, 2] - z[:, 1]
+    correct = (np.where(z[:, 1] >= z[:, 2], 1, 2) == yp).astype(np.float64)
+    auc = _subtype_auc(yp == 2, score, w)
+    return {**out, "auc": _subtype_auc(yp == 2, score), "accuracy": float(correct.mean()),
+            "ci95": {"auc": _percentiles(auc, level) if auc is not None else None,
+                     "accuracy": _percentiles(w @ correct / w.sum(axis=1), level)}}
+
+
+def subtype_report(subtypes, probs, class_logits, threshold: float, num_resamples: int = 2000,
+                   seed: int = 0, level: float = 0.95) -> dict:
+    """``metrics.json``'s ``subtype`` section over the images of known subtype.
+
+    Args:
+        subtypes: ``[N]`` 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown (left out).
+        probs: ``[N]`` raw P(PNEUMONIA) of the model, the scale ``threshold`` applies to.
+        class_logits: ``[N, 3]`` the ``class_logits`` layer's outputs.
+        threshold: the binary operating threshold (:func:`subtype_decisions`).
+        num_resamples, seed, level: of the bootstrap, stratified by true subtype.
+
+    Returns:
+        ``{"n", "unknown", "class_counts", "labels", "confusion_matrix" (3 rows of true class,
+        3 counts of predicted class), "NORMAL" / "BACTERIAL" / "VIRAL": {"precision", "recall",
+        "f1", "auc" (one-vs-rest, of the model's softmax), "n"}, "macro_f1",
+        "bacterial_vs_viral": {"n", "class_counts", "positive", "auc", "accuracy", "ci95"},
+        "ci95": {class: {metric: [lo, hi]}, "macro_f1": [lo, hi], ...}}``, or ``{"skipped":
+        reason}`` when no image has a known subtype.
+    """
+    y_all = np.asarray(subtypes).astype(np.int64).reshape(-1)
+    known = y_all >= 0
+    if not known.any():
+        return {"skipped": "no image of the split has a known subtype (a version-1 data dir, "
+                           "or a source whose file names do not say bacteria / virus)"}
+    y, z = y_all[known], np.asarray(class_logits, np.float64)[known]
+    class_probs = np.exp(z - z.max(axis=1, keepdims=True))
+    class_probs /= class_probs.sum(axis=1, keepdims=True)
+    pred = subtype_decisions(np.asarray(probs, np.float64).reshape(-1)[known], z, threshold)
+    cm = skm.confusion_matrix(y, pred, labels=[0, 1, 2])
+    weights = _class_draws(y, num_resamples, seed)
+    pairs = np.zeros((y.size, 9))
+    pairs[np.arange(y.size), y * 3 + pred] = 1.0
+    point, resampled = _per_class(cm.astype(np.float64)), _per_class(
+        (weights @ pairs).reshape(-1, 3, 3))
+    out = {"n": int(y.size), "unknown": int((~known).sum()),
+           "class_counts": {name: int((y == c).sum()) for c, name in enumerate(SUBTYPE_NAMES)},
+           "labels": list(SUBTYPE_NAMES), "confusion_matrix": cm.tolist()}
+    ci = {"num_resamples": int(num_resamples), "seed": int(seed), "level": float(level)}
+    for c, name in enumerate(SUBTYPE_NAMES):
+        out[name] = {key: float(point[key][c]) for key in ("precision", "recall", "f1")}
+        out[name].update(auc=_subtype_auc(y == c, class_probs[:, c]), n=int((y == c).sum()))
+        ci[name] = {key: _percentiles(resampled[key][:, c], level)
+                    for key in ("precision", "recall", "f1")}
+        auc = _subtype_auc(y == c, class_probs[:, c], weights)
+        ci[name]["auc"] = _percentiles(auc, level) if auc is not None else None
+    out["macro_f1"] = float(point["f1"].mean())
+    ci["macro_f1"] = _percentiles(resampled["f1"].mean(axis=1), level)
+    out["bacterial_vs_viral"] = _bacterial_vs_viral(y, z, weights, level)
+    out["ci95"] = ci
     return out

@@ -34,6 +34,8 @@ OOD_JSON = "ood.json"
 OOD_STATS = "ood_stats.npz"
 DEFAULT_LAYER = "dense"
 DEFAULT_VAL_RATE = 0.01
+# predict's refer reason for a feature score above the threshold.
+NOT_A_CHEST_FILM = "not_a_chest_film"
 
 
 @dataclasses.dataclass
@@ -60,6 +62,47 @@ def mahalanobis_scores(features: np.ndarray, means: np.ndarray, precision: np.nd
         dist = np.einsum("nd,de,ne->n", d, precision, d)
         best = dist if best is None else np.minimum(best, dist)
     return best
+
+
+def whitening(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(A [D, D], mean_rows [K, D], scale)`` with ``(x - mean_k) P (x - mean_k) =
+    scale^2 * |x A - mean_rows[k]|^2``: ``P = W W^T`` (eigen decomposition, float64) and
+    ``A = W / scale``, so every constant lies in [-1, 1] whatever the features' units.
+
+    An exported model may store its constants as float16 (range +-65504): the precision matrix
+    itself can exceed that (features of a barely trained model are tiny, their precision huge),
+    its scaled square root cannot.
+    """
+    values, vectors = np.linalg.eigh(np.asarray(precision, np.float64))
+    w = vectors * np.sqrt(np.clip(values, 0.0, None))
+    scale = float(np.abs(w).max()) or 1.0
+    a = w / scale
+    return a, np.asarray(means, np.float64) @ a, scale
+
+
+def tf_mahalanobis_scores(features, means: np.ndarray, precision: np.ndarray):
+    """In-graph twin of :func:`mahalanobis_scores`: ``[B, D]`` features -> ``[B]`` float32.
+
+    The fitted constants are baked into the graph in the scaled whitening form of
+    :func:`whitening` (``D * D + K * D + 1`` floats: 66 KB in float32, 33 KB in float16 for the
+    128-wide ``dense`` layer). Computed in float32, the host's float64 scores agree to a relative
+    1e-5 or so.
+
+    The product with the whitening matrix is written as a broadcast multiply and a sum, not a
+    matmul: TFLite's dynamic-range (int8) quantisation turns a matmul with a constant into an
+    int8 one that quantises the features too, which moved the scores of a real run by up to
+    150 % (median 10 %); a multiply keeps the matrix in float32 (66 KB) and the scores within
+    5 % (median 1 %). The float16 model stores it in float16 either way (within 1 %).
+    """
+    import tensorflow as tf
+
+    a, mean_rows, scale = whitening(means, precision)
+    x = tf.reduce_sum(tf.cast(features, tf.float32)[:, :, tf.newaxis]
+                      * tf.constant(a, tf.float32)[tf.newaxis], axis=1)             # [B, D]
+    u = x[:, tf.newaxis, :] - tf.constant(mean_rows, tf.float32)[tf.newaxis]       # [B, K, D]
+    s = tf.constant(scale, tf.float32)
+    # scale * (scale * |u|^2): each factor stays within float16's range for scale < 65504.
+    return s * (s * tf.reduce_min(tf.reduce_sum(u * u, axis=-1), axis=-1))
 
 
 def fit_gaussians(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +271,53 @@ def film_orientation_reasons(gray: np.ndarray) -> list[str]:
         return []
     # A dark spine (inverted) or a bright band across the rows (on its side): the stronger wins.
     return ["inverted"] if -vertical >= horizontal else ["on_its_side"]
+
+
+def tf_film_orientation_flags(gray):
+    """In-graph twin of :func:`film_orientation_reasons` for one ``[H, W, 1] uint8`` film.
+
+    TensorFlow's area resize to the 64x64 thumbnail stands in for OpenCV's (float vs fixed
+    point: the band contrasts agree to about 1e-3, so only films within that of a limit can
+    decide differently).
+
+    Returns:
+        ``(inverted, on_its_side)``: two scalar bools, at most one true.
+    """
+    import tensorflow as tf
+
+    s = tf.image.resize(tf.cast(gray, tf.float32), (64, 64), method="area")[..., 0]
+    s = (s - tf.reduce_mean(s)) / (tf.math.reduce_std(s) + 1e-6)
+
+    def band(a):
+        mid = a[16:48]
+        return (tf.reduce_mean(mid[:, 26:38])
+                - 0.5 * (tf.reduce_mean(mid[:, 10:22]) + tf.reduce_mean(mid[:, 42:54])))
+
+    vertical, horizontal = band(s), band(tf.transpose(s))
+    sideways = tf.logical_and(horizontal - vertical > MAX_BAND_RATIO_GAP,
+                              horizontal > MIN_VERTICAL_BAND)
+    flagged = tf.logical_or(vertical < MIN_VERTICAL_BAND, sideways)
+    inverted = -vertical >= horizontal
+    return (tf.logical_and(flagged, inverted),
+            tf.logical_and(flagged, tf.logical_not(inverted)))
+
+
+def in_distribution(score, threshold: float, image_reasons: list[str]) -> bool | None:
+    """The verdict of one image: the feature score at most ``threshold`` and no image-check
+    reason; None when there is no score (a run without ``ood.json``)."""
+    if score is None:
+        return None
+    return bool(score <= threshold) and not image_reasons
+
+
+def refer_reasons(score, threshold: float | None, image_reasons: list[str]) -> list[str]:
+    """``predict``'s reasons from the guard: the image checks' (``inverted``,
+    ``on_its_side``), then :data:`NOT_A_CHEST_FILM` when the feature score is above the
+    threshold."""
+    reasons = list(image_reasons)
+    if score is not None and threshold is not None and score > threshold:
+        reasons.append(NOT_A_CHEST_FILM)
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------

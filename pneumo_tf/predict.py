@@ -16,8 +16,14 @@ One JSON line per input, in input order::
 
     {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
      "calibration": "val", "label": 1, "class_name": "PNEUMONIA", "refer": false,
-     "refer_reasons": []}
+     "refer_reasons": [], "ood_score": 41.3, "in_distribution": true}
+    {"path": "cat.jpeg", ..., "refer": true, "refer_reasons": ["not_a_chest_film"],
+     "ood_score": 512.8, "in_distribution": false}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
+
+A three-class run (``--task=subtype``) adds ``"subtype": "BACTERIAL" | "VIRAL"`` and
+``"subtype_probability"`` (the larger of the two pneumonia probabilities given pneumonia,
+temperature-scaled with the run's subtype temperature), both null where ``label`` is 0.
 
 ``probability`` is the model's, ``calibrated_probability`` its temperature-scaled value; the
 decision is taken on the calibrated one: ``threshold`` is the run's operating threshold
@@ -28,9 +34,15 @@ on the calibrated scale, and ``label`` is 1 exactly when
 (``--calibration=NAME``: ``R/calibrations/NAME.json``), or for an exported model the one baked
 in at export (``--calibration`` must then name that one). ``refer`` is
 true when the case should go to a human: the calibrated probability lies within
-``--refer_band`` of the threshold (``uncertain``), or the image looks unlike a chest film (see
-:func:`film_refer_reasons`). A failed input has ``path`` and ``error`` only; the other inputs
-are still predicted and the exit status is 1.
+``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
+:func:`film_refer_reasons`), or the run's out-of-distribution guard (:mod:`pneumo_tf.ood`)
+rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film) or
+``not_a_chest_film`` (its feature score is above the guard's threshold). ``ood_score`` is
+that score and ``in_distribution`` is true when it is at most the threshold and no image check
+failed. A model without a guard (a run without ``ood.json``, or exported from one) still
+predicts: ``ood_score`` and ``in_distribution`` are null (the image checks still refer). A
+failed input has ``path`` and ``error`` only; the other inputs are still predicted and the
+exit status is 1.
 
 Grad-CAM overlays (``--gradcam_dir``) need the Keras model (a run directory or ``.keras`` file):
 a SavedModel or TFLite file has no access to the backbone's feature maps, so the command refuses
@@ -51,7 +63,7 @@ import numpy as np
 from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import calibration, cli, preprocess, rundir, serving
+from pneumo_tf import calibration, cli, ood, preprocess, rundir, serving
 from pneumo_tf.data import decode
 
 log = logging.getLogger(__name__)
@@ -91,16 +103,27 @@ class Predictor:
     Attributes:
         kind: one of :data:`MODEL_KINDS`.
         source: the ``--model`` path.
-        config: image size, crop, temperature, threshold.
-        probabilities: ``[N, S, S, 1] uint8 -> [N] float64`` probability of PNEUMONIA.
+        config: image size, crop, temperature, threshold, task and OOD guard.
+        outputs: ``[N, S, S, 1] uint8 -> {"probability": [N], "ood_score": [N] (with a guard),
+            "class_probabilities": [N, 3] (a subtype model)}`` numpy arrays.
         keras_model: the Keras model (run dir and ``.keras`` only), for Grad-CAM.
     """
 
     kind: str
     source: Path
     config: serving.ServingConfig
-    probabilities: Callable[[np.ndarray], np.ndarray]
+    outputs: Callable[[np.ndarray], dict]
     keras_model: object | None = None
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``[N] float64`` probability of PNEUMONIA for ``[N, S, S, 1] uint8`` images."""
+        return np.asarray(self.outputs(images)["probability"], np.float64).reshape(-1)
+
+    @property
+    def ood_info(self) -> dict | None:
+        """The OOD guard (the run's ``ood.json``, or the one baked into an exported model);
+        None for a model without one."""
+        return self.config.ood
 
 
 def _run_config(run_dir: Path, calibration_name: str) -> serving.ServingConfig:
@@ -133,12 +156,36 @@ def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
         raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
 
 
-def _keras_predictor(kind: str, source: Path, model, config) -> Predictor:
-    from pneumo_tf import scoring
+def _keras_predictor(kind: str, source: Path, model, config: serving.ServingConfig,
+                     run_dir: Path) -> Predictor:
+    from pneumo_tf import model as model_lib, ood, scoring
 
-    predict = scoring.make_predict_fn(model)
-    return Predictor(kind, source, config,
-                     lambda images: predict(images).numpy().astype(np.float64), model)
+    config.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
+    stats = ood.load_stats(run_dir)
+    outputs = scoring.make_outputs_fn(model, stats.layer if stats is not None else None)
+
+    def predict(images: np.ndarray) -> dict:
+        out = outputs(images)
+        result = {"probability": out["probability"].numpy().astype(np.float64)}
+        if stats is not None:
+            result["ood_score"] = stats.scores(out["features"].numpy())
+        if "class_logits" in out:
+            result["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
+        return result
+
+    return Predictor(kind, source, config, predict, model)
+
+
+def _signature_outputs(signature) -> Callable[[np.ndarray], dict]:
+    """The ``preprocessed`` signature of a SavedModel as :attr:`Predictor.outputs`."""
+    import tensorflow as tf
+
+    def predict(images: np.ndarray) -> dict:
+        out = signature(image=tf.constant(images))
+        return {key: out[key].numpy() for key in ("probability", "ood_score",
+                                                  "class_probabilities") if key in out}
+
+    return predict
 
 
 def model_kind(path: str | os.PathLike) -> str:
@@ -184,14 +231,15 @@ def load_predictor(path: str | os.PathLike, calibration_name: str | None = None)
     kind = model_kind(path)
     name = calibration_name or rundir.VAL_CALIBRATION
     if kind == "run_dir":
-        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name))
+        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name),
+                                     path)
     elif kind == "keras":
         if not rundir.RunPaths(path.parent).data_manifest.is_file():
             raise PredictError(f"--model={path}: no data_manifest.json beside it, so the image size "
                                f"and crop the model was trained with are unknown; point --model "
                                f"at the run directory that holds it")
         predictor = _keras_predictor(kind, path, rundir.load_model(path),
-                                     _run_config(path.parent, name))
+                                     _run_config(path.parent, name), path.parent)
     elif kind == "saved_model":
         import tensorflow as tf
 
@@ -201,8 +249,7 @@ def load_predictor(path: str | os.PathLike, calibration_name: str | None = None)
         if signature is None:
             raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
                                f"re-export it with `python -m pneumo_tf.export`")
-        predictor = Predictor(kind, path, config, lambda images: signature(
-            image=tf.constant(images))["probability"].numpy().astype(np.float64))
+        predictor = Predictor(kind, path, config, _signature_outputs(signature))
     else:
         config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
         _check_baked_calibration(config, path, calibration_name)
@@ -211,7 +258,7 @@ def load_predictor(path: str | os.PathLike, calibration_name: str | None = None)
             raise PredictError(f"--model={path} takes {runner.image_size}px images but "
                                f"{serving.SERVING_CONFIG_NAME} beside it says "
                                f"{config.image_size}px; re-export the run")
-        predictor = Predictor(kind, path, config, runner.probabilities)
+        predictor = Predictor(kind, path, config, runner.outputs)
     if not predictor.config.calibrated:
         log.warning("%s has no calibration.json: calibrated_probability = probability "
                     "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
@@ -232,12 +279,15 @@ class InputImage:
         image: ``[S, S] uint8`` model input (None when ``error``).
         refer_reasons: film-likeness reasons (see :func:`film_refer_reasons`).
         error: why the input could not be used, or None.
+        image_checks: the OOD guard's image checks of the full film
+            (:func:`pneumo_tf.ood.film_orientation_reasons`: ``inverted``, ``on_its_side``).
     """
 
     path: str
     image: np.ndarray | None = None
     refer_reasons: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
+    image_checks: list[str] = dataclasses.field(default_factory=list)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[InputImage]:
@@ -316,7 +366,19 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
     crop_hw = ((box.bottom - box.top) * decoded.scale, (box.right - box.left) * decoded.scale)
     reasons = film_refer_reasons(decoded.gray, decoded.orig_height, decoded.orig_width, crop_hw,
                                  image_size)
-    return InputImage(path, image=image, refer_reasons=reasons)
+    return InputImage(path, image=image, refer_reasons=reasons,
+                      image_checks=ood.film_orientation_reasons(decoded.gray))
+
+
+def read_input_gray(gray: np.ndarray, path: str, image_size: int, crop: str) -> InputImage:
+    """An already decoded ``[H, W] uint8`` film through the rest of :func:`read_input_bytes`'s
+    path (crop, resize, film-likeness reasons, image checks), as if decoded at full size."""
+    gray = np.ascontiguousarray(gray, np.uint8)
+    image, box, _ = preprocess.preprocess_gray(gray, image_size, crop)
+    reasons = film_refer_reasons(gray, gray.shape[0], gray.shape[1],
+                                 (box.bottom - box.top, box.right - box.left), image_size)
+    return InputImage(path, image=image, refer_reasons=reasons,
+                      image_checks=ood.film_orientation_reasons(gray))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,23 +386,40 @@ def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> Inpu
 
 
 def result_record(path: str, probability: float, config: serving.ServingConfig,
-                  film_reasons: list[str], refer_band: float) -> dict:
+                  film_reasons: list[str], refer_band: float, ood_score: float | None = None,
+                  image_checks: list[str] = (), class_probabilities=None) -> dict:
     """The output record of one predicted input (see the module docstring).
 
     ``label`` is :func:`pneumo_tf.serving.decide_label` of the record's own
     ``calibrated_probability`` and ``threshold`` (the calibrated-scale threshold), so
     ``label == (calibrated_probability >= threshold)`` holds for the numbers in the record.
+
+    Args:
+        ood_score: the image's OOD score, or None (a model without a guard).
+        image_checks: the guard's image checks that failed (``inverted``, ``on_its_side``).
+        class_probabilities: ``[3]`` for a subtype model (adds ``subtype`` and
+            ``subtype_probability``), else None.
     """
     calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
     threshold = config.calibrated_threshold()
     label = int(serving.decide_label(calibrated, threshold))
-    reasons = list(film_reasons)
+    reasons = list(film_reasons) + ood.refer_reasons(ood_score, config.ood_threshold,
+                                                     list(image_checks))
     if abs(calibrated - threshold) <= refer_band:
         reasons.insert(0, "uncertain")
-    return {"path": path, "probability": float(probability), "calibrated_probability": calibrated,
-            "threshold": threshold, "calibration": config.calibration, "label": label,
-            "class_name": pneumo_tf.CLASS_NAMES[label],
-            "refer": bool(reasons), "refer_reasons": reasons}
+    known = ood_score is not None and config.ood_threshold is not None
+    record = {"path": path, "probability": float(probability),
+              "calibrated_probability": calibrated, "threshold": threshold,
+              "calibration": config.calibration, "label": label,
+              "class_name": pneumo_tf.CLASS_NAMES[label],
+              "refer": bool(reasons), "refer_reasons": reasons,
+              "ood_score": float(ood_score) if known else None,
+              "in_distribution": ood.in_distribution(ood_score, config.ood_threshold,
+                                                     list(image_checks)) if known else None}
+    if class_probabilities is not None:
+        record.update(serving.subtype_fields(class_probabilities, label,
+                                             config.subtype_temperature))
+    return record
 
 
 def gradcam_file_name(index: int, path: str) -> str:
@@ -390,14 +469,57 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
         records_out: list[dict] = [{"path": item.path, "error": item.error} for item in chunk]
         if ok:
             images = np.stack([chunk[i].image for i in ok])[..., None]
-            probs = predictor.probabilities(images)
-            for i, p in zip(ok, probs):
-                records_out[i] = result_record(chunk[i].path, float(p), cfg,
-                                               chunk[i].refer_reasons, refer_band)
+            outputs = predictor.outputs(images)
+            for k, i in enumerate(ok):
+                records_out[i] = _record_of(chunk[i], outputs, k, cfg, refer_band)
             if cam_model is not None:
                 _write_gradcam(cam_model, images, [start + i for i in ok],
                                [records_out[i] for i in ok], Path(gradcam_dir))
         yield from records_out
+
+
+def _record_of(item: InputImage, outputs: dict, k: int, cfg: serving.ServingConfig,
+               refer_band: float) -> dict:
+    """:func:`result_record` of the ``k``-th image of a batch's ``outputs``."""
+    score = outputs.get("ood_score")
+    probs = outputs.get("class_probabilities")
+    return result_record(item.path, float(np.asarray(outputs["probability"]).reshape(-1)[k]), cfg,
+                         item.refer_reasons, refer_band,
+                         float(score[k]) if score is not None else None, item.image_checks,
+                         probs[k] if probs is not None else None)
+
+
+def ood_rates(predictor: Predictor, gray_images: list[np.ndarray], batch_size: int = 32) -> dict:
+    """How many decoded films the OOD guard flags, through predict's own path.
+
+    Args:
+        predictor: from :func:`load_predictor`, with an OOD guard.
+        gray_images: ``[H, W] uint8`` decoded images (full films: the image checks see them).
+
+    Returns:
+        ``{"n", "flagged", "flagged_by_features", "flagged_by_image_checks"}``: the count and
+        the fractions not ``in_distribution``, above the score threshold, and failing an image
+        check (the last two overlap).
+
+    Raises:
+        PredictError: the model has no OOD guard.
+    """
+    cfg = predictor.config
+    if cfg.ood_threshold is None:
+        raise PredictError(f"{predictor.source} has no OOD guard (no ood.json); fit it with "
+                           f"`python -m pneumo_tf.ood --run_dir=<run dir>`")
+    by_features, by_checks = [], []
+    for start in range(0, len(gray_images), batch_size):
+        items = [read_input_gray(g, f"image_{start + i}", cfg.image_size, cfg.crop)
+                 for i, g in enumerate(gray_images[start:start + batch_size])]
+        scores = predictor.outputs(np.stack([item.image for item in items])[..., None])["ood_score"]
+        by_features += [bool(score > cfg.ood_threshold) for score in scores]
+        by_checks += [bool(item.image_checks) for item in items]
+    n = len(by_features)
+    flagged = [a or b for a, b in zip(by_features, by_checks)]
+    return {"n": n, "flagged": float(np.mean(flagged)) if n else 0.0,
+            "flagged_by_features": float(np.mean(by_features)) if n else 0.0,
+            "flagged_by_image_checks": float(np.mean(by_checks)) if n else 0.0}
 
 
 def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list[dict],
@@ -438,9 +560,9 @@ MODEL = flags.DEFINE_string(
 FORMAT = flags.DEFINE_enum(
     "format", "jsonl", OUTPUT_FORMATS,
     "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
-    "threshold, calibration, label, class_name, refer, refer_reasons; or path and error); "
-    "table = aligned "
-    "text.")
+    "threshold, calibration, label, class_name, refer, refer_reasons, ood_score, "
+    "in_distribution, and subtype, subtype_probability for a three-class run; or path and "
+    "error); table = aligned text.")
 GRADCAM_DIR = flags.DEFINE_string(
     "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
     "models only).")

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from pneumo_tf import CLASS_NAMES  # noqa: E402
+from pneumo_tf import CLASS_NAMES, SUBTYPE_NAMES  # noqa: E402
 from pneumo_tf import metrics as pmetrics  # noqa: E402
 
 # Training-curve panels: Keras history column stem -> title. Columns that are absent are skipped.
@@ -377,8 +377,76 @@ def cross_validated_markdown(cross_validated: dict) -> str:
     return "\n".join(lines)
 
 
+def subtype_confusion_figure(matrix: list[list[int]], threshold: float) -> Figure:
+    """The three-class confusion matrix (rows: true NORMAL/BACTERIAL/VIRAL, columns: predicted)
+    with counts and row percentages."""
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(5.0, 4.4))
+    ax.imshow(cm, cmap="Blues")
+    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(3):
+        for j in range(3):
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, f"{cm[i, j]}\n{100 * cm[i, j] / rows[i, 0]:.1f} %", ha="center",
+                    va="center", color="white" if dark else "black")
+    ax.set_xticks(range(3), [f"pred {c}" for c in SUBTYPE_NAMES], fontsize=8)
+    ax.set_yticks(range(3), [f"true {c}" for c in SUBTYPE_NAMES], fontsize=8)
+    ax.set_title(f"Subtypes (binary threshold {threshold:.3f}, then the larger)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def subtype_markdown(section: dict) -> str:
+    """The ``subtype`` section of ``metrics.json`` as markdown tables."""
+    ci = section["ci95"]
+    lines = [f"{section['n']} images of known subtype ({section['unknown']} unknown left out): "
+             f"{section['decision']}. AUCs one-vs-rest on the model's softmax; 95 % CIs: "
+             f"bootstrap stratified by subtype, {ci['num_resamples']} resamples.", "",
+             "| class | n | precision | recall | F1 | AUC |", "|---|---|---|---|---|---|"]
+    for name in SUBTYPE_NAMES:
+        entry, bounds = section[name], ci[name]
+        lines.append(f"| {name} | {entry['n']} | " + " | ".join(
+            _with_ci(entry[k], bounds.get(k)) for k in ("precision", "recall", "f1", "auc"))
+            + " |")
+    bv = section["bacterial_vs_viral"]
+    bv_ci = bv.get("ci95") or {}
+    temperature = section.get("temperature") or {}
+    lines += ["", f"macro F1 {_with_ci(section['macro_f1'], ci['macro_f1'])}; bacterial vs "
+                  f"viral among {bv['n']} pneumonia cases: AUC {_with_ci(bv['auc'], bv_ci.get('auc'))}"
+                  f", accuracy {_with_ci(bv['accuracy'], bv_ci.get('accuracy'))}."]
+    if temperature:
+        lines.append(f"Subtype temperature {temperature['value']:.3f} ({temperature['source']}): "
+                     f"NLL {temperature['nll_before']:.4f} -> {temperature['nll_after']:.4f} on "
+                     f"this split.")
+    matrix = section["confusion_matrix"]
+    lines += ["", "| true \\ predicted | " + " | ".join(SUBTYPE_NAMES) + " |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
+              for name, row in zip(SUBTYPE_NAMES, matrix)]
+    return "\n".join(lines)
+
+
+def ood_markdown(section: dict) -> str:
+    """The ``ood`` section of ``metrics.json`` as one paragraph."""
+    if "skipped" in section:
+        return f"Not computed: {section['skipped']}"
+    by_class = ", ".join(f"{k} {_fmt(v)}" for k, v in section["flagged_fraction_by_class"].items())
+    return (f"The run's out-of-distribution guard flags {section['flagged']} of {section['n']} "
+            f"images ({_fmt(section['flagged_fraction'])}; by class: {by_class}) at threshold "
+            f"{section['threshold']:.2f} on the `{section['layer']}` features; "
+            f"{section['checks']}.")
+
+
+def _section_tag(title: str) -> str:
+    """The TensorBoard text tag of a report section."""
+    for word, tag in (("Shift", "shift"), ("Subtype", "subtype"), ("distribution", "ood")):
+        if word in title:
+            return tag
+    return "cross_validated"
+
+
 def _sections(metrics: dict) -> list[tuple[str, str]]:
-    """``(title, markdown)`` of the optional sections: cross-validated figures, the shift."""
+    """``(title, markdown)`` of the optional sections: cross-validated figures, the shift,
+    the subtypes (a subtype run) and the OOD guard."""
     out = []
     if metrics.get("calibration_in_sample") and metrics.get("cross_validated"):
         out.append((f"Cross-validated figures of calibration `{metrics['calibration']}` (quote "
@@ -388,6 +456,12 @@ def _sections(metrics: dict) -> list[tuple[str, str]]:
         out.append(("Shift from the run's val split", shift_markdown(shift)))
     elif "skipped" in shift:
         out.append(("Shift from the run's val split", f"Not computed: {shift['skipped']}"))
+    subtype = metrics.get("subtype") or {}
+    if subtype:
+        out.append(("Subtypes: NORMAL, BACTERIAL, VIRAL", subtype_markdown(subtype)
+                    if "skipped" not in subtype else f"Not computed: {subtype['skipped']}"))
+    if metrics.get("ood"):
+        out.append(("Out of distribution", ood_markdown(metrics["ood"])))
     return out
 
 
@@ -481,8 +555,7 @@ def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], met
             tf.summary.image(f"{split}/{name}", image)
         tf.summary.text(f"{split}/metrics", metrics_table_markdown(metrics))
         for title, text in _sections(metrics):
-            tf.summary.text(f"{split}/{'shift' if 'Shift' in title else 'cross_validated'}",
-                            text)
+            tf.summary.text(f"{split}/{_section_tag(title)}", text)
         scalars = {key: metrics.get(key) for key in (
             "accuracy", "recall", "specificity", "f1_macro", "roc_auc", "average_precision",
             "brier", "ece")}

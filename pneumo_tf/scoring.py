@@ -17,8 +17,9 @@ def iterate_split(data_dir: str | os.PathLike, split: str, batch_size: int = 64)
     """Batches of ``split`` in file order as numpy dicts.
 
     Yields:
-        ``{"image": [B, S, S, 1] uint8, "label": [B] int64, "path": [B] str,
-        "patient_id": [B] str}``.
+        ``{"image": [B, S, S, 1] uint8, "label": [B] int64, "subtype": [B] int64 (0 NORMAL,
+        1 BACTERIAL, 2 VIRAL, -1 unknown: every record of a version-1 data dir), "path": [B]
+        str, "patient_id": [B] str}``.
 
     Raises:
         pneumo_tf.data.records.DataDirError: unusable data dir or split, or a corrupt shard
@@ -33,6 +34,7 @@ def iterate_split(data_dir: str | os.PathLike, split: str, batch_size: int = 64)
         yield {
             "image": batch["image"].numpy(),
             "label": batch["label"].numpy().astype(np.int64),
+            "subtype": batch["subtype"].numpy().astype(np.int64),
             "path": np.array([p.decode("utf-8") for p in batch["path"].numpy()], dtype=object),
             "patient_id": np.array([p.decode("utf-8") for p in batch["patient_id"].numpy()],
                                    dtype=object),
@@ -55,8 +57,73 @@ def make_predict_fn(model):
     return predict
 
 
+def outputs_model(model, feature_layer: str | None = None):
+    """``model`` rebuilt with named outputs, weights shared: one forward pass gives them all.
+
+    Returns:
+        ``keras.Model``: ``[B, S, S, 1] uint8`` -> ``{"probability": [B, 1]}``, plus
+        ``"class_logits": [B, 3]`` for a subtype model (:func:`pneumo_tf.model.is_subtype_model`)
+        and ``"features": [B, D] float32`` of ``feature_layer`` when given (an ensemble's members'
+        features side by side, as :func:`pneumo_tf.ood.feature_model`; its probability is
+        the members' mean, as the ensemble's own).
+    """
+    import keras
+
+    from pneumo_tf import model as model_lib
+    from pneumo_tf.ensemble import COMBINE, ensemble_members
+
+    members = ensemble_members(model)
+    if not members:
+        outputs = {"probability": model.outputs[0]}
+        if model_lib.is_subtype_model(model):
+            outputs["class_logits"] = model.get_layer("class_logits").output
+        if feature_layer is not None:
+            outputs["features"] = keras.ops.cast(_layer(model, feature_layer).output, "float32")
+        return keras.Model(model.inputs[0], outputs, name="outputs")
+    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name="image")
+    probs, feats = [], []
+    for member in members:
+        parts = [member.outputs[0]] + ([_layer(member, feature_layer).output]
+                                       if feature_layer is not None else [])
+        out = keras.Model(member.inputs[0], parts)(inputs)
+        probs.append(out[0])
+        feats.append(keras.ops.cast(out[1], "float32") if feature_layer is not None else None)
+    outputs = {"probability": keras.layers.Average(name=COMBINE, dtype="float32")(probs)}
+    if feature_layer is not None:
+        outputs["features"] = keras.layers.Concatenate(dtype="float32")(feats)
+    return keras.Model(inputs, outputs, name="outputs")
+
+
+def _layer(model, name: str):
+    try:
+        return model.get_layer(name)
+    except ValueError as e:
+        raise ValueError(f"the model has no layer {name!r} for OOD features (a model built by "
+                         f"pneumo_tf.model.build_model has 'dense' and 'gap')") from e
+
+
+def make_outputs_fn(model, feature_layer: str | None = None):
+    """A traced ``[B, S, S, 1] uint8 -> dict`` function of :func:`outputs_model`'s outputs.
+
+    Returns:
+        ``{"probability": [B] float32}``, plus ``"class_logits": [B, 3]`` and ``"features":
+        [B, D]`` as :func:`outputs_model` gives them.
+    """
+    import tensorflow as tf
+
+    net = outputs_model(model, feature_layer)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)])
+    def outputs(images):
+        out = net(images, training=False)
+        return {**out, "probability": tf.reshape(tf.cast(out["probability"], tf.float32), [-1])}
+
+    return outputs
+
+
 def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: int = 64,
-                  return_images: bool = False, progress_label: str | None = None) -> dict:
+                  return_images: bool = False, progress_label: str | None = None,
+                  ood_stats=None) -> dict:
     """Probabilities of PNEUMONIA for every image of ``split``, in file order.
 
     Args:
@@ -70,14 +137,19 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
             decode the split a second time.
         progress_label: show a :class:`pneumo_tf.progress.Progress` bar with this label on
             stderr (None: silent).
+        ood_stats: a run's :class:`pneumo_tf.ood.OodStats`: also score every image's features
+            (same forward pass).
 
     Returns:
-        ``{"probability": [N] float32, "label": [N] int64, "path": [N] str (object),
-        "patient_id": [N] str (object)}``, plus ``"image"`` with ``return_images``.
+        ``{"probability": [N] float32, "label": [N] int64, "subtype": [N] int64, "path": [N]
+        str (object), "patient_id": [N] str (object)}``, plus ``"image"`` with
+        ``return_images``, ``"class_logits": [N, 3] float32`` for a subtype model and
+        ``"ood_score": [N] float64`` with ``ood_stats``.
 
     Raises:
         ValueError: the data's image size differs from the model's input size.
     """
+    from pneumo_tf import model as model_lib
     from pneumo_tf.data import records
 
     manifest = records.read_manifest(data_dir)
@@ -88,13 +160,20 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
                          f"was trained on (see its data_manifest.json)")
     from pneumo_tf.progress import Progress
 
-    predict = make_predict_fn(model)
-    kept = ("label", "path", "patient_id") + (("image",) if return_images else ())
-    parts = {"probability": [], **{key: [] for key in kept}}
+    if ood_stats is None and not model_lib.is_subtype_model(model):
+        plain = make_predict_fn(model)
+
+        def predict(images):
+            return {"probability": plain(images)}
+    else:
+        predict = make_outputs_fn(model, ood_stats.layer if ood_stats is not None else None)
+    kept = ("label", "subtype", "path", "patient_id") + (("image",) if return_images else ())
+    parts = {key: [] for key in kept}
     total = int((manifest["splits"].get(split) or {}).get("count", 0))
     bar = Progress(total, progress_label or "", enabled=progress_label is not None)
     for batch in iterate_split(data_dir, split, batch_size):
-        parts["probability"].append(predict(batch["image"]).numpy())
+        for key, value in _scored(predict(batch["image"]), ood_stats).items():
+            parts.setdefault(key, []).append(value)
         for key in kept:
             parts[key].append(batch[key])
         bar.update(sum(len(b) for b in parts["label"]))
@@ -102,3 +181,11 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
     if not parts["label"]:
         raise records.DataDirError(f"split {split!r} of {data_dir} yielded no images")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _scored(outputs: dict, ood_stats) -> dict:
+    """A batch's numpy outputs, the features replaced by their OOD score."""
+    out = {k: v.numpy() for k, v in outputs.items() if k != "features"}
+    if ood_stats is not None:
+        out["ood_score"] = ood_stats.scores(outputs["features"].numpy())
+    return out

@@ -59,6 +59,11 @@ class ServingConfig:
         backbone: backbone name, when known.
         calibration: the run's calibration this config holds: ``val`` (``calibration.json``),
             a site calibration's name (``calibrations/NAME.json``), or ``none``.
+        task: ``binary`` or ``subtype`` (a three-way head: NORMAL, BACTERIAL, VIRAL).
+        subtype_temperature: the temperature of a subtype model's softmax logits (from
+            ``calibration.json``'s ``subtype`` entry, fitted on val; 1.0 without one).
+        ood: the out-of-distribution guard the model carries (``ood.json``: ``threshold``,
+            ``layer``, ``method``, ``val_rate``, ...), or None for a run without ``ood.json``.
     """
 
     image_size: int
@@ -70,19 +75,32 @@ class ServingConfig:
     calibrated: bool = False
     backbone: str | None = None
     calibration: str = "val"
+    task: str = "binary"
+    subtype_temperature: float = 1.0
+    ood: dict | None = None
 
     def to_json(self) -> dict:
-        """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation``."""
-        return {**dataclasses.asdict(self), "calibrated_threshold": self.calibrated_threshold(),
-                "label_names": list(pneumo_tf.CLASS_NAMES),
-                "normalisation": "inside the model (PixelNorm layer)"}
+        """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation`` (and
+        ``subtype_names`` for a subtype model)."""
+        out = {**dataclasses.asdict(self), "calibrated_threshold": self.calibrated_threshold(),
+               "label_names": list(pneumo_tf.CLASS_NAMES),
+               "normalisation": "inside the model (PixelNorm layer)"}
+        if self.task == "subtype":
+            out["subtype_names"] = list(pneumo_tf.SUBTYPE_NAMES)
+        return out
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The OOD score above which an image is not in distribution (None: no guard)."""
+        return None if self.ood is None else float(self.ood["threshold"])
 
     @classmethod
     def from_json(cls, obj: dict) -> "ServingConfig":
         """From :meth:`to_json`'s dict; derived keys (``calibrated_threshold``) are recomputed.
 
         A config written before ``calibration`` existed held ``calibration.json``: ``val``
-        (``none`` when it was uncalibrated).
+        (``none`` when it was uncalibrated). One written before the subtype task and the OOD
+        guard existed is a binary model without a guard.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in obj.items() if k in names}
@@ -166,7 +184,9 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
     if rundir.RunPaths(run_dir).summary.is_file():
         backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
     cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
-                        backbone=backbone, calibration="none")
+                        backbone=backbone, calibration="none", ood=_ood_info(run_dir))
+    subtype = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
+    cfg.subtype_temperature = float(subtype.get("temperature", 1.0))
     if calibration is not None:
         cfg.calibration = calibration_name
         cfg.temperature = float(calibration["temperature"])
@@ -175,6 +195,17 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
         cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
         cfg.calibrated = True
     return cfg
+
+
+def _ood_info(run_dir) -> dict | None:
+    """The run's ``ood.json`` (None without one, or without its statistics file)."""
+    from pneumo_tf import ood
+
+    if ood.load_stats(run_dir) is None:
+        return None
+    import json
+
+    return json.loads((rundir.RunPaths(run_dir).root / ood.OOD_JSON).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +230,80 @@ def decide_label(calibrated_probability, threshold):
     return (np.asarray(calibrated_probability) >= threshold).astype(np.int64)
 
 
-def saved_model_outputs(model, images, cfg: ServingConfig) -> dict:
-    """The outputs of every SavedModel signature, all ``[N]``, for ``[N, S, S, 1] uint8`` images.
+def saved_model_outputs(model, images, cfg: ServingConfig, ood_stats=None,
+                        image_flags=None) -> dict:
+    """The outputs of every SavedModel signature (and TFLite model), for ``[N, S, S, 1] uint8``.
+
+    Args:
+        model: ``[N, S, S, 1] -> [N, 1]`` probability model, or the dict-output model of
+            :func:`pneumo_tf.scoring.outputs_model` (``class_logits`` and ``features`` add
+            outputs).
+        images: the batch.
+        cfg: the serving facts (temperature, thresholds).
+        ood_stats: :class:`pneumo_tf.ood.OodStats` whose constants go into the graph (the model
+            must then give ``features``), or None (no OOD outputs).
+        image_flags: ``[N]`` bool, true where an image check of the full film failed (the bytes
+            signature), or None (the preprocessed signatures cannot see the full film).
 
     Returns:
-        ``{"probability": float32 (the model's sigmoid), "calibrated_probability": float32,
+        ``{"probability": float32 (the model's), "calibrated_probability": float32,
         "threshold": float32 (the operating threshold on the calibrated scale, repeated per
-        image), "label": int64 (:func:`decide_label` of the two before)}``.
+        image), "label": int64 (:func:`decide_label` of the two before)}``, all ``[N]``; with
+        ``ood_stats`` also ``"ood_score": [N] float32`` and ``"in_distribution": [N] bool``
+        (score <= threshold and no image flag); for a subtype model also
+        ``"class_probabilities": [N, 3] float32`` (the model's softmax, NORMAL, BACTERIAL,
+        VIRAL), ``"subtype": [N] int64`` (0 where ``label`` is 0, else 1 or 2: the larger
+        pneumonia probability) and ``"subtype_probability": [N] float32`` (the larger of the
+        two, given pneumonia: ``sigmoid(|z_b - z_v| / T_subtype)``).
     """
     import tensorflow as tf
 
-    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+    out = model(images, training=False)
+    out = out if isinstance(out, dict) else {"probability": out}
+    p = tf.reshape(tf.cast(out["probability"], tf.float32), [-1])
     cal = calibration_lib.apply_temperature(p, cfg.temperature)
     threshold = tf.fill(tf.shape(cal), tf.constant(cfg.calibrated_threshold(), tf.float32))
-    return {"probability": p, "calibrated_probability": cal, "threshold": threshold,
-            "label": decide_label(cal, threshold)}
+    result = {"probability": p, "calibrated_probability": cal, "threshold": threshold,
+              "label": decide_label(cal, threshold)}
+    if ood_stats is not None:
+        from pneumo_tf import ood
+
+        score = ood.tf_mahalanobis_scores(out["features"], ood_stats.means, ood_stats.precision)
+        inside = score <= tf.constant(ood_stats.threshold, tf.float32)
+        if image_flags is not None:
+            inside = tf.logical_and(inside, tf.logical_not(image_flags))
+        result.update(ood_score=score, in_distribution=inside)
+    if "class_logits" in out:
+        result.update(_subtype_outputs(tf.cast(out["class_logits"], tf.float32), result["label"],
+                                       cfg.subtype_temperature))
+    return result
+
+
+def _subtype_outputs(logits, label, subtype_temperature: float) -> dict:
+    """The subtype outputs of :func:`saved_model_outputs` from ``[N, 3]`` logits."""
+    import tensorflow as tf
+
+    bacterial = logits[:, 1] >= logits[:, 2]
+    subtype = tf.where(bacterial, tf.constant(1, tf.int64), tf.constant(2, tf.int64))
+    gap = tf.abs(logits[:, 1] - logits[:, 2]) / subtype_temperature
+    return {"class_probabilities": tf.nn.softmax(logits, axis=-1),
+            "subtype": tf.where(label > 0, subtype, tf.zeros_like(subtype)),
+            "subtype_probability": tf.sigmoid(gap)}
+
+
+def subtype_fields(class_probabilities, label: int, subtype_temperature: float) -> dict:
+    """A predict row's ``subtype`` (``BACTERIAL``/``VIRAL``, None where ``label`` is 0) and
+    ``subtype_probability`` (the larger pneumonia probability given pneumonia, temperature
+    scaled as :func:`saved_model_outputs`'s; None where ``label`` is 0) from ``[3]``
+    class probabilities (the logits' differences are recovered as log ratios)."""
+    if not label:
+        return {"subtype": None, "subtype_probability": None}
+    tiny = np.finfo(np.float64).tiny
+    p = np.maximum(np.asarray(class_probabilities, np.float64), tiny)
+    subtype = 1 if p[1] >= p[2] else 2
+    gap = abs(math.log(p[1]) - math.log(p[2])) / subtype_temperature
+    return {"subtype": pneumo_tf.SUBTYPE_NAMES[subtype],
+            "subtype_probability": float(0.5 * (1.0 + math.tanh(0.5 * gap)))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,27 +324,56 @@ def tflite_interpreter(model_path_or_bytes: str | os.PathLike | bytes):
 
 
 class TFLiteRunner:
-    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N."""
+    """Runs a TFLite classifier on ``[N, S, S, 1] uint8`` batches of any N.
+
+    A model exported with named outputs (a signature whose outputs are
+    :func:`saved_model_outputs`'s) gives them all; an older single-output model gives
+    ``probability`` only.
+    """
 
     def __init__(self, model_path_or_bytes: str | os.PathLike | bytes):
         self.interpreter = tflite_interpreter(model_path_or_bytes)
         self._input = self.interpreter.get_input_details()[0]
+        self._signature = next((name for name, sig in self.interpreter.get_signature_list().items()
+                                if "probability" in sig.get("outputs", ())), None)
         self._batch = None
 
     @property
     def image_size(self) -> int:
         return int(self._input["shape_signature"][1])
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs (``["probability"]`` for a single-output model)."""
+        if self._signature is None:
+            return ["probability"]
+        return list(self.interpreter.get_signature_list()[self._signature]["outputs"])
+
+    def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output for ``[N, S, S, 1] uint8`` images (``[N]`` or ``[N, 3]`` arrays)."""
         if len(images) == 0:
-            return np.zeros((0,), np.float64)
+            return {name: np.zeros((0,), np.float64) for name in self.output_names}
+        images = images.astype(self._input["dtype"])
+        if self._signature is not None:
+            runner = self.interpreter.get_signature_runner(self._signature)
+            (name,) = runner.get_input_details()
+            if self._batch == len(images):
+                return {k: np.array(v) for k, v in runner(**{name: images}).items()}
+            with quiet_tf.stderr_filtered():  # the XNNPACK delegate's line when (re)allocated
+                out = {k: np.array(v) for k, v in runner(**{name: images}).items()}
+            self._batch = len(images)
+            return out
         if self._batch != len(images):
             self.interpreter.resize_tensor_input(self._input["index"], list(images.shape))
             with quiet_tf.stderr_filtered():  # "Created TensorFlow Lite XNNPACK delegate ..."
                 self.interpreter.allocate_tensors()
             self._batch = len(images)
-        self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
+        self.interpreter.set_tensor(self._input["index"], images)
         self.interpreter.invoke()
         out = self.interpreter.get_output_details()[0]
-        return np.asarray(self.interpreter.get_tensor(out["index"]), np.float64).reshape(-1)
+        return {"probability": np.asarray(self.interpreter.get_tensor(out["index"]),
+                                          np.float64).reshape(-1)}
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``[N] float64`` probabilities for ``[N, S, S, 1] uint8`` images."""
+        return np.asarray(self.outputs(images)["probability"], np.float64).reshape(-1)

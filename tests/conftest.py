@@ -103,3 +103,23 @@ def write_tiny_dataset(out_dir: str | os.PathLike, counts: dict | None = None, i
 def tiny_data_dir(tmp_path) -> Path:
     """A 48-image raw-encoded data dir at 32x32 with train/val/test splits."""
     return write_tiny_dataset(tmp_path / "data")
+
+
+# Finished runs shared by several test files (each pytest-xdist worker builds its own once).
+# Tests must not change them: copy a run before writing into it.
+
+
+@pytest.fixture(scope="session")
+def phantom_ood_run(tmp_path_factory):
+    """``(run_dir, data_dir, phantom source dir)``: a phantom-trained run with its OOD guard."""
+    from support_runs import make_phantom_ood_run
+
+    return make_phantom_ood_run(tmp_path_factory.mktemp("phantom_ood"))
+
+
+@pytest.fixture(scope="session")
+def subtype_run(tmp_path_factory):
+    """``(run_dir, data_dir)``: a calibrated three-class run with its OOD guard."""
+    from support_runs import make_subtype_run
+
+    return make_subtype_run(tmp_path_factory.mktemp("subtype"))

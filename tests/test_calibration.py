@@ -237,3 +237,21 @@ def test_prevalence_cut_is_bayes_rule_for_the_sites_prevalence():
     # A lower site prevalence asks for more evidence: a higher cut.
     assert cal.choose_threshold(y, probs, "val_prevalence:0.2") > \
         cal.choose_threshold(y, probs, "val_prevalence:0.5")
+
+
+def test_softmax_temperature_recovers_the_sharpening_of_calibrated_logits():
+    from pneumo_tf import calibration as cal
+
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, (4000, 3))
+    y = np.array([rng.choice(3, p=p) for p in cal.softmax(true_logits)])
+    # A model three times too confident: its logits are 3x the honest ones.
+    t = cal.fit_softmax_temperature(y, 3 * true_logits)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert cal.softmax_nll(y, 3 * true_logits, t) < cal.softmax_nll(y, 3 * true_logits)
+    np.testing.assert_allclose(cal.softmax(np.array([[1000.0, 0, 0]])), [[1, 0, 0]])
+    entry = cal.subtype_calibration(np.r_[y, [-1, -1]], np.vstack([3 * true_logits,
+                                                                   np.zeros((2, 3))]))
+    assert entry["n_val"] == 4000 and entry["temperature"] == pytest.approx(t)
+    assert entry["nll_after"] < entry["nll_before"]
+    assert cal.subtype_calibration([-1, -1], np.zeros((2, 3))) is None

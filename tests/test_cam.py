@@ -201,3 +201,57 @@ def test_ensemble_members_explain_the_class_the_ensemble_predicts(ensemble_model
         sign = 1.0 if probs[i] >= threshold else -1.0  # the ensemble's decision, not a member's
         refs = [_reference_cam(m, images[i], "features", sign)[0] for m in members]
         np.testing.assert_allclose(out["cam_lowres"][i], np.mean(refs, axis=0), atol=2e-4)
+
+
+def _subtype_reference(model, image, layer, target):
+    """A subtype model's CAM of one image, the log-odds written out per class (numpy maths)."""
+    import keras
+    import tensorflow as tf
+
+    backbone = pmodel.get_backbone(model)
+    inner = keras.Model(backbone.inputs, [backbone.get_layer(layer).output, backbone.output])
+    head = [model.get_layer(n) for n in ("gap", "dropout_1", "dense", "dropout_2")]
+    dense = model.get_layer("class_logits")
+    x = tf.convert_to_tensor(image[np.newaxis])
+    with tf.GradientTape() as tape:
+        h = model.get_layer("pixel_norm")(model.get_layer("to_float_rgb")(x))
+        feats, h = inner(h, training=False)
+        for lyr in head:
+            h = lyr(h, training=False)
+        z = (tf.matmul(h, dense.kernel) + dense.bias)[0]
+        others = {"pneumonia": [0], "bacterial": [0, 2], "viral": [0, 1]}[target]
+        mine = {"pneumonia": [1, 2], "bacterial": [1], "viral": [2]}[target]
+        odds = (tf.reduce_logsumexp(tf.gather(z, mine))
+                - tf.reduce_logsumexp(tf.gather(z, others)))
+    grads = tape.gradient(odds, feats)[0].numpy()
+    cam = np.maximum(np.einsum("hwc,c->hw", feats[0].numpy(), grads.mean(axis=(0, 1))), 0)
+    p_normal = float(tf.nn.softmax(z)[0])
+    return (cam / cam.max() if cam.max() > 0 else cam), 1.0 - p_normal
+
+
+def test_subtype_model_explains_pneumonia_bacterial_and_viral_log_odds():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = pmodel.build_model("small_cnn", 48, None, task="subtype")
+    # Spread the class logits so the three targets differ visibly.
+    kernel, bias = model.get_layer("class_logits").get_weights()
+    model.get_layer("class_logits").set_weights([kernel * 20, bias])
+    images = _images(4, 48, seed=3)
+    cam_model = pcam.CamModel(model, backbone_name="small_cnn")
+    assert cam_model.subtype
+    maps = {}
+    for target in ("pneumonia", "bacterial", "viral"):
+        out = pcam.gradcam_batch(cam_model, images, target)
+        np.testing.assert_allclose(out["probability"], model(images).numpy()[:, 0], rtol=1e-5)
+        for i in range(4):
+            ref, p = _subtype_reference(model, images[i], "features", target)
+            np.testing.assert_allclose(out["cam_lowres"][i], ref, atol=1e-4)
+            assert out["probability"][i] == pytest.approx(p, rel=1e-5)
+        maps[target] = out["cam_lowres"]
+    assert not np.allclose(maps["bacterial"], maps["viral"])
+
+
+def test_bacterial_and_viral_need_a_subtype_model(small_model):
+    with pytest.raises(ValueError, match="--cam_class=viral needs a three-class model"):
+        pcam.gradcam_batch(pcam.CamModel(small_model), _images(1, 48), "viral")

@@ -25,7 +25,7 @@ def test_all_apps_import_into_one_process_and_document_their_flags():
 
 
 TOOLS = ["make_phantoms", "make_tfrecords", "demo", "bench_convert", "bench_input",
-         "bench_train", "bench_gradcam", "bench_predict"]
+         "bench_train", "bench_gradcam", "bench_predict", "bench_ood"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

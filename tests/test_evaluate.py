@@ -368,3 +368,83 @@ def test_cli_names_a_missing_calibration_of_an_old_run(trained):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pneumo_tf.evaluate: error: --calibration=site_x" in done.stderr
     assert "pneumo_tf.calibrate" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The subtype section, the OOD section, old data and run dirs
+
+
+BINARY_KEYS = ("n", "class_counts", "accuracy", "precision", "recall", "specificity",
+               "recall_per_class", "f1_per_class", "f1_macro", "confusion_matrix", "roc_auc",
+               "average_precision", "brier", "ece", "ece_bins", "threshold", "at_0.5", "ci95",
+               "split", "temperature", "calibrated", "calibration")
+
+
+def test_subtype_run_adds_a_subtype_section_and_keeps_the_binary_keys(subtype_run, tmp_path):
+    run, data = subtype_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    m = evaluate.evaluate_run(copy, data, "val", num_resamples=1000)
+    out = copy / "eval" / "val"
+    stored = json.loads((out / "metrics.json").read_text())
+    assert set(BINARY_KEYS) <= set(stored)
+    assert set(stored["confusion_matrix"]) == {"tn", "fp", "fn", "tp"}
+    sub = stored["subtype"]
+    assert sub["labels"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    cm = np.array(sub["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == sub["n"] == stored["n"] - sub["unknown"]
+    assert cm.sum(axis=1).tolist() == [sub["class_counts"][k] for k in sub["labels"]]
+    # Predicted NORMAL (column 0) is exactly the binary decision's NORMAL among known subtypes.
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    known = [r for r in rows if int(r["subtype"]) >= 0]
+    assert cm[:, 0].sum() == sum(r["prediction"] == "0" for r in known)
+    assert all((r["predicted_subtype"] == "0") == (r["prediction"] == "0") for r in rows)
+    assert all(float(r["ood_score"]) >= 0 for r in rows)
+    for name in sub["labels"]:
+        assert set(sub[name]) == {"precision", "recall", "f1", "auc", "n"}
+        assert set(sub["ci95"][name]) == {"precision", "recall", "f1", "auc"}
+    assert set(sub["bacterial_vs_viral"]) >= {"auc", "accuracy", "ci95", "n"}
+    assert sub["bacterial_vs_viral"]["n"] == cm[1:, :].sum()
+    assert 0 <= sub["macro_f1"] <= 1 and len(sub["ci95"]["macro_f1"]) == 2
+    stored_t = json.loads((copy / "calibration.json").read_text())["subtype"]["temperature"]
+    assert sub["temperature"]["value"] == stored_t
+    assert sub["temperature"]["source"] == "calibration.json"
+    assert stored["ood"]["n"] == stored["n"] and 0 <= stored["ood"]["flagged_fraction"] <= 1
+    assert (out / "subtype_confusion_matrix.png").is_file()
+    md = (out / "report.md").read_text()
+    assert "## Subtypes: NORMAL, BACTERIAL, VIRAL" in md and "bacterial vs viral" in md
+    assert "## Out of distribution" in md
+    assert "macro F1" in evaluate.summary_line(m) and "OOD flagged" in evaluate.summary_line(m)
+
+
+def test_a_subtype_run_on_old_data_has_no_subtype_figures(subtype_run, tmp_path):
+    run, _ = subtype_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    old = write_tiny_dataset(tmp_path / "v1", version=1, seed=3)
+    stored = evaluate.evaluate_run(copy, old, "test", num_resamples=1000)
+    assert set(stored["subtype"]) == {"skipped"} and "roc_auc" in stored
+
+
+def test_old_data_and_old_run_dirs_evaluate_as_before(tmp_path):
+    """A version-1 data dir and a run without ood.json or subtypes: no new section breaks."""
+    old = write_tiny_dataset(tmp_path / "v1", image_size=32, version=1)
+    run = make_run(tmp_path / "run", old, epochs=1)
+    stored = evaluate.evaluate_run(run, old, "test", num_resamples=1000)
+    assert set(BINARY_KEYS) <= set(stored) and "subtype" not in stored
+    assert set(stored["ood"]) == {"skipped"} and "ood.json" in stored["ood"]["skipped"]
+    with open(run / "eval" / "test" / "predictions.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "patient_id", "label", "probability", "calibrated_probability",
+                      "prediction"]
+
+
+def test_the_guard_flags_few_images_of_the_phantom_test_split(phantom_ood_run, tmp_path):
+    run, data, _ = phantom_ood_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    guard = evaluate.evaluate_run(copy, data, "test", num_resamples=1000)["ood"]
+    assert guard["n"] == 20 and guard["flagged_fraction"] <= 0.2
+    assert set(guard["flagged_fraction_by_class"]) == {"NORMAL", "PNEUMONIA"}
+    assert guard["layer"] == "gap" and "feature score only" in guard["checks"]

@@ -99,3 +99,31 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
         predicted = e["group"] in ("TP", "FP")
         assert predicted == (e["probability"] >= raw), e
         assert e["label"] == int(e["group"] in ("TP", "FN"))
+
+
+@pytest.mark.slow
+def test_subtype_runs_explain_bacterial_and_viral(subtype_run, tmp_path):
+    import shutil
+
+    run, data = subtype_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for cam_class in ("pneumonia", "bacterial", "viral"):
+        stats = gc.run_gradcam(copy, data, "val", num_images=8, batch_size=4,
+                               cam_class=cam_class)
+        assert stats["cam_class"] == cam_class and stats["num_images"] == 8
+        # The probability shown is P(pneumonia) = 1 - p(NORMAL) whatever is explained.
+        assert all(0 <= e["probability"] <= 1 for e in stats["images"])
+    saved = json.loads((copy / "gradcam" / "cam_stats.json").read_text())
+    assert saved["cam_class"] == "viral"
+
+
+@pytest.mark.slow
+def test_bacterial_on_a_binary_run_is_refused(tmp_path):
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    data = write_tiny_dataset(tmp_path / "data")
+    run = make_run(tmp_path / "run", data, epochs=1)
+    with pytest.raises(ValueError, match="--cam_class=bacterial needs a three-class run"):
+        gc.run_gradcam(run, data, "test", num_images=4, cam_class="bacterial")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from pneumo_tf import SUBTYPE_NAMES
 from pneumo_tf import metrics as pm
 
 
@@ -199,3 +200,61 @@ def test_bootstrap_ece_ci_is_the_ece_of_each_resample():
         eces.append(pm.expected_calibration_error(labels[idx], probs[idx]))
     assert [lo, hi] == pytest.approx([np.percentile(eces, 2.5), np.percentile(eces, 97.5)])
     assert lo < pm.expected_calibration_error(labels, probs) < hi
+
+
+def _subtype_sample(seed=0, n=300):
+    """Subtypes with logits that mostly point at the true class; a few unknown (-1)."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, n, p=[0.3, 0.45, 0.25])
+    logits = rng.normal(0, 1, (n, 3))
+    logits[np.arange(n), y] += 2.0
+    y[:7] = -1
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = 1 - e[:, 0] / e.sum(axis=1)
+    return y, probs, logits
+
+
+def test_subtype_report_counts_the_operating_point_decisions():
+    y, probs, logits = _subtype_sample()
+    out = pm.subtype_report(y, probs, logits, 0.5, num_resamples=500)
+    known = y >= 0
+    pred = np.where(probs >= 0.5, np.where(logits[:, 1] >= logits[:, 2], 1, 2), 0)[known]
+    cm = skm.confusion_matrix(y[known], pred, labels=[0, 1, 2])
+    assert out["confusion_matrix"] == cm.tolist() and out["labels"] == list(SUBTYPE_NAMES)
+    assert out["n"] == known.sum() and out["unknown"] == 7
+    p, r, f1, _ = skm.precision_recall_fscore_support(y[known], pred, labels=[0, 1, 2])
+    for c, name in enumerate(SUBTYPE_NAMES):
+        entry = out[name]
+        assert (entry["precision"], entry["recall"], entry["f1"]) == pytest.approx(
+            (p[c], r[c], f1[c]))
+        assert entry["n"] == (y == c).sum()
+        e = np.exp(logits[known] - logits[known].max(axis=1, keepdims=True))
+        auc = skm.roc_auc_score(y[known] == c, (e / e.sum(axis=1, keepdims=True))[:, c])
+        assert entry["auc"] == pytest.approx(auc)
+        for key in ("precision", "recall", "f1", "auc"):
+            lo, hi = out["ci95"][name][key]
+            assert lo <= entry[key] <= hi, (name, key)
+    assert out["macro_f1"] == pytest.approx(np.mean(f1))
+    lo, hi = out["ci95"]["macro_f1"]
+    assert lo <= out["macro_f1"] <= hi
+
+
+def test_bacterial_vs_viral_is_among_pneumonia_cases_only():
+    y, probs, logits = _subtype_sample(seed=1)
+    # A threshold of 1: every image is called NORMAL, yet bacterial vs viral is unchanged.
+    out = pm.subtype_report(y, probs, logits, 1.01, num_resamples=500)
+    assert out["BACTERIAL"]["recall"] == 0 and out["VIRAL"]["recall"] == 0
+    bv = out["bacterial_vs_viral"]
+    pn = (y == 1) | (y == 2)
+    assert bv["n"] == pn.sum() and bv["positive"] == "VIRAL"
+    assert bv["class_counts"] == {"BACTERIAL": (y == 1).sum(), "VIRAL": (y == 2).sum()}
+    score = logits[pn, 2] - logits[pn, 1]
+    assert bv["auc"] == pytest.approx(skm.roc_auc_score(y[pn] == 2, score))
+    assert bv["accuracy"] == pytest.approx(np.mean(np.where(score > 0, 2, 1) == y[pn]))
+    for key in ("auc", "accuracy"):
+        assert bv["ci95"][key][0] <= bv[key] <= bv["ci95"][key][1]
+
+
+def test_subtype_report_without_known_subtypes_is_skipped():
+    out = pm.subtype_report([-1, -1], [0.2, 0.9], np.zeros((2, 3)), 0.5)
+    assert set(out) == {"skipped"}

@@ -79,3 +79,67 @@ def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "pneumo_tf.ood: error:" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_in_graph_score_matches_the_host_score():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(0, 1, (300, 16))
+    labels = np.r_[np.zeros(150), np.ones(150)]
+    feats[labels == 1] += 2.0
+    means, precision = ood.fit_gaussians(feats, labels)
+    probe = np.vstack([feats[:20], rng.normal(0, 5, (10, 16))]).astype(np.float32)
+    host = ood.mahalanobis_scores(probe, means, precision)
+    graph = tf.function(lambda x: ood.tf_mahalanobis_scores(x, means, precision))(probe).numpy()
+    assert graph.dtype == np.float32
+    np.testing.assert_allclose(graph, host, rtol=1e-4)
+
+
+def test_in_graph_film_checks_match_the_host_checks():
+    import tensorflow as tf
+
+    from pneumo_tf.data import phantoms
+
+    check = tf.function(ood.tf_film_orientation_flags,
+                        input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)])
+    rng = np.random.default_rng(2)
+    films = [_film(), phantoms.generate_phantom(rng, 1, (420, 520))[0]]
+    for film in films:
+        for image in (film, 255 - film, np.rot90(film), film[::-1]):
+            image = np.ascontiguousarray(image)
+            inverted, on_its_side = (bool(v) for v in check(image[..., None]))
+            got = ["inverted"] * inverted + ["on_its_side"] * on_its_side
+            assert got == ood.film_orientation_reasons(image)
+
+
+def test_verdict_and_refer_reasons():
+    assert ood.in_distribution(3.0, 5.0, []) is True
+    assert ood.in_distribution(6.0, 5.0, []) is False
+    assert ood.in_distribution(3.0, 5.0, ["inverted"]) is False
+    assert ood.in_distribution(None, 5.0, []) is None
+    assert ood.refer_reasons(6.0, 5.0, ["inverted"]) == ["inverted", ood.NOT_A_CHEST_FILM]
+    assert ood.refer_reasons(3.0, 5.0, []) == []
+    assert ood.refer_reasons(None, None, ["on_its_side"]) == ["on_its_side"]
+
+
+@pytest.mark.slow
+def test_bench_ood_runs_end_to_end_on_phantoms(phantom_ood_run, tmp_path):
+    run, _, src = phantom_ood_run
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ood"), f"--run_dir={run}",
+                           f"--films={src / 'train'}", f"--external={src / 'test'}",
+                           "--per_kind=3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ood"]["layer"] == "gap" and result["per_kind"] == 3
+    for kind in ("photo", "noise", "text", "blank", "inverted", "rotated_90", "film_unchanged"):
+        entry = result["kinds"][kind]
+        assert entry["n"] == 3 and set(entry) == {"n", "flagged", "flagged_by_features",
+                                                  "flagged_by_image_checks"}, kind
+    assert result["kinds"]["inverted"]["flagged"] == 1.0
+    assert (tmp_path / "out" / "bench").is_dir()
+    bare = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ood"),
+                           f"--run_dir={tmp_path}", "--per_kind=1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0 and "Traceback" not in bare.stderr

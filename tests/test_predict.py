@@ -484,3 +484,149 @@ def test_cli_calibration_flag(site_run, good_files):
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "pneumo_tf.predict: error: --calibration=val" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The OOD guard and the subtype fields
+
+
+OOD_KINDS = {"run_dir": (1e-9, 1.0), "saved_model": (1e-4, 1.0), "tflite": (0.05, 0.9)}
+
+
+@pytest.fixture(scope="module")
+def ood_inputs(phantom_ood_run, tmp_path_factory):
+    """``{kind: [files]}``: photos, inverted and sideways phantom films, ordinary phantom films."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("ood_inputs")
+    files = {"photo": [], "inverted": [], "sideways": [], "film": []}
+    for i, rgb in enumerate(load_sample_images().images):
+        path = root / f"photo_{i}.jpeg"
+        cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        files["photo"].append(path)
+    for i in range(12):
+        film = phantom(*(300 + 17 * i, 380 + 11 * i), label=i % 2, seed=100 + i)
+        for kind, image in (("film", film), ("inverted", 255 - film), ("sideways", np.rot90(film))):
+            if kind != "film" and i >= 4:
+                continue
+            path = root / f"{kind}_{i}.png"
+            cv2.imwrite(str(path), np.ascontiguousarray(image))
+            files[kind].append(path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def ood_export(phantom_ood_run, tmp_path_factory):
+    """The phantom run (with its guard) exported: SavedModel and the float16 TFLite model."""
+    from pneumo_tf import export
+
+    run, data, _ = phantom_ood_run
+    copy = tmp_path_factory.mktemp("ood_export") / "run"
+    shutil.copytree(run, copy)
+    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=16)
+    return {"run_dir": copy, "saved_model": copy / "export" / "saved_model",
+            "tflite": copy / "export" / "model_fp16.tflite"}
+
+
+def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
+    from pneumo_tf import ood, predict
+
+    rows = {kind: list(predict.predict_paths(predict.load_predictor(ood_export["run_dir"]), paths))
+            for kind, paths in ood_inputs.items()}
+    for rec in (r for kind_rows in rows.values() for r in kind_rows):
+        back = json.loads(json.dumps(rec))
+        assert isinstance(back["ood_score"], float) and isinstance(back["in_distribution"], bool)
+        assert back["in_distribution"] == (not set(back["refer_reasons"]) & {
+            ood.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
+        assert "subtype" not in back  # a binary run
+    assert all(ood.NOT_A_CHEST_FILM in r["refer_reasons"] and r["refer"] for r in rows["photo"])
+    assert all("inverted" in r["refer_reasons"] and not r["in_distribution"]
+               for r in rows["inverted"])
+    assert all("on_its_side" in r["refer_reasons"] for r in rows["sideways"])
+    assert np.mean([r["in_distribution"] for r in rows["film"]]) >= 0.8
+    line = json.dumps(rows["photo"][0])
+    assert '"in_distribution": false' in line and '"ood_score": ' in line
+
+
+def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
+    from pneumo_tf import predict
+
+    paths = [p for kind_paths in ood_inputs.values() for p in kind_paths]
+    reference = None
+    for kind, (rtol, agreement) in OOD_KINDS.items():
+        predictor = predict.load_predictor(ood_export[kind])
+        assert predictor.ood_info is not None and predictor.ood_info["layer"] == "gap"
+        rows = list(predict.predict_paths(predictor, paths))
+        scores = np.array([r["ood_score"] for r in rows])
+        verdicts = np.array([r["in_distribution"] for r in rows])
+        if reference is None:
+            reference = scores, verdicts
+        np.testing.assert_allclose(scores, reference[0], rtol=rtol, err_msg=kind)
+        assert np.mean(verdicts == reference[1]) >= agreement, kind
+
+
+def test_ood_rates_count_what_predict_flags(ood_export, ood_inputs):
+    from pneumo_tf import predict
+
+    predictor = predict.load_predictor(ood_export["run_dir"])
+    films = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in ood_inputs["film"]]
+    rates = predict.ood_rates(predictor, [255 - f for f in films])
+    assert rates["n"] == len(films) and rates["flagged"] == 1.0
+    assert rates["flagged_by_image_checks"] == 1.0
+    assert predict.ood_rates(predictor, films)["flagged"] <= 0.2
+
+
+def test_runs_without_a_guard_still_predict_with_null_fields(exported_run, good_files):
+    """Run dirs and exports made before ood.json existed: the fields are there, null."""
+    from pneumo_tf import predict
+
+    assert not (exported_run / "ood.json").exists()
+    for path in (exported_run, exported_run / "export" / "saved_model",
+                 exported_run / "export" / "model_fp16.tflite"):
+        predictor = predict.load_predictor(path)
+        assert predictor.ood_info is None
+        for rec in predict.predict_paths(predictor, good_files):
+            assert rec["ood_score"] is None and rec["in_distribution"] is None, path
+            assert '"in_distribution": null' in json.dumps(rec)
+    with pytest.raises(predict.PredictError, match="no OOD guard"):
+        predict.ood_rates(predict.load_predictor(exported_run), [phantom(300, 380)])
+
+
+@pytest.fixture(scope="module")
+def subtype_export(subtype_run, tmp_path_factory):
+    from pneumo_tf import export
+
+    run, data = subtype_run
+    copy = tmp_path_factory.mktemp("subtype_predict") / "run"
+    shutil.copytree(run, copy)
+    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
+    return copy
+
+
+def test_subtype_rows_name_the_subtype_of_every_model_kind(subtype_export, tmp_path):
+    from pneumo_tf import predict
+    from pneumo_tf.data import phantoms
+
+    rng = np.random.default_rng(4)
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"f{i}.png"
+        cv2.imwrite(str(path), phantoms.generate_phantom(rng, i % 2, (120, 140))[0])
+        paths.append(path)
+    reference = None
+    for model, tol in ((subtype_export, 1e-6), (subtype_export / "export" / "saved_model", 1e-5),
+                       (subtype_export / "export" / "model_fp16.tflite", 0.01)):
+        predictor = predict.load_predictor(model)
+        assert predictor.config.task == "subtype"
+        rows = [json.loads(json.dumps(r)) for r in predict.predict_paths(predictor, paths)]
+        for rec in rows:
+            if rec["label"] == 0:
+                assert rec["subtype"] is None and rec["subtype_probability"] is None
+            else:
+                assert rec["subtype"] in ("BACTERIAL", "VIRAL")
+                assert 0.5 <= rec["subtype_probability"] <= 1.0
+        probs = np.array([[r["probability"], r["subtype_probability"] or 0] for r in rows])
+        if reference is None:
+            reference = probs, [r["subtype"] for r in rows]
+        np.testing.assert_allclose(probs, reference[0], atol=tol, err_msg=str(model))
+        assert [r["subtype"] for r in rows] == reference[1], model

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import pneumo_tf
 from pneumo_tf import calibration, serving
 
 
@@ -151,3 +152,86 @@ def test_serving_config_names_its_calibration_and_old_configs_read_as_val(tmp_pa
     assert serving.serving_config_for_run(run, cal).calibration == "val"
     assert serving.serving_config_for_run(run, cal, "site_b").calibration == "site_b"
     assert serving.serving_config_for_run(run, None).calibration == "none"
+
+
+class _DictOutputs:
+    """A stand-in for :func:`pneumo_tf.scoring.outputs_model`: fixed logits and features."""
+
+    def __init__(self, logits, features):
+        self.logits, self.features = np.asarray(logits, np.float32), np.asarray(features,
+                                                                                np.float32)
+
+    def __call__(self, images, training=False):
+        import tensorflow as tf
+
+        z = tf.constant(self.logits)
+        p = tf.nn.softmax(z)
+        return {"probability": 1.0 - p[:, :1], "class_logits": z,
+                "features": tf.constant(self.features)}
+
+
+def test_saved_model_outputs_add_the_guard_and_the_subtype():
+    import tensorflow as tf
+
+    from pneumo_tf import ood
+
+    logits = [[3.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.2, 1.5], [0.0, 1.0, 1.0]]
+    features = [[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [0.0, 1.0]]
+    stats = ood.OodStats(np.zeros((1, 2)), np.eye(2), threshold=2.0)
+    cfg = serving.ServingConfig(8, "none", threshold=0.5, calibrated=True, task="subtype",
+                                subtype_temperature=2.0, ood={"threshold": 2.0})
+    model = _DictOutputs(logits, features)
+    images = tf.zeros([4, 8, 8, 1], tf.uint8)
+    flags_ = tf.constant([False, True, False, False])
+    out = {k: v.numpy() for k, v in serving.saved_model_outputs(model, images, cfg, stats,
+                                                                  flags_).items()}
+    assert {k: (v.dtype, v.shape) for k, v in out.items()} == {
+        "probability": (np.float32, (4,)), "calibrated_probability": (np.float32, (4,)),
+        "threshold": (np.float32, (4,)), "label": (np.int64, (4,)),
+        "ood_score": (np.float32, (4,)), "in_distribution": (np.bool_, (4,)),
+        "class_probabilities": (np.float32, (4, 3)), "subtype": (np.int64, (4,)),
+        "subtype_probability": (np.float32, (4,))}
+    np.testing.assert_allclose(out["ood_score"], [0, 0.25, 100, 1], rtol=1e-6)
+    # Image 1 is close in feature space but failed an image check; image 2 is far.
+    assert out["in_distribution"].tolist() == [True, False, False, True]
+    assert out["label"].tolist() == [0, 1, 1, 1]
+    assert out["subtype"].tolist() == [0, 1, 2, 1]  # NORMAL: 0; a tie: BACTERIAL
+    gap = np.abs(np.array(logits)[:, 1] - np.array(logits)[:, 2]) / 2.0
+    np.testing.assert_allclose(out["subtype_probability"], 1 / (1 + np.exp(-gap)), rtol=1e-6)
+    np.testing.assert_allclose(out["class_probabilities"].sum(axis=1), 1, rtol=1e-6)
+    for k in range(4):  # predict's host-side fields agree with the graph's
+        fields = serving.subtype_fields(out["class_probabilities"][k], out["label"][k], 2.0)
+        if out["label"][k] == 0:
+            assert fields == {"subtype": None, "subtype_probability": None}
+        else:
+            assert fields["subtype"] == pneumo_tf.SUBTYPE_NAMES[out["subtype"][k]]
+            assert fields["subtype_probability"] == pytest.approx(out["subtype_probability"][k],
+                                                                  rel=1e-5)
+    plain = serving.saved_model_outputs(_FixedProbabilities([0.2, 0.7]), images[:2], cfg)
+    assert set(plain) == {"probability", "calibrated_probability", "threshold", "label"}
+
+
+def test_serving_config_carries_task_subtype_temperature_and_guard(tmp_path):
+    cfg = serving.ServingConfig(32, "fixed", task="subtype", subtype_temperature=1.4,
+                                ood={"threshold": 12.5, "layer": "dense"})
+    obj = json.loads(json.dumps(cfg.to_json()))
+    assert obj["subtype_names"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    back = serving.ServingConfig.from_json(obj)
+    assert back == cfg and back.ood_threshold == 12.5
+    # A config written before either existed: a binary model without a guard.
+    old = {k: v for k, v in obj.items() if k not in ("task", "subtype_temperature", "ood",
+                                                      "subtype_names")}
+    back = serving.ServingConfig.from_json(old)
+    assert (back.task, back.subtype_temperature, back.ood, back.ood_threshold) == (
+        "binary", 1.0, None, None)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_manifest.json").write_text(json.dumps({"image_size": 32, "crop": "fixed"}))
+    (run / "calibration.json").write_text(json.dumps({
+        "temperature": 1.0, "threshold": 0.5, "subtype": {"temperature": 1.7}}))
+    cal = serving.calibration_from_json({"temperature": 0.8, "threshold": 0.3}, "c.json")
+    from_run = serving.serving_config_for_run(run, cal)
+    assert from_run.subtype_temperature == 1.7 and from_run.ood is None
+    (run / "ood.json").write_text(json.dumps({"threshold": 9.0, "layer": "dense"}))
+    np.savez(run / "ood_stats.npz", means=np.zeros((2, 3)), precision=np.eye(3))
+    assert serving.serving_config_for_run(run, cal).ood_threshold == 9.0
