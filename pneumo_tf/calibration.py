@@ -94,6 +94,20 @@ def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
 
 
+def _temperature_root(grad, min_t: float, max_t: float) -> float:
+    """The ``T`` where ``grad(log(1 / T))`` (increasing) crosses zero, clamped to
+    ``[min_t, max_t]``; bisection on ``log(1 / T)``."""
+    lo, hi = np.log(1.0 / max_t), np.log(1.0 / min_t)
+    if grad(lo) >= 0.0:
+        return float(max_t)
+    if grad(hi) <= 0.0:
+        return float(min_t)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if grad(mid) < 0.0 else (lo, mid)
+    return float(1.0 / np.exp(0.5 * (lo + hi)))
+
+
 def fit_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 1e2) -> float:
     """The temperature ``T`` minimising the NLL of ``sigmoid(logits / T)``.
 
@@ -118,18 +132,7 @@ def fit_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 1e2) -> 
         sigmoid = 0.5 * (1.0 + np.tanh(0.5 * a * z))  # overflow-free logistic
         return float(np.mean((sigmoid - y) * z))
 
-    lo, hi = np.log(1.0 / max_t), np.log(1.0 / min_t)
-    if grad(lo) >= 0.0:
-        return float(max_t)
-    if grad(hi) <= 0.0:
-        return float(min_t)
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if grad(mid) < 0.0:
-            lo = mid
-        else:
-            hi = mid
-    return float(1.0 / np.exp(0.5 * (lo + hi)))
+    return _temperature_root(grad, min_t, max_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,15 +171,7 @@ def fit_softmax_temperature(labels, logits, min_t: float = 1e-2, max_t: float = 
     def grad(log_a: float) -> float:
         return float(np.mean((softmax(z, 1.0 / np.exp(log_a)) * z).sum(axis=-1) - z_true))
 
-    lo, hi = np.log(1.0 / max_t), np.log(1.0 / min_t)
-    if grad(lo) >= 0.0:
-        return float(max_t)
-    if grad(hi) <= 0.0:
-        return float(min_t)
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if grad(mid) < 0.0 else (lo, mid)
-    return float(1.0 / np.exp(0.5 * (lo + hi)))
+    return _temperature_root(grad, min_t, max_t)
 
 
 def subtype_calibration(subtypes, class_logits) -> dict | None:

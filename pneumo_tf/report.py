@@ -90,19 +90,24 @@ def pr_figure(labels, probs, threshold: float | None = None, split: str = "evalu
     return fig
 
 
+def _draw_confusion(ax, cm: np.ndarray, names, fontsize: int = 10) -> None:
+    """A confusion matrix (rows: true class, columns: predicted) with counts and row %."""
+    ax.imshow(cm, cmap="Blues")
+    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, f"{cm[i, j]}\n{100 * cm[i, j] / rows[i, 0]:.1f} %", ha="center",
+                    va="center", color="white" if dark else "black")
+    ax.set_xticks(range(len(names)), [f"pred {c}" for c in names], fontsize=fontsize)
+    ax.set_yticks(range(len(names)), [f"true {c}" for c in names], fontsize=fontsize)
+
+
 def confusion_figure(confusion: dict, threshold: float) -> Figure:
     """Confusion matrix (counts and row percentages) at ``threshold``."""
     cm = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(cm, cmap="Blues")
-    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
-    for i in range(2):
-        for j in range(2):
-            dark = cm[i, j] > cm.max() / 2
-            ax.text(j, i, f"{cm[i, j]}\n{100 * cm[i, j] / rows[i, 0]:.1f} %", ha="center",
-                    va="center", color="white" if dark else "black")
-    ax.set_xticks([0, 1], [f"pred {c}" for c in CLASS_NAMES])
-    ax.set_yticks([0, 1], [f"true {c}" for c in CLASS_NAMES])
+    _draw_confusion(ax, cm, CLASS_NAMES)
     ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
     fig.tight_layout()
     return fig
@@ -367,30 +372,25 @@ def shift_markdown(shift: dict) -> str:
 def cross_validated_markdown(cross_validated: dict) -> str:
     """The cross-validated figures of a site calibration as a markdown table."""
     pooled = cross_validated["pooled"]
-    lines = [f"{cross_validated['folds']}-fold cross-validation grouped by patient on this "
+    intro = (f"{cross_validated['folds']}-fold cross-validation grouped by patient on this "
              f"sample ({pooled['n']} images): each image decided by the threshold and "
-             f"temperature fitted on the other folds.", "",
-             "| metric | cross-validated | 95 % CI |", "|---|---|---|"]
-    for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"):
-        lines.append(f"| {key.replace('_', ' ')} | {_fmt(pooled[key])} | "
-                     f"{_ci(cross_validated, key)} |")
-    return "\n".join(lines)
+             f"temperature fitted on the other folds.")
+    rows = [(key.replace("_", " "), _fmt(pooled[key]), _ci(cross_validated, key))
+            for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece")]
+    return "\n".join([intro, ""] + markdown_rows(("metric", "cross-validated", "95 % CI"), rows))
+
+
+def markdown_rows(header: tuple[str, ...], rows) -> list[str]:
+    """A markdown table's lines: the header, the separator, one line per row of cells."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def subtype_confusion_figure(matrix: list[list[int]], threshold: float) -> Figure:
     """The three-class confusion matrix (rows: true NORMAL/BACTERIAL/VIRAL, columns: predicted)
     with counts and row percentages."""
-    cm = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(5.0, 4.4))
-    ax.imshow(cm, cmap="Blues")
-    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
-    for i in range(3):
-        for j in range(3):
-            dark = cm[i, j] > cm.max() / 2
-            ax.text(j, i, f"{cm[i, j]}\n{100 * cm[i, j] / rows[i, 0]:.1f} %", ha="center",
-                    va="center", color="white" if dark else "black")
-    ax.set_xticks(range(3), [f"pred {c}" for c in SUBTYPE_NAMES], fontsize=8)
-    ax.set_yticks(range(3), [f"true {c}" for c in SUBTYPE_NAMES], fontsize=8)
+    _draw_confusion(ax, np.asarray(matrix), SUBTYPE_NAMES, fontsize=8)
     ax.set_title(f"Subtypes (binary threshold {threshold:.3f}, then the larger)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -399,15 +399,13 @@ def subtype_confusion_figure(matrix: list[list[int]], threshold: float) -> Figur
 def subtype_markdown(section: dict) -> str:
     """The ``subtype`` section of ``metrics.json`` as markdown tables."""
     ci = section["ci95"]
-    lines = [f"{section['n']} images of known subtype ({section['unknown']} unknown left out): "
+    intro = (f"{section['n']} images of known subtype ({section['unknown']} unknown left out): "
              f"{section['decision']}. AUCs one-vs-rest on the model's softmax; 95 % CIs: "
-             f"bootstrap stratified by subtype, {ci['num_resamples']} resamples.", "",
-             "| class | n | precision | recall | F1 | AUC |", "|---|---|---|---|---|---|"]
-    for name in SUBTYPE_NAMES:
-        entry, bounds = section[name], ci[name]
-        lines.append(f"| {name} | {entry['n']} | " + " | ".join(
-            _with_ci(entry[k], bounds.get(k)) for k in ("precision", "recall", "f1", "auc"))
-            + " |")
+             f"bootstrap stratified by subtype, {ci['num_resamples']} resamples.")
+    rows = [(name, section[name]["n"], *(_with_ci(section[name][k], ci[name].get(k))
+                                         for k in ("precision", "recall", "f1", "auc")))
+            for name in SUBTYPE_NAMES]
+    lines = [intro, ""] + markdown_rows(("class", "n", "precision", "recall", "F1", "AUC"), rows)
     bv = section["bacterial_vs_viral"]
     bv_ci = bv.get("ci95") or {}
     temperature = section.get("temperature") or {}

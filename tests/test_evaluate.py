@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, write_tiny_dataset
 from support_runs import make_run
 
-from pneumo_tf import atomic_files, evaluate, rundir
+from pneumo_tf import atomic_files, calibration, evaluate, rundir
 from pneumo_tf.data import records
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,8 @@ def test_evaluate_writes_consistent_report(trained):
                                    "average_precision"}
     assert stored["ci95"]["num_resamples"] == 1000
     cal = json.loads((run / "calibration.json").read_text())
-    assert stored["threshold"] == {"value": cal["threshold"], "method": "val_youden",
+    assert stored["threshold"] == {"value": cal["threshold"],
+                                   "method": calibration.DEFAULT_THRESHOLD_METHOD,
                                    "source": "val", "applies_to": "probability"}
     assert stored["ece_bins"] == 15
 
@@ -135,7 +136,7 @@ def test_threshold_never_comes_from_the_test_split(trained, tmp_path):
 
 
 def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(trained):
-    from pneumo_tf import calibration, scoring
+    from pneumo_tf import scoring
 
     root, data, _ = trained
     run = _fresh_run(trained, "run_method")
@@ -146,7 +147,8 @@ def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(t
                               num_resamples=1000)
     # The run's operating point (used by export/predict/gradcam) is untouched ...
     assert cal_path.read_bytes() == before
-    assert rundir.read_calibration(run)["threshold_method"] == "val_youden"
+    assert (rundir.read_calibration(run)["threshold_method"]
+            == calibration.DEFAULT_THRESHOLD_METHOD == "val_prevalence:0.5")
     # ... while the evaluation used the asked-for threshold, chosen on val.
     val = scoring.predict_split(rundir.load_model(run), data, "val")
     expected = calibration.choose_threshold(val["label"], val["probability"],
@@ -165,7 +167,6 @@ def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(t
 
 def test_threshold_on_calibrated_probability_is_honoured(trained):
     """A calibration.json threshold chosen on the calibrated probability is applied to it."""
-    from pneumo_tf import calibration
 
     root, data, _ = trained
     run = _fresh_run(trained, "run_applies_to")
