@@ -416,9 +416,10 @@ def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig
 
 def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 64) -> dict:
     """The Keras model's reference outputs for ``[N, S, S, 1] uint8`` images: ``probability``
-    ``[N] float64``, plus ``ood_score`` (float64, :meth:`pneumo_tf.ood.OodStats.scores`) with
-    ``ood_stats`` and ``class_probabilities`` ``[N, 3]`` for a subtype model."""
-    from pneumo_tf import calibration, scoring
+    ``[N] float64``, plus ``ood_score`` (float64, :meth:`pneumo_tf.ood.OodStats.scores`) and
+    ``in_distribution`` (the score and the upside-down probe) with ``ood_stats``, and
+    ``class_probabilities`` ``[N, 3]`` for a subtype model."""
+    from pneumo_tf import calibration, ood, scoring
 
     outputs = scoring.make_outputs_fn(model, ood_stats.layer if ood_stats is not None else None)
     parts: dict[str, list] = {}
@@ -427,6 +428,10 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
         batch = {"probability": out["probability"].numpy().astype(np.float64)}
         if ood_stats is not None:
             batch["ood_score"] = ood_stats.scores(out["features"].numpy())
+            batch["in_distribution"] = batch["ood_score"] <= ood_stats.threshold
+            if ood_stats.upright is not None:
+                batch["in_distribution"] &= ~ood.upside_down(ood_stats.upright,
+                                                             images[i:i + batch_size])
         if "class_logits" in out:
             batch["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
         for key, value in batch.items():
@@ -442,10 +447,9 @@ def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dic
                         reference["probability"], cfg)
     if "ood_score" in reference:
         score, ref = np.asarray(got["ood_score"], np.float64), reference["ood_score"]
-        threshold = cfg.ood_threshold
         stats["max_rel_ood_score_diff"] = float(np.max(np.abs(score - ref) / np.maximum(ref, 1e-6)))
         stats["in_distribution_agreement"] = float(np.mean(
-            np.asarray(got["in_distribution"], bool) == (ref <= threshold)))
+            np.asarray(got["in_distribution"], bool) == reference["in_distribution"]))
     if "class_probabilities" in reference:
         probs, ref = np.asarray(got["class_probabilities"], np.float64), reference[
             "class_probabilities"]

@@ -13,8 +13,11 @@ model has learnt to read: ``in_distribution`` is false, and ``predict`` refers i
 
 A score on the single sigmoid logit (energy, max-softmax) separates nothing for a binary model;
 distances in feature space see a photo, a document or a rotated film as far from every film of
-the training set. Two cheap image checks (:func:`film_orientation_reasons`) catch what features
-can miss: an inverted film (lungs bright, spine dark) and a film on its side or upside down.
+the training set. Cheap image checks catch what features can miss: an inverted film (lungs
+bright, spine dark) and a film on its side (:func:`film_orientation_reasons`, fixed rules on the
+full film), and an upside-down film (:func:`upright_reasons`: a linear probe on a 16x16
+thumbnail of the model's input, fitted with the guard on the run's train films against their
+vertical flips; an upside-down film keeps the spine band and most of its features).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ DEFAULT_LAYER = "dense"
 DEFAULT_VAL_RATE = 0.01
 # predict's refer reason for a feature score above the threshold.
 NOT_A_CHEST_FILM = "not_a_chest_film"
+# predict's refer reason for a film the upright probe reads as upside down.
+UPSIDE_DOWN = "upside_down"
+THUMB = 16
 
 
 @dataclasses.dataclass
@@ -46,6 +52,7 @@ class OodStats:
     precision: np.ndarray
     threshold: float
     layer: str = DEFAULT_LAYER
+    upright: dict | None = None   # ood.json's "upright" probe (None: fitted before it existed)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """:func:`mahalanobis_scores` of ``[N, D]`` features."""
@@ -155,15 +162,17 @@ def feature_model(model, layer: str = DEFAULT_LAYER):
 
 
 def split_features(features_fn, data_dir, split: str, batch_size: int = 64
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(features [N, D], labels [N])`` of a whole split through ``features_fn``."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features [N, D], labels [N], thumbnails [N, 16, 16])`` of a whole split through
+    ``features_fn`` (the thumbnails: :func:`thumbnails` of the images)."""
     from pneumo_tf import scoring
 
-    feats, labels = [], []
+    feats, labels, thumbs = [], [], []
     for batch in scoring.iterate_split(data_dir, split, batch_size):
         feats.append(np.asarray(features_fn(batch["image"]), np.float32))
         labels.append(batch["label"])
-    return np.concatenate(feats), np.concatenate(labels)
+        thumbs.append(thumbnails(batch["image"]))
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(thumbs)
 
 
 def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
@@ -186,9 +195,9 @@ def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     threshold_at_rate(np.zeros(1), val_rate)  # validate before the long part
     model = model if model is not None else rundir.load_model(run_dir)
     features = feature_model(model, layer)
-    train_x, train_y = split_features(features, data_dir, "train", batch_size)
+    train_x, train_y, train_thumbs = split_features(features, data_dir, "train", batch_size)
     means, precision = fit_gaussians(train_x, train_y)
-    val_x, _ = split_features(features, data_dir, "val", batch_size)
+    val_x, _, val_thumbs = split_features(features, data_dir, "val", batch_size)
     val_scores = mahalanobis_scores(val_x, means, precision)
     threshold = threshold_at_rate(val_scores, val_rate)
     paths = rundir.RunPaths(run_dir)
@@ -200,7 +209,8 @@ def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = Non
             "fitted_on": {"data_dir": str(Path(data_dir).resolve()), "train": int(len(train_y)),
                           "val": int(len(val_scores))},
             "train_score_median": float(np.median(mahalanobis_scores(train_x, means, precision))),
-            "val_score_median": float(np.median(val_scores))}
+            "val_score_median": float(np.median(val_scores)),
+            "upright": fit_upright_probe(train_thumbs, val_thumbs, val_rate)}
     atomic_files.write_json_atomic(paths.root / OOD_JSON, info)
     return info
 
@@ -227,7 +237,7 @@ def load_stats(run_dir: str | os.PathLike) -> OodStats | None:
     info = json.loads((root / OOD_JSON).read_text(encoding="utf-8"))
     with np.load(root / OOD_STATS) as arrays:
         return OodStats(arrays["means"], arrays["precision"], float(info["threshold"]),
-                        info.get("layer", DEFAULT_LAYER))
+                        info.get("layer", DEFAULT_LAYER), info.get("upright"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +310,90 @@ def tf_film_orientation_flags(gray):
     inverted = -vertical >= horizontal
     return (tf.logical_and(flagged, inverted),
             tf.logical_and(flagged, tf.logical_not(inverted)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Upside down: a linear probe on the model input's thumbnail
+
+def area_matrix(size: int, out: int = THUMB) -> np.ndarray:
+    """``[out, size]`` area-resampling weights: row i averages the pixels under output cell i
+    (fractional overlaps weighted), as OpenCV's ``INTER_AREA`` does. As a matrix product it runs
+    alike on the host, in a SavedModel and in TFLite (which has no area resize)."""
+    edges = np.arange(out + 1) * (size / out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixels = np.arange(size)[None, :]
+    overlap = np.clip(np.minimum(hi, pixels + 1) - np.maximum(lo, pixels), 0.0, None)
+    return overlap / (size / out)
+
+
+def thumbnails(images) -> np.ndarray:
+    """``[N, 16, 16] float32`` standardised (zero mean, unit deviation) area-resampled
+    thumbnails of ``[N, H, W, 1]`` (or ``[N, H, W]``) images."""
+    images = np.asarray(images, np.float32)
+    images = images[..., 0] if images.ndim == 4 else images
+    rows, cols = area_matrix(images.shape[1]), area_matrix(images.shape[2])
+    out = np.einsum("ih,nhw,jw->nij", rows, images, cols).astype(np.float32)
+    mean = out.mean(axis=(1, 2), keepdims=True)
+    return (out - mean) / (out.std(axis=(1, 2), keepdims=True) + 1e-6)
+
+
+def fit_upright_probe(train_thumbs: np.ndarray, val_thumbs: np.ndarray, val_rate: float) -> dict:
+    """A logistic regression of upright films (as given and mirrored left-right) against the
+    same films upside down (flipped vertically, and rotated 180 degrees) on their thumbnails.
+
+    The threshold on its decision value flags at most ``val_rate`` of the upright val films
+    (never above 0, the fitted boundary). Returns ood.json's ``upright`` entry: ``weights``
+    (``16*16``, row-major), ``bias``, ``threshold``, ``val_flagged`` and
+    ``val_upside_down_caught`` (the fraction of flipped val films flagged).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def views(t):
+        up = np.concatenate([t, t[:, :, ::-1]])
+        down = np.concatenate([t[:, ::-1], t[:, ::-1, ::-1]])
+        return up.reshape(len(up), -1), down.reshape(len(down), -1)
+
+    up, down = views(np.asarray(train_thumbs, np.float64))
+    x = np.concatenate([up, down])
+    y = np.concatenate([np.ones(len(up)), np.zeros(len(down))])
+    probe = LogisticRegression(C=0.1, max_iter=2000).fit(x, y)
+    weights, bias = probe.coef_[0], float(probe.intercept_[0])
+    val_up, val_down = views(np.asarray(val_thumbs, np.float64))
+    up_values, down_values = val_up @ weights + bias, val_down @ weights + bias
+    threshold = min(0.0, float(np.quantile(up_values, val_rate)))
+    return {"weights": [float(w) for w in weights], "bias": bias, "threshold": threshold,
+            "val_flagged": float(np.mean(up_values < threshold)),
+            "val_upside_down_caught": float(np.mean(down_values < threshold))}
+
+
+def upside_down(upright: dict, images) -> np.ndarray:
+    """``[N] bool``: the probe reads the ``[N, S, S, 1]`` model inputs as upside down."""
+    values = thumbnails(images).reshape(-1, THUMB * THUMB) @ np.asarray(upright["weights"])
+    return values + upright["bias"] < upright["threshold"]
+
+
+def upright_reasons(ood_info: dict | None, image) -> list[str]:
+    """``[UPSIDE_DOWN]`` or ``[]`` for one ``[S, S]`` model input, by the guard's probe
+    (``ood_info``: ood.json; none without a guard or for guards fitted before the probe)."""
+    upright = (ood_info or {}).get("upright")
+    if upright is None or not bool(upside_down(upright, np.asarray(image)[None])[0]):
+        return []
+    return [UPSIDE_DOWN]
+
+
+def tf_upside_down(images, upright: dict):
+    """In-graph twin of :func:`upside_down` for ``[N, H, W, 1]`` images of a static size."""
+    import tensorflow as tf
+
+    x = tf.cast(images, tf.float32)[..., 0]
+    rows = tf.constant(area_matrix(int(x.shape[1])), tf.float32)
+    cols = tf.constant(area_matrix(int(x.shape[2])).T, tf.float32)
+    t = tf.matmul(tf.matmul(rows[tf.newaxis], x), cols)   # batch matmuls: TFLite has them
+    mean, var = tf.nn.moments(t, axes=[1, 2], keepdims=True)
+    t = (t - mean) / (tf.sqrt(var) + 1e-6)
+    values = tf.reshape(t, [-1, THUMB * THUMB]) @ tf.constant(
+        np.asarray(upright["weights"], np.float32)[:, None])
+    return values[:, 0] + upright["bias"] < upright["threshold"]
 
 
 def in_distribution(score, threshold: float, image_reasons: list[str]) -> bool | None:

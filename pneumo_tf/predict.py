@@ -36,8 +36,8 @@ in at export (``--calibration`` must then name that one). ``refer`` is
 true when the case should go to a human: the calibrated probability lies within
 ``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
 :func:`film_refer_reasons`), or the run's out-of-distribution guard (:mod:`pneumo_tf.ood`)
-rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film) or
-``not_a_chest_film`` (its feature score is above the guard's threshold). ``ood_score`` is
+rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film),
+``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its feature score is above the guard's threshold). ``ood_score`` is
 that score and ``in_distribution`` is true when it is at most the threshold and no image check
 failed. A model without a guard (a run without ``ood.json``, or exported from one) still
 predicts: ``ood_score`` and ``in_distribution`` are null (the image checks still refer). A
@@ -396,7 +396,8 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
 
     Args:
         ood_score: the image's OOD score, or None (a model without a guard).
-        image_checks: the guard's image checks that failed (``inverted``, ``on_its_side``).
+        image_checks: the guard's image checks that failed (``inverted``, ``on_its_side``,
+            ``upside_down``).
         class_probabilities: ``[3]`` for a subtype model (adds ``subtype`` and
             ``subtype_probability``), else None.
     """
@@ -463,8 +464,9 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
     cfg = predictor.config
     items = expand_inputs(paths)
     for start in range(0, len(items), batch_size):
-        chunk = [item if item.error else read_input(item.path, cfg.image_size, cfg.crop)
-                 for item in items[start:start + batch_size]]
+        chunk = [item if item.error else _with_upright_check(
+            read_input(item.path, cfg.image_size, cfg.crop), cfg)
+            for item in items[start:start + batch_size]]
         ok = [i for i, item in enumerate(chunk) if item.error is None]
         records_out: list[dict] = [{"path": item.path, "error": item.error} for item in chunk]
         if ok:
@@ -476,6 +478,13 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 _write_gradcam(cam_model, images, [start + i for i in ok],
                                [records_out[i] for i in ok], Path(gradcam_dir))
         yield from records_out
+
+
+def _with_upright_check(item: InputImage, cfg: serving.ServingConfig) -> InputImage:
+    """``item`` with the guard's upside-down check of its model input among its image checks."""
+    if item.error is None:
+        item.image_checks = item.image_checks + ood.upright_reasons(cfg.ood, item.image)
+    return item
 
 
 def _record_of(item: InputImage, outputs: dict, k: int, cfg: serving.ServingConfig,
@@ -510,7 +519,8 @@ def ood_rates(predictor: Predictor, gray_images: list[np.ndarray], batch_size: i
                            f"`python -m pneumo_tf.ood --run_dir=<run dir>`")
     by_features, by_checks = [], []
     for start in range(0, len(gray_images), batch_size):
-        items = [read_input_gray(g, f"image_{start + i}", cfg.image_size, cfg.crop)
+        items = [_with_upright_check(read_input_gray(g, f"image_{start + i}", cfg.image_size,
+                                                     cfg.crop), cfg)
                  for i, g in enumerate(gray_images[start:start + batch_size])]
         scores = predictor.outputs(np.stack([item.image for item in items])[..., None])["ood_score"]
         by_features += [bool(score > cfg.ood_threshold) for score in scores]

@@ -272,6 +272,9 @@ def saved_model_outputs(model, images, cfg: ServingConfig, ood_stats=None,
         inside = score <= tf.constant(ood_stats.threshold, tf.float32)
         if image_flags is not None:
             inside = tf.logical_and(inside, tf.logical_not(image_flags))
+        if ood_stats.upright is not None:
+            inside = tf.logical_and(inside, tf.logical_not(
+                ood.tf_upside_down(images, ood_stats.upright)))
         result.update(ood_score=score, in_distribution=inside)
     if "class_logits" in out:
         result.update(_subtype_outputs(tf.cast(out["class_logits"], tf.float32), result["label"],

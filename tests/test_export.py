@@ -519,7 +519,8 @@ def test_parity_covers_the_guard_and_the_subtype_outputs(subtype_export):
 def test_the_guard_costs_the_tflite_model_little(subtype_run):
     """The guard's constants for the 128-wide ``dense`` layer: a 128x128 whitening matrix and 2
     whitened means, stored as float16 in the fp16 model and as float32 in the int8 one (see
-    :func:`pneumo_tf.ood.tf_mahalanobis_scores`)."""
+    :func:`pneumo_tf.ood.tf_mahalanobis_scores`), and the upside-down probe's (two 16xS area
+    matrices and 256 weights: :func:`pneumo_tf.ood.tf_upside_down`)."""
     from pneumo_tf import export, ood, rundir, serving
 
     run, _ = subtype_run
@@ -530,7 +531,8 @@ def test_the_guard_costs_the_tflite_model_little(subtype_run):
     for variant, bytes_per_value in (("fp16", 2), ("int8", 4)):
         with_guard = len(export.convert_tflite(model, variant, cfg, stats))
         without = len(export.convert_tflite(model, variant, cfg, None))
-        constants = stats.precision.size + stats.means.size
+        constants = (stats.precision.size + stats.means.size
+                     + 2 * ood.THUMB * cfg.image_size + ood.THUMB ** 2)
         assert 0 < with_guard - without < constants * bytes_per_value + 8192, variant
 
 

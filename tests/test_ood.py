@@ -67,6 +67,8 @@ def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
     assert info["layer"] == "dense" and info["feature_dim"] > 0
     assert info["fitted_on"]["train"] == 60 and info["fitted_on"]["val"] == 40
     assert info["val_flagged"] <= 0.05 + 1e-9
+    assert len(info["upright"]["weights"]) == ood.THUMB ** 2
+    assert info["upright"]["val_flagged"] <= 0.05 + 1e-9
     stats = ood.load_stats(run)
     assert stats.threshold == pytest.approx(info["threshold"])
     assert ood.load_stats(tmp_path) is None  # a run without ood.json
@@ -111,6 +113,45 @@ def test_in_graph_film_checks_match_the_host_checks():
             inverted, on_its_side = (bool(v) for v in check(image[..., None]))
             got = ["inverted"] * inverted + ["on_its_side"] * on_its_side
             assert got == ood.film_orientation_reasons(image)
+
+
+def _phantom_inputs(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """``[n, size, size]`` uint8 phantom films resized like model inputs, both classes."""
+    import cv2
+
+    from pneumo_tf.data import phantoms
+
+    rng = np.random.default_rng(seed)
+    return np.stack([cv2.resize(phantoms.generate_phantom(rng, i % 2, (96, 96))[0], (size, size),
+                                interpolation=cv2.INTER_AREA) for i in range(n)])
+
+
+def test_upright_probe_flags_upside_down_films_and_passes_upright_ones():
+    train, val, test = (_phantom_inputs(n, seed) for n, seed in ((120, 3), (60, 4), (40, 5)))
+    upright = ood.fit_upright_probe(ood.thumbnails(train), ood.thumbnails(val), val_rate=0.05)
+    assert len(upright["weights"]) == ood.THUMB ** 2
+    assert upright["threshold"] <= 0.0 and upright["val_flagged"] <= 0.05 + 1e-9
+    assert upright["val_upside_down_caught"] >= 0.9
+    assert np.mean(ood.upside_down(upright, test)) <= 0.1
+    assert np.mean(ood.upside_down(upright, test[:, ::-1])) >= 0.9      # flipped vertically
+    assert np.mean(ood.upside_down(upright, test[:, ::-1, ::-1])) >= 0.9  # rotated 180 degrees
+    assert np.mean(ood.upside_down(upright, test[:, :, ::-1])) <= 0.1    # mirrored: still upright
+    flipped = np.ascontiguousarray(test[0, ::-1])
+    assert ood.upright_reasons({"upright": upright}, flipped) == [ood.UPSIDE_DOWN]
+    assert ood.upright_reasons({"threshold": 1.0}, flipped) == []  # a guard fitted before it
+    assert ood.upright_reasons(None, flipped) == []
+
+
+def test_in_graph_upright_probe_matches_the_host_probe():
+    import tensorflow as tf
+
+    images = _phantom_inputs(40, 6)
+    upright = ood.fit_upright_probe(ood.thumbnails(images[:30]), ood.thumbnails(images[30:]),
+                                    val_rate=0.05)
+    batch = np.concatenate([images, images[:, ::-1]])[..., None]
+    graph = tf.function(lambda x: ood.tf_upside_down(x, upright))(batch).numpy()
+    np.testing.assert_array_equal(graph, ood.upside_down(upright, batch))
+    assert graph[40:].mean() >= 0.9 and graph[:40].mean() <= 0.1
 
 
 def test_verdict_and_refer_reasons():
