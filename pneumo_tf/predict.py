@@ -548,16 +548,23 @@ def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list
 
 
 def format_table_row(rec: dict) -> str:
-    """One fixed-width text row of :func:`format_table_header`'s columns."""
+    """One fixed-width text row of :func:`format_table_header`'s columns (``label`` shows the
+    subtype of a three-class model's PNEUMONIA rows, ``ood`` the guard's verdict: ``in``,
+    ``OUT`` or ``-`` without a guard)."""
     if "error" in rec:
-        return f"{'-':>11} {'-':>10} {'ERROR':<9} {'-':<5} {rec['path']}  ({rec['error']})"
+        return (f"{'-':>11} {'-':>10} {'-':>9} {'ERROR':<9} {'-':<5} {'-':<3} {rec['path']}  "
+                f"({rec['error']})")
     reasons = f"  ({', '.join(rec['refer_reasons'])})" if rec["refer_reasons"] else ""
+    label = rec.get("subtype") or rec["class_name"]
+    verdict = {None: "-", True: "in", False: "OUT"}[rec.get("in_distribution")]
     return (f"{rec['probability']:>11.4f} {rec['calibrated_probability']:>10.4f} "
-            f"{rec['class_name']:<9} {'yes' if rec['refer'] else 'no':<5} {rec['path']}{reasons}")
+            f"{rec['threshold']:>9.4f} {label:<9} {'yes' if rec['refer'] else 'no':<5} "
+            f"{verdict:<3} {rec['path']}{reasons}")
 
 
 def format_table_header() -> str:
-    return f"{'probability':>11} {'calibrated':>10} {'label':<9} {'refer':<5} path"
+    return (f"{'probability':>11} {'calibrated':>10} {'threshold':>9} {'label':<9} {'refer':<5} "
+            f"{'ood':<3} path")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -345,14 +345,20 @@ def test_gradcam_overlays_for_keras_models_only(exported_run, good_files, tmp_pa
 def test_table_rows():
     from pneumo_tf import predict
 
-    ok = {"path": "a.png", "probability": 0.91234, "calibrated_probability": 0.8, "label": 1,
-          "class_name": "PNEUMONIA", "refer": True, "refer_reasons": ["blank"]}
+    ok = {"path": "a.png", "probability": 0.91234, "calibrated_probability": 0.8, "threshold": 0.57,
+          "label": 1, "class_name": "PNEUMONIA", "refer": True, "refer_reasons": ["blank"],
+          "in_distribution": False}
     row = predict.format_table_row(ok)
-    assert "0.9123" in row and "PNEUMONIA" in row and "yes" in row and row.endswith("(blank)")
+    assert row.split()[:6] == ["0.9123", "0.8000", "0.5700", "PNEUMONIA", "yes", "OUT"]
+    assert row.endswith("(blank)")
+    viral = dict(ok, subtype="VIRAL", refer=False, refer_reasons=[], in_distribution=True)
+    assert predict.format_table_row(viral).split()[3:6] == ["VIRAL", "no", "in"]
+    unguarded = dict(ok, in_distribution=None)
+    assert predict.format_table_row(unguarded).split()[5] == "-"
     err = predict.format_table_row({"path": "b.png", "error": "truncated JPEG"})
     assert "ERROR" in err and "b.png" in err and "truncated JPEG" in err
-    assert predict.format_table_header().split() == ["probability", "calibrated", "label",
-                                                     "refer", "path"]
+    assert predict.format_table_header().split() == ["probability", "calibrated", "threshold",
+                                                     "label", "refer", "ood", "path"]
 
 
 @pytest.mark.slow
@@ -372,7 +378,8 @@ def test_cli_jsonl_exit_status_and_table(exported_run, good_files, tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = out.stdout.splitlines()
-    assert rows[0].split() == ["probability", "calibrated", "label", "refer", "path"]
+    assert rows[0].split() == ["probability", "calibrated", "threshold", "label", "refer", "ood",
+                              "path"]
     assert len(rows) == 1 + len(good_files)
 
     out = subprocess.run(base + [f"--model={tmp_path / 'no_model'}", str(good_files[0])],
