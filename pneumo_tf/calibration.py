@@ -57,7 +57,7 @@ THRESHOLD_METHODS_HELP = (
 # low edge of a validation split that saturates (AUC 0.99+: a wide plateau of equally good cuts)
 # and call a third of another hospital's healthy children ill; 0.5 on the calibrated probability
 # does better; the Bayes cut for a site of unknown (even) prevalence held up best: NORMAL recall
-# 0.85-0.93 with PNEUMONIA recall 0.89-0.97 over the recipes measured.
+# 0.78-0.93 with PNEUMONIA recall 0.89-0.97 over the six recipes measured.
 DEFAULT_THRESHOLD_METHOD = "val_prevalence:0.5"
 THRESHOLD_APPLIES_TO = ("probability", "calibrated_probability")
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking logits (float32 sigmoid)
