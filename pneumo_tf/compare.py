@@ -74,8 +74,9 @@ def run_labels(run_dirs: list[str | os.PathLike]) -> list[str]:
 
 def load_metrics(run_dir: str | os.PathLike, split: str, data_dir: str | os.PathLike | None,
                  batch_size: int = 64, seed: int = 0) -> dict:
-    """``eval/<split>/metrics.json`` of a run, evaluating it first if needed and possible."""
-    path = rundir.RunPaths(run_dir).eval_dir(split) / "metrics.json"
+    """The run's ``metrics.json`` of ``split`` of ``data_dir`` (its own data when None:
+    :func:`pneumo_tf.rundir.evaluation_dir`), evaluating it first if needed and possible."""
+    path = rundir.evaluation_dir(run_dir, data_dir, split) / "metrics.json"
     if not path.is_file():
         if data_dir is None:
             raise rundir.RunDirError(
@@ -128,11 +129,12 @@ def markdown_table(rows: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def read_predictions(run_dir: str | os.PathLike, split: str) -> dict | None:
-    """``eval/<split>/predictions.csv`` of a run as arrays: ``path`` (sorted), ``label``,
-    ``probability`` and ``prediction`` (the run's decision at its own threshold); None when the
-    run has no such file (an evaluation written by an older version)."""
-    path = rundir.RunPaths(run_dir).eval_dir(split) / "predictions.csv"
+def read_predictions(run_dir: str | os.PathLike, split: str,
+                     data_dir: str | os.PathLike | None = None) -> dict | None:
+    """The ``predictions.csv`` beside :func:`load_metrics`'s file as arrays: ``path``
+    (sorted), ``label``, ``probability`` and ``prediction`` (the run's decision at its own
+    threshold); None when the run has no such file (an evaluation by an older version)."""
+    path = rundir.evaluation_dir(run_dir, data_dir, split) / "predictions.csv"
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as f:
@@ -245,7 +247,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
     names = run_labels(run_dirs)
     all_metrics = [load_metrics(r, split, data_dir, batch_size, seed) for r in run_dirs]
     rows = comparison_rows(names, all_metrics)
-    preds = [read_predictions(r, split) for r in run_dirs] if len(run_dirs) > 1 else []
+    preds = [read_predictions(r, split, data_dir) for r in run_dirs] if len(run_dirs) > 1 else []
     missing = [n for n, p in zip(names, preds) if p is None]
     diffs = [] if missing else [differences(preds[0], p, diff_resamples, seed)
                                 for p in preds[1:]]

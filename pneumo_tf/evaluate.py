@@ -5,7 +5,8 @@ Usage::
     python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
         [--calibration=val|NAME] [--val_data_dir=V]
 
-Writes ``R/eval/<split>/``: ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
+Writes ``R/eval/<split>/`` (``<split>-<data dir name>`` for another data dir, ``-cal_<name>``
+added at a site calibration): ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
 (figures inline) and the PNG figures; the same figures and the metrics table go to TensorBoard
 under ``R/tb/eval``. The threshold and the temperature come from ``R/calibration.json`` (fitted
 on validation, first if it is missing). Another ``--threshold`` method than the stored one is
@@ -274,9 +275,10 @@ def _calibration_entries(run_dir, name: str, data_dir, split: str) -> dict:
 
 def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
                    calibrated: np.ndarray) -> None:
-    """``R/eval/<split>/`` (predictions, metrics, figures, reports) and ``R/tb/eval``."""
+    """:func:`pneumo_tf.rundir.evaluation_dir` (predictions, metrics, figures, reports) and
+    ``R/tb/eval``."""
     paths, split = rundir.RunPaths(run_dir), metrics["split"]
-    out = paths.eval_dir(split)
+    out = rundir.evaluation_dir(run_dir, data_dir, split, metrics["calibration"])
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", pred, calibrated, metrics["threshold"]["value"])
     atomic_files.write_json_atomic(out / "metrics.json", metrics)
@@ -297,7 +299,8 @@ def main(argv):
                            THRESHOLD.value, RUN.batch_size.value, NUM_RESAMPLES.value,
                            RUN.seed.value, calibration_name=CALIBRATION.value,
                            val_data_dir=VAL_DATA_DIR.value)
-    out = rundir.RunPaths(RUN.run_dir.value).eval_dir(metrics["split"])
+    out = rundir.evaluation_dir(RUN.run_dir.value, RUN.data_dir.value, metrics["split"],
+                                metrics["calibration"])
     print(f"{summary_line(metrics)} -> {out}")
 
 

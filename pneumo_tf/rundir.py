@@ -12,7 +12,7 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
     R/summary.json         precision, strategy, epochs, best epoch, throughput, ``config``
     R/calibration.json     temperature and operating threshold, fitted on val (pneumo_tf.calibration)
     R/calibrations/        NAME.json: the same re-fitted on another site's sample (pneumo_tf.calibrate)
-    R/eval/<split>/        evaluation report (pneumo_tf.evaluate)
+    R/eval/<split>/        evaluation report (pneumo_tf.evaluate; evaluation_dir names the others)
     R/gradcam/             Grad-CAM grids and cam_stats.json (pneumo_tf.gradcam)
     R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
     R/export_NAME/         the same with calibration NAME baked in (export --calibration=NAME)
@@ -222,6 +222,20 @@ def is_run_data(run_dir: str | Path, data_dir: str | Path) -> bool:
         return True
     own = run_data_dir(run_dir)
     return own is not None and Path(own).resolve() == Path(data_dir).resolve()
+
+
+def evaluation_dir(run_dir: str | Path, data_dir: str | Path | None, split: str,
+                   calibration: str = VAL_CALIBRATION) -> Path:
+    """Where ``evaluate`` writes (and ``compare`` reads) one evaluation, so that no evaluation
+    overwrites another: ``R/eval/<split>`` for the run's own data (or ``data_dir`` None),
+    ``R/eval/<split>-<data dir name>`` for another data dir (another site's films), and a
+    ``-cal_<name>`` suffix for a site calibration."""
+    name = split
+    if data_dir is not None and not is_run_data(run_dir, data_dir):
+        name += f"-{Path(data_dir).resolve().name}"
+    if calibration != VAL_CALIBRATION:
+        name += f"-cal_{calibration}"
+    return RunPaths(run_dir).eval_dir(name)
 
 
 def own_data_dir(run_dir: str | Path, data_dir: str | Path) -> str:

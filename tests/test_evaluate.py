@@ -261,8 +261,13 @@ def test_shift_section_on_a_second_site(trained, second_site):
 
     root, data, _ = trained
     run = _run_naming_its_data(trained, "run_shift")
+    own = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
     m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
-    out = run / "eval" / "test"
+    # The site's evaluation goes beside the run's own test evaluation, not over it.
+    out = run / "eval" / f"test-{second_site.name}"
+    assert rundir.evaluation_dir(run, second_site, "test") == out
+    assert json.loads((run / "eval" / "test" / "metrics.json").read_text())["n"] == own["n"] \
+        != m["n"]
     stored = json.loads((out / "metrics.json").read_text())
     shift = stored["shift"]
     assert shift["reference"]["data_dir"] == str(data) and shift["reference"]["split"] == "val"
@@ -322,7 +327,8 @@ def test_val_data_dir_names_the_reference_of_a_run_that_does_not(trained, second
     (run / "summary.json").write_text(json.dumps(summary))
     m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
     assert "does not exist" in m["shift"]["skipped"] and "--val_data_dir" in m["shift"]["skipped"]
-    assert "Not computed: " in (run / "eval" / "test" / "report.md").read_text()
+    assert "Not computed: " in (rundir.evaluation_dir(run, second_site, "test")
+                                / "report.md").read_text()
     # ... while a --val_data_dir the user names must be usable.
     with pytest.raises(records.DataDirError, match="does not exist"):
         evaluate.evaluate_run(run, second_site, "test", num_resamples=1000,
@@ -346,7 +352,9 @@ def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures
     # The shift section still judges the site at the val operating point.
     val_cal = json.loads((run / "calibration.json").read_text())
     assert m["shift"]["threshold"] == val_cal["threshold"] != m["threshold"]["value"]
-    md = (run / "eval" / "test" / "report.md").read_text()
+    out = run / "eval" / f"test-{second_site.name}-cal_site_b"
+    assert rundir.evaluation_dir(run, second_site, "test", "site_b") == out
+    md = (out / "report.md").read_text()
     assert "fitted on this very split" in md and "Cross-validated figures of calibration" in md
     line = evaluate.summary_line(m)
     pooled = cal["cross_validation"]["pooled"]
