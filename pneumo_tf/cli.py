@@ -16,6 +16,7 @@ status 1, never a traceback; usage errors (``app.UsageError``) print absl's usag
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -250,6 +251,10 @@ def run_app(main: Callable[[list[str]], Any], name: str,
             return main(argv)
         except app.UsageError:
             raise
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as shell tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except caught as e:
             sys.exit(f"{name}: error: {e}")
 

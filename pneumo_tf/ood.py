@@ -442,7 +442,9 @@ def main(argv: list[str]) -> None:
     info = fit_run(FLAGS["run_dir"].value, FLAGS["data_dir"].value, FLAGS["val_rate"].value,
                    FLAGS["layer"].value, batch_size=FLAGS["batch_size"].value)
     print(f"ood: threshold {info['threshold']:.1f} ({info['layer']}, {info['feature_dim']} "
-          f"features) flags {info['val_flagged']:.3f} of val -> "
+          f"features) flags {info['val_flagged']:.3f} of val; upside-down probe flags "
+          f"{info['upright']['val_flagged']:.3f} of val and "
+          f"{info['upright']['val_upside_down_caught']:.3f} of val flipped -> "
           f"{Path(FLAGS['run_dir'].value) / OOD_JSON}")
 
 

@@ -51,3 +51,19 @@ def test_run_split_flags_is_the_shared_flags_as_one_group():
     assert group.split.default == "test" and group.batch_size.default == 32
     again = cli.run_split_flags()  # a second app in the same process reuses the definitions
     assert [h.name for h in again] == [h.name for h in group]
+
+
+def test_an_app_whose_reader_goes_away_stops_quietly():
+    """``predict ... | head``: a closed stdout ends the app with status 1 and no error text."""
+    code = ("from pneumo_tf import cli\n"
+            "def main(argv):\n"
+            "    for i in range(10**6):\n"
+            "        print('row', i, flush=True)\n"
+            "cli.run_app(main, 'pneumo_tf.fake')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"row 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "error" not in err.lower(), err
