@@ -517,8 +517,8 @@ def test_parity_covers_the_guard_and_the_subtype_outputs(subtype_export):
 
 @pytest.mark.slow
 def test_the_guard_costs_the_tflite_model_little(subtype_run):
-    """The guard's constants for the 128-wide ``dense`` layer: a 128x128 whitening matrix and 2
-    whitened means, stored as float16 in the fp16 model and as float32 in the int8 one (see
+    """The guard's constants for its feature layer (small_cnn's 256-wide pooled features): a
+    DxD whitening matrix and 2 whitened means, stored as float16 in the fp16 model and as float32 in the int8 one (see
     :func:`pneumo_tf.ood.tf_mahalanobis_scores`), and the upside-down probe's (two 16xS area
     matrices and 256 weights: :func:`pneumo_tf.ood.tf_upside_down`)."""
     from pneumo_tf import export, ood, rundir, serving

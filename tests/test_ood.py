@@ -64,7 +64,8 @@ def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
     run = make_run(tmp_path / "run", data, epochs=2)
     info = ood.fit_run(run, data, val_rate=0.05)
     assert (run / ood.OOD_JSON).is_file() and (run / ood.OOD_STATS).is_file()
-    assert info["layer"] == "dense" and info["feature_dim"] > 0
+    # auto: small_cnn's pooled features (256 wide) are narrow enough to read.
+    assert info["layer"] == "gap" and info["feature_dim"] == 256
     assert info["fitted_on"]["train"] == 60 and info["fitted_on"]["val"] == 40
     assert info["val_flagged"] <= 0.05 + 1e-9
     assert len(info["upright"]["weights"]) == ood.THUMB ** 2
@@ -73,10 +74,12 @@ def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
     assert stats.threshold == pytest.approx(info["threshold"])
     assert ood.load_stats(tmp_path) is None  # a run without ood.json
     proc = subprocess.run([sys.executable, "-m", "pneumo_tf.ood", f"--run_dir={run}",
-                           f"--data_dir={data}", "--ood_val_rate=0.1"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                           f"--data_dir={data}", "--ood_val_rate=0.1", "--ood_layer=dense"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((run / ood.OOD_JSON).read_text())["val_rate"] == 0.1
+    refit = json.loads((run / ood.OOD_JSON).read_text())
+    assert refit["val_rate"] == 0.1 and refit["layer"] == "dense" and refit["feature_dim"] == 128
+    assert ood.load_stats(run).precision.shape == (128, 128)
     bad = subprocess.run([sys.executable, "-m", "pneumo_tf.ood", f"--run_dir={tmp_path}/nope"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "pneumo_tf.ood: error:" in bad.stderr
