@@ -6,8 +6,9 @@ of training) fits and writes ``R/ood.json`` and ``R/ood_stats.npz``.
 The score (:func:`mahalanobis_scores`): the squared Mahalanobis distance of an image's features
 (``--ood_layer=auto``: the backbone's pooled ``gap`` features when they are at most 1,024 wide,
 as for ``small_cnn``'s 256, else the head's 128-wide hidden ``dense`` layer, whose constants stay
-small in an exported model; the members' features side by side for an ensemble) to the nearer of two class-wise Gaussians with one shared covariance, fitted on the
-train split and shrunk towards a scaled identity (Ledoit-Wolf), so that a few hundred films give
+small in an exported model; the members' features side by side for an ensemble) to the
+nearer of two class-wise Gaussians with one shared covariance, fitted on the train split and
+shrunk towards a scaled identity (Ledoit-Wolf), so that a few hundred films give
 a well-conditioned inverse. The threshold is set on the val split so that ``--ood_val_rate`` of
 its (in-distribution) images score above it. An image above the threshold is not a film the
 model has learnt to read: ``in_distribution`` is false, and ``predict`` refers it.
