@@ -439,17 +439,27 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
+OOD_TIE_TOLERANCE = 1e-4   # relative; the SavedModel's float32 scores agree to about 1e-5
+
+
 def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dict:
     """:func:`_diff_stats` of the probability, plus the OOD and subtype outputs' agreement:
-    ``max_rel_ood_score_diff`` and ``in_distribution_agreement`` (at the served threshold), and
+    ``max_rel_ood_score_diff`` and ``in_distribution_agreement`` (at the served threshold, over
+    the images whose score is not within :data:`OOD_TIE_TOLERANCE` of it:
+    ``ood_scores_at_threshold`` counts those), and
     ``max_abs_class_prob_diff`` and ``subtype_agreement`` (among images labelled PNEUMONIA)."""
     stats = _diff_stats(np.asarray(got["probability"], np.float64).reshape(-1),
                         reference["probability"], cfg)
     if "ood_score" in reference:
         score, ref = np.asarray(got["ood_score"], np.float64), reference["ood_score"]
         stats["max_rel_ood_score_diff"] = float(np.max(np.abs(score - ref) / np.maximum(ref, 1e-6)))
-        stats["in_distribution_agreement"] = float(np.mean(
-            np.asarray(got["in_distribution"], bool) == reference["in_distribution"]))
+        # Scores within float32 rounding of the threshold (ties among a barely trained model's
+        # val scores put one exactly on it) may fall either side: judged apart.
+        near = np.abs(ref - cfg.ood_threshold) <= OOD_TIE_TOLERANCE * max(cfg.ood_threshold, 1.0)
+        agree = np.asarray(got["in_distribution"], bool) == reference["in_distribution"]
+        stats["in_distribution_agreement"] = float(np.mean(agree[~near])) if (~near).any() \
+            else 1.0
+        stats["ood_scores_at_threshold"] = int(near.sum())
     if "class_probabilities" in reference:
         probs, ref = np.asarray(got["class_probabilities"], np.float64), reference[
             "class_probabilities"]

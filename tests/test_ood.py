@@ -157,6 +157,23 @@ def test_in_graph_upright_probe_matches_the_host_probe():
     assert graph[40:].mean() >= 0.9 and graph[:40].mean() <= 0.1
 
 
+def test_auto_layer_reads_narrow_pooled_features_and_the_head_otherwise():
+    import keras
+
+    from pneumo_tf import model as model_lib
+
+    small = model_lib.build_model("small_cnn", 32, weights=None)
+    assert ood.resolve_layer(small) == "gap" and ood.resolve_layer(small, "dense") == "dense"
+    assert ood.feature_model(small).output.shape[-1] == 256
+    inputs = keras.Input((8,))
+    wide = keras.layers.Dense(2048, name="gap")(inputs)
+    wide = keras.layers.Dense(128, name="dense")(wide)
+    wide = keras.Model(inputs, keras.layers.Dense(1, name="out")(wide))
+    assert ood.resolve_layer(wide) == "dense"
+    headless = keras.Model(inputs, keras.layers.Dense(1, name="out")(inputs))
+    assert ood.resolve_layer(headless) == ood.LEGACY_LAYER
+
+
 def test_verdict_and_refer_reasons():
     assert ood.in_distribution(3.0, 5.0, []) is True
     assert ood.in_distribution(6.0, 5.0, []) is False

@@ -34,7 +34,7 @@ def test_outputs_model_gives_the_models_probability_and_its_features(models, kin
     np.testing.assert_allclose(out["probability"].numpy(),
                                scoring.make_predict_fn(model)(images).numpy(), atol=1e-6)
     np.testing.assert_allclose(out["features"].numpy(),
-                               ood.feature_model(model)(images).numpy(), atol=1e-5)
+                               ood.feature_model(model, "dense")(images).numpy(), atol=1e-5)
     assert ("class_logits" in out) == (kind == "subtype")
     if kind == "subtype":
         from pneumo_tf import calibration, model as pmodel
@@ -53,7 +53,7 @@ def test_predict_split_carries_subtypes_logits_and_ood_scores(models, tmp_path):
     data = write_tiny_dataset(tmp_path / "v2", image_size=SIZE)
     old = write_tiny_dataset(tmp_path / "v1", image_size=SIZE, version=1)
     model = models["subtype"]
-    feats = ood.feature_model(model)
+    feats = ood.feature_model(model, "dense")  # the layer of OodStats that name none
     stats = ood.OodStats(np.zeros((2, 128), np.float32), np.eye(128, dtype=np.float32), 1.0)
     pred = scoring.predict_split(model, data, "test", batch_size=5, ood_stats=stats)
     assert pred["class_logits"].shape == (12, 3) and set(pred["subtype"]) <= {-1, 0, 1, 2}
