@@ -137,7 +137,9 @@ class TrainConfig:
     precision: str = option("auto", "auto = mixed_float16 on GPU, mixed_bfloat16 on TPU and on "
                             "CPUs with AMX, else float32.", choices=distribute.PRECISIONS)
     jit_compile: str = option("auto", "XLA-compile the train step; auto = on for GPU/TPU, off "
-                              "on CPU.", choices=distribute.JIT_CHOICES)
+                              "on CPU; probe = time the step with and without XLA on CPU (an "
+                              "XLA compile of a big backbone takes minutes).",
+                              choices=distribute.JIT_CHOICES)
     strategy: str = option("auto", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
                            choices=distribute.STRATEGIES)
     cpu_devices: int = option(1, "Split the CPU into N logical devices (so --strategy=mirrored "
