@@ -8,23 +8,25 @@ from pneumo_tf import cam as pcam
 from pneumo_tf import model as pmodel
 
 
-def _reference_cam(model, image, layer, sign=1.0):
-    """The paper's recipe, one image at a time, loop over channels, numpy maths."""
+def _loop_cam(model, image, layer, target_of):
+    """The paper's recipe, one image at a time, loop over channels, numpy maths.
+
+    ``target_of(h)``: the head's hidden features of the image -> ``(explained scalar,
+    probability of PNEUMONIA)``.
+    """
     import keras
     import tensorflow as tf
 
     backbone = pmodel.get_backbone(model)
     inner = keras.Model(backbone.inputs, [backbone.get_layer(layer).output, backbone.output])
     head = [model.get_layer(n) for n in ("gap", "dropout_1", "dense", "dropout_2")]
-    score = model.get_layer("score")
     x = tf.convert_to_tensor(image[np.newaxis])
     with tf.GradientTape() as tape:
         h = model.get_layer("pixel_norm")(model.get_layer("to_float_rgb")(x))
         feats, h = inner(h, training=False)
         for lyr in head:
             h = lyr(h, training=False)
-        logit = tf.matmul(h, score.kernel) + score.bias
-        target = sign * logit[0, 0]
+        target, probability = target_of(h)
     grads = tape.gradient(target, feats)[0].numpy()
     feats = feats[0].numpy()
     weights = grads.mean(axis=(0, 1))
@@ -32,7 +34,20 @@ def _reference_cam(model, image, layer, sign=1.0):
     for c, w in enumerate(weights):
         cam += w * feats[:, :, c]
     cam = np.maximum(cam, 0)
-    return cam / cam.max() if cam.max() > 0 else cam, float(tf.sigmoid(logit)[0, 0])
+    return cam / cam.max() if cam.max() > 0 else cam, probability
+
+
+def _reference_cam(model, image, layer, sign=1.0):
+    """A binary model's CAM of ``sign`` times its logit."""
+    import tensorflow as tf
+
+    score = model.get_layer("score")
+
+    def target_of(h):
+        logit = tf.matmul(h, score.kernel) + score.bias
+        return sign * logit[0, 0], float(tf.sigmoid(logit)[0, 0])
+
+    return _loop_cam(model, image, layer, target_of)
 
 
 @pytest.fixture(scope="module")
@@ -204,29 +219,20 @@ def test_ensemble_members_explain_the_class_the_ensemble_predicts(ensemble_model
 
 
 def _subtype_reference(model, image, layer, target):
-    """A subtype model's CAM of one image, the log-odds written out per class (numpy maths)."""
-    import keras
+    """A subtype model's CAM of one image, the log-odds written out per class."""
     import tensorflow as tf
 
-    backbone = pmodel.get_backbone(model)
-    inner = keras.Model(backbone.inputs, [backbone.get_layer(layer).output, backbone.output])
-    head = [model.get_layer(n) for n in ("gap", "dropout_1", "dense", "dropout_2")]
     dense = model.get_layer("class_logits")
-    x = tf.convert_to_tensor(image[np.newaxis])
-    with tf.GradientTape() as tape:
-        h = model.get_layer("pixel_norm")(model.get_layer("to_float_rgb")(x))
-        feats, h = inner(h, training=False)
-        for lyr in head:
-            h = lyr(h, training=False)
+    others = {"pneumonia": [0], "bacterial": [0, 2], "viral": [0, 1]}[target]
+    mine = {"pneumonia": [1, 2], "bacterial": [1], "viral": [2]}[target]
+
+    def target_of(h):
         z = (tf.matmul(h, dense.kernel) + dense.bias)[0]
-        others = {"pneumonia": [0], "bacterial": [0, 2], "viral": [0, 1]}[target]
-        mine = {"pneumonia": [1, 2], "bacterial": [1], "viral": [2]}[target]
         odds = (tf.reduce_logsumexp(tf.gather(z, mine))
                 - tf.reduce_logsumexp(tf.gather(z, others)))
-    grads = tape.gradient(odds, feats)[0].numpy()
-    cam = np.maximum(np.einsum("hwc,c->hw", feats[0].numpy(), grads.mean(axis=(0, 1))), 0)
-    p_normal = float(tf.nn.softmax(z)[0])
-    return (cam / cam.max() if cam.max() > 0 else cam), 1.0 - p_normal
+        return odds, 1.0 - float(tf.nn.softmax(z)[0])
+
+    return _loop_cam(model, image, layer, target_of)
 
 
 def test_subtype_model_explains_pneumonia_bacterial_and_viral_log_odds():
