@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_module
 
 CONFIGS = sorted((REPO / "configs").glob("*.cfg"))
 
@@ -23,10 +21,8 @@ def test_config_starts_with_its_command_and_parses(config, tmp_path):
     first = config.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith(f"# python -m pneumo_tf.train --flagfile=configs/{config.name}"), first
     missing = tmp_path / "no_data"
-    proc = subprocess.run([sys.executable, "-m", "pneumo_tf.train", f"--flagfile={config}",
-                           f"--data_dir={missing}", f"--run_dir={tmp_path / 'run'}",
-                           "--weights=none"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_module("pneumo_tf.train", f"--flagfile={config}", f"--data_dir={missing}",
+                      f"--run_dir={tmp_path / 'run'}", "--weights=none", timeout=300)
     # The flags parse and the config validates; the run stops at the missing data dir.
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert re.search(rf"data dir {re.escape(str(missing))} does not exist", proc.stderr), \

@@ -2,14 +2,12 @@
 predict (the ensemble's probability is the mean of its members')."""
 
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import run_module, write_tiny_dataset
 
 from pneumo_tf import rundir, scoring
 
@@ -70,10 +68,8 @@ def test_evaluate_an_ensemble_with_a_shift_report(ensemble_run):
 
 def test_gradcam_cli_on_an_ensemble_averages_the_members_maps(ensemble_run):
     root, data, members, ens, _ = ensemble_run
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.gradcam", f"--run_dir={ens}",
-                           f"--data_dir={data}", "--split=test", "--num_images=8",
-                           "--batch_size=4"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    done = run_module("pneumo_tf.gradcam", f"--run_dir={ens}", f"--data_dir={data}", "--split=test",
+                      "--num_images=8", "--batch_size=4")
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads((ens / "gradcam" / "cam_stats.json").read_text())
     assert stats["ensemble_members"] == 2 and stats["num_images"] == 8
@@ -88,10 +84,8 @@ def test_calibrate_cli_then_evaluate_and_gradcam_with_the_site_calibration(ensem
     from pneumo_tf import evaluate, gradcam
 
     root, data, members, ens, site = ensemble_run
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.calibrate", f"--run_dir={ens}",
-                           f"--data_dir={site}", "--split=test", "--name=site_c",
-                           "--num_resamples=1000"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    done = run_module("pneumo_tf.calibrate", f"--run_dir={ens}", f"--data_dir={site}",
+                      "--split=test", "--name=site_c", "--num_resamples=1000")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("site_c: n=46 ") and "5-fold by patient" in done.stdout
     cal = json.loads((ens / "calibrations" / "site_c.json").read_text())
@@ -126,7 +120,6 @@ def test_export_and_predict_an_ensemble(ensemble_run, tmp_path):
         np.testing.assert_allclose([r["probability"] for r in recs], expected, atol=tol)
         assert all(r["calibration"] == "val" for r in recs)
     assert len(list((tmp_path / "cam").glob("*.png"))) == 3
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.predict", f"--model={ens}",
-                           str(files[0])], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_module("pneumo_tf.predict", f"--model={ens}", str(files[0]), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["probability"] == pytest.approx(expected[0], abs=1e-5)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import REPO, run_module, write_tiny_dataset
 from support_runs import make_run
 
 from pneumo_tf import atomic_files, calibration, evaluate, rundir
@@ -194,9 +194,8 @@ def test_threshold_on_calibrated_probability_is_honoured(trained):
 
 def test_cli_requires_at_least_1000_resamples(trained):
     root, data, run = trained
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}",
-                           f"--data_dir={data}", "--num_resamples=999"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+                      "--num_resamples=999", timeout=300)
     assert done.returncode != 0
     assert "num_resamples" in done.stderr and "1000" in done.stderr
 
@@ -371,9 +370,8 @@ def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures
 def test_cli_names_a_missing_calibration_of_an_old_run(trained):
     root, data, run = trained
     assert not (run / "calibrations").exists()
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}",
-                           f"--data_dir={data}", "--calibration=site_x"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+                      "--calibration=site_x", timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pneumo_tf.evaluate: error: --calibration=site_x" in done.stderr
     assert "pneumo_tf.calibrate" in done.stderr

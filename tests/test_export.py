@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import run_module, write_tiny_dataset
 from support_runs import make_run
 
 SIZE = 32
@@ -364,9 +364,7 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
     run, _ = run_and_data
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.json", "export"))
-    out = subprocess.run([sys.executable, "-m", "pneumo_tf.export", f"--run_dir={bare}",
-                          "--formats=tflite"], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+    out = run_module("pneumo_tf.export", f"--run_dir={bare}", "--formats=tflite", timeout=300)
     assert out.returncode != 0
     assert "calibration.json is missing" in out.stderr and "--data_dir" in out.stderr
     assert "Traceback" not in out.stderr
@@ -421,10 +419,8 @@ def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
     (copy / "calibrations" / "site_b.json").write_text(json.dumps({
         "temperature": 0.9, "threshold": 0.6, "threshold_method": "val_youden",
         "threshold_applies_to": "probability", "source": "site"}))
-    done = subprocess.run([sys.executable, "-m", "pneumo_tf.export", f"--run_dir={copy}",
-                           f"--data_dir={data}", "--formats=saved_model", "--parity_count=4",
-                           "--calibration=site_b"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    done = run_module("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
+                      "--formats=saved_model", "--parity_count=4", "--calibration=site_b")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["calibration"] == "site_b"
     config = json.loads((copy / "export_site_b" / "pneumo_tf_serving.json").read_text())
