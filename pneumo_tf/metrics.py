@@ -594,6 +594,8 @@ def _as_masks(masks, threshold: float) -> np.ndarray:
         a = a[..., 0]
     if a.ndim != 3:
         raise ValueError(f"masks must be [N, H, W] or [N, H, W, 1], got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError("no masks: Dice and IoU need at least one image")
     a = a > threshold if np.issubdtype(a.dtype, np.floating) else a > 0
     return a.reshape(a.shape[0], -1)
 
@@ -642,8 +644,6 @@ def segmentation_report(true_masks, pred_masks, threshold: float = 0.5,
     """
     scores = mask_scores(true_masks, pred_masks, threshold)
     n = scores["dice"].size
-    if n == 0:
-        raise ValueError("segmentation_report needs at least one image")
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(n, np.full(n, 1.0 / n), size=num_resamples)  # [R, N] multiplicities
     ci = {k: _percentiles(draws @ scores[k] / n, level) for k in SEGMENTATION_METRICS}
