@@ -35,6 +35,11 @@ Each record carries the image's binary ``label`` and its ``subtype`` (0 NORMAL, 
 manifest counts both per split and holds "balanced" weights for both (``class_weights``,
 ``subtype_class_weights``).
 
+With ``--masks=DIR`` (a folder of lung masks mirroring ``--src``) each record also carries its
+film's lung mask, cropped and resized like the image (nearest neighbour; ``lung_mask`` and
+``has_lung_mask``, see :mod:`pneumo_tf.data.records`); films without a mask are kept and marked,
+bad masks are counted by reason in the manifest's ``masks`` entry (docs/data_contracts.md).
+
 Bad input never stops a run: each rejected file is one line ``{"path", "reason"}`` in
 ``OUT/rejects.jsonl``; the exit status is non-zero only when there are more rejects than
 ``--max_rejects``.
