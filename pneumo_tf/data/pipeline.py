@@ -8,6 +8,11 @@ Two builders, one per use (like big_vision's ``make_for_train`` / ``make_for_inf
 * :func:`make_eval_dataset`: one pass over any split in the manifest's file order, the last
   partial batch kept; the same keys plus ``"patient_id"`` and ``"path"``.
 
+A data dir converted with ``--masks`` also gives lung masks: ``make_eval_dataset(...,
+masks="all" | "only")`` adds ``"lung_mask"`` and ``"has_lung_mask"``, and
+:func:`make_lung_train_dataset` is the training stream with them (a lung segmentation task).
+Classifier streams never read the mask features.
+
 :func:`make_dataset` is the older single entry point, a thin wrapper that yields tuples for
 ``keras.Model.fit``.
 
