@@ -3,12 +3,12 @@
 Data flow, one module per stage:
     raw images --(pneumo_tf.data.convert)--> TFRecord shards + manifest.json
     shards --(pneumo_tf.data.pipeline.make_train_dataset / make_eval_dataset)--> uint8 batches
-    batches --(pneumo_tf.model / pneumo_tf.augment, on the device)--> pneumonia probability
+    batches --(pneumo_tf.modeling.model / pneumo_tf.image.augment, on the device)--> pneumonia probability
     pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
     another site's sample --(pneumo_tf.calibrate)--> R/calibrations/NAME.json (--calibration=NAME)
 """
 
-from pneumo_tf import quiet_tf
+from pneumo_tf.core import quiet_tf
 
 __version__ = "0.1.0"
 

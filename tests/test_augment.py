@@ -1,4 +1,4 @@
-"""Tests of pneumo_tf.augment: geometry, resampler agreement, XLA, statistics, the Keras layer."""
+"""Tests of pneumo_tf.image.augment: geometry, resampler agreement, XLA, statistics, the Keras layer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_tf import augment
+from pneumo_tf.image import augment
 
 H, W = 24, 32
 

@@ -1,8 +1,8 @@
-"""Tests of pneumo_tf.bench_results: every benchmark's JSON carries the machine and the date."""
+"""Tests of pneumo_tf.training.bench_results: every benchmark's JSON carries the machine and the date."""
 
 import json
 
-from pneumo_tf import bench_results
+from pneumo_tf.training import bench_results
 
 
 def test_save_writes_the_result_with_machine_and_date(tmp_path):

@@ -9,7 +9,10 @@ import pytest
 
 from conftest import REPO, write_tiny_dataset
 
-from pneumo_tf import calibrate, calibration, metrics as pm, rundir
+from pneumo_tf.evaluation import site_calibration as calibrate
+from pneumo_tf.evaluation import calibration
+from pneumo_tf.evaluation import metrics as pm
+from pneumo_tf.core import rundir
 
 
 def _sample(rng, n_patients=40, max_images=4, separation=0.35):

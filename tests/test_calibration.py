@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumo_tf import calibration as cal
+from pneumo_tf.evaluation import calibration as cal
 
 
 def test_fit_temperature_recovers_known_temperature():
@@ -154,7 +154,7 @@ def test_calibrate_run_reads_val_only(tmp_path):
     from conftest import write_tiny_dataset
     from support_runs import make_run
 
-    from pneumo_tf import rundir
+    from pneumo_tf.core import rundir
     from pneumo_tf.data import records
 
     data = write_tiny_dataset(tmp_path / "data", image_size=32)
@@ -180,7 +180,7 @@ def test_calibrate_run_reads_val_only(tmp_path):
 
 
 def test_operating_point_of_a_named_calibration_is_used_as_stored(tmp_path):
-    from pneumo_tf import rundir
+    from pneumo_tf.core import rundir
 
     _write_calibration(tmp_path / "run")  # val: T = 2, threshold on the calibrated scale
     site = {"temperature": 0.5, "threshold": 0.3, "threshold_method": "val_youden",
@@ -240,7 +240,7 @@ def test_prevalence_cut_is_bayes_rule_for_the_sites_prevalence():
 
 
 def test_softmax_temperature_recovers_the_sharpening_of_calibrated_logits():
-    from pneumo_tf import calibration as cal
+    from pneumo_tf.evaluation import calibration as cal
 
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 2, (4000, 3))

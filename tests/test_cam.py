@@ -4,8 +4,8 @@ precision, attention statistics."""
 import numpy as np
 import pytest
 
-from pneumo_tf import cam as pcam
-from pneumo_tf import model as pmodel
+from pneumo_tf.explain import cam as pcam
+from pneumo_tf.modeling import model as pmodel
 
 
 def _loop_cam(model, image, layer, target_of):
@@ -177,13 +177,13 @@ def test_pointing_game_counts_empty_maps_as_misses():
 def ensemble_model():
     import keras
 
-    from pneumo_tf import ensemble
+    from pneumo_tf.modeling import ensemble_model
 
     members = []
     for seed in (3, 4):
         keras.utils.set_random_seed(seed)
         members.append(pmodel.build_model("small_cnn", 48, None))
-    return ensemble.build_ensemble_model(members), members
+    return ensemble_model.build_ensemble_model(members), members
 
 
 def test_ensemble_cam_is_the_mean_of_the_members_maps(ensemble_model, small_model):

@@ -9,9 +9,11 @@ from absl import flags
 
 from conftest import REPO
 
-APPS = ["pneumo_tf.data.phantoms", "pneumo_tf.data.convert", "pneumo_tf.train",
+APPS = ["pneumo_tf.make_phantoms", "pneumo_tf.convert", "pneumo_tf.train",
         "pneumo_tf.evaluate", "pneumo_tf.gradcam", "pneumo_tf.compare", "pneumo_tf.export",
         "pneumo_tf.predict"]
+# Commands whose flags may all be shared with the commands above (their key flags).
+SHARING_APPS = ["pneumo_tf.calibrate", "pneumo_tf.ensemble", "pneumo_tf.ood"]
 
 
 def test_all_apps_import_into_one_process_and_document_their_flags():
@@ -21,6 +23,13 @@ def test_all_apps_import_into_one_process_and_document_their_flags():
         own = flags.FLAGS.get_flags_for_module(name)
         assert own, f"{name} defines no flags of its own"
         for flag in own:
+            assert flag.help and len(flag.help) > 10, f"--{flag.name} of {name} has no real help"
+    for name in SHARING_APPS:
+        module = importlib.import_module(name)
+        assert callable(module.run), f"{name} has no run() entry point"
+        keys = flags.FLAGS.get_key_flags_for_module(name)
+        assert {h.name for h in module.FLAG_HOLDERS.values()} <= {f.name for f in keys}
+        for flag in keys:
             assert flag.help and len(flag.help) > 10, f"--{flag.name} of {name} has no real help"
 
 
@@ -44,18 +53,20 @@ def test_tools_are_executable_scripts_with_help(tool):
 
 
 def test_run_split_flags_is_the_shared_flags_as_one_group():
-    from pneumo_tf import cli
+    from pneumo_tf.core import cli
 
-    group = cli.run_split_flags()
-    assert [h.name for h in group] == ["run_dir", "data_dir", "split", "batch_size", "seed"]
-    assert group.split.default == "test" and group.batch_size.default == 32
-    again = cli.run_split_flags()  # a second app in the same process reuses the definitions
-    assert [h.name for h in again] == [h.name for h in group]
+    group = cli.define_config_flags(cli.RunSplitFlags, module_name=__name__)
+    assert [h.name for h in group.values()] == ["run_dir", "data_dir", "split", "batch_size",
+                                                "seed"]
+    assert group["split"].default == "test" and group["batch_size"].default == 32
+    # a second app in the same process reuses the definitions
+    again = cli.define_config_flags(cli.RunSplitFlags, module_name=__name__)
+    assert [h.name for h in again.values()] == [h.name for h in group.values()]
 
 
 def test_an_app_whose_reader_goes_away_stops_quietly():
     """``predict ... | head``: a closed stdout ends the app with status 1 and no error text."""
-    code = ("from pneumo_tf import cli\n"
+    code = ("from pneumo_tf.core import cli\n"
             "def main(argv):\n"
             "    for i in range(10**6):\n"
             "        print('row', i, flush=True)\n"

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO, write_tiny_dataset
 
-from pneumo_tf import compare, rundir
+from pneumo_tf.evaluation import comparison as compare
+from pneumo_tf.core import rundir
 
 
 def _fake_metrics(run_dir, split, acc, auc, ci=True):

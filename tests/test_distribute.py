@@ -1,4 +1,4 @@
-"""Tests of pneumo_tf.distribute: the strategy / precision / XLA / chief decisions."""
+"""Tests of pneumo_tf.training.distribute: the strategy / precision / XLA / chief decisions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pneumo_tf import distribute
+from pneumo_tf.training import distribute
 
 
 @pytest.mark.parametrize("precision,kind,want", [

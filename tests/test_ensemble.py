@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_module, write_tiny_dataset
 
-from pneumo_tf import rundir, scoring
+from pneumo_tf.core import rundir
+from pneumo_tf.evaluation import scoring
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -20,7 +21,7 @@ def ensemble_run(tmp_path_factory):
     """Two tiny finished runs, their ensemble E (calibrated on val) and a second site."""
     from support_runs import make_run
 
-    from pneumo_tf import ensemble
+    from pneumo_tf.evaluation import ensemble
 
     root = tmp_path_factory.mktemp("ensemble")
     data = write_tiny_dataset(root / "data", image_size=SIZE,
@@ -52,7 +53,7 @@ def test_ensemble_is_a_calibrated_run_dir(ensemble_run):
 
 
 def test_evaluate_an_ensemble_with_a_shift_report(ensemble_run):
-    from pneumo_tf import evaluate
+    from pneumo_tf.evaluation import evaluator as evaluate
 
     root, data, members, ens, site = ensemble_run
     m = evaluate.evaluate_run(ens, data, "test", num_resamples=1000)
@@ -81,7 +82,8 @@ def test_gradcam_cli_on_an_ensemble_averages_the_members_maps(ensemble_run):
 
 
 def test_calibrate_cli_then_evaluate_and_gradcam_with_the_site_calibration(ensemble_run):
-    from pneumo_tf import evaluate, gradcam
+    from pneumo_tf.evaluation import evaluator as evaluate
+    from pneumo_tf.explain import grids as gradcam
 
     root, data, members, ens, site = ensemble_run
     done = run_module("pneumo_tf.calibrate", f"--run_dir={ens}", f"--data_dir={site}",
@@ -99,7 +101,8 @@ def test_calibrate_cli_then_evaluate_and_gradcam_with_the_site_calibration(ensem
 
 
 def test_export_and_predict_an_ensemble(ensemble_run, tmp_path):
-    from pneumo_tf import export, predict
+    from pneumo_tf.serving import export
+    from pneumo_tf.serving import predictor as predict
     from pneumo_tf.data import phantoms
 
     root, data, members, ens, _ = ensemble_run

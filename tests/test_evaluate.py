@@ -12,7 +12,10 @@ import pytest
 from conftest import REPO, run_module, write_tiny_dataset
 from support_runs import make_run
 
-from pneumo_tf import atomic_files, calibration, evaluate, rundir
+from pneumo_tf.core import atomic_files
+from pneumo_tf.evaluation import calibration
+from pneumo_tf.evaluation import evaluator as evaluate
+from pneumo_tf.core import rundir
 from pneumo_tf.data import records
 
 pytestmark = pytest.mark.slow
@@ -136,7 +139,7 @@ def test_threshold_never_comes_from_the_test_split(trained, tmp_path):
 
 
 def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(trained):
-    from pneumo_tf import scoring
+    from pneumo_tf.evaluation import scoring
 
     root, data, _ = trained
     run = _fresh_run(trained, "run_method")
@@ -336,7 +339,7 @@ def test_val_data_dir_names_the_reference_of_a_run_that_does_not(trained, second
 
 def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures(
         trained, second_site):
-    from pneumo_tf import calibrate
+    from pneumo_tf.evaluation import site_calibration as calibrate
 
     root, data, _ = trained
     run = _run_naming_its_data(trained, "run_site_cal")

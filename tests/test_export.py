@@ -37,7 +37,7 @@ def run_and_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run_and_data):
     """The run exported once in both formats (parity on its val split)."""
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data = run_and_data
     write_calibration(run)
@@ -68,7 +68,7 @@ def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 
 
 def host_preprocess(data: bytes, name: str, size: int, crop: str) -> np.ndarray:
     """The converter's path: decode_bytes (with its DCT reduction) + preprocess_gray."""
-    from pneumo_tf import preprocess
+    from pneumo_tf.image import preprocess
     from pneumo_tf.data import decode
 
     decoded = decode.decode_bytes(data, name=name, target_size=size, crop=crop)
@@ -80,7 +80,7 @@ def host_preprocess(data: bytes, name: str, size: int, crop: str) -> np.ndarray:
 
 
 def test_export_refuses_without_calibration_or_data_dir(run_and_data, tmp_path):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, _ = run_and_data
     bare = tmp_path / "bare_run"
@@ -91,7 +91,7 @@ def test_export_refuses_without_calibration_or_data_dir(run_and_data, tmp_path):
 
 
 def test_missing_calibration_is_fitted_on_val_when_data_dir_given(run_and_data, tmp_path):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data = run_and_data
     bare = tmp_path / "bare_run"
@@ -110,7 +110,8 @@ def test_missing_calibration_is_fitted_on_val_when_data_dir_given(run_and_data, 
 def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     import tensorflow as tf
 
-    from pneumo_tf import calibration, serving
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import runtime as serving
 
     run, _, _ = exported
     sm_dir = run / "export" / "saved_model"
@@ -175,7 +176,8 @@ def test_saved_model_label_is_calibrated_probability_at_threshold(tmp_path, temp
     """Every signature: label == (calibrated_probability >= threshold), also at the threshold."""
     import tensorflow as tf
 
-    from pneumo_tf import export, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.serving import runtime as serving
 
     size = 8
     cfg = serving.ServingConfig(size, "none", temperature=temperature, threshold=threshold,
@@ -222,7 +224,8 @@ def test_training_serving_skew(exported, tmp_path):
     """
     import tensorflow as tf
 
-    from pneumo_tf import rundir, scoring
+    from pneumo_tf.core import rundir
+    from pneumo_tf.evaluation import scoring
     from pneumo_tf.data import decode
 
     run, _, _ = exported
@@ -263,7 +266,7 @@ def test_in_graph_jpeg_reduction_matches_the_converter_rule():
 
 
 def test_adaptive_runs_refuse_a_bytes_saved_model(run_and_data, tmp_path):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, _ = run_and_data
     adaptive = tmp_path / "adaptive_run"
@@ -280,7 +283,7 @@ def test_adaptive_runs_refuse_a_bytes_saved_model(run_and_data, tmp_path):
 
 
 def test_parity_json_reports_every_variant_within_tolerance(exported):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data, report = exported
     on_disk = json.loads((run / "export" / "parity.json").read_text())
@@ -298,7 +301,10 @@ def test_parity_json_reports_every_variant_within_tolerance(exported):
 
 
 def test_tflite_runner_matches_keras_on_any_batch_size(exported):
-    from pneumo_tf import export, rundir, scoring, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.core import rundir
+    from pneumo_tf.evaluation import scoring
+    from pneumo_tf.serving import runtime as serving
 
     run, _, _ = exported
     rng = np.random.default_rng(0)
@@ -312,7 +318,7 @@ def test_tflite_runner_matches_keras_on_any_batch_size(exported):
 
 
 def test_fp16_parity_failure_is_an_error_and_recorded(run_and_data, tmp_path, monkeypatch):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data = run_and_data
     copy = tmp_path / "run"
@@ -329,7 +335,10 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
     """A mixed_bfloat16 model with the training augmentation layer, as pneumo_tf.train builds it."""
     import keras
 
-    from pneumo_tf import export, model as pmodel, scoring, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.modeling import model as pmodel
+    from pneumo_tf.evaluation import scoring
+    from pneumo_tf.serving import runtime as serving
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -352,7 +361,7 @@ def test_mixed_precision_model_is_rebuilt_in_float32_for_tflite():
 
 
 def test_unknown_format_is_named(run_and_data):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, _ = run_and_data
     with pytest.raises(export.ExportError, match="onnx"):
@@ -371,7 +380,8 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
 
 
 def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
-    from pneumo_tf import export, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.serving import runtime as serving
 
     run, data = run_and_data
     copy = tmp_path / "run"
@@ -386,7 +396,8 @@ def test_parity_batch_uses_the_data_dir_of_flags_txt(run_and_data, tmp_path):
 
 
 def test_parity_label_agreement_uses_the_served_decision():
-    from pneumo_tf import export, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.serving import runtime as serving
 
     cfg = serving.ServingConfig(SIZE, "fixed", temperature=TEMPERATURE, threshold=THRESHOLD,
                                 calibrated=True)
@@ -399,7 +410,8 @@ def test_parity_label_agreement_uses_the_served_decision():
 
 
 def test_export_of_a_calibration_the_run_lacks_is_refused(run_and_data, tmp_path):
-    from pneumo_tf import export, rundir
+    from pneumo_tf.serving import export
+    from pneumo_tf.core import rundir
 
     run, data = run_and_data
     with pytest.raises(rundir.RunDirError, match=r"--calibration=site_b: .*site_b.json is missing"):
@@ -431,7 +443,7 @@ def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
 
 
 def test_exporting_an_unfinished_run_says_to_finish_training(run_and_data, tmp_path):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, _ = run_and_data
     unfinished = tmp_path / "unfinished"
@@ -454,7 +466,7 @@ def _png(gray: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def subtype_export(subtype_run, tmp_path_factory):
     """The subtype run (with its guard) exported in both formats."""
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data = subtype_run
     copy = tmp_path_factory.mktemp("subtype_export") / "run"
@@ -492,7 +504,7 @@ def test_every_signature_of_a_subtype_run_adds_the_guard_and_the_subtype(subtype
 
 
 def test_parity_covers_the_guard_and_the_subtype_outputs(subtype_export):
-    from pneumo_tf import serving
+    from pneumo_tf.serving import runtime as serving
 
     run, _, report = subtype_export
     assert report["passed"] and report["outputs"] == {"ood": True, "subtype": True}
@@ -517,7 +529,9 @@ def test_the_guard_costs_the_tflite_model_little(subtype_run):
     DxD whitening matrix and 2 whitened means, stored as float16 in the fp16 model and as float32 in the int8 one (see
     :func:`pneumo_tf.ood.tf_mahalanobis_scores`), and the upside-down probe's (two 16xS area
     matrices and 256 weights: :func:`pneumo_tf.ood.tf_upside_down`)."""
-    from pneumo_tf import export, ood, rundir, serving
+    from pneumo_tf.serving import export, ood
+    from pneumo_tf.core import rundir
+    from pneumo_tf.serving import runtime as serving
 
     run, _ = subtype_run
     stats = ood.load_stats(run)
@@ -537,12 +551,14 @@ def test_the_bytes_signature_flags_photos_and_inverted_films(phantom_ood_run, tm
     import tensorflow as tf
     from sklearn.datasets import load_sample_images
 
-    from pneumo_tf import export, rundir, serving
+    from pneumo_tf.serving import export
+    from pneumo_tf.core import rundir
+    from pneumo_tf.serving import runtime as serving
     from pneumo_tf.data import phantoms
 
     run, data, _ = phantom_ood_run
     cfg = serving.serving_config_for_run(run, rundir.read_calibration(run))
-    from pneumo_tf import ood
+    from pneumo_tf.serving import ood
 
     sm = export.export_saved_model(rundir.load_model(run), cfg, tmp_path / "sm",
                                    ood.load_stats(run))

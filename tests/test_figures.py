@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumo_tf import cam, report
+from pneumo_tf.explain import cam
+from pneumo_tf.evaluation import report
 
 
 @pytest.fixture(scope="module")

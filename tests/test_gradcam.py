@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pneumo_tf import atomic_files, cam, gradcam as gc
+from pneumo_tf.core import atomic_files
+from pneumo_tf.explain import cam
+from pneumo_tf.explain import grids as gc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
 @pytest.mark.slow
 def test_phantom_masks_align_with_stored_images(phantom_run):
     """Lung masks cropped/resized like their image cover its dark lung fields."""
-    from pneumo_tf import scoring
+    from pneumo_tf.evaluation import scoring
 
     root, data, run = phantom_run
     boxes = cam.read_crop_boxes(data, "test")
@@ -81,7 +83,9 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
     from conftest import write_tiny_dataset
     from support_runs import make_run
 
-    from pneumo_tf import calibration, rundir, scoring
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.core import rundir
+    from pneumo_tf.evaluation import scoring
 
     data = write_tiny_dataset(tmp_path / "data", image_size=32)
     run = make_run(tmp_path / "run", data, epochs=1)

@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from pneumo_tf import SUBTYPE_NAMES
-from pneumo_tf import metrics as pm
+from pneumo_tf.evaluation import metrics as pm
 
 
 def test_perfect_classifier():
@@ -124,7 +124,7 @@ def test_bad_inputs_are_named():
 
 def test_reliability_legend_uses_the_metrics_json_bins():
     """The diagram's ECE equals metrics.json's ECE (one bin count, :data:`ECE_BINS`)."""
-    from pneumo_tf import report
+    from pneumo_tf.evaluation import report
 
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 2, 400)

@@ -1,11 +1,11 @@
-"""Tests of pneumo_tf.model: head layout, parameter counts, frozen BN, precision, save/load."""
+"""Tests of pneumo_tf.modeling.model: head layout, parameter counts, frozen BN, precision, save/load."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pneumo_tf import model as model_lib
+from pneumo_tf.modeling import model as model_lib
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def test_final_layer_is_float32_under_mixed_bfloat16():
 
 
 def test_safe_mode_round_trip_with_augmentation(tmp_path):
-    from pneumo_tf import rundir
+    from pneumo_tf.core import rundir
 
     aug = dict(rotation_deg=20.0, zoom=0.2, shift=0.2, shear=0.1, flip=True)
     m = model_lib.build_model("small_cnn", 32, None, trainable_layers=-1, augment=aug)

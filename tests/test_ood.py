@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_module, write_tiny_dataset
-from pneumo_tf import ood
+from pneumo_tf.serving import ood
 
 
 def test_mahalanobis_scores_are_distances_to_the_nearer_class():
@@ -158,7 +158,7 @@ def test_in_graph_upright_probe_matches_the_host_probe():
 def test_auto_layer_reads_narrow_pooled_features_and_the_head_otherwise():
     import keras
 
-    from pneumo_tf import model as model_lib
+    from pneumo_tf.modeling import model as model_lib
 
     small = model_lib.build_model("small_cnn", 32, weights=None)
     assert ood.resolve_layer(small) == "gap" and ood.resolve_layer(small, "dense") == "dense"

@@ -1,4 +1,4 @@
-"""Tests of pneumo_tf.precision_probe: the cache key, the cache file, the choice, the timing."""
+"""Tests of pneumo_tf.training.precision_probe: the cache key, the cache file, the choice, the timing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumo_tf import precision_probe as probe
+from pneumo_tf.training import precision_probe as probe
 
 
 def _cpuinfo(tmp_path, model: str, flags: str, name: str = "cpuinfo") -> str:

@@ -25,7 +25,7 @@ THRESHOLD = 0.5
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
     """A small run with calibration.json, exported to SavedModel and TFLite."""
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     root = tmp_path_factory.mktemp("predict")
     data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
@@ -98,7 +98,7 @@ def good_files(tmp_path_factory) -> list[Path]:
 
 def test_bad_inputs_give_an_error_line_each_and_the_rest_are_predicted(exported_run, good_files,
                                                                         tmp_path):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     jpeg = cv2.imencode(".jpg", phantom(300, 380))[1].tobytes()
     bad = {
@@ -138,7 +138,7 @@ def test_bad_inputs_give_an_error_line_each_and_the_rest_are_predicted(exported_
 
 
 def test_folders_are_searched_recursively_for_images(good_files, tmp_path):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     folder = good_files[0].parent
     (folder / "readme.txt").write_text("not an image")
@@ -152,7 +152,7 @@ def test_folders_are_searched_recursively_for_images(good_files, tmp_path):
 
 
 def test_every_model_kind_gives_the_same_answer(exported_run, good_files):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     kinds = {exported_run: ("run_dir", 1e-6),
              exported_run / "model.keras": ("keras", 1e-6),
@@ -179,7 +179,8 @@ def test_every_model_kind_gives_the_same_answer(exported_run, good_files):
 
 def test_predict_uses_the_converter_pixels(exported_run, good_files):
     """The image fed to the model is decode_bytes + preprocess_gray, as in the TFRecords."""
-    from pneumo_tf import predict, preprocess
+    from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.image import preprocess
     from pneumo_tf.data import decode
 
     for path in good_files:
@@ -195,7 +196,7 @@ def test_predict_uses_the_converter_pixels(exported_run, good_files):
     ("txt", "unknown model file"), ("lonely_keras", "no data_manifest.json beside it"),
     ("lonely_tflite", "pneumo_tf_serving.json is missing")])
 def test_unusable_model_paths_are_named(exported_run, tmp_path, case, match):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     path = tmp_path / case
     if case == "empty_dir":
@@ -217,7 +218,7 @@ def test_keras_models_load_in_safe_mode(exported_run, tmp_path):
     """A .keras file with a Python lambda (arbitrary code) is refused, not executed."""
     import keras
 
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     inputs = keras.Input((SIZE, SIZE, 1))
     outputs = keras.layers.Lambda(lambda x: x[:, :1, 0, 0])(inputs)
@@ -234,7 +235,7 @@ def test_keras_models_load_in_safe_mode(exported_run, tmp_path):
 
 
 def test_film_refer_reasons_flag_unlike_films_only():
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     film = phantom(400, 520)
     assert predict.film_refer_reasons(film, 400, 520, (300, 312), 224) == []
@@ -253,7 +254,9 @@ def test_film_refer_reasons_flag_unlike_films_only():
 
 
 def test_refer_band_around_the_calibrated_threshold():
-    from pneumo_tf import calibration, predict, serving
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import runtime as serving
 
     cfg = serving.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
     at_threshold = predict.result_record("x", 0.8, cfg, [], 0.1)
@@ -283,7 +286,8 @@ def _probabilities_around(t: float, n_ulps: int = 40) -> list[float]:
     (1.7, 0.45, "calibrated_probability"), (3.0, 0.999, "probability"), (1.0, 0.62, "probability")])
 def test_row_label_is_calibrated_probability_at_threshold(temperature, threshold, applies_to):
     """label == (calibrated_probability >= threshold) in every row, also at the threshold."""
-    from pneumo_tf import predict, serving
+    from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import runtime as serving
 
     cfg = serving.ServingConfig(SIZE, "fixed", temperature=temperature, threshold=threshold,
                                 threshold_applies_to=applies_to, calibrated=True)
@@ -300,7 +304,8 @@ def test_row_label_is_calibrated_probability_at_threshold(temperature, threshold
 
 def test_the_clinicians_case_cannot_happen():
     """A calibrated probability above the calibrated threshold is never labelled NORMAL."""
-    from pneumo_tf import predict, serving
+    from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import runtime as serving
 
     # Raw threshold 0.8 with T = 2: the same cut is 0.667 on the calibrated scale.
     cfg = serving.ServingConfig(SIZE, "fixed", temperature=2.0, threshold=0.8, calibrated=True)
@@ -312,7 +317,8 @@ def test_the_clinicians_case_cannot_happen():
 
 
 def test_every_model_kind_reports_the_calibrated_threshold(exported_run, good_files):
-    from pneumo_tf import calibration, predict
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import predictor as predict
 
     expected = calibration.calibrated_threshold({"temperature": TEMPERATURE,
                                                  "threshold": THRESHOLD})
@@ -328,7 +334,7 @@ def test_every_model_kind_reports_the_calibrated_threshold(exported_run, good_fi
 
 
 def test_gradcam_overlays_for_keras_models_only(exported_run, good_files, tmp_path):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     out = list(predict.predict_paths(predict.load_predictor(exported_run), good_files,
                                      gradcam_dir=tmp_path / "cam"))
@@ -343,7 +349,7 @@ def test_gradcam_overlays_for_keras_models_only(exported_run, good_files, tmp_pa
 
 
 def test_table_rows():
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     ok = {"path": "a.png", "probability": 0.91234, "calibrated_probability": 0.8, "threshold": 0.57,
           "label": 1, "class_name": "PNEUMONIA", "refer": True, "refer_reasons": ["blank"],
@@ -396,7 +402,7 @@ SITE_TEMPERATURE, SITE_THRESHOLD = 0.8, 0.3
 @pytest.fixture(scope="module")
 def site_run(exported_run, tmp_path_factory):
     """A copy of the exported run with a site calibration, exported with it baked in."""
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run = tmp_path_factory.mktemp("site") / "run"
     shutil.copytree(exported_run, run)
@@ -413,7 +419,7 @@ def site_run(exported_run, tmp_path_factory):
 
 
 def test_rows_name_the_calibration_val_by_default(exported_run, good_files):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     for path in (exported_run, exported_run / "export" / "saved_model",
                  exported_run / "export" / "model_fp16.tflite"):
@@ -425,7 +431,9 @@ def test_rows_name_the_calibration_val_by_default(exported_run, good_files):
 
 
 def test_a_run_dir_applies_any_of_its_calibrations(site_run, good_files):
-    from pneumo_tf import calibration, predict, rundir
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.core import rundir
 
     by_name = {name: list(predict.predict_paths(predict.load_predictor(site_run, name),
                                                 good_files))
@@ -447,7 +455,8 @@ def test_a_run_dir_applies_any_of_its_calibrations(site_run, good_files):
 def test_export_bakes_the_site_calibration_and_predict_reports_it(site_run, good_files):
     import tensorflow as tf
 
-    from pneumo_tf import calibration, predict
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import predictor as predict
 
     out = site_run / "export_site_b"
     config = json.loads((out / "pneumo_tf_serving.json").read_text())
@@ -525,7 +534,7 @@ def ood_inputs(phantom_ood_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ood_export(phantom_ood_run, tmp_path_factory):
     """The phantom run (with its guard) exported: SavedModel and the float16 TFLite model."""
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data, _ = phantom_ood_run
     copy = tmp_path_factory.mktemp("ood_export") / "run"
@@ -536,7 +545,8 @@ def ood_export(phantom_ood_run, tmp_path_factory):
 
 
 def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
-    from pneumo_tf import ood, predict
+    from pneumo_tf.serving import ood
+    from pneumo_tf.serving import predictor as predict
 
     rows = {kind: list(predict.predict_paths(predict.load_predictor(ood_export["run_dir"]), paths))
             for kind, paths in ood_inputs.items()}
@@ -556,7 +566,7 @@ def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
 
 
 def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     paths = [p for kind_paths in ood_inputs.values() for p in kind_paths]
     reference = None
@@ -573,7 +583,7 @@ def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
 
 
 def test_ood_rates_count_what_predict_flags(ood_export, ood_inputs):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     predictor = predict.load_predictor(ood_export["run_dir"])
     films = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in ood_inputs["film"]]
@@ -585,7 +595,7 @@ def test_ood_rates_count_what_predict_flags(ood_export, ood_inputs):
 
 def test_runs_without_a_guard_still_predict_with_null_fields(exported_run, good_files):
     """Run dirs and exports made before ood.json existed: the fields are there, null."""
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
 
     assert not (exported_run / "ood.json").exists()
     for path in (exported_run, exported_run / "export" / "saved_model",
@@ -601,7 +611,7 @@ def test_runs_without_a_guard_still_predict_with_null_fields(exported_run, good_
 
 @pytest.fixture(scope="module")
 def subtype_export(subtype_run, tmp_path_factory):
-    from pneumo_tf import export
+    from pneumo_tf.serving import export
 
     run, data = subtype_run
     copy = tmp_path_factory.mktemp("subtype_predict") / "run"
@@ -611,7 +621,7 @@ def subtype_export(subtype_run, tmp_path_factory):
 
 
 def test_subtype_rows_name_the_subtype_of_every_model_kind(subtype_export, tmp_path):
-    from pneumo_tf import predict
+    from pneumo_tf.serving import predictor as predict
     from pneumo_tf.data import phantoms
 
     rng = np.random.default_rng(4)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pneumo_tf import preprocess
+from pneumo_tf.image import preprocess
 
 
 def test_fixed_crop_box_matches_paper_integer_maths():

@@ -1,9 +1,9 @@
-"""Tests of pneumo_tf.progress: the bar on a terminal, plain lines in logs."""
+"""Tests of pneumo_tf.core.progress: the bar on a terminal, plain lines in logs."""
 
 import io
 import re
 
-from pneumo_tf import progress
+from pneumo_tf.core import progress
 
 
 class _Tty(io.StringIO):

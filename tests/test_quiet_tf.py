@@ -1,11 +1,11 @@
-"""Tests of pneumo_tf.quiet_tf: TensorFlow's start-up banner stays off the console by default."""
+"""Tests of pneumo_tf.core.quiet_tf: TensorFlow's start-up banner stays off the console by default."""
 
 import os
 import subprocess
 import sys
 
 from conftest import REPO
-from pneumo_tf import quiet_tf
+from pneumo_tf.core import quiet_tf
 
 BANNER = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
           "I0000 00:00:1796116796.943127   12555 port.cc:153] oneDNN custom operations are on.",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pneumo_tf import rundir
+from pneumo_tf.core import rundir
 
 
 def test_parse_flags_text_reads_values_booleans_and_skips_comments():

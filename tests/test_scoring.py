@@ -14,19 +14,21 @@ SIZE = 32
 def models():
     import keras
 
-    from pneumo_tf import ensemble, model as pmodel
+    from pneumo_tf.modeling import ensemble_model
+    from pneumo_tf.modeling import model as pmodel
 
     keras.utils.set_random_seed(0)
     binary = pmodel.build_model("small_cnn", SIZE, trainable_layers=-1)
     subtype = pmodel.build_model("small_cnn", SIZE, trainable_layers=-1, task="subtype")
     members = [pmodel.build_model("small_cnn", SIZE, trainable_layers=-1) for _ in range(2)]
     return {"binary": binary, "subtype": subtype,
-            "ensemble": ensemble.build_ensemble_model(members)}
+            "ensemble": ensemble_model.build_ensemble_model(members)}
 
 
 @pytest.mark.parametrize("kind", ["binary", "subtype", "ensemble"])
 def test_outputs_model_gives_the_models_probability_and_its_features(models, kind):
-    from pneumo_tf import ood, scoring
+    from pneumo_tf.serving import ood
+    from pneumo_tf.evaluation import scoring
 
     model = models[kind]
     images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 1), dtype=np.uint8)
@@ -37,7 +39,8 @@ def test_outputs_model_gives_the_models_probability_and_its_features(models, kin
                                ood.feature_model(model, "dense")(images).numpy(), atol=1e-5)
     assert ("class_logits" in out) == (kind == "subtype")
     if kind == "subtype":
-        from pneumo_tf import calibration, model as pmodel
+        from pneumo_tf.evaluation import calibration
+        from pneumo_tf.modeling import model as pmodel
 
         probs = pmodel.class_probability_model(model)(images).numpy()
         np.testing.assert_allclose(calibration.softmax(out["class_logits"].numpy()), probs,
@@ -48,7 +51,8 @@ def test_outputs_model_gives_the_models_probability_and_its_features(models, kin
 
 
 def test_predict_split_carries_subtypes_logits_and_ood_scores(models, tmp_path):
-    from pneumo_tf import ood, scoring
+    from pneumo_tf.serving import ood
+    from pneumo_tf.evaluation import scoring
 
     data = write_tiny_dataset(tmp_path / "v2", image_size=SIZE)
     old = write_tiny_dataset(tmp_path / "v1", image_size=SIZE, version=1)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import pneumo_tf
-from pneumo_tf import calibration, serving
+from pneumo_tf.evaluation import calibration
+from pneumo_tf.evaluation import metrics as pmetrics
+from pneumo_tf.serving import runtime as serving
 
 
 @pytest.mark.parametrize("bad, match", [({"temperature": 0, "threshold": 0.5}, "temperature"),
@@ -85,12 +87,12 @@ def test_decide_label_numpy_and_tensorflow_agree_with_the_comparison():
 
     t = 0.4513
     cal = _around(t)
-    host = serving.decide_label(cal, t)
+    host = pmetrics.decide_label(cal, t)
     assert host.dtype == np.int64
     np.testing.assert_array_equal(host, (cal >= t).astype(np.int64))
-    assert serving.decide_label(t, t) == 1 and serving.decide_label(np.nextafter(t, 0), t) == 0
+    assert pmetrics.decide_label(t, t) == 1 and pmetrics.decide_label(np.nextafter(t, 0), t) == 0
     cal32 = tf.constant(cal, tf.float32)
-    graph = tf.function(lambda c: serving.decide_label(c, t))(cal32)
+    graph = tf.function(lambda c: pmetrics.decide_label(c, t))(cal32)
     assert graph.dtype == tf.int64
     # In the graph the threshold is compared in the tensor's dtype.
     np.testing.assert_array_equal(graph.numpy(), (cal32.numpy() >= np.float32(t)).astype(np.int64))
@@ -155,7 +157,7 @@ def test_serving_config_names_its_calibration_and_old_configs_read_as_val(tmp_pa
 
 
 class _DictOutputs:
-    """A stand-in for :func:`pneumo_tf.scoring.outputs_model`: fixed logits and features."""
+    """A stand-in for :func:`pneumo_tf.evaluation.scoring.outputs_model`: fixed logits and features."""
 
     def __init__(self, logits, features):
         self.logits, self.features = np.asarray(logits, np.float32), np.asarray(features,
@@ -173,7 +175,7 @@ class _DictOutputs:
 def test_saved_model_outputs_add_the_guard_and_the_subtype():
     import tensorflow as tf
 
-    from pneumo_tf import ood
+    from pneumo_tf.serving import ood
 
     logits = [[3.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.2, 1.5], [0.0, 1.0, 1.0]]
     features = [[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [0.0, 1.0]]

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumo_tf import metrics as pm, shift
+from pneumo_tf.evaluation import metrics as pm
+from pneumo_tf.evaluation import shift
 
 
 def _films(rng, n, offset=0.0, blur=False):

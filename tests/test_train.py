@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_tiny_dataset
-from pneumo_tf import atomic_files, rundir, train
+from pneumo_tf.core import atomic_files, rundir
+from pneumo_tf.evaluation import metrics
+from pneumo_tf.training import config as train_config
+from pneumo_tf.training import loop, session
+from pneumo_tf.training import task as task_lib
+from pneumo_tf.training import trainer as trainer_lib
 from pneumo_tf.data import pipeline, records
 
 TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1", "--train_bn",
@@ -28,13 +33,13 @@ TINY_FLAGS = ["--backbone=small_cnn", "--weights=none", "--trainable_layers=-1",
               "--tb_images=2", "--val_batch_size=16"]
 
 
-def tiny_config(data_dir, run_dir, **overrides) -> train.TrainConfig:
+def tiny_config(data_dir, run_dir, **overrides) -> train_config.TrainConfig:
     kwargs = dict(data_dir=str(data_dir), run_dir=str(run_dir), backbone="small_cnn",
                   weights="none", trainable_layers=-1, train_bn=True, batch_size=4, epochs=2,
                   steps_per_epoch=3, precision="float32", strategy="default", calibrate=False,
                   fit_ood=False, tb_images=2, val_batch_size=16, lr=1e-3)
     kwargs.update(overrides)
-    return train.TrainConfig(**kwargs)
+    return train_config.TrainConfig(**kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +55,7 @@ def _float32_policy():
 
 
 def test_early_stopping_matches_keras_semantics():
-    es = train.EarlyStopping(patience=3)
+    es = loop.EarlyStopping(patience=3)
     seq = [1.0, 0.8, 0.9, 0.85, 0.81, 0.7]
     out = [es.update(e, v) for e, v in enumerate(seq[:5])]
     assert [o[0] for o in out] == [True, True, False, False, False]
@@ -59,7 +64,7 @@ def test_early_stopping_matches_keras_semantics():
 
 
 def test_reduce_lr_on_plateau_matches_keras_semantics():
-    plateau = train.ReduceLROnPlateau(patience=2, factor=0.2)
+    plateau = loop.ReduceLROnPlateau(patience=2, factor=0.2)
     lrs, lr = [], 1e-3
     for v in [1.0, 1.0, 0.99995, 0.5, 0.6, 0.7, 0.8]:  # 0.99995: below min_delta, no gain
         lr = plateau.update(v, lr)
@@ -70,39 +75,39 @@ def test_reduce_lr_on_plateau_matches_keras_semantics():
 def test_binary_metrics_known_values():
     labels = [0, 0, 1, 1]
     probs = [0.1, 0.6, 0.4, 0.9]
-    m = train.binary_metrics(labels, probs)
+    m = metrics.binary_metrics(labels, probs)
     assert m["accuracy"] == 0.5
     assert m["precision"] == 0.5 and m["recall"] == 0.5
     assert m["auc"] == 0.75
     assert m["pr_auc"] == pytest.approx(0.8333333)
-    one_class = train.binary_metrics([1, 1], [0.3, 0.7])
+    one_class = metrics.binary_metrics([1, 1], [0.3, 0.7])
     assert math.isnan(one_class["auc"]) and one_class["accuracy"] == 0.5
 
 
 def test_history_csv_round_trip(tmp_path):
-    rows = [{k: (i if k == "epoch" else 0.1 * i + 1 / 3) for k in train.HISTORY_COLUMNS}
+    rows = [{k: (i if k == "epoch" else 0.1 * i + 1 / 3) for k in loop.HISTORY_COLUMNS}
             for i in range(3)]
     path = tmp_path / "history.csv"
-    rundir.write_history_csv(path, rows, train.HISTORY_COLUMNS)
-    assert path.read_text().splitlines()[0] == ",".join(train.HISTORY_COLUMNS)
+    rundir.write_history_csv(path, rows, loop.HISTORY_COLUMNS)
+    assert path.read_text().splitlines()[0] == ",".join(loop.HISTORY_COLUMNS)
     assert rundir.read_history_csv(path) == rows
 
 
 def test_epoch_seed_depends_on_seed_and_epoch_only():
-    assert train.epoch_seed(0, 3) == train.epoch_seed(0, 3)
-    assert len({train.epoch_seed(s, e, k) for s in (0, 1) for e in (0, 1) for k in (0, 1)}) == 8
-    assert 0 <= train.epoch_seed(123, 456) < 2**31
+    assert trainer_lib.epoch_seed(0, 3) == trainer_lib.epoch_seed(0, 3)
+    assert len({trainer_lib.epoch_seed(s, e, k) for s in (0, 1) for e in (0, 1) for k in (0, 1)}) == 8
+    assert 0 <= trainer_lib.epoch_seed(123, 456) < 2**31
 
 
 def test_augment_kwargs_picks_resampler_for_xla():
-    cfg = train.TrainConfig(data_dir="d", run_dir="r")
-    assert train.augment_kwargs(cfg, jit_compile=False)["resampler"] == "gather_xla"
-    assert train.augment_kwargs(cfg, jit_compile=True)["resampler"] == "gather"
+    cfg = train_config.TrainConfig(data_dir="d", run_dir="r")
+    assert train_config.augment_kwargs(cfg, jit_compile=False)["resampler"] == "gather_xla"
+    assert train_config.augment_kwargs(cfg, jit_compile=True)["resampler"] == "gather"
     cfg.resampler = "native"
-    with pytest.raises(train.TrainError, match="--resampler=native cannot be XLA-compiled"):
-        train.augment_kwargs(cfg, jit_compile=True)
+    with pytest.raises(train_config.TrainError, match="--resampler=native cannot be XLA-compiled"):
+        train_config.augment_kwargs(cfg, jit_compile=True)
     cfg.augment = False
-    assert train.augment_kwargs(cfg, jit_compile=False) is None
+    assert train_config.augment_kwargs(cfg, jit_compile=False) is None
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -131,14 +136,14 @@ def test_data_dir_without_manifest_fails_before_training(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     (data / "manifest.json").unlink()
     with pytest.raises(records.DataDirError, match="manifest.json is missing"):
-        train.train(tiny_config(data, tmp_path / "run"))
+        session.train(tiny_config(data, tmp_path / "run"))
     _assert_nothing_trained(tmp_path / "run")
 
 
 def test_empty_split_fails_before_training(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", counts={"train": (6, 6), "val": (0, 0)})
     with pytest.raises(records.DataDirError, match="split 'val' .* is empty"):
-        train.train(tiny_config(data, tmp_path / "run"))
+        session.train(tiny_config(data, tmp_path / "run"))
     _assert_nothing_trained(tmp_path / "run")
 
 
@@ -150,7 +155,7 @@ def test_resume_with_mismatched_manifest_fails_before_training(tmp_path):
     new = write_tiny_dataset(tmp_path / "new", image_size=40, crop="none")
     with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 40; "
                                                  "crop: run has 'fixed', data dir has 'none'"):
-        train.train(tiny_config(new, run))
+        session.train(tiny_config(new, run))
     _assert_nothing_trained(run)
 
 
@@ -162,7 +167,7 @@ def test_resume_with_mismatched_manifest_fails_before_training(tmp_path):
 def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, caplog):
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    summary = train.train(tiny_config(data, run, calibrate=True), flags_text="--epochs=2\n")
+    summary = session.train(tiny_config(data, run, calibrate=True), flags_text="--epochs=2\n")
     paths = rundir.RunPaths(run)
     for p in (paths.flags, paths.data_manifest, paths.best_weights, paths.model, paths.history,
               paths.summary):
@@ -171,7 +176,7 @@ def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, cap
     assert {p.name for p in paths.tb.iterdir()} >= {"train", "val"}
     hist = rundir.read_history_csv(paths.history)
     assert [r["epoch"] for r in hist] == [0, 1]
-    assert list(hist[0]) == list(train.HISTORY_COLUMNS)
+    assert list(hist[0]) == list(loop.HISTORY_COLUMNS)
     assert hist[0]["lr"] == 1e-3
     on_disk = json.loads(paths.summary.read_text())
     for key in ("precision_policy", "jit_compile", "strategy", "num_replicas", "epochs_run",
@@ -194,8 +199,8 @@ def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, cap
     model = rundir.load_model(run)
     import keras
 
-    best = train.Trainer(tiny_config(data, run), _default_setup(),
-                         records.read_manifest(data)).model
+    best = trainer_lib.Trainer(tiny_config(data, run), _default_setup(),
+                               records.read_manifest(data)).model
     best.load_weights(paths.best_weights)
     for a, b in zip(model.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -204,7 +209,7 @@ def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, cap
     # (summary.json is written first) is redone.
     mtime = paths.model.stat().st_mtime_ns
     paths.calibration.unlink()
-    again = train.train(tiny_config(data, run, calibrate=True))
+    again = session.train(tiny_config(data, run, calibrate=True))
     assert again["epochs_run"] == 2 and paths.model.stat().st_mtime_ns == mtime
     assert again["calibration"] == "ok"
     assert json.loads(paths.calibration.read_text())["source"] == "val"
@@ -228,13 +233,13 @@ def test_logging_augmented_images_leaves_the_models_seed_state_alone(tmp_path):
     import tensorflow as tf
 
     data = write_tiny_dataset(tmp_path / "data")
-    trainer = train.Trainer(tiny_config(data, tmp_path / "run"), _default_setup(),
-                            records.read_manifest(data))
+    trainer = trainer_lib.Trainer(tiny_config(data, tmp_path / "run"), _default_setup(),
+                                  records.read_manifest(data))
     assert trainer.augment is not None and trainer.seed_states
     before = [v.numpy().copy() for v in trainer.seed_states]
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
     writer = tf.summary.create_file_writer(str(tmp_path / "tb" / "train"))
-    train.log_augmented_images(trainer, tf.constant(images), writer, step=0, max_images=2)
+    loop.log_augmented_images(trainer, tf.constant(images), writer, step=0, max_images=2)
     writer.close()
     for a, b in zip(before, trainer.seed_states):
         np.testing.assert_array_equal(a, b.numpy())
@@ -244,7 +249,7 @@ def test_logging_augmented_images_leaves_the_models_seed_state_alone(tmp_path):
 def test_every_fill_mode_flag_choice_is_accepted_by_the_augment_layer():
     from absl import flags
 
-    from pneumo_tf import augment
+    from pneumo_tf.image import augment
 
     assert flags.FLAGS["fill_mode"].parser.enum_values == list(augment.FILL_MODES)
     for mode in flags.FLAGS["fill_mode"].parser.enum_values:
@@ -254,13 +259,13 @@ def test_every_fill_mode_flag_choice_is_accepted_by_the_augment_layer():
 def test_resume_flags_must_match_except_logging_and_more_epochs(tmp_path):
     run_flags = "# comment\n--lr=0.001\n--epochs=3\n--train_bn\n--tb_images=8\n--data_dir=a\n"
     path = tmp_path / "run" / "flags.txt"
-    same = train.check_resume_flags(run_flags, run_flags, path)
+    same = train_config.check_resume_flags(run_flags, run_flags, path)
     assert same is False
     harmless = "--lr=0.001\n--epochs=5\n--train_bn\n--tb_images=0\n--data_dir=b\n"
-    assert train.check_resume_flags(run_flags, harmless, path) is True  # epochs grew
+    assert train_config.check_resume_flags(run_flags, harmless, path) is True  # epochs grew
     changed = "--lr=0.0001\n--epochs=2\n--notrain_bn\n--tb_images=8\n--data_dir=a\n"
-    with pytest.raises(train.TrainError) as e:
-        train.check_resume_flags(run_flags, changed, path)
+    with pytest.raises(train_config.TrainError) as e:
+        train_config.check_resume_flags(run_flags, changed, path)
     assert str(e.value) == (
         f"{path.parent} is resumed from its backup, but these flags differ from {path}: "
         "--epochs: run has '3', now '2'; --lr: run has '0.001', now '0.0001'; "
@@ -270,31 +275,39 @@ def test_resume_flags_must_match_except_logging_and_more_epochs(tmp_path):
 
 
 def _default_setup():
-    from pneumo_tf import distribute
+    from pneumo_tf.training import distribute
 
     return distribute.setup_distribution("default", "float32", "false")
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
     # Steps 0-2 are epoch 0 (backed up); global step 4 is inside epoch 1.
-    cfg = tiny_config(data, run, epochs=3, debug_nan_at_step=4)
-    with pytest.raises(train.TrainingDivergedError,
+    real_step = trainer_lib.Trainer.train_step
+
+    def nan_at_step_4(self, *batch):
+        nan = int(self.optimizer.iterations.numpy()) == 4
+        loss, scores, labels = real_step(self, *batch)
+        return (loss * float("nan") if nan else loss), scores, labels
+
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step", nan_at_step_4)
+    cfg = tiny_config(data, run, epochs=3)
+    with pytest.raises(loop.TrainingDivergedError,
                        match=r"loss is nan at epoch 1 step 1 .*last good checkpoint is kept: "
                              r".*ckpt-3.*new --run_dir with a lower --lr \(now 0.001\); this "
                              r"run dir resumes only with the same flags"):
-        train.train(cfg, flags_text="--lr=0.001\n--epochs=3\n")
+        session.train(cfg, flags_text="--lr=0.001\n--epochs=3\n")
     import tensorflow as tf
 
     assert tf.train.latest_checkpoint(str(run / "backup")).endswith("ckpt-3")
     assert not (run / "model.keras").exists() and not (run / "summary.json").exists()
     assert [r["epoch"] for r in rundir.read_history_csv(run / "history.csv")] == [0]
     # Resuming with a lower --lr would be overruled by the backup's optimizer: refused.
-    with pytest.raises(train.TrainError, match=r"--lr: run has '0.001', now '0.0001'"):
-        train.train(tiny_config(data, run, epochs=3, lr=1e-4),
-                    flags_text="--lr=0.0001\n--epochs=3\n")
+    with pytest.raises(train_config.TrainError, match=r"--lr: run has '0.001', now '0.0001'"):
+        session.train(tiny_config(data, run, epochs=3, lr=1e-4),
+                      flags_text="--lr=0.0001\n--epochs=3\n")
     assert (run / "flags.txt").read_text() == "--lr=0.001\n--epochs=3\n"
 
 
@@ -303,7 +316,7 @@ def test_same_flags_give_identical_history_with_deterministic(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     histories = []
     for name in ("a", "b"):
-        train.train(tiny_config(data, tmp_path / name, deterministic=True))
+        session.train(tiny_config(data, tmp_path / name, deterministic=True))
         histories.append(rundir.read_history_csv(tmp_path / name / "history.csv"))
     assert histories[0] == histories[1]
     assert histories[0][0]["loss"] != histories[0][1]["loss"]  # it did train
@@ -363,9 +376,13 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
-    from pneumo_tf import distribute
+    from pneumo_tf.training import distribute
     distribute.configure_cpu_devices(2)
-    from pneumo_tf import train
+    from pneumo_tf.evaluation import metrics
+    from pneumo_tf.training import config as train_config
+    from pneumo_tf.training import loop, session
+    from pneumo_tf.training import task as task_lib
+    from pneumo_tf.training import trainer as trainer_lib
     from pneumo_tf.data import pipeline, records
     data, run = sys.argv[1], sys.argv[2]
     manifest = records.read_manifest(data)
@@ -373,10 +390,10 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     out = {}
     for name, per_replica in (("default", 8), ("mirrored", 4)):
         setup = distribute.setup_distribution(name, "float32", "false", cpu_devices=2)
-        cfg = train.TrainConfig(data_dir=data, run_dir=run, backbone="small_cnn", weights="none",
-                                trainable_layers=-1, augment=False, head_dropout=(0.0, 0.0),
-                                batch_size=per_replica, lr=1e-2, seed=7)
-        trainer = train.Trainer(cfg, setup, manifest)
+        cfg = train_config.TrainConfig(data_dir=data, run_dir=run, backbone="small_cnn", weights="none",
+                                       trainable_layers=-1, augment=False, head_dropout=(0.0, 0.0),
+                                       batch_size=per_replica, lr=1e-2, seed=7)
+        trainer = trainer_lib.Trainer(cfg, setup, manifest)
         losses = [trainer.step_on_global_batch(images, labels, weights) for _ in range(2)]
         out[name] = {"replicas": setup.num_replicas, "losses": losses}
     print("RESULT " + json.dumps(out))
@@ -451,13 +468,13 @@ def test_mixed_precision_and_xla_steps_train_on_cpu(tmp_path, precision, jit):
     """The GPU default (fp16 + loss scaling + XLA, gather resampler) and the bf16 path, on CPU."""
     import numpy as np
 
-    from pneumo_tf import distribute
+    from pneumo_tf.training import distribute
 
     data = write_tiny_dataset(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "run", epochs=1, steps_per_epoch=2, precision=precision,
                       jit_compile=jit)
     setup = distribute.setup_distribution("default", precision, jit)
-    summary = train.train(cfg, setup=setup)
+    summary = session.train(cfg, setup=setup)
     assert summary["precision_policy"] == precision
     assert summary["jit_compile"] is (jit == "true")
     assert summary["config"]["augment"]["resampler"] == ("gather" if jit == "true" else "gather_xla")
@@ -471,24 +488,24 @@ def test_mixed_precision_and_xla_steps_train_on_cpu(tmp_path, precision, jit):
 
 
 def test_early_stopping_on_a_score_and_never():
-    es = train.EarlyStopping(patience=2, best=-math.inf, mode="max")
+    es = loop.EarlyStopping(patience=2, best=-math.inf, mode="max")
     out = [es.update(e, v) for e, v in enumerate([0.90, 0.95, 0.94, 0.93])]
     assert [o[0] for o in out] == [True, True, False, False]
     assert out[-1][1] is True and es.best == 0.95 and es.best_epoch == 1
-    never = train.EarlyStopping(patience=-1)
+    never = loop.EarlyStopping(patience=-1)
     assert not any(never.update(e, 1.0 + e)[1] for e in range(20))
 
 
 def test_label_smoothing_and_the_optimizers(tmp_path):
     import keras
 
-    smooth = train.make_loss(tiny_config("d", "r", loss="bce", label_smoothing=0.2))
-    plain = train.make_loss(tiny_config("d", "r", loss="bce"))
+    smooth = task_lib.get_task(tiny_config("d", "r", loss="bce", label_smoothing=0.2).task).make_loss(tiny_config("d", "r", loss="bce", label_smoothing=0.2))
+    plain = task_lib.get_task(tiny_config("d", "r", loss="bce").task).make_loss(tiny_config("d", "r", loss="bce"))
     y, p = np.array([[1.0], [0.0]], np.float32), np.array([[0.999], [0.001]], np.float32)
     assert float(np.mean(plain(y, p))) < 0.01 < float(np.mean(smooth(y, p)))
-    adamw = train.make_optimizer(tiny_config("d", "r", optimizer="adamw", weight_decay=0.01,
-                                             lr_schedule="cosine", warmup_epochs=1, epochs=4,
-                                             lr=1e-2), steps_per_epoch=10,
+    adamw = trainer_lib.make_optimizer(tiny_config("d", "r", optimizer="adamw", weight_decay=0.01,
+                                                   lr_schedule="cosine", warmup_epochs=1, epochs=4,
+                                                   lr=1e-2), steps_per_epoch=10,
                                  precision_policy="float32")
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 0.01
     schedule = adamw._learning_rate  # warm-up 10 steps from 0 to 1e-2, then cosine to 0 at 40
@@ -500,8 +517,8 @@ def test_label_smoothing_and_the_optimizers(tmp_path):
 
 def test_weight_averages_are_swapped_in_and_out(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
-    trainer = train.Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.9, augment=False),
-                            _default_setup(), records.read_manifest(data))
+    trainer = trainer_lib.Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.9, augment=False),
+                                  _default_setup(), records.read_manifest(data))
     images, labels, weights = next(iter(pipeline.make_dataset(data, "train", 4, training=False)))
     for _ in range(3):
         trainer.step_on_global_batch(images, labels, weights)
@@ -518,10 +535,10 @@ def test_weight_averages_are_swapped_in_and_out(tmp_path):
 def test_cosine_ema_val_auc_run_keeps_the_best_auc_epoch(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    summary = train.train(tiny_config(data, run, epochs=3, optimizer="adamw", lr_schedule="cosine",
-                                      warmup_epochs=1, ema_decay=0.5, select_on="val_auc",
-                                      early_stop_patience=-1, loss="bce", label_smoothing=0.1,
-                                      contrast=0.2, sharpness=0.5))
+    summary = session.train(tiny_config(data, run, epochs=3, optimizer="adamw", lr_schedule="cosine",
+                                        warmup_epochs=1, ema_decay=0.5, select_on="val_auc",
+                                        early_stop_patience=-1, loss="bce", label_smoothing=0.1,
+                                        contrast=0.2, sharpness=0.5))
     hist = rundir.read_history_csv(run / "history.csv")
     assert [r["lr"] for r in hist][0] == 0.0 and hist[1]["lr"] == pytest.approx(1e-3, rel=1e-4)
     assert hist[2]["lr"] < hist[1]["lr"]
@@ -530,7 +547,7 @@ def test_cosine_ema_val_auc_run_keeps_the_best_auc_epoch(tmp_path):
     assert summary["config"]["augment"]["contrast"] == 0.2
     assert summary["precision_probe"] is None  # --precision=float32 was given
     # model.keras holds the best epoch's averaged weights (the ones validated).
-    best = train.Trainer(tiny_config(data, run), _default_setup(), records.read_manifest(data))
+    best = trainer_lib.Trainer(tiny_config(data, run), _default_setup(), records.read_manifest(data))
     best.model.load_weights(run / "best.weights.h5")
     for a, b in zip(rundir.load_model(run).get_weights(), best.model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -540,17 +557,17 @@ def test_cosine_ema_val_auc_run_keeps_the_best_auc_epoch(tmp_path):
 def test_auto_precision_is_probed_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMO_TF_CACHE", str(tmp_path / "cache"))
     data = write_tiny_dataset(tmp_path / "data")
-    first = train.train(tiny_config(data, tmp_path / "a", epochs=1, precision="auto"))
+    first = session.train(tiny_config(data, tmp_path / "a", epochs=1, precision="auto"))
     probe = first["precision_probe"]
     assert probe["cached"] is False
     assert set(probe["candidates"]) == {"float32", "mixed_bfloat16"}
     assert all(v > 0 for v in probe["candidates"].values())
     assert first["precision_policy"] == probe["chosen"]
-    again = train.train(tiny_config(data, tmp_path / "b", epochs=1, precision="auto"))
+    again = session.train(tiny_config(data, tmp_path / "b", epochs=1, precision="auto"))
     assert again["precision_probe"] == {**probe, "cached": True}
     assert again["precision_policy"] == probe["chosen"]
-    forced = train.train(tiny_config(data, tmp_path / "c", epochs=1,
-                                     precision="mixed_bfloat16"))
+    forced = session.train(tiny_config(data, tmp_path / "c", epochs=1,
+                                       precision="mixed_bfloat16"))
     assert forced["precision_probe"] is None and forced["precision_policy"] == "mixed_bfloat16"
 
 
@@ -558,19 +575,19 @@ def test_auto_precision_is_probed_once_then_cached(tmp_path, monkeypatch):
 def test_profiler_trace_lands_in_the_runs_tensorboard_folder(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    train.train(tiny_config(data, run, epochs=1, steps_per_epoch=4, profile_steps="1,3"))
+    session.train(tiny_config(data, run, epochs=1, steps_per_epoch=4, profile_steps="1,3"))
     traces = list((run / "tb" / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_ensemble_seeds_train_members_and_average_them(tmp_path):
-    from pneumo_tf import scoring
+    from pneumo_tf.evaluation import scoring
 
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    summary = train.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1", calibrate=True),
-                          flags_text="--epochs=1\n--ensemble_seeds=0,1\n")
+    summary = session.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1", calibrate=True),
+                            flags_text="--epochs=1\n--ensemble_seeds=0,1\n")
     members = [run / "members" / "seed_0", run / "members" / "seed_1"]
     assert summary["ensemble"]["members"] == [str(m.resolve()) for m in members]
     assert summary["ensemble"]["member_seeds"] == [0, 1]
@@ -578,7 +595,7 @@ def test_ensemble_seeds_train_members_and_average_them(tmp_path):
     probs = [scoring.predict_split(rundir.load_model(r), data, "val")["probability"]
              for r in (*members, run)]
     np.testing.assert_allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-6)
-    assert train.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1"))["ensemble"]
+    assert session.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1"))["ensemble"]
 
 
 @pytest.mark.slow
@@ -586,16 +603,16 @@ def test_a_finished_run_continues_with_more_epochs_and_refuses_other_changes(tmp
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
     cfg = tiny_config(data, run, epochs=2, early_stop_patience=-1)
-    train.train(cfg, flags_text=train.flags_file_text(cfg))
+    session.train(cfg, flags_text=train_config.flags_file_text(cfg))
     changed = tiny_config(data, run, epochs=2, early_stop_patience=-1, lr=1e-4)
-    with pytest.raises(train.TrainError, match=r"has finished and can only be continued with "
+    with pytest.raises(train_config.TrainError, match=r"has finished and can only be continued with "
                                                r"more --epochs, but these flags differ .*"
                                                r"--lr: run has '0.001', now '0.0001'"):
-        train.train(changed, flags_text=train.flags_file_text(changed))
-    same = train.train(cfg, flags_text=train.flags_file_text(cfg))
+        session.train(changed, flags_text=train_config.flags_file_text(changed))
+    same = session.train(cfg, flags_text=train_config.flags_file_text(cfg))
     assert same["epochs_run"] == 2  # nothing to do
     longer = tiny_config(data, run, epochs=3, early_stop_patience=-1)
-    summary = train.train(longer, flags_text=train.flags_file_text(longer))
+    summary = session.train(longer, flags_text=train_config.flags_file_text(longer))
     assert summary["status"] == "complete" and summary["epochs_run"] == 3
     assert [r["epoch"] for r in rundir.read_history_csv(run / "history.csv")] == [0, 1, 2]
     assert summary["resumed_from_epochs"] == [2]
@@ -626,10 +643,10 @@ def test_unreachable_imagenet_weights_fail_before_the_run_dir_is_written(tmp_pat
 
 
 def test_a_random_mostly_frozen_backbone_gets_a_warning(caplog):
-    train.check_weights(tiny_config("d", "r", weights="none", trainable_layers=5), 32)
+    trainer_lib.check_weights(tiny_config("d", "r", weights="none", trainable_layers=5), 32)
     assert "the backbone starts random" in caplog.text
     caplog.clear()
-    train.check_weights(tiny_config("d", "r", weights="none", trainable_layers=-1), 32)
+    trainer_lib.check_weights(tiny_config("d", "r", weights="none", trainable_layers=-1), 32)
     assert caplog.text == ""
 
 
@@ -637,11 +654,11 @@ def test_a_random_mostly_frozen_backbone_gets_a_warning(caplog):
 def test_subtype_task_trains_a_three_way_head_and_keeps_the_binary_score(tmp_path):
     import tensorflow as tf
 
-    from pneumo_tf import model as model_lib
+    from pneumo_tf.modeling import model as model_lib
 
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    summary = train.train(tiny_config(data, run, epochs=2, task="subtype", calibrate=True))
+    summary = session.train(tiny_config(data, run, epochs=2, task="subtype", calibrate=True))
     assert summary["config"]["task"] == "subtype"
     events = _tb_events(run / "tb")["val"]
     for name in ("NORMAL", "BACTERIAL", "VIRAL"):
@@ -654,9 +671,9 @@ def test_subtype_task_trains_a_three_way_head_and_keeps_the_binary_score(tmp_pat
     np.testing.assert_allclose(probs3.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(model(images).numpy()[:, 0], 1.0 - probs3[:, 0], atol=1e-6)
     assert json.loads((run / "calibration.json").read_text())["source"] == "val"
-    trainer = train.Trainer(tiny_config(data, run, task="subtype"), _default_setup(),
-                            records.read_manifest(data))
+    trainer = trainer_lib.Trainer(tiny_config(data, run, task="subtype"), _default_setup(),
+                                  records.read_manifest(data))
     assert trainer.pipeline_class_weights() == "balanced_subtype"
     # An unknown subtype (-1) contributes no loss.
-    y = train.loss_targets(trainer.cfg, None, tf.constant([1, -1]))
+    y = trainer.task.loss_targets(trainer.cfg, None, tf.constant([1, -1]))
     assert y.numpy().tolist() == [[0, 1, 0], [0, 0, 0]]
