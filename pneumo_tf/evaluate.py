@@ -1,0 +1,53 @@
+"""Evaluate a trained run on one split: predictions, metrics with CIs, report, TensorBoard.
+
+Usage::
+
+    python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
+        [--calibration=val|NAME] [--val_data_dir=V]
+
+What it writes and how thresholds, calibrations and other sites are handled:
+:mod:`pneumo_tf.evaluation.evaluator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pneumo_tf.core import cli, rundir
+from pneumo_tf.core.cli import option
+from pneumo_tf.evaluation import calibration
+from pneumo_tf.evaluation import evaluator
+
+
+@dataclasses.dataclass
+class EvaluateFlags(cli.RunSplitFlags):
+    """The flags of ``python -m pneumo_tf.evaluate``."""
+
+    threshold: str | None = calibration.threshold_option()
+    num_resamples: int = cli.num_resamples_option()
+    calibration: str = cli.calibration_option()
+    val_data_dir: str | None = option(
+        None, "Data dir whose val split is the reference of the shift report when --data_dir is "
+        "another site's (and fits a missing calibration.json); default: the run's own data dir "
+        "(summary.json config.data_dir, else flags.txt).")
+
+
+FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)
+
+
+def main(argv: list[str]) -> None:
+    cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
+    f = cli.config_from_flags(EvaluateFlags, FLAG_HOLDERS)
+    metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
+                                     f.num_resamples, f.seed, calibration_name=f.calibration,
+                                     val_data_dir=f.val_data_dir)
+    out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"], metrics["calibration"])
+    print(f"{evaluator.summary_line(metrics)} -> {out}")
+
+
+def run() -> None:
+    cli.run_app(main, "pneumo_tf.evaluate", flag_holders=FLAG_HOLDERS)
+
+
+if __name__ == "__main__":
+    run()
