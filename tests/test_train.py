@@ -249,6 +249,7 @@ def test_logging_augmented_images_leaves_the_models_seed_state_alone(tmp_path):
 def test_every_fill_mode_flag_choice_is_accepted_by_the_augment_layer():
     from absl import flags
 
+    import pneumo_tf.train  # noqa: F401  (the command defines the training flags)
     from pneumo_tf.image import augment
 
     assert flags.FLAGS["fill_mode"].parser.enum_values == list(augment.FILL_MODES)
