@@ -20,11 +20,18 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
 A run's calibrations are named: ``val`` is ``R/calibration.json`` (every run has it), any other
 name ``R/calibrations/NAME.json`` (:func:`read_named_calibration`). Runs written before named
 calibrations existed simply have no ``calibrations/`` folder.
+
+Every file name of a run directory is spelled here only (:class:`RunPaths` and the ``*_NAME``
+constants). :class:`Run` is a run directory opened once and passed on: a stage that gets one
+reads the flags and the data manifest once and loads the model once (on demand); a ``Run`` is
+also an ``os.PathLike``, so every function that takes a run directory path takes a ``Run``, and
+the ``read_*`` functions here answer from the ``Run`` they are given.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -37,6 +44,15 @@ from pneumo_tf.data import records
 
 # The calibration every run has: R/calibration.json, fitted on its own val split.
 VAL_CALIBRATION = "val"
+# Files of an evaluation folder (R/eval/<name>/, :func:`evaluation_dir`).
+METRICS_NAME = "metrics.json"
+PREDICTIONS_NAME = "predictions.csv"
+# Files of R/gradcam/ and R/export*/.
+CAM_STATS_NAME = "cam_stats.json"
+PARITY_NAME = "parity.json"
+# The out-of-distribution guard (pneumo_tf.serving.ood): settings and statistics.
+OOD_JSON = "ood.json"
+OOD_STATS = "ood_stats.npz"
 _CALIBRATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -59,7 +75,10 @@ class RunPaths:
         self.summary = self.root / "summary.json"
         self.calibration = self.root / "calibration.json"
         self.gradcam = self.root / "gradcam"
+        self.cam_stats = self.gradcam / CAM_STATS_NAME
         self.export = self.root / "export"
+        self.ood_json = self.root / OOD_JSON
+        self.ood_stats = self.root / OOD_STATS
 
     def eval_dir(self, split: str) -> Path:
         return self.root / "eval" / split
@@ -80,6 +99,83 @@ class RunPaths:
         if calibration == VAL_CALIBRATION:
             return self.export
         return self.root / f"export_{check_calibration_name(calibration)}"
+
+
+class Run:
+    """One run directory, opened once and passed on (see the module docstring).
+
+    ``flags`` (``flags.txt``), ``manifest`` (``data_manifest.json``), ``data_dir`` (the data it
+    was trained on) and ``model`` (``model.keras``, loaded on first use) are read once;
+    ``summary`` and the calibrations are read when asked (later steps rewrite them).
+
+    Args:
+        run_dir: the run directory (or a :class:`Run`, see :meth:`open`).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.paths = RunPaths(run_dir)
+        self.root = self.paths.root
+
+    @classmethod
+    def open(cls, run_dir: "str | os.PathLike | Run") -> "Run":
+        """``run_dir`` itself when it is a :class:`Run` already, else a new one."""
+        return run_dir if isinstance(run_dir, Run) else cls(run_dir)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    @functools.cached_property
+    def flags(self) -> dict[str, str]:
+        """The flags of ``flags.txt`` (:func:`parse_flags_text`); empty without one."""
+        if not self.paths.flags.is_file():
+            return {}
+        return parse_flags_text(self.paths.flags.read_text(encoding="utf-8"))
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        """``data_manifest.json``: the data contract the run was trained on."""
+        return _read_json(self.paths.data_manifest, "the data manifest of the run",
+                          "is this a run directory written by `python -m pneumo_tf.train`?")
+
+    @property
+    def summary(self) -> dict:
+        """``summary.json`` of a finished run (its ``config`` holds backbone, input_norm, ...)."""
+        return _read_json(self.paths.summary, "the run has not finished training",
+                          "train it first with `python -m pneumo_tf.train --run_dir=...`")
+
+    @functools.cached_property
+    def data_dir(self) -> str | None:
+        """The data dir the run was trained on: ``summary.json``'s ``config.data_dir``, else
+        the ``--data_dir`` of ``flags.txt``; None when neither names one."""
+        if self.paths.summary.is_file():
+            try:
+                summary = json.loads(self.paths.summary.read_text(encoding="utf-8"))
+                data_dir = (summary.get("config") or {}).get("data_dir")
+            except json.JSONDecodeError:
+                data_dir = None
+            if data_dir:
+                return str(data_dir)
+        return self.flags.get("data_dir") or None
+
+    def calibration(self, name: str = VAL_CALIBRATION) -> dict | None:
+        """The run's calibration ``name`` (:func:`read_named_calibration`)."""
+        return read_named_calibration(self, name)
+
+    def evaluation_dir(self, data_dir: str | Path | None, split: str,
+                       calibration: str = VAL_CALIBRATION) -> Path:
+        """Where one evaluation of the run lives (:func:`evaluation_dir`)."""
+        return evaluation_dir(self, data_dir, split, calibration)
+
+    @functools.cached_property
+    def model(self):
+        """``model.keras``, loaded (Keras safe mode) the first time it is asked for."""
+        return _load_keras_model(self.paths.model)
 
 
 def check_calibration_name(name: str) -> str:
@@ -121,10 +217,7 @@ def read_run_flags(run_dir: str | Path) -> dict[str, str]:
         ``{flag name: value as text}``; empty when the run has no ``flags.txt`` (a run made
         by other means than the training app).
     """
-    path = RunPaths(run_dir).flags
-    if not path.is_file():
-        return {}
-    return parse_flags_text(path.read_text(encoding="utf-8"))
+    return Run.open(run_dir).flags
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -138,16 +231,12 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
 
 def read_run_manifest(run_dir: str | Path) -> dict:
     """The data manifest the run was trained on."""
-    paths = RunPaths(run_dir)
-    return _read_json(paths.data_manifest, "the data manifest of the run",
-                      "is this a run directory written by `python -m pneumo_tf.train`?")
+    return Run.open(run_dir).manifest
 
 
 def read_summary(run_dir: str | Path) -> dict:
     """``summary.json`` of a finished run (its ``config`` holds backbone, input_norm, ...)."""
-    paths = RunPaths(run_dir)
-    return _read_json(paths.summary, "the run has not finished training",
-                      "train it first with `python -m pneumo_tf.train --run_dir=...`")
+    return Run.open(run_dir).summary
 
 
 def read_calibration(run_dir: str | Path) -> dict | None:
@@ -192,16 +281,7 @@ def read_named_calibration(run_dir: str | Path, name: str = VAL_CALIBRATION) -> 
 def run_data_dir(run_dir: str | Path) -> str | None:
     """The data dir the run was trained on: ``summary.json``'s ``config.data_dir``, else the
     ``--data_dir`` of ``flags.txt``; None when neither names one."""
-    summary = RunPaths(run_dir).summary
-    if summary.is_file():
-        try:
-            data_dir = (json.loads(summary.read_text(encoding="utf-8")).get("config") or {}
-                        ).get("data_dir")
-        except json.JSONDecodeError:
-            data_dir = None
-        if data_dir:
-            return str(data_dir)
-    return read_run_flags(run_dir).get("data_dir") or None
+    return Run.open(run_dir).data_dir
 
 
 def is_same_data(data_dir_a: str | Path, data_dir_b: str | Path) -> bool:
@@ -287,19 +367,24 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def load_model(run_dir_or_file: str | Path):
-    """Load ``model.keras`` (a run dir or the file) with Keras safe mode on.
+def load_model(run_dir_or_file: "str | Path | Run"):
+    """Load ``model.keras`` (a run dir or the file) with Keras safe mode on; a :class:`Run`
+    gives its model, loaded once."""
+    if isinstance(run_dir_or_file, Run):
+        return run_dir_or_file.model
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = RunPaths(path).model
+    return _load_keras_model(path)
 
-    Importing :mod:`pneumo_tf.modeling.model` registers the project's serializable layers, so nothing
-    needs ``safe_mode=False`` (which would unpickle arbitrary Python).
-    """
+
+def _load_keras_model(path: Path):
+    """Importing :mod:`pneumo_tf.modeling.model` registers the project's serializable layers,
+    so nothing needs ``safe_mode=False`` (which would unpickle arbitrary Python)."""
     import keras
 
     import pneumo_tf.modeling.model  # noqa: F401  (registers custom layers)
 
-    path = Path(run_dir_or_file)
-    if path.is_dir():
-        path = RunPaths(path).model
     if not path.is_file():
         raise RunDirError(f"{path} is missing; train the run first (`python -m pneumo_tf.train`)")
     return keras.saving.load_model(path, safe_mode=True, compile=False)

@@ -65,7 +65,7 @@ def load_metrics(run_dir: str | os.PathLike, split: str, data_dir: str | os.Path
                  batch_size: int = 64, seed: int = 0) -> dict:
     """The run's ``metrics.json`` of ``split`` of ``data_dir`` (its own data when None:
     :func:`pneumo_tf.core.rundir.evaluation_dir`), evaluating it first if needed and possible."""
-    path = rundir.evaluation_dir(run_dir, data_dir, split) / "metrics.json"
+    path = rundir.evaluation_dir(run_dir, data_dir, split) / rundir.METRICS_NAME
     if not path.is_file():
         if data_dir is None:
             raise rundir.RunDirError(
@@ -123,7 +123,7 @@ def read_predictions(run_dir: str | os.PathLike, split: str,
     """The ``predictions.csv`` beside :func:`load_metrics`'s file as arrays: ``path``
     (sorted), ``label``, ``probability`` and ``prediction`` (the run's decision at its own
     threshold); None when the run has no such file (an evaluation by an older version)."""
-    path = rundir.evaluation_dir(run_dir, data_dir, split) / "predictions.csv"
+    path = rundir.evaluation_dir(run_dir, data_dir, split) / rundir.PREDICTIONS_NAME
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as f:

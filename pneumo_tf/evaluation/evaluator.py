@@ -118,6 +118,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     """
     if threshold_method is not None:
         calibration.parse_threshold_method(threshold_method)
+    run_dir = rundir.Run.open(run_dir)  # opened once: the layers below read this Run
     rundir.check_data_compatible(run_dir, data_dir)
     reference = _shift_reference(run_dir, data_dir, val_data_dir)
     val_dir = val_data_dir or rundir.own_data_dir(run_dir, data_dir)  # calibrates, if needed
@@ -274,8 +275,8 @@ def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
     paths, split = rundir.RunPaths(run_dir), metrics["split"]
     out = rundir.evaluation_dir(run_dir, data_dir, split, metrics["calibration"])
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", pred, calibrated, metrics["threshold"]["value"])
-    atomic_files.write_json_atomic(out / "metrics.json", metrics)
+    write_predictions_csv(out / rundir.PREDICTIONS_NAME, pred, calibrated, metrics["threshold"]["value"])
+    atomic_files.write_json_atomic(out / rundir.METRICS_NAME, metrics)
     figure_files = report.save_figures(figures, out)
     fitted_on = metrics.get("calibration_fitted_on") or {}
     context = {"split": split, "run_dir": str(Path(run_dir)), "data_dir": str(Path(data_dir)),

@@ -140,5 +140,5 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
              "num_images": len(entries), "region_source": sources,
              "groups": cam.summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
-    atomic_files.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
+    atomic_files.write_json_atomic(paths.cam_stats, stats)
     return stats

@@ -92,7 +92,7 @@ from pneumo_tf.data import decode, records
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_DIR = "saved_model"
-PARITY_NAME = "parity.json"
+PARITY_NAME = rundir.PARITY_NAME
 EXPORT_FORMATS = ("saved_model", "tflite")
 TFLITE_VARIANTS = {"fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 # Issue 6: the float16 TFLite model must agree with the Keras model to 0.01 in probability.

@@ -35,8 +35,8 @@ from pneumo_tf.core import atomic_files, rundir
 
 log = logging.getLogger(__name__)
 
-OOD_JSON = "ood.json"
-OOD_STATS = "ood_stats.npz"
+OOD_JSON = rundir.OOD_JSON  # the file names live with the run directory
+OOD_STATS = rundir.OOD_STATS
 DEFAULT_LAYER = "auto"
 # ``auto`` reads the pooled backbone features up to this width: on a small_cnn run at 128 px they
 # flagged every kind of bench_ood's far and transformed images by features alone at least as often
