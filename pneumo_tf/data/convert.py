@@ -35,6 +35,11 @@ Each record carries the image's binary ``label`` and its ``subtype`` (0 NORMAL, 
 manifest counts both per split and holds "balanced" weights for both (``class_weights``,
 ``subtype_class_weights``).
 
+With ``--masks=DIR`` (a folder of lung masks mirroring ``--src``) each record also carries its
+film's lung mask, cropped and resized like the image (nearest neighbour; ``lung_mask`` and
+``has_lung_mask``, see :mod:`pneumo_tf.data.records`); films without a mask are kept and marked,
+bad masks are counted by reason in the manifest's ``masks`` entry (docs/data_contracts.md).
+
 Bad input never stops a run: each rejected file is one line ``{"path", "reason"}`` in
 ``OUT/rejects.jsonl``; the exit status is non-zero only when there are more rejects than
 ``--max_rejects``.
@@ -144,6 +149,11 @@ class ConvertConfig:
     max_pixels: int = cli.option(
         DEFAULT_MAX_PIXELS, "Reject images with more pixels than this (decompression-bomb "
         "guard).", lower=1)
+    masks: str | None = cli.option(
+        None, "Folder of lung masks mirroring --src: the mask of SRC/train/NORMAL/x.jpeg is "
+        "MASKS/train/NORMAL/x.png (any size: resized to its film, then cropped and resized like "
+        "it, nearest neighbour; > 127 = lung). Stored as the records' lung_mask feature; films "
+        "without a mask are kept (has_lung_mask 0).")
     progress: bool = True  # a progress bar on stderr (not a flag: the app always shows it)
 
     def check(self) -> None:
@@ -176,6 +186,7 @@ class _WorkerConfig:
     encoding: str
     max_pixels: int
     parent_pid: int = 0
+    masks: str | None = None  # the --masks folder, absolute
 
 
 _worker_config: _WorkerConfig | None = None
@@ -214,6 +225,11 @@ class ProcessedImage:
     size_bytes: int = 0
     pixel_hash: str | None = None       # sha256 of the stored [S, S] pixels (before PNG)
     reject_reason: str | None = None
+    # With --masks: "stored", "missing" (no mask file) or why the mask was not stored; the
+    # mask file's sha256 and size when it was read.
+    mask_status: str | None = None
+    mask_sha256: str | None = None
+    mask_size_bytes: int = 0
 
 
 def encode_image(image: np.ndarray, encoding: str) -> bytes:
@@ -233,6 +249,55 @@ def source_box(box: preprocess.CropBox, scale: int, orig_height: int,
     """A crop box on an image decoded at 1/``scale`` size, in full-size source pixels."""
     return (min(box.top * scale, orig_height), min(box.bottom * scale, orig_height),
             min(box.left * scale, orig_width), min(box.right * scale, orig_width))
+
+
+MASK_SUFFIX = ".png"
+MASK_STORED, MASK_MISSING = "stored", "missing"
+
+
+def mask_path_for(masks: str | os.PathLike, key: str) -> Path:
+    """The mask file of the source item ``key`` in a ``--masks`` folder that mirrors ``--src``:
+    ``MASKS/<key with its suffix replaced by .png>`` (an absolute key loses its root)."""
+    rel = Path(key)
+    if rel.is_absolute():
+        rel = rel.relative_to(rel.anchor)
+    return Path(masks) / rel.with_suffix(MASK_SUFFIX)
+
+
+def read_stored_mask(key: str, image_hw: tuple[int, int], box: preprocess.CropBox,
+                     config: _WorkerConfig, out: ProcessedImage) -> bytes:
+    """The stored ``lung_mask`` of one film, and its status in ``out.mask_status``.
+
+    Reads ``mask_path_for(config.masks, key)`` and brings it onto the stored image with
+    :func:`pneumo_tf.preprocess.preprocess_mask`. Never raises on a bad mask: the film keeps
+    its record without a mask and the reason is its status.
+
+    Returns:
+        The mask encoded like the image (``[S, S]`` uint8 0/255), or :data:`records.NO_MASK`.
+    """
+    path = mask_path_for(config.masks, key)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        out.mask_status = MASK_MISSING
+        return records.NO_MASK
+    except OSError as e:
+        out.mask_status = f"mask unreadable ({e.strerror or e})"
+        return records.NO_MASK
+    out.mask_sha256, out.mask_size_bytes = hashlib.sha256(data).hexdigest(), len(data)
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None or mask.size == 0:
+        out.mask_status = "mask does not decode as an image"
+        return records.NO_MASK
+    if not (mask > 127).any():
+        out.mask_status = "mask all zero (no lung drawn)"
+        return records.NO_MASK
+    stored = preprocess.preprocess_mask(mask, image_hw, box, config.image_size)
+    if not stored.any():
+        out.mask_status = "mask empty after the crop"
+        return records.NO_MASK
+    out.mask_status = MASK_STORED
+    return encode_image(stored, config.encoding)
 
 
 def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
@@ -271,11 +336,13 @@ def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
         out.orig_height, out.orig_width = int(decoded.orig_height), int(decoded.orig_width)
         out.crop_box = source_box(box, int(decoded.scale), out.orig_height, out.orig_width)
         out.crop_method = method
+        mask = (read_stored_mask(item.key, gray.shape[:2], box, config, out)
+                if config.masks else None)
         # The record is serialized here, in parallel, so the parent only writes bytes.
         out.payload = records.serialize_example(
             encode_image(image, config.encoding), int(item.label), int(item.subtype),
             item.patient_id, item.key, (config.image_size, config.image_size),
-            (out.orig_height, out.orig_width), out.crop_box, method)
+            (out.orig_height, out.orig_width), out.crop_box, method, mask)
     except decode.RejectError as e:
         out.reject_reason = str(e)
     except Exception as e:  # noqa: BLE001 -- bad input must never stop a run; it is reported
@@ -429,6 +496,8 @@ class _Decoded:
     rejects: list[dict]            # {"path", "reason"}, in listing order
     checksum_lines: list[str]      # "key<TAB>size<TAB>sha256\n" of every item read
     first_result_at: float | None  # time.monotonic() of the first result (end of start-up)
+    mask_lines: list[str] = dataclasses.field(default_factory=list)  # the same, of masks read
+    mask_rejects: list[dict] = dataclasses.field(default_factory=list)  # {"path", "reason"}
 
 
 @dataclasses.dataclass
@@ -461,7 +530,47 @@ def _list_source(src, out: Path, config: ConvertConfig):
         raise ConvertError(f"--out={out} exists and is not a folder; pick a folder path")
     listing = sources.discover(str(src), download=config.download, cache_dir=config.cache_dir)
     _check_listing_not_empty(listing, src, out)
+    if config.masks:
+        check_mask_layout(config.masks, [item.key for item in listing.items], src)
     return listing
+
+
+def mask_files(masks: str | os.PathLike) -> list[str]:
+    """Every ``*.png`` under a ``--masks`` folder, as sorted posix paths relative to it."""
+    root = Path(masks)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*" + MASK_SUFFIX)
+                  if p.is_file())
+
+
+def check_mask_layout(masks: str | os.PathLike, keys: Sequence[str], src) -> int:
+    """Check that a ``--masks`` folder mirrors the source; return how many films have a mask file.
+
+    Raises:
+        ConvertError: the folder is missing, holds no PNG, or none of its PNGs sits where a film
+            of ``--src`` expects its mask (the message shows both layouts and, when the masks sit
+            one folder deeper, the ``--masks`` that fits).
+    """
+    root = Path(masks)
+    if not root.is_dir():
+        raise ConvertError(f"--masks={masks} is not a folder; pass the folder of lung masks that "
+                           f"mirrors --src (MASKS/train/NORMAL/x.png for SRC/train/NORMAL/x.jpeg)")
+    files = set(mask_files(root))
+    if not files:
+        raise ConvertError(f"--masks={masks} holds no {MASK_SUFFIX} file; pass the folder of "
+                           f"lung masks (one PNG per film, mirroring --src)")
+    wanted = [mask_path_for("", k).as_posix() for k in keys]
+    matched = sum(w in files for w in wanted)
+    if matched:
+        return matched
+    hint = ""
+    for sub in sorted({f.split("/")[0] for f in files if "/" in f}):
+        if any(f"{sub}/{w}" in files for w in wanted):
+            hint = f"; the masks sit one folder deeper: pass --masks={root / sub}"
+            break
+    raise ConvertError(f"--masks={masks} does not mirror --src={src}: no film has its mask "
+                       f"(the film {keys[0] if keys else '?'} expects "
+                       f"{wanted[0] if wanted else '?'}, the folder holds e.g. "
+                       f"{sorted(files)[0]}){hint}")
 
 
 def _tasks_and_rejects(listing) -> tuple[list[tuple[int, Any]], list[dict]]:
@@ -494,9 +603,15 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
         item = items[r.index]
         if r.byte_sha256 is not None:
             decoded.checksum_lines.append(f"{item.key}\t{r.size_bytes}\t{r.byte_sha256}\n")
+        if r.mask_sha256 is not None:
+            decoded.mask_lines.append(f"{mask_path_for('', item.key).as_posix()}\t"
+                                      f"{r.mask_size_bytes}\t{r.mask_sha256}\n")
         if r.payload is None:
             decoded.rejects.append({"path": item.key, "reason": r.reject_reason})
         else:
+            if r.mask_status not in (None, MASK_STORED, MASK_MISSING):
+                decoded.mask_rejects.append({"path": mask_path_for("", item.key).as_posix(),
+                                             "reason": r.mask_status})
             offset = spool.tell()
             spool.write(r.payload)
             length = len(r.payload)
@@ -506,7 +621,8 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
         bar.update(r.index + 1)
 
     worker_config = _WorkerConfig(image_size=config.image_size, crop=config.crop,
-                                  encoding=config.encoding, max_pixels=config.max_pixels)
+                                  encoding=config.encoding, max_pixels=config.max_pixels,
+                                  masks=config.masks)
     _run_workers(tasks, worker_config, config.workers, on_result)
     bar.close()
     return decoded
@@ -558,6 +674,9 @@ def _write_shards(out: Path, by_split: dict[str, list[_Kept]], spool,
         order = np.random.default_rng([config.seed, si]).permutation(len(members))
         split_info[name] = _write_split(out, name, [members[i] for i in order], spool,
                                         config.num_shards, config.compression)
+        if config.masks:
+            split_info[name]["lung_masks"] = sum(k.result.mask_status == MASK_STORED
+                                                 for k in members)
     return split_info
 
 
@@ -593,6 +712,31 @@ def _source_entry(listing, checksum_lines: list[str]) -> dict:
     }
 
 
+def _masks_entry(config: ConvertConfig, listing, decoded: _Decoded,
+                 assignment: _Assignment) -> dict:
+    """The manifest's ``masks`` entry of a ``--masks`` conversion: the folder, its checksum and
+    what became of its masks (see docs/data_contracts.md)."""
+    files = mask_files(config.masks)
+    wanted = {mask_path_for("", item.key).as_posix() for item in listing.items}
+    members = [k for split in assignment.by_split.values() for k in split]
+    status = collections.Counter(k.result.mask_status for k in members)
+    rejects = sorted(decoded.mask_rejects, key=lambda r: r["path"])
+    return {
+        "path": config.masks,
+        "files": len(files),
+        "unmatched_files": len(set(files) - wanted),
+        "stored": status[MASK_STORED],
+        "films_without_mask": status[MASK_MISSING],
+        "rejected": sum(n for k, n in status.items() if k not in (MASK_STORED, MASK_MISSING)),
+        "rejects_by_reason": dict(sorted(collections.Counter(
+            _reason_class(r["reason"]) for r in rejects).items())),
+        "rejects": rejects[:MAX_LISTED_DUPLICATE_GROUPS],
+        "checksum": hashlib.sha256("".join(sorted(decoded.mask_lines)).encode()).hexdigest(),
+        "checksum_method": "sha256 over sorted lines 'mask path<TAB>size<TAB>sha256(file "
+                           "bytes)' of every mask file read",
+    }
+
+
 def _flags_entry(src, out: Path, config: ConvertConfig, keep_official_val: bool) -> dict:
     """The settings of the run (crop and workers resolved) as the manifest records them."""
     settings = {f.name: getattr(config, f.name) for f in cli.flag_fields(ConvertConfig)
@@ -619,6 +763,7 @@ def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
     """Stage 6's content: everything ``manifest.json`` says about the conversion."""
     rejects = decoded.rejects
     reasons = collections.Counter(_reason_class(r["reason"]) for r in rejects)
+    masks = {"masks": _masks_entry(config, listing, decoded, assignment)} if config.masks else {}
     return {
         "version": records.MANIFEST_VERSION,
         "tool_version": pneumo_tf.__version__,
@@ -639,6 +784,7 @@ def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
                             for pair, ids in assignment.overlap.items()},
         "empty_folders": sorted(listing.empty_folders),
         "source": _source_entry(listing, decoded.checksum_lines),
+        **masks,
         "flags": _flags_entry(src, out, config, assignment.keep_official_val),
         "timing": _timing_entry(times, sum(v["count"] for v in split_info.values())),
     }
@@ -684,7 +830,8 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike,
     import tensorflow  # noqa: F401
 
     config = dataclasses.replace(config, crop=config.crop or listing.default_crop,
-                                 workers=config.workers or default_workers())
+                                 workers=config.workers or default_workers(),
+                                 masks=str(Path(config.masks).absolute()) if config.masks else None)
     tasks, rejects = _tasks_and_rejects(listing)
     spool_path = out / SPOOL_NAME
     spool = open(spool_path, "w+b")  # noqa: SIM115 -- closed and removed in the finally below
@@ -762,6 +909,15 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
     if sw:
         lines.append("  subtype weights (train, balanced over known subtypes): "
                      + ", ".join(f"{c} -> {sw[c]:.3f}" for c in ("0", "1", "2")))
+    masks = manifest.get("masks")
+    if masks:
+        per_split = ", ".join(f"{n} {s.get('lung_masks', 0)}"
+                              for n, s in manifest["splits"].items())
+        why = ", ".join(f"{r}: {c}" for r, c in masks["rejects_by_reason"].items())
+        lines.append(f"  lung masks: {masks['stored']} stored ({per_split}); "
+                     f"{masks['films_without_mask']} films without one; {masks['rejected']} "
+                     f"rejected{f' ({why})' if why else ''}; {masks['unmatched_files']} of "
+                     f"{masks['files']} mask files match no film")
     rej = manifest["rejected"]
     if rej:
         why = ", ".join(f"{r}: {c}" for r, c in manifest.get("rejects_by_reason", {}).items())
@@ -819,6 +975,7 @@ class _ShardScan:
     patients: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     readable: bool = True
+    masks: int = 0  # records with has_lung_mask 1
 
 
 def _check_record(name: str, n: int, parsed: dict, j: int, size: int) -> list[str]:
@@ -857,6 +1014,11 @@ def _verify_shard(path: Path, compression: str, encoding: str, size: int) -> _Sh
             bad = _check_image(parsed["image"][j], encoding, size)
             if bad:
                 scan.problems.append(f"{path.name}: record {n}: {bad}")
+            if int(parsed["has_lung_mask"][j]):
+                scan.masks += 1
+                bad = _check_image(parsed["lung_mask"][j], encoding, size)
+                if bad:
+                    scan.problems.append(f"{path.name}: record {n}: lung_mask: {bad}")
 
     # Records one by one (the CRC check happens here, so an error names its position), parsed
     # in batches (fast).
@@ -916,6 +1078,12 @@ def _check_split_totals(split: str, info: dict, found: _ShardScan) -> list[str]:
             if n != int(want.get(name, -1)):
                 problems.append(f"split {split}: {n} {name} subtype records, manifest says "
                                 f"{want.get(name)}")
+    if "lung_masks" in info and found.masks != int(info["lung_masks"]):
+        problems.append(f"split {split}: {found.masks} records with a lung_mask, manifest says "
+                        f"{info['lung_masks']}")
+    elif "lung_masks" not in info and found.masks:
+        problems.append(f"split {split}: {found.masks} records with a lung_mask, but the manifest "
+                        f"counts no masks; re-run the converter")
     patients = set(found.patients)
     if "patients" in info and len(patients) != int(info["patients"]):
         problems.append(f"split {split}: {len(patients)} patients in its records, manifest "
@@ -942,6 +1110,7 @@ def _verify_split(out: Path, manifest: dict, split: str) -> tuple[list[str], set
         if scan.readable and expected is not None and len(scan.labels) != int(expected):
             problems.append(f"{name}: {len(scan.labels)} records, manifest says {expected}")
         found.labels += scan.labels
+        found.masks += scan.masks
         found.subtypes += scan.subtypes
         found.patients += scan.patients
     if found.readable:  # else the shard is named above; split totals would only repeat it

@@ -38,6 +38,8 @@ does not take them for data)::
     OUT/test/...
     OUT/masks/train/NORMAL/IM-0007-0001_lung.png  # uint8 0/255, same size as the image
     OUT/masks/train/NORMAL/IM-0007-0001_lesion.png  # all zero for NORMAL
+    OUT/lung_masks/train/NORMAL/IM-0007-0001.png  # the lung mask again, mirroring the images:
+                                                  # the converter's --masks=OUT/lung_masks
     OUT/phantoms.json                             # parameters, counts, one record per image
                                                   # (with its subtype: 0, 1 bacteria, 2 virus)
 
@@ -78,6 +80,7 @@ SPLIT_NAMES = ("train", "test")
 PHANTOMS_JSON = "phantoms.json"
 IN_PROGRESS = ".phantoms_in_progress"  # present while a set is being written
 MASKS_DIR = "masks"
+LUNG_MASKS_DIR = "lung_masks"  # lung masks in the layout of the images (converter --masks)
 DEFAULT_MIN_SIZE = 400
 DEFAULT_MAX_SIZE = 1200
 SMALLEST_SIZE = 32  # below this the anatomy is a few pixels wide and means nothing
@@ -717,7 +720,7 @@ def _prepare_out(out: Path) -> None:
             raise ValueError(
                 f"--out {out} is not empty and holds no {PHANTOMS_JSON} (not a phantom set); "
                 "choose a new or empty --out folder")
-        owned = set(SPLIT_NAMES) | {MASKS_DIR, PHANTOMS_JSON, PHANTOMS_JSON + ".partial",
+        owned = set(SPLIT_NAMES) | {MASKS_DIR, LUNG_MASKS_DIR, PHANTOMS_JSON, PHANTOMS_JSON + ".partial",
                                     IN_PROGRESS}
         foreign = sorted(entries - owned)
         if foreign:
@@ -771,6 +774,7 @@ def _write_image(out: Path, config: PhantomConfig, index: int, item: _Item) -> d
     lung_path, lesion_path = mask_paths(out, rel)
     _write_png(lung_path, phantom.lung_mask)
     _write_png(lesion_path, phantom.lesion_mask)
+    _write_png(lung_mask_path(out, rel), phantom.lung_mask)
     return {
         "path": rel, "split": item.split, "label": item.label, "subtype": item.subtype,
         "patient_id": item.patient_id,
@@ -807,7 +811,8 @@ def _summary(config: PhantomConfig, image_records: list[dict]) -> dict:
         "confounders": confounders,
         "layout": {"images": "{split}/{CLASS}/{stem}.jpeg",
                    "lung_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lung.png",
-                   "lesion_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lesion.png"},
+                   "lesion_mask": MASKS_DIR + "/{split}/{CLASS}/{stem}_lesion.png",
+                   "lung_masks": LUNG_MASKS_DIR + "/{split}/{CLASS}/{stem}.png"},
     }
 
 
@@ -851,6 +856,7 @@ def write_phantom_dataset(out: str | os.PathLike, config: PhantomConfig | None =
         for cls in CLASS_NAMES:
             (out / split / cls).mkdir(parents=True, exist_ok=True)
             (out / MASKS_DIR / split / cls).mkdir(parents=True, exist_ok=True)
+            (out / LUNG_MASKS_DIR / split / cls).mkdir(parents=True, exist_ok=True)
     image_records = [_write_image(out, config, i, item) for i, item in enumerate(items)]
     summary = _summary(config, image_records)
     # Written last: its presence marks a complete set (and lets a re-run replace it).
@@ -874,6 +880,12 @@ def mask_paths(out: str | os.PathLike, image_rel_path: str) -> tuple[Path, Path]
     rel = Path(image_rel_path)
     base = Path(out) / MASKS_DIR / rel.parent
     return base / f"{rel.stem}_lung.png", base / f"{rel.stem}_lesion.png"
+
+
+def lung_mask_path(out: str | os.PathLike, image_rel_path: str) -> Path:
+    """The lung mask of an image ``split/CLASS/stem.jpeg`` in the layout the converter's
+    ``--masks=OUT/lung_masks`` reads: ``OUT/lung_masks/split/CLASS/stem.png``."""
+    return Path(out) / LUNG_MASKS_DIR / Path(image_rel_path).with_suffix(".png")
 
 
 if __name__ == "__main__":  # the old spelling, python -m pneumo_tf.data.phantoms

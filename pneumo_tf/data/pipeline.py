@@ -8,6 +8,11 @@ Two builders, one per use (like big_vision's ``make_for_train`` / ``make_for_inf
 * :func:`make_eval_dataset`: one pass over any split in the manifest's file order, the last
   partial batch kept; the same keys plus ``"patient_id"`` and ``"path"``.
 
+A data dir converted with ``--masks`` also gives lung masks: ``make_eval_dataset(...,
+masks="all" | "only")`` adds ``"lung_mask"`` and ``"has_lung_mask"``, and
+:func:`make_lung_train_dataset` is the training stream with them (a lung segmentation task).
+Classifier streams never read the mask features.
+
 :func:`make_dataset` is the older single entry point, a thin wrapper that yields tuples for
 ``keras.Model.fit``.
 
@@ -90,6 +95,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Per-image sample weights: by label from the manifest's class_weights, by subtype from its
 # subtype_class_weights (unknown subtype: 0), or none (all ones).
 CLASS_WEIGHT_MODES = ("balanced", "balanced_subtype", "none")
+# Lung masks in a stream (a data dir converted with --masks): none (no mask keys), all (every
+# film; a film without a mask yields zeros and has_lung_mask False), only (films with a mask).
+MASK_MODES = ("none", "all", "only")
 # Fraction of MemAvailable the automatic cache may use (cache=None).
 DEFAULT_CACHE_FRACTION = 0.25
 # Streaming shuffle buffer: bytes of serialized records it may hold (cached data shuffles fully).
@@ -338,13 +346,37 @@ def read_records(plan: ShardPlan, *, interleave: bool = False, deterministic: bo
     return ds
 
 
+def _mask_decoder(size: int, encoding: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A function: ``[N] string`` stored lung masks -> ``[N, S, S, 1] uint8`` (0/255); an empty
+    string (a film without a mask) decodes to zeros."""
+    zeros = tf.zeros([size, size, 1], tf.uint8)
+
+    if encoding == "raw":
+        def decode(strings):
+            blank = tf.constant(bytes(size * size))
+            filled = tf.where(tf.strings.length(strings) == 0, blank, strings)
+            return tf.reshape(tf.io.decode_raw(filled, tf.uint8), [-1, size, size, 1])
+        return decode
+
+    def one(png):
+        return tf.cond(tf.strings.length(png) > 0,
+                       lambda: tf.ensure_shape(tf.io.decode_png(png, channels=1),
+                                               [size, size, 1]),
+                       lambda: zeros)
+
+    return lambda strings: tf.map_fn(
+        one, strings, fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8))
+
+
 def batch_parser(manifest: dict, data_dir: str | os.PathLike,
-                 with_meta: bool) -> Callable[[tf.Tensor], dict]:
+                 with_meta: bool, with_masks: bool = False) -> Callable[[tf.Tensor], dict]:
     """A function: ``[N] string`` serialized Examples -> one batch of decoded tensors.
 
     The batch is ``{"image": [N, S, S, 1] uint8, "label": [N] float32, "subtype": [N] int32}``
     (subtype 0 NORMAL, 1 BACTERIAL, 2 VIRAL, -1 unknown; -1 for every record of a version-1
-    data dir), plus ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``.
+    data dir), plus ``"patient_id"`` and ``"path"`` (``[N] string``) with ``with_meta``, plus
+    ``"lung_mask"`` (``[N, S, S, 1] uint8``, 0/255, zeros for a film without one) and
+    ``"has_lung_mask"`` (``[N] bool``) with ``with_masks``.
 
     Raises:
         records.DataDirError: the manifest names an unknown encoding.
@@ -357,7 +389,9 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
                                    f"re-run the converter")
     full_spec = records.feature_spec()
     keys = ["image", "label", "subtype"] + (["patient_id", "path"] if with_meta else [])
+    keys += ["lung_mask", "has_lung_mask"] if with_masks else []
     spec = {k: full_spec[k] for k in keys}
+    decode_masks = _mask_decoder(size, encoding)
     raw_len_msg = (f"records in {data_dir} are not {size}x{size} raw uint8 images as its "
                    f"manifest.json says; the shards and manifest disagree, re-run the converter")
 
@@ -381,6 +415,9 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
         if with_meta:
             out["patient_id"] = ex["patient_id"]
             out["path"] = ex["path"]
+        if with_masks:
+            out["lung_mask"] = decode_masks(ex["lung_mask"])
+            out["has_lung_mask"] = ex["has_lung_mask"] > 0
         return out
 
     return parse
@@ -459,6 +496,28 @@ class _Recipe:
     skip_corrupt: bool = False
     cache_budget_bytes: int | None = None
     shuffle_buffer: int | None = None
+    masks: str = "none"       # a MASK_MODES entry
+
+
+def _has_lung_mask(serialized: tf.Tensor) -> tf.Tensor:
+    """Whether one serialized record carries a lung mask (scalar bool)."""
+    spec = {"has_lung_mask": records.feature_spec()["has_lung_mask"]}
+    return tf.io.parse_single_example(serialized, spec)["has_lung_mask"] > 0
+
+
+def check_masks(manifest: dict, data_dir: str | os.PathLike, masks: str) -> None:
+    """Refuse a mask stream the data dir cannot give.
+
+    Raises:
+        ValueError: ``masks`` is not a :data:`MASK_MODES` entry.
+        records.DataDirError: masks asked for from a data dir converted without ``--masks``.
+    """
+    if masks not in MASK_MODES:
+        raise ValueError(f"masks={masks!r}; expected one of {MASK_MODES}")
+    if masks != "none" and "masks" not in manifest:
+        raise records.DataDirError(
+            f"{Path(data_dir) / records.MANIFEST_NAME} has no lung masks (converted without "
+            f"--masks); re-run tools/make_tfrecords with --masks=DIR, or use masks='none'")
 
 
 def _streamed_batches(serialized: tf.data.Dataset, parse, recipe: _Recipe, plan: ShardPlan,
@@ -512,7 +571,8 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
     plan = plan_shards(data_dir, manifest, recipe.split, recipe.input_context)
     weigh = (sample_weights(class_weight_table(manifest, data_dir, recipe.class_weights),
                             recipe.class_weights) if recipe.with_weights else None)
-    parse = batch_parser(manifest, data_dir, recipe.with_meta)
+    check_masks(manifest, data_dir, recipe.masks)
+    parse = batch_parser(manifest, data_dir, recipe.with_meta, recipe.masks != "none")
     use_cache = resolve_cache(recipe.cache, manifest, recipe.split, plan.num_pipelines,
                               recipe.cache_budget_bytes)
     # Cached data is shuffled whole after the cache; streamed data is shuffled by file too.
@@ -520,6 +580,8 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         plan, interleave=recipe.training, deterministic=recipe.deterministic,
         file_shuffle_seed=recipe.seed if recipe.training and not use_cache else None,
         skip_corrupt=recipe.skip_corrupt)
+    if recipe.masks == "only":
+        serialized = serialized.filter(_has_lung_mask)
     if use_cache:
         ds = _cached_batches(serialized, parse, recipe, plan)
     else:
@@ -590,8 +652,8 @@ def make_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, seed: in
 def make_eval_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, *,
                       cache: bool | None = False, skip_corrupt: bool = False,
                       class_weights: str = "balanced",
-                      input_context: tf.distribute.InputContext | None = None
-                      ) -> tf.data.Dataset:
+                      input_context: tf.distribute.InputContext | None = None,
+                      masks: str = "none") -> tf.data.Dataset:
     """One pass over ``split`` in the manifest's file order, the last partial batch kept.
 
     Args:
@@ -605,11 +667,15 @@ def make_eval_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, 
         input_context: from ``strategy.distribute_datasets_from_function``: this pipeline reads
             its share of the split (by file or by record, as for training); every image is read
             by exactly one pipeline.
+        masks: ``none``; ``all`` adds ``"lung_mask"`` (``[B, S, S, 1] uint8`` 0/255, zeros for a
+            film without one) and ``"has_lung_mask"`` (``[B] bool``); ``only`` does the same for
+            the films that have a mask and skips the others. Needs a data dir converted with
+            ``--masks``.
 
     Returns:
         ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "label": [B] float32,
         "subtype": [B] int32, "weight": [B] float32, "patient_id": [B] string,
-        "path": [B] string}``.
+        "path": [B] string}`` (plus the mask keys, as ``masks`` says).
 
     Raises:
         records.DataDirError, ValueError: as :func:`make_train_dataset`, or an unknown split.
@@ -617,7 +683,44 @@ def make_eval_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, 
     return _build(data_dir, _Recipe(
         split=split, batch_size=batch_size, training=False, repeat=False, drop_remainder=False,
         deterministic=True, cache=cache, class_weights=class_weights, with_meta=True,
-        input_context=input_context, skip_corrupt=skip_corrupt))
+        input_context=input_context, skip_corrupt=skip_corrupt, masks=masks))
+
+
+def make_lung_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, seed: int = 0,
+                            cache: bool | None = None, deterministic: bool = False,
+                            masks: str = "only",
+                            input_context: tf.distribute.InputContext | None = None,
+                            skip_corrupt: bool = False, cache_budget_bytes: int | None = None,
+                            shuffle_buffer: int | None = None) -> tf.data.Dataset:
+    """The training stream of :func:`make_train_dataset` with lung masks (a lung segmentation
+    task): the same shuffles, repeat and fixed batches, all sample weights 1.
+
+    The masks come unaugmented, like the images: a model augments both with one matrix per image
+    (:meth:`pneumo_tf.augment.RandomAffine.augment_with_mask`).
+
+    Args:
+        masks: ``only`` (default: the films that have a mask) or ``all`` (every film; a film
+            without a mask yields zeros and ``has_lung_mask`` False).
+        Others: as :func:`make_train_dataset`.
+
+    Returns:
+        ``tf.data.Dataset`` of ``{"image": [B, S, S, 1] uint8, "lung_mask": [B, S, S, 1] uint8
+        (0/255), "has_lung_mask": [B] bool, "label": [B] float32, "subtype": [B] int32,
+        "weight": [B] float32}``.
+
+    Raises:
+        records.DataDirError: as :func:`make_train_dataset`, or the data dir was converted
+            without ``--masks``.
+        ValueError: ``masks`` is ``none`` or unknown, or other bad argument values.
+    """
+    if masks == "none":
+        raise ValueError("make_lung_train_dataset(masks='none') has no masks to give; use "
+                         "make_train_dataset, or masks='only' / 'all'")
+    return _build(data_dir, _Recipe(
+        split="train", batch_size=batch_size, training=True, repeat=True, drop_remainder=True,
+        deterministic=bool(deterministic), cache=cache, seed=seed, class_weights="none",
+        input_context=input_context, skip_corrupt=skip_corrupt,
+        cache_budget_bytes=cache_budget_bytes, shuffle_buffer=shuffle_buffer, masks=masks))
 
 
 # Keywords make_dataset still takes from its earlier, all-in-one signature, with their defaults

@@ -22,6 +22,13 @@ looks complete.
      "subtype_class_weights": {"0": 1.30, "1": 0.69, "2": 1.29},  # the same, known subtypes
      "rejected": 0, "duplicates_dropped": 0, "flags": {...}, "source": {...}}
 
+Lung masks. A data dir converted with ``--masks=DIR`` has a ``masks`` manifest entry and a
+``lung_masks`` count per split; each of its records has ``has_lung_mask`` (1 or 0) and, when 1,
+``lung_mask``: the film's lung mask cropped and resized like the image (nearest neighbour),
+``[S, S]`` uint8 0/255, encoded like the image (raw or PNG). Both features are optional (a record
+without them parses as "no mask"), so the manifest version stays 2 and readers that ignore masks
+(a classifier) read either kind of data dir.
+
 Versions. Version 2 added the ``subtype`` feature and the ``subtype_counts`` and
 ``subtype_class_weights`` manifest keys. A version-1 data dir still reads everywhere: its records
 parse with ``subtype`` -1 (unknown) for every image, NORMAL ones included (a version-1 record does
@@ -60,13 +67,18 @@ FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "orig_width": ("int64", ()),     # decoded source width, pixels
     "crop_box": ("int64", (4,)),     # top, bottom, left, right in source pixels
     "crop_method": ("bytes", ()),    # fixed | none | adaptive | adaptive_fallback
+    "lung_mask": ("bytes", ()),      # converted with --masks: [S, S] uint8 0/255, as "image"
+    "has_lung_mask": ("int64", ()),  # converted with --masks: 1 = lung_mask present, 0 = none
 }
 
 UNKNOWN_SUBTYPE = -1
 # Keys of a split's ``subtype_counts`` in the manifest: subtypes 0, 1, 2, then -1.
 SUBTYPE_COUNT_NAMES = (*SUBTYPE_NAMES, "UNKNOWN")
-# Features that version-1 records lack, and the value they parse as there.
-FEATURE_DEFAULTS = {"subtype": UNKNOWN_SUBTYPE}
+# Features a record may lack, and the value they parse as there: version-1 records have no
+# subtype; records converted without --masks (or of a film without a mask) have no lung mask.
+FEATURE_DEFAULTS = {"subtype": UNKNOWN_SUBTYPE, "lung_mask": b"", "has_lung_mask": 0}
+# The stored lung_mask of a film without one (the --masks record of a film that has none).
+NO_MASK = b""
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(?P<gz>\.gz)?$")
 
@@ -123,7 +135,8 @@ def _int64_feature(values: Iterable[int]) -> bytes:
 
 def serialize_example(image_bytes: bytes, label: int, subtype: int | None, patient_id: str,
                       path: str, size_hw: tuple[int, int], orig_hw: tuple[int, int],
-                      crop_box: Iterable[int], crop_method: str) -> bytes:
+                      crop_box: Iterable[int], crop_method: str,
+                      lung_mask: bytes | None = None) -> bytes:
     """The serialized ``tf.train.Example`` of one stored image (see :data:`FEATURES`).
 
     Encoded here in pure Python, byte for byte what
@@ -138,6 +151,10 @@ def serialize_example(image_bytes: bytes, label: int, subtype: int | None, patie
             is a version-1 record (for tests that need a data dir of the old format).
         size_hw: the stored ``(height, width)``, pixels; orig_hw: the decoded source's.
         crop_box: top, bottom, left, right of the crop in source pixels.
+        lung_mask: None (converted without ``--masks``: neither mask feature is written, the
+            record is byte-identical to one of a converter without masks); :data:`NO_MASK`
+            (a film without a mask: ``has_lung_mask`` 0 only); else the stored mask, encoded like
+            the image (``has_lung_mask`` 1 and ``lung_mask``).
     """
     def utf8(v: bytes | str) -> bytes:
         return v.encode("utf-8") if isinstance(v, str) else v
@@ -151,6 +168,10 @@ def serialize_example(image_bytes: bytes, label: int, subtype: int | None, patie
     }
     if subtype is not None:
         features["subtype"] = _int64_feature([subtype])
+    if lung_mask is not None:
+        features["has_lung_mask"] = _int64_feature([1 if lung_mask else 0])
+        if lung_mask:
+            features["lung_mask"] = _bytes_feature(lung_mask)
     # Features.feature is map<string, Feature>: each entry {key = 1, value = 2} is field 1.
     entries = b"".join(
         _length_delimited(1, _length_delimited(1, key.encode("utf-8")) + _length_delimited(2, f))

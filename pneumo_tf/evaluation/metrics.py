@@ -1,4 +1,5 @@
-"""Binary classification metrics for the evaluation report (docs/protocol.md).
+"""Binary classification metrics for the evaluation report (docs/protocol.md), and the
+segmentation metrics of the lung model (:func:`mask_scores`, :func:`segmentation_report`).
 
 scikit-learn computes the standard metrics; this module adds only what it lacks: the expected
 calibration error and stratified bootstrap confidence intervals (vectorised over resamples, so
@@ -603,3 +604,74 @@ def subtype_report(subtypes, probs, class_logits, threshold: float, num_resample
     out["bacterial_vs_viral"] = _bacterial_vs_viral(y, z, weights, level)
     out["ci95"] = ci
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation (lung masks): per-image Dice and IoU, bootstrap over images.
+
+SEGMENTATION_METRICS = ("dice", "iou")
+
+
+def _as_masks(masks, threshold: float) -> np.ndarray:
+    """``[N, H, W(, 1)]`` bool/0-1/0-255/probabilities -> ``[N, H*W]`` bool (``> threshold``
+    for floats in [0, 1], ``> 0`` for bools and integers)."""
+    a = np.asarray(masks)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W] or [N, H, W, 1], got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError("no masks: Dice and IoU need at least one image")
+    a = a > threshold if np.issubdtype(a.dtype, np.floating) else a > 0
+    return a.reshape(a.shape[0], -1)
+
+
+def mask_scores(true_masks, pred_masks, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Dice and IoU of each image's predicted mask against its true mask.
+
+    ``dice = 2 |T & P| / (|T| + |P|)``, ``iou = |T & P| / |T | P|``; both are 1 when both masks
+    are empty (nothing to find, nothing found) and 0 when exactly one is.
+
+    Args:
+        true_masks: ``[N, H, W]`` or ``[N, H, W, 1]`` true masks (bool, 0/1 or 0/255).
+        pred_masks: the same shape: masks, or float probabilities cut at ``threshold``.
+        threshold: a float mask is inside where it is ``> threshold``.
+
+    Returns:
+        ``{"dice": [N] float64, "iou": [N] float64}``.
+    """
+    t, p = _as_masks(true_masks, threshold), _as_masks(pred_masks, threshold)
+    if t.shape != p.shape:
+        raise ValueError(f"true masks {t.shape} and predicted masks {p.shape} differ in shape")
+    inter = np.sum(t & p, axis=1).astype(np.float64)
+    sizes = np.sum(t, axis=1) + np.sum(p, axis=1).astype(np.float64)
+    union = np.sum(t | p, axis=1).astype(np.float64)
+    both_empty = union == 0
+    dice = np.where(both_empty, 1.0, 2.0 * inter / np.maximum(sizes, 1.0))
+    iou = np.where(both_empty, 1.0, inter / np.maximum(union, 1.0))
+    return {"dice": dice, "iou": iou}
+
+
+def segmentation_report(true_masks, pred_masks, threshold: float = 0.5,
+                        num_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean Dice and IoU over images with percentile bootstrap intervals (images resampled).
+
+    Args:
+        true_masks, pred_masks, threshold: as :func:`mask_scores`.
+        num_resamples, seed, level: of the bootstrap (same inputs and seed -> same intervals).
+
+    Returns:
+        ``{"dice": mean, "iou": mean, "ci95": {"dice": [lo, hi], "iou": [lo, hi],
+        "num_resamples", "seed", "level"}, "n": images}``; the key is ``ci95`` whatever
+        ``level`` is, as in :func:`binary_report`.
+
+    Raises:
+        ValueError: no images, or shapes that differ.
+    """
+    scores = mask_scores(true_masks, pred_masks, threshold)
+    n = scores["dice"].size
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, np.full(n, 1.0 / n), size=num_resamples)  # [R, N] multiplicities
+    ci = {k: _percentiles(draws @ scores[k] / n, level) for k in SEGMENTATION_METRICS}
+    ci.update(num_resamples=int(num_resamples), seed=int(seed), level=float(level))
+    return {**{k: float(np.mean(scores[k])) for k in SEGMENTATION_METRICS}, "ci95": ci, "n": n}

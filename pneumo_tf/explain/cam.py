@@ -29,7 +29,9 @@ Attention statistics: the share of the positive CAM mass inside the lung region
 (:func:`lung_mass_share`) and the pointing game (:func:`pointing_hit`: does the CAM peak fall
 inside a lesion?), summarised per TP/FP/FN/TN group by :func:`summarise_attention`. An image
 whose map is empty (all zero after the ReLU) has no peak: in the pointing game it counts as a
-miss.
+miss. Against true lung masks (records converted with ``--masks``, or a lung model's output),
+:func:`lung_evidence` gives ``lung_share``, ``lung_fraction``, their ``lift`` (1.0 = a flat map)
+and ``pointing_lungs`` per group; :func:`draw_lung_outline` outlines the lungs on a tile.
 """
 
 from __future__ import annotations
@@ -482,6 +484,106 @@ def select_balanced(groups: list[str], num_images: int, seed: int) -> np.ndarray
 # The share of the CAM mass inside the lung region, named for the region it was measured in:
 # the phantoms' lung masks, or on real films the adaptive lung *box* (which also holds the heart
 # and mediastinum, so it overstates how much of the map is on lung tissue).
+# ---------------------------------------------------------------------------------------------
+# Evidence against true lung masks (a data dir's lung_mask, or a lung model's masks)
+
+LUNG_EVIDENCE_DEFINITION = (
+    "lung_share: the CAM's mass inside the lungs over its total mass; lung_fraction: the lungs' "
+    "share of the input's pixels; lift = mean lung_share / mean lung_fraction (a ratio of means "
+    "over the images with a non-empty CAM: 1.0 = no more lung-bound than a flat map, 1 / mean "
+    "lung_fraction = every map wholly inside the lungs); pointing_lungs: share of images whose "
+    "CAM peak lies inside the lungs (an empty CAM is a miss)")
+
+
+def lung_evidence_entry(cam: np.ndarray, lung: np.ndarray) -> dict:
+    """One image's CAM measured against its lung mask.
+
+    Args:
+        cam: ``[H, W]`` float CAM, >= 0.
+        lung: ``[H, W]`` bool lung mask (non-empty).
+
+    Returns:
+        ``{"lung_share": float (NaN for an empty CAM), "lung_fraction": float,
+        "pointing_lungs": bool, "cam_empty": bool}``.
+    """
+    cam = np.asarray(cam, np.float64)
+    return {"lung_share": lung_mass_share(cam, lung), "lung_fraction": float(lung.mean()),
+            "pointing_lungs": pointing_hit(cam, lung), "cam_empty": not bool(cam.max() > 0)}
+
+
+def _lung_group_stats(entries: list[dict]) -> dict:
+    """``n``, means, ``lift`` and pointing rate of some :func:`lung_evidence_entry` results."""
+    live = [e for e in entries if not e["cam_empty"]]
+    out = {"n": len(entries), "empty_cams": len(entries) - len(live)}
+    if live:
+        share = float(np.mean([e["lung_share"] for e in live]))
+        fraction = float(np.mean([e["lung_fraction"] for e in live]))
+        out.update(lung_share=share, lung_fraction=fraction, lift=share / fraction)
+    if entries:
+        out["pointing_lungs"] = float(np.mean([e["pointing_lungs"] for e in entries]))
+    return out
+
+
+def lung_evidence(cams, lungs, labels, predictions, has_mask=None) -> dict:
+    """Grad-CAM evidence against lung masks, per image, per TP/FP/FN/TN group and overall.
+
+    See :data:`LUNG_EVIDENCE_DEFINITION` for the measures; ``lift`` is a ratio of means (mean
+    lung_share over mean lung_fraction of the same images), not a mean of per-image ratios, so
+    small lungs do not dominate it.
+
+    Args:
+        cams: ``[N, H, W]`` float CAMs (>= 0).
+        lungs: ``[N, H, W]`` bool lung masks, same size as the CAMs.
+        labels: ``[N]`` true labels 0/1; predictions: ``[N]`` predicted labels 0/1.
+        has_mask: ``[N]`` bool, whether image i has a lung mask (a data dir's
+            ``has_lung_mask``); None = every non-empty mask counts. Images without a mask, or
+            with an all-zero one, are skipped and counted.
+
+    Returns:
+        ``{"per_image": [entry with "group" | None when skipped], "groups": {"TP": stats, ...,
+        "all": stats}, "skipped_no_mask": int, "definition": str}``; stats hold ``n``,
+        ``empty_cams``, ``pointing_lungs`` and, when a CAM is non-empty, ``lung_share``,
+        ``lung_fraction`` and ``lift``.
+    """
+    cams, lungs = np.asarray(cams), np.asarray(lungs).astype(bool)
+    if cams.shape != lungs.shape or cams.ndim != 3:
+        raise ValueError(f"cams {cams.shape} and lung masks {lungs.shape} must both be "
+                         f"[N, H, W] of one shape")
+    has = lungs.reshape(len(lungs), -1).any(axis=1)
+    if has_mask is not None:
+        has &= np.asarray(has_mask, bool)
+    per_image: list[dict | None] = []
+    for i in range(len(cams)):
+        per_image.append({**lung_evidence_entry(cams[i], lungs[i]),
+                          "group": group_of(labels[i], predictions[i])} if has[i] else None)
+    kept = [e for e in per_image if e is not None]
+    groups = {g: _lung_group_stats([e for e in kept if e["group"] == g]) for g in GROUPS}
+    groups["all"] = _lung_group_stats(kept)
+    return {"per_image": per_image, "groups": groups, "skipped_no_mask": int((~has).sum()),
+            "definition": LUNG_EVIDENCE_DEFINITION}
+
+
+def draw_lung_outline(tile: np.ndarray, lung: np.ndarray, color=(255, 255, 255),
+                      thickness: int = 1) -> np.ndarray:
+    """A copy of an overlay tile with the lungs' outer contour drawn on it.
+
+    Args:
+        tile: ``[S, S, 3]`` uint8 RGB (e.g. :func:`overlay_cam`).
+        lung: ``[S, S]`` bool lung mask; an empty mask draws nothing.
+        color: RGB of the line; thickness: pixels.
+
+    Returns:
+        ``[S, S, 3]`` uint8 RGB.
+    """
+    if lung.shape != tile.shape[:2]:
+        raise ValueError(f"lung mask {lung.shape} does not match the tile {tile.shape[:2]}")
+    out = np.ascontiguousarray(tile, np.uint8).copy()
+    contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), int(thickness))
+    return out
+
+
 SHARE_KEYS = {"phantom_masks": "lung_mask_share", "adaptive_box": "lung_box_share"}
 
 

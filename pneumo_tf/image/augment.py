@@ -18,6 +18,10 @@ Resamplers want the inverse (output pixel -> input point), ``q = c + M^-1 (p - c
 8 numbers ``[a0, a1, a2, b0, b1, b2, c0, c1]`` of ``tf.raw_ops.ImageProjectiveTransformV3``:
 ``x_in = (a0 x + a1 y + a2) / k``, ``y_in = (b0 x + b1 y + b2) / k``, ``k = c0 x + c1 y + 1``.
 
+A mask (lung segmentation) moves with its image: :meth:`RandomAffine.augment_with_mask` applies
+the image's matrix to the mask too, resampled nearest neighbour (``interpolation="nearest"`` of
+the resamplers), so a 0/255 mask stays 0/255; intensity changes touch the image only.
+
 Two resamplers compute the same thing:
 
 - ``native``: ``tf.raw_ops.ImageProjectiveTransformV3`` (what Keras' random affine layers use).
@@ -39,6 +43,7 @@ import keras
 import tensorflow as tf
 
 FILL_MODES = ("nearest", "constant", "reflect")
+INTERPOLATIONS = ("bilinear", "nearest")  # nearest for masks: no value a mask did not have
 RESAMPLERS = ("native", "gather", "gather_xla")
 
 
@@ -120,29 +125,33 @@ def random_affine_matrices(batch, height, width, rotation_deg: float = 20.0, zoo
                           p["shift_y"], p["shear"], p["flip"])
 
 
-def _check_fill_mode(fill_mode: str) -> None:
+def _check_fill_mode(fill_mode: str, interpolation: str = "bilinear") -> None:
     if fill_mode not in FILL_MODES:
         raise ValueError(f"fill_mode={fill_mode!r}; expected one of {FILL_MODES}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r}; expected one of {INTERPOLATIONS}")
 
 
-def transform_native(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0):
-    """Resample ``images`` with ``ImageProjectiveTransformV3`` (bilinear; no XLA kernel).
+def transform_native(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0,
+                     interpolation: str = "bilinear"):
+    """Resample ``images`` with ``ImageProjectiveTransformV3`` (no XLA kernel).
 
     Args:
         images: ``[B, H, W, C] float32``.
         matrices: ``[B, 8] float32`` output->input matrices.
         fill_mode: ``nearest`` | ``constant`` | ``reflect``: how points outside the input are read.
         fill_value: pixel value used outside the input when ``fill_mode="constant"``.
+        interpolation: ``bilinear`` (images) or ``nearest`` (masks).
 
     Returns:
         ``[B, H, W, C]`` float32.
     """
-    _check_fill_mode(fill_mode)
+    _check_fill_mode(fill_mode, interpolation)
     images = tf.convert_to_tensor(images, tf.float32)
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=tf.cast(matrices, tf.float32),
         output_shape=tf.shape(images)[1:3], fill_value=tf.cast(fill_value, tf.float32),
-        interpolation="BILINEAR", fill_mode=fill_mode.upper())
+        interpolation=interpolation.upper(), fill_mode=fill_mode.upper())
 
 
 def _map_coordinate(coord, size, fill_mode: str):
@@ -165,12 +174,14 @@ def _map_coordinate(coord, size, fill_mode: str):
     return tf.clip_by_value(out, 0.0, top)
 
 
-def transform_gather(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0):
-    """Resample ``images`` with a gather-based bilinear sampler that XLA can compile.
+def transform_gather(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0,
+                     interpolation: str = "bilinear"):
+    """Resample ``images`` with a gather-based sampler that XLA can compile.
 
-    Same arguments, result and border handling as :func:`transform_native`.
+    Same arguments, result and border handling as :func:`transform_native`; ``nearest`` reads
+    the input pixel at the coordinates rounded half away from zero, as the native kernel does.
     """
-    _check_fill_mode(fill_mode)
+    _check_fill_mode(fill_mode, interpolation)
     images = tf.convert_to_tensor(images, tf.float32)
     m = tf.cast(matrices, tf.float32)
     shape = tf.shape(images)
@@ -186,6 +197,9 @@ def transform_gather(images, matrices, fill_mode: str = "nearest", fill_value: f
     y = (col(3) * xs + col(4) * ys + col(5)) / safe_k
     x = _map_coordinate(x, wf, fill_mode)
     y = _map_coordinate(y, hf, fill_mode)
+    if interpolation == "nearest":  # std::round: half away from zero
+        x = tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+        y = tf.sign(y) * tf.floor(tf.abs(y) + 0.5)
     x0, y0 = tf.floor(x), tf.floor(y)
     x1, y1 = x0 + 1.0, y0 + 1.0
     flat = tf.reshape(images, [b, h * w, c])
@@ -211,11 +225,13 @@ def transform_gather(images, matrices, fill_mode: str = "nearest", fill_value: f
 _transform_gather_xla = tf.function(transform_gather, jit_compile=True, reduce_retracing=True)
 
 
-def transform_gather_xla(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0):
+def transform_gather_xla(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0,
+                         interpolation: str = "bilinear"):
     """:func:`transform_gather` compiled with XLA on its own (callable from non-XLA graphs)."""
-    _check_fill_mode(fill_mode)
+    _check_fill_mode(fill_mode, interpolation)
     return _transform_gather_xla(tf.convert_to_tensor(images, tf.float32),
-                                 tf.cast(matrices, tf.float32), fill_mode, float(fill_value))
+                                 tf.cast(matrices, tf.float32), fill_mode, float(fill_value),
+                                 interpolation)
 
 
 _RESAMPLE = {"native": transform_native, "gather": transform_gather,
@@ -274,7 +290,36 @@ class RandomAffine(keras.layers.Layer):
     def call(self, images, training=None):
         if not training:
             return images
-        return tf.cast(self._resample(images, self._layer_seed()), images.dtype)
+        seed = self._layer_seed()
+        x = tf.cast(images, tf.float32)
+        out = self._resample(x, self._matrices(tf.shape(x), seed))
+        return tf.cast(self._after_geometry(out, seed), images.dtype)
+
+    def augment_with_mask(self, images, masks, training=None):
+        """Images and their masks moved together: one random matrix per image for both.
+
+        The image is resampled as :meth:`call` does (bilinear, then any intensity changes); the
+        mask with the same matrix, nearest neighbour and the same border mode (0 outside for
+        ``constant``), so a 0/255 mask stays 0/255 and lies on its image. Intensity changes
+        never touch the mask.
+
+        Args:
+            images: ``[B, H, W, C]`` pixels (0..255), any float dtype.
+            masks: ``[B, H, W, K]`` masks (e.g. uint8 0/255 or float 0/1).
+            training: identity unless True.
+
+        Returns:
+            ``(images, masks)`` in their input dtypes.
+        """
+        if not training:
+            return images, masks
+        seed = self._layer_seed()
+        x = tf.cast(images, tf.float32)
+        matrices = self._matrices(tf.shape(x), seed)
+        out = self._after_geometry(self._resample(x, matrices), seed)
+        moved = self._resample(tf.cast(masks, tf.float32), matrices, interpolation="nearest",
+                               fill_value=0.0)
+        return tf.cast(out, images.dtype), tf.cast(moved, masks.dtype)
 
     def _layer_seed(self):
         """The next ``[2]`` int64 seed, folded with the replica id under ``tf.distribute``."""
@@ -285,13 +330,21 @@ class RandomAffine(keras.layers.Layer):
                 seed, tf.cast(replica.replica_id_in_sync_group, tf.int64))
         return seed
 
-    def _resample(self, images, seed):
-        """``images`` (any float dtype) -> float32, one random affine resampling per image."""
-        x = tf.cast(images, tf.float32)
-        shape = tf.shape(x)
-        matrices = random_affine_matrices(shape[0], shape[1], shape[2], self.rotation_deg,
-                                          self.zoom, self.shift, self.shear, self.flip, seed)
-        return _RESAMPLE[self.resampler](x, matrices, self.fill_mode, self.fill_value)
+    def _matrices(self, shape, seed):
+        """``[B, 8]`` random output->input matrices for a batch of ``shape`` ``[B, H, W, C]``."""
+        return random_affine_matrices(shape[0], shape[1], shape[2], self.rotation_deg,
+                                      self.zoom, self.shift, self.shear, self.flip, seed)
+
+    def _resample(self, x, matrices, interpolation: str = "bilinear", fill_value=None):
+        """``[B, H, W, C] float32`` resampled with ``matrices`` by the layer's resampler."""
+        fill = self.fill_value if fill_value is None else fill_value
+        return _RESAMPLE[self.resampler](x, matrices, self.fill_mode, fill, interpolation)
+
+    def _after_geometry(self, images, seed):
+        """What follows the geometry on the image only (nothing here; intensity in
+        :class:`RandomAugment`)."""
+        del seed
+        return images
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -386,13 +439,9 @@ class RandomAugment(RandomAffine):
         self.intensity = dict(zip(INTENSITY_KEYS, map(float, (brightness, contrast, gamma,
                                                                sharpness, noise))))
 
-    def call(self, images, training=None):
-        if not training:
-            return images
-        seed = self._layer_seed()
-        out = self._resample(images, seed)
+    def _after_geometry(self, images, seed):
         folded = tf.random.experimental.stateless_fold_in(seed, 1)
-        return tf.cast(random_intensity(out, folded, **self.intensity), images.dtype)
+        return random_intensity(images, folded, **self.intensity)
 
     def get_config(self):
         return {**super().get_config(), **self.intensity}

@@ -133,9 +133,16 @@ def crop_lung_fixed(gray: np.ndarray) -> np.ndarray:
 
 def resize_area(gray: np.ndarray, size: int) -> np.ndarray:
     """Resize ``[H, W] uint8`` to ``[size, size] uint8`` with area interpolation (cv2)."""
-    if gray.shape[0] == size and gray.shape[1] == size:
-        return np.ascontiguousarray(gray)
-    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+    return resize_to(gray, (size, size), cv2.INTER_AREA)
+
+
+def resize_to(image: np.ndarray, size_hw: tuple[int, int],
+              interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """Resize ``[H, W] uint8`` to ``size_hw = (height, width)`` pixels with a cv2 interpolation
+    (``cv2.INTER_AREA`` for images, ``cv2.INTER_NEAREST`` for masks); a no-op at that size."""
+    if image.shape[0] == size_hw[0] and image.shape[1] == size_hw[1]:
+        return np.ascontiguousarray(image)
+    return cv2.resize(image, (int(size_hw[1]), int(size_hw[0])), interpolation=interpolation)
 
 
 def preprocess_gray(gray: np.ndarray, image_size: int, crop: str) -> tuple[np.ndarray, CropBox, str]:
@@ -151,6 +158,30 @@ def preprocess_gray(gray: np.ndarray, image_size: int, crop: str) -> tuple[np.nd
     """
     box, method = crop_box_for(gray, crop)
     return resize_area(apply_box(gray, box), image_size), box, method
+
+
+def preprocess_mask(mask: np.ndarray, image_hw: tuple[int, int], box: CropBox,
+                    image_size: int) -> np.ndarray:
+    """Bring a mask onto its stored image: the image's crop and resize, nearest neighbour.
+
+    The mask is first resized to the decoded image it belongs to (a mask drawn on the
+    full-resolution film also fits a smaller or squashed copy of it, and a JPEG decoded at reduced
+    size), then cropped with the image's ``box`` (:func:`apply_box`) and resized to
+    ``image_size`` (:func:`resize_to`), all nearest neighbour so no new values appear, then
+    binarised (``> 127``).
+
+    Args:
+        mask: ``[h, w] uint8`` mask, 255 (or > 127) = inside, of any size.
+        image_hw: ``(height, width)`` of the decoded image the crop box was computed on, pixels.
+        box: that image's crop box (:func:`crop_box_for`).
+        image_size: side of the stored square image, pixels.
+
+    Returns:
+        ``[image_size, image_size] uint8``, 0 or 255.
+    """
+    on_image = resize_to(mask, image_hw, cv2.INTER_NEAREST)
+    stored = resize_to(apply_box(on_image, box), (image_size, image_size), cv2.INTER_NEAREST)
+    return np.where(stored > 127, 255, 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,17 @@ Graph of :func:`build_model`::
 
 The head is the paper's text, not its buggy code listing (docs/method.md, errata). Under a
 mixed-precision policy the input layers and the final Dense stay float32.
+
+The lung segmentation model (:func:`build_lung_model`), a small U-Net::
+
+    image [B, S, S, 1] uint8
+      -> ToFloat -> PixelNorm("unit")                float32 [B, S, S, 1] in [0, 1]
+      -> encoder: depth levels of (conv3x3-BN-ReLU) x2, max-pool between levels
+      -> decoder: upsample x2, concatenate the encoder level's output, (conv3x3-BN-ReLU) x2
+      -> Conv1x1 sigmoid, float32, named "lung_mask"   [B, S, S, 1] P(lung) per pixel
+
+Trained with :func:`dice_bce_loss`. It has no augmentation layer: image and mask must move
+together, which the training step does (:meth:`pneumo_tf.augment.RandomAffine.augment_with_mask`).
 """
 
 from __future__ import annotations
@@ -44,6 +55,21 @@ class ToFloatRGB(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], 3)
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class ToFloat(layers.Layer):
+    """``[B, H, W, C]`` any numeric dtype -> the same float32 values (no channel change)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, images):
+        return keras.ops.cast(images, "float32")
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @keras.saving.register_keras_serializable(package="pneumo_tf")
@@ -289,6 +315,82 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     else:
         raise ValueError(f"--task={task!r}; expected binary or subtype")
     return keras.Model(inputs, outputs, name=f"pneumo_{backbone}")
+
+
+def _conv_block(x, filters: int, name: str):
+    """(conv3x3 -> BatchNorm -> ReLU) twice."""
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = layers.ReLU(name=f"{name}_relu{i}")(x)
+    return x
+
+
+def build_lung_model(image_size: int = 128, base_filters: int = 16,
+                     depth: int = 4) -> keras.Model:
+    """A small U-Net for lung masks (see the module docstring).
+
+    Args:
+        image_size: input side S, pixels (the data manifest's ``image_size``); a multiple of
+            ``2 ** (depth - 1)``.
+        base_filters: filters of the first level, doubled at each level down.
+        depth: levels, the bottom one included (4: S, S/2, S/4, S/8).
+
+    Returns:
+        ``keras.Model`` named ``lung_unet``: ``[B, S, S, 1]`` uint8 -> ``[B, S, S, 1]`` float32
+        probability of lung per pixel, output layer ``lung_mask`` (float32 under any
+        mixed-precision policy). 16 filters and depth 4 give 0.49 M parameters.
+
+    Raises:
+        ValueError: a size the pooling cannot halve evenly, or depth / filters below 1.
+    """
+    if depth < 1 or base_filters < 1:
+        raise ValueError(f"depth={depth} and base_filters={base_filters} must be >= 1")
+    step = 2 ** (depth - 1)
+    if image_size % step:
+        raise ValueError(f"image_size={image_size} must be a multiple of {step} for depth="
+                         f"{depth} (convert the data at e.g. {image_size // step * step + step} px "
+                         f"or lower the depth)")
+    inputs = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
+    x = PixelNorm("unit", name="pixel_norm")(ToFloat(name="to_float")(inputs))
+    skips = []
+    for level in range(depth):
+        if level:
+            x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
+        x = _conv_block(x, base_filters * 2 ** level, f"down{level}")
+        skips.append(x)
+    for level in reversed(range(depth - 1)):
+        x = layers.UpSampling2D(2, name=f"up{level}_upsample")(x)
+        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = _conv_block(x, base_filters * 2 ** level, f"up{level}")
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="lung_mask")(x)
+    return keras.Model(inputs, outputs, name="lung_unet")
+
+
+def dice_bce_loss(y_true, y_pred, smooth: float = 1.0, bce_weight: float = 1.0):
+    """Per-image soft Dice loss plus binary cross-entropy, for :func:`build_lung_model`.
+
+    ``1 - (2 |t p| + smooth) / (|t| + |p| + smooth) + bce_weight * mean BCE(t, p)``, sums and
+    means over each image's pixels; ``smooth`` makes an empty mask predicted empty a loss of 0
+    (and keeps the gradient finite).
+
+    Args:
+        y_true: ``[B, H, W, 1]`` target in {0, 1} (any dtype; divide a stored 0/255 mask by 255).
+        y_pred: ``[B, H, W, 1]`` probabilities in [0, 1].
+        smooth: Dice smoothing, pixels.
+        bce_weight: weight of the cross-entropy term.
+
+    Returns:
+        ``[B]`` float32 loss per image (Keras reduces it, with any sample weights).
+    """
+    ops = keras.ops
+    t = ops.cast(y_true, "float32")
+    p = ops.cast(y_pred, "float32")
+    axes = tuple(range(1, len(p.shape)))
+    dice = (2.0 * ops.sum(t * p, axis=axes) + smooth) / (ops.sum(t + p, axis=axes) + smooth)
+    q = ops.clip(p, 1e-7, 1.0 - 1e-7)
+    bce = -ops.mean(t * ops.log(q) + (1.0 - t) * ops.log(1.0 - q), axis=axes)
+    return (1.0 - dice) + bce_weight * bce
 
 
 def is_subtype_model(model: keras.Model) -> bool:

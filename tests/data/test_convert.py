@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pneumo_tf.image import preprocess
-from pneumo_tf.data import convert, records
+from pneumo_tf.data import convert, decode, records
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -466,7 +466,7 @@ def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "stratify",
                      "seed",
                      "num_shards", "workers", "compression", "max_rejects", "dedupe",
-                     "use_official_val", "download", "cache_dir", "max_pixels"]
+                     "use_official_val", "download", "cache_dir", "max_pixels", "masks"]
     defaults = convert.ConvertConfig()
     for name in names:  # one flag per field, with the field's default
         assert flags.FLAGS[name].default == getattr(defaults, name), name
@@ -723,3 +723,194 @@ def test_reduced_size_decoding_records_the_box_in_source_pixels(tmp_path):
     img = np.frombuffer(r["image"], np.uint8).reshape(SIZE, SIZE).astype(int)
     full = preprocess.preprocess_gray(gray, SIZE, "fixed")[0].astype(int)
     assert np.abs(img - full).mean() < 4  # same picture as a full-size decode, up to JPEG noise
+
+
+# ---------------------------------------------------------------------------------------------
+# Lung masks (--masks)
+
+
+def _left_lung_mask(h: int, w: int) -> np.ndarray:
+    """``[h, w] uint8`` 0/255: a block in the image's left half only (rows 30-80 %, columns
+    25-45 %), so a flip or a wrong crop shows."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[int(h * 0.3):int(h * 0.8), int(w * 0.25):int(w * 0.45)] = 255
+    return mask
+
+
+def write_masks(src: Path, masks: Path, skip_every: int = 4,
+                scale: int = 2) -> dict[str, np.ndarray]:
+    """Masks mirroring ``src`` at ``scale`` x the image size (nearest), every ``skip_every``-th
+    film left without one; returns ``{key: mask at the image's own size}``."""
+    written = {}
+    for i, path in enumerate(sorted(src.rglob("*.jpeg"))):
+        if i % skip_every == skip_every - 1:
+            continue
+        key = path.relative_to(src).as_posix()
+        h, w = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape
+        mask = _left_lung_mask(h, w)
+        big = cv2.resize(mask, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+        target = masks / Path(key).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), big)
+        written[key] = mask
+    return written
+
+
+def _stored_mask(row: dict, encoding: str = "raw") -> np.ndarray:
+    if encoding == "raw":
+        return np.frombuffer(row["lung_mask"], np.uint8).reshape(SIZE, SIZE)
+    return cv2.imdecode(np.frombuffer(row["lung_mask"], np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("crop,encoding", [("fixed", "raw"), ("none", "png")])
+def test_masks_are_stored_cropped_and_resized_like_their_images(tmp_path, crop, encoding):
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    write_kaggle_source(src)
+    written = write_masks(src, masks)
+    m = convert.convert_dataset(src, tmp_path / "out", image_size=SIZE, workers=1,
+                                progress=False, crop=crop, encoding=encoding)
+    assert "masks" not in m and all("lung_masks" not in s for s in m["splits"].values())
+    m = convert.convert_dataset(src, tmp_path / "out", image_size=SIZE, workers=1,
+                                progress=False, crop=crop, encoding=encoding, masks=str(masks))
+    seen = 0
+    for split in m["splits"]:
+        rows = read_records(tmp_path / "out", split)
+        assert sum(r["has_lung_mask"] for r in rows) == m["splits"][split]["lung_masks"]
+        for r in rows:
+            key = r["path"].decode()
+            assert r["has_lung_mask"] == (key in written), key
+            if key not in written:
+                assert r["lung_mask"] == b""
+                continue
+            # The mask goes onto the decoded film first (a JPEG may decode at reduced size).
+            gray = decode.decode_bytes((src / key).read_bytes(), name=key, target_size=SIZE,
+                                       crop=crop).gray
+            mask = cv2.resize(written[key], gray.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            box = preprocess.crop_box_for(gray, crop)[0]
+            want = cv2.resize(preprocess.apply_box(mask, box), (SIZE, SIZE),
+                              interpolation=cv2.INTER_NEAREST)
+            got = _stored_mask(r, encoding)
+            np.testing.assert_array_equal(got, want)
+            assert set(np.unique(got)) <= {0, 255}
+            assert got[:, SIZE // 2 + 2:].max() == 0 and got[:, :SIZE // 2].max() == 255
+            seen += 1
+    assert seen == len(written) == m["masks"]["stored"]
+    total = sum(s["count"] for s in m["splits"].values())
+    assert m["masks"]["films_without_mask"] == total - len(written)
+    assert m["masks"]["rejected"] == 0 and m["masks"]["files"] == len(written)
+    assert m["masks"]["path"] == str(masks.absolute()) == m["flags"]["masks"]
+    assert convert.verify_data_dir(tmp_path / "out") == []
+
+
+def test_mask_checksum_follows_the_mask_files(tmp_path):
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    write_kaggle_source(src, n_train_patients=4, n_test_patients=1)
+    write_masks(src, masks)
+    kw = dict(image_size=SIZE, workers=1, progress=False, masks=str(masks))
+    a = convert.convert_dataset(src, tmp_path / "a", **kw)["masks"]["checksum"]
+    b = convert.convert_dataset(src, tmp_path / "b", **kw)["masks"]["checksum"]
+    first = sorted(masks.rglob("*.png"))[0]
+    cv2.imwrite(str(first), 255 - cv2.imread(str(first), cv2.IMREAD_GRAYSCALE))
+    c = convert.convert_dataset(src, tmp_path / "c", **kw)["masks"]["checksum"]
+    assert a == b != c
+
+
+def test_bad_masks_are_counted_and_their_films_kept(tmp_path):
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    write_kaggle_source(src, n_train_patients=6, n_test_patients=2)
+    written = write_masks(src, masks, skip_every=1000)
+    keys = sorted(written)
+    (masks / Path(keys[0]).with_suffix(".png")).write_bytes(b"not a png at all")
+    cv2.imwrite(str(masks / Path(keys[1]).with_suffix(".png")), np.zeros((40, 40), np.uint8))
+    empty_in_crop = np.zeros((80, 80), np.uint8)
+    empty_in_crop[:4, :4] = 255  # a corner the fixed crop cuts away
+    cv2.imwrite(str(masks / Path(keys[2]).with_suffix(".png")), empty_in_crop)
+    (masks / "stray").mkdir()
+    cv2.imwrite(str(masks / "stray" / "other.png"), np.full((8, 8), 255, np.uint8))
+    m = convert.convert_dataset(src, tmp_path / "out", image_size=SIZE, workers=1,
+                                progress=False, masks=str(masks))
+    assert m["rejected"] == 0 and sum(s["count"] for s in m["splits"].values()) == len(keys)
+    assert m["masks"]["rejected"] == 3 and m["masks"]["stored"] == len(keys) - 3
+    assert m["masks"]["rejects_by_reason"] == {"mask all zero": 1,
+                                               "mask does not decode as an image": 1,
+                                               "mask empty after the crop": 1}
+    assert [r["path"] for r in m["masks"]["rejects"]] == sorted(
+        Path(k).with_suffix(".png").as_posix() for k in keys[:3])
+    assert m["masks"]["unmatched_files"] == 1 and m["masks"]["files"] == len(keys) + 1
+    assert "3 rejected" in convert.format_summary(m)
+    assert convert.verify_data_dir(tmp_path / "out") == []
+
+
+def test_masks_in_the_wrong_layout_fail_before_out_is_touched(tmp_path):
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    write_kaggle_source(src, n_train_patients=3, n_test_patients=1)
+    write_masks(src, masks / "train")  # one folder too deep: masks/train/train/NORMAL/...
+    out = tmp_path / "out"
+    convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(convert.ConvertError,
+                       match=re.escape(f"pass --masks={masks / 'train'}")):
+        convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False,
+                                masks=str(masks))
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(convert.ConvertError, match="--masks=.*is not a folder"):
+        convert.convert_dataset(src, out, progress=False, masks=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(convert.ConvertError, match="holds no .png file"):
+        convert.convert_dataset(src, out, progress=False, masks=str(tmp_path / "empty"))
+
+
+def test_verify_checks_mask_counts_and_shapes(tmp_path):
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    write_kaggle_source(src, n_train_patients=4, n_test_patients=1)
+    write_masks(src, masks)
+    out = tmp_path / "out"
+    m = convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False,
+                                masks=str(masks), num_shards=1)
+    m["splits"]["train"]["lung_masks"] += 1
+    records.write_manifest(out, m)
+    problems = convert.verify_data_dir(out)
+    assert len(problems) == 1 and re.match(
+        r"split train: \d+ records with a lung_mask, manifest says \d+", problems[0])
+    # A record whose lung_mask has the wrong size.
+    m["splits"]["train"]["lung_masks"] -= 1
+    records.write_manifest(out, m)
+    shard = out / m["splits"]["test"]["shards"][0]
+    bad = records.serialize_example(bytes(SIZE * SIZE), 0, 0, "p", "x.jpeg", (SIZE, SIZE),
+                                    (SIZE, SIZE), (0, SIZE, 0, SIZE), "none", bytes(10))
+    with records.ShardWriter(shard) as w:
+        for r in _raw_records(shard):
+            w.write(r)
+        w.write(bad)
+    m["splits"]["test"]["count"] += 1
+    m["splits"]["test"]["shard_counts"][0] += 1
+    m["splits"]["test"]["class_counts"]["NORMAL"] += 1
+    m["splits"]["test"]["subtype_counts"]["NORMAL"] += 1
+    m["splits"]["test"]["patients"] += 1
+    records.write_manifest(out, m)
+    problems = convert.verify_data_dir(out)
+    assert any("lung_mask: raw image of 10 bytes" in p for p in problems), problems
+    assert any("records with a lung_mask, manifest says" in p for p in problems), problems
+
+
+def _raw_records(shard: Path) -> list[bytes]:
+    import tensorflow as tf
+
+    return list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())
+
+
+def test_phantom_lung_masks_convert_with_masks(tmp_path):
+    from pneumo_tf.data import phantoms
+
+    phantoms.write_phantom_dataset(tmp_path / "src", num_train=10, num_test=4, seed=1,
+                                   min_size=120, max_size=160)
+    masks = tmp_path / "src" / phantoms.LUNG_MASKS_DIR
+    m = convert.convert_dataset(tmp_path / "src", tmp_path / "out", image_size=64, workers=1,
+                                progress=False, masks=str(masks))
+    assert m["masks"]["stored"] == 14 and m["masks"]["films_without_mask"] == 0
+    assert sum(s["count"] for s in m["splits"].values()) == 14  # the masks are not films
+    for r in read_records(tmp_path / "out", "test"):
+        image = np.frombuffer(r["image"], np.uint8).reshape(64, 64)
+        lung = np.frombuffer(r["lung_mask"], np.uint8).reshape(64, 64) > 0
+        assert 0.1 < lung.mean() < 0.8
+        assert image[lung].mean() < image[~lung].mean()  # the lungs are the dark fields

@@ -203,7 +203,8 @@ def test_bad_label_and_size_are_refused():
 
 def test_layout_names_and_patients(phantom_set):
     out, summary = phantom_set
-    assert sorted(p.name for p in out.iterdir()) == ["masks", "phantoms.json", "test", "train"]
+    assert sorted(p.name for p in out.iterdir()) == ["lung_masks", "masks", "phantoms.json",
+                                                     "test", "train"]
     patients_of = defaultdict(set)  # patient -> {(split, class)}
     images_of = defaultdict(int)
     image_numbers = []
@@ -306,7 +307,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     phantoms.write_phantom_dataset(tmp_path / "b", seed=7, **kwargs)
     phantoms.write_phantom_dataset(tmp_path / "c", seed=8, **kwargs)
     a, b, c = (_all_files(tmp_path / n) for n in "abc")
-    assert len(a) == 14 * 3 + 1
+    assert len(a) == 14 * 4 + 1  # image, lung and lesion mask, mirrored lung mask; the json
     assert a == b
     jpegs = [k for k in a if k.endswith(".jpeg")]
     assert sum(a[k] != c.get(k) for k in jpegs) == len(jpegs), "another seed must change images"
@@ -438,7 +439,8 @@ def test_normal_files_of_a_set_are_unchanged_by_subtypes(tmp_path):
     phantoms.write_phantom_dataset(out, num_train=16, num_test=6, seed=5, min_size=64,
                                    max_size=112)
     digest = hashlib.sha256()
-    files = sorted(p for p in out.rglob("*") if p.is_file() and "NORMAL" in p.parts)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and "NORMAL" in p.parts
+                   and phantoms.LUNG_MASKS_DIR not in p.parts)  # the mirrored copies came later
     for p in files:
         digest.update(str(p.relative_to(out)).encode())
         digest.update(p.read_bytes())
@@ -531,3 +533,20 @@ def test_cli_writes_a_set_and_rejects_bad_flags(tmp_path):
     summary = json.loads((tmp_path / "b" / "phantoms.json").read_text())
     assert summary["site"]["name"] == "b" and summary["site"]["contrast"] == 0.5
     assert bad.stderr.strip().splitlines()[-1].startswith("pneumo_tf.data.phantoms: error: ")
+
+
+def test_mirrored_lung_masks_equal_the_lung_masks(tmp_path):
+    out = tmp_path / "set"
+    summary = phantoms.write_phantom_dataset(out, num_train=6, num_test=2, seed=3, **SMALL)
+    assert summary["layout"]["lung_masks"] == "lung_masks/{split}/{CLASS}/{stem}.png"
+    images = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpeg"))
+    mirrored = sorted(p.relative_to(out / phantoms.LUNG_MASKS_DIR).as_posix()
+                      for p in (out / phantoms.LUNG_MASKS_DIR).rglob("*.png"))
+    assert mirrored == [str(Path(p).with_suffix(".png")) for p in images] and len(images) == 8
+    for rel in images:
+        lung, _ = phantoms.mask_paths(out, rel)
+        path = phantoms.lung_mask_path(out, rel)
+        assert path.read_bytes() == lung.read_bytes()
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == cv2.imread(str(out / rel), cv2.IMREAD_GRAYSCALE).shape
+        assert set(np.unique(mask)) == {0, 255}

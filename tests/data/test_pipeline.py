@@ -588,3 +588,95 @@ def test_mirrored_strategy_two_replicas(tmp_path):
         assert collections.Counter(paths) == collections.Counter(every), key  # each image once
         assert sizes[0] == 6, key  # global batch = 3 per replica x 2 replicas
     assert out["train_shapes"] == [[3, 16, 16, 3], [3, 16, 16, 3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Lung masks (a data dir converted with --masks)
+
+
+@pytest.fixture(scope="module", params=["raw", "png"])
+def masks_dir(request, tmp_path_factory):
+    """Phantoms converted with --masks at 32 px; every third film's mask deleted first."""
+    from pneumo_tf.data import convert, phantoms
+
+    root = tmp_path_factory.mktemp(f"masks_{request.param}")
+    phantoms.write_phantom_dataset(root / "src", num_train=12, num_test=6, seed=4, min_size=64,
+                                   max_size=96)
+    masks = root / "src" / phantoms.LUNG_MASKS_DIR
+    for path in sorted(masks.rglob("*.png"))[::3]:
+        path.unlink()
+    convert.convert_dataset(root / "src", root / "out", image_size=32, workers=1,
+                            progress=False, masks=str(masks), encoding=request.param,
+                            num_shards=2)
+    return root / "out"
+
+
+def _stored_masks(data_dir, split):
+    """``{path: (image [32, 32, 1] uint8, mask [32, 32] uint8 or None)}`` read straight from the
+    records, independently of the pipeline."""
+    manifest = records.read_manifest(data_dir)
+
+    def decode(data):
+        if manifest["encoding"] == "raw":
+            return np.frombuffer(data, np.uint8).reshape(32, 32, 1)
+        return tf.io.decode_png(data, channels=1).numpy()
+
+    out = {}
+    for shard in records.split_shards(data_dir, manifest, split):
+        for raw in tf.data.TFRecordDataset(str(shard)):
+            ex = tf.io.parse_single_example(raw, records.feature_spec())
+            mask = decode(ex["lung_mask"].numpy())[..., 0] if ex["has_lung_mask"] else None
+            out[ex["path"].numpy().decode()] = (decode(ex["image"].numpy()), mask)
+    return out
+
+
+def test_eval_stream_yields_the_stored_masks(masks_dir):
+    stored = {p: m for p, (_, m) in _stored_masks(masks_dir, "test").items()}
+    assert 0 < sum(m is None for m in stored.values()) < len(stored)
+    seen = {}
+    for batch in pipeline.make_eval_dataset(masks_dir, "test", 4, masks="all"):
+        assert batch["lung_mask"].dtype == tf.uint8 and batch["has_lung_mask"].dtype == tf.bool
+        for path, mask, has in zip(batch["path"].numpy(), batch["lung_mask"].numpy(),
+                                   batch["has_lung_mask"].numpy()):
+            seen[path.decode()] = (mask[..., 0], has)
+    assert sorted(seen) == sorted(stored)
+    for path, want in stored.items():
+        mask, has = seen[path]
+        assert has == (want is not None)
+        np.testing.assert_array_equal(mask, np.zeros((32, 32), np.uint8) if want is None
+                                      else want)
+    only = [p.decode() for b in pipeline.make_eval_dataset(masks_dir, "test", 4, masks="only")
+            for p in b["path"].numpy()]
+    assert sorted(only) == sorted(p for p, m in stored.items() if m is not None)
+    plain = next(iter(pipeline.make_eval_dataset(masks_dir, "test", 4)))
+    assert "lung_mask" not in plain and "has_lung_mask" not in plain
+
+
+def test_lung_train_stream_pairs_each_image_with_its_mask(masks_dir):
+    stored = _stored_masks(masks_dir, "train")
+    mask_of = {image.tobytes(): mask for image, mask in stored.values()}
+    assert len(mask_of) == len(stored)
+    ds = pipeline.make_lung_train_dataset(masks_dir, 3, seed=1)
+    assert ds.element_spec["lung_mask"].shape.as_list() == [3, 32, 32, 1]
+    for batch in ds.take(6):
+        assert batch["has_lung_mask"].numpy().all()
+        assert set(np.unique(batch["lung_mask"].numpy())) <= {0, 255}
+        np.testing.assert_array_equal(batch["weight"].numpy(), np.ones(3, np.float32))
+        for image, mask in zip(batch["image"].numpy(), batch["lung_mask"].numpy()):
+            np.testing.assert_array_equal(mask[..., 0], mask_of[image.tobytes()])
+    everything = pipeline.make_lung_train_dataset(masks_dir, 3, seed=1, masks="all")
+    flags = np.concatenate([b["has_lung_mask"].numpy() for b in everything.take(12)])
+    assert flags.any() and not flags.all()
+
+
+def test_classifier_streams_ignore_masks(masks_dir, unbalanced_dir):
+    batch = next(iter(pipeline.make_train_dataset(masks_dir, 4, class_weights="none")))
+    assert sorted(batch) == ["image", "label", "subtype", "weight"]
+    with pytest.raises(records.DataDirError, match=r"converted without --masks.*--masks=DIR"):
+        pipeline.make_eval_dataset(unbalanced_dir, "test", 4, masks="all")
+    with pytest.raises(records.DataDirError, match="converted without --masks"):
+        pipeline.make_lung_train_dataset(unbalanced_dir, 4)
+    with pytest.raises(ValueError, match=r"masks='some'; expected one of"):
+        pipeline.make_eval_dataset(masks_dir, "test", 4, masks="some")
+    with pytest.raises(ValueError, match="use make_train_dataset"):
+        pipeline.make_lung_train_dataset(masks_dir, 4, masks="none")

@@ -258,3 +258,48 @@ def test_bacterial_vs_viral_is_among_pneumonia_cases_only():
 def test_subtype_report_without_known_subtypes_is_skipped():
     out = pm.subtype_report([-1, -1], [0.2, 0.9], np.zeros((2, 3)), 0.5)
     assert set(out) == {"skipped"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation: Dice and IoU
+
+
+def test_mask_scores_by_hand():
+    t = np.zeros((4, 4, 4), bool)
+    p = np.zeros((4, 4, 4), bool)
+    t[0, :2] = True                  # 8 pixels
+    p[0, :1] = True                  # 4 of them: dice 2*4/12, iou 4/8
+    t[1, 0, 0] = True                # true lung, nothing predicted: 0, 0
+    p[2, 3, 3] = True                # nothing there, something predicted: 0, 0
+    # image 3: both empty: 1, 1
+    s = pm.mask_scores(t, p)
+    np.testing.assert_allclose(s["dice"], [2 / 3, 0, 0, 1])
+    np.testing.assert_allclose(s["iou"], [0.5, 0, 0, 1])
+    probs = p[..., None].astype(np.float32) * 0.9 + 0.05     # [N, H, W, 1] probabilities
+    np.testing.assert_allclose(pm.mask_scores(t.astype(np.uint8) * 255, probs)["dice"],
+                               s["dice"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        pm.mask_scores(t, p[:, :2])
+    with pytest.raises(ValueError, match=r"must be \[N, H, W\]"):
+        pm.mask_scores(t[0], p[0])
+
+
+def test_segmentation_report_means_and_intervals():
+    rng = np.random.default_rng(0)
+    t = rng.random((60, 16, 16)) < 0.4
+    p = t.copy()
+    p[:30, :4] = ~p[:30, :4]          # half the images get a quarter of their rows wrong
+    r = pm.segmentation_report(t, p, num_resamples=500, seed=1)
+    s = pm.mask_scores(t, p)
+    assert r["n"] == 60
+    assert r["dice"] == pytest.approx(s["dice"].mean()) and r["iou"] == pytest.approx(
+        s["iou"].mean())
+    for k in ("dice", "iou"):
+        lo, hi = r["ci95"][k]
+        assert lo < r[k] < hi and hi - lo < 0.2
+    assert r["ci95"]["num_resamples"] == 500 and r["ci95"]["level"] == 0.95
+    assert pm.segmentation_report(t, p, num_resamples=500, seed=1) == r
+    perfect = pm.segmentation_report(t, t, num_resamples=100)
+    assert perfect["dice"] == perfect["iou"] == 1.0 and perfect["ci95"]["dice"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="at least one image"):
+        pm.segmentation_report(t[:0], p[:0])

@@ -261,3 +261,76 @@ def test_subtype_model_explains_pneumonia_bacterial_and_viral_log_odds():
 def test_bacterial_and_viral_need_a_subtype_model(small_model):
     with pytest.raises(ValueError, match="--cam_class=viral needs a three-class model"):
         pcam.gradcam_batch(pcam.CamModel(small_model), _images(1, 48), "viral")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence against lung masks
+
+
+def _lungs(n=4, size=10):
+    """``[n, size, size]`` bool: two 6-row lung blocks per image, the left one 2 or 3 columns
+    wide (so the lung fraction varies between images)."""
+    lungs = np.zeros((n, size, size), bool)
+    for i in range(n):
+        lungs[i, 2:8, 1:3 + i % 2] = True
+        lungs[i, 2:8, 6:8] = True
+    return lungs
+
+
+def test_flat_cam_gives_lift_exactly_one():
+    lungs = _lungs()
+    cams = np.ones(lungs.shape, np.float32)
+    r = pcam.lung_evidence(cams, lungs, [1, 1, 0, 0], [1, 0, 1, 0])
+    for g in ("TP", "FN", "FP", "TN", "all"):
+        assert r["groups"][g]["lift"] == 1.0
+        assert r["groups"][g]["lung_share"] == r["groups"][g]["lung_fraction"]
+    assert r["groups"]["all"]["n"] == 4 and r["skipped_no_mask"] == 0
+    # A flat map peaks at the first pixel (argmax of ties), which is outside these lungs.
+    assert r["groups"]["all"]["pointing_lungs"] == 0.0
+
+
+def test_cam_inside_the_lungs_gives_lift_one_over_the_lung_fraction():
+    lungs = _lungs()
+    cams = lungs.astype(np.float32) * np.linspace(0.2, 1.0, 100).reshape(10, 10)
+    r = pcam.lung_evidence(cams, lungs, [1, 1, 1, 1], [1, 1, 1, 1])
+    fractions = lungs.reshape(4, -1).mean(axis=1)
+    assert r["groups"]["TP"]["lung_share"] == 1.0
+    assert r["groups"]["TP"]["lift"] == pytest.approx(1.0 / fractions.mean())
+    assert r["groups"]["TP"]["pointing_lungs"] == 1.0
+    assert r["groups"]["FP"] == {"n": 0, "empty_cams": 0}
+    entry = r["per_image"][0]
+    assert entry == {"lung_share": 1.0, "lung_fraction": pytest.approx(fractions[0]),
+                     "pointing_lungs": True, "cam_empty": False, "group": "TP"}
+
+
+def test_peak_outside_the_lungs_and_skipped_images():
+    lungs = _lungs(3)
+    cams = np.full(lungs.shape, 0.1, np.float32)
+    cams[:, 0, 9] = 1.0                     # the peak: a corner outside the lungs
+    lungs[2] = False                        # no mask drawn on image 2
+    r = pcam.lung_evidence(cams, lungs, [0, 0, 1], [0, 0, 1], has_mask=[True, False, True])
+    assert r["skipped_no_mask"] == 2 and r["per_image"][1] is None and r["per_image"][2] is None
+    stats = r["groups"]["all"]
+    assert stats["n"] == 1 and stats["pointing_lungs"] == 0.0
+    share = 0.1 * lungs[0].sum() / (0.1 * 99 + 1.0)
+    assert stats["lung_share"] == pytest.approx(share)
+    assert stats["lift"] == pytest.approx(share / lungs[0].mean())
+    empty = pcam.lung_evidence(np.zeros((1, 10, 10)), _lungs(1), [1], [0])
+    assert empty["groups"]["FN"] == {"n": 1, "empty_cams": 1, "pointing_lungs": 0.0}
+    with pytest.raises(ValueError, match="must both be"):
+        pcam.lung_evidence(cams, lungs[:, :5], [0] * 3, [0] * 3)
+
+
+def test_lung_outline_is_drawn_on_the_mask_border_only():
+    tile = np.full((20, 20, 3), 50, np.uint8)
+    lung = np.zeros((20, 20), bool)
+    lung[5:15, 4:12] = True
+    out = pcam.draw_lung_outline(tile, lung, color=(0, 255, 0))
+    drawn = np.all(out == (0, 255, 0), axis=-1)
+    border = lung & ~np.pad(lung[1:-1, 1:-1] & lung[:-2, 1:-1] & lung[2:, 1:-1]
+                            & lung[1:-1, :-2] & lung[1:-1, 2:], 1)
+    np.testing.assert_array_equal(drawn, border)
+    assert (tile == 50).all()  # a copy: the input is untouched
+    np.testing.assert_array_equal(pcam.draw_lung_outline(tile, np.zeros((20, 20), bool)), tile)
+    with pytest.raises(ValueError, match="does not match the tile"):
+        pcam.draw_lung_outline(tile, lung[:10])

@@ -288,3 +288,66 @@ def test_make_augment_layer_picks_the_class_and_round_trips(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True).get_layer("aug")
     assert isinstance(loaded, augment.RandomAugment)
     assert loaded.get_config() == layer.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and mask together (nearest neighbour for the mask)
+
+
+def _blob_pair(batch=4, size=32, seed=0):
+    """Images whose bright rectangle is exactly their 0/255 mask (one per image)."""
+    rng = np.random.default_rng(seed)
+    images = np.full((batch, size, size, 1), 20.0, np.float32)
+    masks = np.zeros((batch, size, size, 1), np.uint8)
+    for i in range(batch):
+        t, l = rng.integers(4, size // 2, 2)
+        images[i, t:t + 10, l:l + 8] = 220.0
+        masks[i, t:t + 10, l:l + 8] = 255
+    return images, masks
+
+
+@pytest.mark.parametrize("resampler", ["native", "gather", "gather_xla"])
+def test_mask_moves_with_its_image_and_stays_binary(resampler):
+    images, masks = _blob_pair()
+    layer = augment.RandomAffine(resampler=resampler, fill_mode="constant", seed=3)
+    moved_images, moved_masks = layer.augment_with_mask(tf.constant(images), tf.constant(masks),
+                                                        training=True)
+    assert moved_masks.dtype == tf.uint8 and moved_images.dtype == tf.float32
+    got = moved_masks.numpy()
+    assert set(np.unique(got)) <= {0, 255}
+    assert not np.array_equal(got, masks)  # it moved
+    # Where the mask is, the image is bright; far from it, dark (bilinear edges aside).
+    inside = moved_images.numpy()[got > 0]
+    assert inside.size > 0 and np.median(inside) > 200
+    outside = moved_images.numpy()[(got == 0) & (moved_images.numpy() > 120)]
+    assert outside.size < 0.05 * got.size
+
+
+def test_nearest_resamplers_agree_and_differ_from_bilinear():
+    _, masks = _blob_pair(batch=3)
+    m = augment.random_affine_matrices(3, 32, 32, seed=(5, 6))
+    x = tf.cast(masks, tf.float32)
+    native = augment.transform_native(x, m, "nearest", interpolation="nearest").numpy()
+    gather = augment.transform_gather(x, m, "nearest", interpolation="nearest").numpy()
+    assert np.mean(native != gather) < 0.002  # a few exact .5 ties may round apart
+    assert set(np.unique(native)) <= {0.0, 255.0}
+    bilinear = augment.transform_native(x, m, "nearest").numpy()
+    assert len(np.unique(bilinear)) > 2
+    with pytest.raises(ValueError, match="interpolation='cubic'; expected one of"):
+        augment.transform_gather(x, m, interpolation="cubic")
+
+
+def test_augment_with_mask_uses_the_images_geometry_and_no_intensity_on_the_mask():
+    images, masks = _blob_pair(batch=2)
+    kw = dict(seed=11, fill_mode="constant")
+    plain = augment.RandomAffine(**kw)
+    with_intensity = augment.RandomAugment(brightness=0.3, contrast=0.3, **kw)
+    a_img, a_mask = plain.augment_with_mask(images, masks, training=True)
+    b_img, b_mask = with_intensity.augment_with_mask(images, masks, training=True)
+    np.testing.assert_array_equal(a_mask.numpy(), b_mask.numpy())  # one geometry per seed
+    assert not np.allclose(a_img.numpy(), b_img.numpy())           # intensity on the image only
+    # The same draw as call(): the image of augment_with_mask is the layer's own output.
+    np.testing.assert_allclose(augment.RandomAffine(**kw)(images, training=True).numpy(),
+                               a_img.numpy(), atol=1e-4)
+    same_img, same_mask = plain.augment_with_mask(images, masks, training=False)
+    assert same_img is images and same_mask is masks

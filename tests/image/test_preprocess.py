@@ -1,5 +1,6 @@
 """Tests for pneumo_tf/preprocess.py: the one definition of crop, resize and normalisation."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -104,3 +105,32 @@ def test_caffe_mode_equals_keras_resnet50_preprocess_input():
     ours = preprocess.normalize_pixels(x, "caffe")
     theirs = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(ours, theirs, atol=1e-3)
+
+
+def test_preprocess_mask_fits_the_decoded_image_then_crops_like_it():
+    # A mask drawn at 3x the image's size: rows 40-70 %, columns 10-30 % of the film.
+    h, w = 60, 80
+    big = np.zeros((3 * h, 3 * w), np.uint8)
+    big[int(3 * h * 0.4):int(3 * h * 0.7), int(3 * w * 0.1):int(3 * w * 0.3)] = 255
+    box = preprocess.fixed_crop_box(h, w)            # rows 9:54, columns 16:64 of the film
+    out = preprocess.preprocess_mask(big, (h, w), box, 24)
+    assert out.shape == (24, 24) and out.dtype == np.uint8
+    assert set(np.unique(out)) == {0, 255}
+    on_film = np.zeros((h, w), np.uint8)
+    on_film[24:42, 8:24] = 255
+    want = cv2.resize(on_film[9:54, 16:64], (24, 24), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(out, want)
+    # A mask of values near the threshold binarises at > 127.
+    soft = np.full((h, w), 128, np.uint8)
+    soft[:, : w // 2] = 127
+    half = preprocess.preprocess_mask(soft, (h, w), preprocess.full_box(h, w), 20)
+    assert half[:, :10].max() == 0 and half[:, 10:].min() == 255
+
+
+def test_resize_to_keeps_size_and_takes_an_interpolation():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    np.testing.assert_array_equal(preprocess.resize_to(gray, (3, 4)), gray)
+    up = preprocess.resize_to(gray, (6, 8), cv2.INTER_NEAREST)
+    assert up.shape == (6, 8) and set(np.unique(up)) == set(np.unique(gray))
+    np.testing.assert_array_equal(preprocess.resize_area(gray, 2),
+                                  cv2.resize(gray, (2, 2), interpolation=cv2.INTER_AREA))

@@ -116,3 +116,64 @@ def test_unknown_backbone_and_imagenet_for_small_cnn_are_clear():
         model_lib.build_model("vgg", 32)
     with pytest.raises(ValueError, match="has no ImageNet weights"):
         model_lib.build_backbone("small_cnn", 32, "imagenet")
+
+
+# ---------------------------------------------------------------------------------------------
+# The lung segmentation model
+
+
+def test_lung_model_shapes_names_and_size():
+    m = model_lib.build_lung_model(64, base_filters=16, depth=4)
+    out = m(np.zeros((2, 64, 64, 1), np.uint8))
+    assert tuple(out.shape) == (2, 64, 64, 1)
+    assert m.output.name.startswith("lung_mask") or m.layers[-1].name == "lung_mask"
+    assert m.inputs[0].dtype == "uint8" and m.inputs[0].name.startswith("image")
+    counts = model_lib.count_params(m)
+    assert 300_000 < counts["trainable"] + counts["non_trainable"] < 600_000
+    values = np.asarray(out)
+    assert ((values > 0) & (values < 1)).all()
+    small = model_lib.build_lung_model(32, base_filters=4, depth=2)
+    assert model_lib.count_params(small)["trainable"] < 2_000
+    with pytest.raises(ValueError, match="image_size=36 must be a multiple of 8 for depth=4"):
+        model_lib.build_lung_model(36)
+
+
+def test_lung_model_output_is_float32_under_mixed_precision():
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    m = model_lib.build_lung_model(32, base_filters=4, depth=3)
+    assert m.get_layer("down0_conv1").compute_dtype == "bfloat16"
+    assert m.get_layer("lung_mask").compute_dtype == "float32"
+    assert str(m(np.zeros((1, 32, 32, 1), np.uint8)).dtype) in ("float32", "<dtype: 'float32'>")
+
+
+def test_dice_bce_loss_values():
+    t = np.zeros((3, 8, 8, 1), np.float32)
+    t[0, 2:6, 2:6] = 1.0
+    t[1, :4] = 1.0                              # image 2 stays empty
+    perfect = model_lib.dice_bce_loss(t, t)
+    np.testing.assert_allclose(np.asarray(perfect), 0.0, atol=1e-5)  # empty vs empty too
+    flat = model_lib.dice_bce_loss(t, np.full_like(t, 0.5))
+    # Dice of p = 0.5 on image 0: (2 * 8 + 1) / (16 + 32 + 1); BCE = ln 2 everywhere.
+    np.testing.assert_allclose(float(flat[0]), 1 - 17 / 49 + np.log(2), rtol=1e-5)
+    wrong = model_lib.dice_bce_loss(t, 1.0 - t)
+    assert (np.asarray(wrong)[:2] > np.asarray(flat)[:2]).all()
+
+
+def test_lung_model_learns_a_mask_in_a_few_steps():
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = np.full((16, 32, 32, 1), 200, np.uint8)
+    masks = np.zeros((16, 32, 32, 1), np.float32)
+    for i in range(16):  # a dark "lung" rectangle to find
+        t, l = rng.integers(2, 14, 2)
+        images[i, t:t + 14, l:l + 12] = 40
+        masks[i, t:t + 14, l:l + 12] = 1.0
+    keras.utils.set_random_seed(0)
+    m = model_lib.build_lung_model(32, base_filters=8, depth=3)
+    m.compile(keras.optimizers.Adam(1e-2), loss=model_lib.dice_bce_loss)
+    first = m.evaluate(images, masks, verbose=0)
+    m.fit(images, masks, batch_size=8, epochs=15, verbose=0)
+    assert m.evaluate(images, masks, verbose=0) < 0.5 * first
