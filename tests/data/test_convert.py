@@ -460,6 +460,7 @@ def test_bad_settings_name_the_flag(tmp_path):
 def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     from absl import flags
 
+    import pneumo_tf.convert  # noqa: F401  (the command defines the flags on import)
     from pneumo_tf.core import cli
 
     names = [f.name for f in cli.flag_fields(convert.ConvertConfig)]

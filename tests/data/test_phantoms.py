@@ -388,6 +388,7 @@ def test_bad_arguments_name_the_flag(tmp_path, kwargs, message):
 def test_config_declares_the_flags_and_a_config_or_overrides_write_the_same(tmp_path):
     from absl import flags
 
+    import pneumo_tf.make_phantoms  # noqa: F401  (the command defines the flags on import)
     from pneumo_tf.core import cli
 
     names = [f.name for f in cli.flag_fields(phantoms.PhantomConfig)]
