@@ -1,14 +1,23 @@
 """pneumo_tf: chest X-ray pneumonia detection, from radiographs to a validated, explainable model.
 
-Data flow, one module per stage:
-    raw images --(pneumo_tf.data.convert)--> TFRecord shards + manifest.json
-    shards --(pneumo_tf.data.pipeline.make_train_dataset / make_eval_dataset)--> uint8 batches
-    batches --(pneumo_tf.model / pneumo_tf.augment, on the device)--> pneumonia probability
-    pneumo_tf.train --> run directory --> pneumo_tf.evaluate / gradcam / compare / export / predict
-    another site's sample --(pneumo_tf.calibrate)--> R/calibrations/NAME.json (--calibration=NAME)
+Layout (BUILD.md, "Architecture"): every module directly in this package is a command a user runs
+(``python -m pneumo_tf.train``, ``evaluate``, ``calibrate``, ``gradcam``, ``compare``, ``ensemble``,
+``export``, ``predict``, ``ood``, ``convert``, ``make_phantoms``): its flags and its ``main``.
+Every folder is the library of one stage; arrows point down the data flow:
+
+    raw images --(data: convert)--> TFRecord shards + manifest.json
+    shards --(data.pipeline: make_train_dataset / make_eval_dataset)--> uint8 batches
+    batches --(image: preprocess, augment; modeling: model)--> pneumonia probability
+    training (task, trainer, loop, resume, session) --> run directory (core.rundir.Run)
+    run directory --> evaluation (scoring, metrics, calibration, evaluator, comparison, ensemble),
+                      explain (cam, grids), serving (runtime, export, ood, predictor)
+    another site's sample --(evaluation.site_calibration)--> R/calibrations/NAME.json
+
+``core`` holds what every stage shares: the command-line convention (cli), quiet TensorFlow
+start-up (quiet_tf), progress lines, atomic files and the run directory (rundir).
 """
 
-from pneumo_tf import quiet_tf
+from pneumo_tf.core import quiet_tf
 
 __version__ = "0.1.0"
 

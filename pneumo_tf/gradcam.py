@@ -1,166 +1,45 @@
-"""Grad-CAM app: explain a split's images and quantify where the model looks.
+"""Grad-CAM: explain a split's images and quantify where the model looks.
 
 Usage::
 
     python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64 \
         [--calibration=val|NAME]
 
-The maths (batched Grad-CAM, overlays, attention statistics) is :mod:`pneumo_tf.cam`; this app
-picks the images, runs it and writes the results. Images are grouped TP/FP/FN/TN at the
-operating point of ``--calibration`` (``val``: ``calibration.json``; ``NAME``: a site
-calibration from ``pneumo_tf.calibrate``). An ensemble run's maps are the mean of its members'
-maps (:class:`pneumo_tf.cam.EnsembleCamModel`), its probabilities the ensemble's.
-
-``--cam_class`` chooses what is explained: ``pneumonia`` (default), ``predicted``, or for a
-three-class run (``--task=subtype``) ``bacterial`` / ``viral`` (that class's log-odds against
-the other two); the groups stay the binary TP/FP/FN/TN at the operating point.
-
-Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
-the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
-often the CAM peak falls inside a lesion, next to the chance level = lesion area fraction), and
-TensorBoard image summaries under ``R/tb/gradcam``. An image whose map is empty (all zero after
-the ReLU) has no peak: in the pointing game it counts as a miss, and ``pointing_empty`` says how
-many such misses there were.
+Outputs and groups: :mod:`pneumo_tf.explain.grids`; the maths: :mod:`pneumo_tf.explain.cam`.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
-import numpy as np
-from absl import flags
-
-from pneumo_tf import atomic_files, calibration, cam, cli, rundir, scoring
-
-RUN = cli.run_split_flags()
-CALIBRATION = cli.calibration_flag()
-
-NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", 64, "Images to explain, drawn (seeded) evenly across TP/FP/FN/TN.", lower_bound=1)
-LAYER = flags.DEFINE_string(
-    "layer", None, "Feature-map layer inside the backbone; default: the backbone's registered "
-    "Grad-CAM layer (resnet50: conv5_block3_out), else its last 4-D output.")
-CAM_CLASS = flags.DEFINE_enum(
-    "cam_class", "pneumonia", cam.CAM_CLASSES,
-    "Explain the PNEUMONIA score for every image (a three-class model's pneumonia log-odds), the "
-    "predicted class (the NORMAL logit, i.e. minus the PNEUMONIA logit, for images predicted "
-    "NORMAL), or for a three-class model (--task=subtype) bacterial | viral: that class's "
-    "log-odds against the other two, for every image.")
+from pneumo_tf.core import cli, rundir
+from pneumo_tf.core.cli import option
+from pneumo_tf.explain import cam, grids
 
 
-def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
-          threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(cams [N, S, S] float32, probabilities [N] float32)`` of ``images``, batch by batch."""
-    cams, probs = [], []
-    for start in range(0, len(images), batch_size):
-        out = cam.gradcam_batch(cam_model, images[start:start + batch_size], cam_class, threshold)
-        cams.append(out["cam"])
-        probs.append(out["probability"])
-    return np.concatenate(cams), np.concatenate(probs)
+@dataclasses.dataclass
+class GradcamFlags(cli.RunSplitFlags):
+    """The flags of ``python -m pneumo_tf.gradcam``."""
+
+    calibration: str = cli.calibration_option()
+    num_images: int = option(64, "Images to explain, drawn (seeded) evenly across TP/FP/FN/TN.",
+                             lower=1)
+    layer: str | None = option(
+        None, "Feature-map layer inside the backbone; default: the backbone's registered "
+        "Grad-CAM layer (resnet50: conv5_block3_out), else its last 4-D output.")
+    cam_class: str = option(
+        "pneumonia", "Explain the PNEUMONIA score for every image (a three-class model's "
+        "pneumonia log-odds), the predicted class (the NORMAL logit, i.e. minus the PNEUMONIA "
+        "logit, for images predicted NORMAL), or for a three-class model (--task=subtype) "
+        "bacterial | viral: that class's log-odds against the other two, for every image.",
+        choices=cam.CAM_CLASSES)
 
 
-def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]],
-                    context: dict) -> None:
-    """One overlay grid per group: ``R/gradcam/<group>.png`` and one image each in
-    ``R/tb/gradcam`` (a handful of tags, not one per tile)."""
-    import tensorflow as tf
-
-    from pneumo_tf import report
-
-    paths.gradcam.mkdir(parents=True, exist_ok=True)
-    writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
-    with writer.as_default(step=0):
-        for g in cam.GROUPS:
-            if not tiles[g]:
-                continue
-            title = (f"Grad-CAM {g} ({cam.GROUP_MEANING[g]}), {context['split']} split, "
-                     f"{len(tiles[g])} images\nthreshold {context['threshold']:.3f} on the raw "
-                     f"probability (calibration '{context['calibration']}'), explaining "
-                     f"{context['cam_class']}")
-            fig = cam.grid_figure([t for t, _ in tiles[g]],
-                                  [cam.tile_caption(e["path"], e["probability"])
-                                   for _, e in tiles[g]], title)
-            png = report.figure_png(fig)
-            atomic_files.write_bytes_atomic(paths.gradcam / f"{g}.png", png)
-            tf.summary.image(f"gradcam/{g}", tf.io.decode_png(png, channels=4)[tf.newaxis])
-    writer.flush()
-    writer.close()
+FLAG_HOLDERS = cli.define_config_flags(GradcamFlags, module_name=__name__)
 
 
-def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
-                num_images: int = 64, layer: str | None = None, batch_size: int = 32,
-                seed: int = 0, cam_class: str = "pneumonia", model=None,
-                calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
-    """Explain ``num_images`` images of ``split`` and write ``R/gradcam/`` and ``R/tb/gradcam``.
-
-    Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
-    on val first if missing, or the site calibration ``calibration_name``; its threshold applied
-    to the quantity it was chosen on, see :func:`pneumo_tf.calibration.raw_threshold`) and drawn
-    evenly across the groups. ``run_dir`` may be an ensemble (the members' mean map).
-
-    Returns:
-        The ``cam_stats.json`` dict.
-    """
-    manifest = rundir.check_data_compatible(run_dir, data_dir)
-    paths = rundir.RunPaths(run_dir)
-    if model is None:
-        model = rundir.load_model(run_dir)
-    try:
-        backbone_name = rundir.read_summary(run_dir).get("config", {}).get("backbone")
-    except rundir.RunDirError:
-        backbone_name = None
-    cam_model = cam.cam_model_for(model, layer, backbone_name)
-    if cam_class in cam.SUBTYPE_CAM_CLASSES and not cam_model.subtype:
-        raise ValueError(f"--cam_class={cam_class} needs a three-class run (trained with "
-                         f"--task=subtype); {run_dir} is binary: use pneumonia or predicted")
-    # The stored operating point, as a raw-probability cut.
-    point = calibration.operating_point(run_dir, rundir.own_data_dir(run_dir, data_dir), None,
-                                        model, batch_size, calibration_name)
-    threshold = point["threshold"]
-
-    # The scoring pass keeps the decoded images, so the chosen ones need no second decode.
-    pred = scoring.predict_split(model, data_dir, split, batch_size, return_images=True)
-    predictions = (pred["probability"] >= threshold).astype(int)
-    groups = [cam.group_of(y, p) for y, p in zip(pred["label"], predictions)]
-    chosen = cam.select_balanced(groups, num_images, seed)
-    images = pred.pop("image")[chosen]
-    cams, probs = _cams(cam_model, images, batch_size, cam_class, threshold)
-
-    boxes = cam.read_crop_boxes(data_dir, split)
-    source_root = (manifest.get("source") or {}).get("path")
-    entries, tiles = [], {g: [] for g in cam.GROUPS}
-    for k, i in enumerate(chosen):
-        rec_path = pred["path"][i]
-        size = images.shape[1]
-        regions = cam.image_regions(images[k, ..., 0], rec_path,
-                                    boxes.get(rec_path, (0, size, 0, size)), source_root)
-        entry = {"path": rec_path, "label": int(pred["label"][i]), "group": groups[i],
-                 "probability": float(probs[k]),
-                 cam.SHARE_KEYS[regions["source"]]: cam.lung_mass_share(cams[k], regions["lung"]),
-                 "region_source": regions["source"]}
-        entry.update(cam.pointing_entry(cams[k], regions["lesion"]))
-        entries.append(entry)
-        tiles[groups[i]].append((cam.overlay_cam(images[k, ..., 0], cams[k]), entry))
-    _write_pictures(paths, tiles, {"split": split, "threshold": threshold,
-                                   "calibration": calibration_name, "cam_class": cam_class})
-
-    sources = sorted({e["region_source"] for e in entries})
-    stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
-             "threshold": threshold, "threshold_method": point["method"],
-             "calibration": calibration_name, "ensemble_members": (
-                 len(cam_model.members) if isinstance(cam_model, cam.EnsembleCamModel) else 0),
-             "num_images": len(entries), "region_source": sources,
-             "groups": cam.summarise_attention(entries),
-             "images": [{k: v for k, v in e.items()} for e in entries]}
-    atomic_files.write_json_atomic(paths.gradcam / "cam_stats.json", stats)
-    return stats
-
-
-def main(argv):
-    cli.check_args(argv, RUN.run_dir, RUN.data_dir)
-    stats = run_gradcam(RUN.run_dir.value, RUN.data_dir.value, RUN.split.value,
-                        NUM_IMAGES.value, LAYER.value, RUN.batch_size.value, RUN.seed.value,
-                        CAM_CLASS.value, calibration_name=CALIBRATION.value)
+def summary_line(stats: dict) -> str:
+    """The printed result: the lung shares and, on phantoms, the pointing game."""
     overall = stats["groups"]["all"]
     shares = ", ".join(f"{key.replace('_', ' ')} {overall[key + '_mean']:.2f}"
                        for key in cam.SHARE_KEYS.values()
@@ -170,11 +49,19 @@ def main(argv):
         line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
                  f"{overall['pointing_n']} maps empty, counted as misses)")
-    print(line + f" -> {rundir.RunPaths(RUN.run_dir.value).gradcam}")
+    return line
 
 
-def run():
-    cli.run_app(main, "pneumo_tf.gradcam")
+def main(argv: list[str]) -> None:
+    cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
+    f = cli.config_from_flags(GradcamFlags, FLAG_HOLDERS)
+    stats = grids.run_gradcam(f.run_dir, f.data_dir, f.split, f.num_images, f.layer,
+                              f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration)
+    print(summary_line(stats) + f" -> {rundir.RunPaths(f.run_dir).gradcam}")
+
+
+def run() -> None:
+    cli.run_app(main, "pneumo_tf.gradcam", flag_holders=FLAG_HOLDERS)
 
 
 if __name__ == "__main__":

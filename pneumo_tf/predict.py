@@ -1,52 +1,11 @@
-"""Predict PNEUMONIA for image files: library (:func:`load_predictor`, :func:`predict_paths`) and app.
+"""Predict PNEUMONIA for image files with a run, a SavedModel, a .keras or a .tflite model.
 
 Usage::
 
     python -m pneumo_tf.predict --model=PATH [--calibration=NAME] [--format=jsonl|table] \
         [--gradcam_dir=DIR] FILE_OR_DIR...
 
-``--model`` is a run directory, a SavedModel directory written by :mod:`pneumo_tf.export`, a
-``.keras`` file inside a run directory, or a ``.tflite`` file inside ``R/export/``. Files are read
-exactly as the converter reads them (:func:`pneumo_tf.data.decode.decode_bytes`, then
-:func:`pneumo_tf.preprocess.preprocess_gray` with the run's image size and crop), so every model
-kind sees the pixels training saw; folders are searched recursively for JPEG, PNG and DICOM
-files. A SavedModel is called through its ``preprocessed`` signature for the same reason.
-
-One JSON line per input, in input order::
-
-    {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
-     "calibration": "val", "label": 1, "class_name": "PNEUMONIA", "refer": false,
-     "refer_reasons": [], "ood_score": 41.3, "in_distribution": true}
-    {"path": "cat.jpeg", ..., "refer": true, "refer_reasons": ["not_a_chest_film"],
-     "ood_score": 512.8, "in_distribution": false}
-    {"path": "b.txt", "error": "not an image (unrecognised file format)"}
-
-A three-class run (``--task=subtype``) adds ``"subtype": "BACTERIAL" | "VIRAL"`` and
-``"subtype_probability"`` (the larger of the two pneumonia probabilities given pneumonia,
-temperature-scaled with the run's subtype temperature), both null where ``label`` is 0.
-
-``probability`` is the model's, ``calibrated_probability`` its temperature-scaled value; the
-decision is taken on the calibrated one: ``threshold`` is the run's operating threshold
-on the calibrated scale, and ``label`` is 1 exactly when
-``calibrated_probability >= threshold`` (:func:`pneumo_tf.serving.decide_label`).
-``calibration`` names where temperature and threshold come from: ``val`` (the run's
-``calibration.json``, the default for a run directory), a site calibration
-(``--calibration=NAME``: ``R/calibrations/NAME.json``), or for an exported model the one baked
-in at export (``--calibration`` must then name that one). ``refer`` is
-true when the case should go to a human: the calibrated probability lies within
-``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
-:func:`film_refer_reasons`), or the run's out-of-distribution guard (:mod:`pneumo_tf.ood`)
-rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film),
-``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its feature score is above the guard's threshold). ``ood_score`` is
-that score and ``in_distribution`` is true when it is at most the threshold and no image check
-failed. A model without a guard (a run without ``ood.json``, or exported from one) still
-predicts: ``ood_score`` and ``in_distribution`` are null (the image checks still refer). A
-failed input has ``path`` and ``error`` only; the other inputs are still predicted and the
-exit status is 1.
-
-Grad-CAM overlays (``--gradcam_dir``) need the Keras model (a run directory or ``.keras`` file):
-a SavedModel or TFLite file has no access to the backbone's feature maps, so the command refuses
-``--gradcam_dir`` with them and names the run directory to use instead.
+The rows, the refer reasons and the model kinds: :mod:`pneumo_tf.serving.predictor`.
 """
 
 from __future__ import annotations
@@ -54,556 +13,58 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-import numpy as np
-from absl import app, flags
+from absl import app
 
-import pneumo_tf
-from pneumo_tf import calibration, cli, ood, preprocess, rundir, serving
-from pneumo_tf.data import decode
+from pneumo_tf.core import cli
+from pneumo_tf.core.cli import option
+from pneumo_tf.serving import predictor
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = cli.batch_size_flag()
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
-MODEL_KINDS = ("run_dir", "keras", "saved_model", "tflite")
-OUTPUT_FORMATS = ("jsonl", "table")
-DEFAULT_REFER_BAND = 0.1
-
-# "Looks unlike a chest film" limits. Chosen to pass every one of the 1000 near-full-resolution
-# Kermany train images (width/height 0.84-3.2, mean grey 67-183, grey std >= 27.6, at most 36 %
-# of pixels <= 10 and 12.5 % >= 245) with a margin, and to catch blank, black, white, strip-shaped
-# and tiny images. Measured at S = 224, fixed crop: 2 of those 1000 images are referred
-# (low_resolution), 0 of 1044 from the third-party 224 px copy of the train split.
-MIN_ASPECT, MAX_ASPECT = 0.6, 3.5  # width / height
-MIN_GREY_STD = 10.0                # below: blank or near-constant
-MIN_MEAN_GREY, MAX_MEAN_GREY = 40.0, 215.0
-DARK_LEVEL, MAX_DARK_FRACTION = 10, 0.6
-BRIGHT_LEVEL, MAX_BRIGHT_FRACTION = 245, 0.4
-LOW_RESOLUTION_FACTOR = 2  # crop side * this < image_size -> upsampled > 2x
-
-
-class PredictError(ValueError):
-    """The model path or the arguments are unusable; the message names the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
 
 @dataclasses.dataclass
-class Predictor:
-    """A loaded model of any kind behind one interface.
-
-    Attributes:
-        kind: one of :data:`MODEL_KINDS`.
-        source: the ``--model`` path.
-        config: image size, crop, temperature, threshold, task and OOD guard.
-        outputs: ``[N, S, S, 1] uint8 -> {"probability": [N], "ood_score": [N] (with a guard),
-            "class_probabilities": [N, 3] (a subtype model)}`` numpy arrays.
-        keras_model: the Keras model (run dir and ``.keras`` only), for Grad-CAM.
-    """
-
-    kind: str
-    source: Path
-    config: serving.ServingConfig
-    outputs: Callable[[np.ndarray], dict]
-    keras_model: object | None = None
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``[N] float64`` probability of PNEUMONIA for ``[N, S, S, 1] uint8`` images."""
-        return np.asarray(self.outputs(images)["probability"], np.float64).reshape(-1)
-
-    @property
-    def ood_info(self) -> dict | None:
-        """The OOD guard (the run's ``ood.json``, or the one baked into an exported model);
-        None for a model without one."""
-        return self.config.ood
-
-
-def _run_config(run_dir: Path, calibration_name: str) -> serving.ServingConfig:
-    cal = rundir.read_named_calibration(run_dir, calibration_name)
-    if cal is not None:
-        cal = serving.calibration_from_json(
-            cal, str(rundir.RunPaths(run_dir).calibration_file(calibration_name)))
-    return serving.serving_config_for_run(run_dir, cal, calibration_name)
-
-
-def _check_baked_calibration(config: serving.ServingConfig, path: Path,
-                             calibration_name: str | None) -> None:
-    """Refuse a ``--calibration`` other than the one an exported model has baked in."""
-    if calibration_name is not None and calibration_name != config.calibration:
-        raise PredictError(
-            f"--calibration={calibration_name}: {path} was exported with calibration "
-            f"{config.calibration!r} baked in. Export the run with `python -m pneumo_tf.export "
-            f"--calibration={calibration_name}` (R/export_{calibration_name}/), or pass "
-            f"--model=<the run directory> to apply any of its calibrations")
-
-
-def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
-    if not path.is_file():
-        raise PredictError(f"{path} is missing, so the image size, crop and calibration of "
-                           f"{model_path} are unknown; use a model written by "
-                           f"`python -m pneumo_tf.export` (or pass the run directory)")
-    try:
-        return serving.ServingConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
-
-
-def _keras_predictor(kind: str, source: Path, model, config: serving.ServingConfig,
-                     run_dir: Path) -> Predictor:
-    from pneumo_tf import model as model_lib, ood, scoring
-
-    config.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
-    stats = ood.load_stats(run_dir)
-    outputs = scoring.make_outputs_fn(model, stats.layer if stats is not None else None)
-
-    def predict(images: np.ndarray) -> dict:
-        out = outputs(images)
-        result = {"probability": out["probability"].numpy().astype(np.float64)}
-        if stats is not None:
-            result["ood_score"] = stats.scores(out["features"].numpy())
-        if "class_logits" in out:
-            result["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
-        return result
-
-    return Predictor(kind, source, config, predict, model)
-
-
-def _signature_outputs(signature) -> Callable[[np.ndarray], dict]:
-    """The ``preprocessed`` signature of a SavedModel as :attr:`Predictor.outputs`."""
-    import tensorflow as tf
-
-    def predict(images: np.ndarray) -> dict:
-        out = signature(image=tf.constant(images))
-        return {key: out[key].numpy() for key in ("probability", "ood_score",
-                                                  "class_probabilities") if key in out}
-
-    return predict
-
-
-def model_kind(path: str | os.PathLike) -> str:
-    """Which of :data:`MODEL_KINDS` ``path`` is (by its files, not by trust in its name).
-
-    Raises:
-        PredictError: missing path, or nothing this command can load.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise PredictError(f"--model={path}: no such file or directory")
-    if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "saved_model"
-        if rundir.RunPaths(path).model.is_file():
-            return "run_dir"
-        raise PredictError(f"--model={path}: a directory without model.keras or saved_model.pb; "
-                           f"give a run directory or R/export/saved_model")
-    if path.suffix == ".keras":
-        return "keras"
-    if path.suffix == ".tflite":
-        return "tflite"
-    raise PredictError(f"--model={path}: unknown model file; give a run directory, a SavedModel "
-                       f"directory, a .keras file or a .tflite file")
-
-
-def load_predictor(path: str | os.PathLike, calibration_name: str | None = None) -> Predictor:
-    """Load ``--model`` (see the module docstring) with its serving config.
-
-    ``.keras`` files are loaded with Keras safe mode (:func:`pneumo_tf.rundir.load_model`);
-    SavedModels and TFLite files are graphs and flatbuffers, nothing is unpickled.
-
-    Args:
-        path: a run (or ensemble) directory, ``.keras`` file, SavedModel or ``.tflite`` file.
-        calibration_name: for a run directory or ``.keras`` file, the run's calibration to
-            apply (None = ``val``); for an exported model, None or the name baked in.
-
-    Raises:
-        PredictError, rundir.RunDirError: unusable model path or calibration (the message says
-            what to give).
-    """
-    path = Path(path)
-    kind = model_kind(path)
-    name = calibration_name or rundir.VAL_CALIBRATION
-    if kind == "run_dir":
-        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name),
-                                     path)
-    elif kind == "keras":
-        if not rundir.RunPaths(path.parent).data_manifest.is_file():
-            raise PredictError(f"--model={path}: no data_manifest.json beside it, so the image size "
-                               f"and crop the model was trained with are unknown; point --model "
-                               f"at the run directory that holds it")
-        predictor = _keras_predictor(kind, path, rundir.load_model(path),
-                                     _run_config(path.parent, name), path.parent)
-    elif kind == "saved_model":
-        import tensorflow as tf
-
-        config = _read_serving_config(path / "assets.extra" / serving.SERVING_CONFIG_NAME, path)
-        _check_baked_calibration(config, path, calibration_name)
-        signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
-        if signature is None:
-            raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
-                               f"re-export it with `python -m pneumo_tf.export`")
-        predictor = Predictor(kind, path, config, _signature_outputs(signature))
-    else:
-        config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
-        _check_baked_calibration(config, path, calibration_name)
-        runner = serving.TFLiteRunner(path)
-        if runner.image_size != config.image_size:
-            raise PredictError(f"--model={path} takes {runner.image_size}px images but "
-                               f"{serving.SERVING_CONFIG_NAME} beside it says "
-                               f"{config.image_size}px; re-export the run")
-        predictor = Predictor(kind, path, config, runner.outputs)
-    if not predictor.config.calibrated:
-        log.warning("%s has no calibration.json: calibrated_probability = probability "
-                    "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
-                    "split for honest probabilities.", path)
-    return predictor
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclasses.dataclass
-class InputImage:
-    """One input after reading and preprocessing, or the reason it failed.
-
-    Attributes:
-        path: the path as given (or found in a folder).
-        image: ``[S, S] uint8`` model input (None when ``error``).
-        refer_reasons: film-likeness reasons (see :func:`film_refer_reasons`).
-        error: why the input could not be used, or None.
-        image_checks: the OOD guard's image checks of the full film
-            (:func:`pneumo_tf.ood.film_orientation_reasons`: ``inverted``, ``on_its_side``).
-    """
-
-    path: str
-    image: np.ndarray | None = None
-    refer_reasons: list[str] = dataclasses.field(default_factory=list)
-    error: str | None = None
-    image_checks: list[str] = dataclasses.field(default_factory=list)
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[InputImage]:
-    """Files as given, folders expanded (recursive, sorted) to their JPEG/PNG/DICOM files.
-
-    Missing paths and folders without images become failed inputs, not exceptions. A file given
-    explicitly is tried whatever its extension (the decoder judges it by its content).
-    """
-    out = []
-    for given in paths:
-        p = Path(given)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file()
-                           and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                out.append(InputImage(str(given), error=f"folder has no {'/'.join(IMAGE_SUFFIXES)} "
-                                                        f"files"))
-            out.extend(InputImage(str(f)) for f in found)
-        elif p.is_file():
-            out.append(InputImage(str(given)))
-        else:
-            out.append(InputImage(str(given), error="no such file or directory"))
-    return out
-
-
-def film_refer_reasons(gray: np.ndarray, orig_height: int, orig_width: int, crop_hw: tuple[int, int],
-                       image_size: int) -> list[str]:
-    """Reasons an image looks unlike a usable chest film (empty list: none).
-
-    Args:
-        gray: ``[h, w] uint8`` decoded image (possibly DCT-reduced; statistics are scale-free).
-        orig_height, orig_width: full-resolution size, pixels.
-        crop_hw: the crop region's size in full-resolution pixels.
-        image_size: model input side S.
-
-    Returns:
-        Subset of ``aspect_ratio``, ``blank``, ``underexposed``, ``overexposed``,
-        ``low_resolution`` (the crop is less than S/2 on a side: upsampled more than 2x; the
-        third-party 224 px Kermany copy, upsampled 1.3x-1.7x by the fixed crop, passes).
-    """
-    reasons = []
-    aspect = orig_width / max(orig_height, 1)
-    if not MIN_ASPECT <= aspect <= MAX_ASPECT:
-        reasons.append("aspect_ratio")
-    g = gray.astype(np.float32)
-    if g.std() < MIN_GREY_STD:
-        reasons.append("blank")
-    mean = float(g.mean())
-    if mean < MIN_MEAN_GREY or np.mean(gray <= DARK_LEVEL) > MAX_DARK_FRACTION:
-        reasons.append("underexposed")
-    if mean > MAX_MEAN_GREY or np.mean(gray >= BRIGHT_LEVEL) > MAX_BRIGHT_FRACTION:
-        reasons.append("overexposed")
-    if min(crop_hw) * LOW_RESOLUTION_FACTOR < image_size:
-        reasons.append("low_resolution")
-    return reasons
-
-
-def read_input(path: str, image_size: int, crop: str) -> InputImage:
-    """Read, decode and preprocess one file like the converter; failures become ``error``."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return InputImage(path, error=f"cannot read file ({e.strerror or e})")
-    return read_input_bytes(data, path, image_size, crop)
-
-
-def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> InputImage:
-    """Decode and preprocess one file's bytes like the converter; failures become ``error``."""
-    try:
-        decoded = decode.decode_bytes(data, name=Path(path).name, target_size=image_size, crop=crop)
-        image, box, _ = preprocess.preprocess_gray(decoded.gray, image_size, crop)
-    except decode.RejectError as e:
-        return InputImage(path, error=str(e))
-    except Exception as e:  # noqa: BLE001 -- one bad file must not stop the others; it is reported
-        return InputImage(path, error=f"unexpected decoder error: {type(e).__name__}: {e}")
-    crop_hw = ((box.bottom - box.top) * decoded.scale, (box.right - box.left) * decoded.scale)
-    reasons = film_refer_reasons(decoded.gray, decoded.orig_height, decoded.orig_width, crop_hw,
-                                 image_size)
-    return InputImage(path, image=image, refer_reasons=reasons,
-                      image_checks=ood.film_orientation_reasons(decoded.gray))
-
-
-def read_input_gray(gray: np.ndarray, path: str, image_size: int, crop: str) -> InputImage:
-    """An already decoded ``[H, W] uint8`` film through the rest of :func:`read_input_bytes`'s
-    path (crop, resize, film-likeness reasons, image checks), as if decoded at full size."""
-    gray = np.ascontiguousarray(gray, np.uint8)
-    image, box, _ = preprocess.preprocess_gray(gray, image_size, crop)
-    reasons = film_refer_reasons(gray, gray.shape[0], gray.shape[1],
-                                 (box.bottom - box.top, box.right - box.left), image_size)
-    return InputImage(path, image=image, refer_reasons=reasons,
-                      image_checks=ood.film_orientation_reasons(gray))
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction
-
-
-def result_record(path: str, probability: float, config: serving.ServingConfig,
-                  film_reasons: list[str], refer_band: float, ood_score: float | None = None,
-                  image_checks: list[str] = (), class_probabilities=None) -> dict:
-    """The output record of one predicted input (see the module docstring).
-
-    ``label`` is :func:`pneumo_tf.serving.decide_label` of the record's own
-    ``calibrated_probability`` and ``threshold`` (the calibrated-scale threshold), so
-    ``label == (calibrated_probability >= threshold)`` holds for the numbers in the record.
-
-    Args:
-        ood_score: the image's OOD score, or None (a model without a guard).
-        image_checks: the guard's image checks that failed (``inverted``, ``on_its_side``,
-            ``upside_down``).
-        class_probabilities: ``[3]`` for a subtype model (adds ``subtype`` and
-            ``subtype_probability``), else None.
-    """
-    calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
-    threshold = config.calibrated_threshold()
-    label = int(serving.decide_label(calibrated, threshold))
-    reasons = list(film_reasons) + ood.refer_reasons(ood_score, config.ood_threshold,
-                                                     list(image_checks))
-    if abs(calibrated - threshold) <= refer_band:
-        reasons.insert(0, "uncertain")
-    known = ood_score is not None and config.ood_threshold is not None
-    record = {"path": path, "probability": float(probability),
-              "calibrated_probability": calibrated, "threshold": threshold,
-              "calibration": config.calibration, "label": label,
-              "class_name": pneumo_tf.CLASS_NAMES[label],
-              "refer": bool(reasons), "refer_reasons": reasons,
-              "ood_score": float(ood_score) if known else None,
-              "in_distribution": ood.in_distribution(ood_score, config.ood_threshold,
-                                                     list(image_checks)) if known else None}
-    if class_probabilities is not None:
-        record.update(serving.subtype_fields(class_probabilities, label,
-                                             config.subtype_temperature))
-    return record
-
-
-def gradcam_file_name(index: int, path: str) -> str:
-    """``00003_person12_bacteria.png``: input order first, so equal base names never collide."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
-    return f"{index:05d}_{stem}.png"
-
-
-def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batch_size: int = 32,
-                  refer_band: float = DEFAULT_REFER_BAND, gradcam_dir: str | os.PathLike | None = None
-                  ) -> Iterator[dict]:
-    """Predict every input, batch by batch; yields one record per input, in input order.
-
-    Args:
-        predictor: from :func:`load_predictor`.
-        paths: files and folders.
-        batch_size: images per forward pass.
-        refer_band: half-width of the uncertainty band around the threshold, in calibrated
-            probability.
-        gradcam_dir: write one Grad-CAM overlay PNG per predicted input here (Keras models only).
-
-    Raises:
-        PredictError: ``gradcam_dir`` with a SavedModel/TFLite model, or bad arguments.
-    """
-    if batch_size < 1:
-        raise PredictError(f"--batch_size={batch_size}: must be at least 1")
-    if not 0.0 <= refer_band <= 1.0:
-        raise PredictError(f"--refer_band={refer_band}: must be in [0, 1]")
-    cam_model = None
-    if gradcam_dir is not None:
-        if predictor.keras_model is None:
-            raise PredictError(
-                f"--gradcam_dir needs the Keras model: a {predictor.kind} has no access to the "
-                f"backbone's feature maps. Pass --model=<run directory> (the one exported to "
-                f"{predictor.source})")
-        from pneumo_tf import cam
-
-        cam_model = cam.cam_model_for(predictor.keras_model,
-                                      backbone_name=predictor.config.backbone)
-        Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
-    cfg = predictor.config
-    items = expand_inputs(paths)
-    for start in range(0, len(items), batch_size):
-        chunk = [item if item.error else _with_upright_check(
-            read_input(item.path, cfg.image_size, cfg.crop), cfg)
-            for item in items[start:start + batch_size]]
-        ok = [i for i, item in enumerate(chunk) if item.error is None]
-        records_out: list[dict] = [{"path": item.path, "error": item.error} for item in chunk]
-        if ok:
-            images = np.stack([chunk[i].image for i in ok])[..., None]
-            outputs = predictor.outputs(images)
-            for k, i in enumerate(ok):
-                records_out[i] = _record_of(chunk[i], outputs, k, cfg, refer_band)
-            if cam_model is not None:
-                _write_gradcam(cam_model, images, [start + i for i in ok],
-                               [records_out[i] for i in ok], Path(gradcam_dir))
-        yield from records_out
-
-
-def _with_upright_check(item: InputImage, cfg: serving.ServingConfig) -> InputImage:
-    """``item`` with the guard's upside-down check of its model input among its image checks."""
-    if item.error is None:
-        item.image_checks = item.image_checks + ood.upright_reasons(cfg.ood, item.image)
-    return item
-
-
-def _record_of(item: InputImage, outputs: dict, k: int, cfg: serving.ServingConfig,
-               refer_band: float) -> dict:
-    """:func:`result_record` of the ``k``-th image of a batch's ``outputs``."""
-    score = outputs.get("ood_score")
-    probs = outputs.get("class_probabilities")
-    return result_record(item.path, float(np.asarray(outputs["probability"]).reshape(-1)[k]), cfg,
-                         item.refer_reasons, refer_band,
-                         float(score[k]) if score is not None else None, item.image_checks,
-                         probs[k] if probs is not None else None)
-
-
-def ood_rates(predictor: Predictor, gray_images: list[np.ndarray], batch_size: int = 32) -> dict:
-    """How many decoded films the OOD guard flags, through predict's own path.
-
-    Args:
-        predictor: from :func:`load_predictor`, with an OOD guard.
-        gray_images: ``[H, W] uint8`` decoded images (full films: the image checks see them).
-
-    Returns:
-        ``{"n", "flagged", "flagged_by_features", "flagged_by_image_checks"}``: the count and
-        the fractions not ``in_distribution``, above the score threshold, and failing an image
-        check (the last two overlap).
-
-    Raises:
-        PredictError: the model has no OOD guard.
-    """
-    cfg = predictor.config
-    if cfg.ood_threshold is None:
-        raise PredictError(f"{predictor.source} has no OOD guard (no ood.json); fit it with "
-                           f"`python -m pneumo_tf.ood --run_dir=<run dir>`")
-    by_features, by_checks = [], []
-    for start in range(0, len(gray_images), batch_size):
-        items = [_with_upright_check(read_input_gray(g, f"image_{start + i}", cfg.image_size,
-                                                     cfg.crop), cfg)
-                 for i, g in enumerate(gray_images[start:start + batch_size])]
-        scores = predictor.outputs(np.stack([item.image for item in items])[..., None])["ood_score"]
-        by_features += [bool(score > cfg.ood_threshold) for score in scores]
-        by_checks += [bool(item.image_checks) for item in items]
-    n = len(by_features)
-    flagged = [a or b for a, b in zip(by_features, by_checks)]
-    return {"n": n, "flagged": float(np.mean(flagged)) if n else 0.0,
-            "flagged_by_features": float(np.mean(by_features)) if n else 0.0,
-            "flagged_by_image_checks": float(np.mean(by_checks)) if n else 0.0}
-
-
-def _write_gradcam(cam_model, images: np.ndarray, indices: list[int], recs: list[dict],
-                   out_dir: Path) -> None:
-    import cv2
-
-    from pneumo_tf import cam
-
-    cams = cam.gradcam_batch(cam_model, images)["cam"]
-    for image, heat, index, rec in zip(images, cams, indices, recs):
-        target = out_dir / gradcam_file_name(index, rec["path"])
-        rgb = cam.overlay_cam(image[..., 0], heat)
-        if not cv2.imwrite(str(target), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"cannot write {target}")
-        rec["gradcam"] = str(target)
-
-
-def format_table_row(rec: dict) -> str:
-    """One fixed-width text row of :func:`format_table_header`'s columns (``label`` shows the
-    subtype of a three-class model's PNEUMONIA rows, ``ood`` the guard's verdict: ``in``,
-    ``OUT`` or ``-`` without a guard)."""
-    if "error" in rec:
-        return (f"{'-':>11} {'-':>10} {'-':>9} {'ERROR':<9} {'-':<5} {'-':<3} {rec['path']}  "
-                f"({rec['error']})")
-    reasons = f"  ({', '.join(rec['refer_reasons'])})" if rec["refer_reasons"] else ""
-    label = rec.get("subtype") or rec["class_name"]
-    verdict = {None: "-", True: "in", False: "OUT"}[rec.get("in_distribution")]
-    return (f"{rec['probability']:>11.4f} {rec['calibrated_probability']:>10.4f} "
-            f"{rec['threshold']:>9.4f} {label:<9} {'yes' if rec['refer'] else 'no':<5} "
-            f"{verdict:<3} {rec['path']}{reasons}")
-
-
-def format_table_header() -> str:
-    return (f"{'probability':>11} {'calibrated':>10} {'threshold':>9} {'label':<9} {'refer':<5} "
-            f"{'ood':<3} path")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-CALIBRATION = cli.calibration_flag()
-MODEL = flags.DEFINE_string(
-    "model", None, "Model to predict with: a run directory, a SavedModel directory "
-    "(R/export/saved_model), a .keras file in a run directory or a .tflite file in R/export/.")
-FORMAT = flags.DEFINE_enum(
-    "format", "jsonl", OUTPUT_FORMATS,
-    "Output: jsonl = one JSON object per input line (path, probability, calibrated_probability, "
-    "threshold, calibration, label, class_name, refer, refer_reasons, ood_score, "
-    "in_distribution, and subtype, subtype_probability for a three-class run; or path and "
-    "error); table = aligned text.")
-GRADCAM_DIR = flags.DEFINE_string(
-    "gradcam_dir", None, "Write one Grad-CAM overlay PNG per input here (run dir or .keras "
-    "models only).")
-REFER_BAND = flags.DEFINE_float(
-    "refer_band", DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated "
-    "probability is within this distance of the operating threshold.", lower_bound=0.0,
-    upper_bound=1.0)
+class PredictFlags:
+    """The flags of ``python -m pneumo_tf.predict``."""
+
+    model: str | None = option(
+        None, "Model to predict with: a run directory, a SavedModel directory "
+        "(R/export/saved_model), a .keras file in a run directory or a .tflite file in R/export/.")
+    calibration: str = cli.calibration_option()
+    batch_size: int = cli.batch_size_option()
+    format: str = option(
+        "jsonl", "Output: jsonl = one JSON object per input line (path, probability, "
+        "calibrated_probability, threshold, calibration, label, class_name, refer, "
+        "refer_reasons, ood_score, in_distribution, and subtype, subtype_probability for a "
+        "three-class run; or path and error); table = aligned text.",
+        choices=predictor.OUTPUT_FORMATS)
+    gradcam_dir: str | None = option(None, "Write one Grad-CAM overlay PNG per input here (run "
+                                     "dir or .keras models only).")
+    refer_band: float = option(
+        predictor.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
+        "is within this distance of the operating threshold.", lower=0.0, upper=1.0)
+
+
+FLAG_HOLDERS = cli.define_config_flags(PredictFlags, module_name=__name__)
 
 
 def main(argv: list[str]) -> int:
-    cli.check_args(argv[:1], MODEL)  # the positional arguments are this app's inputs
+    cli.check_args(argv[:1], FLAG_HOLDERS["model"])  # the positional arguments are the inputs
     inputs = argv[1:]
     if not inputs:
         raise app.UsageError("give at least one image file or folder after the flags")
+    f = cli.config_from_flags(PredictFlags, FLAG_HOLDERS)
     # Unless given, an exported model keeps the calibration baked into it (a run dir: val).
-    predictor = load_predictor(MODEL.value, CALIBRATION.value if CALIBRATION.present else None)
-    results = predict_paths(predictor, inputs, BATCH_SIZE.value, REFER_BAND.value,
-                            GRADCAM_DIR.value)
+    calibration = f.calibration if FLAG_HOLDERS["calibration"].present else None
+    model = predictor.load_predictor(f.model, calibration)
+    results = predictor.predict_paths(model, inputs, f.batch_size, f.refer_band, f.gradcam_dir)
     failed = 0
-    if FORMAT.value == "table":
-        print(format_table_header())
+    if f.format == "table":
+        print(predictor.format_table_header())
     for rec in results:
         failed += "error" in rec
-        print(json.dumps(rec) if FORMAT.value == "jsonl" else format_table_row(rec), flush=True)
+        print(json.dumps(rec) if f.format == "jsonl" else predictor.format_table_row(rec),
+              flush=True)
     if failed:
         log.error("%d input(s) could not be predicted (see their 'error')", failed)
         return 1
@@ -611,7 +72,8 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    cli.run_app(main, "pneumo_tf.predict", errors=(PredictError,))
+    cli.run_app(main, "pneumo_tf.predict", errors=(predictor.PredictError,),
+                flag_holders=FLAG_HOLDERS)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 def load_split_arrays(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images [N, S, S, 1] uint8, labels [N] int64)`` of a split, in file order."""
-    from pneumo_tf import scoring
+    from pneumo_tf.evaluation import scoring
 
     images, labels = [], []
     for batch in scoring.iterate_split(data_dir, split, batch_size=64):
@@ -40,7 +40,7 @@ def make_run(run_dir, data_dir, epochs: int = 3, seed: int = 0, learning_rate: f
     """
     import keras
 
-    from pneumo_tf import model as pmodel
+    from pneumo_tf.modeling import model as pmodel
     from pneumo_tf.data import records
 
     keras.utils.set_random_seed(seed)
@@ -87,7 +87,8 @@ def make_phantom_ood_run(root, image_size: int = 64, epochs: int = 8) -> tuple[P
     Returns:
         ``(run_dir, data_dir, phantom source dir)``.
     """
-    from pneumo_tf import calibration, ood
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.serving import ood
     from pneumo_tf.data import convert, phantoms
 
     root = Path(root)
@@ -109,16 +110,17 @@ def make_subtype_run(root) -> tuple[Path, Path]:
         ``(run_dir, data_dir)``.
     """
     from conftest import write_tiny_dataset
-    from pneumo_tf import train
+    from pneumo_tf.training import session
+    from pneumo_tf.training.config import TrainConfig
 
     root = Path(root)
     data = write_tiny_dataset(root / "data", counts={"train": (20, 20), "val": (12, 12),
                                                      "test": (12, 12)})
-    cfg = train.TrainConfig(data_dir=str(data), run_dir=str(root / "run"), task="subtype",
-                            backbone="small_cnn", weights="none", trainable_layers=-1,
-                            train_bn=True, batch_size=4, epochs=2, steps_per_epoch=3,
-                            precision="float32", strategy="default", calibrate=True,
-                            fit_ood=True, ood_val_rate=0.1, tb_images=0, val_batch_size=16,
-                            lr=1e-3)
-    train.train(cfg)
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(root / "run"), task="subtype",
+                      backbone="small_cnn", weights="none", trainable_layers=-1,
+                      train_bn=True, batch_size=4, epochs=2, steps_per_epoch=3,
+                      precision="float32", strategy="default", calibrate=True,
+                      fit_ood=True, ood_val_rate=0.1, tb_images=0, val_batch_size=16,
+                      lr=1e-3)
+    session.train(cfg)
     return root / "run", data

@@ -66,10 +66,11 @@ from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
-from absl import app, flags
 
 import pneumo_tf
-from pneumo_tf import atomic_files, cli, preprocess
+from pneumo_tf.core import atomic_files, cli
+from pneumo_tf.core.progress import Progress
+from pneumo_tf.image import preprocess
 from pneumo_tf.data import records, splits
 
 log = logging.getLogger(__name__)
@@ -359,38 +360,6 @@ def _process_chunk(tasks: list[tuple[int, Any]]) -> list[ProcessedImage]:
 # Parent side.
 
 
-class _Progress:
-    """A one-line progress bar on stderr (a line every 10 % when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.last_decile = -1
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        if not self.enabled or self.total == 0:
-            return
-        now = time.monotonic()
-        decile = done * 10 // self.total
-        if self.tty and (now - self.last < 0.2 and done < self.total):
-            return
-        if not self.tty and decile == self.last_decile:
-            return
-        self.last, self.last_decile = now, decile
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        bar = "#" * (done * 30 // self.total)
-        line = (f"{self.label} [{bar:<30}] {done}/{self.total} {rate:6.0f} img/s "
-                f"ETA {eta:5.0f} s")
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        if self.tty and done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def default_workers() -> int:
     """CPU cores this process may use."""
     try:
@@ -626,7 +595,7 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
     """
     items = [item for _, item in tasks]
     decoded = _Decoded(kept=[], rejects=[], checksum_lines=[], first_result_at=None)
-    bar = _Progress(len(tasks), "convert", config.progress)
+    bar = Progress(len(tasks), "convert", enabled=config.progress)
 
     def on_result(r: ProcessedImage) -> None:
         if decoded.first_result_at is None:
@@ -655,6 +624,7 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
                                   encoding=config.encoding, max_pixels=config.max_pixels,
                                   masks=config.masks)
     _run_workers(tasks, worker_config, config.workers, on_result)
+    bar.close()
     return decoded
 
 
@@ -1203,65 +1173,7 @@ def verify_data_dir(out: str | os.PathLike) -> list[str]:
     return problems + _check_stray_files(out, listed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
+if __name__ == "__main__":  # the old spelling, python -m pneumo_tf.data.convert
+    from pneumo_tf.convert import run
 
-OUT = cli.out_flag()
-_SRC = flags.DEFINE_string(
-    "src", None,
-    "Source to convert: a Kaggle/Mendeley folder ({train,val,test}/{NORMAL,PNEUMONIA}/*), a CSV "
-    "manifest (path,label[,patient_id][,split]) or a MedMNIST pneumoniamnist[_64|_128|_224].npz.")
-_VERIFY = flags.DEFINE_boolean(
-    "verify", False,
-    "Check --out: re-read every shard with CRC checks, decode every image, compare counts with "
-    "the manifest; exit 1 naming the shard on any mismatch. Without --src only verifies; with "
-    "--src verifies right after converting.")
-cli.seed_flag()  # the shared --seed; ConvertConfig.seed reads it
-_CONFIG_FLAGS = cli.define_config_flags(ConvertConfig, module_name=__name__)
-
-
-def _convert_from_flags(out: str) -> int:
-    """Convert ``--src`` into ``out`` with the flags' settings; exit status 1 for too many rejects."""
-    config = cli.config_from_flags(ConvertConfig, _CONFIG_FLAGS)
-    manifest = convert_dataset(_SRC.value, out, config)
-    print(format_summary(manifest, out))
-    limit = config.max_rejects
-    if limit >= 0 and manifest["rejected"] > limit:
-        print(f"error: {manifest['rejected']} inputs rejected, more than --max_rejects={limit}; "
-              f"the output is complete without them (see {Path(out) / REJECTS_NAME}); raise "
-              f"--max_rejects to accept", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _verify_from_flags(out: str) -> int:
-    """Verify ``out``; print its problems (exit status 1) or one OK line (0)."""
-    problems = verify_data_dir(out)
-    if problems:
-        print(f"verify {out}: {len(problems)} problem(s)", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        return 1
-    m = records.read_manifest(out)
-    n = sum(s["count"] for s in m["splits"].values())
-    k = sum(len(s["shards"]) for s in m["splits"].values())
-    print(f"verify {out}: OK ({n} records in {k} shards match manifest.json)")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    cli.check_args(argv, OUT)
-    if not _SRC.value and not _VERIFY.value:
-        raise app.UsageError("--src is required (or use --verify --out=DIR to check an output)")
-    status = _convert_from_flags(OUT.value) if _SRC.value else 0
-    if _VERIFY.value:
-        status = max(status, _verify_from_flags(OUT.value))
-    return status
-
-
-def run() -> None:
-    cli.run_app(main, "pneumo_tf.data.convert", errors=(ConvertError, records.DataDirError))
-
-
-if __name__ == "__main__":
-    run()
+    run("pneumo_tf.data.convert")

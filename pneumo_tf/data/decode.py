@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumo_tf.data.sources import SourceItem
-from pneumo_tf.preprocess import CROP_METHODS, fixed_crop_box
+from pneumo_tf.image.preprocess import CROP_METHODS, fixed_crop_box
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 Mpx: 10x the largest radiographs we know of
 JPEG_REDUCTION_FACTORS = (8, 4, 2)  # largest first: the smallest decode that is still enough
@@ -458,7 +458,7 @@ def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
     """In-graph twin of :func:`jpeg_reduction_factor` (int32 scalar)."""
     import tensorflow as tf
 
-    from pneumo_tf.preprocess import tf_fixed_crop_box
+    from pneumo_tf.image.preprocess import tf_fixed_crop_box
 
     factor = tf.constant(1, tf.int32)
     for f in reversed(JPEG_REDUCTION_FACTORS):  # 2, 4, 8: the last that fits wins
@@ -543,6 +543,6 @@ def tf_decode_gray(image_bytes, target_size: int, crop: str):
 
 def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):
     """Scalar string -> ``[S, S, 1] uint8`` model input (decode, gray, crop, area resize)."""
-    from pneumo_tf.preprocess import tf_preprocess_gray
+    from pneumo_tf.image.preprocess import tf_preprocess_gray
 
     return tf_preprocess_gray(tf_decode_gray(image_bytes, image_size, crop), image_size, crop)

@@ -17,7 +17,7 @@ see them. A data set's PNEUMONIA file names say the subtype (``person3_bacteria_
 ``person4_virus_13``), and the drawn pattern follows the name.
 
 Optionally an image carries a *confounder*: a bright burned-in tag in a corner, always outside
-the fixed crop box (:func:`pneumo_tf.preprocess.fixed_crop_box`), placed on PNEUMONIA images
+the fixed crop box (:func:`pneumo_tf.image.preprocess.fixed_crop_box`), placed on PNEUMONIA images
 with probability ``confounder_rate`` and on NORMAL images with ``confounder_normal_rate``
 (default never). A model trained on uncropped images can cheat with it; cropping removes it,
 which reproduces the paper's before/after-crop effect.
@@ -70,8 +70,8 @@ import cv2
 import numpy as np
 
 import pneumo_tf
-from pneumo_tf import atomic_files, cli
-from pneumo_tf.preprocess import CropBox, fixed_crop_box
+from pneumo_tf.core import atomic_files, cli
+from pneumo_tf.image.preprocess import CropBox, fixed_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -888,47 +888,7 @@ def lung_mask_path(out: str | os.PathLike, image_rel_path: str) -> Path:
     return Path(out) / LUNG_MASKS_DIR / Path(image_rel_path).with_suffix(".png")
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
+if __name__ == "__main__":  # the old spelling, python -m pneumo_tf.data.phantoms
+    from pneumo_tf.make_phantoms import run
 
-OUT = cli.out_flag()
-cli.seed_flag()  # the shared --seed; PhantomConfig.seed reads it
-_CONFIG_FLAGS = cli.define_config_flags(PhantomConfig, module_name=__name__)
-
-
-def _parse_images_per_patient(values: list[str]) -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in values)
-    except ValueError:
-        raise ValueError(f"--images_per_patient must be two integers MIN,MAX (e.g. 1,4), got "
-                         f"{','.join(values)}") from None
-    return lo, hi
-
-
-def config_from_flags() -> PhantomConfig:
-    """The :class:`PhantomConfig` the parsed flags describe."""
-    holders = dict(_CONFIG_FLAGS)
-    pair = _parse_images_per_patient(holders.pop("images_per_patient").value)
-    return dataclasses.replace(cli.config_from_flags(PhantomConfig, holders),
-                               images_per_patient=pair)
-
-
-def main(argv: list[str]) -> None:
-    cli.check_args(argv, OUT)
-    summary = write_phantom_dataset(OUT.value, config_from_flags())
-    for split in SPLIT_NAMES:
-        c, p = summary["counts"][split], summary["patients"][split]
-        k = summary["confounders"][split]
-        log.info("%s: NORMAL %d images / %d patients, PNEUMONIA %d / %d; tags %d N, %d P",
-                 split, c["NORMAL"], p["NORMAL"], c["PNEUMONIA"], p["PNEUMONIA"],
-                 k["NORMAL"], k["PNEUMONIA"])
-    print(f"phantoms of site {summary['site']['name']} written to {summary['out']} "
-          f"(summary: {Path(summary['out']) / PHANTOMS_JSON})")
-
-
-def run() -> None:
-    cli.run_app(main, "pneumo_tf.data.phantoms")
-
-
-if __name__ == "__main__":
-    run()
+    run("pneumo_tf.data.phantoms")

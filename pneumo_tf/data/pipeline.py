@@ -38,7 +38,7 @@ every n-th record (record-level, like ``AutoShardPolicy.DATA``).
 Records are parsed a whole batch at a time (one ``parse_example`` and one ``decode_raw`` per batch
 instead of one per image): per-element tf.data overhead, not I/O, bounds a pipeline over small
 images. Images stay ``[B, S, S, 1] uint8`` here; float conversion, 3-channel replication and
-augmentation run on the device (:mod:`pneumo_tf.model`, :mod:`pneumo_tf.augment`).
+augmentation run on the device (:mod:`pneumo_tf.modeling.model`, :mod:`pneumo_tf.image.augment`).
 
 Decoded images are cached in RAM when the pipeline's share of the split fits the cache budget
 (:func:`resolve_cache`: 25 % of ``MemAvailable`` unless told otherwise); else they are streamed

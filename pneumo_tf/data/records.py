@@ -45,7 +45,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from pneumo_tf import SUBTYPE_NAMES, atomic_files
+from pneumo_tf import SUBTYPE_NAMES
+from pneumo_tf.core import atomic_files
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2

@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_tf import CLASS_NAMES, atomic_files
+from pneumo_tf import CLASS_NAMES
+from pneumo_tf.core import atomic_files
 from pneumo_tf.data import records
 
 log = logging.getLogger(__name__)

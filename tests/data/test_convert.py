@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumo_tf import preprocess
+from pneumo_tf.image import preprocess
 from pneumo_tf.data import convert, decode, records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -460,7 +460,8 @@ def test_bad_settings_name_the_flag(tmp_path):
 def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     from absl import flags
 
-    from pneumo_tf import cli
+    import pneumo_tf.convert  # noqa: F401  (the command defines the flags on import)
+    from pneumo_tf.core import cli
 
     names = [f.name for f in cli.flag_fields(convert.ConvertConfig)]
     assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "stratify",
@@ -595,7 +596,7 @@ def slow_write(self, serialized):
     time.sleep(0.01)  # make the shard-writing phase long enough to be killed inside it
     _write(self, serialized)
 records.ShardWriter.write = slow_write
-from pneumo_tf.data import convert
+from pneumo_tf import convert
 sys.argv = ["make_tfrecords"] + sys.argv[1:]
 convert.run()
 """

@@ -99,7 +99,7 @@ def test_jpeg_reduction_factor(height, width, target, crop, expected):
 
 
 def test_reduction_factor_leaves_at_least_target_pixels_in_the_crop():
-    from pneumo_tf.preprocess import fixed_crop_box
+    from pneumo_tf.image.preprocess import fixed_crop_box
 
     for h in range(200, 3000, 97):
         for w in range(200, 3000, 131):

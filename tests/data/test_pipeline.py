@@ -529,7 +529,7 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from pneumo_tf.data import pipeline
-    from pneumo_tf.augment import RandomAffine
+    from pneumo_tf.image.augment import RandomAffine
 
     data_dir, per_replica = sys.argv[1], 3
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

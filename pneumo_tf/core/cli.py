@@ -1,0 +1,280 @@
+"""What every command shares: one way to declare flags, argument checks, the exit convention.
+
+Flags. Every command declares its flags the same way: a dataclass whose fields are made with
+:func:`option` (help, choices and bounds in the field's metadata), turned into absl flags by
+:func:`define_config_flags` when the command module is imported, and read back into one instance
+by :func:`config_from_flags`. An option is one edit. Options several commands share are made by
+the ``*_option`` functions here (one definition of each help text); a flag that already exists
+in the process (a second command imported into a test or a notebook) is reused, never defined
+twice. Library modules define no flags.
+
+absl groups ``--helpfull`` by module and shows the main module's flags for ``--helpshort``; under
+``python -m pneumo_tf.X`` the command's module is ``__main__``, which absl files under
+``sys.argv[0]`` (:func:`flags_module`), and as a console script :func:`run_app` registers the
+command's flags as key flags of ``sys.argv[0]`` too, so both spellings list the command's own
+flags.
+
+Exit convention (:func:`run_app`): bad input (``ValueError``, ``OSError`` and the app's own
+error types) ends the process with one line ``<app>: error: <message>`` on stderr and exit
+status 1, never a traceback; usage errors (``app.UsageError``) print absl's usage text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+
+from pneumo_tf.core import quiet_tf
+
+FLAGS = flags.FLAGS
+# The errors a user can cause and fix: they end an app with one line, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration dataclasses <-> flags
+
+
+def option(default: Any, help: str, *, choices: Sequence[str] | Callable[[], Sequence[str]] |
+           None = None, lower: float | None = None, upper: float | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (same name, type from the annotation).
+
+    Args:
+        default: the default value (also the flag's default).
+        help: the flag's help text.
+        choices: allowed strings (an enum flag), or a function returning them (for registries
+            filled at import time).
+        lower, upper: bounds of an int/float flag.
+    """
+    meta = {"help": help, "choices": choices, "lower": lower, "upper": upper}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def choices_of(field: dataclasses.Field) -> tuple[str, ...] | None:
+    """The allowed values of an :func:`option` field, or None."""
+    choices = field.metadata.get("choices")
+    if callable(choices):
+        choices = choices()
+    return tuple(choices) if choices is not None else None
+
+
+def flag_fields(cls) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` declared with :func:`option`, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def flags_module(module_name: str) -> str:
+    """The name absl files a command's flags under: ``sys.argv[0]`` for ``__main__``."""
+    return sys.argv[0] if module_name == "__main__" else module_name
+
+
+def _shared(name: str, define: Callable[[], flags.FlagHolder]) -> flags.FlagHolder:
+    """The holder of flag ``name``: defined by ``define()`` unless it already exists."""
+    return flags.FlagHolder(FLAGS, FLAGS[name]) if name in FLAGS else define()
+
+
+def _element_type(kind: Any) -> Any:
+    """``float`` for ``tuple[float, ...]``; ``str`` for ``tuple[str, ...]``."""
+    args = typing.get_args(kind)
+    return args[0] if args else str
+
+
+def _define_field(field: dataclasses.Field, kind: Any, module_name: str) -> flags.FlagHolder:
+    meta, name, default = field.metadata, field.name, field.default
+    common = {"module_name": module_name}
+    if kind is bool:
+        return flags.DEFINE_boolean(name, default, meta["help"], **common)
+    if kind is int:
+        return flags.DEFINE_integer(name, default, meta["help"], lower_bound=meta["lower"],
+                                    upper_bound=meta["upper"], **common)
+    if kind is float:
+        return flags.DEFINE_float(name, default, meta["help"], lower_bound=meta["lower"],
+                                  upper_bound=meta["upper"], **common)
+    if typing.get_origin(kind) is tuple:
+        values = None if default is None else [str(v) for v in default]
+        return flags.DEFINE_list(name, values, meta["help"], **common)
+    choices = choices_of(field)
+    if choices is not None:
+        return flags.DEFINE_enum(name, default, list(choices), meta["help"], **common)
+    return flags.DEFINE_string(name, default, meta["help"], **common)
+
+
+def define_config_flags(cls, module_name: str) -> dict[str, flags.FlagHolder]:
+    """Define one absl flag per :func:`option` field of dataclass ``cls``.
+
+    A flag that already exists (a shared one such as ``--data_dir``, or a second call) is reused.
+
+    Args:
+        cls: the configuration dataclass.
+        module_name: the command module the flags belong to (its ``__name__``; what
+            ``--helpfull`` groups them by, see :func:`flags_module`).
+
+    Returns:
+        ``{field name: FlagHolder}``.
+    """
+    hints = typing.get_type_hints(cls)
+    holders = {}
+    for field in flag_fields(cls):
+        kind = hints[field.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        holders[field.name] = _shared(
+            field.name, lambda: _define_field(field, kind, flags_module(module_name)))
+        # A shared flag defined by another command first is still this command's (--helpshort).
+        FLAGS.register_key_flag_for_module(flags_module(module_name), FLAGS[field.name])
+    return holders
+
+
+def config_from_flags(cls, holders: dict[str, flags.FlagHolder]):
+    """An instance of dataclass ``cls`` from parsed flags (list flags become tuples).
+
+    Raises:
+        ValueError: a list flag holds something that is not a number (naming the flag).
+    """
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, holder in holders.items():
+        value, kind = holder.value, hints[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is tuple and value is not None:
+            try:
+                value = tuple(_element_type(kind)(v) for v in value)
+            except ValueError as e:
+                raise ValueError(f"--{name}={','.join(value)}: not numbers") from e
+        values[name] = value
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options shared by several commands (one definition each; a command's flag dataclass uses them)
+
+def data_dir_option(help: str = "Converter output folder: TFRecord shards + manifest.json."
+                    ) -> Any:
+    """``--data_dir``: a converter output (TFRecord shards + manifest.json)."""
+    return option(None, help)
+
+
+def run_dir_option(help: str = "Run directory of one training run (created by pneumo_tf.train)."
+                   ) -> Any:
+    """``--run_dir``: the run directory of one training run."""
+    return option(None, help)
+
+
+def split_option() -> Any:
+    """``--split``: the data split a command reads."""
+    return option("test", "Data split to use: train | val | test.")
+
+
+def out_option() -> Any:
+    """``--out``: an output folder."""
+    return option(None, "Output folder.")
+
+
+def seed_option() -> Any:
+    """``--seed``: the random seed."""
+    return option(0, "Random seed; same seed and inputs -> same outputs.")
+
+
+def batch_size_option(help: str = "Batch size (per replica when training).") -> Any:
+    """``--batch_size``: images per forward pass."""
+    return option(32, help, lower=1)
+
+
+def runs_option() -> Any:
+    """``--runs``: several run directories."""
+    return option(None, "Comma-separated run directories (two or more).")
+
+
+def calibration_option() -> Any:
+    """``--calibration``: which of a run's calibrations (temperature + threshold) to use."""
+    return option("val", "The run's calibration to use: val = R/calibration.json (fitted on the "
+                  "run's validation split); NAME = R/calibrations/NAME.json (re-fitted on a "
+                  "site's sample by `python -m pneumo_tf.calibrate --name=NAME`). predict with "
+                  "an exported model uses the calibration baked in at export unless this flag "
+                  "is given.")
+
+
+def num_resamples_option() -> Any:
+    """``--num_resamples``: stratified bootstrap resamples of the 95 % CIs."""
+    return option(2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",
+                  lower=1000)
+
+
+@dataclasses.dataclass
+class RunSplitFlags:
+    """The flags of a command that scores one split of a run (evaluate, gradcam, calibrate)."""
+
+    run_dir: str | None = run_dir_option()
+    data_dir: str | None = data_dir_option()
+    split: str = split_option()
+    batch_size: int = batch_size_option()
+    seed: int = seed_option()
+
+
+def shared_flag(name: str, module_name: str) -> flags.FlagHolder:
+    """One option of :class:`RunSplitFlags` as a flag of a script (the tools/ benchmarks).
+
+    Args:
+        name: ``run_dir``, ``data_dir``, ``split``, ``batch_size`` or ``seed``.
+        module_name: the script's ``__name__``.
+    """
+    field = next(f for f in dataclasses.fields(RunSplitFlags) if f.name == name)
+    kind = typing.get_type_hints(RunSplitFlags)[name]
+    one = dataclasses.make_dataclass("One", [(name, kind, field)])
+    return define_config_flags(one, module_name)[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and the exit convention
+
+
+def check_args(argv: list[str], *required: flags.FlagHolder) -> None:
+    """Refuse stray positional arguments and missing required flags with a usage error.
+
+    Required flags are checked here rather than with ``flags.mark_flag_as_required``, which
+    would bind every app loaded into the same process (tests, notebooks) to them.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for flag in required:
+        if flag.value is None or flag.value == "" or flag.value == []:
+            raise app.UsageError(f"--{flag.name} is required")
+
+
+def run_app(main: Callable[[list[str]], Any], name: str,
+            errors: tuple[type[BaseException], ...] = (),
+            flag_holders: dict[str, flags.FlagHolder] | None = None) -> None:
+    """``app.run(main)`` under the exit convention of the module docstring.
+
+    Args:
+        main: the app's main; its return value is the exit status (None = 0).
+        name: the app's name in error lines (``pneumo_tf.train``).
+        errors: error types of the app beyond :data:`USER_ERRORS` that are the user's to fix.
+        flag_holders: the command's flags (:func:`define_config_flags`): ``--helpshort`` lists
+            them also when the command runs as a console script.
+    """
+    caught = USER_ERRORS + tuple(errors)
+    for holder in (flag_holders or {}).values():
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[holder.name])
+
+    def guarded(argv: list[str]):
+        quiet_tf.quiet_python_logs()  # after flag parsing, which sets absl's log level
+        try:
+            return main(argv)
+        except app.UsageError:
+            raise
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as shell tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except caught as e:
+            sys.exit(f"{name}: error: {e}")
+
+    app.run(guarded)

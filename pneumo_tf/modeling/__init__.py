@@ -1,0 +1,1 @@
+"""Models: the backbone registry, heads and the custom layers a saved model needs (model)."""

@@ -1,0 +1,133 @@
+"""The Grad-CAM app on phantoms with a trained smoke model: pointing game, masks, groups."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumo_tf.core import atomic_files
+from pneumo_tf.explain import cam
+from pneumo_tf.explain import grids as gc
+
+
+# ---------------------------------------------------------------------------------------------
+# On phantoms with a trained smoke model
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    from support_runs import make_run
+
+    from pneumo_tf.data import convert, phantoms
+
+    root = tmp_path_factory.mktemp("gradcam")
+    # Focal (bacterial) lesions only: the pointing game asks whether the map's peak falls on a
+    # compact lesion; a diffuse viral pattern covers most of both lungs.
+    phantoms.write_phantom_dataset(root / "src", num_train=200, num_test=40, seed=0,
+                                   min_size=96, max_size=128, bacteria_fraction=1.0)
+    convert.convert_dataset(root / "src", root / "data", image_size=96, crop="fixed", workers=1,
+                            progress=False)
+    run = make_run(root / "run", root / "data", epochs=10, learning_rate=2e-3)
+    return root, root / "data", run
+
+
+@pytest.mark.slow
+def test_pointing_game_on_phantoms_beats_chance(phantom_run):
+    import tensorflow as tf
+
+    root, data, run = phantom_run
+    stats = gc.run_gradcam(run, data, "test", num_images=40, batch_size=16)
+    saved = json.loads((run / "gradcam" / "cam_stats.json").read_text())
+    assert saved["groups"] == json.loads(json.dumps(stats["groups"]))
+    assert stats["region_source"] == ["phantom_masks"]
+    assert stats["layer"] == "features" and stats["num_images"] == 40
+    overall = stats["groups"]["all"]
+    # Pointing game over PNEUMONIA images with a lesion: the CAM peak lands in the lesion far more
+    # often than a uniformly random peak would (chance = mean lesion area fraction, ~5 %).
+    assert overall["pointing_n"] >= 20
+    # Empty maps stay in the game as misses: every lesion image is counted.
+    lesion_images = [e for e in stats["images"] if "pointing_hit" in e]
+    assert overall["pointing_n"] == len(lesion_images)
+    assert overall["pointing_empty"] == sum(e["cam_empty"] for e in lesion_images)
+    assert overall["pointing_hit_rate"] >= max(0.2, 3 * overall["pointing_chance"]), overall
+    for g in cam.GROUPS:
+        if stats["groups"][g]["n"]:
+            assert (run / "gradcam" / f"{g}.png").is_file(), g
+    tags = []
+    for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            tags += [(v.tag, v.metadata.plugin_data.plugin_name) for v in ev.summary.value]
+    # One grid image per group (a handful of tags), not one per tile.
+    groups_present = [g for g in cam.GROUPS if stats["groups"][g]["n"]]
+    assert sorted(tags) == sorted((f"gradcam/{g}", "images") for g in groups_present)
+
+
+@pytest.mark.slow
+def test_phantom_masks_align_with_stored_images(phantom_run):
+    """Lung masks cropped/resized like their image cover its dark lung fields."""
+    from pneumo_tf.evaluation import scoring
+
+    root, data, run = phantom_run
+    boxes = cam.read_crop_boxes(data, "test")
+    batch = next(scoring.iterate_split(data, "test", batch_size=8))
+    for img, path in zip(batch["image"], batch["path"]):
+        reg = cam.image_regions(img[..., 0], path, boxes[path], str((root / "src").resolve()))
+        assert reg["source"] == "phantom_masks"
+        gray = img[..., 0].astype(float)
+        assert gray[reg["lung"]].mean() + 15 < gray[~reg["lung"]].mean(), path
+
+
+@pytest.mark.slow
+def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
+    """calibration.json's threshold on the calibrated probability becomes a raw-probability cut."""
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.core import rundir
+    from pneumo_tf.evaluation import scoring
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=32)
+    run = make_run(tmp_path / "run", data, epochs=1)
+    probs = np.sort(scoring.predict_split(rundir.load_model(run), data, "test")["probability"])
+    cals = calibration.apply_temperature(probs, 2.0)
+    cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())  # between two test images
+    cal = {"temperature": 2.0, "threshold": cut, "threshold_method": "val_youden",
+           "threshold_applies_to": "calibrated_probability", "source": "val"}
+    atomic_files.write_json_atomic(run / "calibration.json", cal)
+    stats = gc.run_gradcam(run, data, "test", num_images=12, batch_size=8)
+    raw = calibration.raw_threshold(cal)
+    assert stats["threshold"] == pytest.approx(raw) and raw != pytest.approx(cut)
+    assert stats["num_images"] == 12
+    for e in stats["images"]:
+        predicted = e["group"] in ("TP", "FP")
+        assert predicted == (e["probability"] >= raw), e
+        assert e["label"] == int(e["group"] in ("TP", "FN"))
+
+
+@pytest.mark.slow
+def test_subtype_runs_explain_bacterial_and_viral(subtype_run, tmp_path):
+    import shutil
+
+    run, data = subtype_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for cam_class in ("pneumonia", "bacterial", "viral"):
+        stats = gc.run_gradcam(copy, data, "val", num_images=8, batch_size=4,
+                               cam_class=cam_class)
+        assert stats["cam_class"] == cam_class and stats["num_images"] == 8
+        # The probability shown is P(pneumonia) = 1 - p(NORMAL) whatever is explained.
+        assert all(0 <= e["probability"] <= 1 for e in stats["images"])
+    saved = json.loads((copy / "gradcam" / "cam_stats.json").read_text())
+    assert saved["cam_class"] == "viral"
+
+
+@pytest.mark.slow
+def test_bacterial_on_a_binary_run_is_refused(tmp_path):
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    data = write_tiny_dataset(tmp_path / "data")
+    run = make_run(tmp_path / "run", data, epochs=1)
+    with pytest.raises(ValueError, match="--cam_class=bacterial needs a three-class run"):
+        gc.run_gradcam(run, data, "test", num_images=4, cam_class="bacterial")
