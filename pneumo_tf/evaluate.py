@@ -38,6 +38,14 @@ FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
     f = cli.config_from_flags(EvaluateFlags, FLAG_HOLDERS)
+    if rundir.Run(f.run_dir).task == "lungs":  # a lung segmentation run: Dice and IoU
+        from pneumo_tf.evaluation import segmentation
+
+        metrics = segmentation.evaluate_lung_run(f.run_dir, f.data_dir, f.split, f.batch_size,
+                                                 f.num_resamples, f.seed)
+        out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"])
+        print(f"{segmentation.summary_line(metrics)} -> {out}")
+        return
     metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
                                      f.num_resamples, f.seed, calibration_name=f.calibration,
                                      val_data_dir=f.val_data_dir)

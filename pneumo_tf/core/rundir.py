@@ -163,6 +163,19 @@ class Run:
                 return str(data_dir)
         return self.flags.get("data_dir") or None
 
+    @property
+    def task(self) -> str:
+        """The run's ``--task`` (``binary`` when summary.json and flags.txt name none)."""
+        if self.paths.summary.is_file():
+            try:
+                task = (json.loads(self.paths.summary.read_text(encoding="utf-8"))
+                        .get("config") or {}).get("task")
+            except json.JSONDecodeError:
+                task = None
+            if task:
+                return str(task)
+        return self.flags.get("task") or "binary"
+
     def calibration(self, name: str = VAL_CALIBRATION) -> dict | None:
         """The run's calibration ``name`` (:func:`read_named_calibration`)."""
         return read_named_calibration(self, name)

@@ -331,9 +331,10 @@ def grid_columns(n: int, max_columns: int = 8) -> int:
 
 
 def grid_figure(tiles: list[np.ndarray], captions: list[str], title: str,
-                max_columns: int = 8):
+                max_columns: int = 8, colorbar: bool = True):
     """Overlay tiles ``[S, S, 3]`` RGB in a grid: a caption over each tile, space between
-    tiles, no empty cells, the title on top and a colour bar of the Grad-CAM intensity.
+    tiles, no empty cells, the title on top and (``colorbar``) a colour bar of the Grad-CAM
+    intensity.
 
     Returns:
         A matplotlib ``Figure`` (see :func:`pneumo_tf.evaluation.report.figure_png` for its PNG).
@@ -357,6 +358,8 @@ def grid_figure(tiles: list[np.ndarray], captions: list[str], title: str,
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.75 / (2.15 * rows + 0.9), bottom=0.02,
                         wspace=0.08, hspace=0.3)
+    if not colorbar:
+        return fig
     bar_ax = fig.add_axes([0.92, 0.15, 0.015, 0.7])
     fig.colorbar(mpl_cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet"), cax=bar_ax,
                  label="Grad-CAM intensity (per image, 0-1)")

@@ -23,7 +23,7 @@ from pneumo_tf.core.rundir import parse_flags_text
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
-SELECT_ON = ("val_loss", "val_auc")
+SELECT_ON = ("val_loss", "val_auc", "val_dice")
 RESAMPLERS = ("auto",) + augment_lib.RESAMPLERS
 CACHE_CHOICES = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -62,7 +62,9 @@ class TrainConfig:
     # -- model
     task: str = option("binary", "binary: PNEUMONIA vs NORMAL (a sigmoid); subtype: NORMAL / "
                        "BACTERIAL / VIRAL (a three-way softmax, weighted per subtype; the "
-                       "pneumonia probability is 1 - p(NORMAL), so every binary stage works).",
+                       "pneumonia probability is 1 - p(NORMAL), so every binary stage works); "
+                       "lungs: a lung segmentation U-Net trained on the films whose records "
+                       "carry a lung mask (converter --masks; configs/lungs.cfg).",
                        choices=_tasks)
     backbone: str = option("resnet50", "Backbone from the registry in pneumo_tf.modeling.model.",
                            choices=_backbones)
@@ -77,6 +79,10 @@ class TrainConfig:
     dense_units: int = option(128, "Units of the head's hidden Dense layer.", lower=1)
     head_dropout: tuple[float, ...] = option((0.5, 0.3), "The head's two dropout rates "
                                              "(before/after the Dense layer).")
+    unet_filters: int = option(16, "--task=lungs: filters of the U-Net's first level, doubled "
+                               "at each level down.", lower=1)
+    unet_depth: int = option(5, "--task=lungs: levels of the U-Net, the bottom one included "
+                             "(the image size must be a multiple of 2^(depth-1)).", lower=1)
     # -- augmentation (on the device, training only)
     augment: bool = option(True, "Random affine augmentation during training.")
     rotation: float = option(20.0, "Max rotation, degrees (+-).", lower=0)
@@ -125,7 +131,8 @@ class TrainConfig:
     val_batch_size: int = option(64, "Batch size of validation.", lower=1)
     select_on: str = option("val_loss", "Validation metric that picks the best epoch (whose "
                             "weights are kept) and drives early stopping: val_loss (lower is "
-                            "better) or val_auc (higher is better).", choices=SELECT_ON)
+                            "better), val_auc (a classifier) or val_dice (--task=lungs; higher "
+                            "is better).", choices=SELECT_ON)
     early_stop_patience: int = option(3, "Epochs without improvement of --select_on before "
                                       "stopping (best weights restored); -1 = never stop early.",
                                       lower=-1)
@@ -196,7 +203,13 @@ class TrainConfig:
             if not ok:
                 raise TrainError(msg)
         model_lib.resolve_input_norm(self.backbone, self.input_norm)
-        self.member_seeds()
+        task = task_lib.get_task(self.task)
+        if self.select_on not in task.select_on:
+            raise TrainError(f"--select_on={self.select_on} does not apply to --task={self.task}; "
+                             f"expected one of {task.select_on}")
+        if self.member_seeds() and not task.classifier:
+            raise TrainError(f"--ensemble_seeds: ensembles are of classifiers; --task="
+                             f"{self.task} trains one model (drop --ensemble_seeds)")
 
     def member_seeds(self) -> list[int]:
         """The seeds of ``--ensemble_seeds`` (``[]``: a single model)."""

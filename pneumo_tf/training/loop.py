@@ -47,16 +47,24 @@ from pneumo_tf.core import atomic_files, rundir
 from pneumo_tf.core.progress import Progress
 from pneumo_tf.data import pipeline, records
 from pneumo_tf.image import augment as augment_lib
-from pneumo_tf.evaluation.metrics import binary_metrics
 from pneumo_tf.modeling import model as model_lib
 from pneumo_tf.training import distribute, resume
+from pneumo_tf.training import task as task_lib
 from pneumo_tf.training.config import TrainConfig, TrainError
 from pneumo_tf.training.trainer import Trainer, build_trainer, check_weights
 
 log = logging.getLogger("pneumo_tf.train")
 
 METRIC_NAMES = ("loss", "accuracy", "auc", "pr_auc", "precision", "recall")
-HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES + tuple(f"val_{m}" for m in METRIC_NAMES) + ("lr",)
+
+
+def history_columns(metric_names: tuple = METRIC_NAMES) -> tuple:
+    """The columns of ``history.csv`` for a task's epoch metrics."""
+    return ("epoch",) + metric_names + tuple(f"val_{m}" for m in metric_names) + ("lr",)
+
+
+# The classifier's history columns.
+HISTORY_COLUMNS = history_columns()
 
 
 class TrainingDivergedError(RuntimeError):
@@ -161,7 +169,7 @@ class RunState:
     @classmethod
     def start(cls, cfg: TrainConfig) -> "RunState":
         """The state of a run that has not trained yet."""
-        mode = "max" if cfg.select_on == "val_auc" else "min"
+        mode = "min" if cfg.select_on == "val_loss" else "max"
         early = EarlyStopping(cfg.early_stop_patience, -math.inf if mode == "max" else math.inf,
                               mode=mode)
         return cls(early, ReduceLROnPlateau(cfg.lr_patience, cfg.lr_factor, cfg.min_lr))
@@ -211,6 +219,15 @@ class RunContext:
     def chief(self) -> bool:
         return self.setup.is_chief
 
+    @property
+    def metric_names(self) -> tuple:
+        """The task's epoch metrics."""
+        return self.trainer.task.metric_names
+
+    @property
+    def history_columns(self) -> tuple:
+        return history_columns(self.metric_names)
+
 
 def save_backup(ctx: RunContext, state: RunState) -> None:
     """Write the model, optimizer, seed states and ``state`` as the newest backup."""
@@ -246,7 +263,7 @@ def _log_step(ctx: RunContext, images, global_step: int, loss: float, epoch: int
     """TensorBoard: the augmented inputs once per process, the batch loss every N steps."""
     if ctx.writers is None:
         return
-    if ctx.cfg.tb_images and not ctx.images_logged:
+    if ctx.cfg.tb_images and not ctx.images_logged and ctx.trainer.task.classifier:
         local = ctx.trainer.strategy.experimental_local_results(images)[0]
         log_augmented_images(ctx.trainer, local, ctx.writers["train"], epoch, ctx.cfg.tb_images)
         ctx.images_logged = True
@@ -259,7 +276,8 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
     """The optimizer steps of ``epoch`` (resuming mid-epoch if the backup says so).
 
     Returns:
-        The epoch's train metrics (``loss`` and :func:`binary_metrics` of the seen batches).
+        The epoch's train metrics (``loss`` and the task's
+        :meth:`~pneumo_tf.training.task.Task.train_metrics` of the seen batches).
 
     Raises:
         TrainingDivergedError: a NaN or infinite loss.
@@ -301,7 +319,7 @@ def run_epoch(ctx: RunContext, state: RunState, epoch: int, lr: float) -> dict:
             save_backup(ctx, state)
     bar.close()
     return {"loss": float(np.mean(losses)),
-            **binary_metrics(np.concatenate(labels), np.concatenate(probs))}
+            **trainer.task.train_metrics(np.concatenate(labels), np.concatenate(probs))}
 
 
 def validate(ctx: RunContext) -> dict:
@@ -315,7 +333,7 @@ def _write_epoch_summaries(ctx: RunContext, row: dict, epoch: int, seconds: floa
         return
     for split, prefix in (("train", ""), ("val", "val_")):
         with ctx.writers[split].as_default():
-            for m in METRIC_NAMES:
+            for m in ctx.metric_names:
                 tf.summary.scalar(f"epoch_{m}", row[prefix + m], step=epoch)
             if split == "train":
                 tf.summary.scalar("learning_rate", row["lr"], step=epoch)
@@ -323,6 +341,9 @@ def _write_epoch_summaries(ctx: RunContext, row: dict, epoch: int, seconds: floa
             else:
                 for key in (k for k in row if k.startswith("val_subtype_")):
                     tf.summary.scalar(key.removeprefix("val_"), row[key], step=epoch)
+                if ctx.cfg.tb_images:
+                    ctx.trainer.task.epoch_images(ctx.trainer, ctx.writers[split], epoch,
+                                                  ctx.cfg.tb_images)
         ctx.writers[split].flush()
 
 
@@ -343,10 +364,11 @@ def end_epoch(ctx: RunContext, state: RunState, row: dict, seconds: float) -> No
                  epoch, cfg.lr_patience, row["lr"], new_lr)
         ctx.trainer.set_lr(new_lr)
     log.debug("epoch %d (%d/%d) %.1fs: %s", epoch, epoch + 1, cfg.epochs, seconds,
-              " ".join(f"{k}={row[k]:.4g}" for k in HISTORY_COLUMNS[1:]))
-    print(f"epoch {epoch}: loss={row['loss']:.4f} val_loss={row['val_loss']:.4f} "
-          f"val_auc={row['val_auc']:.4f} val_accuracy={row['val_accuracy']:.4f} "
-          f"({seconds:.0f} s)", flush=True)
+              " ".join(f"{k}={row[k]:.4g}" for k in ctx.history_columns[1:]))
+    shown = ("loss", "val_loss") + (("val_auc", "val_accuracy") if ctx.trainer.task.classifier
+                                    else tuple(f"val_{m}" for m in ctx.metric_names[1:]))
+    print(f"epoch {epoch}: " + " ".join(f"{k}={row[k]:.4f}" for k in shown)
+          + f" ({seconds:.0f} s)", flush=True)
     _write_epoch_summaries(ctx, row, epoch, seconds)
     if stop:
         state.stopped_early = True
@@ -354,7 +376,7 @@ def end_epoch(ctx: RunContext, state: RunState, row: dict, seconds: float) -> No
                  "(best %.4f at epoch %d)", epoch, cfg.select_on, cfg.early_stop_patience,
                  state.early.best, state.early.best_epoch)
     if ctx.chief:
-        rundir.write_history_csv(ctx.paths.history, state.history, HISTORY_COLUMNS)
+        rundir.write_history_csv(ctx.paths.history, state.history, ctx.history_columns)
     state.next_epoch, state.step_in_epoch = epoch + 1, 0
 
 
@@ -411,7 +433,7 @@ def restore_state(ctx: RunContext) -> RunState:
                      "steps only", state.step_in_epoch)
         if ctx.chief and state.history:
             # Drop rows of epochs the backup had not seen.
-            rundir.write_history_csv(ctx.paths.history, state.history, HISTORY_COLUMNS)
+            rundir.write_history_csv(ctx.paths.history, state.history, ctx.history_columns)
     if state.early.best_epoch >= 0 and ctx.paths.best_weights.is_file():
         ctx.best_weights = ctx.paths.best_weights  # loaded at the end, unless a better epoch comes
     return state
@@ -465,6 +487,7 @@ def summary_config(cfg: TrainConfig, manifest: dict, trainer: Trainer) -> dict:
         "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
         "warmup_epochs": cfg.warmup_epochs, "ema_decay": cfg.ema_decay,
         "label_smoothing": cfg.label_smoothing, "select_on": cfg.select_on,
+        **trainer.task.summary_config(cfg),
     }
 
 
@@ -476,7 +499,7 @@ def start_run(cfg: TrainConfig, setup: distribute.DistributionSetup, manifest: d
     print(f"parameters: trainable {counts['trainable']:,}, non-trainable "
           f"{counts['non_trainable']:,}", flush=True)
     log.info("model %s at %d px; strategy %s (%d replicas), precision %s, jit_compile %s, "
-             "global batch %d", cfg.backbone, trainer.image_size, setup.strategy_name,
+             "global batch %d", trainer.task.model_key(cfg), trainer.image_size, setup.strategy_name,
              setup.num_replicas, setup.precision_policy, setup.jit_compile, trainer.global_batch)
     manager = tf.train.CheckpointManager(
         trainer.checkpoint, str(distribute.worker_write_dir(paths.backup, setup)), max_to_keep=2)
@@ -584,7 +607,8 @@ def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,
         raise TrainError("--ensemble_seeds: train ensembles with "
                          "pneumo_tf.training.session.train (python -m pneumo_tf.train)")
     manifest = check_data(cfg)
-    check_weights(cfg, int(manifest["image_size"]))
+    if task_lib.get_task(cfg.task).classifier:  # a backbone's starting weights
+        check_weights(cfg, int(manifest["image_size"]))
     write_flags = resume.check_resume(cfg, paths, flags_text)
     setup = resolve_setup(cfg, setup)
     resume.prepare_run_dir(paths, manifest, setup, flags_text, write_flags)

@@ -12,6 +12,7 @@ import logging
 
 from pneumo_tf.core import rundir
 from pneumo_tf.training import distribute, loop, resume
+from pneumo_tf.training import task as task_lib
 from pneumo_tf.training.config import TrainConfig
 
 log = logging.getLogger("pneumo_tf.train")
@@ -77,9 +78,15 @@ OOD_FIT = loop.AfterTraining("ood", run_ood_fit)
 AFTER_TRAINING = (CALIBRATION, OOD_FIT)
 
 
+def after_training(cfg: TrainConfig) -> tuple:
+    """The after-training steps of ``cfg``'s task: calibration and the OOD fit for a
+    classifier, none for a segmentation (``--task=lungs``)."""
+    return AFTER_TRAINING if task_lib.get_task(cfg.task).classifier else ()
+
+
 def _train_one(cfg: TrainConfig, setup: distribute.DistributionSetup | None,
                flags_text: str | None) -> dict:
-    return loop.train(cfg, setup, flags_text, after_training=AFTER_TRAINING)
+    return loop.train(cfg, setup, flags_text, after_training=after_training(cfg))
 
 
 def train(cfg: TrainConfig, setup: distribute.DistributionSetup | None = None,

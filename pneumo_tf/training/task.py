@@ -11,11 +11,16 @@ know nothing of classes or masks; a :class:`Task` does:
   step's ``(images, labels, weights, targets)``;
 - :meth:`Task.train_scores`: the ``[B]`` score the epoch's train metrics read;
 - :meth:`Task.collect`, :meth:`Task.finish_prediction`: a scored split as arrays;
-- :meth:`Task.val_metrics`: the epoch's ``val_*`` row (``val_loss`` included).
+- :meth:`Task.val_metrics`: the epoch's ``val_*`` row (``val_loss`` included);
+- :meth:`Task.train_dataset`, :meth:`Task.eval_dataset`, :meth:`Task.split_count`: which
+  records (and features) it trains and validates on;
+- :meth:`Task.forward`: one training forward pass (a task may augment images and targets
+  together there) and :meth:`Task.train_metrics`: the epoch's train row.
 
-A new task (a lung segmentation with its own U-Net, Dice + cross-entropy loss and Dice/IoU
-metrics) is a subclass registered in :data:`TASKS` under its ``--task`` name; its ``val_*`` keys
-must include the ``--select_on`` metric and ``val_loss``.
+A new task is a subclass registered in :data:`TASKS` under its ``--task`` name; its
+``metric_names`` name its history columns (``val_loss`` and the ``--select_on`` metric among
+them). :class:`LungsTask` (``--task=lungs``) is the lung segmentation: a U-Net, Dice plus
+cross-entropy, Dice/IoU metrics, trained on the films that have a lung mask.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import tensorflow as tf
 
 import keras
 
+from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import metrics as metrics_lib
+from pneumo_tf.explain import cam
+from pneumo_tf.image import augment as augment_lib
 from pneumo_tf.modeling import model as model_lib
 
 
@@ -35,9 +43,52 @@ class Task:
     name = ""
     # The epoch metrics of the history (train ``m`` and ``val_m`` for each).
     metric_names = ("loss", "accuracy", "auc", "pr_auc", "precision", "recall")
+    # --select_on choices; the first that is not val_loss is the default higher-is-better one.
+    select_on = ("val_loss", "val_auc")
+    # A classifier: calibration, the OOD fit, Grad-CAM and ensembles apply to its runs.
+    classifier = True
 
     def build_model(self, cfg, image_size: int, augment: dict | None) -> keras.Model:
         raise NotImplementedError
+
+    def model_key(self, cfg) -> str:
+        """What the precision probe's cache tells models apart by (the backbone)."""
+        return cfg.backbone
+
+    def summary_config(self, cfg) -> dict:
+        """Entries of summary.json's ``config`` the task sets itself (default: none)."""
+        return {}
+
+    def split_count(self, manifest: dict, split: str) -> int:
+        """Images of ``split`` the task reads (all of them for a classifier)."""
+        return int(manifest["splits"][split]["count"])
+
+    def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
+        """The pipeline's training stream of ``train`` (before :meth:`step_inputs`)."""
+        return pipeline.make_train_dataset(
+            cfg.data_dir, cfg.batch_size, seed=seed, cache=cfg.cache_arg(),
+            deterministic=cfg.deterministic, class_weights=class_weights,
+            input_context=input_context, skip_corrupt=cfg.skip_corrupt)
+
+    def eval_dataset(self, cfg, split: str):
+        """One pass over ``split`` in file order (validation and scoring)."""
+        return pipeline.make_eval_dataset(cfg.data_dir, split, cfg.val_batch_size,
+                                          class_weights="none", cache=cfg.cache_arg(),
+                                          skip_corrupt=cfg.skip_corrupt)
+
+    def train_layers(self, cfg, augment: dict | None) -> dict:
+        """Layers the train step uses beside the model (built in the strategy's scope; their
+        seed states are saved in every backup). Default: none."""
+        return {}
+
+    def forward(self, trainer, images, labels, targets):
+        """One training forward pass: ``(outputs, loss targets)``."""
+        return (trainer.net(images, training=True),
+                self.loss_targets(trainer.cfg, labels, targets))
+
+    def synthetic_targets(self, images, labels):
+        """Targets of a synthetic batch (the precision probe): the labels."""
+        return labels
 
     def make_loss(self, cfg):
         """The per-example loss ``(targets, outputs) -> [B]``."""
@@ -57,9 +108,16 @@ class Task:
     def pipeline_class_weights(self, cfg) -> str:
         return cfg.class_weights
 
-    def train_scores(self, outputs):
+    def train_scores(self, outputs, loss_targets):
         """``[B]`` float32 scores of :meth:`loss_net`'s outputs for the train metrics."""
         raise NotImplementedError
+
+    def train_metrics(self, labels: np.ndarray, scores: np.ndarray) -> dict:
+        """The epoch's train metrics (but ``loss``) from the steps' gathered scores."""
+        return metrics_lib.binary_metrics(labels, scores)
+
+    def epoch_images(self, trainer, writer, epoch: int, max_images: int) -> None:
+        """TensorBoard images written after each epoch's validation (default: none)."""
 
     def collect(self, batch: dict, outputs: np.ndarray, parts: dict) -> None:
         """Add one scored eval batch to ``parts`` (lists of arrays)."""
@@ -125,7 +183,7 @@ class ClassifierTask(Task):
             return "balanced_subtype"
         return cfg.class_weights
 
-    def train_scores(self, outputs):
+    def train_scores(self, outputs, loss_targets=None):
         """``[B]`` P(PNEUMONIA) (1 - p(NORMAL) for subtypes)."""
         return 1.0 - outputs[:, 0] if self.subtype else outputs[:, 0]
 
@@ -170,9 +228,146 @@ class ClassifierTask(Task):
         return row
 
 
+class LungsTask(Task):
+    """Lung segmentation (``--task=lungs``): which pixels of a film are lung.
+
+    The model is :func:`pneumo_tf.modeling.model.build_lung_model` (a U-Net, ``--unet_filters``,
+    ``--unet_depth``) at the data's size, trained with per-image soft Dice plus cross-entropy
+    (:func:`pneumo_tf.modeling.model.dice_bce_loss`) on the films whose records carry a
+    ``lung_mask`` (converter ``--masks``); validation reads only those too. The augmentation
+    moves image and mask with one matrix (nearest neighbour for the mask,
+    :meth:`pneumo_tf.image.augment.RandomAffine.augment_with_mask`). Metrics: Dice and IoU of
+    the mask cut at 0.5, per image, averaged over images (``dice``, ``iou``).
+    """
+
+    name = "lungs"
+    metric_names = ("loss", "dice", "iou")
+    select_on = ("val_loss", "val_dice")
+    classifier = False
+    threshold = 0.5
+
+    def build_model(self, cfg, image_size: int, augment: dict | None) -> keras.Model:
+        return model_lib.build_lung_model(image_size, cfg.unet_filters, cfg.unet_depth)
+
+    def model_key(self, cfg) -> str:
+        return f"lung_unet_{cfg.unet_filters}x{cfg.unet_depth}"
+
+    def summary_config(self, cfg) -> dict:
+        """The U-Net in place of a backbone: no CAM layer, pixels scaled to [0, 1]."""
+        return {"backbone": "lung_unet", "unet_filters": cfg.unet_filters,
+                "unet_depth": cfg.unet_depth, "cam_layer": None, "input_norm": "unit",
+                "dense_units": None, "head_dropout": None, "class_weights": "none"}
+
+    def split_count(self, manifest: dict, split: str) -> int:
+        """The films of ``split`` that have a lung mask (the manifest's ``lung_masks``)."""
+        return int(manifest["splits"][split].get("lung_masks", 0))
+
+    def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
+        return pipeline.make_lung_train_dataset(
+            cfg.data_dir, cfg.batch_size, seed=seed, cache=cfg.cache_arg(),
+            deterministic=cfg.deterministic, input_context=input_context,
+            skip_corrupt=cfg.skip_corrupt)
+
+    def eval_dataset(self, cfg, split: str):
+        return pipeline.make_eval_dataset(cfg.data_dir, split, cfg.val_batch_size,
+                                          class_weights="none", cache=cfg.cache_arg(),
+                                          skip_corrupt=cfg.skip_corrupt, masks="only")
+
+    def train_layers(self, cfg, augment: dict | None) -> dict:
+        """The augmentation layer that moves images and masks together (none without
+        ``--augment``)."""
+        return {} if augment is None else {"augment": augment_lib.make_augment_layer(**augment)}
+
+    def forward(self, trainer, images, labels, targets):
+        masks = targets
+        layer = trainer.train_layers.get("augment")
+        if layer is not None:
+            images, masks = layer.augment_with_mask(images, masks, training=True)
+        return trainer.net(images, training=True), self.loss_targets(trainer.cfg, labels, masks)
+
+    def synthetic_targets(self, images, labels):
+        """A mask of the bright half of the synthetic images (0/255 uint8)."""
+        return tf.cast(images > 127, tf.uint8) * 255
+
+    def make_loss(self, cfg):
+        return model_lib.dice_bce_loss
+
+    def loss_targets(self, cfg, labels, targets):
+        """The stored 0/255 mask as 0/1 float32 ``[B, S, S, 1]``."""
+        return tf.cast(targets, tf.float32) / 255.0
+
+    def step_inputs(self, batch: dict) -> tuple:
+        return batch["image"], batch["label"], batch["weight"], batch["lung_mask"]
+
+    def pipeline_class_weights(self, cfg) -> str:
+        return "none"
+
+    def train_scores(self, outputs, loss_targets):
+        """``[B]`` Dice of each image's mask cut at 0.5 (1 where both masks are empty)."""
+        t = tf.cast(loss_targets > 0.5, tf.float32)
+        p = tf.cast(outputs > self.threshold, tf.float32)
+        axes = [1, 2, 3]
+        inter = tf.reduce_sum(t * p, axes)
+        sizes = tf.reduce_sum(t, axes) + tf.reduce_sum(p, axes)
+        return tf.where(sizes > 0, 2.0 * inter / tf.maximum(sizes, 1.0), 1.0)
+
+    def train_metrics(self, labels: np.ndarray, scores: np.ndarray) -> dict:
+        """Mean Dice and IoU of the train batches (IoU = Dice / (2 - Dice) per image)."""
+        dice = np.asarray(scores, np.float64)
+        return {"dice": float(np.mean(dice)), "iou": float(np.mean(dice / (2.0 - dice)))}
+
+    def collect(self, batch: dict, outputs: np.ndarray, parts: dict) -> None:
+        parts.setdefault("label", []).append(batch["label"].numpy())
+        parts.setdefault("lung_mask", []).append(batch["lung_mask"].numpy()[..., 0] > 127)
+        parts.setdefault("lung_probability", []).append(outputs[..., 0])
+
+    def finish_prediction(self, parts: dict) -> dict:
+        """``{"label" [N], "lung_mask" [N, S, S] bool (true), "lung_probability" [N, S, S]}``."""
+        if not parts:
+            raise ValueError("no film of the split has a lung mask: convert it with --masks")
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def val_metrics(self, cfg, pred: dict, loss_fn) -> dict:
+        """``val_loss`` (mean Dice + cross-entropy), ``val_dice`` and ``val_iou``."""
+        scores = metrics_lib.mask_scores(pred["lung_mask"], pred["lung_probability"],
+                                         self.threshold)
+        losses = [np.asarray(loss_fn(pred["lung_mask"][i:i + 64, ..., None].astype(np.float32),
+                                     pred["lung_probability"][i:i + 64, ..., None]))
+                  for i in range(0, len(pred["lung_mask"]), 64)]
+        return {"val_loss": float(np.mean(np.concatenate(losses))),
+                "val_dice": float(np.mean(scores["dice"])),
+                "val_iou": float(np.mean(scores["iou"]))}
+
+    def epoch_images(self, trainer, writer, epoch: int, max_images: int) -> None:
+        """The first val films with the true lungs outlined in green and the predicted ones in
+        red (``val_lung_contours``)."""
+        cfg = trainer.cfg
+        batch = next(iter(pipeline.make_eval_dataset(
+            cfg.data_dir, "val", max_images, class_weights="none", cache=False,
+            skip_corrupt=cfg.skip_corrupt, masks="only").take(1)))
+        images = batch["image"][:max_images]
+        predicted = np.asarray(trainer.predict_images(images))[..., 0] > self.threshold
+        true = batch["lung_mask"].numpy()[:max_images, ..., 0] > 127
+        tiles = [contour_tile(img[..., 0], t, p)
+                 for img, t, p in zip(images.numpy(), true, predicted)]
+        with writer.as_default():
+            tf.summary.image("val_lung_contours", np.stack(tiles), step=epoch,
+                             max_outputs=max_images)
+
+
+def contour_tile(image: np.ndarray, true: np.ndarray | None, predicted: np.ndarray) -> np.ndarray:
+    """``[S, S, 3]`` uint8 RGB of a grey ``[S, S]`` film with the true lungs outlined in green
+    (when given) and the predicted lungs in red."""
+    tile = np.repeat(np.asarray(image, np.uint8)[..., None], 3, axis=-1)
+    if true is not None:
+        tile = cam.draw_lung_outline(tile, true, color=(0, 255, 0))
+    return cam.draw_lung_outline(tile, predicted, color=(255, 0, 0))
+
+
 # ``--task`` name -> task. A new task registers here (and its name becomes a --task choice).
 TASKS: dict[str, Task] = {"binary": ClassifierTask("binary"),
-                          "subtype": ClassifierTask("subtype")}
+                          "subtype": ClassifierTask("subtype"),
+                          "lungs": LungsTask()}
 
 
 def get_task(name: str) -> Task:

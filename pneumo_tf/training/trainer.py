@@ -101,21 +101,24 @@ class Trainer:
         self.strategy = setup.strategy
         self.image_size = int(manifest["image_size"])
         self.global_batch = cfg.batch_size * setup.num_replicas
-        train_count = int(manifest["splits"]["train"]["count"])
+        self.task = task_lib.get_task(cfg.task)
+        train_count = self.task.split_count(manifest, "train")
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, train_count // self.global_batch)
         self.augment = augment_kwargs(cfg, setup.jit_compile)
-        self.task = task_lib.get_task(cfg.task)
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.model = self.task.build_model(cfg, self.image_size, self.augment)
+            # Layers of the train step beside the model (the lungs task's joint augmentation).
+            self.train_layers = self.task.train_layers(cfg, self.augment)
             self.optimizer = make_optimizer(cfg, self.steps_per_epoch, setup.precision_policy)
             self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = self.task.make_loss(cfg)
         # What the loss reads (the task's): the pneumonia probability, or class probabilities.
         self.net = self.task.loss_net(self.model)
         # Keras SeedGenerator states (dropout, augmentation): re-seeded per epoch, and saved.
-        self.seed_states = [v for v in self.model.variables
-                            if v.path.endswith("seed_generator_state")]
+        variables = self.model.variables + [v for layer in self.train_layers.values()
+                                            for v in layer.variables]
+        self.seed_states = [v for v in variables if v.path.endswith("seed_generator_state")]
         # The RunState as JSON inside the same checkpoint (saved atomically with the weights).
         self.state_var = tf.Variable("{}", dtype=tf.string, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
@@ -126,15 +129,14 @@ class Trainer:
 
     def _replica_step(self, images, labels, weights, targets):
         with tf.GradientTape() as tape:
-            outputs = self.net(images, training=True)
-            per_example = self.loss_fn(self.task.loss_targets(self.cfg, labels, targets),
-                                       outputs)
+            outputs, loss_targets = self.task.forward(self, images, labels, targets)
+            per_example = self.loss_fn(loss_targets, outputs)
             loss = tf.nn.compute_average_loss(per_example * weights,
                                               global_batch_size=self.global_batch)
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.model.trainable_variables)
         self.optimizer.apply(grads, self.model.trainable_variables)
-        return loss, self.task.train_scores(tf.cast(outputs, tf.float32))
+        return loss, self.task.train_scores(tf.cast(outputs, tf.float32), loss_targets)
 
     def _make_step(self):
         replica_fn = self._replica_step
@@ -154,7 +156,8 @@ class Trainer:
         """One optimizer step on a distributed batch (from :meth:`train_dataset`).
 
         Args:
-            targets: ``[B]`` int32: the task's targets (the subtype for ``--task=subtype``).
+            targets: the task's targets: ``[B]`` int32 (the label, or the subtype for
+                ``--task=subtype``), ``[B, S, S, 1]`` uint8 masks for ``--task=lungs``.
 
         Returns:
             ``(global mean loss, scores [G], labels [G])`` gathered from every replica (the
@@ -166,8 +169,9 @@ class Trainer:
         """One optimizer step on a given global batch split evenly across replicas; its loss.
 
         Args:
-            images: ``[G, S, S, 1] uint8``; labels, weights: ``[G] float32``; targets: ``[G]``
-                subtypes (default: the labels); G = global batch.
+            images: ``[G, S, S, 1] uint8``; labels, weights: ``[G] float32``; targets: the
+                task's (default: its :meth:`~pneumo_tf.training.task.Task.synthetic_targets`);
+                G = global batch.
 
         Raises:
             ValueError: G is not ``batch_size`` times the number of replicas.
@@ -177,7 +181,8 @@ class Trainer:
             raise ValueError(f"a global batch of {int(tf.shape(images)[0])} images; expected "
                              f"--batch_size ({per}) x {self.setup.num_replicas} replicas")
 
-        targets = tf.cast(labels if targets is None else targets, tf.int32)
+        if targets is None:
+            targets = self.task.synthetic_targets(images, labels)
 
         def part(ctx):
             lo = ctx.replica_id_in_sync_group * per
@@ -198,10 +203,7 @@ class Trainer:
         seed = epoch_seed(cfg.seed, epoch, 0)
 
         def dataset_fn(ctx):
-            ds = pipeline.make_train_dataset(
-                cfg.data_dir, cfg.batch_size, seed=seed, cache=cfg.cache_arg(),
-                deterministic=cfg.deterministic, class_weights=self.pipeline_class_weights(),
-                input_context=ctx, skip_corrupt=cfg.skip_corrupt)
+            ds = self.task.train_dataset(cfg, seed, self.pipeline_class_weights(), ctx)
             ds = ds.map(self.task.step_inputs)
             if skip_steps:
                 ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
@@ -217,11 +219,8 @@ class Trainer:
     def predict_split(self, split: str) -> dict:
         """A whole split on this worker, in file order, as the task's arrays
         (:meth:`~pneumo_tf.training.task.Task.finish_prediction`)."""
-        ds = pipeline.make_eval_dataset(self.cfg.data_dir, split, self.cfg.val_batch_size,
-                                        class_weights="none",
-                                        cache=self.cfg.cache_arg(),
-                                        skip_corrupt=self.cfg.skip_corrupt)
-        count = int(self.manifest["splits"][split]["count"])
+        ds = self.task.eval_dataset(self.cfg, split)
+        count = self.task.split_count(self.manifest, split)
         bar = Progress(count, split, enabled=self.setup.is_chief)
         parts: dict = {}
         seen = 0
@@ -232,6 +231,10 @@ class Trainer:
             bar.update(seen)
         bar.close()
         return self.task.finish_prediction(parts)
+
+    def predict_images(self, images):
+        """What the loss reads for a batch of images, in inference mode."""
+        return self._predict(images)
 
     def val_metrics(self) -> dict:
         """The task's ``val_*`` row of the whole val split, ``val_loss`` agreed across workers."""
@@ -321,7 +324,7 @@ def build_trainer(cfg: TrainConfig, setup: distribute.DistributionSetup,
         (only,) = candidates.values()
         keras.mixed_precision.set_global_policy(only.precision_policy)
         return Trainer(cfg, only, manifest), None
-    key = precision_probe.probe_key(cfg.backbone, int(manifest["image_size"]), cfg.batch_size,
+    key = precision_probe.probe_key(task_lib.get_task(cfg.task).model_key(cfg), int(manifest["image_size"]), cfg.batch_size,
                                     cfg.trainable_layers, "probe" if setup.probe_jit else
                                     str(setup.jit_compile), setup.strategy_name,
                                     setup.num_replicas)
