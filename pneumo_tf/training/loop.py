@@ -391,12 +391,14 @@ def check_data(cfg: TrainConfig) -> dict:
         The data dir's manifest.
 
     Raises:
-        records.DataDirError: no manifest, an empty/missing train or val split, missing shards.
+        records.DataDirError: no manifest, an empty/missing train or val split, missing shards,
+            data the task cannot train on (``--task=lungs`` without lung masks).
         rundir.RunDirError: resuming with data whose image size, crop or encoding differ.
     """
     manifest = records.read_manifest(cfg.data_dir)
     for split in ("train", "val"):
         records.split_shards(cfg.data_dir, manifest, split)
+    task_lib.get_task(cfg.task).check_data(cfg.data_dir, manifest)
     if rundir.RunPaths(cfg.run_dir).data_manifest.is_file():
         rundir.check_data_compatible(cfg.run_dir, cfg.data_dir)
     return manifest

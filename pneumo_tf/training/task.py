@@ -30,7 +30,7 @@ import tensorflow as tf
 
 import keras
 
-from pneumo_tf.data import pipeline
+from pneumo_tf.data import pipeline, records
 from pneumo_tf.evaluation import metrics as metrics_lib
 from pneumo_tf.explain import cam
 from pneumo_tf.image import augment as augment_lib
@@ -62,6 +62,10 @@ class Task:
     def split_count(self, manifest: dict, split: str) -> int:
         """Images of ``split`` the task reads (all of them for a classifier)."""
         return int(manifest["splits"][split]["count"])
+
+    def check_data(self, data_dir, manifest: dict) -> None:
+        """Raise ``records.DataDirError`` when the data cannot train the task (before the run
+        directory is touched). Default: any converted data will do."""
 
     def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
         """The pipeline's training stream of ``train`` (before :meth:`step_inputs`)."""
@@ -261,6 +265,15 @@ class LungsTask(Task):
     def split_count(self, manifest: dict, split: str) -> int:
         """The films of ``split`` that have a lung mask (the manifest's ``lung_masks``)."""
         return int(manifest["splits"][split].get("lung_masks", 0))
+
+    def check_data(self, data_dir, manifest: dict) -> None:
+        """Train and val need films with a lung mask."""
+        for split in ("train", "val"):
+            if not self.split_count(manifest, split):
+                raise records.DataDirError(
+                    f"--task=lungs: the {split} split of {data_dir} has no film with a lung "
+                    f"mask; convert the data with --masks=DIR (tools/make_tfrecords; "
+                    f"configs/lungs.cfg shows the command)")
 
     def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
         return pipeline.make_lung_train_dataset(

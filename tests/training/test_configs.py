@@ -36,3 +36,12 @@ def test_recipe_configs_name_their_converter_command_and_image_size():
                   if line.startswith("#")]
         assert any("tools/make_tfrecords" in line and "--image_size=128" in line
                    for line in header), name
+
+
+def test_the_lungs_config_names_its_converter_command_with_masks():
+    text = (REPO / "configs" / "lungs.cfg").read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    command = [line for line in header if "tools/make_tfrecords" in line]
+    assert len(command) == 1, header
+    assert "--masks=" in command[0] and "--crop=none" in command[0], command
+    assert "--task=lungs" in text.splitlines() and "--select_on=val_dice" in text.splitlines()

@@ -1,0 +1,150 @@
+"""The tasks of the training loop: the lung segmentation task (``--task=lungs``) end to end on
+phantoms, and its pieces (Dice per image, data checks, flags that do not apply)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import run_module
+from pneumo_tf.data import convert, phantoms, records
+from pneumo_tf.evaluation import metrics as pmetrics
+from pneumo_tf.training import loop, session
+from pneumo_tf.training import task as task_lib
+from pneumo_tf.training.config import TrainConfig, TrainError
+
+
+def lungs_config(data_dir, run_dir, **overrides) -> TrainConfig:
+    """A tiny lungs run: 4 base filters, 3 levels, a few epochs on 64 px phantoms."""
+    settings = dict(data_dir=str(data_dir), run_dir=str(run_dir), task="lungs", unet_filters=8,
+                    unet_depth=3, batch_size=8, val_batch_size=32, epochs=4, lr=3e-3,
+                    optimizer="adamw", select_on="val_dice", early_stop_patience=-1,
+                    rotation=5.0, zoom=0.1, shift=0.05, shear=0.0, flip=False,
+                    fill_mode="constant", precision="float32", strategy="default",
+                    tb_images=2, seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def phantom_lungs(tmp_path_factory):
+    """Phantoms with their lung masks converted at 64 px (whole films), and a lungs run."""
+    root = tmp_path_factory.mktemp("lungs")
+    phantoms.write_phantom_dataset(root / "src", num_train=120, num_test=24, seed=0,
+                                   min_size=96, max_size=128)
+    # Every fourth train film loses its mask: the lungs task must skip those films.
+    for mask in sorted((root / "src" / "lung_masks" / "train").rglob("*.png"))[::4]:
+        mask.unlink()
+    convert.convert_dataset(root / "src", root / "data", image_size=64, crop="none", workers=1,
+                            progress=False, masks=str(root / "src" / "lung_masks"))
+    summary = session.train(lungs_config(root / "data", root / "run"))
+    return root, summary
+
+
+def test_a_lungs_run_learns_the_phantom_lungs_and_keeps_its_history(phantom_lungs):
+    root, summary = phantom_lungs
+    run = root / "run"
+    with open(run / "history.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(loop.history_columns(task_lib.LungsTask.metric_names))
+    assert list(rows[0]) == ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou",
+                             "lr"]
+    val_dice = [float(r["val_dice"]) for r in rows]
+    assert len(rows) == 4 and max(val_dice) > 0.7, val_dice
+    assert max(val_dice[1:]) > val_dice[0], val_dice
+    for r in rows:  # IoU <= Dice, both in [0, 1]
+        assert 0 <= float(r["val_iou"]) <= float(r["val_dice"]) <= 1
+    assert summary["selected_on"] == "val_dice"
+    assert summary["best_val_metrics"]["val_dice"] == pytest.approx(max(val_dice))
+    config = summary["config"]
+    assert config["task"] == "lungs" and config["backbone"] == "lung_unet"
+    assert config["cam_layer"] is None and config["unet_filters"] == 8
+    # No classifier steps after training: no calibration, no OOD guard.
+    assert "calibration" not in summary and "ood" not in summary
+    assert not (run / "calibration.json").exists() and not (run / "ood.json").exists()
+    # The steps per epoch count the films that have a mask, not the whole split.
+    manifest = records.read_manifest(root / "data")
+    with_masks = manifest["splits"]["train"]["lung_masks"]
+    assert with_masks < manifest["splits"]["train"]["count"]
+    assert summary["steps_per_epoch"] == with_masks // 8
+
+
+def test_a_lungs_run_logs_contours_to_tensorboard(phantom_lungs):
+    root, _ = phantom_lungs
+    tags = {}
+    for event_file in (root / "run" / "tb" / "val").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, set()).add(event.step)
+    assert tags["val_lung_contours"] == {0, 1, 2, 3}
+    assert {"epoch_dice", "epoch_iou", "epoch_loss"} <= set(tags)
+
+
+def test_evaluate_on_a_lungs_run_reports_dice_and_iou_with_cis(phantom_lungs):
+    root, _ = phantom_lungs
+    run, data = root / "run", root / "data"
+    proc = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+                      "--split=test")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run / "eval" / "test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"test: n={metrics['n']} Dice={metrics['dice']:.4f}" in proc.stdout
+    manifest = records.read_manifest(data)
+    assert metrics["n"] == manifest["splits"]["test"]["lung_masks"] > 0
+    lo, hi = metrics["ci95"]["dice"]
+    assert lo <= metrics["dice"] <= hi and metrics["dice"] > 0.6
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["n"]
+    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(metrics["dice"], abs=1e-5)
+    # The Dice the report gives is the Dice of the saved model on the stored masks.
+    import keras
+
+    import pneumo_tf.modeling.model  # noqa: F401  (custom layers)
+    from pneumo_tf.data import pipeline
+
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    true, prob = [], []
+    for batch in pipeline.make_eval_dataset(data, "test", 16, class_weights="none",
+                                            masks="only"):
+        true.append(batch["lung_mask"].numpy()[..., 0] > 127)
+        prob.append(model(batch["image"], training=False).numpy()[..., 0])
+    direct = pmetrics.mask_scores(np.concatenate(true), np.concatenate(prob))["dice"]
+    assert float(np.mean(direct)) == pytest.approx(metrics["dice"], abs=1e-4)
+    assert (out / "contours.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dice |" in (out / "report.md").read_text()
+
+
+def test_train_scores_are_the_dice_of_each_image():
+    rng = np.random.default_rng(0)
+    true = rng.random((5, 16, 16, 1)) > 0.6
+    prob = rng.random((5, 16, 16, 1)).astype(np.float32)
+    true[4] = False
+    prob[4] = 0.1  # both empty: Dice 1
+    scores = task_lib.LungsTask().train_scores(tf.constant(prob),
+                                               tf.constant(true.astype(np.float32)))
+    expected = pmetrics.mask_scores(true, prob)["dice"]
+    np.testing.assert_allclose(scores.numpy(), expected, atol=1e-6)
+    assert scores.numpy()[4] == 1.0
+    row = task_lib.LungsTask().train_metrics(np.zeros(5), scores.numpy())
+    assert row["iou"] == pytest.approx(np.mean(pmetrics.mask_scores(true, prob)["iou"]))
+
+
+def test_lungs_flags_that_do_not_apply_are_refused(tmp_path):
+    with pytest.raises(TrainError, match=r"--select_on=val_auc does not apply to --task=lungs"):
+        lungs_config(tmp_path, tmp_path / "run", select_on="val_auc").validate()
+    with pytest.raises(TrainError, match=r"--ensemble_seeds: ensembles are of classifiers"):
+        lungs_config(tmp_path, tmp_path / "run", ensemble_seeds="0,1").validate()
+    with pytest.raises(TrainError, match=r"--select_on=val_dice does not apply to --task=binary"):
+        TrainConfig(data_dir="d", run_dir="r", select_on="val_dice").validate()
+
+
+def test_lungs_on_data_without_masks_names_the_converter_flag(tiny_data_dir, tmp_path):
+    with pytest.raises(records.DataDirError, match=r"has no film with a lung mask; convert the "
+                                                   r"data with --masks=DIR"):
+        session.train(lungs_config(tiny_data_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
