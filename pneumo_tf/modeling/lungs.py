@@ -21,16 +21,22 @@ LUNGS_TASK = "lungs"
 MASK_THRESHOLD = 0.5
 
 
-def check_lung_run(run: "rundir.Run") -> dict:
-    """The ``config`` of a finished lungs run.
+def check_lung_run(run: "rundir.Run", flag: str = "--lung_model") -> dict:
+    """The ``config`` of a finished lungs run (``flag`` names it in errors).
 
     Raises:
-        rundir.RunDirError: the run is unfinished or not a ``--task=lungs`` run (named).
+        rundir.RunDirError: the run is missing, unfinished or not a ``--task=lungs`` run.
     """
-    config = run.summary.get("config") or {}
+    if not run.root.is_dir():
+        raise rundir.RunDirError(f"{flag}={run}: no such run directory; train a lung model "
+                                 f"with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`")
+    try:
+        config = run.summary.get("config") or {}
+    except rundir.RunDirError as e:
+        raise rundir.RunDirError(f"{flag}={run}: {e}") from None
     if config.get("task") != LUNGS_TASK:
         raise rundir.RunDirError(
-            f"--lung_model={run}: a run of --task={config.get('task')!r}, not a lung model; "
+            f"{flag}={run}: a run of --task={config.get('task')!r}, not a lung model; "
             f"train one with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`")
     return config
 

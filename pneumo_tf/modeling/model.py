@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from pneumo_tf import SUBTYPE_NAMES  # noqa: F401 -- subtype 0, 1, 2 (-1: unknown)
@@ -108,6 +109,60 @@ class PneumoniaProbability(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], 1)
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class LungGate(layers.Layer):
+    """Dim the input outside the lungs a lung model finds in it (an evidence constraint).
+
+    ``[B, S, S, C]`` float pixels (0..255) -> the same pixels times ``floor + (1 - floor) * m``,
+    where ``m`` is the lung model's mask of the image (P(lung) > 0.5 on the first channel,
+    resized to the lung model's input and back), dilated by ``dilate`` of the side (a max-pool),
+    so the lung borders and the costophrenic angles stay in view. The lung model (a ``--task=
+    lungs`` run's U-Net) is frozen and travels inside the classifier: ``model.keras``, the
+    SavedModel and TFLite all gate their input the same way.
+
+    Args:
+        lung_model: ``[B, L, L, 1] uint8 -> [B, L, L, 1]`` P(lung) (:func:`build_lung_model`).
+        floor: what is left of the pixels outside the dilated lungs (0 = black, 1 = no gate).
+        dilate: dilation radius, fraction of the image side.
+    """
+
+    def __init__(self, lung_model: keras.Model, floor: float = 0.25, dilate: float = 0.04,
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not 0.0 <= floor <= 1.0 or not 0.0 <= dilate < 0.5:
+            raise ValueError(f"LungGate floor={floor} must be in [0, 1] and dilate={dilate} in "
+                             f"[0, 0.5)")
+        if isinstance(lung_model, dict):
+            lung_model = keras.saving.deserialize_keras_object(lung_model)
+        self.lung_model = lung_model
+        self.lung_model.trainable = False
+        self.floor = float(floor)
+        self.dilate = float(dilate)
+
+    def lung_mask(self, x):
+        """``[B, S, S, 1]`` float32 {0, 1}: the dilated lungs of float pixels ``x``."""
+        size = tf.shape(x)[1:3]
+        side = self.lung_model.input_shape[1]
+        gray = tf.cast(x[..., :1], tf.float32)
+        small = tf.image.resize(gray, (side, side), method="area")
+        small = tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8)
+        prob = tf.cast(self.lung_model(small, training=False), tf.float32)
+        mask = tf.cast(prob > 0.5, tf.float32)
+        radius = int(round(self.dilate * side))
+        if radius:
+            mask = tf.nn.max_pool2d(mask, 2 * radius + 1, 1, "SAME")
+        return tf.image.resize(mask, size, method="nearest")
+
+    def call(self, x):
+        gate = self.floor + (1.0 - self.floor) * self.lung_mask(x)
+        return x * tf.cast(gate, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "floor": self.floor, "dilate": self.dilate,
+                "lung_model": keras.saving.serialize_keras_object(self.lung_model)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +328,8 @@ def set_trainable(backbone: keras.Model, trainable_layers: int, train_bn: bool) 
 def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str | None = None,
                 trainable_layers: int = 50, train_bn: bool = False, input_norm: str = "backbone",
                 augment: dict | None = None, dense_units: int = 128,
-                dropout: tuple[float, float] = (0.5, 0.3), task: str = "binary") -> keras.Model:
+                dropout: tuple[float, float] = (0.5, 0.3), task: str = "binary",
+                lung_gate: dict | None = None) -> keras.Model:
     """The full classifier (see the module docstring).
 
     Args:
@@ -289,6 +345,8 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
         task: ``binary`` (a sigmoid ``score``) or ``subtype``: a three-way softmax
             ``class_probabilities`` (NORMAL, BACTERIAL, VIRAL; its logits are the
             ``class_logits`` layer) and ``score`` = 1 - p(NORMAL).
+        lung_gate: keyword arguments of :class:`LungGate` (``lung_model``, ``floor``,
+            ``dilate``): dim the (augmented) input outside the lungs; None = no gate.
 
     Returns:
         ``keras.Model``: ``[B, S, S, 1]`` uint8 -> ``[B, 1]`` float32 probability of PNEUMONIA.
@@ -298,6 +356,8 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     x = ToFloatRGB(name="to_float_rgb")(inputs)
     if augment is not None:
         x = _augment.make_augment_layer(**augment, dtype="float32", name="augment")(x)
+    if lung_gate is not None:
+        x = LungGate(**lung_gate, name="lung_gate")(x)
     x = PixelNorm(norm, name="pixel_norm")(x)
     base = build_backbone(backbone, image_size, weights)
     set_trainable(base, trainable_layers, train_bn)

@@ -79,6 +79,14 @@ class TrainConfig:
     dense_units: int = option(128, "Units of the head's hidden Dense layer.", lower=1)
     head_dropout: tuple[float, ...] = option((0.5, 0.3), "The head's two dropout rates "
                                              "(before/after the Dense layer).")
+    lung_gate: str = option("", "A --task=lungs run directory: the classifier dims its input "
+                            "outside the lungs that model finds (an evidence constraint; the lung "
+                            "model is frozen and travels inside model.keras and every export); "
+                            "empty = no gate.")
+    lung_gate_floor: float = option(0.25, "--lung_gate: what is left of the pixels outside the "
+                                    "dilated lungs (0 = black, 1 = no gate).", lower=0, upper=1)
+    lung_gate_dilate: float = option(0.04, "--lung_gate: dilation of the lung mask, fraction of "
+                                     "the image side.", lower=0, upper=0.45)
     unet_filters: int = option(16, "--task=lungs: filters of the U-Net's first level, doubled "
                                "at each level down.", lower=1)
     unet_depth: int = option(5, "--task=lungs: levels of the U-Net, the bottom one included "
@@ -207,6 +215,8 @@ class TrainConfig:
         if self.select_on not in task.select_on:
             raise TrainError(f"--select_on={self.select_on} does not apply to --task={self.task}; "
                              f"expected one of {task.select_on}")
+        if self.lung_gate and not task.classifier:
+            raise TrainError(f"--lung_gate applies to classifiers, not --task={self.task}")
         if self.member_seeds() and not task.classifier:
             raise TrainError(f"--ensemble_seeds: ensembles are of classifiers; --task="
                              f"{self.task} trains one model (drop --ensemble_seeds)")

@@ -398,7 +398,7 @@ def check_data(cfg: TrainConfig) -> dict:
     manifest = records.read_manifest(cfg.data_dir)
     for split in ("train", "val"):
         records.split_shards(cfg.data_dir, manifest, split)
-    task_lib.get_task(cfg.task).check_data(cfg.data_dir, manifest)
+    task_lib.get_task(cfg.task).check_data(cfg, manifest)
     if rundir.RunPaths(cfg.run_dir).data_manifest.is_file():
         rundir.check_data_compatible(cfg.run_dir, cfg.data_dir)
     return manifest

@@ -30,10 +30,12 @@ import tensorflow as tf
 
 import keras
 
+from pneumo_tf.core import rundir
 from pneumo_tf.data import pipeline, records
 from pneumo_tf.evaluation import metrics as metrics_lib
 from pneumo_tf.explain import cam
 from pneumo_tf.image import augment as augment_lib
+from pneumo_tf.modeling import lungs as lungs_lib
 from pneumo_tf.modeling import model as model_lib
 
 
@@ -63,9 +65,12 @@ class Task:
         """Images of ``split`` the task reads (all of them for a classifier)."""
         return int(manifest["splits"][split]["count"])
 
-    def check_data(self, data_dir, manifest: dict) -> None:
-        """Raise ``records.DataDirError`` when the data cannot train the task (before the run
-        directory is touched). Default: any converted data will do."""
+    def check_data(self, cfg, manifest: dict) -> None:
+        """Raise ``records.DataDirError`` (or ``RunDirError`` for a named run) when the run
+        cannot train the task, before the run directory is touched. Default: any data will do;
+        a ``--lung_gate`` must be a finished lungs run."""
+        if cfg.lung_gate:
+            lungs_lib.check_lung_run(rundir.Run(cfg.lung_gate), "--lung_gate")
 
     def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
         """The pipeline's training stream of ``train`` (before :meth:`step_inputs`)."""
@@ -146,10 +151,21 @@ class ClassifierTask(Task):
 
     def build_model(self, cfg, image_size: int, augment: dict | None) -> keras.Model:
         """The run's model (:func:`pneumo_tf.modeling.model.build_model`)."""
+        gate = None
+        if cfg.lung_gate:
+            gate = {"lung_model": lungs_lib.LungModel(cfg.lung_gate).model,
+                    "floor": cfg.lung_gate_floor, "dilate": cfg.lung_gate_dilate}
         return model_lib.build_model(
             cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
             cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
-            dropout=tuple(cfg.head_dropout), task=self.name)
+            dropout=tuple(cfg.head_dropout), task=self.name, lung_gate=gate)
+
+    def summary_config(self, cfg) -> dict:
+        """The lung gate, when there is one (the lungs run it came from)."""
+        if not cfg.lung_gate:
+            return {}
+        return {"lung_gate": {"run_dir": str(cfg.lung_gate), "floor": cfg.lung_gate_floor,
+                              "dilate": cfg.lung_gate_dilate}}
 
     def make_loss(self, cfg):
         """Focal or cross-entropy, binary (sigmoid) or, for ``subtype``, categorical over the
@@ -266,8 +282,9 @@ class LungsTask(Task):
         """The films of ``split`` that have a lung mask (the manifest's ``lung_masks``)."""
         return int(manifest["splits"][split].get("lung_masks", 0))
 
-    def check_data(self, data_dir, manifest: dict) -> None:
+    def check_data(self, cfg, manifest: dict) -> None:
         """Train and val need films with a lung mask."""
+        data_dir = cfg.data_dir
         for split in ("train", "val"):
             if not self.split_count(manifest, split):
                 raise records.DataDirError(
