@@ -177,3 +177,51 @@ def test_lung_model_learns_a_mask_in_a_few_steps():
     first = m.evaluate(images, masks, verbose=0)
     m.fit(images, masks, batch_size=8, epochs=15, verbose=0)
     assert m.evaluate(images, masks, verbose=0) < 0.5 * first
+
+
+def _box_lung_model(side: int = 16):
+    """A 'lung model' that finds lungs in the left half of every film (P = 0.9 there)."""
+    import keras
+
+    inputs = keras.Input((side, side, 1), dtype="uint8")
+    x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") * 0.0)(inputs)
+    left = np.zeros((1, side, side, 1), np.float32)
+    left[:, :, : side // 2] = 0.9
+    outputs = keras.layers.Lambda(lambda t: t + keras.ops.convert_to_tensor(left))(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_lung_gate_dims_the_input_outside_the_dilated_lungs():
+    import tensorflow as tf
+
+    x = tf.fill((2, 32, 32, 3), 200.0)
+    gate = model_lib.LungGate(_box_lung_model(16), floor=0.25, dilate=0.0)
+    out = gate(x).numpy()
+    np.testing.assert_allclose(out[:, :, :16], 200.0)  # the lungs stay as they were
+    np.testing.assert_allclose(out[:, :, 16:], 50.0)  # the rest keeps a quarter
+    # A dilation of 2/16 of the side widens the kept band by 2 lung-model pixels (4 here).
+    wide = model_lib.LungGate(_box_lung_model(16), floor=0.0, dilate=2 / 16)(x).numpy()
+    assert np.all(wide[:, :, :20] == 200.0) and np.all(wide[:, :, 20:] == 0.0)
+
+
+def test_lung_gate_arguments_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"floor=1.5 must be in \[0, 1\]"):
+        model_lib.LungGate(_box_lung_model(), floor=1.5)
+
+
+def test_a_classifier_with_a_lung_gate_round_trips_in_safe_mode(tmp_path):
+    import keras
+
+    lung = model_lib.build_lung_model(32, base_filters=4, depth=2)
+    model = model_lib.build_model("small_cnn", 32, None, -1, True, "unit",
+                                  lung_gate={"lung_model": lung, "floor": 0.2, "dilate": 0.05})
+    assert not model.get_layer("lung_gate").lung_model.trainable
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
+    gate = loaded.get_layer("lung_gate")
+    assert (gate.floor, gate.dilate) == (0.2, 0.05)
+    # The lung model's weights came back too, not fresh ones.
+    for a, b in zip(gate.lung_model.get_weights(), lung.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -148,3 +148,29 @@ def test_lungs_on_data_without_masks_names_the_converter_flag(tiny_data_dir, tmp
                                                    r"data with --masks=DIR"):
         session.train(lungs_config(tiny_data_dir, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(phantom_lungs,
+                                                                          tmp_path):
+    from pneumo_tf.core import rundir
+
+    root, _ = phantom_lungs
+    cfg = TrainConfig(data_dir=str(root / "data"), run_dir=str(tmp_path / "gated"),
+                      backbone="small_cnn", weights="none", trainable_layers=-1, train_bn=True,
+                      input_norm="unit", batch_size=8, epochs=1, steps_per_epoch=2,
+                      precision="float32", strategy="default", tb_images=0, calibrate=False,
+                      fit_ood=False, lung_gate=str(root / "run"), lung_gate_floor=0.1)
+    summary = session.train(cfg)
+    assert summary["config"]["lung_gate"] == {"run_dir": str(root / "run"), "floor": 0.1,
+                                              "dilate": 0.04}
+    gate = rundir.load_model(tmp_path / "gated").get_layer("lung_gate")
+    lungs = rundir.load_model(root / "run")
+    for a, b in zip(gate.lung_model.get_weights(), lungs.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the frozen lung model, unchanged by training
+    for wrong, message in ((tmp_path / "missing", "no such run directory"),
+                           (tmp_path / "gated", "a run of --task='binary', not a lung model")):
+        bad = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "bad"),
+                             "lung_gate": str(wrong)})
+        with pytest.raises(rundir.RunDirError, match=rf"--lung_gate={wrong}: .*{message}"):
+            session.train(bad)
+        assert not (tmp_path / "bad").exists()
