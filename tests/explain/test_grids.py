@@ -40,7 +40,7 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     saved = json.loads((run / "gradcam" / "cam_stats.json").read_text())
     assert saved["groups"] == json.loads(json.dumps(stats["groups"]))
     assert stats["region_source"] == ["phantom_masks"]
-    assert stats["layer"] == "features" and stats["num_images"] == 40
+    assert stats["layer"] == "b1_out" and stats["num_images"] == 40
     overall = stats["groups"]["all"]
     # Pointing game over PNEUMONIA images with a lesion: the CAM peak lands in the lesion far more
     # often than a uniformly random peak would (chance = mean lesion area fraction, ~5 %).
