@@ -28,9 +28,9 @@ def check_lung_run(run: "rundir.Run") -> dict:
         rundir.RunDirError: the run is unfinished or not a ``--task=lungs`` run (named).
     """
     config = run.summary.get("config") or {}
-    if config.get("task") != LUNGS_TASK:
+    if run.task != LUNGS_TASK:
         raise rundir.RunDirError(
-            f"--lung_model={run}: a run of --task={config.get('task')!r}, not a lung model; "
+            f"--lung_model={run}: a run of --task={run.task}, not a lung model; "
             f"train one with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`")
     return config
 
