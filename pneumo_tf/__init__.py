@@ -10,7 +10,7 @@ Every folder is the library of one stage; arrows point down the data flow:
     batches --(image: preprocess, augment; modeling: model)--> pneumonia probability
     training (task, trainer, loop, resume, session) --> run directory (core.rundir.Run)
     run directory --> evaluation (scoring, metrics, calibration, evaluator, comparison, ensemble),
-                      explain (cam, grids), serving (runtime, export, ood, predictor)
+                      explain (cam, anatomy, grids), serving (runtime, export, ood, predictor)
     another site's sample --(evaluation.site_calibration)--> R/calibrations/NAME.json
 
 ``core`` holds what every stage shares: the command-line convention (cli), quiet TensorFlow

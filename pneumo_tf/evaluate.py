@@ -3,7 +3,7 @@
 Usage::
 
     python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
-        [--calibration=val|NAME] [--val_data_dir=V]
+        [--calibration=val|NAME] [--val_data_dir=V] [--lung_model=LUNGS_RUN] [--lung_images=64]
 
 What it writes and how thresholds, calibrations and other sites are handled:
 :mod:`pneumo_tf.evaluation.evaluator`.
@@ -17,6 +17,7 @@ from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
 from pneumo_tf.evaluation import calibration
 from pneumo_tf.evaluation import evaluator
+from pneumo_tf.explain import anatomy
 
 
 @dataclasses.dataclass
@@ -30,6 +31,11 @@ class EvaluateFlags(cli.RunSplitFlags):
         None, "Data dir whose val split is the reference of the shift report when --data_dir is "
         "another site's (and fits a missing calibration.json); default: the run's own data dir "
         "(summary.json config.data_dir, else flags.txt).")
+    lung_images: int = option(
+        64, "Images of the split whose Grad-CAM is measured against the lungs (metrics.json "
+        "lung_evidence: lift, pointing_lungs per TP/FP/FN/TN), drawn (seeded by --seed) evenly "
+        "across the groups as gradcam draws them; 0 = skip.", lower=0)
+    lung_model: str | None = cli.lung_model_option()
 
 
 FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)
@@ -48,7 +54,8 @@ def main(argv: list[str]) -> None:
         return
     metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
                                      f.num_resamples, f.seed, calibration_name=f.calibration,
-                                     val_data_dir=f.val_data_dir)
+                                     val_data_dir=f.val_data_dir,
+                                     lungs=anatomy.LungOptions(f.lung_model, f.lung_images))
     out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"], metrics["calibration"])
     print(f"{evaluator.summary_line(metrics)} -> {out}")
 

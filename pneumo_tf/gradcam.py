@@ -3,7 +3,10 @@
 Usage::
 
     python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64 \
-        [--calibration=val|NAME]
+        [--calibration=val|NAME] [--lung_model=LUNGS_RUN]
+
+It leads with the evidence measured on anatomy (lift of the CAM mass inside the lungs over a flat
+map, pointing_lungs; :mod:`pneumo_tf.explain.anatomy` says where the lungs come from).
 
 Outputs and groups: :mod:`pneumo_tf.explain.grids`; the maths: :mod:`pneumo_tf.explain.cam`.
 """
@@ -14,7 +17,7 @@ import dataclasses
 
 from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
-from pneumo_tf.explain import cam, grids
+from pneumo_tf.explain import anatomy, cam, grids
 
 
 @dataclasses.dataclass
@@ -26,27 +29,31 @@ class GradcamFlags(cli.RunSplitFlags):
                              lower=1)
     layer: str | None = option(
         None, "Feature-map layer inside the backbone; default: the backbone's registered "
-        "Grad-CAM layer (resnet50: conv5_block3_out), else its last 4-D output.")
+        "Grad-CAM layer (resnet50: conv5_block3_out; small_cnn: b1_out, the most lung-bound "
+        "one measured), else its last 4-D output.")
     cam_class: str = option(
         "pneumonia", "Explain the PNEUMONIA score for every image (a three-class model's "
         "pneumonia log-odds), the predicted class (the NORMAL logit, i.e. minus the PNEUMONIA "
         "logit, for images predicted NORMAL), or for a three-class model (--task=subtype) "
         "bacterial | viral: that class's log-odds against the other two, for every image.",
         choices=cam.CAM_CLASSES)
+    lung_model: str | None = cli.lung_model_option()
 
 
 FLAG_HOLDERS = cli.define_config_flags(GradcamFlags, module_name=__name__)
 
 
 def summary_line(stats: dict) -> str:
-    """The printed result: the lung shares and, on phantoms, the pointing game."""
+    """The printed result: the lung evidence first, then the region share and, on phantoms, the
+    lesion pointing game."""
     overall = stats["groups"]["all"]
     shares = ", ".join(f"{key.replace('_', ' ')} {overall[key + '_mean']:.2f}"
                        for key in cam.SHARE_KEYS.values()
                        if overall.get(key + "_mean") is not None)
-    line = f"{stats['num_images']} images, layer {stats['layer']}: {shares or 'no shares'}"
+    line = (f"{stats['num_images']} images, layer {stats['layer']}: "
+            f"{anatomy.summary_text(stats['lung_evidence'])}; {shares or 'no region share'}")
     if "pointing_hit_rate" in overall:
-        line += (f", pointing game {overall['pointing_hit_rate']:.3f} "
+        line += (f", lesion pointing game {overall['pointing_hit_rate']:.3f} "
                  f"(chance {overall['pointing_chance']:.3f}; {overall['pointing_empty']} of "
                  f"{overall['pointing_n']} maps empty, counted as misses)")
     return line
@@ -56,7 +63,8 @@ def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
     f = cli.config_from_flags(GradcamFlags, FLAG_HOLDERS)
     stats = grids.run_gradcam(f.run_dir, f.data_dir, f.split, f.num_images, f.layer,
-                              f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration)
+                              f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration,
+                              lungs=anatomy.LungOptions(lung_model=f.lung_model))
     print(summary_line(stats) + f" -> {rundir.RunPaths(f.run_dir).gradcam}")
 
 

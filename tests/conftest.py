@@ -131,3 +131,12 @@ def subtype_run(tmp_path_factory):
     from support_runs import make_subtype_run
 
     return make_subtype_run(tmp_path_factory.mktemp("subtype"))
+
+
+@pytest.fixture(scope="session")
+def phantom_lungs(tmp_path_factory):
+    """Phantoms with lung masks, a classifier on them and a tiny lung model
+    (:func:`support_runs.make_phantom_lungs`: ``src``, ``data``, ``plain``, ``run``, ``lungs``)."""
+    from support_runs import make_phantom_lungs
+
+    return make_phantom_lungs(tmp_path_factory.mktemp("phantom_lungs"))

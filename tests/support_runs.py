@@ -124,3 +124,40 @@ def make_subtype_run(root) -> tuple[Path, Path]:
                       lr=1e-3)
     session.train(cfg)
     return root / "run", data
+
+
+def make_phantom_lungs(root, image_size: int = 64, num_train: int = 400, epochs: int = 15,
+                       lung_epochs: int = 2) -> dict:
+    """Phantoms with lung masks, a classifier trained on them and a tiny lung model.
+
+    Focal (bacterial) lesions only, whole films (``crop=none``), so the lesions -- drawn inside the
+    lungs -- are what tells the classes apart. Measured while writing the tests (seeds 0-4, 40
+    test films): the classifier's true positives' Grad-CAM lift against the records' lung masks
+    was 1.64, 1.50, 1.33, 1.33, 1.18 (seed 0 is the one used here).
+
+    Returns:
+        ``{"src": phantom set, "data": data dir with lung masks, "plain": the same films
+        converted without masks, "run": classifier run (calibrated), "lungs": a --task=lungs
+        run trained on "data"}``.
+    """
+    from pneumo_tf.data import convert, phantoms
+    from pneumo_tf.evaluation import calibration
+    from pneumo_tf.training import session
+    from pneumo_tf.training.config import TrainConfig
+
+    root = Path(root)
+    phantoms.write_phantom_dataset(root / "src", num_train=num_train, num_test=40, seed=0,
+                                   min_size=96, max_size=160, bacteria_fraction=1.0)
+    for name, masks in (("data", str(root / "src" / phantoms.LUNG_MASKS_DIR)), ("plain", None)):
+        convert.convert_dataset(root / "src", root / name, image_size=image_size, crop="none",
+                                workers=1, progress=False, masks=masks)
+    run = make_run(root / "run", root / "data", epochs=epochs, learning_rate=2e-3)
+    calibration.calibrate_run(run, root / "data")
+    cfg = TrainConfig(data_dir=str(root / "data"), run_dir=str(root / "lungs"), task="lungs",
+                      unet_filters=4, unet_depth=3, epochs=lung_epochs, batch_size=8,
+                      val_batch_size=32, lr=3e-3, optimizer="adamw", select_on="val_dice",
+                      early_stop_patience=-1, augment=False, precision="float32",
+                      strategy="default", tb_images=0, seed=0)
+    session.train(cfg)
+    return {"src": root / "src", "data": root / "data", "plain": root / "plain", "run": run,
+            "lungs": root / "lungs"}

@@ -207,6 +207,15 @@ def num_resamples_option() -> Any:
                   lower=1000)
 
 
+def lung_model_option() -> Any:
+    """``--lung_model``: a lung segmentation run whose masks Grad-CAM evidence is measured on."""
+    return option(None, "A lung segmentation run (--task=lungs, configs/lungs.cfg): Grad-CAM "
+                  "evidence is measured against its lung masks, computed on the very images "
+                  "the classifier sees. Records that carry true lung masks (converter --masks) "
+                  "win over it; without either, the adaptive lung box (or a phantom set's own "
+                  "masks) is used. The output's lung_source says which.")
+
+
 @dataclasses.dataclass
 class RunSplitFlags:
     """The flags of a command that scores one split of a run (evaluate, gradcam, calibrate)."""

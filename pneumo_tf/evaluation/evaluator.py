@@ -47,6 +47,7 @@ import numpy as np
 from pneumo_tf import CLASS_NAMES
 from pneumo_tf.core import atomic_files
 from pneumo_tf.evaluation import calibration
+from pneumo_tf.explain import anatomy
 from pneumo_tf.serving import ood
 from pneumo_tf.evaluation import report
 from pneumo_tf.core import rundir
@@ -89,9 +90,10 @@ def write_predictions_csv(path: str | os.PathLike, pred: dict, calibrated: np.nd
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
                  threshold_method: str | None = None, batch_size: int = 64,
-                 num_resamples: int = 2000, seed: int = 0, model=None,
+                 num_resamples: int = 2000, seed: int = 0,
                  calibration_name: str = rundir.VAL_CALIBRATION,
-                 val_data_dir: str | os.PathLike | None = None) -> dict:
+                 val_data_dir: str | os.PathLike | None = None,
+                 lungs: anatomy.LungOptions | None = None) -> dict:
     """Evaluate ``run_dir``'s model on ``split`` of ``data_dir`` and write ``R/eval/<split>/``.
 
     Args:
@@ -104,10 +106,12 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
             :func:`pneumo_tf.evaluation.calibration.operating_point`).
         batch_size: images per forward pass.
         num_resamples, seed: of the bootstrap CIs.
-        model: an already loaded model, or None to load ``R/model.keras``.
         calibration_name: ``val`` (``calibration.json``) or a site calibration's name.
         val_data_dir: the data dir of the run's val split (shift reference, missing
             calibration); None = the run's own (:func:`pneumo_tf.core.rundir.run_data_dir`).
+        lungs: the lung evidence's sample size and ``--lung_model``
+            (:class:`pneumo_tf.explain.anatomy.LungOptions`; None = its defaults: 64 images,
+            the records' masks, else the adaptive box).
 
     Returns:
         The ``metrics.json`` dict.
@@ -120,15 +124,17 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         calibration.parse_threshold_method(threshold_method)
     run_dir = rundir.Run.open(run_dir)  # opened once: the layers below read this Run
     rundir.check_data_compatible(run_dir, data_dir)
+    lungs = lungs or anatomy.LungOptions()
+    # Opened first: a wrong --lung_model stops the run before the scoring pass.
+    source = lungs.open(data_dir, split, batch_size) if lungs.num_images > 0 else None
     reference = _shift_reference(run_dir, data_dir, val_data_dir)
     val_dir = val_data_dir or rundir.own_data_dir(run_dir, data_dir)  # calibrates, if needed
-    if model is None:
-        model = rundir.load_model(run_dir)
+    model = run_dir.model
     point = calibration.operating_point(run_dir, val_dir, threshold_method, model, batch_size,
                                         calibration_name)
     stats = ood.load_stats(run_dir)
     pred = scoring.predict_split(model, data_dir, split, batch_size,
-                                 return_images=reference is not None,
+                                 return_images=reference is not None or source is not None,
                                  progress_label=f"evaluate {split}", ood_stats=stats)
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
     calibrated = calibration.apply_temperature(probs, point["temperature"])
@@ -142,18 +148,16 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
                              "ece": pmetrics.expected_calibration_error(labels, calibrated)}
     metrics.update(_calibration_entries(run_dir, calibration_name, data_dir, split))
     metrics["ood"] = ood_section(run_dir, pred, stats)
+    metrics["lung_evidence"] = anatomy.split_evidence(run_dir, pred, point["threshold"], source,
+                                                      lungs.num_images, seed, batch_size)
     figures = report.make_figures(labels, probs, calibrated, point["threshold"],
                                   metrics["confusion_matrix"],
                                   report.read_history(rundir.RunPaths(run_dir).history),
                                   split=split)
     if "class_logits" in pred:
         temperature = calibration.subtype_temperature(run_dir, val_dir, model, batch_size)
-        metrics["subtype"] = subtype_section(pred, point["threshold"], temperature,
-                                             (num_resamples, seed))
-        if "confusion_matrix" in metrics["subtype"]:
-            figures["subtype_confusion_matrix"] = report.figure_png(
-                report.subtype_confusion_figure(metrics["subtype"]["confusion_matrix"],
-                                                point["threshold"]))
+        _add_subtype(metrics, figures, pred, point["threshold"], temperature,
+                     (num_resamples, seed))
     if reference is not None:
         val_point = calibration.operating_point(run_dir, val_dir, None, model, batch_size)
         metrics["shift"], shift_figures = _shift_section(
@@ -185,6 +189,15 @@ def ood_section(run_dir, pred: dict, stats) -> dict:
             "score_median": float(np.median(pred["ood_score"])),
             "checks": "feature score only (the image checks need the full film; predict runs "
                       "them)"}
+
+
+def _add_subtype(metrics: dict, figures: dict, pred: dict, threshold: float,
+                 temperature: tuple[float, str], resampling: tuple[int, int]) -> None:
+    """``metrics["subtype"]`` (:func:`subtype_section`) and its confusion-matrix figure."""
+    metrics["subtype"] = subtype_section(pred, threshold, temperature, resampling)
+    if "confusion_matrix" in metrics["subtype"]:
+        figures["subtype_confusion_matrix"] = report.figure_png(
+            report.subtype_confusion_figure(metrics["subtype"]["confusion_matrix"], threshold))
 
 
 def subtype_section(pred: dict, threshold: float, temperature: tuple[float, str],
@@ -312,6 +325,11 @@ def summary_line(metrics: dict) -> str:
     if "macro_f1" in sub:
         bv = sub["bacterial_vs_viral"]
         line += f"; subtype macro F1={sub['macro_f1']:.4f}, bacterial vs viral AUC={bv['auc']:.4f}"
+    lungs = metrics.get("lung_evidence") or {}
+    if "all" in (lungs.get("groups") or {}) and "lift" in lungs["groups"]["all"]:
+        overall = lungs["groups"]["all"]
+        line += (f"; Grad-CAM lung lift={overall['lift']:.2f} "
+                 f"pointing_lungs={overall['pointing_lungs']:.2f} ({lungs['lung_source']})")
     guard = metrics.get("ood") or {}
     if "flagged_fraction" in guard:
         line += f"; OOD flagged {guard['flagged_fraction']:.4f}"

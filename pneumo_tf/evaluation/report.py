@@ -29,6 +29,8 @@ from pneumo_tf.evaluation import metrics as pmetrics  # noqa: E402
 # Training-curve panels: Keras history column stem -> title. Columns that are absent are skipped.
 CURVE_METRICS = (("accuracy", "accuracy"), ("loss", "loss"), ("auc", "ROC AUC"),
                  ("recall", "recall (sensitivity)"))
+# The report's section on metrics.json's lung_evidence (the first after the metrics table).
+LUNG_EVIDENCE_TITLE = "Evidence in the lungs (Grad-CAM against the lungs)"
 
 
 def _split_title(name: str, split: str, labels) -> str:
@@ -435,18 +437,52 @@ def ood_markdown(section: dict) -> str:
             f"{section['checks']}.")
 
 
+def lung_evidence_markdown(section: dict) -> str:
+    """``metrics.json``'s ``lung_evidence`` as a paragraph and a table per TP/FP/FN/TN group.
+
+    It leads with ``lift`` (the CAM mass inside the lungs over a flat map's) and
+    ``pointing_lungs``, says where the lungs came from and repeats any warning.
+    """
+    if "skipped" in section:
+        return f"Not computed: {section['skipped']}"
+    groups = section["groups"]
+    overall = groups["all"]
+    lead = (f"**lift {_fmt(overall.get('lift'))}** (1.0 = a flat map), **pointing_lungs "
+            f"{_fmt(overall.get('pointing_lungs'))}**: Grad-CAM (layer `{section['layer']}`, "
+            f"explaining PNEUMONIA) of {section['num_images']} images drawn evenly across the "
+            f"groups from {section['drawn_from']} measurable ones, against the lungs from "
+            f"`{section['lung_source']}`: {section['lung_source_meaning']}"
+            + (f", `{section['lung_model']}`" if section.get("lung_model") else "") + ".")
+    rows = [(g, stats["n"], _fmt(stats.get("lift")), _fmt(stats.get("pointing_lungs")),
+             _fmt(stats.get("lung_share")), _fmt(stats.get("lung_fraction")), stats["empty_cams"])
+            for g, stats in groups.items()]
+    lines = [lead, ""] + markdown_rows(("group", "n", "lift", "pointing_lungs", "lung_share",
+                                        "lung_fraction", "empty CAMs"), rows)
+    lines += ["", f"{section['definition']}. Images without a lung mask: "
+                  f"{section['skipped_no_mask']}."]
+    secondary = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}"
+                          for k, v in (section.get("secondary") or {}).items())
+    if secondary:
+        lines += ["", f"Secondary (the older, coarser measure): {secondary}."]
+    lines += ["", *[f"**warning: {w}**" for w in section.get("warnings") or []]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _section_tag(title: str) -> str:
     """The TensorBoard text tag of a report section."""
-    for word, tag in (("Shift", "shift"), ("Subtype", "subtype"), ("distribution", "ood")):
+    for word, tag in (("Shift", "shift"), ("Subtype", "subtype"), ("distribution", "ood"),
+                      ("lungs", "lung_evidence")):
         if word in title:
             return tag
     return "cross_validated"
 
 
 def _sections(metrics: dict) -> list[tuple[str, str]]:
-    """``(title, markdown)`` of the optional sections: cross-validated figures, the shift,
-    the subtypes (a subtype run) and the OOD guard."""
+    """``(title, markdown)`` of the optional sections: the lung evidence first, then the
+    cross-validated figures, the shift, the subtypes (a subtype run) and the OOD guard."""
     out = []
+    if metrics.get("lung_evidence"):
+        out.append((LUNG_EVIDENCE_TITLE, lung_evidence_markdown(metrics["lung_evidence"])))
     if metrics.get("calibration_in_sample") and metrics.get("cross_validated"):
         out.append((f"Cross-validated figures of calibration `{metrics['calibration']}` (quote "
                     f"these)", cross_validated_markdown(metrics["cross_validated"])))
@@ -491,6 +527,13 @@ def _header(metrics: dict, context: dict) -> list[str]:
     if ci:
         lines.append(f"- 95 % CIs: stratified percentile bootstrap, {ci.get('num_resamples')} "
                      f"resamples, seed {ci.get('seed')}")
+    overall = ((metrics.get("lung_evidence") or {}).get("groups") or {}).get("all") or {}
+    if "lift" in overall:
+        lungs = metrics["lung_evidence"]
+        lines.append(f"- **Grad-CAM evidence in the lungs: lift {overall['lift']:.2f} (1.0 = a "
+                     f"flat map), pointing_lungs {overall['pointing_lungs']:.2f}** on "
+                     f"{overall['n']} images, lungs from `{lungs['lung_source']}` (section "
+                     f"\"{LUNG_EVIDENCE_TITLE}\")")
     return lines
 
 
@@ -515,7 +558,7 @@ def _markdown_html(text: str) -> str:
         "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
         for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(cells))) \
         + "</table>"
-    tail = html.escape(" ".join(r for r in md if r and not r.startswith("|")))
+    tail = html.escape(" ".join(r for r in md if r and not r.startswith("|")).replace("**", ""))
     return f"{table}<p>{tail}</p>"
 
 
@@ -561,6 +604,10 @@ def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], met
         shift = metrics.get("shift") or {}
         scalars.update({f"shift_{key}_difference": value
                         for key, value in (shift.get("difference") or {}).items()})
+        lungs = metrics.get("lung_evidence") or {}
+        for group, stats in (lungs.get("groups") or {}).items():
+            scalars.update({f"lung_evidence/{group}/{key}": stats.get(key) for key in (
+                "lift", "pointing_lungs", "lung_share", "lung_fraction")})
         for key, value in scalars.items():
             if isinstance(value, float) and np.isfinite(value):
                 tf.summary.scalar(f"{split}/{key}", value)

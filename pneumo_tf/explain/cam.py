@@ -347,7 +347,10 @@ def grid_figure(tiles: list[np.ndarray], captions: list[str], title: str,
     n = max(1, len(tiles))
     cols = grid_columns(n, max_columns)
     rows = -(-n // cols)
-    fig, axes = report.plt.subplots(rows, cols, figsize=(1.9 * cols + 1.0, 2.15 * rows + 0.9),
+    # Room for the title: 0.35 inch plus 0.2 per line (a two-line title takes 0.75).
+    title_inches = 0.35 + 0.2 * (title.count("\n") + 1)
+    height = 2.15 * rows + 0.15 + title_inches
+    fig, axes = report.plt.subplots(rows, cols, figsize=(1.9 * cols + 1.0, height),
                                     squeeze=False)
     for ax in axes.flat[len(tiles):]:
         fig.delaxes(ax)
@@ -356,7 +359,7 @@ def grid_figure(tiles: list[np.ndarray], captions: list[str], title: str,
         ax.set_title(caption, fontsize=7)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.75 / (2.15 * rows + 0.9), bottom=0.02,
+    fig.subplots_adjust(left=0.02, right=0.9, top=1 - title_inches / height, bottom=0.02,
                         wspace=0.08, hspace=0.3)
     if not colorbar:
         return fig

@@ -34,9 +34,9 @@ def check_lung_run(run: "rundir.Run", flag: str = "--lung_model") -> dict:
         config = run.summary.get("config") or {}
     except rundir.RunDirError as e:
         raise rundir.RunDirError(f"{flag}={run}: {e}") from None
-    if config.get("task") != LUNGS_TASK:
+    if run.task != LUNGS_TASK:
         raise rundir.RunDirError(
-            f"{flag}={run}: a run of --task={config.get('task')!r}, not a lung model; "
+            f"{flag}={run}: a run of --task={run.task}, not a lung model; "
             f"train one with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`")
     return config
 

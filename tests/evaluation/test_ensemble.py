@@ -74,7 +74,7 @@ def test_gradcam_cli_on_an_ensemble_averages_the_members_maps(ensemble_run):
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads((ens / "gradcam" / "cam_stats.json").read_text())
     assert stats["ensemble_members"] == 2 and stats["num_images"] == 8
-    assert stats["calibration"] == "val" and stats["layer"] == "features"
+    assert stats["calibration"] == "val" and stats["layer"] == "b1_out"
     by_path = dict(zip(scoring.predict_split(rundir.load_model(ens), data, "test")["path"],
                        _member_mean(members, data, "test")))
     for entry in stats["images"]:

@@ -458,3 +458,91 @@ def test_the_guard_flags_few_images_of_the_phantom_test_split(phantom_ood_run, t
     assert guard["n"] == 20 and guard["flagged_fraction"] <= 0.2
     assert set(guard["flagged_fraction_by_class"]) == {"NORMAL", "PNEUMONIA"}
     assert guard["layer"] == "gap" and "feature score only" in guard["checks"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence measured on anatomy: metrics.json's lung_evidence
+
+
+def test_every_evaluation_measures_the_lungs_of_a_sample(trained):
+    """Without masks or a lung model: the adaptive box, said so; --lung_images=0 skips it."""
+    from pneumo_tf.explain import anatomy
+
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_lungs_box")
+    m = evaluate.evaluate_run(run, data, "test", num_resamples=1000,
+                              lungs=anatomy.LungOptions(num_images=10))
+    lungs = m["lung_evidence"]
+    assert lungs["lung_source"] == "box" and lungs["num_images"] == 10
+    assert lungs["drawn_from"] == 26 and lungs["layer"] == "b1_out"
+    assert lungs["groups"]["all"]["n"] == 10 and set(lungs["secondary"]) == {"lung_box_share"}
+    stored = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert stored["lung_evidence"]["groups"] == json.loads(json.dumps(lungs["groups"]))
+    off = evaluate.evaluate_run(run, data, "test", num_resamples=1000,
+                                lungs=anatomy.LungOptions(num_images=0))
+    assert off["lung_evidence"] == {"skipped": "--lung_images=0"}
+    report_md = (run / "eval" / "test" / "report.md").read_text()
+    assert "## Evidence in the lungs (Grad-CAM against the lungs)\n\nNot computed: " \
+           "--lung_images=0" in report_md
+
+
+def test_lung_evidence_leads_the_report_and_matches_gradcam(phantom_lungs, tmp_path):
+    """On phantoms with true masks: the same sample and figures as gradcam, first in the report,
+    and TensorBoard scalars."""
+    import tensorflow as tf
+
+    from pneumo_tf.explain import anatomy
+    from pneumo_tf.explain import grids
+
+    run = tmp_path / "run"
+    shutil.copytree(phantom_lungs["run"], run)
+    m = evaluate.evaluate_run(run, phantom_lungs["data"], "test", num_resamples=1000,
+                              lungs=anatomy.LungOptions(num_images=24))
+    lungs = m["lung_evidence"]
+    assert lungs["lung_source"] == "records" and lungs["num_images"] == 24
+    cams = grids.run_gradcam(run, phantom_lungs["data"], "test", num_images=24, batch_size=32)
+    for group, stats in lungs["groups"].items():
+        assert cams["lung_evidence"]["groups"][group] == pytest.approx(stats), group
+    assert lungs["groups"]["TP"]["lift"] > 1.0  # lesions inside the lungs (test_grids)
+    out = run / "eval" / "test"
+    report_md = (out / "report.md").read_text()
+    overall = lungs["groups"]["all"]
+    head = report_md.split("\n\n| metric |")[0]  # the header, before the metrics table
+    assert (f"- **Grad-CAM evidence in the lungs: lift {overall['lift']:.2f} (1.0 = a flat map), "
+            f"pointing_lungs {overall['pointing_lungs']:.2f}** on 24 images, lungs from "
+            f"`records`") in head
+    sections = [line for line in report_md.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Evidence in the lungs (Grad-CAM against the lungs)"
+    assert f"| TP | {lungs['groups']['TP']['n']} | {lungs['groups']['TP']['lift']:.4f} |" \
+        in report_md
+    assert "Secondary (the older, coarser measure): lung mask share" in report_md
+    html = (out / "report.html").read_text()
+    assert "<h2>Evidence in the lungs (Grad-CAM against the lungs)</h2>" in html
+    assert "**" not in html
+    tags = set()
+    for path in (run / "tb" / "eval").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            tags |= {v.tag for v in ev.summary.value}
+    assert {"test/lung_evidence/all/lift", "test/lung_evidence/TP/pointing_lungs",
+            "test/lung_evidence"} <= tags
+    assert "Grad-CAM lung lift=" in evaluate.summary_line(m)
+
+
+def test_cli_measures_on_a_lung_model_and_refuses_a_wrong_one(phantom_lungs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(phantom_lungs["run"], run)
+    args = [f"--run_dir={run}", f"--data_dir={phantom_lungs['plain']}", "--split=test",
+            "--num_resamples=1000", "--lung_images=16"]
+    done = run_module("pneumo_tf.evaluate", *args, f"--lung_model={phantom_lungs['lungs']}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Grad-CAM lung lift=" in done.stdout and "(lung_model)" in done.stdout
+    stored = json.loads((run / "eval" / "test-plain" / "metrics.json").read_text())
+    lungs = stored["lung_evidence"]
+    assert lungs["lung_source"] == "lung_model" and lungs["num_images"] == 16
+    assert lungs["lung_model"] == str(phantom_lungs["lungs"]) and lungs["warnings"] == []
+    missing = tmp_path / "no_such_run"
+    bad = run_module("pneumo_tf.evaluate", *args, f"--lung_model={missing}")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"pneumo_tf.evaluate: error: --lung_model={missing}: no such directory; pass a lungs run "
+        f"directory (train one with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`)")

@@ -66,14 +66,17 @@ def _images(n, size, seed=0):
 def test_batched_equals_per_image_reference(small_model):
     images = _images(6, 48)
     cam_model = pcam.CamModel(small_model, backbone_name="small_cnn")
-    assert cam_model.layer == "features"
+    # The registry's layer (the most lung-bound one measured), 1/8 of the input; without a
+    # backbone name, the backbone's last feature map.
+    assert cam_model.layer == pmodel.BACKBONES["small_cnn"].cam_layer == "b1_out"
+    assert pcam.CamModel(small_model).layer == "features"
     out = pcam.gradcam_batch(cam_model, images)
     assert out["cam"].shape == (6, 48, 48) and out["cam"].dtype == np.float32
-    assert out["cam_lowres"].shape == (6, 3, 3)
+    assert out["cam_lowres"].shape == (6, 6, 6)
     assert 0.0 <= out["cam"].min() and out["cam"].max() <= 1.0
     np.testing.assert_allclose(out["probability"], small_model(images).numpy()[:, 0], rtol=1e-5)
     for i in range(6):
-        ref, prob = _reference_cam(small_model, images[i], "features")
+        ref, prob = _reference_cam(small_model, images[i], "b1_out")
         np.testing.assert_allclose(out["cam_lowres"][i], ref, atol=2e-4)
         assert out["probability"][i] == pytest.approx(prob, rel=1e-5)
 
@@ -191,7 +194,7 @@ def test_ensemble_cam_is_the_mean_of_the_members_maps(ensemble_model, small_mode
     assert isinstance(pcam.cam_model_for(small_model), pcam.CamModel)
     cam_model = pcam.cam_model_for(model, backbone_name="small_cnn")
     assert isinstance(cam_model, pcam.EnsembleCamModel) and len(cam_model.members) == 2
-    assert cam_model.layer == "features"
+    assert cam_model.layer == "b1_out"
     images = _images(5, 48, seed=5)
     out = pcam.gradcam_batch(cam_model, images)
     # Probabilities: the ensemble model's (the mean of the members').
@@ -200,7 +203,7 @@ def test_ensemble_cam_is_the_mean_of_the_members_maps(ensemble_model, small_mode
     np.testing.assert_allclose(out["cam"], np.mean([o["cam"] for o in per_member], axis=0),
                                atol=1e-5)
     for i in range(5):
-        refs = [_reference_cam(m, images[i], "features")[0] for m in members]
+        refs = [_reference_cam(m, images[i], "b1_out")[0] for m in members]
         np.testing.assert_allclose(out["cam_lowres"][i], np.mean(refs, axis=0), atol=2e-4)
     assert 0.0 <= out["cam"].min() and out["cam"].max() <= 1.0
 
@@ -251,7 +254,7 @@ def test_subtype_model_explains_pneumonia_bacterial_and_viral_log_odds():
         out = pcam.gradcam_batch(cam_model, images, target)
         np.testing.assert_allclose(out["probability"], model(images).numpy()[:, 0], rtol=1e-5)
         for i in range(4):
-            ref, p = _subtype_reference(model, images[i], "features", target)
+            ref, p = _subtype_reference(model, images[i], cam_model.layer, target)
             np.testing.assert_allclose(out["cam_lowres"][i], ref, atol=1e-4)
             assert out["probability"][i] == pytest.approx(p, rel=1e-5)
         maps[target] = out["cam_lowres"]

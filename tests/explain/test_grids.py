@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pneumo_tf.core import atomic_files
-from pneumo_tf.explain import cam
+from pneumo_tf.explain import anatomy, cam
 from pneumo_tf.explain import grids as gc
 
 
@@ -40,7 +40,9 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     saved = json.loads((run / "gradcam" / "cam_stats.json").read_text())
     assert saved["groups"] == json.loads(json.dumps(stats["groups"]))
     assert stats["region_source"] == ["phantom_masks"]
-    assert stats["layer"] == "features" and stats["num_images"] == 40
+    assert stats["layer"] == "b1_out" and stats["num_images"] == 40
+    # Converted without --masks: the evidence is measured on the phantom set's own masks.
+    assert stats["lung_source"] == "phantom_masks"
     overall = stats["groups"]["all"]
     # Pointing game over PNEUMONIA images with a lesion: the CAM peak lands in the lesion far more
     # often than a uniformly random peak would (chance = mean lesion area fraction, ~5 %).
@@ -59,7 +61,9 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
             tags += [(v.tag, v.metadata.plugin_data.plugin_name) for v in ev.summary.value]
     # One grid image per group (a handful of tags), not one per tile.
     groups_present = [g for g in cam.GROUPS if stats["groups"][g]["n"]]
-    assert sorted(tags) == sorted((f"gradcam/{g}", "images") for g in groups_present)
+    images = [t for t in tags if t[1] == "images"]
+    assert sorted(images) == sorted((f"gradcam/{g}", "images") for g in groups_present)
+    assert ("lung_evidence/all/lift", "scalars") in tags
 
 
 @pytest.mark.slow
@@ -131,3 +135,110 @@ def test_bacterial_on_a_binary_run_is_refused(tmp_path):
     run = make_run(tmp_path / "run", data, epochs=1)
     with pytest.raises(ValueError, match="--cam_class=bacterial needs a three-class run"):
         gc.run_gradcam(run, data, "test", num_images=4, cam_class="bacterial")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence measured on anatomy (phantoms converted with their lung masks, a tiny lung model)
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_evidence_of_lesions_inside_the_lungs_is_lung_bound(phantom_lungs, tmp_path):
+    """Phantom lesions lie inside the lungs: the CAM of the pneumonia the classifier finds is
+    more lung-bound than a flat map, measured on the records' true lung masks."""
+    import tensorflow as tf
+
+    run = _copy(phantom_lungs["run"], tmp_path)
+    stats = gc.run_gradcam(run, phantom_lungs["data"], "test", num_images=40, batch_size=16)
+    assert stats["lung_source"] == "records" and stats["layer"] == "b1_out"
+    lungs = stats["lung_evidence"]
+    assert lungs["lung_source"] == "records" and lungs["warnings"] == []
+    assert lungs["num_images"] == 40 and lungs["drawn_from"] == 40
+    assert lungs["skipped_no_mask"] == 0 and lungs["groups"]["all"]["n"] == 40
+    tp = lungs["groups"]["TP"]
+    # Measured 1.18-1.64 over five seeds (support_runs.make_phantom_lungs); a flat map gives 1.
+    assert tp["n"] >= 10 and tp["lift"] > 1.0, tp
+    assert tp["lift"] == pytest.approx(tp["lung_share"] / tp["lung_fraction"])
+    assert tp["pointing_lungs"] > tp["lung_fraction"]  # the peak: more often in than by chance
+    # Per image: the records' masks; the older region share stays (phantom masks here).
+    for e in stats["images"]:
+        assert e["has_lung_mask"] and 0 <= e["lung_share"] <= 1 and 0 < e["lung_fraction"] < 1
+        assert e["region_source"] == "phantom_masks" and "lung_mask_share" in e
+    assert set(lungs["secondary"]) == {"lung_mask_share"}
+    tags = set()
+    for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            tags |= {v.tag for v in ev.summary.value}
+    assert {"lung_evidence/TP/lift", "lung_evidence/all/pointing_lungs"} <= tags
+
+
+def test_tiles_outline_the_lungs_measured_against():
+    """A tile gets the contour of its lung mask (cam.draw_lung_outline), none without a mask."""
+    lungs = np.zeros((1, 16, 16), bool)
+    lungs[0, 4:12, 3:8] = True
+    sample = anatomy.Sample(np.array([0]), np.zeros((1, 16, 16), np.float32), np.array([0.9]),
+                            np.array([1]), lungs, np.array([True]),
+                            {"per_image": [{"lung_share": float("nan"), "lung_fraction": 0.16,
+                                            "pointing_lungs": False, "cam_empty": True}]},
+                            [("lung_box_share", float("nan"))])
+
+    class Regions:
+        def regions(self, gray, path):
+            return {"lung": np.ones((16, 16), bool), "lesion": None, "source": "adaptive_box"}
+
+    pred = {"path": np.array(["a.png"], object), "label": np.array([1])}
+    images = np.full((1, 16, 16, 1), 100, np.uint8)
+    entries, tiles = gc._entries(sample, Regions(), pred, images)
+    tile = tiles["TP"][0][0]
+    drawn = (tile == 255).all(axis=-1)
+    assert drawn.any() and drawn[lungs[0]].sum() == drawn.sum()  # only on the mask's border
+    assert entries[0]["has_lung_mask"] and entries[0]["pointing_lungs"] is False
+    sample.evidence["per_image"] = [None]
+    entries, tiles = gc._entries(sample, Regions(), pred, images)
+    assert not (tiles["TP"][0][0] == 255).all(axis=-1).any()
+    assert entries[0]["lung_share"] is None and not entries[0]["has_lung_mask"]
+
+
+@pytest.mark.slow
+def test_gradcam_cli_measures_on_a_lung_model_and_leads_with_the_lift(phantom_lungs, tmp_path):
+    from conftest import run_module
+
+    run = _copy(phantom_lungs["run"], tmp_path)
+    done = run_module("pneumo_tf.gradcam", f"--run_dir={run}",
+                      f"--data_dir={phantom_lungs['plain']}", "--split=test", "--num_images=40",
+                      "--batch_size=16", f"--lung_model={phantom_lungs['lungs']}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("40 images, layer b1_out: lift "), done.stdout
+    assert "(lungs: lung_model, 40 images measured); lung mask share " in done.stdout
+    stats = json.loads((run / "gradcam" / "cam_stats.json").read_text())
+    assert stats["lung_source"] == "lung_model"
+    assert stats["lung_evidence"]["lung_model"] == str(phantom_lungs["lungs"])
+    # The tiny lung model's masks (Dice ~0.95) give nearly the true masks' figures.
+    true = gc.run_gradcam(_copy(phantom_lungs["run"], tmp_path / "b"), phantom_lungs["data"],
+                          "test", num_images=40, batch_size=16)
+    for g in ("TP", "all"):
+        assert stats["lung_evidence"]["groups"][g]["lift"] == pytest.approx(
+            true["lung_evidence"]["groups"][g]["lift"], abs=0.15)
+
+
+@pytest.mark.slow
+def test_gradcam_cli_refuses_a_classifier_as_lung_model(phantom_lungs, tmp_path):
+    from conftest import run_module
+
+    run = _copy(phantom_lungs["run"], tmp_path)
+    done = run_module("pneumo_tf.gradcam", f"--run_dir={run}",
+                      f"--data_dir={phantom_lungs['plain']}", "--split=test", "--num_images=4",
+                      f"--lung_model={phantom_lungs['run']}")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"pneumo_tf.gradcam: error: --lung_model={phantom_lungs['run']}: a run of "
+                    f"--task=binary, not a lung model; train one with `python -m pneumo_tf.train "
+                    f"--flagfile=configs/lungs.cfg`"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (run / "gradcam").exists()

@@ -168,7 +168,7 @@ def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(phan
     for a, b in zip(gate.lung_model.get_weights(), lungs.get_weights()):
         np.testing.assert_array_equal(a, b)  # the frozen lung model, unchanged by training
     for wrong, message in ((tmp_path / "missing", "no such run directory"),
-                           (tmp_path / "gated", "a run of --task='binary', not a lung model")):
+                           (tmp_path / "gated", "a run of --task=binary, not a lung model")):
         bad = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "bad"),
                              "lung_gate": str(wrong)})
         with pytest.raises(rundir.RunDirError, match=rf"--lung_gate={wrong}: .*{message}"):
