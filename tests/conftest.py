@@ -131,3 +131,20 @@ def subtype_run(tmp_path_factory):
     from support_runs import make_subtype_run
 
     return make_subtype_run(tmp_path_factory.mktemp("subtype"))
+
+
+@pytest.fixture(scope="session")
+def lung_run(tmp_path_factory):
+    """``(lungs run dir, phantom source dir)``: a tiny lung model (32 px, 3 epochs) and its guard."""
+    from support_runs import make_lung_run
+
+    return make_lung_run(tmp_path_factory.mktemp("lungs"))
+
+
+@pytest.fixture(scope="session")
+def lung_crop_run(lung_run, tmp_path_factory):
+    """``(run_dir, data_dir)``: a calibrated classifier trained on phantoms cropped by
+    :func:`lung_run`'s model (``--crop=lungs``)."""
+    from support_runs import make_lung_crop_run
+
+    return make_lung_crop_run(tmp_path_factory.mktemp("lung_crop"), *lung_run)
