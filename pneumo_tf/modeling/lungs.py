@@ -25,6 +25,7 @@ import numpy as np
 
 from pneumo_tf.core import rundir
 from pneumo_tf.image import preprocess
+from pneumo_tf.modeling import precision
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,11 @@ class LungModel:
 
     @functools.cached_property
     def model(self):
-        """``model.keras`` (``[B, S, S, 1]`` uint8 -> ``lung_mask`` ``[B, S, S, 1]`` float32)."""
-        return self.run.model
+        """``model.keras`` in float32 (``[B, S, S, 1]`` uint8 -> ``lung_mask`` ``[B, S, S, 1]``
+        float32): a run trained in mixed precision is rebuilt in float32
+        (:func:`pneumo_tf.modeling.precision.float32_model`), so the converter, predict and an
+        exported graph compute the very same maps."""
+        return precision.float32_model(self.run.model)
 
     @property
     def path(self) -> str:

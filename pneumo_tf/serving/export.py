@@ -103,6 +103,7 @@ import numpy as np
 
 from pneumo_tf.core import atomic_files
 from pneumo_tf.evaluation import calibration as calibration_lib
+from pneumo_tf.modeling.precision import float32_model, is_mixed_precision  # noqa: F401
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.image import preprocess
 from pneumo_tf.core import quiet_tf, rundir
@@ -158,55 +159,8 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
 # Model preparation
 
 
-def is_mixed_precision(model) -> bool:
-    """True when any layer computes in a dtype other than float32 (e.g. ``mixed_bfloat16``)."""
-    return any(getattr(layer, "compute_dtype", "float32") not in ("float32", None)
-               for layer in _all_layers(model))
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
-def _force_float32_policies(obj):
-    """Replace every mixed dtype policy in a Keras config tree by ``float32`` (in place)."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(
-                obj.get("config"), dict) and str(obj["config"].get("name", "")).startswith("mixed_"):
-            obj["config"]["name"] = "float32"
-        for key, value in obj.items():
-            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
-                obj[key] = "float32"
-            else:
-                _force_float32_policies(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            _force_float32_policies(value)
-    return obj
-
-
-def float32_model(model):
-    """``model`` itself when it is all float32, else a float32 rebuild with the same weights.
-
-    TFLite cannot convert a ``mixed_bfloat16`` graph; the variables of a mixed-precision model are
-    float32 already, so rebuilding the architecture with float32 policies and copying the weights
-    gives the model the run would have been in float32.
-    """
-    import pneumo_tf.modeling.model  # noqa: F401  (registers the custom layers for from_config)
-
-    if not is_mixed_precision(model):
-        return model
-    config = _force_float32_policies(model.get_config())
-    rebuilt = model.__class__.from_config(config)
-    rebuilt.set_weights(model.get_weights())
-    if is_mixed_precision(rebuilt):
-        raise ExportError("could not rebuild the model in float32 (a layer keeps a mixed dtype); "
-                          "rebuild it with pneumo_tf.modeling.model.build_model under a float32 policy")
-    log.info("rebuilt the mixed-precision model in float32 for export")
-    return rebuilt
+# is_mixed_precision and float32_model live in pneumo_tf.modeling.precision (the lung model
+# runs in float32 everywhere through them too); imported above, and still named here.
 
 
 def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -108,17 +108,23 @@ def export_lung_run(run_dir: str | os.PathLike, formats=export.EXPORT_FORMATS,
     cfg = serving.ServingConfig(image_size=lungs.image_size, crop="none", backbone="lung_unet",
                                 calibration="none", task=lungs_lib.LUNGS_TASK,
                                 lungs=settings.to_json())
-    unet = export.float32_model(lungs.model)
+    unet = lungs.model  # float32 (rebuilt when the run trained in mixed precision)
     thumbs, source = lung_serving.parity_thumbnails(lungs, parity_count, seed)
     reference = lungs.grid_probabilities(thumbs)
     out = lungs.run.paths.export_dir()
     out.mkdir(parents=True, exist_ok=True)
     atomic_files.write_json_atomic(out / serving.SERVING_CONFIG_NAME, cfg.to_json())
+    rebuilt = unet is not lungs.run.model
     report = {"batch": {"source": source, "count": int(len(thumbs))}, "task": lungs_lib.LUNGS_TASK,
-              "reference": "Keras lung model in float32",
+              "reference": "Keras lung model in float32" + (
+                  " (rebuilt from the run's mixed-precision model)" if rebuilt else ""),
               "keras_model_bytes": lungs.run.paths.model.stat().st_size,
               "tolerances": {"fp16_min_dice": FP16_MIN_DICE}, "lungs": settings.to_json(),
               "variants": {}}
+    if rebuilt:  # what the run's own precision would have answered
+        run_maps = np.asarray(lungs.run.model(thumbs, training=False), np.float32)[..., 0]
+        report["variants"]["keras_run_precision"] = lung_serving.lung_diffs(
+            {"lung_mask": run_maps}, reference, settings)
     if "saved_model" in formats:
         sm_dir = export_lung_saved_model(unet, cfg, out / export.SAVED_MODEL_DIR)
         got = _saved_model_outputs(sm_dir, thumbs)
