@@ -571,6 +571,7 @@ class _Decoded:
     mask_lines: list[str] = dataclasses.field(default_factory=list)  # the same, of masks read
     mask_rejects: list[dict] = dataclasses.field(default_factory=list)  # {"path", "reason"}
     lung_model: dict | None = None  # --crop=lungs: LungModel.describe()
+    lungs_s: float | None = None    # --crop=lungs: seconds of the first pass
 
 
 @dataclasses.dataclass
@@ -757,7 +758,9 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
                                   encoding=config.encoding, max_pixels=config.max_pixels,
                                   masks=config.masks)
     if config.crop == "lungs":
+        started = time.monotonic()
         tasks, decoded.lung_model = _find_lungs(tasks, config, worker_config)
+        decoded.lungs_s = time.monotonic() - started
     _run_workers(tasks, worker_config, config.workers, on_result)
     bar.close()
     return decoded
@@ -901,12 +904,15 @@ def _flags_entry(src, out: Path, config: ConvertConfig, keep_official_val: bool)
 
 
 def _timing_entry(times: dict[str, float], converted: int) -> dict:
-    """Seconds per phase; ``times``: start, first (result), decoded, written (monotonic)."""
+    """Seconds per phase; ``times``: start, first (result), decoded, written (monotonic), and
+    ``lungs`` (seconds of the ``--crop=lungs`` first pass, which ends before the first result)."""
     first = times["first"] or times["decoded"]
     steady = times["written"] - first
+    lungs = times.get("lungs")
     return {
         "total_s": round(times["written"] - times["start"], 3),
-        "startup_s": round(first - times["start"], 3),
+        "startup_s": round(first - times["start"] - (lungs or 0.0), 3),
+        **({"find_lungs_s": round(lungs, 3)} if lungs is not None else {}),
         "decode_s": round(times["decoded"] - first, 3),
         "write_s": round(times["written"] - times["decoded"], 3),
         "images_per_s": round(converted / steady, 1) if steady > 0 else None,
@@ -997,6 +1003,7 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike,
     try:
         decoded = _decode_to_spool(tasks, config, spool)
         times["first"], times["decoded"] = decoded.first_result_at, time.monotonic()
+        times["lungs"] = decoded.lungs_s
         assignment = _assign_splits(decoded.kept, config, listing.kind)
         split_info = _write_shards(out, assignment.by_split, spool, config)
     finally:
@@ -1110,7 +1117,8 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
         lines.append(f"  empty folders: {', '.join(manifest['empty_folders'][:5])}")
     t = manifest.get("timing", {})
     if t:
-        lines.append(f"  time {t['total_s']:.1f} s (start-up {t['startup_s']:.1f} s), "
+        lungs = f", finding the lungs {t['find_lungs_s']:.1f} s" if "find_lungs_s" in t else ""
+        lines.append(f"  time {t['total_s']:.1f} s (start-up {t['startup_s']:.1f} s{lungs}), "
                      f"{t['images_per_s']} img/s steady state")
     return "\n".join(lines)
 

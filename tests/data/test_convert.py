@@ -955,6 +955,7 @@ def test_lung_crop_boxes_each_film_to_the_lungs_its_model_finds(lung_run, tmp_pa
     one = convert.convert_dataset(src, tmp_path / "one", workers=1, **kw)
     assert one["splits"] == m["splits"]
     assert "lung crop:" in convert.format_summary(m)
+    assert m["timing"]["find_lungs_s"] > 0 and "finding the lungs" in convert.format_summary(m)
 
 
 def test_lung_crop_falls_back_to_fixed_where_too_few_lungs_are_found(lung_run, tmp_path):
