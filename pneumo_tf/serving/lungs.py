@@ -309,6 +309,30 @@ class HostLungs:
         return lungs_found(finding.fraction, finding.confidence, self.settings)
 
 
+def lung_rates(host: HostLungs, grays: list[np.ndarray], batch_size: int = 32) -> dict:
+    """How often the lung guard refers decoded films (the path predict takes), and why.
+
+    Returns:
+        ``{"n", "no_lungs_found", "by_fraction", "by_confidence"}`` (fractions of ``grays``
+        referred: by the rule, by the lung share alone, by the confidence alone; the last two
+        overlap) and ``"lung_fraction"``, ``"lung_confidence"`` (min, p01, p05, median, max).
+    """
+    findings = [f for start in range(0, len(grays), batch_size)
+                for f in host.find(grays[start:start + batch_size])]
+    if not findings:
+        return {"n": 0}
+    s = host.settings
+    fractions = np.array([f.fraction for f in findings])
+    confidences = np.array([f.confidence for f in findings])
+    low_confidence = (confidences < s.min_lung_confidence if s.min_lung_confidence is not None
+                      else np.zeros(len(findings), bool))
+    return {"n": len(findings),
+            "no_lungs_found": float(np.mean([not host.found(f) for f in findings])),
+            "by_fraction": float(np.mean(fractions < s.min_lung_fraction)),
+            "by_confidence": float(np.mean(low_confidence)),
+            "lung_fraction": _quantiles(fractions), "lung_confidence": _quantiles(confidences)}
+
+
 def keras_lungs(lungs: "lungs_lib.LungModel", settings: LungSettings) -> HostLungs:
     return HostLungs(settings, lungs.grid_probabilities, "keras")
 

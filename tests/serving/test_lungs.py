@@ -127,3 +127,38 @@ def test_host_lungs_find_what_the_lung_model_finds(lung_run):
              for i in range(3)]
     assert host.find(films) == lungs.find(films, margin=0.02)
     assert host.find([]) == []
+
+
+def test_lung_rates_count_what_predict_refers(lung_run):
+    from pneumo_tf.data import phantoms
+
+    lungs = lungs_lib.LungModel(lung_run[0])
+    settings = lung_serving.settings_for(lungs, min_lung_confidence=0.0)
+    host = lung_serving.keras_lungs(lungs, settings)
+    films = [phantoms.generate_phantom(np.random.default_rng(i), i % 2, (130, 150))[0]
+             for i in range(4)]
+    blank = [np.zeros((100, 100), np.uint8)] * 2
+    rates = lung_serving.lung_rates(host, films + blank, batch_size=3)
+    assert rates["n"] == 6 and rates["by_confidence"] == 0.0
+    findings = host.find(films + blank)
+    assert rates["no_lungs_found"] == pytest.approx(np.mean([not host.found(f) for f in findings]))
+    assert rates["by_fraction"] == pytest.approx(np.mean([f.fraction < 0.1 for f in findings]))
+    assert rates["lung_fraction"]["max"] == pytest.approx(max(f.fraction for f in findings))
+    assert lung_serving.lung_rates(host, []) == {"n": 0}
+
+
+@pytest.mark.slow
+def test_bench_ood_measures_the_lung_guard_too(phantom_ood_run, lung_run, tmp_path):
+    run, _, src = phantom_ood_run
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_ood"), f"--run_dir={run}",
+                           f"--films={src / 'train'}", f"--external={src / 'test'}",
+                           "--per_kind=2", f"--lung_model={lung_run[0]}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["lungs"]["path"] == str(lung_run[0].absolute())
+    for kind, entry in result["kinds"].items():
+        assert {"n", "no_lungs_found", "by_fraction", "by_confidence", "lung_fraction",
+                "lung_confidence"} <= set(entry["lungs"]), kind
+    assert {"far_min_no_lungs", "far_min_no_lungs_by_fraction", "unchanged_films_no_lungs",
+            "external_no_lungs"} <= set(result["summary"])
