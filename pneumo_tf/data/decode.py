@@ -95,7 +95,8 @@ def decode_item(item: SourceItem, *, target_size: int | None, crop: str,
     Args:
         item: from :func:`pneumo_tf.data.sources.discover`.
         target_size: output side the converter will resize to, pixels; None decodes at full size.
-        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs``: decides how far a JPEG may be reduced.
+        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs``: decides how far a JPEG may be
+            reduced.
         max_pixels: images with more pixels than this are rejected before decoding.
 
     Returns:

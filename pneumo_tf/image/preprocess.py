@@ -160,8 +160,9 @@ def find_lungs(probabilities: np.ndarray, margin: float = DEFAULT_LUNG_MARGIN,
         return LungFinding(fraction, confidence, None)
     rows = np.flatnonzero(lung.any(axis=1))
     cols = np.flatnonzero(lung.any(axis=0))
-    box = LungBox(max(0.0, int(rows[0]) / g_h - margin), min(1.0, (int(rows[-1]) + 1) / g_h + margin),
-                  max(0.0, int(cols[0]) / g_w - margin), min(1.0, (int(cols[-1]) + 1) / g_w + margin))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = LungBox(max(0.0, r0 / g_h - margin), min(1.0, r1 / g_h + margin),
+                  max(0.0, c0 / g_w - margin), min(1.0, c1 / g_w + margin))
     return LungFinding(fraction, confidence, box)
 
 

@@ -116,7 +116,8 @@ class LungModel:
         return out
 
     def grid_probabilities(self, thumbnails: np.ndarray) -> np.ndarray:
-        """``[N, S, S]`` float32 P(lung) of ``[N, S, S, 1]`` uint8 thumbnails (:meth:`model_inputs`)."""
+        """``[N, S, S]`` float32 P(lung) of ``[N, S, S, 1]`` uint8 thumbnails
+        (:meth:`model_inputs`)."""
         thumbnails = np.asarray(thumbnails, np.uint8)
         if len(thumbnails) == 0:
             return np.zeros((0, self.image_size, self.image_size), np.float32)

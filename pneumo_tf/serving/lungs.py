@@ -266,9 +266,10 @@ def tf_input_lungs(unet, images, settings: LungSettings) -> dict:
 
 def tf_film_lungs(unet, gray, settings: LungSettings) -> dict:
     """One decoded film ``[H, W, 1]`` uint8 through the lung model, in the graph: ``lung_mask``
-    ``[G, G]`` float32 (on the film squashed to G, :func:`pneumo_tf.image.preprocess.tf_resize_area`),
-    ``box`` ``[4]`` float64 and ``found`` (the lung crop's, :func:`pneumo_tf.image.preprocess.tf_find_lungs`
-    with the settings' margin and ``crop_min_fraction``)."""
+    ``[G, G]`` float32 (on the film squashed to G,
+    :func:`pneumo_tf.image.preprocess.tf_resize_area`), ``box`` ``[4]`` float64 and ``found``
+    (the lung crop's, :func:`pneumo_tf.image.preprocess.tf_find_lungs` with the settings' margin
+    and ``crop_min_fraction``)."""
     import tensorflow as tf
 
     thumb = preprocess.tf_resize_area(gray, settings.image_size)
