@@ -460,8 +460,9 @@ def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig
 def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 64) -> dict:
     """The Keras model's reference outputs for ``[N, S, S, 1] uint8`` images: ``probability``
     ``[N] float64``, plus ``ood_score`` (float64, :meth:`pneumo_tf.ood.OodStats.scores`) and
-    ``in_distribution`` (the score and the upside-down probe) with ``ood_stats``, and
-    ``class_probabilities`` ``[N, 3]`` for a subtype model."""
+    ``in_distribution`` (the score and the upside-down probe) and ``upright_margin`` (the
+    probe's value minus its threshold) with ``ood_stats``, and ``class_probabilities``
+    ``[N, 3]`` for a subtype model."""
     from pneumo_tf.evaluation import calibration
     from pneumo_tf.serving import ood
     from pneumo_tf.evaluation import scoring
@@ -477,6 +478,8 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
             if ood_stats.upright is not None:
                 batch["in_distribution"] &= ~ood.upside_down(ood_stats.upright,
                                                              images[i:i + batch_size])
+                batch["upright_margin"] = _upright_margin(ood_stats.upright,
+                                                          images[i:i + batch_size])
         if "class_logits" in out:
             batch["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
         for key, value in batch.items():
@@ -484,14 +487,26 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
+def _upright_margin(upright: dict, images: np.ndarray) -> np.ndarray:
+    """``[N]`` the upside-down probe's value minus its threshold (negative: upside down)."""
+    from pneumo_tf.serving import ood
+
+    values = ood.thumbnails(images).reshape(len(images), -1) @ np.asarray(upright["weights"])
+    return values + upright["bias"] - upright["threshold"]
+
+
 OOD_TIE_TOLERANCE = 1e-4   # relative; the SavedModel's float32 scores agree to about 1e-5
+# absolute, on the probe's value (order 1): its threshold is a val image's value, and the parity
+# batch comes from val, so one image can sit on it exactly
+UPRIGHT_TIE_TOLERANCE = 1e-4
 
 
 def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dict:
     """:func:`_diff_stats` of the probability, plus the OOD and subtype outputs' agreement:
     ``max_rel_ood_score_diff`` and ``in_distribution_agreement`` (at the served threshold, over
-    the images whose score is not within :data:`OOD_TIE_TOLERANCE` of it:
-    ``ood_scores_at_threshold`` counts those), and
+    the images whose score is not within :data:`OOD_TIE_TOLERANCE` of it, nor their
+    upside-down probe within :data:`UPRIGHT_TIE_TOLERANCE` of its threshold:
+    ``ood_scores_at_threshold`` and ``upright_at_threshold`` count those), and
     ``max_abs_class_prob_diff`` and ``subtype_agreement`` (among images labelled PNEUMONIA)."""
     stats = _diff_stats(np.asarray(got["probability"], np.float64).reshape(-1),
                         reference["probability"], cfg)
@@ -501,10 +516,14 @@ def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dic
         # Scores within float32 rounding of the threshold (ties among a barely trained model's
         # val scores put one exactly on it) may fall either side: judged apart.
         near = np.abs(ref - cfg.ood_threshold) <= OOD_TIE_TOLERANCE * max(cfg.ood_threshold, 1.0)
+        stats["ood_scores_at_threshold"] = int(near.sum())
+        if "upright_margin" in reference:
+            tied = np.abs(reference["upright_margin"]) <= UPRIGHT_TIE_TOLERANCE
+            stats["upright_at_threshold"] = int(tied.sum())
+            near = near | tied
         agree = np.asarray(got["in_distribution"], bool) == reference["in_distribution"]
         stats["in_distribution_agreement"] = float(np.mean(agree[~near])) if (~near).any() \
             else 1.0
-        stats["ood_scores_at_threshold"] = int(near.sum())
     if "class_probabilities" in reference:
         probs, ref = np.asarray(got["class_probabilities"], np.float64), reference[
             "class_probabilities"]
