@@ -5,7 +5,8 @@ Usage::
     python -m pneumo_tf.ood --run_dir=R [--data_dir=D] [--ood_val_rate=0.01]
 
 Training fits the guard too; the score, the threshold and the image checks:
-:mod:`pneumo_tf.serving.ood`.
+:mod:`pneumo_tf.serving.ood`. For a lungs run (``--task=lungs``) it fits the no-lungs guard
+instead, ``R/lung_guard.json`` (:func:`pneumo_tf.serving.lungs.fit_guard`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pneumo_tf.core import cli
+from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
-from pneumo_tf.serving import ood
+from pneumo_tf.serving import lungs, ood
 
 
 @dataclasses.dataclass
@@ -40,6 +41,12 @@ FLAG_HOLDERS = cli.define_config_flags(OodFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"])
     f = cli.config_from_flags(OodFlags, FLAG_HOLDERS)
+    if rundir.Run(f.run_dir).task == "lungs":
+        guard = lungs.fit_guard(f.run_dir, f.data_dir, f.ood_val_rate, f.batch_size)
+        print(f"lung guard: min_lung_confidence {guard['min_lung_confidence']:.4f} flags "
+              f"{guard['val_flagged']:.3f} of {guard['fitted_on']['val']} val films -> "
+              f"{Path(f.run_dir) / rundir.LUNG_GUARD_NAME}")
+        return
     info = ood.fit_run(f.run_dir, f.data_dir, f.ood_val_rate, f.ood_layer,
                        batch_size=f.batch_size)
     print(f"ood: threshold {info['threshold']:.1f} ({info['layer']}, {info['feature_dim']} "

@@ -3,7 +3,7 @@
 Usage::
 
     python -m pneumo_tf.predict --model=PATH [--calibration=NAME] [--format=jsonl|table] \
-        [--gradcam_dir=DIR] FILE_OR_DIR...
+        [--gradcam_dir=DIR] [--lung_model=LUNGS_RUN] FILE_OR_DIR...
 
 The rows, the refer reasons and the model kinds: :mod:`pneumo_tf.serving.predictor`.
 """
@@ -18,6 +18,7 @@ from absl import app
 
 from pneumo_tf.core import cli
 from pneumo_tf.core.cli import option
+from pneumo_tf.serving import lungs as lung_serving
 from pneumo_tf.serving import predictor
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,21 @@ class PredictFlags:
     format: str = option(
         "jsonl", "Output: jsonl = one JSON object per input line (path, probability, "
         "calibrated_probability, threshold, calibration, label, class_name, refer, "
-        "refer_reasons, ood_score, in_distribution, and subtype, subtype_probability for a "
-        "three-class run; or path and error); table = aligned text.",
+        "refer_reasons, ood_score, in_distribution, lung_fraction, lung_confidence, and "
+        "subtype, subtype_probability for a three-class run; or path and error); table = "
+        "aligned text.",
         choices=predictor.OUTPUT_FORMATS)
     gradcam_dir: str | None = option(None, "Write one Grad-CAM overlay PNG per input here (run "
                                      "dir or .keras models only).")
     refer_band: float = option(
         predictor.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
         "is within this distance of the operating threshold.", lower=0.0, upper=1.0)
+    lung_model: str | None = cli.lung_model_option(
+        "Rows add lung_fraction and lung_confidence, and films where it finds no lungs are "
+        "referred (no_lungs_found). Default: a --crop=lungs run's own lung model (it crops the "
+        "films as the converter did), or the one an exported model carries; none otherwise.")
+    min_lung_fraction: float = cli.min_lung_fraction_option()
+    min_lung_confidence: float | None = cli.min_lung_confidence_option()
 
 
 FLAG_HOLDERS = cli.define_config_flags(PredictFlags, module_name=__name__)
@@ -56,7 +64,11 @@ def main(argv: list[str]) -> int:
     f = cli.config_from_flags(PredictFlags, FLAG_HOLDERS)
     # Unless given, an exported model keeps the calibration baked into it (a run dir: val).
     calibration = f.calibration if FLAG_HOLDERS["calibration"].present else None
-    model = predictor.load_predictor(f.model, calibration)
+    # Thresholds not given: the defaults, or the ones an exported model carries.
+    lungs = lung_serving.LungOptions(
+        f.lung_model, f.min_lung_fraction if FLAG_HOLDERS["min_lung_fraction"].present else None,
+        f.min_lung_confidence)
+    model = predictor.load_predictor(f.model, calibration, lungs)
     results = predictor.predict_paths(model, inputs, f.batch_size, f.refer_band, f.gradcam_dir)
     failed = 0
     if f.format == "table":

@@ -140,3 +140,20 @@ def phantom_lungs(tmp_path_factory):
     from support_runs import make_phantom_lungs
 
     return make_phantom_lungs(tmp_path_factory.mktemp("phantom_lungs"))
+
+
+@pytest.fixture(scope="session")
+def lung_run(tmp_path_factory):
+    """``(lungs run dir, phantom source dir)``: a tiny lung model (32 px, 3 epochs) and its guard."""
+    from support_runs import make_lung_run
+
+    return make_lung_run(tmp_path_factory.mktemp("lungs"))
+
+
+@pytest.fixture(scope="session")
+def lung_crop_run(lung_run, tmp_path_factory):
+    """``(run_dir, data_dir)``: a calibrated classifier trained on phantoms cropped by
+    :func:`lung_run`'s model (``--crop=lungs``)."""
+    from support_runs import make_lung_crop_run
+
+    return make_lung_crop_run(tmp_path_factory.mktemp("lung_crop"), *lung_run)

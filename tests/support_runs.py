@@ -161,3 +161,54 @@ def make_phantom_lungs(root, image_size: int = 64, num_train: int = 400, epochs:
     session.train(cfg)
     return {"src": root / "src", "data": root / "data", "plain": root / "plain", "run": run,
             "lungs": root / "lungs"}
+
+
+def make_lung_run(root, image_size: int = 32, epochs: int = 3, num_train: int = 120,
+                  unet: tuple[int, int] = (4, 3), seed: int = 0) -> tuple[Path, Path]:
+    """A lungs run (``--task=lungs``) trained by the training app on phantom films and their
+    lung masks (whole films, ``--crop=none``), with its lung guard fitted as training does.
+
+    Args:
+        unet: ``(--unet_filters, --unet_depth)``.
+
+    Returns:
+        ``(run_dir, phantom source dir)``.
+    """
+    from pneumo_tf.data import convert, phantoms
+    from pneumo_tf.training import session
+    from pneumo_tf.training.config import TrainConfig
+
+    root = Path(root)
+    phantoms.write_phantom_dataset(root / "src", num_train=num_train, num_test=12, seed=0,
+                                   min_size=96, max_size=160)
+    convert.convert_dataset(root / "src", root / "data", image_size=image_size, crop="none",
+                            masks=str(root / "src" / phantoms.LUNG_MASKS_DIR), workers=1,
+                            progress=False)
+    cfg = TrainConfig(task="lungs", unet_filters=unet[0], unet_depth=unet[1], epochs=epochs,
+                      batch_size=8, data_dir=str(root / "data"), run_dir=str(root / "run"),
+                      precision="float32", strategy="default", select_on="val_dice",
+                      tb_images=0, val_batch_size=16, lr=3e-3, optimizer="adamw",
+                      lr_schedule="cosine", warmup_epochs=0.5, early_stop_patience=-1,
+                      rotation=10, zoom=0.25, shift=0.08, flip=False, fill_mode="constant",
+                      brightness=0.05, contrast=0.2, gamma=0.2, seed=seed)
+    session.train(cfg)
+    return root / "run", root / "src"
+
+
+def make_lung_crop_run(root, lung_run, src, image_size: int = 32, epochs: int = 2
+                       ) -> tuple[Path, Path]:
+    """A classifier trained on ``--crop=lungs`` data (phantoms cropped by ``lung_run``),
+    calibrated on val.
+
+    Returns:
+        ``(run_dir, data_dir)``.
+    """
+    from pneumo_tf.data import convert
+    from pneumo_tf.evaluation import calibration
+
+    root = Path(root)
+    convert.convert_dataset(src, root / "data", image_size=image_size, crop="lungs",
+                            lung_model=str(lung_run), workers=1, progress=False)
+    run = make_run(root / "run", root / "data", epochs=epochs)
+    calibration.calibrate_run(run, root / "data")
+    return run, root / "data"

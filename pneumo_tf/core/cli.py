@@ -201,6 +201,29 @@ def calibration_option() -> Any:
                   "is given.")
 
 
+def lung_model_option(help: str) -> Any:
+    """``--lung_model``: a lung segmentation run (``--task=lungs``)."""
+    return option(None, "A lungs run directory (python -m pneumo_tf.train "
+                  "--flagfile=configs/lungs.cfg). " + help)
+
+
+def min_lung_fraction_option() -> Any:
+    """``--min_lung_fraction``: the lung share under which the lung model found no lungs."""
+    return option(0.1, "Lung share of the whole film (pixels the lung model calls lung) below "
+                  "which it found no lungs: convert --crop=lungs then takes the fixed crop "
+                  "(counted as lungs_fallback); predict and export refer the film "
+                  "(no_lungs_found).", lower=0.0, upper=1.0)
+
+
+def min_lung_confidence_option() -> Any:
+    """``--min_lung_confidence``: the lung confidence under which the lung model found no lungs."""
+    return option(None, "Mean lung probability over the pixels the lung model calls lung below "
+                  "which it found no lungs (no_lungs_found): a film gets a crisp map, a photo, "
+                  "a page or noise a blurred one. Default: the lungs run's own, fitted on its "
+                  "val films (R/lung_guard.json; python -m pneumo_tf.ood --run_dir=LUNGS_RUN "
+                  "fits it).", lower=0.0, upper=1.0)
+
+
 def num_resamples_option() -> Any:
     """``--num_resamples``: stratified bootstrap resamples of the 95 % CIs."""
     return option(2000, "Stratified bootstrap resamples for the 95 % CIs (>= 1000).",

@@ -16,6 +16,7 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
     R/gradcam/             Grad-CAM grids and cam_stats.json (pneumo_tf.gradcam)
     R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
     R/export_NAME/         the same with calibration NAME baked in (export --calibration=NAME)
+    R/lung_guard.json      a lungs run (--task=lungs): its no-lungs guard, fitted on val
 
 A run's calibrations are named: ``val`` is ``R/calibration.json`` (every run has it), any other
 name ``R/calibrations/NAME.json`` (:func:`read_named_calibration`). Runs written before named
@@ -53,6 +54,8 @@ PARITY_NAME = "parity.json"
 # The out-of-distribution guard (pneumo_tf.serving.ood): settings and statistics.
 OOD_JSON = "ood.json"
 OOD_STATS = "ood_stats.npz"
+# A lungs run's guard (pneumo_tf.serving.lungs): the lung confidence under which no lungs are found.
+LUNG_GUARD_NAME = "lung_guard.json"
 _CALIBRATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -79,6 +82,7 @@ class RunPaths:
         self.export = self.root / "export"
         self.ood_json = self.root / OOD_JSON
         self.ood_stats = self.root / OOD_STATS
+        self.lung_guard = self.root / LUNG_GUARD_NAME
 
     def eval_dir(self, split: str) -> Path:
         return self.root / "eval" / split

@@ -40,6 +40,14 @@ film's lung mask, cropped and resized like the image (nearest neighbour; ``lung_
 ``has_lung_mask``, see :mod:`pneumo_tf.data.records`); films without a mask are kept and marked,
 bad masks are counted by reason in the manifest's ``masks`` entry (docs/data_contracts.md).
 
+With ``--crop=lungs --lung_model=RUN`` a first pass decodes every film and runs the lung model
+(:class:`pneumo_tf.modeling.lungs.LungModel`, in the parent process: the workers stay free of
+TensorFlow) on it squashed to the model's input; each film is then cropped to the bounding box of
+its predicted lungs plus ``--lung_margin``, or to the fixed box where the model finds less than
+``--min_lung_fraction`` of the film (``crop_method`` ``lungs_fallback``, counted like adaptive's
+fallbacks). The manifest's ``lung_model`` entry names the model (path, sha256 of its
+``model.keras``) and what it found; runs trained on the data serve with that model.
+
 Bad input never stops a run: each rejected file is one line ``{"path", "reason"}`` in
 ``OUT/rejects.jsonl``; the exit status is non-zero only when there are more rejects than
 ``--max_rejects``.
@@ -105,8 +113,10 @@ class ConvertConfig:
     image_size: int = cli.option(224, "Side of the stored square images, pixels.", lower=8)
     crop: str | None = cli.option(
         None, "Lung crop: fixed (the paper's fixed lung crop: rows 15-90 %, columns 20-80 %), "
-        "none, adaptive (lung-field box, falls back to fixed). Default: the source's default "
-        "(fixed; none for MedMNIST, which is already cropped).",
+        "none, adaptive (lung-field box, falls back to fixed), lungs (the bounding box of the "
+        "lungs a lung model finds, --lung_model, plus --lung_margin; fixed where it finds "
+        "fewer than --min_lung_fraction). Default: the source's default (fixed; none for "
+        "MedMNIST, which is already cropped).",
         choices=preprocess.CROP_METHODS)
     encoding: str = cli.option(
         "raw", "How the uint8 image is stored: raw bytes (fastest to read) or png (about half "
@@ -154,6 +164,14 @@ class ConvertConfig:
         "MASKS/train/NORMAL/x.png (any size: resized to its film, then cropped and resized like "
         "it, nearest neighbour; > 127 = lung). Stored as the records' lung_mask feature; films "
         "without a mask are kept (has_lung_mask 0).")
+    lung_model: str | None = cli.lung_model_option(
+        "--crop=lungs crops each film to the lungs it finds; the manifest records it (path and "
+        "the sha256 of its model.keras), and runs trained on the data serve with it.")
+    lung_margin: float = cli.option(
+        preprocess.DEFAULT_LUNG_MARGIN, "--crop=lungs: margin added on every side of the lungs' "
+        "bounding box, a fraction of the film's height (top, bottom) and width (left, right).",
+        lower=0.0, upper=0.5)
+    min_lung_fraction: float = cli.min_lung_fraction_option()
     progress: bool = True  # a progress bar on stderr (not a flag: the app always shows it)
 
     def check(self) -> None:
@@ -173,6 +191,12 @@ class ConvertConfig:
         if self.num_shards is not None and self.num_shards < 1:
             raise ConvertError(f"--num_shards={self.num_shards} must be >= 1 (or unset for "
                                f"size-based)")
+        if self.crop == "lungs" and not self.lung_model:
+            raise ConvertError("--crop=lungs needs --lung_model=<a lungs run directory> (train "
+                               "one with `python -m pneumo_tf.train --flagfile=configs/lungs.cfg`)")
+        if self.lung_model and self.crop != "lungs":
+            raise ConvertError(f"--lung_model is used by --crop=lungs only (got --crop="
+                               f"{self.crop}); add --crop=lungs or drop --lung_model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +211,7 @@ class _WorkerConfig:
     max_pixels: int
     parent_pid: int = 0
     masks: str | None = None  # the --masks folder, absolute
+    lung_size: int = 0        # --crop=lungs, finding the lungs: the lung model's input side
 
 
 _worker_config: _WorkerConfig | None = None
@@ -230,6 +255,7 @@ class ProcessedImage:
     mask_status: str | None = None
     mask_sha256: str | None = None
     mask_size_bytes: int = 0
+    lung_fraction: float | None = None  # --crop=lungs: the lung model's lung share of the film
 
 
 def encode_image(image: np.ndarray, encoding: str) -> bytes:
@@ -300,36 +326,74 @@ def read_stored_mask(key: str, image_hw: tuple[int, int], box: preprocess.CropBo
     return encode_image(stored, config.encoding)
 
 
-def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
+def _decode_source_item(item, config: _WorkerConfig, out: ProcessedImage):
+    """Read and decode one source item as the conversion does (its bytes' hash into ``out``).
+
+    Returns:
+        The :class:`pneumo_tf.data.decode.DecodedImage`, or None when the file cannot be read
+        (``out.reject_reason`` says why).
+
+    Raises:
+        decode.RejectError: the item does not decode to a correct image.
+    """
+    from pneumo_tf.data import decode
+
+    if item.path is None:
+        return decode.decode_item(item, target_size=config.image_size, crop=config.crop,
+                                  max_pixels=config.max_pixels)
+    try:
+        data = Path(item.path).read_bytes()
+    except OSError as e:
+        out.reject_reason = f"cannot read file ({e.strerror or e})"
+        return None
+    out.byte_sha256 = hashlib.sha256(data).hexdigest()
+    out.size_bytes = len(data)
+    return decode.decode_bytes(data, name=item.key, target_size=config.image_size,
+                               crop=config.crop, max_pixels=config.max_pixels)
+
+
+def lung_thumbnail_item(index: int, item, config: _WorkerConfig) -> tuple[int, np.ndarray | None]:
+    """``(index, [G, G] uint8 thumbnail)`` of one source item for the lung model (``--crop=lungs``,
+    first pass): the film decoded exactly as :func:`process_item` decodes it, squashed to the lung
+    model's input (:func:`pneumo_tf.image.preprocess.lung_thumbnail`); None for a file that will
+    be rejected (the second pass says why)."""
+    try:
+        decoded = _decode_source_item(item, config, ProcessedImage(index=index))
+        if decoded is None:
+            return index, None
+        return index, preprocess.lung_thumbnail(decoded.gray, config.lung_size)
+    except Exception:  # noqa: BLE001 -- the second pass decodes it again and records the reason
+        return index, None
+
+
+def process_item(index: int, item, config: _WorkerConfig,
+                 lungs: preprocess.LungFinding | None = None) -> ProcessedImage:
     """Read, hash, decode, crop, resize and encode one source item. Never raises on bad input.
 
     Args:
         index: position of the item in the listing (echoed back for ordering checks).
         item: a :class:`pneumo_tf.data.sources.SourceItem`.
         config: image size, crop, encoding and pixel limit.
+        lungs: ``--crop=lungs``: what the lung model found on this film (None: nothing, the
+            fixed crop).
     """
     from pneumo_tf.data import decode
 
     out = ProcessedImage(index=index)
     try:
-        if item.path is not None:
-            try:
-                data = Path(item.path).read_bytes()
-            except OSError as e:
-                out.reject_reason = f"cannot read file ({e.strerror or e})"
-                return out
-            out.byte_sha256 = hashlib.sha256(data).hexdigest()
-            out.size_bytes = len(data)
-            decoded = decode.decode_bytes(data, name=item.key, target_size=config.image_size,
-                                          crop=config.crop, max_pixels=config.max_pixels)
-        else:
-            decoded = decode.decode_item(item, target_size=config.image_size, crop=config.crop,
-                                         max_pixels=config.max_pixels)
+        decoded = _decode_source_item(item, config, out)
+        if decoded is None:
+            return out
         gray = decoded.gray
         if out.byte_sha256 is None:  # in-memory item (MedMNIST): its bytes are its pixels
             out.byte_sha256 = hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()
             out.size_bytes = gray.nbytes
-        image, box, method = preprocess.preprocess_gray(gray, config.image_size, config.crop)
+        if config.crop == "lungs":
+            out.lung_fraction = None if lungs is None else float(lungs.fraction)
+            image, box, method = preprocess.preprocess_gray(
+                gray, config.image_size, config.crop, None if lungs is None else lungs.box)
+        else:
+            image, box, method = preprocess.preprocess_gray(gray, config.image_size, config.crop)
         # "Pixel-identical" = the same stored pixels: what the model would see twice. Hashing
         # the small stored image (not the decoded one) keeps this nearly free.
         out.pixel_hash = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
@@ -352,8 +416,13 @@ def process_item(index: int, item, config: _WorkerConfig) -> ProcessedImage:
     return out
 
 
-def _process_chunk(tasks: list[tuple[int, Any]]) -> list[ProcessedImage]:
-    return [process_item(index, item, _worker_config) for index, item in tasks]
+def _process_chunk(tasks: list[tuple]) -> list[ProcessedImage]:
+    """Tasks are ``(index, item)``, or ``(index, item, lung finding)`` for ``--crop=lungs``."""
+    return [process_item(task[0], task[1], _worker_config, *task[2:]) for task in tasks]
+
+
+def _thumbnail_chunk(tasks: list[tuple]) -> list[tuple[int, np.ndarray | None]]:
+    return [lung_thumbnail_item(task[0], task[1], _worker_config) for task in tasks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,9 +511,12 @@ def _check_listing_not_empty(listing, src, out: Path) -> None:
                        f"was left as it was. Check the --src path")
 
 
-def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: int,
-                 on_result: Callable[[ProcessedImage], None]) -> None:
+def _run_workers(tasks: list[tuple], config: _WorkerConfig, workers: int,
+                 on_result: Callable[[Any], None], chunk_fn: Callable = _process_chunk) -> None:
     """Process ``tasks`` in ``workers`` spawned processes (inline when 1); results in order.
+
+    ``chunk_fn`` maps a list of tasks to their results in a worker (:func:`_process_chunk`:
+    records; :func:`_thumbnail_chunk`: the lung model's thumbnails).
 
     At most a few chunks per worker are in flight, so results waiting for a slow earlier item
     stay few and memory stays flat.
@@ -458,10 +530,10 @@ def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: i
         log.warning("main script %s is not a file; decoding in this process only", main_file)
         workers = 1
     if workers <= 1 or len(tasks) <= 1:
-        config = dataclasses.replace(config, parent_pid=0)
-        _init_worker(config)
-        for index, item in tasks:
-            on_result(process_item(index, item, config))
+        _init_worker(dataclasses.replace(config, parent_pid=0))
+        for task in tasks:
+            for result in chunk_fn([task]):
+                on_result(result)
         return
     # Large chunks: a per-chunk round trip through the pool costs more than it seems (measured:
     # 8 images/chunk 1.7x the naive loop, 64 images/chunk 2.1x on 2 cores), while 8 chunks per
@@ -473,13 +545,13 @@ def _run_workers(tasks: list[tuple[int, Any]], config: _WorkerConfig, workers: i
     try:
         with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_init_worker, initargs=(config,)) as pool:
-            pending = collections.deque(pool.submit(_process_chunk, c)
+            pending = collections.deque(pool.submit(chunk_fn, c)
                                         for c in itertools.islice(chunks, 4 * workers))
             while pending:
                 results = pending.popleft().result()
                 nxt = next(chunks, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_process_chunk, nxt))
+                    pending.append(pool.submit(chunk_fn, nxt))
                 for r in results:
                     on_result(r)
     except concurrent.futures.process.BrokenProcessPool as e:
@@ -498,6 +570,8 @@ class _Decoded:
     first_result_at: float | None  # time.monotonic() of the first result (end of start-up)
     mask_lines: list[str] = dataclasses.field(default_factory=list)  # the same, of masks read
     mask_rejects: list[dict] = dataclasses.field(default_factory=list)  # {"path", "reason"}
+    lung_model: dict | None = None  # --crop=lungs: LungModel.describe()
+    lungs_s: float | None = None    # --crop=lungs: seconds of the first pass
 
 
 @dataclasses.dataclass
@@ -532,7 +606,25 @@ def _list_source(src, out: Path, config: ConvertConfig):
     _check_listing_not_empty(listing, src, out)
     if config.masks:
         check_mask_layout(config.masks, [item.key for item in listing.items], src)
+    if config.lung_model:
+        _open_lung_model(config.lung_model)
     return listing
+
+
+def _open_lung_model(path: str):
+    """The ``--lung_model`` run as a :class:`pneumo_tf.modeling.lungs.LungModel` (the model
+    loads on first use).
+
+    Raises:
+        ConvertError: not a finished lungs run (the message names the fix).
+    """
+    from pneumo_tf.core import rundir
+    from pneumo_tf.modeling import lungs as lungs_lib
+
+    try:
+        return lungs_lib.LungModel(path)
+    except rundir.RunDirError as e:
+        raise ConvertError(str(e)) from e
 
 
 def mask_files(masks: str | os.PathLike) -> list[str]:
@@ -588,12 +680,54 @@ def _tasks_and_rejects(listing) -> tuple[list[tuple[int, Any]], list[dict]]:
     return tasks, rejects
 
 
+def _find_lungs(tasks: list[tuple[int, Any]], config: ConvertConfig,
+                worker_config: _WorkerConfig) -> tuple[list[tuple], dict]:
+    """``--crop=lungs``, first pass: every film's lungs by the lung model.
+
+    The workers decode each film as the conversion will and squash it to the lung model's input;
+    the parent runs the model on batches of these thumbnails as they arrive
+    (:func:`pneumo_tf.image.preprocess.find_lungs`: lung share, confidence, box plus
+    ``--lung_margin``, none below ``--min_lung_fraction``).
+
+    Returns:
+        ``(tasks with each film's finding appended (None: it did not decode), the lung model's
+        description for the manifest)``.
+    """
+    lung_model = _open_lung_model(config.lung_model)
+    findings: dict[int, preprocess.LungFinding] = {}
+    batch: list[tuple[int, np.ndarray]] = []
+    bar = Progress(len(tasks), "find lungs", enabled=config.progress)
+
+    def flush() -> None:
+        if batch:
+            probs = lung_model.grid_probabilities(np.stack([t for _, t in batch])[..., None])
+            for (index, _), prob in zip(batch, probs):
+                findings[index] = preprocess.find_lungs(prob, config.lung_margin,
+                                                        config.min_lung_fraction)
+            batch.clear()
+
+    def on_result(result: tuple[int, np.ndarray | None]) -> None:
+        if result[1] is not None:
+            batch.append(result)
+            if len(batch) >= lung_model.batch_size:
+                flush()
+        bar.update(result[0] + 1)
+
+    _run_workers(tasks, dataclasses.replace(worker_config, lung_size=lung_model.image_size),
+                 config.workers, on_result, chunk_fn=_thumbnail_chunk)
+    flush()
+    bar.close()
+    return ([(index, item, findings.get(index)) for index, item in tasks],
+            lung_model.describe())
+
+
 def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool) -> _Decoded:
     """Stage 3: decode every item in worker processes; append each record to ``spool``.
 
     The parent writes each serialized record to the spool as it arrives, so memory stays flat.
+    With ``--crop=lungs`` a first pass finds every film's lungs (:func:`_find_lungs`).
     """
-    items = [item for _, item in tasks]
+    items = [task[1] for task in tasks]
     decoded = _Decoded(kept=[], rejects=[], checksum_lines=[], first_result_at=None)
     bar = Progress(len(tasks), "convert", enabled=config.progress)
 
@@ -623,6 +757,10 @@ def _decode_to_spool(tasks: list[tuple[int, Any]], config: ConvertConfig, spool)
     worker_config = _WorkerConfig(image_size=config.image_size, crop=config.crop,
                                   encoding=config.encoding, max_pixels=config.max_pixels,
                                   masks=config.masks)
+    if config.crop == "lungs":
+        started = time.monotonic()
+        tasks, decoded.lung_model = _find_lungs(tasks, config, worker_config)
+        decoded.lungs_s = time.monotonic() - started
     _run_workers(tasks, worker_config, config.workers, on_result)
     bar.close()
     return decoded
@@ -737,6 +875,26 @@ def _masks_entry(config: ConvertConfig, listing, decoded: _Decoded,
     }
 
 
+def _lung_model_entry(config: ConvertConfig, decoded: _Decoded, assignment: _Assignment) -> dict:
+    """The manifest's ``lung_model`` entry of a ``--crop=lungs`` conversion: which model (path,
+    sha256 of its model.keras, input size), the crop's settings and what it found on the kept
+    films (see docs/data_contracts.md)."""
+    members = [k for split in assignment.by_split.values() for k in split]
+    fractions = np.array([k.result.lung_fraction for k in members
+                          if k.result.lung_fraction is not None], np.float64)
+    methods = collections.Counter(k.result.crop_method for k in members)
+    stats = ({"mean": float(fractions.mean()), "min": float(fractions.min()),
+              "median": float(np.median(fractions)), "max": float(fractions.max())}
+             if fractions.size else None)
+    return {**decoded.lung_model, "margin": config.lung_margin,
+            "min_lung_fraction": config.min_lung_fraction,
+            "lungs_found": methods["lungs"], "fallbacks": methods["lungs_fallback"],
+            "lung_fraction": stats,
+            "method": "bounding box of the lung model's pixels above 0.5 on the film squashed to "
+                      "its input, plus margin (fractions of the film's height and width); the "
+                      "fixed crop below min_lung_fraction"}
+
+
 def _flags_entry(src, out: Path, config: ConvertConfig, keep_official_val: bool) -> dict:
     """The settings of the run (crop and workers resolved) as the manifest records them."""
     settings = {f.name: getattr(config, f.name) for f in cli.flag_fields(ConvertConfig)
@@ -746,12 +904,15 @@ def _flags_entry(src, out: Path, config: ConvertConfig, keep_official_val: bool)
 
 
 def _timing_entry(times: dict[str, float], converted: int) -> dict:
-    """Seconds per phase; ``times``: start, first (result), decoded, written (monotonic)."""
+    """Seconds per phase; ``times``: start, first (result), decoded, written (monotonic), and
+    ``lungs`` (seconds of the ``--crop=lungs`` first pass, which ends before the first result)."""
     first = times["first"] or times["decoded"]
     steady = times["written"] - first
+    lungs = times.get("lungs")
     return {
         "total_s": round(times["written"] - times["start"], 3),
-        "startup_s": round(first - times["start"], 3),
+        "startup_s": round(first - times["start"] - (lungs or 0.0), 3),
+        **({"find_lungs_s": round(lungs, 3)} if lungs is not None else {}),
         "decode_s": round(times["decoded"] - first, 3),
         "write_s": round(times["written"] - times["decoded"], 3),
         "images_per_s": round(converted / steady, 1) if steady > 0 else None,
@@ -763,7 +924,9 @@ def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
     """Stage 6's content: everything ``manifest.json`` says about the conversion."""
     rejects = decoded.rejects
     reasons = collections.Counter(_reason_class(r["reason"]) for r in rejects)
-    masks = {"masks": _masks_entry(config, listing, decoded, assignment)} if config.masks else {}
+    extras = {"masks": _masks_entry(config, listing, decoded, assignment)} if config.masks else {}
+    if config.crop == "lungs":
+        extras["lung_model"] = _lung_model_entry(config, decoded, assignment)
     return {
         "version": records.MANIFEST_VERSION,
         "tool_version": pneumo_tf.__version__,
@@ -784,7 +947,7 @@ def _manifest(src, out: Path, config: ConvertConfig, listing, decoded: _Decoded,
                             for pair, ids in assignment.overlap.items()},
         "empty_folders": sorted(listing.empty_folders),
         "source": _source_entry(listing, decoded.checksum_lines),
-        **masks,
+        **extras,
         "flags": _flags_entry(src, out, config, assignment.keep_official_val),
         "timing": _timing_entry(times, sum(v["count"] for v in split_info.values())),
     }
@@ -829,15 +992,18 @@ def convert_dataset(src: str | os.PathLike, out: str | os.PathLike,
     # starts (workers are spawned, so the parent's TensorFlow never reaches them).
     import tensorflow  # noqa: F401
 
-    config = dataclasses.replace(config, crop=config.crop or listing.default_crop,
-                                 workers=config.workers or default_workers(),
-                                 masks=str(Path(config.masks).absolute()) if config.masks else None)
+    config = dataclasses.replace(
+        config, crop=config.crop or listing.default_crop,
+        workers=config.workers or default_workers(),
+        masks=str(Path(config.masks).absolute()) if config.masks else None,
+        lung_model=str(Path(config.lung_model).absolute()) if config.lung_model else None)
     tasks, rejects = _tasks_and_rejects(listing)
     spool_path = out / SPOOL_NAME
     spool = open(spool_path, "w+b")  # noqa: SIM115 -- closed and removed in the finally below
     try:
         decoded = _decode_to_spool(tasks, config, spool)
         times["first"], times["decoded"] = decoded.first_result_at, time.monotonic()
+        times["lungs"] = decoded.lungs_s
         assignment = _assign_splits(decoded.kept, config, listing.kind)
         split_info = _write_shards(out, assignment.by_split, spool, config)
     finally:
@@ -909,6 +1075,13 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
     if sw:
         lines.append("  subtype weights (train, balanced over known subtypes): "
                      + ", ".join(f"{c} -> {sw[c]:.3f}" for c in ("0", "1", "2")))
+    lung = manifest.get("lung_model")
+    if lung:
+        share = lung.get("lung_fraction") or {}
+        lines.append(f"  lung crop: {lung['lungs_found']} films cropped to their lungs, "
+                     f"{lung['fallbacks']} fixed (lung share < {lung['min_lung_fraction']}); "
+                     f"lung share median {share.get('median', float('nan')):.2f} "
+                     f"(min {share.get('min', float('nan')):.2f}); model {lung['path']}")
     masks = manifest.get("masks")
     if masks:
         per_split = ", ".join(f"{n} {s.get('lung_masks', 0)}"
@@ -944,7 +1117,8 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
         lines.append(f"  empty folders: {', '.join(manifest['empty_folders'][:5])}")
     t = manifest.get("timing", {})
     if t:
-        lines.append(f"  time {t['total_s']:.1f} s (start-up {t['startup_s']:.1f} s), "
+        lungs = f", finding the lungs {t['find_lungs_s']:.1f} s" if "find_lungs_s" in t else ""
+        lines.append(f"  time {t['total_s']:.1f} s (start-up {t['startup_s']:.1f} s{lungs}), "
                      f"{t['images_per_s']} img/s steady state")
     return "\n".join(lines)
 

@@ -50,8 +50,9 @@ _REDUCED_GRAYSCALE_FLAGS = {
     4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
-# The adaptive lung box can be much smaller than the fixed one; demand twice the target size on
-# the whole reduced image so even a box of half the image side still has target_size pixels.
+# The adaptive and the lung model's boxes can be much smaller than the fixed one; demand twice the
+# target size on the whole reduced image so even a box of half the image side still has
+# target_size pixels.
 ADAPTIVE_REDUCTION_MARGIN = 2
 _EXIF_ORIENTATION_TAG = 0x0112
 _JPEG_EOI = b"\xff\xd9"
@@ -94,7 +95,8 @@ def decode_item(item: SourceItem, *, target_size: int | None, crop: str,
     Args:
         item: from :func:`pneumo_tf.data.sources.discover`.
         target_size: output side the converter will resize to, pixels; None decodes at full size.
-        crop: ``fixed`` | ``none`` | ``adaptive``: decides how far a JPEG may be reduced.
+        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs``: decides how far a JPEG may be
+            reduced.
         max_pixels: images with more pixels than this are rejected before decoding.
 
     Returns:
@@ -203,13 +205,14 @@ def jpeg_reduction_factor(height: int, width: int, target_size: int, crop: str) 
     libjpeg decodes at 1/s size as ``ceil(height / s) x ceil(width / s)``. Reduction is allowed
     when the region to be cropped at that size is at least ``target_size`` on both sides, so the
     final area resize still only shrinks. ``fixed`` uses the paper's crop fractions, ``none`` the
-    whole image, ``adaptive`` the whole image with a 2x margin (its box is not known yet).
+    whole image, ``adaptive`` and ``lungs`` the whole image with a 2x margin (their box is not
+    known yet).
 
     Args:
         height: upright source height, pixels.
         width: upright source width, pixels.
         target_size: output side, pixels.
-        crop: ``fixed`` | ``none`` | ``adaptive``.
+        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs``.
     """
     if crop not in CROP_METHODS:
         raise ValueError(f"unknown crop {crop!r}; expected one of {CROP_METHODS}")
@@ -219,7 +222,7 @@ def jpeg_reduction_factor(height: int, width: int, target_size: int, crop: str) 
         if crop == "fixed":
             box = fixed_crop_box(h, w)
             h, w = box.bottom - box.top, box.right - box.left
-        elif crop == "adaptive":
+        elif crop in ("adaptive", "lungs"):
             need = ADAPTIVE_REDUCTION_MARGIN * target_size
         if h >= need and w >= need:
             return factor
@@ -468,7 +471,7 @@ def tf_jpeg_reduction_factor(height, width, target_size: int, crop: str):
         if crop == "fixed":
             top, bottom, left, right = tf_fixed_crop_box(h, w)
             h, w = bottom - top, right - left
-        elif crop == "adaptive":
+        elif crop in ("adaptive", "lungs"):
             need = ADAPTIVE_REDUCTION_MARGIN * target_size
         factor = tf.where((h >= need) & (w >= need), tf.constant(f, tf.int32), factor)
     return factor

@@ -66,7 +66,7 @@ FEATURES: dict[str, tuple[str, tuple[int, ...]]] = {
     "orig_height": ("int64", ()),    # decoded source height, pixels
     "orig_width": ("int64", ()),     # decoded source width, pixels
     "crop_box": ("int64", (4,)),     # top, bottom, left, right in source pixels
-    "crop_method": ("bytes", ()),    # fixed | none | adaptive | adaptive_fallback
+    "crop_method": ("bytes", ()),    # fixed | none | adaptive[_fallback] | lungs[_fallback]
     "lung_mask": ("bytes", ()),      # converted with --masks: [S, S] uint8 0/255, as "image"
     "has_lung_mask": ("int64", ()),  # converted with --masks: 1 = lung_mask present, 0 = none
 }
@@ -331,10 +331,15 @@ COMPAT_KEYS = ("image_size", "crop", "encoding", "channels")
 
 
 def manifest_mismatches(run_manifest: dict, data_manifest: dict) -> list[str]:
-    """Human-readable differences in :data:`COMPAT_KEYS` between two manifests (empty if none)."""
+    """Human-readable differences in :data:`COMPAT_KEYS` between two manifests (empty if none),
+    and for ``--crop=lungs`` data in the lung model that cropped them."""
     out = []
     for key in COMPAT_KEYS:
         a, b = run_manifest.get(key), data_manifest.get(key)
         if a != b:
             out.append(f"{key}: run has {a!r}, data dir has {b!r}")
+    if run_manifest.get("crop") == "lungs" == data_manifest.get("crop"):
+        a, b = ((m.get("lung_model") or {}).get("sha256") for m in (run_manifest, data_manifest))
+        if a != b:  # another lung model crops other boxes
+            out.append(f"lung_model: run's crop used {a!r}, data dir's {b!r} (sha256 of model.keras)")
     return out

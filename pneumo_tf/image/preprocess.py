@@ -10,6 +10,7 @@ Conventions: a "gray image" is a 2-D ``uint8`` array ``[H, W]``; a crop box is
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import cv2
@@ -17,7 +18,13 @@ import numpy as np
 
 # The paper's fixed lung crop: rows 15 %-90 % of height, columns 20 %-80 % of width (fractions of the full image).
 FIXED_CROP_FRACTIONS = (0.15, 0.90, 0.20, 0.80)  # top, bottom, left, right
-CROP_METHODS = ("fixed", "none", "adaptive")
+CROP_METHODS = ("fixed", "none", "adaptive", "lungs")
+# The lung crop (--crop=lungs): a pixel of the lung model's map is lung above this probability.
+LUNG_PROBABILITY_THRESHOLD = 0.5
+# Margin around the predicted lungs' bounding box, a fraction of the film's height (rows) and
+# width (columns), and the lung share of the whole film below which no lungs count as found.
+DEFAULT_LUNG_MARGIN = 0.05
+DEFAULT_MIN_LUNG_FRACTION = 0.1
 
 
 class CropBox(NamedTuple):
@@ -104,11 +111,89 @@ def adaptive_crop_box(gray: np.ndarray) -> tuple[CropBox, bool]:
     return box, True
 
 
-def crop_box_for(gray: np.ndarray, crop: str) -> tuple[CropBox, str]:
-    """The crop box for ``crop`` in {fixed, none, adaptive} and the method actually used.
+class LungBox(NamedTuple):
+    """The predicted lungs' bounding box plus its margin, as fractions of the film: ``top`` and
+    ``bottom`` of its height, ``left`` and ``right`` of its width (float64, clipped to [0, 1])."""
 
-    The method is ``crop`` itself, or ``"adaptive_fallback"`` when the adaptive search fell back
-    to the fixed box.
+    top: float
+    bottom: float
+    left: float
+    right: float
+
+
+class LungFinding(NamedTuple):
+    """What a lung model's map says about one film.
+
+    Attributes:
+        fraction: lung share of the whole film (map pixels above
+            :data:`LUNG_PROBABILITY_THRESHOLD` / all pixels; the map is the film squashed to a
+            square, which keeps area shares).
+        confidence: mean lung probability over those pixels (0 without any).
+        box: the lung crop's :class:`LungBox`, or None when ``fraction`` is below the minimum
+            (the crop falls back to the fixed one).
+    """
+
+    fraction: float
+    confidence: float
+    box: LungBox | None
+
+
+def find_lungs(probabilities: np.ndarray, margin: float = DEFAULT_LUNG_MARGIN,
+               min_fraction: float = DEFAULT_MIN_LUNG_FRACTION) -> LungFinding:
+    """The lungs in one lung-probability map (the lung model's output for a whole film).
+
+    The box is the bounding box of the map's lung pixels, in map cells, as fractions of the map's
+    side, widened by ``margin`` on every side and clipped to the film. Computed in float64 from
+    integer cell indices, so :func:`tf_find_lungs` gives the very same numbers.
+
+    Args:
+        probabilities: ``[G, G]`` P(lung) of each cell of the film squashed to the model's input.
+        margin: fraction of the film's height (top, bottom) and width (left, right).
+        min_fraction: the lung share below which ``box`` is None.
+    """
+    lung = np.asarray(probabilities) > LUNG_PROBABILITY_THRESHOLD
+    g_h, g_w = lung.shape
+    count = int(lung.sum())
+    confidence = float(np.asarray(probabilities, np.float64)[lung].mean()) if count else 0.0
+    fraction = count / lung.size
+    if count == 0 or count < min_fraction * lung.size:
+        return LungFinding(fraction, confidence, None)
+    rows = np.flatnonzero(lung.any(axis=1))
+    cols = np.flatnonzero(lung.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = LungBox(max(0.0, r0 / g_h - margin), min(1.0, r1 / g_h + margin),
+                  max(0.0, c0 / g_w - margin), min(1.0, c1 / g_w + margin))
+    return LungFinding(fraction, confidence, box)
+
+
+# Float rounding of the box's fractions (0.8 + 0.05 = 0.8500000000000001) must not add a pixel.
+_PIXEL_EPS = 1e-9
+
+
+def lung_crop_box(height: int, width: int, box: LungBox) -> CropBox:
+    """A :class:`LungBox` on a film of ``height`` x ``width`` pixels: outward to whole pixels."""
+    return CropBox(int(math.floor(box.top * height + _PIXEL_EPS)),
+                   int(math.ceil(box.bottom * height - _PIXEL_EPS)),
+                   int(math.floor(box.left * width + _PIXEL_EPS)),
+                   int(math.ceil(box.right * width - _PIXEL_EPS)))
+
+
+_NO_FINDING = object()
+
+
+def crop_box_for(gray: np.ndarray, crop: str, lungs=_NO_FINDING) -> tuple[CropBox, str]:
+    """The crop box for ``crop`` (one of :data:`CROP_METHODS`) and the method actually used.
+
+    Args:
+        gray: ``[H, W]`` the film.
+        crop: ``fixed``, ``none``, ``adaptive`` or ``lungs``.
+        lungs: with ``crop="lungs"``, the film's :class:`LungBox` (from :func:`find_lungs` on the
+            lung model's map of this film), or None where no lungs were found.
+
+    Returns:
+        ``(box, method)``: the method is ``crop`` itself, or ``"adaptive_fallback"`` /
+        ``"lungs_fallback"`` when the adaptive search / the lung model found no lungs and the
+        fixed box was used.
     """
     h, w = gray.shape[:2]
     if crop == "fixed":
@@ -118,6 +203,12 @@ def crop_box_for(gray: np.ndarray, crop: str) -> tuple[CropBox, str]:
     if crop == "adaptive":
         box, found = adaptive_crop_box(gray)
         return box, "adaptive" if found else "adaptive_fallback"
+    if crop == "lungs":
+        if lungs is _NO_FINDING:
+            raise ValueError("crop 'lungs' needs the lung model's box of the film (find_lungs)")
+        if lungs is None:
+            return fixed_crop_box(h, w), "lungs_fallback"
+        return lung_crop_box(h, w, lungs), "lungs"
     raise ValueError(f"unknown crop {crop!r}; expected one of {CROP_METHODS}")
 
 
@@ -145,19 +236,27 @@ def resize_to(image: np.ndarray, size_hw: tuple[int, int],
     return cv2.resize(image, (int(size_hw[1]), int(size_hw[0])), interpolation=interpolation)
 
 
-def preprocess_gray(gray: np.ndarray, image_size: int, crop: str) -> tuple[np.ndarray, CropBox, str]:
+def preprocess_gray(gray: np.ndarray, image_size: int, crop: str,
+                    lungs=_NO_FINDING) -> tuple[np.ndarray, CropBox, str]:
     """Crop and resize one radiograph exactly as the converter stores it.
 
     Args:
         gray: ``[H, W] uint8`` full radiograph.
         image_size: output side in pixels.
-        crop: ``fixed`` | ``none`` | ``adaptive``.
+        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs``.
+        lungs: ``crop="lungs"`` only: the film's :class:`LungBox` or None (see
+            :func:`crop_box_for`).
 
     Returns:
         ``(image [image_size, image_size] uint8, box in gray's pixels, crop method used)``.
     """
-    box, method = crop_box_for(gray, crop)
+    box, method = crop_box_for(gray, crop, lungs)
     return resize_area(apply_box(gray, box), image_size), box, method
+
+
+def lung_thumbnail(gray: np.ndarray, size: int) -> np.ndarray:
+    """``[size, size] uint8``: the whole film squashed (area) to a lung model's input."""
+    return resize_area(gray, size)
 
 
 def preprocess_mask(mask: np.ndarray, image_hw: tuple[int, int], box: CropBox,
@@ -202,25 +301,97 @@ def tf_fixed_crop_box(height, width):
             tf.cast(w * l, tf.int32), tf.cast(w * r, tf.int32))
 
 
-def tf_preprocess_gray(gray, image_size: int, crop: str):
+def tf_find_lungs(probabilities, margin: float = DEFAULT_LUNG_MARGIN,
+                  min_fraction: float = DEFAULT_MIN_LUNG_FRACTION) -> dict:
+    """In-graph twin of :func:`find_lungs` for a batch of maps ``[N, G, G]`` float32.
+
+    Returns:
+        ``{"fraction": [N] float32, "confidence": [N] float32, "found": [N] bool (a box, i.e.
+        :func:`find_lungs`'s ``box`` is not None), "box": [N, 4] float64 (top, bottom, left,
+        right fractions; meaningless where not found)}``.
+    """
+    import tensorflow as tf
+
+    probabilities = tf.convert_to_tensor(probabilities, tf.float32)
+    lung = probabilities > LUNG_PROBABILITY_THRESHOLD
+    shape = tf.shape(lung)
+    g_h, g_w = shape[1], shape[2]
+    cells = tf.cast(g_h * g_w, tf.float64)
+    count = tf.reduce_sum(tf.cast(lung, tf.int32), axis=[1, 2])
+    p64 = tf.cast(probabilities, tf.float64)
+    total = tf.reduce_sum(tf.where(lung, p64, tf.zeros_like(p64)), axis=[1, 2])
+    count64 = tf.cast(count, tf.float64)
+    zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
+    confidence = tf.where(count > 0, total / tf.maximum(count64, one), zero)
+    found = (count > 0) & (count64 >= min_fraction * cells)
+
+    def first_last(any_along):  # [N, L] bool -> first index, last index + 1 (int32)
+        length = tf.shape(any_along)[1]
+        first = tf.argmax(tf.cast(any_along, tf.int32), axis=1, output_type=tf.int32)
+        last = length - tf.argmax(tf.cast(any_along[:, ::-1], tf.int32), axis=1,
+                                  output_type=tf.int32)
+        return tf.cast(first, tf.float64), tf.cast(last, tf.float64)
+
+    r0, r1 = first_last(tf.reduce_any(lung, axis=2))
+    c0, c1 = first_last(tf.reduce_any(lung, axis=1))
+    gh, gw = tf.cast(g_h, tf.float64), tf.cast(g_w, tf.float64)
+    box = tf.stack([tf.maximum(zero, r0 / gh - margin), tf.minimum(one, r1 / gh + margin),
+                    tf.maximum(zero, c0 / gw - margin), tf.minimum(one, c1 / gw + margin)], axis=1)
+    return {"fraction": tf.cast(count64 / cells, tf.float32),
+            "confidence": tf.cast(confidence, tf.float32), "found": found, "box": box}
+
+
+def tf_lung_crop_box(height, width, box):
+    """In-graph twin of :func:`lung_crop_box`: int32 scalars ``(top, bottom, left, right)`` from
+    one ``[4]`` float64 box."""
+    import tensorflow as tf
+
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    eps = _PIXEL_EPS
+    return (tf.cast(tf.floor(box[0] * h + eps), tf.int32),
+            tf.cast(tf.math.ceil(box[1] * h - eps), tf.int32),
+            tf.cast(tf.floor(box[2] * w + eps), tf.int32),
+            tf.cast(tf.math.ceil(box[3] * w - eps), tf.int32))
+
+
+def tf_resize_area(gray, image_size: int):
+    """In-graph twin of :func:`resize_area` for ``[H, W, 1]`` uint8 (TF's float area resize,
+    rounded: within 1 grey level of OpenCV's)."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(tf.cast(gray, tf.float32), (image_size, image_size),
+                              method="area", antialias=False)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def tf_preprocess_gray(gray, image_size: int, crop: str, lung_box=None, lungs_found=None):
     """In-graph twin of :func:`preprocess_gray` for ``[H, W, 1]`` uint8 (serving).
 
     ``adaptive`` has no in-graph twin: callers must preprocess on the host for such runs.
+    ``lungs`` needs the film's ``lung_box`` (``[4]`` float64) and ``lungs_found`` (bool scalar)
+    from :func:`tf_find_lungs`; where no lungs were found it takes the fixed crop, as the
+    converter does.
 
     Returns:
         ``[image_size, image_size, 1]`` uint8.
     """
     import tensorflow as tf
 
-    if crop == "fixed":
+    if crop in ("fixed", "lungs"):
         shape = tf.shape(gray)
         top, bottom, left, right = tf_fixed_crop_box(shape[0], shape[1])
+        if crop == "lungs":
+            if lung_box is None or lungs_found is None:
+                raise ValueError("crop 'lungs' needs the film's lung box (tf_find_lungs)")
+            lung = tf_lung_crop_box(shape[0], shape[1], lung_box)
+            top, bottom, left, right = (tf.where(lungs_found, a, b) for a, b in
+                                        zip(lung, (top, bottom, left, right)))
         gray = gray[top:bottom, left:right, :]
     elif crop != "none":
-        raise ValueError(f"crop {crop!r} has no in-graph implementation; use 'fixed' or 'none'")
-    resized = tf.image.resize(tf.cast(gray, tf.float32), (image_size, image_size),
-                              method="area", antialias=False)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+        raise ValueError(f"crop {crop!r} has no in-graph implementation; use 'fixed', 'none' "
+                         f"or 'lungs'")
+    return tf_resize_area(gray, image_size)
 
 
 # Pixel normalisation modes (docs/method.md: the paper's [0, 1] vs the backbone's own). Inputs are float ``[..., 3]`` in 0..255, RGB order.

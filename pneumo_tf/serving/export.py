@@ -48,6 +48,23 @@ model's softmax over NORMAL, BACTERIAL, VIRAL), ``subtype`` (int64: 0 where ``la
 ``subtype_probability`` (float32, that larger one given pneumonia, ``sigmoid(|z_b - z_v| / T_s)``
 with ``calibration.json``'s subtype temperature ``T_s``; defined for every image).
 
+With a lung model (``--lung_model=LUNGS_RUN``; a run trained on ``--crop=lungs`` data takes the
+one its data was cropped with, named in its data manifest) the SavedModel carries the U-Net too
+(:mod:`pneumo_tf.serving.lungs`): every signature adds ``lung_fraction`` (float32, the lung share),
+``lung_confidence`` (float32, the mean P(lung) over those pixels) and ``lungs_found`` (bool,
+:func:`pneumo_tf.serving.lungs.lungs_found` with the thresholds in ``pneumo_tf_serving.json``'s
+``lungs``). ``serving_default`` runs the U-Net on each decoded film squashed to its input, and a
+``--crop=lungs`` run crops to the box of its lungs plus the data's margin (the fixed box where too
+few were found), as the converter did: decode -> U-Net -> box -> crop -> resize -> classifier.
+The ``preprocessed`` signatures see only the cropped image: their lung outputs are those of the
+model input. A fourth signature, ``lungs`` (``image`` ``[N, G, G, 1]`` uint8, a whole film
+squashed to the lung model's input G), gives ``lung_mask`` ``[N, G, G]`` and the three above:
+predict calls it on the host-decoded film. TFLite classifiers carry no U-Net; with
+``--formats=tflite`` the lung model's own float16 TFLite model is written beside them
+(``lung_model_fp16.tflite``) and predict runs it. ``parity.json``'s ``lungs`` compares the
+``lungs`` signature and that TFLite model with the Keras lung model (Dice of the masks, largest
+probability and lung-share differences).
+
 The TFLite models' signature ``serving_default`` (input ``image``, ``[N, S, S, 1] uint8``) gives
 the ``preprocessed`` signature's outputs, all of them (:class:`pneumo_tf.serving.runtime.TFLiteRunner`);
 the guard costs them its constants (a 128-wide ``dense`` layer: about 36 KB in the float16
@@ -66,7 +83,10 @@ images); animated GIFs use their first frame; when one side is upsampled and the
 downsampled (a crop smaller than S on one side only), OpenCV's and TF's "area" resizes differ by
 up to ~40 grey levels (``predict`` refers crops under S/2 as ``low_resolution``).
 ``--crop=adaptive`` runs have no in-graph crop and cannot be exported as a bytes SavedModel (use
-TFLite or ``pneumo_tf.predict``, which crop on the host).
+TFLite or ``pneumo_tf.predict``, which crop on the host). The lung crop in the graph finds the same
+boxes as the converter on 8-bit JPEG and PNG films (the U-Net's input differs by at most a grey
+level after TF's and OpenCV's area resizes; tests/serving/test_export.py). A lungs run itself
+exports through :mod:`pneumo_tf.serving.lung_export`.
 """
 
 from __future__ import annotations
@@ -83,6 +103,7 @@ import numpy as np
 
 from pneumo_tf.core import atomic_files
 from pneumo_tf.evaluation import calibration as calibration_lib
+from pneumo_tf.modeling.precision import float32_model, is_mixed_precision  # noqa: F401
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.image import preprocess
 from pneumo_tf.core import quiet_tf, rundir
@@ -138,55 +159,8 @@ def calibration_for_export(run_dir: str | os.PathLike, data_dir: str | os.PathLi
 # Model preparation
 
 
-def is_mixed_precision(model) -> bool:
-    """True when any layer computes in a dtype other than float32 (e.g. ``mixed_bfloat16``)."""
-    return any(getattr(layer, "compute_dtype", "float32") not in ("float32", None)
-               for layer in _all_layers(model))
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
-def _force_float32_policies(obj):
-    """Replace every mixed dtype policy in a Keras config tree by ``float32`` (in place)."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(
-                obj.get("config"), dict) and str(obj["config"].get("name", "")).startswith("mixed_"):
-            obj["config"]["name"] = "float32"
-        for key, value in obj.items():
-            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
-                obj[key] = "float32"
-            else:
-                _force_float32_policies(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            _force_float32_policies(value)
-    return obj
-
-
-def float32_model(model):
-    """``model`` itself when it is all float32, else a float32 rebuild with the same weights.
-
-    TFLite cannot convert a ``mixed_bfloat16`` graph; the variables of a mixed-precision model are
-    float32 already, so rebuilding the architecture with float32 policies and copying the weights
-    gives the model the run would have been in float32.
-    """
-    import pneumo_tf.modeling.model  # noqa: F401  (registers the custom layers for from_config)
-
-    if not is_mixed_precision(model):
-        return model
-    config = _force_float32_policies(model.get_config())
-    rebuilt = model.__class__.from_config(config)
-    rebuilt.set_weights(model.get_weights())
-    if is_mixed_precision(rebuilt):
-        raise ExportError("could not rebuild the model in float32 (a layer keeps a mixed dtype); "
-                          "rebuild it with pneumo_tf.modeling.model.build_model under a float32 policy")
-    log.info("rebuilt the mixed-precision model in float32 for export")
-    return rebuilt
+# is_mixed_precision and float32_model live in pneumo_tf.modeling.precision (the lung model
+# runs in float32 everywhere through them too); imported above, and still named here.
 
 
 def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -204,8 +178,13 @@ def keras_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.n
 
 
 def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
-    """Refuse a bytes-taking SavedModel for runs whose crop has no in-graph twin (``adaptive``)."""
-    if cfg.crop not in ("fixed", "none"):
+    """Refuse a bytes-taking SavedModel for runs whose crop has no in-graph twin (``adaptive``,
+    or ``lungs`` without its lung model)."""
+    if cfg.crop == "lungs" and cfg.lungs is None:
+        raise ExportError("the run was converted with --crop=lungs: its SavedModel needs the lung "
+                          "model in the graph; pass --lung_model=<the lungs run its data was "
+                          "cropped with>")
+    if cfg.crop not in ("fixed", "none", "lungs"):
         raise ExportError(
             f"the run was converted with --crop={cfg.crop}, which has no in-graph twin: a "
             f"SavedModel taking image bytes would crop differently from training. Export "
@@ -213,56 +192,17 @@ def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
             f"--model=<run dir>` (it crops on the host like the converter)")
 
 
-def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike,
-                       ood_stats=None) -> Path:
-    """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
-
-    Args:
-        model: the float32 Keras model.
-        cfg: the serving facts baked in.
-        out_dir: the SavedModel directory.
-        ood_stats: the run's :class:`pneumo_tf.ood.OodStats` (adds ``ood_score`` and
-            ``in_distribution``), or None.
-
-    Raises:
-        ExportError: the run's crop has no in-graph implementation (``adaptive``).
-    """
+def write_saved_model(tracked: list, endpoints: dict, cfg: serving.ServingConfig,
+                      out_dir: str | os.PathLike) -> Path:
+    """Write a SavedModel of ``endpoints`` (``{signature name: tf.function}``) over the Keras
+    models ``tracked`` atomically, with ``cfg`` in ``assets.extra/``."""
     import keras
-    import tensorflow as tf
-
-    from pneumo_tf.serving import ood
-    from pneumo_tf.evaluation import scoring
-
-    check_in_graph_crop(cfg)
-    s = cfg.image_size
-    core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
-
-    def decode_one(image_bytes):
-        gray = decode.tf_decode_gray(image_bytes, s, cfg.crop)
-        inverted, on_its_side = ood.tf_film_orientation_flags(gray)
-        return (preprocess.tf_preprocess_gray(gray, s, cfg.crop),
-                tf.logical_or(inverted, on_its_side))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    def serve_bytes(images):
-        batch, flags_ = tf.map_fn(decode_one, images, fn_output_signature=(
-            tf.TensorSpec([s, s, 1], tf.uint8), tf.TensorSpec([], tf.bool)))
-        return serving.saved_model_outputs(core, batch, cfg, ood_stats, flags_)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
-    def serve_preprocessed(image):
-        return serving.saved_model_outputs(core, image, cfg, ood_stats)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
-    def serve_preprocessed_float(image):
-        return serving.saved_model_outputs(
-            core, tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), cfg, ood_stats)
 
     archive = keras.export.ExportArchive()
-    archive.track(core)
-    archive.add_endpoint("serving_default", serve_bytes)
-    archive.add_endpoint("preprocessed", serve_preprocessed)
-    archive.add_endpoint("preprocessed_float", serve_preprocessed_float)
+    for model in tracked:
+        archive.track(model)
+    for name, fn in endpoints.items():
+        archive.add_endpoint(name, fn)
     out_dir = Path(out_dir)
     with atomic_files.atomic_output(out_dir) as tmp:
         archive.write_out(str(tmp), verbose=False)
@@ -271,6 +211,95 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
         extra.mkdir(exist_ok=True)
         atomic_files.write_json_atomic(extra / serving.SERVING_CONFIG_NAME, cfg.to_json())
     return out_dir
+
+
+def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.PathLike,
+                       ood_stats=None, unet=None) -> Path:
+    """Write the SavedModel (signatures in the module docstring) to ``out_dir`` atomically.
+
+    Args:
+        model: the float32 Keras model.
+        cfg: the serving facts baked in.
+        out_dir: the SavedModel directory.
+        ood_stats: the run's :class:`pneumo_tf.ood.OodStats` (adds ``ood_score`` and
+            ``in_distribution``), or None.
+        unet: the float32 lung model of ``cfg.lungs`` (adds the lung outputs, the ``lungs``
+            signature and, for a ``--crop=lungs`` run, the lung crop), or None.
+
+    Raises:
+        ExportError: the run's crop has no in-graph implementation (``adaptive``).
+    """
+    import tensorflow as tf
+
+    from pneumo_tf.evaluation import scoring
+    from pneumo_tf.serving import lungs as lung_serving
+
+    check_in_graph_crop(cfg)
+    s = cfg.image_size
+    core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
+    settings = lung_serving.LungSettings.from_json(cfg.lungs) if unet is not None else None
+    decode_one, specs = _bytes_decoder(cfg, unet, settings)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def serve_bytes(images):
+        decoded = tf.map_fn(decode_one, images, fn_output_signature=specs)
+        out = serving.saved_model_outputs(core, decoded[0], cfg, ood_stats, decoded[1])
+        if settings is not None:
+            out.update(lung_serving.tf_lung_summary(decoded[2], settings))
+        return out
+
+    def preprocessed_outputs(image):
+        out = serving.saved_model_outputs(core, image, cfg, ood_stats)
+        if settings is not None:
+            out.update(lung_serving.tf_input_lungs(unet, image, settings))
+        return out
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+    def serve_preprocessed(image):
+        return preprocessed_outputs(image)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
+    def serve_preprocessed_float(image):
+        return preprocessed_outputs(tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0),
+                                            tf.uint8))
+
+    endpoints = {"serving_default": serve_bytes, "preprocessed": serve_preprocessed,
+                 "preprocessed_float": serve_preprocessed_float}
+    if settings is not None:
+        endpoints["lungs"] = lung_serving.lungs_signature(unet, settings)
+    return write_saved_model([core] + ([unet] if unet is not None else []), endpoints, cfg,
+                             out_dir)
+
+
+def _bytes_decoder(cfg: serving.ServingConfig, unet, settings):
+    """The bytes signature's per-file function and its output specs: image bytes -> ``([S, S, 1]
+    uint8 model input, bool image-check flag[, [G, G] lung map])``; with a lung model the film's
+    map comes from it, and a ``--crop=lungs`` run crops to its box (the converter's crop)."""
+    import tensorflow as tf
+
+    from pneumo_tf.serving import lungs as lung_serving
+    from pneumo_tf.serving import ood
+
+    s = cfg.image_size
+    specs = (tf.TensorSpec([s, s, 1], tf.uint8), tf.TensorSpec([], tf.bool))
+
+    def decode_one(image_bytes):
+        gray = decode.tf_decode_gray(image_bytes, s, cfg.crop)
+        inverted, on_its_side = ood.tf_film_orientation_flags(gray)
+        flag = tf.logical_or(inverted, on_its_side)
+        if settings is None:
+            return preprocess.tf_preprocess_gray(gray, s, cfg.crop), flag
+        lung = lung_serving.tf_film_lungs(unet, gray, settings)
+        if cfg.crop == "lungs":
+            image = preprocess.tf_preprocess_gray(gray, s, cfg.crop, lung["box"], lung["found"])
+        else:
+            image = preprocess.tf_preprocess_gray(gray, s, cfg.crop)
+        return image, flag, lung["lung_mask"]
+
+    if settings is not None:
+        g = settings.image_size
+        specs = specs + (tf.TensorSpec([g, g], tf.float32),)
+    return decode_one, specs
 
 
 def saved_model_batch_outputs(saved_model_dir: str | os.PathLike, images: np.ndarray,
@@ -315,44 +344,59 @@ def convert_tflite(model, variant: str, cfg: serving.ServingConfig | None = None
     """
     import tensorflow as tf
 
+    from pneumo_tf.evaluation import scoring
+
     if variant not in TFLITE_VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
     if is_mixed_precision(model):
         raise ExportError("TFLite cannot convert a mixed-precision graph; pass float32_model(model)")
-    # The converter (or the export below) writes a SavedModel and prints every captured variable.
-    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered(), \
-            tempfile.TemporaryDirectory() as tmp:
-        if cfg is None:
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        else:
-            _write_serving_function(model, cfg, ood_stats, Path(tmp) / "serving")
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "serving"))
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if variant == "fp16":
-            converter.target_spec.supported_types = [tf.float16]
+    if cfg is not None:
+        core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
+        s = cfg.image_size
+
+        @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+        def serve(image):
+            return serving.saved_model_outputs(core, image, cfg, ood_stats)
+
+        return tflite_from_function([core], serve, variant)
+    # The converter prints every captured variable.
+    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered():
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        _set_tflite_variant(converter, variant)
         return converter.convert()
 
 
-def _write_serving_function(model, cfg: serving.ServingConfig, ood_stats, out_dir: Path) -> None:
-    """A SavedModel whose one signature is the ``preprocessed`` one, for the TFLite converter
-    (which freezes the variables of a SavedModel; a bare concrete function would leave them
-    uninitialised)."""
+def _set_tflite_variant(converter, variant: str) -> None:
+    import tensorflow as tf
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+
+
+def tflite_from_function(tracked: list, serve, variant: str) -> bytes:
+    """A TFLite flatbuffer whose one signature ``serving_default`` is the tf.function ``serve``
+    over the Keras models ``tracked`` (float32), in ``variant`` (see :func:`convert_tflite`).
+
+    The converter freezes the variables of a SavedModel (a bare concrete function would leave
+    them uninitialised), so ``serve`` is written as one first, in a temporary folder.
+    """
     import keras
     import tensorflow as tf
 
-    from pneumo_tf.evaluation import scoring
-
-    core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
-    s = cfg.image_size
-
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
-    def serve(image):
-        return serving.saved_model_outputs(core, image, cfg, ood_stats)
-
-    archive = keras.export.ExportArchive()
-    archive.track(core)
-    archive.add_endpoint("serving_default", serve)
-    archive.write_out(str(out_dir), verbose=False)
+    if variant not in TFLITE_VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
+    # The export and the converter print every captured variable.
+    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered(), \
+            tempfile.TemporaryDirectory() as tmp:
+        archive = keras.export.ExportArchive()
+        for model in tracked:
+            archive.track(model)
+        archive.add_endpoint("serving_default", serve)
+        archive.write_out(str(Path(tmp) / "serving"), verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "serving"))
+        _set_tflite_variant(converter, variant)
+        return converter.convert()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +460,9 @@ def _diff_stats(p: np.ndarray, reference: np.ndarray, cfg: serving.ServingConfig
 def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 64) -> dict:
     """The Keras model's reference outputs for ``[N, S, S, 1] uint8`` images: ``probability``
     ``[N] float64``, plus ``ood_score`` (float64, :meth:`pneumo_tf.ood.OodStats.scores`) and
-    ``in_distribution`` (the score and the upside-down probe) with ``ood_stats``, and
-    ``class_probabilities`` ``[N, 3]`` for a subtype model."""
+    ``in_distribution`` (the score and the upside-down probe) and ``upright_margin`` (the
+    probe's value minus its threshold) with ``ood_stats``, and ``class_probabilities``
+    ``[N, 3]`` for a subtype model."""
     from pneumo_tf.evaluation import calibration
     from pneumo_tf.serving import ood
     from pneumo_tf.evaluation import scoring
@@ -433,6 +478,8 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
             if ood_stats.upright is not None:
                 batch["in_distribution"] &= ~ood.upside_down(ood_stats.upright,
                                                              images[i:i + batch_size])
+                batch["upright_margin"] = _upright_margin(ood_stats.upright,
+                                                          images[i:i + batch_size])
         if "class_logits" in out:
             batch["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
         for key, value in batch.items():
@@ -440,14 +487,26 @@ def keras_outputs(model, images: np.ndarray, ood_stats=None, batch_size: int = 6
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
+def _upright_margin(upright: dict, images: np.ndarray) -> np.ndarray:
+    """``[N]`` the upside-down probe's value minus its threshold (negative: upside down)."""
+    from pneumo_tf.serving import ood
+
+    values = ood.thumbnails(images).reshape(len(images), -1) @ np.asarray(upright["weights"])
+    return values + upright["bias"] - upright["threshold"]
+
+
 OOD_TIE_TOLERANCE = 1e-4   # relative; the SavedModel's float32 scores agree to about 1e-5
+# absolute, on the probe's value (order 1): its threshold is a val image's value, and the parity
+# batch comes from val, so one image can sit on it exactly
+UPRIGHT_TIE_TOLERANCE = 1e-4
 
 
 def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dict:
     """:func:`_diff_stats` of the probability, plus the OOD and subtype outputs' agreement:
     ``max_rel_ood_score_diff`` and ``in_distribution_agreement`` (at the served threshold, over
-    the images whose score is not within :data:`OOD_TIE_TOLERANCE` of it:
-    ``ood_scores_at_threshold`` counts those), and
+    the images whose score is not within :data:`OOD_TIE_TOLERANCE` of it, nor their
+    upside-down probe within :data:`UPRIGHT_TIE_TOLERANCE` of its threshold:
+    ``ood_scores_at_threshold`` and ``upright_at_threshold`` count those), and
     ``max_abs_class_prob_diff`` and ``subtype_agreement`` (among images labelled PNEUMONIA)."""
     stats = _diff_stats(np.asarray(got["probability"], np.float64).reshape(-1),
                         reference["probability"], cfg)
@@ -457,10 +516,14 @@ def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dic
         # Scores within float32 rounding of the threshold (ties among a barely trained model's
         # val scores put one exactly on it) may fall either side: judged apart.
         near = np.abs(ref - cfg.ood_threshold) <= OOD_TIE_TOLERANCE * max(cfg.ood_threshold, 1.0)
+        stats["ood_scores_at_threshold"] = int(near.sum())
+        if "upright_margin" in reference:
+            tied = np.abs(reference["upright_margin"]) <= UPRIGHT_TIE_TOLERANCE
+            stats["upright_at_threshold"] = int(tied.sum())
+            near = near | tied
         agree = np.asarray(got["in_distribution"], bool) == reference["in_distribution"]
         stats["in_distribution_agreement"] = float(np.mean(agree[~near])) if (~near).any() \
             else 1.0
-        stats["ood_scores_at_threshold"] = int(near.sum())
     if "class_probabilities" in reference:
         probs, ref = np.asarray(got["class_probabilities"], np.float64), reference[
             "class_probabilities"]
@@ -473,13 +536,14 @@ def _output_diffs(got: dict, reference: dict, cfg: serving.ServingConfig) -> dic
     return stats
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (a SavedModel's size)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None,
                parity_count: int = 32, seed: int = 0,
-               calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
+               calibration_name: str = rundir.VAL_CALIBRATION, lungs=None) -> dict:
     """Export a run: serving config, SavedModel and/or TFLite variants, then ``parity.json``.
 
     Args:
@@ -491,6 +555,8 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
         seed: seed of the phantom parity batch (when no data is usable).
         calibration_name: the calibration baked in: ``val`` (``calibration.json``, written to
             ``R/export/``) or a site calibration (written to ``R/export_<name>/``).
+        lungs: :class:`pneumo_tf.serving.lungs.LungOptions` (``--lung_model`` and the no-lungs
+            thresholds); a ``--crop=lungs`` run serves with its own lung model by default.
 
     Returns:
         The parity report written to ``parity.json`` of the export folder.
@@ -498,49 +564,85 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     Raises:
         ExportError: missing calibration without ``data_dir``, adaptive crop with a SavedModel,
             unknown format, or the float16 TFLite model misses its 0.01 tolerance.
+        rundir.RunDirError: a lungs run (export it with
+            :func:`pneumo_tf.serving.lung_export.export_lung_run`) or an unusable lung model.
     """
     from pneumo_tf.modeling import model as model_lib
+    from pneumo_tf.serving import lungs as lung_serving
     from pneumo_tf.serving import ood
 
+    formats = checked_formats(formats)
+    run = rundir.Run.open(run_dir)
+    _check_finished(run)
+    lung_model, settings = lung_serving.for_run(run, lungs)
+    out = run.paths.export_dir(calibration_name)
+    calibration = calibration_for_export(run, data_dir, calibration_name)
+    cfg = serving.serving_config_for_run(run, calibration, calibration_name)
+    cfg.lungs = settings.to_json() if settings is not None else None
+    if "saved_model" in formats:
+        check_in_graph_crop(cfg)
+    run_model = rundir.load_model(run)
+    model = float32_model(run_model)
+    cfg.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
+    stats = ood.load_stats(run)
+    if stats is None:
+        log.warning("%s has no %s: the exported models carry no ood_score/in_distribution. Fit "
+                    "the guard with `python -m pneumo_tf.ood --run_dir=%s` and export again",
+                    run, ood.OOD_JSON, run)
+    images, source = parity_images(run, cfg, data_dir, parity_count, seed)
+    reference = keras_outputs(model, images, stats)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_files.write_json_atomic(out / serving.SERVING_CONFIG_NAME, cfg.to_json())
+    report = _report_head(run, cfg, source, len(images), model is not run_model, stats)
+    if model is not run_model:
+        report["variants"]["keras_run_precision"] = _diff_stats(
+            keras_probabilities(run_model, images), reference["probability"], cfg)
+    unet = float32_model(lung_model.model) if lung_model is not None else None
+    report["variants"].update(_export_variants(model, cfg, stats, formats, out,
+                                               (images, reference), unet))
+    if lung_model is not None:
+        report["lungs"] = _export_lung_variants(lung_model, unet, settings, formats, out,
+                                                (parity_count, seed))
+    return _finish_report(report, out)
+
+
+def checked_formats(formats) -> list[str]:
+    """``formats`` as a list; unknown or no format is an :class:`ExportError` naming the choices."""
     formats = list(formats)
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown or not formats:
         raise ExportError(f"--formats={','.join(formats)}: unknown or empty; choose from "
                           f"{','.join(EXPORT_FORMATS)}")
-    paths = rundir.RunPaths(run_dir)
-    if not paths.model.is_file():
+    return formats
+
+
+def _check_finished(run: rundir.Run) -> None:
+    if not run.paths.model.is_file():
         raise ExportError(
-            f"{paths.model} is missing: {run_dir} has not finished training (or is not a run "
-            f"directory). Finish it first: `python -m pneumo_tf.train --run_dir={run_dir} "
-            f"--flagfile={paths.flags}` resumes it from its backup")
-    out = paths.export_dir(calibration_name)
-    calibration = calibration_for_export(run_dir, data_dir, calibration_name)
-    cfg = serving.serving_config_for_run(run_dir, calibration, calibration_name)
-    if "saved_model" in formats:
-        check_in_graph_crop(cfg)
-    run_model = rundir.load_model(run_dir)
-    model = float32_model(run_model)
-    cfg.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
-    stats = ood.load_stats(run_dir)
-    if stats is None:
-        log.warning("%s has no %s: the exported models carry no ood_score/in_distribution. Fit "
-                    "the guard with `python -m pneumo_tf.ood --run_dir=%s` and export again",
-                    run_dir, ood.OOD_JSON, run_dir)
-    images, source = parity_images(run_dir, cfg, data_dir, parity_count, seed)
-    reference = keras_outputs(model, images, stats)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_json_atomic(out / serving.SERVING_CONFIG_NAME, cfg.to_json())
-    report = {"batch": {"source": source, "count": int(len(images))},
-              "calibration": calibration_name,
-              "reference": "Keras model in float32" + (
-                  " (rebuilt from the run's mixed-precision model)" if model is not run_model else ""),
-              "keras_model_bytes": paths.model.stat().st_size,
-              "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {},
-              "outputs": {"ood": stats is not None, "subtype": cfg.task == "subtype"}}
-    if model is not run_model:
-        report["variants"]["keras_run_precision"] = _diff_stats(
-            keras_probabilities(run_model, images), reference["probability"], cfg)
-    report["variants"].update(_export_variants(model, cfg, stats, formats, out, (images, reference)))
+            f"{run.paths.model} is missing: {run} has not finished training (or is not a run "
+            f"directory). Finish it first: `python -m pneumo_tf.train --run_dir={run} "
+            f"--flagfile={run.paths.flags}` resumes it from its backup")
+
+
+def _report_head(run: rundir.Run, cfg: serving.ServingConfig, source: str, count: int,
+                 rebuilt: bool, stats) -> dict:
+    """``parity.json`` before its variants: the batch, the calibration, the reference."""
+    return {"batch": {"source": source, "count": int(count)},
+            "calibration": cfg.calibration,
+            "reference": "Keras model in float32" + (
+                " (rebuilt from the run's mixed-precision model)" if rebuilt else ""),
+            "keras_model_bytes": run.paths.model.stat().st_size,
+            "tolerances": {"fp16": FP16_MAX_ABS_DIFF}, "variants": {},
+            "outputs": {"ood": stats is not None, "subtype": cfg.task == "subtype",
+                        "lungs": cfg.lungs is not None}}
+
+
+def _finish_report(report: dict, out: Path) -> dict:
+    """Judge the float16 TFLite model against its tolerance; write ``parity.json``.
+
+    Raises:
+        ExportError: the float16 model misses its tolerance (recorded in ``parity.json``).
+    """
     fp16 = report["variants"].get("fp16")
     report["passed"] = fp16 is None or (fp16["max_abs_prob_diff"] is not None
                                         and fp16["max_abs_prob_diff"] <= FP16_MAX_ABS_DIFF)
@@ -553,13 +655,14 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
 
 
 def _export_variants(model, cfg: serving.ServingConfig, stats, formats: list[str], out: Path,
-                     parity: tuple[np.ndarray, dict]) -> dict:
-    """Write the SavedModel and the TFLite variants; their parity entries by variant name."""
+                     parity: tuple[np.ndarray, dict], unet=None) -> dict:
+    """Write the SavedModel and the TFLite variants; their parity entries by variant name
+    (``unet``: the float32 lung model of ``cfg.lungs``, or None)."""
     images, reference = parity
     variants = {}
     if "saved_model" in formats:
-        sm_dir = export_saved_model(model, cfg, out / SAVED_MODEL_DIR, stats)
-        variants["saved_model"] = {"path": SAVED_MODEL_DIR, "bytes": _dir_bytes(sm_dir),
+        sm_dir = export_saved_model(model, cfg, out / SAVED_MODEL_DIR, stats, unet)
+        variants["saved_model"] = {"path": SAVED_MODEL_DIR, "bytes": dir_bytes(sm_dir),
                                    **_output_diffs(saved_model_batch_outputs(sm_dir, images),
                                                    reference, cfg)}
         log.info("wrote %s", sm_dir)
@@ -572,3 +675,30 @@ def _export_variants(model, cfg: serving.ServingConfig, stats, formats: list[str
                                  **_output_diffs(got, reference, cfg)}
             log.info("wrote %s (%d bytes)", target, len(flatbuffer))
     return variants
+
+
+def _export_lung_variants(lung_model, unet, settings, formats: list[str], out: Path,
+                          batch: tuple[int, int]) -> dict:
+    """The lung model beside a classifier: its parity in the SavedModel's ``lungs`` signature and,
+    with TFLite, its own float16 TFLite model (:data:`pneumo_tf.serving.lungs.LUNG_TFLITE_NAME`,
+    what predict runs beside a TFLite classifier); the lung model's facts and the batch."""
+    import tensorflow as tf
+
+    from pneumo_tf.serving import lungs as lung_serving
+
+    thumbs, source = lung_serving.parity_thumbnails(lung_model, *batch)
+    reference = lung_model.grid_probabilities(thumbs)
+    report = {"model": settings.to_json(), "batch": {"source": source, "count": len(thumbs)},
+              "variants": {}}
+    if "saved_model" in formats:
+        signature = tf.saved_model.load(str(out / SAVED_MODEL_DIR)).signatures["lungs"]
+        got = {k: v.numpy() for k, v in signature(image=tf.constant(thumbs)).items()}
+        report["variants"]["saved_model"] = lung_serving.lung_diffs(got, reference, settings)
+    if "tflite" in formats:
+        flatbuffer = tflite_from_function([unet], lung_serving.lungs_signature(unet, settings),
+                                          "fp16")
+        target = atomic_files.write_bytes_atomic(out / lung_serving.LUNG_TFLITE_NAME, flatbuffer)
+        got = lung_serving.TFLiteLungRunner(target).outputs(thumbs)
+        report["variants"]["fp16"] = {"path": target.name, "bytes": len(flatbuffer),
+                                      **lung_serving.lung_diffs(got, reference, settings)}
+    return report

@@ -21,6 +21,14 @@ One JSON line per input, in input order::
      "ood_score": 512.8, "in_distribution": false}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
 
+With a lung model (``--lung_model=LUNGS_RUN``, a run trained on ``--crop=lungs`` data by default,
+or the one an exported model carries) every row adds ``lung_fraction`` (the lung share of the
+whole film) and ``lung_confidence`` (the lung model's mean probability over those pixels), and a
+film where it finds no lungs (:func:`pneumo_tf.serving.lungs.lungs_found`: the share under
+``--min_lung_fraction`` or the confidence under ``--min_lung_confidence``) is referred with
+``no_lungs_found``, beside the OOD guard's reasons; both are null without a lung model. A
+``--crop=lungs`` run crops each film to the lungs its lung model finds, as the converter did.
+
 A three-class run (``--task=subtype``) adds ``"subtype": "BACTERIAL" | "VIRAL"`` and
 ``"subtype_probability"`` (the larger of the two pneumonia probabilities given pneumonia,
 temperature-scaled with the run's subtype temperature), both null where ``label`` is 0.
@@ -64,6 +72,7 @@ import numpy as np
 import pneumo_tf
 from pneumo_tf.evaluation import calibration
 from pneumo_tf.evaluation import metrics as pmetrics
+from pneumo_tf.serving import lungs as lung_serving
 from pneumo_tf.serving import ood
 from pneumo_tf.image import preprocess
 from pneumo_tf.core import rundir
@@ -110,6 +119,7 @@ class Predictor:
         outputs: ``[N, S, S, 1] uint8 -> {"probability": [N], "ood_score": [N] (with a guard),
             "class_probabilities": [N, 3] (a subtype model)}`` numpy arrays.
         keras_model: the Keras model (run dir and ``.keras`` only), for Grad-CAM.
+        lungs: the lung model on the host (:class:`pneumo_tf.serving.lungs.HostLungs`), or None.
     """
 
     kind: str
@@ -117,6 +127,7 @@ class Predictor:
     config: serving.ServingConfig
     outputs: Callable[[np.ndarray], dict]
     keras_model: object | None = None
+    lungs: lung_serving.HostLungs | None = None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """``[N] float64`` probability of PNEUMONIA for ``[N, S, S, 1] uint8`` images."""
@@ -217,8 +228,9 @@ def model_kind(path: str | os.PathLike) -> str:
                        f"directory, a .keras file or a .tflite file")
 
 
-def load_predictor(path: str | os.PathLike, calibration_name: str | None = None) -> Predictor:
-    """Load ``--model`` (see the module docstring) with its serving config.
+def load_predictor(path: str | os.PathLike, calibration_name: str | None = None,
+                   lungs: lung_serving.LungOptions | None = None) -> Predictor:
+    """Load ``--model`` (see the module docstring) with its serving config and lung model.
 
     ``.keras`` files are loaded with Keras safe mode (:func:`pneumo_tf.core.rundir.load_model`);
     SavedModels and TFLite files are graphs and flatbuffers, nothing is unpickled.
@@ -227,15 +239,32 @@ def load_predictor(path: str | os.PathLike, calibration_name: str | None = None)
         path: a run (or ensemble) directory, ``.keras`` file, SavedModel or ``.tflite`` file.
         calibration_name: for a run directory or ``.keras`` file, the run's calibration to
             apply (None = ``val``); for an exported model, None or the name baked in.
+        lungs: ``--lung_model`` and the no-lungs thresholds (None: the run's own lung model or
+            the one baked in, with their thresholds).
 
     Raises:
-        PredictError, rundir.RunDirError: unusable model path or calibration (the message says
-            what to give).
+        PredictError, rundir.RunDirError: unusable model path, calibration or lung model (the
+            message says what to give).
     """
-    path = Path(path)
+    predictor = _load_model(Path(path), calibration_name)
+    predictor.lungs = _host_lungs(predictor, lungs or lung_serving.LungOptions())
+    if predictor.lungs is not None:
+        predictor.config.lungs = predictor.lungs.settings.to_json()
+    if not predictor.config.calibrated:
+        log.warning("%s has no calibration.json: calibrated_probability = probability "
+                    "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
+                    "split for honest probabilities.", path)
+    return predictor
+
+
+def _load_model(path: Path, calibration_name: str | None) -> Predictor:
+    """The model of ``--model`` and its serving config (see :func:`load_predictor`)."""
     kind = model_kind(path)
     name = calibration_name or rundir.VAL_CALIBRATION
     if kind == "run_dir":
+        if rundir.Run(path).task == "lungs":
+            raise PredictError(f"--model={path} is a lung model (--task=lungs); predict with a "
+                               f"classifier run and pass --lung_model={path}")
         predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name),
                                      path)
     elif kind == "keras":
@@ -264,11 +293,53 @@ def load_predictor(path: str | os.PathLike, calibration_name: str | None = None)
                                f"{serving.SERVING_CONFIG_NAME} beside it says "
                                f"{config.image_size}px; re-export the run")
         predictor = Predictor(kind, path, config, runner.outputs)
-    if not predictor.config.calibrated:
-        log.warning("%s has no calibration.json: calibrated_probability = probability "
-                    "(T = 1) and the threshold is 0.5. Calibrate the run on its validation "
-                    "split for honest probabilities.", path)
+    if predictor.config.task == "lungs":
+        raise PredictError(f"--model={path} is an exported lung model; predict with a "
+                           f"classifier and pass --lung_model=<its lungs run>")
     return predictor
+
+
+def _host_lungs(predictor: Predictor, options: lung_serving.LungOptions
+                ) -> lung_serving.HostLungs | None:
+    """The lung model ``predictor`` runs on the host: a run's own or ``--lung_model`` (Keras), or
+    an exported model's (its SavedModel's ``lungs`` signature, the TFLite lung model beside it).
+
+    Raises:
+        PredictError, rundir.RunDirError: ``--lung_model`` beside an exported model that carries
+            one, a missing TFLite lung model, or an unusable lung model.
+    """
+    from pneumo_tf.modeling import lungs as lungs_lib
+
+    source = predictor.source
+    if predictor.kind in ("run_dir", "keras"):
+        run = rundir.Run(source if predictor.kind == "run_dir" else source.parent)
+        lung_model, settings = lung_serving.for_run(run, options)
+        return None if lung_model is None else lung_serving.keras_lungs(lung_model, settings)
+    baked = predictor.config.lungs
+    if baked is None:
+        if not options.lung_model:
+            return None
+        lung_model = lungs_lib.LungModel(options.lung_model)
+        return lung_serving.keras_lungs(lung_model, lung_serving.settings_for(
+            lung_model, None, options.min_lung_fraction, options.min_lung_confidence))
+    if options.lung_model:
+        raise PredictError(f"--lung_model={options.lung_model}: {source} was exported with the "
+                           f"lung model {baked['path']} baked in; pass --model=<the run "
+                           f"directory> to serve it with another")
+    settings = options.apply(lung_serving.LungSettings.from_json(baked))
+    if predictor.kind == "saved_model":
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(str(source)).signatures.get("lungs")
+        if signature is None:
+            raise PredictError(f"--model={source}: no 'lungs' signature although its serving "
+                               f"config names a lung model; re-export the run")
+        return lung_serving.saved_model_lungs(signature, settings)
+    tflite = source.parent / lung_serving.LUNG_TFLITE_NAME
+    if not tflite.is_file():
+        raise PredictError(f"{tflite} is missing: {source} needs its lung model beside it; "
+                           f"re-export the run with --formats=tflite")
+    return lung_serving.tflite_lungs(tflite, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +357,7 @@ class InputImage:
         error: why the input could not be used, or None.
         image_checks: the OOD guard's image checks of the full film
             (:func:`pneumo_tf.ood.film_orientation_reasons`: ``inverted``, ``on_its_side``).
+        lungs: what the lung model found on the whole film, or None (no lung model).
     """
 
     path: str
@@ -293,6 +365,7 @@ class InputImage:
     refer_reasons: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
     image_checks: list[str] = dataclasses.field(default_factory=list)
+    lungs: preprocess.LungFinding | None = None
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[InputImage]:
@@ -350,40 +423,84 @@ def film_refer_reasons(gray: np.ndarray, orig_height: int, orig_width: int, crop
     return reasons
 
 
-def read_input(path: str, image_size: int, crop: str) -> InputImage:
+def read_input(path: str, image_size: int, crop: str,
+               lungs: lung_serving.HostLungs | None = None) -> InputImage:
     """Read, decode and preprocess one file like the converter; failures become ``error``."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return InputImage(path, error=f"cannot read file ({e.strerror or e})")
-    return read_input_bytes(data, path, image_size, crop)
+    return read_inputs([InputImage(path)], image_size, crop, lungs)[0]
 
 
-def read_input_bytes(data: bytes, path: str, image_size: int, crop: str) -> InputImage:
+def read_inputs(items: list[InputImage], image_size: int, crop: str,
+                lungs: lung_serving.HostLungs | None = None) -> list[InputImage]:
+    """Read, decode and preprocess files like the converter (failures become ``error``); with a
+    lung model, run on the decoded films together, each film's lungs (and a ``--crop=lungs``
+    run's crop box)."""
+    decoded = {}
+    for i, item in enumerate(items):
+        if item.error is None:
+            try:
+                data = Path(item.path).read_bytes()
+            except OSError as e:
+                items[i] = InputImage(item.path, error=f"cannot read file ({e.strerror or e})")
+                continue
+            result = _decode_input(data, item.path, image_size, crop)
+            if isinstance(result, InputImage):
+                items[i] = result
+            else:
+                decoded[i] = result
+    findings = lungs.find([d.gray for d in decoded.values()]) if lungs is not None else None
+    for k, (i, d) in enumerate(decoded.items()):
+        items[i] = _finish_input(items[i].path, d.gray, (d.orig_height, d.orig_width), d.scale,
+                                 (image_size, crop), findings[k] if findings else None)
+    return items
+
+
+def read_input_bytes(data: bytes, path: str, image_size: int, crop: str,
+                     lungs: lung_serving.HostLungs | None = None) -> InputImage:
     """Decode and preprocess one file's bytes like the converter; failures become ``error``."""
+    d = _decode_input(data, path, image_size, crop)
+    if isinstance(d, InputImage):
+        return d
+    finding = lungs.find([d.gray])[0] if lungs is not None else None
+    return _finish_input(path, d.gray, (d.orig_height, d.orig_width), d.scale, (image_size, crop),
+                         finding)
+
+
+def _decode_input(data: bytes, path: str, image_size: int, crop: str):
+    """The decoded film (:class:`pneumo_tf.data.decode.DecodedImage`) or a failed input."""
     try:
-        decoded = decode.decode_bytes(data, name=Path(path).name, target_size=image_size, crop=crop)
-        image, box, _ = preprocess.preprocess_gray(decoded.gray, image_size, crop)
+        return decode.decode_bytes(data, name=Path(path).name, target_size=image_size, crop=crop)
     except decode.RejectError as e:
         return InputImage(path, error=str(e))
     except Exception as e:  # noqa: BLE001 -- one bad file must not stop the others; it is reported
         return InputImage(path, error=f"unexpected decoder error: {type(e).__name__}: {e}")
-    crop_hw = ((box.bottom - box.top) * decoded.scale, (box.right - box.left) * decoded.scale)
-    reasons = film_refer_reasons(decoded.gray, decoded.orig_height, decoded.orig_width, crop_hw,
-                                 image_size)
+
+
+def _finish_input(path: str, gray: np.ndarray, orig_hw: tuple[int, int], scale: int,
+                  model_input: tuple[int, str], finding: preprocess.LungFinding | None
+                  ) -> InputImage:
+    """A decoded film cropped and resized (``model_input``: image size and crop; the lung crop
+    from ``finding``), with its film-likeness reasons, image checks and lungs."""
+    image_size, crop = model_input
+    if crop == "lungs":
+        if finding is None:
+            raise PredictError("--crop=lungs runs need their lung model on the host")
+        image, box, _ = preprocess.preprocess_gray(gray, image_size, crop, finding.box)
+    else:
+        image, box, _ = preprocess.preprocess_gray(gray, image_size, crop)
+    crop_hw = ((box.bottom - box.top) * scale, (box.right - box.left) * scale)
+    reasons = film_refer_reasons(gray, orig_hw[0], orig_hw[1], crop_hw, image_size)
     return InputImage(path, image=image, refer_reasons=reasons,
-                      image_checks=ood.film_orientation_reasons(decoded.gray))
+                      image_checks=ood.film_orientation_reasons(gray), lungs=finding)
 
 
-def read_input_gray(gray: np.ndarray, path: str, image_size: int, crop: str) -> InputImage:
+def read_input_gray(gray: np.ndarray, path: str, image_size: int, crop: str,
+                    lungs: lung_serving.HostLungs | None = None) -> InputImage:
     """An already decoded ``[H, W] uint8`` film through the rest of :func:`read_input_bytes`'s
-    path (crop, resize, film-likeness reasons, image checks), as if decoded at full size."""
+    path (lungs, crop, resize, film-likeness reasons, image checks), as if decoded at full
+    size."""
     gray = np.ascontiguousarray(gray, np.uint8)
-    image, box, _ = preprocess.preprocess_gray(gray, image_size, crop)
-    reasons = film_refer_reasons(gray, gray.shape[0], gray.shape[1],
-                                 (box.bottom - box.top, box.right - box.left), image_size)
-    return InputImage(path, image=image, refer_reasons=reasons,
-                      image_checks=ood.film_orientation_reasons(gray))
+    finding = lungs.find([gray])[0] if lungs is not None else None
+    return _finish_input(path, gray, gray.shape[:2], 1, (image_size, crop), finding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +509,8 @@ def read_input_gray(gray: np.ndarray, path: str, image_size: int, crop: str) -> 
 
 def result_record(path: str, probability: float, config: serving.ServingConfig,
                   film_reasons: list[str], refer_band: float, ood_score: float | None = None,
-                  image_checks: list[str] = (), class_probabilities=None) -> dict:
+                  image_checks: list[str] = (), class_probabilities=None,
+                  lungs: preprocess.LungFinding | None = None) -> dict:
     """The output record of one predicted input (see the module docstring).
 
     ``label`` is :func:`pneumo_tf.evaluation.metrics.decide_label` of the record's own
@@ -405,12 +523,18 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
             ``upside_down``).
         class_probabilities: ``[3]`` for a subtype model (adds ``subtype`` and
             ``subtype_probability``), else None.
+        lungs: what the lung model (``config.lungs``) found on the whole film, or None:
+            ``lung_fraction`` and ``lung_confidence``, and ``no_lungs_found`` where
+            :func:`pneumo_tf.serving.lungs.lungs_found` says so.
     """
     calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
     threshold = config.calibrated_threshold()
     label = int(pmetrics.decide_label(calibrated, threshold))
     reasons = list(film_reasons) + ood.refer_reasons(ood_score, config.ood_threshold,
                                                      list(image_checks))
+    if lungs is not None and not lung_serving.lungs_found(
+            lungs.fraction, lungs.confidence, lung_serving.LungSettings.from_json(config.lungs)):
+        reasons.append(lung_serving.NO_LUNGS_FOUND)
     if abs(calibrated - threshold) <= refer_band:
         reasons.insert(0, "uncertain")
     known = ood_score is not None and config.ood_threshold is not None
@@ -421,7 +545,9 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
               "refer": bool(reasons), "refer_reasons": reasons,
               "ood_score": float(ood_score) if known else None,
               "in_distribution": ood.in_distribution(ood_score, config.ood_threshold,
-                                                     list(image_checks)) if known else None}
+                                                     list(image_checks)) if known else None,
+              "lung_fraction": float(lungs.fraction) if lungs is not None else None,
+              "lung_confidence": float(lungs.confidence) if lungs is not None else None}
     if class_probabilities is not None:
         record.update(serving.subtype_fields(class_probabilities, label,
                                              config.subtype_temperature))
@@ -469,9 +595,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
     cfg = predictor.config
     items = expand_inputs(paths)
     for start in range(0, len(items), batch_size):
-        chunk = [item if item.error else _with_upright_check(
-            read_input(item.path, cfg.image_size, cfg.crop), cfg)
-            for item in items[start:start + batch_size]]
+        chunk = [item if item.error else _with_upright_check(item, cfg) for item in read_inputs(
+            items[start:start + batch_size], cfg.image_size, cfg.crop, predictor.lungs)]
         ok = [i for i, item in enumerate(chunk) if item.error is None]
         records_out: list[dict] = [{"path": item.path, "error": item.error} for item in chunk]
         if ok:
@@ -500,7 +625,7 @@ def _record_of(item: InputImage, outputs: dict, k: int, cfg: serving.ServingConf
     return result_record(item.path, float(np.asarray(outputs["probability"]).reshape(-1)[k]), cfg,
                          item.refer_reasons, refer_band,
                          float(score[k]) if score is not None else None, item.image_checks,
-                         probs[k] if probs is not None else None)
+                         probs[k] if probs is not None else None, item.lungs)
 
 
 def ood_rates(predictor: Predictor, gray_images: list[np.ndarray], batch_size: int = 32) -> dict:
@@ -525,7 +650,7 @@ def ood_rates(predictor: Predictor, gray_images: list[np.ndarray], batch_size: i
     by_features, by_checks = [], []
     for start in range(0, len(gray_images), batch_size):
         items = [_with_upright_check(read_input_gray(g, f"image_{start + i}", cfg.image_size,
-                                                     cfg.crop), cfg)
+                                                     cfg.crop, predictor.lungs), cfg)
                  for i, g in enumerate(gray_images[start:start + batch_size])]
         scores = predictor.outputs(np.stack([item.image for item in items])[..., None])["ood_score"]
         by_features += [bool(score > cfg.ood_threshold) for score in scores]

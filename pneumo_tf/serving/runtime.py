@@ -48,7 +48,7 @@ class ServingConfig:
 
     Attributes:
         image_size: model input side S, pixels (the data manifest's ``image_size``).
-        crop: ``fixed`` | ``none`` | ``adaptive`` (the data manifest's ``crop``).
+        crop: ``fixed`` | ``none`` | ``adaptive`` | ``lungs`` (the data manifest's ``crop``).
         temperature: validation temperature T (1.0 = uncalibrated).
         threshold: operating threshold, a probability on the scale ``threshold_applies_to``
             names.
@@ -59,11 +59,15 @@ class ServingConfig:
         backbone: backbone name, when known.
         calibration: the run's calibration this config holds: ``val`` (``calibration.json``),
             a site calibration's name (``calibrations/NAME.json``), or ``none``.
-        task: ``binary`` or ``subtype`` (a three-way head: NORMAL, BACTERIAL, VIRAL).
+        task: ``binary`` or ``subtype`` (a three-way head: NORMAL, BACTERIAL, VIRAL), or
+            ``lungs`` (an exported lung model: no calibration, no classes).
         subtype_temperature: the temperature of a subtype model's softmax logits (from
             ``calibration.json``'s ``subtype`` entry, fitted on val; 1.0 without one).
         ood: the out-of-distribution guard the model carries (``ood.json``: ``threshold``,
             ``layer``, ``method``, ``val_rate``, ...), or None for a run without ``ood.json``.
+        lungs: the lung model served beside the classifier and its thresholds
+            (:meth:`pneumo_tf.serving.lungs.LungSettings.to_json`; a ``--crop=lungs`` run's crop
+            and every ``lung_fraction``), or None.
     """
 
     image_size: int
@@ -78,6 +82,7 @@ class ServingConfig:
     task: str = "binary"
     subtype_temperature: float = 1.0
     ood: dict | None = None
+    lungs: dict | None = None
 
     def to_json(self) -> dict:
         """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation`` (and

@@ -71,17 +71,43 @@ def _calibration_missing(cfg: TrainConfig, paths: rundir.RunPaths) -> bool:
     return cfg.calibrate and not paths.calibration.is_file()
 
 
+def run_lung_guard_fit(cfg: TrainConfig, model) -> str:
+    """Fit a lungs run's no-lungs guard (pneumo_tf.serving.lungs.fit_guard: the lung confidence
+    under which ``--ood_val_rate`` of the val films lie) if ``--fit_ood``; a failure is logged.
+
+    Returns:
+        ``ok``, ``skipped: ...`` or ``failed: ...`` (recorded in summary.json).
+    """
+    if not cfg.fit_ood:
+        return "skipped: --nofit_ood"
+    from pneumo_tf.serving import lungs
+
+    try:
+        lungs.fit_guard(cfg.run_dir, cfg.data_dir, cfg.ood_val_rate,
+                        batch_size=cfg.val_batch_size)
+    except Exception as e:  # noqa: BLE001 -- logged; training results stay valid
+        log.error("fitting the lung guard failed (%s: %s); training is complete. Re-run it with "
+                  "`python -m pneumo_tf.ood --run_dir=%s`", type(e).__name__, e, cfg.run_dir)
+        return f"failed: {type(e).__name__}: {e}"
+    return "ok"
+
+
+def _lung_guard_missing(cfg: TrainConfig, paths: rundir.RunPaths) -> bool:
+    return cfg.fit_ood and not paths.lung_guard.is_file()
+
+
 CALIBRATION = loop.AfterTraining("calibration", run_calibration, pending=_calibration_pending,
                                  redo=_calibration_missing)
 OOD_FIT = loop.AfterTraining("ood", run_ood_fit)
+LUNG_GUARD = loop.AfterTraining("lung_guard", run_lung_guard_fit, redo=_lung_guard_missing)
 # In this order, on the finished model (chief only).
 AFTER_TRAINING = (CALIBRATION, OOD_FIT)
 
 
 def after_training(cfg: TrainConfig) -> tuple:
     """The after-training steps of ``cfg``'s task: calibration and the OOD fit for a
-    classifier, none for a segmentation (``--task=lungs``)."""
-    return AFTER_TRAINING if task_lib.get_task(cfg.task).classifier else ()
+    classifier, the lung guard for a segmentation (``--task=lungs``)."""
+    return AFTER_TRAINING if task_lib.get_task(cfg.task).classifier else (LUNG_GUARD,)
 
 
 def _train_one(cfg: TrainConfig, setup: distribute.DistributionSetup | None,

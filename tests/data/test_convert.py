@@ -467,7 +467,8 @@ def test_convert_config_declares_the_flags_and_takes_overrides(tmp_path):
     assert names == ["image_size", "crop", "encoding", "val_fraction", "split_by", "stratify",
                      "seed",
                      "num_shards", "workers", "compression", "max_rejects", "dedupe",
-                     "use_official_val", "download", "cache_dir", "max_pixels", "masks"]
+                     "use_official_val", "download", "cache_dir", "max_pixels", "masks",
+                     "lung_model", "lung_margin", "min_lung_fraction"]
     defaults = convert.ConvertConfig()
     for name in names:  # one flag per field, with the field's default
         assert flags.FLAGS[name].default == getattr(defaults, name), name
@@ -915,3 +916,77 @@ def test_phantom_lung_masks_convert_with_masks(tmp_path):
         lung = np.frombuffer(r["lung_mask"], np.uint8).reshape(64, 64) > 0
         assert 0.1 < lung.mean() < 0.8
         assert image[lung].mean() < image[~lung].mean()  # the lungs are the dark fields
+
+
+# ---------------------------------------------------------------------------------------------
+# The lung crop (--crop=lungs)
+
+
+def test_lung_crop_boxes_each_film_to_the_lungs_its_model_finds(lung_run, tmp_path):
+    from pneumo_tf.modeling import lungs as lungs_lib
+
+    run, src = lung_run
+    kw = dict(image_size=SIZE, crop="lungs", lung_model=str(run), progress=False)
+    m = convert.convert_dataset(src, tmp_path / "out", workers=2, **kw)
+    lungs = lungs_lib.LungModel(run)
+    entry = m["lung_model"]
+    assert {k: entry[k] for k in ("path", "sha256", "image_size")} == lungs.describe()
+    assert entry["margin"] == 0.05 and entry["min_lung_fraction"] == 0.1
+    methods = {k: sum(s["crop_methods"].get(k, 0) for s in m["splits"].values())
+               for k in ("lungs", "lungs_fallback")}
+    assert (entry["lungs_found"], entry["fallbacks"]) == (methods["lungs"],
+                                                           methods["lungs_fallback"])
+    assert entry["lungs_found"] + entry["fallbacks"] == sum(s["count"] for s in m["splits"].values())
+    assert 0.0 < entry["lung_fraction"]["min"] <= entry["lung_fraction"]["max"] <= 1.0
+    assert m["flags"]["lung_model"] == str(run.absolute()) and m["crop"] == "lungs"
+    # Each record's box is the lung model's box of its film (decoded as the converter does).
+    boxes = []
+    for r in read_records(tmp_path / "out", "test"):
+        decoded = decode.decode_bytes((src / r["path"].decode()).read_bytes(), name="x",
+                                      target_size=SIZE, crop="lungs")
+        finding = lungs.find([decoded.gray])[0]
+        box, method = preprocess.crop_box_for(decoded.gray, "lungs", finding.box)
+        assert tuple(r["crop_box"]) == convert.source_box(box, decoded.scale, r["orig_height"],
+                                                          r["orig_width"])
+        assert r["crop_method"].decode() == method
+        boxes.append(tuple(r["crop_box"]) != (0, r["orig_height"], 0, r["orig_width"]))
+    assert any(boxes)  # the lungs are not the whole film: some boxes leave part of it out
+    assert convert.verify_data_dir(tmp_path / "out") == []
+    one = convert.convert_dataset(src, tmp_path / "one", workers=1, **kw)
+    assert one["splits"] == m["splits"]
+    assert "lung crop:" in convert.format_summary(m)
+    assert m["timing"]["find_lungs_s"] > 0 and "finding the lungs" in convert.format_summary(m)
+
+
+def test_lung_crop_falls_back_to_fixed_where_too_few_lungs_are_found(lung_run, tmp_path):
+    run, src = lung_run
+    m = convert.convert_dataset(src, tmp_path / "out", image_size=SIZE, crop="lungs",
+                                lung_model=str(run), min_lung_fraction=0.99, workers=1,
+                                progress=False)
+    n = sum(s["count"] for s in m["splits"].values())
+    assert m["lung_model"]["fallbacks"] == n and m["lung_model"]["lungs_found"] == 0
+    for r in read_records(tmp_path / "out", "test"):
+        assert r["crop_method"] == b"lungs_fallback"
+        decoded = decode.decode_bytes((src / r["path"].decode()).read_bytes(), name="x",
+                                      target_size=SIZE, crop="lungs")
+        fixed = preprocess.fixed_crop_box(*decoded.gray.shape)
+        assert tuple(r["crop_box"]) == convert.source_box(fixed, decoded.scale, r["orig_height"],
+                                                          r["orig_width"])
+
+
+def test_bad_lung_models_stop_the_run_before_out_is_touched(lung_run, tiny_data_dir, tmp_path):
+    from support_runs import make_run
+
+    run, src = lung_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    classifier = make_run(tmp_path / "classifier", tiny_data_dir, epochs=1)
+    for kw, message in ((dict(crop="lungs"), r"--crop=lungs needs --lung_model="),
+                        (dict(crop="lungs", lung_model=str(classifier)), r"not a lung model"),
+                        (dict(crop="lungs", lung_model=str(tmp_path / "none")),
+                         r"no such directory"),
+                        (dict(crop="fixed", lung_model=str(run)), r"add --crop=lungs or drop")):
+        with pytest.raises(convert.ConvertError, match=message):
+            convert.convert_dataset(src, out, image_size=SIZE, workers=1, progress=False, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -91,6 +91,8 @@ def write_dicom(arr: np.ndarray, *, photometric: str = "MONOCHROME2", bits_store
     (1024, 1024, 224, "adaptive", 2),  # needs 448: /2 gives 512
     (900, 1024, 224, "adaptive", 2),   # /2: 450 x 512 >= 448
     (880, 1024, 224, "adaptive", 1),   # /2: 440 < 448
+    (900, 1024, 224, "lungs", 2),      # the lung box is not known yet either: as adaptive
+    (880, 1024, 224, "lungs", 1),
     (224, 224, 224, "fixed", 1),     # the Kaggle 224 px copies: never reduced
     (3000, 2000, 64, "fixed", 8),
 ])

@@ -74,6 +74,12 @@ def test_manifest_mismatches_lists_each_difference():
     assert records.manifest_mismatches(a, b) == [
         "image_size: run has 224, data dir has 128", "crop: run has 'fixed', data dir has 'none'"]
     assert records.manifest_mismatches(a, dict(a)) == []
+    lungs = {**a, "crop": "lungs", "lung_model": {"path": "/runs/lungs", "sha256": "aa"}}
+    moved = {**lungs, "lung_model": {"path": "/elsewhere/lungs", "sha256": "aa"}}
+    assert records.manifest_mismatches(lungs, moved) == []  # the same model, moved
+    other = {**lungs, "lung_model": {"path": "/runs/lungs", "sha256": "bb"}}
+    assert records.manifest_mismatches(lungs, other) == [
+        "lung_model: run's crop used 'aa', data dir's 'bb' (sha256 of model.keras)"]
 
 
 @pytest.mark.parametrize("label,subtype,box,method", [

@@ -134,3 +134,67 @@ def test_resize_to_keeps_size_and_takes_an_interpolation():
     assert up.shape == (6, 8) and set(np.unique(up)) == set(np.unique(gray))
     np.testing.assert_array_equal(preprocess.resize_area(gray, 2),
                                   cv2.resize(gray, (2, 2), interpolation=cv2.INTER_AREA))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lung crop (--crop=lungs)
+
+
+def _lung_map(g=20):
+    """A ``[g, g]`` map: two lung fields (rows 4-15, columns 3-8 and 11-16) at 0.9, 0.2 around."""
+    prob = np.full((g, g), 0.2, np.float32)
+    prob[4:16, 3:9] = 0.9
+    prob[4:16, 11:17] = 0.9
+    return prob
+
+
+def test_find_lungs_boxes_the_lung_pixels_plus_the_margin():
+    finding = preprocess.find_lungs(_lung_map(), margin=0.05, min_fraction=0.1)
+    assert finding.fraction == pytest.approx(2 * 12 * 6 / 400)
+    assert finding.confidence == pytest.approx(0.9)
+    # rows 4..15 -> 0.20..0.80 of the film, columns 3..16 -> 0.15..0.85; 5 % more on each side
+    assert finding.box == pytest.approx((0.15, 0.85, 0.10, 0.90))
+    # on a 300 x 500 film: outward to whole pixels
+    assert preprocess.lung_crop_box(300, 500, finding.box) == (45, 255, 50, 450)
+    wide = preprocess.find_lungs(_lung_map(), margin=0.3)
+    assert wide.box == (0.0, 1.0, 0.0, 1.0)  # clipped to the film
+
+
+def test_no_lungs_or_too_few_give_no_box_and_the_fixed_crop():
+    empty = preprocess.find_lungs(np.zeros((16, 16), np.float32))
+    assert empty == (0.0, 0.0, None)
+    few = preprocess.find_lungs(_lung_map(), min_fraction=0.5)
+    assert few.box is None and few.fraction == pytest.approx(0.36)
+    film = np.zeros((300, 500), np.uint8)
+    box, method = preprocess.crop_box_for(film, "lungs", few.box)
+    assert method == "lungs_fallback" and box == preprocess.fixed_crop_box(300, 500)
+    box, method = preprocess.crop_box_for(film, "lungs", preprocess.find_lungs(_lung_map()).box)
+    assert method == "lungs" and box == (45, 255, 50, 450)
+    with pytest.raises(ValueError, match="needs the lung model's box"):
+        preprocess.preprocess_gray(film, 32, "lungs")
+
+
+def test_tf_find_lungs_and_the_in_graph_lung_crop_are_the_host_ones():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(4)
+    maps = [_lung_map(), np.zeros((20, 20), np.float32), _lung_map() * 0.5]
+    for _ in range(5):  # random blobs, some touching the edges
+        blob = cv2.GaussianBlur(rng.uniform(0, 1, (20, 20)).astype(np.float32), (5, 5), 0)
+        maps.append(np.clip((blob - blob.mean()) * 8 + 0.4, 0, 1).astype(np.float32))
+    graph = preprocess.tf_find_lungs(tf.constant(np.stack(maps)), 0.07, 0.1)
+    film = rng.integers(0, 256, (233, 311)).astype(np.uint8)
+    for i, prob in enumerate(maps):
+        host = preprocess.find_lungs(prob, 0.07, 0.1)
+        assert float(graph["fraction"][i]) == pytest.approx(host.fraction)
+        assert float(graph["confidence"][i]) == pytest.approx(host.confidence, abs=1e-6)
+        assert bool(graph["found"][i]) == (host.box is not None)
+        want, _, _ = preprocess.preprocess_gray(film, 24, "lungs", host.box)
+        got = preprocess.tf_preprocess_gray(tf.constant(film[..., None]), 24, "lungs",
+                                            graph["box"][i], graph["found"][i])
+        if host.box is not None:  # the very same box, to the pixel
+            assert tuple(graph["box"][i].numpy()) == host.box
+            box = preprocess.tf_lung_crop_box(233, 311, graph["box"][i])
+            assert tuple(int(v) for v in box) == preprocess.lung_crop_box(233, 311, host.box)
+        diff = np.abs(got.numpy()[..., 0].astype(int) - want.astype(int))
+        assert diff.max() <= 6 and diff.mean() < 1.0, (i, diff.max(), diff.mean())

@@ -259,7 +259,7 @@ def test_in_graph_jpeg_reduction_matches_the_converter_rule():
 
     for h, w in [(100, 100), (517, 640), (2000, 1500), (4000, 3000), (300, 2000)]:
         for size in (32, 224):
-            for crop in ("fixed", "none", "adaptive"):
+            for crop in ("fixed", "none", "adaptive", "lungs"):
                 expected = decode.jpeg_reduction_factor(h, w, size, crop)
                 got = int(decode.tf_jpeg_reduction_factor(tf.constant(h), tf.constant(w), size, crop))
                 assert got == expected, (h, w, size, crop)
@@ -507,7 +507,8 @@ def test_parity_covers_the_guard_and_the_subtype_outputs(subtype_export):
     from pneumo_tf.serving import runtime as serving
 
     run, _, report = subtype_export
-    assert report["passed"] and report["outputs"] == {"ood": True, "subtype": True}
+    assert report["passed"] and report["outputs"] == {"ood": True, "subtype": True,
+                                                      "lungs": False}
     sm, fp16, int8 = (report["variants"][k] for k in ("saved_model", "fp16", "int8"))
     assert sm["max_rel_ood_score_diff"] < 1e-4 and sm["max_abs_class_prob_diff"] < 1e-5
     assert sm["in_distribution_agreement"] == 1.0 and sm["subtype_agreement"] == 1.0
@@ -575,3 +576,138 @@ def test_the_bytes_signature_flags_photos_and_inverted_films(phantom_ood_run, tm
     assert not verdict([255 - f for f in films]).any()
     assert not verdict([np.rot90(f) for f in films[:4]]).any()
     assert verdict(films).mean() >= 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# The lung model in the graph: a --crop=lungs run
+
+
+LUNG_OUTPUTS = {"lung_fraction": (np.float32, (4,)), "lung_confidence": (np.float32, (4,)),
+                "lungs_found": (np.bool_, (4,))}
+
+
+@pytest.fixture(scope="module")
+def lung_crop_export(lung_crop_run, tmp_path_factory):
+    """The --crop=lungs classifier exported in both formats (its own lung model in the graph)."""
+    from pneumo_tf.serving import export
+
+    run, data = lung_crop_run
+    copy = tmp_path_factory.mktemp("lung_crop_export") / "run"
+    shutil.copytree(run, copy)
+    report = export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
+    return copy, report
+
+
+def test_the_bytes_signature_crops_to_the_lungs_as_the_converter_does(lung_crop_export, lung_run,
+                                                                      tmp_path):
+    """Host converter crop vs in-graph crop on the same files: the same boxes, the same lung
+    shares, probabilities within 1e-3 (the area resizes differ by a grey level)."""
+    import tensorflow as tf
+
+    from pneumo_tf.core import rundir
+    from pneumo_tf.evaluation import scoring
+    from pneumo_tf.image import preprocess
+    from pneumo_tf.modeling import lungs as lungs_lib
+    from pneumo_tf.serving import lungs as lung_serving
+    from pneumo_tf.data import decode
+
+    run, _ = lung_crop_export
+    lungs = lungs_lib.LungModel(lung_run[0])
+    settings = lung_serving.LungSettings.from_json(
+        json.loads((run / "export" / "pneumo_tf_serving.json").read_text())["lungs"])
+    files = phantom_files(tmp_path / "img")
+    names = sorted(files)
+    host_images, fractions, same_box = [], [], []
+    for name in names:
+        decoded = decode.decode_bytes(files[name], name=name, target_size=SIZE, crop="lungs")
+        finding = lungs.find([decoded.gray], settings.margin, settings.crop_min_fraction)[0]
+        image, box, _ = preprocess.preprocess_gray(decoded.gray, SIZE, "lungs", finding.box)
+        host_images.append(image)
+        fractions.append(finding.fraction)
+        gray = decode.tf_decode_gray(tf.constant(files[name]), SIZE, "lungs")
+        lung = lung_serving.tf_film_lungs(lungs.model, gray, settings)
+        graph_box = preprocess.tf_lung_crop_box(tf.shape(gray)[0], tf.shape(gray)[1], lung["box"])
+        same_box.append(bool(lung["found"]) == (finding.box is not None) and (
+            finding.box is None or tuple(int(v) for v in graph_box) == box))
+    assert np.mean(same_box) >= 0.9, same_box  # a grey level may move a box edge by a cell
+    served = tf.saved_model.load(str(run / "export" / "saved_model")).signatures[
+        "serving_default"](images=tf.constant([files[n] for n in names]))
+    keras_p = scoring.make_predict_fn(rundir.load_model(run))(np.stack(host_images)[..., None])
+    diff = np.abs(served["probability"].numpy() - keras_p.numpy())[np.array(same_box)]
+    assert diff.max() < 1e-3, diff.max()
+    np.testing.assert_allclose(served["lung_fraction"].numpy(), fractions, atol=0.01)
+
+
+def test_every_signature_gains_the_lung_outputs_and_parity_covers_them(lung_crop_export):
+    import tensorflow as tf
+
+    from pneumo_tf.serving import lungs as lung_serving
+
+    run, report = lung_crop_export
+    loaded = tf.saved_model.load(str(run / "export" / "saved_model"))
+    assert set(loaded.signatures) == {"serving_default", "preprocessed", "preprocessed_float",
+                                      "lungs"}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8)
+    calls = {"serving_default": {"images": tf.constant([_png(im[..., 0]) for im in images])},
+             "preprocessed": {"image": tf.constant(images)},
+             "preprocessed_float": {"image": tf.constant(images.astype(np.float32))}}
+    for name, kwargs in calls.items():
+        out = {k: (v.numpy().dtype, v.numpy().shape)
+               for k, v in loaded.signatures[name](**kwargs).items()}
+        assert {k: out[k] for k in LUNG_OUTPUTS} == LUNG_OUTPUTS, name
+        assert out["probability"] == (np.float32, (4,))
+    lungs_out = loaded.signatures["lungs"](image=tf.constant(images))
+    assert lungs_out["lung_mask"].shape == (4, 32, 32)
+    config = json.loads((run / "export" / "pneumo_tf_serving.json").read_text())
+    assert config["crop"] == "lungs" and config["lungs"]["confidence_source"] == "lung_guard.json"
+    assert report["passed"] and report["outputs"]["lungs"]
+    assert report["lungs"]["model"] == config["lungs"]
+    sm, fp16 = report["lungs"]["variants"]["saved_model"], report["lungs"]["variants"]["fp16"]
+    assert sm["dice"] == 1.0 and sm["max_abs_prob_diff"] < 1e-5
+    assert fp16["dice"] > 0.98 and fp16["path"] == lung_serving.LUNG_TFLITE_NAME
+    assert (run / "export" / lung_serving.LUNG_TFLITE_NAME).is_file()
+
+
+def test_lung_crop_runs_name_a_missing_or_wrong_lung_model(lung_crop_run, lung_run,
+                                                           tiny_data_dir, tmp_path):
+    from pneumo_tf.core import rundir
+    from pneumo_tf.serving import export
+    from pneumo_tf.serving import lungs as lung_serving
+    from support_runs import make_run
+
+    run, _ = lung_crop_run
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("export"))
+    manifest = json.loads((moved / "data_manifest.json").read_text())
+    manifest["lung_model"]["path"] = str(tmp_path / "gone")
+    (moved / "data_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(rundir.RunDirError, match=r"which is missing; pass --lung_model="):
+        export.export_run(moved, ["tflite"])
+    classifier = make_run(tmp_path / "classifier", tiny_data_dir, epochs=1)
+    with pytest.raises(rundir.RunDirError, match=r"not a lung model"):
+        export.export_run(moved, ["tflite"], lungs=lung_serving.LungOptions(str(classifier)))
+    with pytest.raises(rundir.RunDirError, match=r"is a lung model .*--lung_model="):
+        export.export_run(lung_run[0], ["tflite"])
+    assert not (moved / "export").exists()
+
+
+@pytest.mark.slow
+def test_export_cli_takes_a_lung_model_for_any_classifier(run_and_data, lung_run, tmp_path):
+    run, data = run_and_data
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    write_calibration(copy)
+    done = run_module("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
+                      "--formats=saved_model", "--parity_count=4", f"--lung_model={lung_run[0]}",
+                      "--min_lung_fraction=0.2", "--min_lung_confidence=0.3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lungs = json.loads(done.stdout)["lungs"]["model"]
+    assert (lungs["min_lung_fraction"], lungs["min_lung_confidence"], lungs["crop_min_fraction"]) \
+        == (0.2, 0.3, 0.1)
+    assert json.loads((copy / "export" / "pneumo_tf_serving.json").read_text())["crop"] == "fixed"
+    bad = run_module("pneumo_tf.export", f"--run_dir={copy}", "--formats=tflite",
+                     f"--lung_model={tmp_path / 'nowhere'}")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "pneumo_tf.export: error: --lung_model=") and "no such directory" in bad.stderr

@@ -31,7 +31,7 @@ def lungs_config(data_dir, run_dir, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def phantom_lungs(tmp_path_factory):
+def lungs_task_run(tmp_path_factory):
     """Phantoms with their lung masks converted at 64 px (whole films), and a lungs run."""
     root = tmp_path_factory.mktemp("lungs")
     phantoms.write_phantom_dataset(root / "src", num_train=120, num_test=24, seed=0,
@@ -45,8 +45,8 @@ def phantom_lungs(tmp_path_factory):
     return root, summary
 
 
-def test_a_lungs_run_learns_the_phantom_lungs_and_keeps_its_history(phantom_lungs):
-    root, summary = phantom_lungs
+def test_a_lungs_run_learns_the_lungs_task_run_and_keeps_its_history(lungs_task_run):
+    root, summary = lungs_task_run
     run = root / "run"
     with open(run / "history.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -73,8 +73,8 @@ def test_a_lungs_run_learns_the_phantom_lungs_and_keeps_its_history(phantom_lung
     assert summary["steps_per_epoch"] == with_masks // 8
 
 
-def test_a_lungs_run_logs_contours_to_tensorboard(phantom_lungs):
-    root, _ = phantom_lungs
+def test_a_lungs_run_logs_contours_to_tensorboard(lungs_task_run):
+    root, _ = lungs_task_run
     tags = {}
     for event_file in (root / "run" / "tb" / "val").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
@@ -84,8 +84,8 @@ def test_a_lungs_run_logs_contours_to_tensorboard(phantom_lungs):
     assert {"epoch_dice", "epoch_iou", "epoch_loss"} <= set(tags)
 
 
-def test_evaluate_on_a_lungs_run_reports_dice_and_iou_with_cis(phantom_lungs):
-    root, _ = phantom_lungs
+def test_evaluate_on_a_lungs_run_reports_dice_and_iou_with_cis(lungs_task_run):
+    root, _ = lungs_task_run
     run, data = root / "run", root / "data"
     proc = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
                       "--split=test")
@@ -150,11 +150,11 @@ def test_lungs_on_data_without_masks_names_the_converter_flag(tiny_data_dir, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(phantom_lungs,
+def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(lungs_task_run,
                                                                           tmp_path):
     from pneumo_tf.core import rundir
 
-    root, _ = phantom_lungs
+    root, _ = lungs_task_run
     cfg = TrainConfig(data_dir=str(root / "data"), run_dir=str(tmp_path / "gated"),
                       backbone="small_cnn", weights="none", trainable_layers=-1, train_bn=True,
                       input_norm="unit", batch_size=8, epochs=1, steps_per_epoch=2,
@@ -167,7 +167,7 @@ def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(phan
     lungs = rundir.load_model(root / "run")
     for a, b in zip(gate.lung_model.get_weights(), lungs.get_weights()):
         np.testing.assert_array_equal(a, b)  # the frozen lung model, unchanged by training
-    for wrong, message in ((tmp_path / "missing", "no such run directory"),
+    for wrong, message in ((tmp_path / "missing", "no such directory"),
                            (tmp_path / "gated", "a run of --task=binary, not a lung model")):
         bad = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "bad"),
                              "lung_gate": str(wrong)})
