@@ -5,7 +5,9 @@ Usage::
     python -m pneumo_tf.gradcam --run_dir=R --data_dir=D --split=test --num_images=64 \
         [--calibration=val|NAME]
 
-Outputs and groups: :mod:`pneumo_tf.explain.grids`; the maths: :mod:`pneumo_tf.explain.cam`.
+Writes ``R/gradcam/`` for the run's own data, ``R/gradcam/<split>-<data dir name>/`` for another
+data dir (as ``evaluate`` names ``R/eval/``). Outputs and groups: :mod:`pneumo_tf.explain.grids`;
+the maths: :mod:`pneumo_tf.explain.cam`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> None:
     f = cli.config_from_flags(GradcamFlags, FLAG_HOLDERS)
     stats = grids.run_gradcam(f.run_dir, f.data_dir, f.split, f.num_images, f.layer,
                               f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration)
-    print(summary_line(stats) + f" -> {rundir.RunPaths(f.run_dir).gradcam}")
+    out = rundir.gradcam_dir(f.run_dir, f.data_dir, f.split, f.calibration)
+    print(summary_line(stats) + f" -> {out}")
 
 
 def run() -> None:

@@ -60,7 +60,8 @@ def threshold_option():
     return cli.option(
         None, f"Operating threshold method: {THRESHOLD_METHODS_HELP}. evaluate: chosen on the "
         "val split, default the run's stored operating point (another method never rewrites "
-        "calibration.json); calibrate: chosen on the site's sample, default val_youden.")
+        "calibration.json and is written to eval/<split>@<method>); calibrate: chosen on the "
+        "site's sample, default val_youden.")
 
 
 # The operating point every finished run gets (the training app calls calibrate_run with it).
@@ -246,6 +247,20 @@ def parse_threshold_method(method: str) -> tuple[str, float | None]:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"--threshold={method}: a fixed threshold must be in [0, 1]")
     return "fixed", value
+
+
+def method_label(method: str) -> str:
+    """A threshold method in one spelling (``0.50`` -> ``0.5``, ``val_sensitivity:0.950`` ->
+    ``val_sensitivity:0.95``): the ``@<method>`` of a what-if evaluation's name
+    (:func:`pneumo_tf.core.rundir.evaluation_name`).
+
+    Raises:
+        ValueError: as :func:`parse_threshold_method`.
+    """
+    kind, value = parse_threshold_method(method)
+    if value is None:
+        return kind
+    return f"{value:g}" if kind == "fixed" else f"{kind}:{value:g}"
 
 
 def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,

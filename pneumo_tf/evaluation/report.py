@@ -543,18 +543,21 @@ def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes]
 
 
 def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], metrics: dict,
-                      split: str, step: int = 0) -> None:
-    """Log every figure as an image summary ``{split}/{name}`` and the table as text."""
+                      evaluation: str, step: int = 0) -> None:
+    """Log every figure as an image summary ``<evaluation>/<figure>``, the tables as text and
+    the headline metrics as scalars, all under the evaluation's name (``test-site_b/accuracy``;
+    :func:`pneumo_tf.core.rundir.evaluation_name`), so one data dir's evaluation never hides
+    another's in ``R/tb/eval``."""
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(str(log_dir))
     with writer.as_default(step=step):
         for name, png in figures.items():
             image = tf.io.decode_png(png, channels=4)[tf.newaxis]
-            tf.summary.image(f"{split}/{name}", image)
-        tf.summary.text(f"{split}/metrics", metrics_table_markdown(metrics))
+            tf.summary.image(f"{evaluation}/{name}", image)
+        tf.summary.text(f"{evaluation}/metrics", metrics_table_markdown(metrics))
         for title, text in _sections(metrics):
-            tf.summary.text(f"{split}/{_section_tag(title)}", text)
+            tf.summary.text(f"{evaluation}/{_section_tag(title)}", text)
         scalars = {key: metrics.get(key) for key in (
             "accuracy", "recall", "specificity", "f1_macro", "roc_auc", "average_precision",
             "brier", "ece")}
@@ -563,6 +566,6 @@ def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], met
                         for key, value in (shift.get("difference") or {}).items()})
         for key, value in scalars.items():
             if isinstance(value, float) and np.isfinite(value):
-                tf.summary.scalar(f"{split}/{key}", value)
+                tf.summary.scalar(f"{evaluation}/{key}", value)
     writer.flush()
     writer.close()

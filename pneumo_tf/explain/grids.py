@@ -15,12 +15,15 @@ maps (:class:`pneumo_tf.explain.cam.EnsembleCamModel`), its probabilities the en
 three-class run (``--task=subtype``) ``bacterial`` / ``viral`` (that class's log-odds against
 the other two); the groups stay the binary TP/FP/FN/TN at the operating point.
 
-Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids, ``R/gradcam/cam_stats.json`` (share of
-the positive CAM mass inside the lung region per group; on phantoms also the pointing game: how
-often the CAM peak falls inside a lesion, next to the chance level = lesion area fraction), and
-TensorBoard image summaries under ``R/tb/gradcam``. An image whose map is empty (all zero after
-the ReLU) has no peak: in the pointing game it counts as a miss, and ``pointing_empty`` says how
-many such misses there were.
+Outputs: ``{TP,FP,FN,TN}.png`` overlay grids and ``cam_stats.json`` (share of the positive CAM
+mass inside the lung region per group; on phantoms also the pointing game: how often the CAM peak
+falls inside a lesion, next to the chance level = lesion area fraction) in ``R/gradcam/`` for the
+run's own data, in ``R/gradcam/<evaluation name>/`` for another data dir or a site calibration
+(``R/gradcam/test-site_b/``, named as ``evaluate`` names ``R/eval/``:
+:func:`pneumo_tf.core.rundir.gradcam_dir`); and TensorBoard image summaries under
+``R/tb/gradcam`` tagged ``<evaluation name>/<group>`` (``test/TP``, ``test-site_b/TP``). An
+image whose map is empty (all zero after the ReLU) has no peak: in the pointing game it counts as
+a miss, and ``pointing_empty`` says how many such misses there were.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
     return np.concatenate(cams), np.concatenate(probs)
 
 
-def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]],
+def _write_pictures(paths: rundir.RunPaths, out, tiles: dict[str, list[tuple[np.ndarray, dict]]],
                     context: dict) -> None:
-    """One overlay grid per group: ``R/gradcam/<group>.png`` and one image each in
-    ``R/tb/gradcam`` (a handful of tags, not one per tile)."""
+    """One overlay grid per group: ``<out>/<group>.png`` and one image each in ``R/tb/gradcam``
+    tagged ``<evaluation name>/<group>`` (a handful of tags, not one per tile)."""
     import tensorflow as tf
 
     from pneumo_tf.evaluation import report
 
-    paths.gradcam.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
     with writer.as_default(step=0):
         for g in cam.GROUPS:
@@ -69,8 +72,9 @@ def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarr
                                   [cam.tile_caption(e["path"], e["probability"])
                                    for _, e in tiles[g]], title)
             png = report.figure_png(fig)
-            atomic_files.write_bytes_atomic(paths.gradcam / f"{g}.png", png)
-            tf.summary.image(f"gradcam/{g}", tf.io.decode_png(png, channels=4)[tf.newaxis])
+            atomic_files.write_bytes_atomic(out / f"{g}.png", png)
+            tf.summary.image(f"{context['evaluation']}/{g}",
+                             tf.io.decode_png(png, channels=4)[tf.newaxis])
     writer.flush()
     writer.close()
 
@@ -79,7 +83,8 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                 num_images: int = 64, layer: str | None = None, batch_size: int = 32,
                 seed: int = 0, cam_class: str = "pneumonia", model=None,
                 calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
-    """Explain ``num_images`` images of ``split`` and write ``R/gradcam/`` and ``R/tb/gradcam``.
+    """Explain ``num_images`` images of ``split`` and write :func:`pneumo_tf.core.rundir.gradcam_dir`
+    (``R/gradcam/`` for the run's own data) and ``R/tb/gradcam``.
 
     Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
     on val first if missing, or the site calibration ``calibration_name``; its threshold applied
@@ -87,10 +92,13 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     evenly across the groups. ``run_dir`` may be an ensemble (the members' mean map).
 
     Returns:
-        The ``cam_stats.json`` dict.
+        The ``cam_stats.json`` dict (``evaluation``: the evaluation's name,
+        :func:`pneumo_tf.core.rundir.evaluation_name`).
     """
     manifest = rundir.check_data_compatible(run_dir, data_dir)
     paths = rundir.RunPaths(run_dir)
+    out = rundir.gradcam_dir(run_dir, data_dir, split, calibration_name)
+    evaluation = rundir.evaluation_name(run_dir, data_dir, split, calibration_name)
     if model is None:
         model = rundir.load_model(run_dir)
     try:
@@ -129,16 +137,18 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
         entry.update(cam.pointing_entry(cams[k], regions["lesion"]))
         entries.append(entry)
         tiles[groups[i]].append((cam.overlay_cam(images[k, ..., 0], cams[k]), entry))
-    _write_pictures(paths, tiles, {"split": split, "threshold": threshold,
-                                   "calibration": calibration_name, "cam_class": cam_class})
+    _write_pictures(paths, out, tiles, {"split": split, "threshold": threshold,
+                                        "calibration": calibration_name, "cam_class": cam_class,
+                                        "evaluation": evaluation})
 
     sources = sorted({e["region_source"] for e in entries})
-    stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
+    stats = {"split": split, "evaluation": evaluation, "layer": cam_model.layer,
+             "cam_class": cam_class,
              "threshold": threshold, "threshold_method": point["method"],
              "calibration": calibration_name, "ensemble_members": (
                  len(cam_model.members) if isinstance(cam_model, cam.EnsembleCamModel) else 0),
              "num_images": len(entries), "region_source": sources,
              "groups": cam.summarise_attention(entries),
              "images": [{k: v for k, v in e.items()} for e in entries]}
-    atomic_files.write_json_atomic(paths.cam_stats, stats)
+    atomic_files.write_json_atomic(out / rundir.CAM_STATS_NAME, stats)
     return stats

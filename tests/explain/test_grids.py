@@ -59,7 +59,7 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
             tags += [(v.tag, v.metadata.plugin_data.plugin_name) for v in ev.summary.value]
     # One grid image per group (a handful of tags), not one per tile.
     groups_present = [g for g in cam.GROUPS if stats["groups"][g]["n"]]
-    assert sorted(tags) == sorted((f"gradcam/{g}", "images") for g in groups_present)
+    assert sorted(tags) == sorted((f"test/{g}", "images") for g in groups_present)
 
 
 @pytest.mark.slow
@@ -103,6 +103,39 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
         predicted = e["group"] in ("TP", "FP")
         assert predicted == (e["probability"] >= raw), e
         assert e["label"] == int(e["group"] in ("TP", "FN"))
+
+
+@pytest.mark.slow
+def test_another_data_dir_goes_beside_the_runs_own_maps(tmp_path):
+    """gradcam on another data dir writes R/gradcam/<split>-<data dir name>/ and tags its
+    TensorBoard images with that name; the run's own R/gradcam/ is left alone."""
+    import tensorflow as tf
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    from pneumo_tf.core import rundir
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=32)
+    site = write_tiny_dataset(tmp_path / "site_b", image_size=32, counts={"test": (8, 8)},
+                              seed=3, brightness_offset=40)
+    run = make_run(tmp_path / "run", data, epochs=1)
+    own = gc.run_gradcam(run, data, "test", num_images=8, batch_size=8)
+    own_bytes = (run / "gradcam" / "cam_stats.json").read_bytes()
+    other = gc.run_gradcam(run, site, "test", num_images=12, batch_size=8)
+    assert own["evaluation"] == "test" and other["evaluation"] == "test-site_b"
+    out = run / "gradcam" / "test-site_b"
+    assert rundir.gradcam_dir(run, site, "test") == out
+    assert rundir.gradcam_dir(run, data, "test") == run / "gradcam"
+    assert json.loads((out / "cam_stats.json").read_text())["num_images"] == 12
+    assert (run / "gradcam" / "cam_stats.json").read_bytes() == own_bytes
+    assert any((out / f"{g}.png").is_file() for g in cam.GROUPS)
+    tags = set()
+    for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            tags |= {v.tag for v in ev.summary.value}
+    assert {t.split("/")[0] for t in tags} == {"test", "test-site_b"}
+    assert {t for t in tags if t.startswith("test-site_b/")} == {
+        f"test-site_b/{g}" for g in cam.GROUPS if other["groups"][g]["n"]}
 
 
 @pytest.mark.slow
