@@ -18,7 +18,6 @@ import dataclasses
 from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
 from pneumo_tf.evaluation import calibration
-from pneumo_tf.evaluation import evaluator
 
 
 @dataclasses.dataclass
@@ -40,6 +39,8 @@ FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
     f = cli.config_from_flags(EvaluateFlags, FLAG_HOLDERS)
+    from pneumo_tf.evaluation import evaluator  # TensorFlow, matplotlib: once flags are parsed
+
     metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
                                      f.num_resamples, f.seed, calibration_name=f.calibration,
                                      val_data_dir=f.val_data_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from absl import flags
 
 from pneumo_tf.core import cli
-from pneumo_tf.training import distribute, loop, session
 from pneumo_tf.training.config import TrainConfig, flags_file_text
 
 FLAG_HOLDERS = cli.define_config_flags(TrainConfig, module_name=__name__)
@@ -20,6 +19,9 @@ if "profile" not in flags.FLAGS:  # the flag's earlier name, still accepted
 
 
 def main(argv: list[str]) -> None:
+    # The trainer's libraries load TensorFlow: imported once the flags are parsed.
+    from pneumo_tf.training import distribute, loop, session
+
     cli.check_args(argv)
     # Logical CPUs must exist before TensorFlow initialises its devices: first thing.
     distribute.configure_cpu_devices(FLAG_HOLDERS["cpu_devices"].value)
@@ -32,7 +34,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    cli.run_app(main, "pneumo_tf.train", errors=(loop.TrainingDivergedError,),
+    cli.run_app(main, "pneumo_tf.train",
+                errors=("pneumo_tf.training.loop.TrainingDivergedError",),
                 flag_holders=FLAG_HOLDERS)
 
 

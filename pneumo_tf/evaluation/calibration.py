@@ -38,7 +38,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
+
+# sklearn (half a second to import) is imported inside the functions that use it, so
+# the commands that import this module for their flags start without it.
 
 import pneumo_tf
 from pneumo_tf.core import atomic_files, cli
@@ -286,6 +288,8 @@ def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
     Returns:
         Threshold in [0, 1]; images with ``prob >= threshold`` are PNEUMONIA.
     """
+    from sklearn import metrics as skm
+
     kind, value = parse_threshold_method(method)
     if kind == "fixed":
         return float(value)
