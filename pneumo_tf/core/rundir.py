@@ -62,6 +62,19 @@ class RunDirError(ValueError):
     """A run directory is missing something a command needs; the message names the fix."""
 
 
+# The top-level entries a run directory may hold besides R/export_<name>/ (:class:`RunPaths`;
+# ``members`` holds an ensemble's member runs).
+RUN_ENTRIES = frozenset({
+    "flags.txt", "data_manifest.json", "tb", "backup", "best.weights.h5", "model.keras",
+    "history.csv", "summary.json", "calibration.json", "calibrations", "eval", "gradcam", "export",
+    OOD_JSON, OOD_STATS, "members"})
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a file or folder named ``name`` directly in a folder is one a run writes."""
+    return name in RUN_ENTRIES or name.startswith("export_")
+
+
 class RunPaths:
     """Paths inside one run directory (nothing is created by constructing it)."""
 
