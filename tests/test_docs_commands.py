@@ -76,3 +76,13 @@ def test_each_documented_program_runs_with_help(program):
     assert proc.returncode in (0, 1), (proc.returncode, proc.stderr[-2000:])
     assert "flags" in (proc.stdout + proc.stderr).lower() or "usage" in \
         (proc.stdout + proc.stderr).lower()
+
+
+def test_build_md_says_what_make_venv_installs():
+    """BUILD.md's `make venv` line names the extras the Makefile installs."""
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    installed = re.search(r"pip install --quiet -e '(\.\[[\w,]+\])'", makefile)
+    assert installed, "the Makefile's venv recipe changed: update this test and BUILD.md"
+    build = (REPO / "BUILD.md").read_text(encoding="utf-8")
+    documented = next(line for line in build.splitlines() if line.startswith("make venv"))
+    assert f"pip install -e '{installed[1]}'" in documented, documented
