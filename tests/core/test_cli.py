@@ -129,3 +129,24 @@ def test_error_types_named_by_string_resolve_only_once_imported():
 
     assert cli._error_types(["pneumo_tf.core.rundir.RunDirError", "no_such.module.Error",
                              KeyError]) == (rundir.RunDirError, KeyError)
+
+
+@pytest.mark.slow
+def test_a_benchmark_starts_as_quietly_as_the_commands(tmp_path):
+    """TensorFlow's start-up lines (oneDNN, cuda drivers, cuInit) stay off a tool's stderr."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "PNEUMO_TF_TF_LOG_LEVEL_DEFAULTED",
+                        "PNEUMO_TF_TF_BANNER")}  # the tests' own setting would ask for them
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_gradcam"), "--backbone=small_cnn",
+         "--image_size=32", "--num_images=4", "--baseline_images=1", "--batch_size=4",
+         "--precision=float32"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[0] for line in proc.stderr.splitlines()] == ["saved"], proc.stderr
+    assert '"batched_float32"' in proc.stdout
+    for tool in sorted((REPO / "tools").glob("bench_*")):
+        text = tool.read_text(encoding="utf-8")
+        assert "TF_CPP_MIN_LOG_LEVEL" not in text and "cli.run_app(main" in text, tool.name
