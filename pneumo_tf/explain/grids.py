@@ -29,6 +29,7 @@ a miss, and ``pointing_empty`` says how many such misses there were.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -50,8 +51,8 @@ def _cams(cam_model, images: np.ndarray, batch_size: int, cam_class: str,
     return np.concatenate(cams), np.concatenate(probs)
 
 
-def _write_pictures(paths: rundir.RunPaths, out, tiles: dict[str, list[tuple[np.ndarray, dict]]],
-                    context: dict) -> None:
+def _write_pictures(paths: rundir.RunPaths, out: Path,
+                    tiles: dict[str, list[tuple[np.ndarray, dict]]], context: dict) -> None:
     """One overlay grid per group: ``<out>/<group>.png`` and one image each in ``R/tb/gradcam``
     tagged ``<evaluation name>/<group>`` (a handful of tags, not one per tile)."""
     import tensorflow as tf
@@ -83,8 +84,9 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                 num_images: int = 64, layer: str | None = None, batch_size: int = 32,
                 seed: int = 0, cam_class: str = "pneumonia", model=None,
                 calibration_name: str = rundir.VAL_CALIBRATION) -> dict:
-    """Explain ``num_images`` images of ``split`` and write :func:`pneumo_tf.core.rundir.gradcam_dir`
-    (``R/gradcam/`` for the run's own data) and ``R/tb/gradcam``.
+    """Explain ``num_images`` images of ``split``; write them to
+    :func:`pneumo_tf.core.rundir.gradcam_dir` (``R/gradcam/`` for the run's own data) and
+    ``R/tb/gradcam``.
 
     Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
     on val first if missing, or the site calibration ``calibration_name``; its threshold applied
