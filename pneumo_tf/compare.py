@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m pneumo_tf.compare --runs=R1,R2 --split=test --out=DIR [--data_dir=D]
+    python -m pneumo_tf.compare --runs=R1,R2 --split=test --out=DIR [--data_dir=D] \
+        [--allow_unpaired]
 
 What it reads, writes and how runs are compared: :mod:`pneumo_tf.evaluation.comparison`.
 """
@@ -29,6 +30,9 @@ class CompareFlags:
     seed: int = cli.seed_option()
     diff_resamples: int = option(2000, "Bootstrap resamples of the differences between runs "
                                  "(>= 1000).", lower=1000)
+    allow_unpaired: bool = option(
+        False, "Compare runs evaluated on different images (another data dir or split "
+        "content), unpaired; without it such runs are refused.")
 
 
 FLAG_HOLDERS = cli.define_config_flags(CompareFlags, module_name=__name__)
@@ -38,7 +42,7 @@ def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["runs"], FLAG_HOLDERS["out"])
     f = cli.config_from_flags(CompareFlags, FLAG_HOLDERS)
     comparison.compare_runs(list(f.runs), f.split, f.out, f.data_dir, f.batch_size, f.seed,
-                            f.diff_resamples)
+                            f.diff_resamples, f.allow_unpaired)
     print((Path(f.out) / "comparison.md").read_text(encoding="utf-8"))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 from pneumo_tf.core import cli
-from pneumo_tf.evaluation import ensemble
 
 
 @dataclasses.dataclass
@@ -30,6 +29,8 @@ FLAG_HOLDERS = cli.define_config_flags(EnsembleFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["runs"], FLAG_HOLDERS["out"])
     f = cli.config_from_flags(EnsembleFlags, FLAG_HOLDERS)
+    from pneumo_tf.evaluation import ensemble  # loads TensorFlow: after the flags are parsed
+
     summary = ensemble.create_ensemble(list(f.runs), f.out, f.data_dir)
     print(f"ensemble of {len(summary['ensemble']['members'])} runs -> {f.out} "
           f"(calibration: {summary['calibration']})")

@@ -5,8 +5,10 @@ Usage::
     python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
         [--calibration=val|NAME] [--val_data_dir=V] [--lung_model=LUNGS_RUN] [--lung_images=64]
 
-What it writes and how thresholds, calibrations and other sites are handled:
-:mod:`pneumo_tf.evaluation.evaluator`.
+Writes ``R/eval/<split>``; another data dir's split goes to ``R/eval/<split>-<data dir name>``,
+a what-if ``--threshold`` (another method than the run's stored one) to
+``R/eval/<split>@<method>``. What it writes and how thresholds, calibrations and other sites are
+handled: :mod:`pneumo_tf.evaluation.evaluator`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import dataclasses
 from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
 from pneumo_tf.evaluation import calibration
-from pneumo_tf.evaluation import evaluator
-from pneumo_tf.explain import anatomy
 
 
 @dataclasses.dataclass
@@ -52,12 +52,15 @@ def main(argv: list[str]) -> None:
         out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"])
         print(f"{segmentation.summary_line(metrics)} -> {out}")
         return
+    from pneumo_tf.evaluation import evaluator  # TensorFlow, matplotlib: once flags are parsed
+    from pneumo_tf.explain import anatomy
+
     metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
                                      f.num_resamples, f.seed, calibration_name=f.calibration,
                                      val_data_dir=f.val_data_dir,
                                      lungs=anatomy.LungOptions(f.lung_model, f.lung_images))
-    out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"], metrics["calibration"])
-    print(f"{evaluator.summary_line(metrics)} -> {out}")
+    print(f"{evaluator.summary_line(metrics)} -> "
+          f"{rundir.RunPaths(f.run_dir).eval_dir(metrics['evaluation'])}")
 
 
 def run() -> None:

@@ -5,15 +5,18 @@ Usage::
     python -m pneumo_tf.export --run_dir=R [--formats=saved_model,tflite] [--calibration=NAME] \
         [--lung_model=LUNGS_RUN] [--min_lung_fraction=0.1] [--min_lung_confidence=C]
 
-What is exported and checked: :mod:`pneumo_tf.serving.export` for a classifier (with a lung
-model: the lung crop and ``lung_fraction`` in the graph), :mod:`pneumo_tf.serving.lung_export`
-for a lungs run (``--task=lungs``).
+Prints one line per exported model (size, agreement with the Keras model on the parity batch);
+the full report is ``parity.json`` in the export folder. What is exported and checked:
+:mod:`pneumo_tf.serving.export` for a classifier (with a lung model: the lung crop and
+``lung_fraction`` in the graph), :mod:`pneumo_tf.serving.lung_export` for a lungs run
+(``--task=lungs``, whose report is printed as JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
@@ -48,6 +51,33 @@ class ExportFlags:
 FLAG_HOLDERS = cli.define_config_flags(ExportFlags, module_name=__name__)
 
 
+def _variant_line(name: str, variant: dict) -> str:
+    where = variant.get("path", "the run's own precision")
+    size = f"{variant['bytes'] / 1e6:.1f} MB" if "bytes" in variant else ""
+    diff = variant.get("max_abs_prob_diff")
+    agree = variant.get("label_agreement")
+    line = (f"  {name:<20} {where:<24} {size:>8}  max |p - Keras| "
+            + (f"{diff:.1e}" if diff is not None else
+               f"n/a ({variant.get('non_finite')} non-finite)")
+            + (f", labels agree {agree:.3f}" if agree is not None else ""))
+    for key, what in (("in_distribution_agreement", "in_distribution"),
+                      ("subtype_agreement", "subtype")):
+        if variant.get(key) is not None:
+            line += f", {what} agrees {variant[key]:.3f}"
+    return line
+
+
+def summary_lines(report: dict, out: str | Path) -> list[str]:
+    """The printed result: where the export went, one line per model compared with the Keras
+    reference, the parity batch and the verdict; ``parity.json`` holds the rest."""
+    lines = [f"exported with calibration {report['calibration']} -> {out}"]
+    lines += [_variant_line(name, v) for name, v in report["variants"].items()]
+    verdict = "passed" if report["passed"] else "FAILED"
+    lines.append(f"parity batch: {report['batch']['source']}; {verdict}; full report: "
+                 f"{Path(out) / rundir.PARITY_NAME}")
+    return lines
+
+
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"])
     f = cli.config_from_flags(ExportFlags, FLAG_HOLDERS)
@@ -58,10 +88,14 @@ def main(argv: list[str]) -> None:
                                      f"calibrations; drop the flag")
         report = lung_export.export_lung_run(f.run_dir, list(f.formats), f.parity_count, f.seed,
                                              lungs)
-    else:
-        report = export.export_run(f.run_dir, list(f.formats), f.data_dir, f.parity_count,
-                                   f.seed, f.calibration, lungs)
-    print(json.dumps(report, indent=2, sort_keys=True))
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    report = export.export_run(f.run_dir, list(f.formats), f.data_dir, f.parity_count, f.seed,
+                               f.calibration, lungs)
+    lines = summary_lines(report, rundir.RunPaths(f.run_dir).export_dir(f.calibration))
+    if report.get("lungs"):
+        lines.insert(1, f"  lung model: {report['lungs']['model'].get('path', f.lung_model)}")
+    print("\n".join(lines))
 
 
 def run() -> None:

@@ -8,7 +8,9 @@ Usage::
 It leads with the evidence measured on anatomy (lift of the CAM mass inside the lungs over a flat
 map, pointing_lungs; :mod:`pneumo_tf.explain.anatomy` says where the lungs come from).
 
-Outputs and groups: :mod:`pneumo_tf.explain.grids`; the maths: :mod:`pneumo_tf.explain.cam`.
+Writes ``R/gradcam/`` for the run's own data, ``R/gradcam/<split>-<data dir name>/`` for another
+data dir (as ``evaluate`` names ``R/eval/``). Outputs and groups: :mod:`pneumo_tf.explain.grids`;
+the maths: :mod:`pneumo_tf.explain.cam`.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main(argv: list[str]) -> None:
     stats = grids.run_gradcam(f.run_dir, f.data_dir, f.split, f.num_images, f.layer,
                               f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration,
                               lungs=anatomy.LungOptions(lung_model=f.lung_model))
-    print(summary_line(stats) + f" -> {rundir.RunPaths(f.run_dir).gradcam}")
+    out = rundir.gradcam_dir(f.run_dir, f.data_dir, f.split, f.calibration)
+    print(summary_line(stats) + f" -> {out}")
 
 
 def run() -> None:

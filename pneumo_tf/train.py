@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from pneumo_tf.core import cli
-from pneumo_tf.training import distribute, loop, session
+from pneumo_tf.core import cli, rundir
 from pneumo_tf.training.config import TrainConfig, flags_file_text
 
 FLAG_HOLDERS = cli.define_config_flags(TrainConfig, module_name=__name__)
@@ -20,19 +19,25 @@ if "profile" not in flags.FLAGS:  # the flag's earlier name, still accepted
 
 
 def main(argv: list[str]) -> None:
+    # The trainer's libraries load TensorFlow: imported once the flags are parsed.
+    from pneumo_tf.training import distribute, loop, resume, session
+
     cli.check_args(argv)
     # Logical CPUs must exist before TensorFlow initialises its devices: first thing.
     distribute.configure_cpu_devices(FLAG_HOLDERS["cpu_devices"].value)
     cfg = cli.config_from_flags(TrainConfig, FLAG_HOLDERS)
     cfg.validate()
-    loop.check_data(cfg)  # fail fast, before a strategy or model is built
+    # Fail fast, before a strategy or model is built.
+    resume.check_run_dir(rundir.RunPaths(cfg.run_dir))
+    loop.check_data(cfg)
     setup = distribute.setup_distribution(cfg.strategy, cfg.precision, cfg.jit_compile,
                                           cfg.cpu_devices)
     session.train(cfg, setup, flags_text=flags_file_text(cfg))
 
 
 def run() -> None:
-    cli.run_app(main, "pneumo_tf.train", errors=(loop.TrainingDivergedError,),
+    cli.run_app(main, "pneumo_tf.train",
+                errors=("pneumo_tf.training.loop.TrainingDivergedError",),
                 flag_holders=FLAG_HOLDERS)
 
 

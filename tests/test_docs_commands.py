@@ -76,3 +76,46 @@ def test_each_documented_program_runs_with_help(program):
     assert proc.returncode in (0, 1), (proc.returncode, proc.stderr[-2000:])
     assert "flags" in (proc.stdout + proc.stderr).lower() or "usage" in \
         (proc.stdout + proc.stderr).lower()
+
+
+def test_build_md_says_what_make_venv_installs():
+    """BUILD.md's `make venv` line names the extras the Makefile installs."""
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    installed = re.search(r"pip install --quiet -e '(\.\[[\w,]+\])'", makefile)
+    assert installed, "the Makefile's venv recipe changed: update this test and BUILD.md"
+    build = (REPO / "BUILD.md").read_text(encoding="utf-8")
+    documented = next(line for line in build.splitlines() if line.startswith("make venv"))
+    assert f"pip install -e '{installed[1]}'" in documented, documented
+
+
+def _shipped_data_lines() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## The data shipped with the project"):]
+    section = section[:section.index("\n## ", 1)]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_shipped_data_commands_use_the_splits_the_data_has():
+    """chest_xray/ has only train (val is carved from it): its data dir is evaluated on val;
+    the external sample has only test."""
+    lines = _shipped_data_lines()
+    sources = [re.search(r"--src=(\S+)", line)[1] for line in lines if "--src=" in line]
+    assert sources == ["../shared/data/chest_xray", "../shared/data/chest_xray_external_dev"]
+    splits = {re.search(r"--data_dir=(\S+)", line)[1]: re.search(r"--split=(\w+)", line)[1]
+              for line in lines if "--split=" in line}
+    assert splits == {"out/data/cxr128": "val", "out/data/ext128": "test"}
+
+
+@pytest.mark.slow
+def test_the_shipped_data_commands_parse_as_written():
+    """Every line's flags parse (absl --only_check_args: unknown flags and bad values fail)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
+                                f"{os.environ.get('PATH', '')}")
+    for line in _shipped_data_lines():
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            argv[0] = sys.executable
+        proc = subprocess.run([*argv, "--only_check_args"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])

@@ -16,7 +16,17 @@ flags.
 
 Exit convention (:func:`run_app`): bad input (``ValueError``, ``OSError`` and the app's own
 error types) ends the process with one line ``<app>: error: <message>`` on stderr and exit
-status 1, never a traceback; usage errors (``app.UsageError``) print absl's usage text.
+status 1, never a traceback; so does a usage error (``app.UsageError``: a missing required flag,
+a stray argument), whose line also points to ``--helpshort``.
+
+Help: ``--helpshort`` (and ``--help``) print the command's first docstring line, its usage and
+its own flags, one line each (:func:`short_help`); ``--helpfull`` is absl's full text.
+
+Start-up: flags are parsed before TensorFlow is imported, so a typo is answered at once
+(``Unknown command line flag 'epoch'. Did you mean: epochs ?``). A command therefore imports at
+module level only what its flags need, and the libraries that load TensorFlow inside ``main``;
+its own error types may be named as ``"module.Class"`` strings (:func:`run_app`), resolved only
+when an error is raised.
 """
 
 from __future__ import annotations
@@ -267,6 +277,66 @@ def shared_flag(name: str, module_name: str) -> flags.FlagHolder:
 # Arguments and the exit convention
 
 
+HELP_ARGS = ("--helpshort", "-helpshort", "--help", "-help", "-?")
+HELP_WIDTH = 100
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a help text (up to ``. `` or the end), on one line."""
+    text = " ".join(text.split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def _shortened(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    return text[:max(width - 3, 10)].rsplit(" ", 1)[0] + " ..."
+
+
+def _usage_lines(doc: str) -> list[str]:
+    """The ``Usage::`` block of a command's docstring, its continuation lines joined."""
+    lines = doc.splitlines()
+    if "Usage::" not in (line.strip() for line in lines):
+        return []
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Usage::") + 1
+    block = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        block.append(line.strip())
+    text = "\n".join(block).replace("\\\n", " ").strip()
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def _flag_spelling(flag) -> str:
+    """``--name=<default>``, ``--[no]name`` for a boolean, ``--name`` without a default."""
+    if flag.boolean:
+        return f"--[no]{flag.name}"
+    default = flag.default_as_str if flag.default is not None else None
+    if default in (None, "''", '""'):
+        return f"--{flag.name}"
+    return f"--{flag.name}={default.strip(chr(39))}"
+
+
+def short_help(doc: str | None, holders: dict[str, flags.FlagHolder],
+               width: int = HELP_WIDTH) -> str:
+    """What ``--helpshort`` prints: the docstring's first line, its usage and one line per flag
+    of ``holders`` (spelling with default, first sentence of the help)."""
+    doc = doc or ""
+    lines = [doc.strip().splitlines()[0]] if doc.strip() else []
+    usage = _usage_lines(doc)
+    if usage:
+        lines += ["", "usage:"] + [f"  {u}" for u in usage]
+    lines += ["", "flags (--helpfull: every flag, with its full help):"]
+    spelled = [(_flag_spelling(FLAGS[h.name]), FLAGS[h.name].help) for h in holders.values()]
+    column = min(max((len(s) for s, _ in spelled), default=0), 30)
+    for spelling, help_text in spelled:
+        room = width - 2 - max(column, len(spelling)) - 2
+        lines.append(f"  {spelling:<{column}}  {_shortened(_first_sentence(help_text), room)}")
+    return "\n".join(lines) + "\n"
+
+
 def check_args(argv: list[str], *required: flags.FlagHolder) -> None:
     """Refuse stray positional arguments and missing required flags with a usage error.
 
@@ -280,33 +350,53 @@ def check_args(argv: list[str], *required: flags.FlagHolder) -> None:
             raise app.UsageError(f"--{flag.name} is required")
 
 
+def _error_types(errors: Sequence[type[BaseException] | str]) -> tuple[type[BaseException], ...]:
+    """The types of ``errors``; a ``"module.Class"`` string names a type of a module that is
+    imported by now, or of none (then it cannot have been raised)."""
+    types_ = []
+    for error in errors:
+        if isinstance(error, str):
+            module, _, cls = error.rpartition(".")
+            error = getattr(sys.modules.get(module), cls, None)
+        if error is not None:
+            types_.append(error)
+    return tuple(types_)
+
+
 def run_app(main: Callable[[list[str]], Any], name: str,
-            errors: tuple[type[BaseException], ...] = (),
+            errors: Sequence[type[BaseException] | str] = (),
             flag_holders: dict[str, flags.FlagHolder] | None = None) -> None:
-    """``app.run(main)`` under the exit convention of the module docstring.
+    """``app.run(main)`` under the exit and help conventions of the module docstring.
 
     Args:
         main: the app's main; its return value is the exit status (None = 0).
         name: the app's name in error lines (``pneumo_tf.train``).
-        errors: error types of the app beyond :data:`USER_ERRORS` that are the user's to fix.
-        flag_holders: the command's flags (:func:`define_config_flags`): ``--helpshort`` lists
-            them also when the command runs as a console script.
+        errors: error types of the app beyond :data:`USER_ERRORS` that are the user's to fix;
+            ``"pneumo_tf.serving.export.ExportError"`` names one of a library the command
+            imports inside ``main`` (so the command starts without it).
+        flag_holders: the command's flags (:func:`define_config_flags`): what ``--helpshort``
+            lists, also when the command runs as a console script.
     """
-    caught = USER_ERRORS + tuple(errors)
-    for holder in (flag_holders or {}).values():
+    holders = flag_holders or {}
+    for holder in holders.values():
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[holder.name])
+    if holders and any(arg in HELP_ARGS for arg in sys.argv[1:]):
+        sys.stdout.write(short_help(sys.modules[main.__module__].__doc__, holders))
+        sys.exit(0)
 
     def guarded(argv: list[str]):
         quiet_tf.quiet_python_logs()  # after flag parsing, which sets absl's log level
         try:
             return main(argv)
-        except app.UsageError:
-            raise
+        except app.UsageError as e:
+            sys.exit(f"{name}: error: {e} (--helpshort lists the flags)")
         except BrokenPipeError:
             # The reader went away (`... | head`): stop quietly, as shell tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except caught as e:
-            sys.exit(f"{name}: error: {e}")
+        except Exception as e:
+            if isinstance(e, USER_ERRORS + _error_types(errors)):
+                sys.exit(f"{name}: error: {e}")
+            raise
 
     app.run(guarded)

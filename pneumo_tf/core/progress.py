@@ -5,6 +5,11 @@ after each step, and ``close()``. On a terminal the bar is redrawn in place at m
 second (``epoch 3 [#########     ] 120/260 step  312 img/s  ETA 0:45  loss 0.2100``); when stderr
 is not a terminal (CI logs, ``nohup``) a full line is written every :data:`PLAIN_EVERY_S` seconds
 and when the work is done, so a log shows the run is alive without filling up.
+
+The rate (and the ETA from it) is measured from the first ``update``, so start-up (worker pools,
+the first step's tracing) does not count, and shown only once :data:`RATE_MIN_S` seconds of work
+have been timed: until then the line shows the count alone (no ``2 img/s  ETA 51:20`` guessed
+from one image). A finished display shows the average rate.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TextIO
 BAR_WIDTH = 24
 REDRAW_S = 0.2
 PLAIN_EVERY_S = 30.0
+RATE_MIN_S = 1.0  # seconds of timed work before a rate (and an ETA) is shown
 
 
 def format_seconds(seconds: float) -> str:
@@ -49,20 +55,33 @@ class Progress:
         self.start = time.monotonic()
         self._last_draw = self.start
         self._drawn = False
+        self._reference: tuple[float, int] | None = None  # (time, done) of the first update
+
+    def units_per_second(self, done: int, now: float | None = None) -> float | None:
+        """Units per second since the first update (since the start before one), or None while
+        less than :data:`RATE_MIN_S` of work is timed; the average over the whole display once
+        ``done`` reaches ``total``."""
+        now = time.monotonic() if now is None else now
+        since, done_then = self._reference or (self.start, 0)
+        if now - since >= RATE_MIN_S and done > done_then:
+            return (done - done_then) / (now - since)
+        if self.total and done >= self.total and now > self.start:
+            return done / (now - self.start)
+        return None
 
     def line(self, done: int, extra: dict | None = None) -> str:
         """The text shown after ``done`` units (no line ending)."""
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = done * self.images_per_unit / elapsed
+        rate = self.units_per_second(done)
+        speed = [] if rate is None else [f"{rate * self.images_per_unit:.0f} img/s"]
         parts = [self.label]
         if self.total:
             filled = min(BAR_WIDTH, done * BAR_WIDTH // self.total)
-            eta = (self.total - done) * elapsed / done if done else float("nan")
             parts += [f"[{'#' * filled}{' ' * (BAR_WIDTH - filled)}]",
-                      f"{done}/{self.total} {self.unit}", f"{rate:.0f} img/s",
-                      f"ETA {format_seconds(eta)}"]
+                      f"{done}/{self.total} {self.unit}"] + speed
+            if rate is not None and done < self.total:
+                parts.append(f"ETA {format_seconds((self.total - done) / rate)}")
         else:
-            parts += [f"{done} {self.unit}", f"{rate:.0f} img/s"]
+            parts += [f"{done} {self.unit}"] + speed
         for key, value in (extra or {}).items():
             parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
         return "  ".join(parts)
@@ -72,6 +91,8 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
+        if self._reference is None:
+            self._reference = (now, done)
         if self.tty:
             if now - self._last_draw < REDRAW_S and done < self.total:
                 return

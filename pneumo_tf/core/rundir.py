@@ -12,8 +12,10 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
     R/summary.json         precision, strategy, epochs, best epoch, throughput, ``config``
     R/calibration.json     temperature and operating threshold, fitted on val (pneumo_tf.evaluation.calibration)
     R/calibrations/        NAME.json: the same re-fitted on another site's sample (pneumo_tf.calibrate)
-    R/eval/<split>/        evaluation report (pneumo_tf.evaluate; evaluation_dir names the others)
-    R/gradcam/             Grad-CAM grids and cam_stats.json (pneumo_tf.gradcam)
+    R/eval/<name>/         evaluation report (pneumo_tf.evaluate); <name> is the evaluation's
+                           name (evaluation_name): <split>, <split>-<data dir name>, ...
+    R/gradcam/             Grad-CAM grids and cam_stats.json of the run's own data
+                           (pneumo_tf.gradcam); R/gradcam/<name>/ for other data (gradcam_dir)
     R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
     R/export_NAME/         the same with calibration NAME baked in (export --calibration=NAME)
     R/lung_guard.json      a lungs run (--task=lungs): its no-lungs guard, fitted on val
@@ -61,6 +63,19 @@ _CALIBRATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 class RunDirError(ValueError):
     """A run directory is missing something a command needs; the message names the fix."""
+
+
+# The top-level entries a run directory may hold besides R/export_<name>/ (:class:`RunPaths`;
+# ``members`` holds an ensemble's member runs).
+RUN_ENTRIES = frozenset({
+    "flags.txt", "data_manifest.json", "tb", "backup", "best.weights.h5", "model.keras",
+    "history.csv", "summary.json", "calibration.json", "calibrations", "eval", "gradcam", "export",
+    OOD_JSON, OOD_STATS, "members"})
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a file or folder named ``name`` directly in a folder is one a run writes."""
+    return name in RUN_ENTRIES or name.startswith("export_")
 
 
 class RunPaths:
@@ -321,18 +336,47 @@ def is_run_data(run_dir: str | Path, data_dir: str | Path) -> bool:
     return own is not None and Path(own).resolve() == Path(data_dir).resolve()
 
 
-def evaluation_dir(run_dir: str | Path, data_dir: str | Path | None, split: str,
-                   calibration: str = VAL_CALIBRATION) -> Path:
-    """Where ``evaluate`` writes (and ``compare`` reads) one evaluation, so that no evaluation
-    overwrites another: ``R/eval/<split>`` for the run's own data (or ``data_dir`` None),
-    ``R/eval/<split>-<data dir name>`` for another data dir (another site's films), and a
-    ``-cal_<name>`` suffix for a site calibration."""
+def evaluation_name(run_dir: str | Path, data_dir: str | Path | None, split: str,
+                    calibration: str = VAL_CALIBRATION, threshold_method: str | None = None
+                    ) -> str:
+    """The name of one evaluation of the run, so that no evaluation overwrites another: its
+    folder under ``R/eval/`` (and ``R/gradcam/``) and the prefix of its TensorBoard tags
+    (``test-site_b/accuracy``).
+
+    ``<split>`` for the run's own data (or ``data_dir`` None), ``<split>-<data dir name>`` for
+    another data dir (another site's films), a ``-cal_<name>`` suffix for a site calibration
+    and an ``@<method>`` suffix for a what-if threshold (``evaluate --threshold=METHOD`` other
+    than the stored method; ``threshold_method`` None otherwise): ``test@val_youden``,
+    ``test-site_b@val_sensitivity:0.95``.
+    """
     name = split
     if data_dir is not None and not is_run_data(run_dir, data_dir):
         name += f"-{Path(data_dir).resolve().name}"
     if calibration != VAL_CALIBRATION:
         name += f"-cal_{calibration}"
-    return RunPaths(run_dir).eval_dir(name)
+    if threshold_method is not None:
+        name += f"@{threshold_method}"
+    return name
+
+
+def evaluation_dir(run_dir: str | Path, data_dir: str | Path | None, split: str,
+                   calibration: str = VAL_CALIBRATION, threshold_method: str | None = None
+                   ) -> Path:
+    """Where ``evaluate`` writes (and ``compare`` reads) one evaluation:
+    ``R/eval/<evaluation name>`` (:func:`evaluation_name`)."""
+    return RunPaths(run_dir).eval_dir(
+        evaluation_name(run_dir, data_dir, split, calibration, threshold_method))
+
+
+def gradcam_dir(run_dir: str | Path, data_dir: str | Path | None, split: str,
+                calibration: str = VAL_CALIBRATION) -> Path:
+    """Where ``gradcam`` writes: ``R/gradcam`` for the run's own data at the ``val``
+    calibration (any split), else ``R/gradcam/<evaluation name>`` (:func:`evaluation_name`:
+    ``R/gradcam/test-site_b``), so another data dir's maps leave the run's own alone."""
+    paths = RunPaths(run_dir)
+    name = evaluation_name(run_dir, data_dir, split, calibration)
+    own = calibration == VAL_CALIBRATION and (data_dir is None or is_run_data(run_dir, data_dir))
+    return paths.gradcam if own else paths.gradcam / name
 
 
 def own_data_dir(run_dir: str | Path, data_dir: str | Path) -> str:

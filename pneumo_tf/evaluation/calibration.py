@@ -38,7 +38,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
+
+# sklearn (half a second to import) is imported inside the functions that use it, so
+# the commands that import this module for their flags start without it.
 
 import pneumo_tf
 from pneumo_tf.core import atomic_files, cli
@@ -60,7 +62,8 @@ def threshold_option():
     return cli.option(
         None, f"Operating threshold method: {THRESHOLD_METHODS_HELP}. evaluate: chosen on the "
         "val split, default the run's stored operating point (another method never rewrites "
-        "calibration.json); calibrate: chosen on the site's sample, default val_youden.")
+        "calibration.json and is written to eval/<split>@<method>); calibrate: chosen on the "
+        "site's sample, default val_youden.")
 
 
 # The operating point every finished run gets (the training app calls calibrate_run with it).
@@ -248,6 +251,20 @@ def parse_threshold_method(method: str) -> tuple[str, float | None]:
     return "fixed", value
 
 
+def method_label(method: str) -> str:
+    """A threshold method in one spelling (``0.50`` -> ``0.5``, ``val_sensitivity:0.950`` ->
+    ``val_sensitivity:0.95``): the ``@<method>`` of a what-if evaluation's name
+    (:func:`pneumo_tf.core.rundir.evaluation_name`).
+
+    Raises:
+        ValueError: as :func:`parse_threshold_method`.
+    """
+    kind, value = parse_threshold_method(method)
+    if value is None:
+        return kind
+    return f"{value:g}" if kind == "fixed" else f"{kind}:{value:g}"
+
+
 def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
                      temperature: float | None = None) -> float:
     """The operating threshold on the raw ``probs``, chosen on (validation) ``labels``.
@@ -271,6 +288,8 @@ def choose_threshold(labels, probs, method: str = DEFAULT_THRESHOLD_METHOD,
     Returns:
         Threshold in [0, 1]; images with ``prob >= threshold`` are PNEUMONIA.
     """
+    from sklearn import metrics as skm
+
     kind, value = parse_threshold_method(method)
     if kind == "fixed":
         return float(value)

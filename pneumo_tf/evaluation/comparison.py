@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m pneumo_tf.compare --runs=R1,R2 --split=test --out=DIR [--data_dir=D]
+    python -m pneumo_tf.compare --runs=R1,R2 --split=test --out=DIR [--data_dir=D] \
+        [--allow_unpaired]
 
 Reads each run's ``eval/<split>/metrics.json``. A run without one is evaluated first when
 ``--data_dir`` is given (``pneumo_tf.evaluate``, which refuses data whose manifest differs from the
@@ -18,8 +19,14 @@ ROC AUC, accuracy, sensitivity and specificity (each run at its own operating th
 95 % CI. Runs evaluated on the same images (the same files with the same labels, matched by
 path: before/after cropping arms of one source qualify) are compared **paired**: one bootstrap
 draw of the images scores both runs, and DeLong's test gives a p-value for the AUC difference.
-Runs on different images are compared **unpaired** (independent bootstraps), and the report says
-so. The figure's second panel shows the differences with their CIs.
+Runs evaluated on different images are refused unless ``allow_unpaired`` (``--allow_unpaired``):
+their figures describe different films, so a difference mixes the runs with the data. Allowed,
+they are compared **unpaired** (independent bootstraps), and the report says so. The figure's
+second panel shows the differences with their CIs.
+
+Rows are named by run: the run directories' names, leaving out the trailing folders every run
+shares (``out/a/run`` and ``out/b/run`` are ``a`` and ``b``), with parents added where names
+collide.
 """
 
 from __future__ import annotations
@@ -49,16 +56,24 @@ COLUMNS = (
 BAR_COLUMNS = ("accuracy", "ROC AUC", "NORMAL recall", "PNEUMONIA recall", "macro F1")
 
 
+class UnpairedRunsError(ValueError):
+    """Runs evaluated on different images compared without ``--allow_unpaired``."""
+
+
 def run_labels(run_dirs: list[str | os.PathLike]) -> list[str]:
-    """Short unique names: the run dirs' base names, with parents added where they collide."""
+    """Short unique names: the run dirs' names without the trailing folders all of them share
+    (two or more runs: ``x/a/run``, ``x/b/run`` -> ``a``, ``b``), with parents added where they
+    collide."""
     parts = [Path(r).resolve().parts for r in run_dirs]
+    while len(parts) > 1 and all(len(p) > 1 for p in parts) and len({p[-1] for p in parts}) == 1:
+        parts = [p[:-1] for p in parts]
     depth = 1
     while depth < max(len(p) for p in parts):
         names = ["/".join(p[-depth:]) for p in parts]
         if len(set(names)) == len(names):
             return names
         depth += 1
-    return [str(Path(r)) for r in run_dirs]
+    return ["/".join(p) for p in parts]
 
 
 def load_metrics(run_dir: str | os.PathLike, split: str, data_dir: str | os.PathLike | None,
@@ -222,14 +237,33 @@ def _difference_panel(ax, names: list[str], diffs: list[dict]) -> None:
         ax.text(0.5, 0.5, "one run: nothing to compare", ha="center", transform=ax.transAxes)
 
 
+def _other_images(names: list[str], all_metrics: list[dict], preds: list[dict | None]
+                  ) -> list[str]:
+    """The runs after the first evaluated on other images than the first: other files or labels
+    in ``predictions.csv``, or (an evaluation without one) another image count."""
+    other = []
+    for name, metrics, pred in zip(names[1:], all_metrics[1:], preds[1:]):
+        if pred is not None and preds[0] is not None:
+            if not same_images(preds[0], pred):
+                other.append(name)
+        elif metrics.get("n") != all_metrics[0].get("n"):
+            other.append(name)
+    return other
+
+
 def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | os.PathLike,
                  data_dir: str | os.PathLike | None = None, batch_size: int = 64,
-                 seed: int = 0, diff_resamples: int = 2000) -> dict:
+                 seed: int = 0, diff_resamples: int = 2000, allow_unpaired: bool = False
+                 ) -> dict:
     """Write ``comparison.{md,json,png}`` for ``run_dirs`` on ``split`` into ``out_dir``.
 
     Returns:
         ``{"split", "runs": [run dirs], "rows": comparison_rows(...), "differences": [one per
         run after the first, against the first]}``.
+
+    Raises:
+        UnpairedRunsError: runs evaluated on other images than the first, without
+            ``allow_unpaired`` (the message names them and both fixes).
     """
     if len(run_dirs) < 1:
         raise ValueError("--runs needs at least one run directory (two to compare)")
@@ -237,6 +271,12 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
     all_metrics = [load_metrics(r, split, data_dir, batch_size, seed) for r in run_dirs]
     rows = comparison_rows(names, all_metrics)
     preds = [read_predictions(r, split, data_dir) for r in run_dirs] if len(run_dirs) > 1 else []
+    other = _other_images(names, all_metrics, preds) if preds else []
+    if other and not allow_unpaired:
+        raise UnpairedRunsError(
+            f"{', '.join(other)} evaluated on other images than {names[0]} (split {split}): "
+            f"their figures describe different films. Pass --data_dir=D to evaluate every run "
+            f"on the same data, or --allow_unpaired to compare them unpaired")
     missing = [n for n, p in zip(names, preds) if p is None]
     diffs = [] if missing else [differences(preds[0], p, diff_resamples, seed)
                                 for p in preds[1:]]

@@ -5,13 +5,19 @@ Usage::
     python -m pneumo_tf.evaluate --run_dir=R --data_dir=D --split=test [--threshold=val_youden] \
         [--calibration=val|NAME] [--val_data_dir=V]
 
-Writes ``R/eval/<split>/`` (``<split>-<data dir name>`` for another data dir, ``-cal_<name>``
-added at a site calibration): ``predictions.csv``, ``metrics.json``, ``report.md``, ``report.html``
-(figures inline) and the PNG figures; the same figures and the metrics table go to TensorBoard
-under ``R/tb/eval``. The threshold and the temperature come from ``R/calibration.json`` (fitted
-on validation, first if it is missing). Another ``--threshold`` method than the stored one is
-chosen on the ``val`` split in memory: ``calibration.json`` keeps the run's operating point (the
-one export, predict and Grad-CAM use). The evaluated split never influences either.
+Writes ``R/eval/<name>/``, ``<name>`` being the evaluation's name
+(:func:`pneumo_tf.core.rundir.evaluation_name`, also ``metrics.json``'s ``evaluation``):
+``<split>``, ``<split>-<data dir name>`` for another data dir, ``-cal_<name>`` added at a site
+calibration, ``@<method>`` added for a what-if threshold. It holds ``predictions.csv``,
+``metrics.json``, ``report.md``, ``report.html`` (figures inline) and the PNG figures; the same
+figures, the metrics table and the headline scalars go to TensorBoard under ``R/tb/eval``,
+tagged ``<name>/<what>`` (``test/accuracy``, ``test-site_b/roc``), so evaluations of other data
+sit beside the run's own. The threshold and the temperature come from ``R/calibration.json``
+(fitted on validation, first if it is missing). Another ``--threshold`` method than the stored
+one is a what-if: its threshold is chosen on the ``val`` split in memory, ``calibration.json``
+keeps the run's operating point (the one export, predict and Grad-CAM use) and the evaluation
+goes to its own folder, ``R/eval/<split>@<method>`` (``test@val_youden``), leaving the split's
+own evaluation alone. The evaluated split never influences either.
 
 ``--calibration=NAME`` applies a site calibration instead (``R/calibrations/NAME.json``, from
 ``pneumo_tf.calibrate``); ``metrics.json`` names the calibration used (``calibration``). When
@@ -143,6 +149,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     metrics = pmetrics.binary_report(labels, probs, point["threshold"], threshold_info,
                                      num_resamples, seed)
     metrics["split"] = split
+    what_if = None if point["from_calibration_json"] else calibration.method_label(
+        point["method"])
+    metrics["evaluation"] = rundir.evaluation_name(run_dir, data_dir, split, calibration_name,
+                                                   what_if)
     metrics["temperature"] = point["temperature"]
     metrics["calibrated"] = {"brier": pmetrics.ranking_metrics(labels, calibrated)["brier"],
                              "ece": pmetrics.expected_calibration_error(labels, calibrated)}
@@ -283,10 +293,10 @@ def _calibration_entries(run_dir, name: str, data_dir, split: str) -> dict:
 
 def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
                    calibrated: np.ndarray) -> None:
-    """:func:`pneumo_tf.core.rundir.evaluation_dir` (predictions, metrics, figures, reports) and
-    ``R/tb/eval``."""
-    paths, split = rundir.RunPaths(run_dir), metrics["split"]
-    out = rundir.evaluation_dir(run_dir, data_dir, split, metrics["calibration"])
+    """``R/eval/<evaluation name>`` (predictions, metrics, figures, reports) and ``R/tb/eval``
+    (tags ``<evaluation name>/...``)."""
+    paths, split, name = rundir.RunPaths(run_dir), metrics["split"], metrics["evaluation"]
+    out = paths.eval_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / rundir.PREDICTIONS_NAME, pred, calibrated, metrics["threshold"]["value"])
     atomic_files.write_json_atomic(out / rundir.METRICS_NAME, metrics)
@@ -298,7 +308,7 @@ def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
                                         f"`{fitted_on.get('data_dir')}`"}
     report.write_markdown(out / "report.md", metrics, figure_files, context)
     report.write_html(out / "report.html", metrics, figures, context)
-    report.write_tensorboard(paths.tb / "eval", figures, metrics, split)
+    report.write_tensorboard(paths.tb / "eval", figures, metrics, name)
 
 
 def summary_line(metrics: dict) -> str:

@@ -16,7 +16,9 @@ import math
 import sys
 
 import numpy as np
-from sklearn import metrics as skm
+
+# sklearn (half a second to import) is imported inside the functions that use it, so
+# the commands that import this module for their flags start without it.
 
 from pneumo_tf import CLASS_NAMES, SUBTYPE_NAMES
 
@@ -75,6 +77,8 @@ def threshold_metrics(labels, probs, threshold: float) -> dict:
         ``f1_macro`` and ``confusion_matrix`` ``{tn, fp, fn, tp}``. Undefined ratios (no
         predicted positives, ...) are 0.0, as in scikit-learn with ``zero_division=0``.
     """
+    from sklearn import metrics as skm
+
     labels, probs = _check(labels, probs)
     pred = decide_label(probs, threshold)
     tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel().tolist()
@@ -125,6 +129,7 @@ def subtype_epoch_metrics(subtypes, class_probs) -> dict[str, float]:
     Returns:
         ``{"recall_NORMAL": .., "auc_NORMAL": .., ...}``; NaN where a class is absent.
     """
+    from sklearn import metrics as skm
     from pneumo_tf.modeling.model import SUBTYPE_NAMES
 
     y = np.asarray(subtypes).astype(int).reshape(-1)
@@ -175,6 +180,8 @@ def ranking_metrics(labels, probs) -> dict:
 
     ROC AUC and AP are NaN when the labels hold a single class (they are undefined then).
     """
+    from sklearn import metrics as skm
+
     labels, probs = _check(labels, probs)
     both = labels.min() != labels.max()
     return {
@@ -389,6 +396,8 @@ def _resampled_stats(probs, preds, pos, neg, w_pos, w_neg) -> dict[str, np.ndarr
 
 
 def _point_stats(labels, probs, preds) -> dict[str, float]:
+    from sklearn import metrics as skm
+
     labels, probs = _check(labels, probs)
     preds = np.asarray(preds).astype(bool)
     return {"roc_auc": float(skm.roc_auc_score(labels, probs)),
@@ -530,6 +539,8 @@ def _class_draws(y: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
 
 def _subtype_auc(is_pos: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None):
     """ROC AUC of ``scores`` for ``is_pos`` (NaN / None without both), or ``[R]`` resampled."""
+    from sklearn import metrics as skm
+
     if is_pos.all() or not is_pos.any():
         return float("nan") if weights is None else None
     if weights is None:
@@ -573,6 +584,8 @@ def subtype_report(subtypes, probs, class_logits, threshold: float, num_resample
         "ci95": {class: {metric: [lo, hi]}, "macro_f1": [lo, hi], ...}}``, or ``{"skipped":
         reason}`` when no image has a known subtype.
     """
+    from sklearn import metrics as skm
+
     y_all = np.asarray(subtypes).astype(np.int64).reshape(-1)
     known = y_all >= 0
     if not known.any():

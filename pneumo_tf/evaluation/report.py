@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from pneumo_tf import CLASS_NAMES, SUBTYPE_NAMES  # noqa: E402
@@ -248,7 +249,8 @@ def training_curves_figure(history: dict[str, np.ndarray]) -> Figure | None:
         for col, name in ((key, "train"), (f"val_{key}", "val")):
             if col in history:
                 ax.plot(epochs, history[col], marker=".", label=name)
-        ax.set(title=title, xlabel="epoch")
+        ax.set(title=title, xlabel="epoch", ylabel=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.legend()
     fig.tight_layout()
     return fig
@@ -537,41 +539,40 @@ def _header(metrics: dict, context: dict) -> list[str]:
     return lines
 
 
-def write_markdown(path: str | os.PathLike, metrics: dict, figure_files: dict[str, Path],
-                   context: dict) -> None:
-    """``report.md``: header, metrics table, figures linked as sibling PNG files."""
+def report_markdown(metrics: dict, context: dict) -> str:
+    """The report's text as markdown, figures aside: title, header, metrics table, sections."""
     lines = [f"# Evaluation report: {context['split']} split", ""] + _header(metrics, context)
     lines += ["", metrics_table_markdown(metrics), ""]
     for title, text in _sections(metrics):
         lines += [f"## {title}", "", text, ""]
+    return "\n".join(lines)
+
+
+def write_markdown(path: str | os.PathLike, metrics: dict, figure_files: dict[str, Path],
+                   context: dict) -> None:
+    """``report.md``: :func:`report_markdown`, then the figures linked as sibling PNG files."""
+    lines = [report_markdown(metrics, context)]
     for name, fpath in figure_files.items():
         lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({Path(fpath).name})", ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 
-def _markdown_html(text: str) -> str:
-    """A markdown table (``|`` rows, the first a header) and its prose lines as HTML."""
-    md = text.split("\n")
-    rows = [r for r in md if r.startswith("|") and not r.startswith("|---")]
-    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-    table = "<table>" + "".join(
-        "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
-        for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(cells))) \
-        + "</table>"
-    tail = html.escape(" ".join(r for r in md if r and not r.startswith("|")).replace("**", ""))
-    return f"{table}<p>{tail}</p>"
+def markdown_to_html(text: str) -> str:
+    """Markdown (tables, bold, code spans) as HTML, by the ``markdown`` library; raw HTML in the
+    text (``--data_dir=<the site's data dir>`` in a message) is shown as text, not run."""
+    import markdown
+
+    md = markdown.Markdown(extensions=["tables"], output_format="html")
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    return md.convert(text)
 
 
 def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes],
                context: dict) -> None:
-    """``report.html``: self-contained (figures inline as base64 PNG)."""
-    header = "".join(f"<li>{html.escape(line[2:]).replace('**', '')}</li>"
-                     for line in _header(metrics, context))
-    body = _markdown_html(metrics_table_markdown(metrics))
-    for title, text in _sections(metrics):
-        # A section's tables one by one: the prose above each stays with it.
-        body += f"<h2>{html.escape(title)}</h2>" + "".join(
-            _markdown_html(part) for part in text.split("\n\n") if part.strip())
+    """``report.html``: :func:`report_markdown` rendered, self-contained (figures inline as
+    base64 PNG)."""
+    body = markdown_to_html(report_markdown(metrics, context))
     imgs = "".join(
         f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{html.escape(name)}' "
         f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'/>"
@@ -580,24 +581,26 @@ def write_html(path: str | os.PathLike, metrics: dict, figures: dict[str, bytes]
            f"{html.escape(context['split'])}</title><style>body{{font-family:sans-serif;"
            f"max-width:1100px;margin:auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}"
            f"table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>"
-           f"<h1>Evaluation report: {html.escape(context['split'])} split</h1><ul>{header}</ul>"
            f"{body}{imgs}</body></html>")
     Path(path).write_text(doc, encoding="utf-8")
 
 
 def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], metrics: dict,
-                      split: str, step: int = 0) -> None:
-    """Log every figure as an image summary ``{split}/{name}`` and the table as text."""
+                      evaluation: str, step: int = 0) -> None:
+    """Log every figure as an image summary ``<evaluation>/<figure>``, the tables as text and
+    the headline metrics as scalars, all under the evaluation's name (``test-site_b/accuracy``;
+    :func:`pneumo_tf.core.rundir.evaluation_name`), so one data dir's evaluation never hides
+    another's in ``R/tb/eval``."""
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(str(log_dir))
     with writer.as_default(step=step):
         for name, png in figures.items():
             image = tf.io.decode_png(png, channels=4)[tf.newaxis]
-            tf.summary.image(f"{split}/{name}", image)
-        tf.summary.text(f"{split}/metrics", metrics_table_markdown(metrics))
+            tf.summary.image(f"{evaluation}/{name}", image)
+        tf.summary.text(f"{evaluation}/metrics", metrics_table_markdown(metrics))
         for title, text in _sections(metrics):
-            tf.summary.text(f"{split}/{_section_tag(title)}", text)
+            tf.summary.text(f"{evaluation}/{_section_tag(title)}", text)
         scalars = {key: metrics.get(key) for key in (
             "accuracy", "recall", "specificity", "f1_macro", "roc_auc", "average_precision",
             "brier", "ece")}
@@ -610,6 +613,6 @@ def write_tensorboard(log_dir: str | os.PathLike, figures: dict[str, bytes], met
                 "lift", "pointing_lungs", "lung_share", "lung_fraction")})
         for key, value in scalars.items():
             if isinstance(value, float) and np.isfinite(value):
-                tf.summary.scalar(f"{split}/{key}", value)
+                tf.summary.scalar(f"{evaluation}/{key}", value)
     writer.flush()
     writer.close()

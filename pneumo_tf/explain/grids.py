@@ -17,20 +17,25 @@ known. An ensemble run's maps are the mean of its members' maps
 three-class run (``--task=subtype``) ``bacterial`` / ``viral`` (that class's log-odds against
 the other two); the groups stay the binary TP/FP/FN/TN at the operating point.
 
-Outputs: ``R/gradcam/{TP,FP,FN,TN}.png`` overlay grids (the lungs measured against outlined),
-``R/gradcam/cam_stats.json`` and TensorBoard image summaries and ``lung_evidence/<group>/<measure>``
-scalars under ``R/tb/gradcam``. ``cam_stats.json`` leads with ``lung_source`` and
-``lung_evidence`` (lift of the CAM mass inside the lungs over a flat map's, pointing_lungs, per
-group: :func:`pneumo_tf.explain.anatomy.evidence_section`); ``groups`` keeps the older share of
-the CAM mass inside the adaptive lung box (or a phantom set's masks) and, on phantoms, the lesion
-pointing game: how often the CAM peak falls inside a lesion, next to the chance level = lesion
-area fraction. An image whose map is empty (all zero after the ReLU) has no peak: in either
-pointing game it counts as a miss, and ``pointing_empty`` says how many such misses there were.
+Outputs: ``{TP,FP,FN,TN}.png`` overlay grids (the lungs measured against outlined) and
+``cam_stats.json`` in ``R/gradcam/`` for the run's own data, in ``R/gradcam/<evaluation name>/``
+for another data dir or a site calibration (``R/gradcam/test-site_b/``, named as ``evaluate``
+names ``R/eval/``: :func:`pneumo_tf.core.rundir.gradcam_dir`); and under ``R/tb/gradcam``
+TensorBoard image summaries ``<evaluation name>/<group>`` (``test/TP``, ``test-site_b/TP``) and
+scalars ``<evaluation name>/lung_evidence/<group>/<measure>``. ``cam_stats.json`` leads with
+``lung_source`` and ``lung_evidence`` (lift of the CAM mass inside the lungs over a flat map's,
+pointing_lungs, per group: :func:`pneumo_tf.explain.anatomy.evidence_section`); ``groups`` keeps
+the older share of the CAM mass inside the adaptive lung box (or a phantom set's masks) and, on
+phantoms, the lesion pointing game: how often the CAM peak falls inside a lesion, next to the
+chance level = lesion area fraction. An image whose map is empty (all zero after the ReLU) has no
+peak: in either pointing game it counts as a miss, and ``pointing_empty`` says how many such
+misses there were.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -40,16 +45,17 @@ from pneumo_tf.explain import anatomy, cam
 from pneumo_tf.core import rundir
 from pneumo_tf.evaluation import scoring
 
-def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarray, dict]]],
-                    context: dict, evidence: dict) -> None:
-    """One overlay grid per group: ``R/gradcam/<group>.png`` and one image each in
-    ``R/tb/gradcam`` (a handful of tags, not one per tile), and the lung evidence as scalars
-    ``lung_evidence/<group>/<measure>`` there."""
+def _write_pictures(paths: rundir.RunPaths, out: Path,
+                    tiles: dict[str, list[tuple[np.ndarray, dict]]], context: dict,
+                    evidence: dict) -> None:
+    """One overlay grid per group: ``<out>/<group>.png`` and one image each in ``R/tb/gradcam``
+    tagged ``<evaluation name>/<group>`` (a handful of tags, not one per tile), and the lung
+    evidence as scalars ``<evaluation name>/lung_evidence/<group>/<measure>`` there."""
     import tensorflow as tf
 
     from pneumo_tf.evaluation import report
 
-    paths.gradcam.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
     with writer.as_default(step=0):
         for g in cam.GROUPS:
@@ -66,10 +72,11 @@ def _write_pictures(paths: rundir.RunPaths, tiles: dict[str, list[tuple[np.ndarr
                                   [cam.tile_caption(e["path"], e["probability"])
                                    for _, e in tiles[g]], title)
             png = report.figure_png(fig)
-            atomic_files.write_bytes_atomic(paths.gradcam / f"{g}.png", png)
-            tf.summary.image(f"gradcam/{g}", tf.io.decode_png(png, channels=4)[tf.newaxis])
+            atomic_files.write_bytes_atomic(out / f"{g}.png", png)
+            tf.summary.image(f"{context['evaluation']}/{g}",
+                             tf.io.decode_png(png, channels=4)[tf.newaxis])
         for key, value in anatomy.scalars(evidence).items():
-            tf.summary.scalar(f"lung_evidence/{key}", value)
+            tf.summary.scalar(f"{context['evaluation']}/lung_evidence/{key}", value)
     writer.flush()
     writer.close()
 
@@ -110,7 +117,9 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
                 seed: int = 0, cam_class: str = "pneumonia",
                 calibration_name: str = rundir.VAL_CALIBRATION,
                 lungs: anatomy.LungOptions | None = None) -> dict:
-    """Explain ``num_images`` images of ``split`` and write ``R/gradcam/`` and ``R/tb/gradcam``.
+    """Explain ``num_images`` images of ``split``; write them to
+    :func:`pneumo_tf.core.rundir.gradcam_dir` (``R/gradcam/`` for the run's own data) and
+    ``R/tb/gradcam``.
 
     Images are grouped TP/FP/FN/TN at the run's operating point (``calibration.json``, fitted
     on val first if missing, or the site calibration ``calibration_name``; its threshold applied
@@ -120,10 +129,13 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     ``run_dir`` may be an ensemble (the members' mean map).
 
     Returns:
-        The ``cam_stats.json`` dict.
+        The ``cam_stats.json`` dict (``evaluation``: the evaluation's name,
+        :func:`pneumo_tf.core.rundir.evaluation_name`).
     """
     run = rundir.Run.open(run_dir)
     rundir.check_data_compatible(run, data_dir)
+    out = rundir.gradcam_dir(run, data_dir, split, calibration_name)
+    evaluation = rundir.evaluation_name(run, data_dir, split, calibration_name)
     source = (lungs or anatomy.LungOptions()).open(data_dir, split, batch_size)
     model = run.model
     cam_model = anatomy.cam_model_of(run, layer)
@@ -141,10 +153,12 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     eligible = int(source.eligible(pred["path"]).sum())
     entries, tiles = _entries(sample, source, pred, pred.pop("image")[sample.chosen])
     evidence = anatomy.evidence_section(sample, source, cam_model.layer, eligible)
-    _write_pictures(run.paths, tiles, {"split": split, "threshold": threshold,
-                                       "calibration": calibration_name, "cam_class": cam_class},
+    _write_pictures(run.paths, out, tiles, {"split": split, "threshold": threshold,
+                                            "calibration": calibration_name,
+                                            "cam_class": cam_class, "evaluation": evaluation},
                     evidence)
-    stats = {"split": split, "layer": cam_model.layer, "cam_class": cam_class,
+    stats = {"split": split, "evaluation": evaluation, "layer": cam_model.layer,
+             "cam_class": cam_class,
              "threshold": threshold, "threshold_method": point["method"],
              "calibration": calibration_name, "ensemble_members": (
                  len(cam_model.members) if isinstance(cam_model, cam.EnsembleCamModel) else 0),
@@ -152,5 +166,5 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
              "lung_evidence": evidence,
              "region_source": sorted({e["region_source"] for e in entries}),
              "groups": cam.summarise_attention(entries), "images": entries}
-    atomic_files.write_json_atomic(run.paths.cam_stats, stats)
+    atomic_files.write_json_atomic(out / rundir.CAM_STATS_NAME, stats)
     return stats

@@ -2,9 +2,10 @@
 
 The same ``--run_dir`` again resumes from the last backup if the flags match its ``flags.txt``
 (:func:`pneumo_tf.training.config.check_resume_flags`; ``--epochs`` may grow); a finished run
-says it is complete (:func:`completed_run`). The backup itself (a ``tf.train.Checkpoint`` of the
-model, the optimizer and the :class:`pneumo_tf.training.loop.RunState`) is saved and restored
-by the loop.
+says it is complete (:func:`completed_run`); a ``--run_dir`` that is a file, or a folder holding
+files but nothing of a run, is refused (:func:`check_run_dir`). The backup itself (a
+``tf.train.Checkpoint`` of the model, the optimizer and the
+:class:`pneumo_tf.training.loop.RunState`) is saved and restored by the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,33 @@ def _completed_summary(paths: rundir.RunPaths) -> dict | None:
     return summary if summary.get("status") == "complete" else None
 
 
+def check_run_dir(paths: rundir.RunPaths) -> None:
+    """Refuse a ``--run_dir`` that cannot become a run directory: a file (or a path under one),
+    or a folder that holds files but none a run writes (:func:`pneumo_tf.core.rundir.is_run_entry`;
+    hidden files aside): training would mix its files with someone else's. A missing or empty
+    folder is a new run; a folder with a run's files is resumed or reported complete.
+
+    Raises:
+        TrainError: naming the file in the way and the fix.
+    """
+    root = paths.root
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == root else f"is under {path}, which is a file"
+                raise TrainError(f"--run_dir={root} {where}, not a folder; pass a new folder "
+                                 f"(training creates it) or the folder of a run to resume")
+            break
+    if not root.is_dir():
+        return
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    if entries and not any(rundir.is_run_entry(name) for name in entries):
+        more = f" and {len(entries) - 1} other file(s)" if len(entries) > 1 else ""
+        raise TrainError(f"--run_dir={root} is not a run directory: it holds "
+                         f"{root / entries[0]}{more} and no run's files (flags.txt, "
+                         f"data_manifest.json, backup/, ...); pass a new or empty folder")
+
+
 def completed_run(cfg: TrainConfig, paths: rundir.RunPaths,
                   setup: distribute.DistributionSetup | None, flags_text: str | None,
                   after_training: tuple = ()) -> dict | None:
@@ -39,8 +67,11 @@ def completed_run(cfg: TrainConfig, paths: rundir.RunPaths,
 
     A finished run given a larger ``--epochs`` (or ``--early_stop_patience``) than its
     ``flags.txt`` is continued instead: None is returned, and its summary says ``continuing``
-    until the new epochs are done. Any other changed flag is refused (:func:`check_resume_flags`).
+    until the new epochs are done. Any other changed flag is refused (:func:`check_resume_flags`),
+    and so is a ``--run_dir`` that is no run directory (:func:`check_run_dir`), before anything
+    else.
     """
+    check_run_dir(paths)
     done = _completed_summary(paths)
     if done is None:
         return None

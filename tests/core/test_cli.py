@@ -9,6 +9,8 @@ from absl import flags
 
 from conftest import REPO
 
+from pneumo_tf.core import cli
+
 APPS = ["pneumo_tf.make_phantoms", "pneumo_tf.convert", "pneumo_tf.train",
         "pneumo_tf.evaluate", "pneumo_tf.gradcam", "pneumo_tf.compare", "pneumo_tf.export",
         "pneumo_tf.predict"]
@@ -78,3 +80,73 @@ def test_an_app_whose_reader_goes_away_stops_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "error" not in err.lower(), err
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_missing_required_flag_is_one_line_naming_the_flag_and_helpshort():
+    proc = _command("-m", "pneumo_tf.evaluate", "--data_dir=somewhere")
+    assert proc.returncode == 1
+    assert proc.stderr == ("pneumo_tf.evaluate: error: --run_dir is required (--helpshort lists "
+                           "the flags)\n")
+    assert proc.stdout == ""  # not the module docstring
+
+
+def test_helpshort_lists_the_commands_own_flags_one_line_each():
+    import pneumo_tf.evaluate as evaluate
+
+    proc = _command("-m", "pneumo_tf.evaluate", "--helpshort")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == evaluate.__doc__.splitlines()[0]
+    assert "What it writes" not in proc.stdout  # the docstring's body stays in --helpfull
+    assert any(line.strip().startswith("python -m pneumo_tf.evaluate --run_dir=R")
+               for line in lines)
+    flag_lines = [line for line in lines if line.startswith("  --")]
+    names = [line.split()[0].split("=")[0].replace("[no]", "") for line in flag_lines]
+    assert names == [f"--{name}" for name in evaluate.FLAG_HOLDERS]
+    assert "  --split=test " in proc.stdout and "--num_resamples=2000" in proc.stdout
+    assert max(len(line) for line in lines if line.startswith("  --")) <= cli.HELP_WIDTH
+    # --help is the same short text
+    assert _command("-m", "pneumo_tf.evaluate", "--help").stdout == proc.stdout
+
+
+def test_short_help_takes_the_first_sentence_and_shortens_long_ones():
+    group = cli.define_config_flags(cli.RunSplitFlags, module_name=__name__)
+    doc = "Do a thing.\n\nUsage::\n\n    python -m x --run_dir=R \\\n        --split=val\n\nMore.\n"
+    text = cli.short_help(doc, group, width=60)
+    assert text.splitlines()[:4] == ["Do a thing.", "", "usage:",
+                                     "  python -m x --run_dir=R --split=val"]
+    seed = next(line for line in text.splitlines() if line.startswith("  --seed=0"))
+    assert seed.endswith(" ...") and len(seed) <= 60
+
+
+def test_error_types_named_by_string_resolve_only_once_imported():
+    from pneumo_tf.core import rundir
+
+    assert cli._error_types(["pneumo_tf.core.rundir.RunDirError", "no_such.module.Error",
+                             KeyError]) == (rundir.RunDirError, KeyError)
+
+
+@pytest.mark.slow
+def test_a_benchmark_starts_as_quietly_as_the_commands(tmp_path):
+    """TensorFlow's start-up lines (oneDNN, cuda drivers, cuInit) stay off a tool's stderr."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "PNEUMO_TF_TF_LOG_LEVEL_DEFAULTED",
+                        "PNEUMO_TF_TF_BANNER")}  # the tests' own setting would ask for them
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_gradcam"), "--backbone=small_cnn",
+         "--image_size=32", "--num_images=4", "--baseline_images=1", "--batch_size=4",
+         "--precision=float32"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[0] for line in proc.stderr.splitlines()] == ["saved"], proc.stderr
+    assert '"batched_float32"' in proc.stdout
+    for tool in sorted((REPO / "tools").glob("bench_*")):
+        text = tool.read_text(encoding="utf-8")
+        assert "TF_CPP_MIN_LOG_LEVEL" not in text and "cli.run_app(main" in text, tool.name

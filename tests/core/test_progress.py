@@ -61,3 +61,30 @@ def test_disabled_writes_nothing():
     bar.update(5)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_no_rate_or_eta_until_a_rate_is_known(monkeypatch):
+    """The converter's first line once read ``1/5216 2 img/s ETA 3080 s``: one image after the
+    worker pool's start-up says nothing about the rate."""
+    out = _Tty()
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.Progress(5216, "convert", stream=out)
+    clock[0] = 0.5  # start-up, then the first image
+    bar.update(1)
+    first = out.getvalue()
+    assert first.endswith("1/5216 img") and "img/s" not in first and "ETA" not in first
+    clock[0] = 1.0
+    assert bar.line(200).endswith("200/5216 img")  # 0.5 s of work: still no rate
+    clock[0] = 2.5  # 2 s after the first image: 800 more
+    text = bar.line(801)
+    assert text.endswith("801/5216 img  400 img/s  ETA 0:11"), text  # 4415 left at 400/s
+
+
+def test_a_finished_display_shows_the_average_rate_and_no_eta(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.Progress(10, "val", stream=io.StringIO())
+    clock[0] = 0.2
+    bar.update(10)
+    assert bar.line(10).endswith("10/10 img  50 img/s")

@@ -81,3 +81,26 @@ def test_run_data_dir_and_is_run_data(tmp_path):
     assert rundir.is_run_data(run, moved)  # same manifest: the run's data, moved
     assert not rundir.is_run_data(run, other)
     assert rundir.is_same_data(moved, moved) and not rundir.is_same_data(moved, other)
+
+
+def test_evaluation_names_keep_every_evaluation_apart(tmp_path):
+    """eval/ and gradcam/ folders and TensorBoard tag prefixes: one name per evaluation."""
+    from conftest import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", counts={"val": (1, 1)})
+    site = write_tiny_dataset(tmp_path / "site_b", counts={"test": (1, 1)}, seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data_manifest.json").write_bytes((data / "manifest.json").read_bytes())
+    names = [rundir.evaluation_name(run, data, "test"),
+             rundir.evaluation_name(run, None, "val"),
+             rundir.evaluation_name(run, site, "test"),
+             rundir.evaluation_name(run, site, "test", "site_b"),
+             rundir.evaluation_name(run, data, "test", threshold_method="val_youden"),
+             rundir.evaluation_name(run, site, "test", threshold_method="0.5")]
+    assert names == ["test", "val", "test-site_b", "test-site_b-cal_site_b", "test@val_youden",
+                     "test-site_b@0.5"]
+    assert rundir.evaluation_dir(run, site, "test") == run / "eval" / "test-site_b"
+    assert rundir.gradcam_dir(run, data, "val") == run / "gradcam"
+    assert rundir.gradcam_dir(run, site, "test") == run / "gradcam" / "test-site_b"
+    assert rundir.gradcam_dir(run, data, "test", "site_b") == run / "gradcam" / "test-cal_site_b"

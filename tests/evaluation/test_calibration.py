@@ -255,3 +255,11 @@ def test_softmax_temperature_recovers_the_sharpening_of_calibrated_logits():
     assert entry["n_val"] == 4000 and entry["temperature"] == pytest.approx(t)
     assert entry["nll_after"] < entry["nll_before"]
     assert cal.subtype_calibration([-1, -1], np.zeros((2, 3))) is None
+
+
+def test_method_label_spells_a_threshold_method_one_way():
+    assert [cal.method_label(m) for m in ("val_youden", " 0.50", "val_sensitivity:0.950",
+                                          "calibrated:0.5", "val_prevalence:.5")] == [
+        "val_youden", "0.5", "val_sensitivity:0.95", "calibrated:0.5", "val_prevalence:0.5"]
+    with pytest.raises(ValueError, match="--threshold"):
+        cal.method_label("youden")

@@ -29,11 +29,12 @@ def test_table_and_chart_from_existing_metrics(tmp_path):
     _fake_metrics(tmp_path / "after" / "r", "test", 0.86, 0.96, ci=False)
     res = compare.compare_runs([tmp_path / "before" / "r", tmp_path / "after" / "r"], "test",
                                tmp_path / "cmp")
-    assert [r["run"] for r in res["rows"]] == ["before/r", "after/r"]  # names disambiguated
+    # Named by run: the folder "r" every run sits in says nothing.
+    assert [r["run"] for r in res["rows"]] == ["before", "after"]
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert ("| before/r | 100 | 0.420 (val_youden) | 0.660 [0.610, 0.700] "
+    assert ("| before | 100 | 0.420 (val_youden) | 0.660 [0.610, 0.700] "
             "| 0.880 [0.850, 0.900]") in md
-    assert "| after/r | 100 | 0.420 (val_youden) | 0.860 | 0.960 |" in md
+    assert "| after | 100 | 0.420 (val_youden) | 0.860 | 0.960 |" in md
     assert res["rows"][0]["NORMAL recall"] == {"value": 0.7, "ci": [0.6, 0.8]}
     png = (tmp_path / "cmp" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -128,10 +129,36 @@ def test_a_run_against_itself_differs_by_nothing(tmp_path):
     assert d["delong"]["p_value"] == 1.0
 
 
-def test_runs_on_different_images_are_compared_unpaired_and_say_so(tmp_path):
+def test_run_names_leave_out_the_folders_every_run_shares(tmp_path):
+    assert compare.run_labels([tmp_path / "x" / "a" / "run", tmp_path / "y" / "a" / "run"]) == [
+        "x", "y"]
+    assert compare.run_labels([tmp_path / "runs" / "paper_nocrop", tmp_path / "runs" / "paper"]) \
+        == ["paper_nocrop", "paper"]
+    assert compare.run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run",
+                               tmp_path / "a" / "other"]) == ["a/run", "b/run", "a/other"]
+    assert compare.run_labels([tmp_path / "out" / "demo" / "run"]) == ["run"]
+
+
+def test_runs_on_different_images_are_refused_unless_allowed(tmp_path):
+    _two_runs(tmp_path, other_paths=True)
+    with pytest.raises(compare.UnpairedRunsError) as e:
+        compare.compare_runs([tmp_path / "a", tmp_path / "b"], "test", tmp_path / "cmp",
+                             diff_resamples=1000)
+    assert str(e.value).startswith("b evaluated on other images than a (split test)")
+    assert "--data_dir=D" in str(e.value) and "--allow_unpaired" in str(e.value)
+    assert not (tmp_path / "cmp").exists()
+    # Without predictions.csv, another image count says the same.
+    _fake_metrics(tmp_path / "c", "test", 0.8, 0.85)
+    metrics = tmp_path / "c" / "eval" / "test" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"n": 100', '"n": 99'))
+    with pytest.raises(compare.UnpairedRunsError, match="^c evaluated on other images than a"):
+        compare.compare_runs([tmp_path / "a", tmp_path / "c"], "test", tmp_path / "cmp")
+
+
+def test_runs_on_different_images_are_compared_unpaired_when_allowed(tmp_path):
     _two_runs(tmp_path, other_paths=True)
     res = compare.compare_runs([tmp_path / "a", tmp_path / "b"], "test", tmp_path / "cmp",
-                               diff_resamples=1000)
+                               diff_resamples=1000, allow_unpaired=True)
     d = res["differences"][0]
     assert d["paired"] is False and "delong" not in d
     md = (tmp_path / "cmp" / "comparison.md").read_text()

@@ -160,12 +160,23 @@ def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(t
                               "source": "val", "applies_to": "probability"}
     assert np.mean(val["probability"][val["label"] == 1] >= m["threshold"]["value"]) >= 0.95
     assert m["temperature"] == stored["temperature"]
-    saved = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    # A what-if threshold has a folder of its own: the split's own evaluation stays as it was.
+    assert m["evaluation"] == "test@val_sensitivity:0.95"
+    saved = json.loads((run / "eval" / "test@val_sensitivity:0.95" / "metrics.json").read_text())
     assert saved["threshold"]["method"] == "val_sensitivity:0.95"
-    fixed = evaluate.evaluate_run(run, data, "test", threshold_method="0.5", num_resamples=1000)
-    assert fixed["threshold"]["value"] == 0.5
+    own = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert own["threshold"] == stored["threshold"] and own["evaluation"] == "test"
+    fixed = evaluate.evaluate_run(run, data, "test", threshold_method="0.50", num_resamples=1000)
+    assert fixed["threshold"]["value"] == 0.5 and fixed["evaluation"] == "test@0.5"
     assert fixed["accuracy"] == fixed["at_0.5"]["accuracy"]
+    assert (run / "eval" / "test@0.5" / "report.html").is_file()
     assert cal_path.read_bytes() == before
+    # The stored method, asked for by name, is the split's own evaluation.
+    again = evaluate.evaluate_run(run, data, "test", threshold_method="val_prevalence:0.50",
+                                  num_resamples=1000)
+    assert again["evaluation"] == "test"
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "test", "test@0.5", "test@val_sensitivity:0.95"]
 
 
 def test_threshold_on_calibrated_probability_is_honoured(trained):
@@ -304,13 +315,21 @@ def test_shift_section_on_a_second_site(trained, second_site):
     assert (out / "shift_scores.png").is_file() and (out / "shift_image_statistics.png").is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 8 and "Shift from the run" in html
-    tags = {}
+    tags, scalars = {}, {}
     for path in (run / "tb" / "eval").glob("events.out.tfevents.*"):
         for ev in tf.compat.v1.train.summary_iterator(str(path)):
             for v in ev.summary.value:
                 tags[v.tag] = v.metadata.plugin_data.plugin_name
-    assert tags["test/shift_scores"] == "images" and tags["test/shift"] == "text"
-    assert tags["test/shift_roc_auc_difference"] == "scalars"
+                if v.metadata.plugin_data.plugin_name == "scalars":
+                    scalars[v.tag] = float(tf.make_ndarray(v.tensor))
+    # Tags carry the evaluation's name: the site's test split sits beside the run's own.
+    site = f"test-{second_site.name}"
+    assert stored["evaluation"] == site
+    assert tags[f"{site}/shift_scores"] == "images" and tags[f"{site}/shift"] == "text"
+    assert tags[f"{site}/shift_roc_auc_difference"] == "scalars"
+    assert scalars["test/accuracy"] == pytest.approx(own["accuracy"])
+    assert scalars[f"{site}/accuracy"] == pytest.approx(m["accuracy"])
+    assert "test/shift_scores" not in tags
 
 
 def test_val_data_dir_names_the_reference_of_a_run_that_does_not(trained, second_site):

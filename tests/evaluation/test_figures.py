@@ -103,3 +103,17 @@ def test_confusion_and_histogram_name_the_threshold(scored):
     fig = report.histogram_figure(labels, probs, 0.42)
     assert "threshold 0.420" in _texts(fig.axes[0])
     report.plt.close(fig)
+
+
+def test_training_curves_name_their_y_axes_and_tick_whole_epochs():
+    history = {"epoch": np.arange(4.0), "loss": np.array([0.7, 0.5, 0.4, 0.35]),
+               "val_loss": np.array([0.6, 0.5, 0.45, 0.44]), "auc": np.linspace(0.7, 0.95, 4),
+               "val_auc": np.linspace(0.75, 0.93, 4)}
+    fig = report.training_curves_figure(history)
+    fig.canvas.draw()
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == ["loss", "ROC AUC"]
+    for ax in axes:
+        assert ax.get_xlabel() == "epoch"
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -62,8 +62,8 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     # One grid image per group (a handful of tags), not one per tile.
     groups_present = [g for g in cam.GROUPS if stats["groups"][g]["n"]]
     images = [t for t in tags if t[1] == "images"]
-    assert sorted(images) == sorted((f"gradcam/{g}", "images") for g in groups_present)
-    assert ("lung_evidence/all/lift", "scalars") in tags
+    assert sorted(images) == sorted((f"test/{g}", "images") for g in groups_present)
+    assert ("test/lung_evidence/all/lift", "scalars") in tags
 
 
 @pytest.mark.slow
@@ -107,6 +107,43 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
         predicted = e["group"] in ("TP", "FP")
         assert predicted == (e["probability"] >= raw), e
         assert e["label"] == int(e["group"] in ("TP", "FN"))
+
+
+@pytest.mark.slow
+def test_another_data_dir_goes_beside_the_runs_own_maps(tmp_path):
+    """gradcam on another data dir writes R/gradcam/<split>-<data dir name>/ and tags its
+    TensorBoard images with that name; the run's own R/gradcam/ is left alone."""
+    import tensorflow as tf
+    from conftest import write_tiny_dataset
+    from support_runs import make_run
+
+    from pneumo_tf.core import rundir
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=32)
+    site = write_tiny_dataset(tmp_path / "site_b", image_size=32, counts={"test": (8, 8)},
+                              seed=3, brightness_offset=40)
+    run = make_run(tmp_path / "run", data, epochs=1)
+    own = gc.run_gradcam(run, data, "test", num_images=8, batch_size=8)
+    own_bytes = (run / "gradcam" / "cam_stats.json").read_bytes()
+    other = gc.run_gradcam(run, site, "test", num_images=12, batch_size=8)
+    assert own["evaluation"] == "test" and other["evaluation"] == "test-site_b"
+    out = run / "gradcam" / "test-site_b"
+    assert rundir.gradcam_dir(run, site, "test") == out
+    assert rundir.gradcam_dir(run, data, "test") == run / "gradcam"
+    assert json.loads((out / "cam_stats.json").read_text())["num_images"] == 12
+    assert (run / "gradcam" / "cam_stats.json").read_bytes() == own_bytes
+    assert any((out / f"{g}.png").is_file() for g in cam.GROUPS)
+    tags = set()
+    for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(path)):
+            tags |= {v.tag for v in ev.summary.value}
+    assert {t.split("/")[0] for t in tags} == {"test", "test-site_b"}
+    assert {t for t in tags if t.startswith("test-site_b/") and "/lung_evidence/" not in t} == {
+        f"test-site_b/{g}" for g in cam.GROUPS if other["groups"][g]["n"]}
+    # The lung evidence scalars carry the evaluation's name too.
+    assert {f"test/lung_evidence/{key}" for key in anatomy.scalars(own["lung_evidence"])} \
+        | {f"test-site_b/lung_evidence/{key}" for key in anatomy.scalars(other["lung_evidence"])} \
+        == {t for t in tags if "/lung_evidence/" in t}
 
 
 @pytest.mark.slow
@@ -176,7 +213,7 @@ def test_evidence_of_lesions_inside_the_lungs_is_lung_bound(phantom_lungs, tmp_p
     for path in (run / "tb" / "gradcam").glob("events.out.tfevents.*"):
         for ev in tf.compat.v1.train.summary_iterator(str(path)):
             tags |= {v.tag for v in ev.summary.value}
-    assert {"lung_evidence/TP/lift", "lung_evidence/all/pointing_lungs"} <= tags
+    assert {"test/lung_evidence/TP/lift", "test/lung_evidence/all/pointing_lungs"} <= tags
 
 
 def test_tiles_outline_the_lungs_measured_against():
@@ -217,8 +254,10 @@ def test_gradcam_cli_measures_on_a_lung_model_and_leads_with_the_lift(phantom_lu
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("40 images, layer b1_out: lift "), done.stdout
     assert "(lungs: lung_model, 40 images measured); lung mask share " in done.stdout
-    stats = json.loads((run / "gradcam" / "cam_stats.json").read_text())
-    assert stats["lung_source"] == "lung_model"
+    # "plain" is another conversion than the run's data: its maps go beside the run's own.
+    assert done.stdout.rstrip().endswith(f" -> {run / 'gradcam' / 'test-plain'}"), done.stdout
+    stats = json.loads((run / "gradcam" / "test-plain" / "cam_stats.json").read_text())
+    assert stats["lung_source"] == "lung_model" and stats["evaluation"] == "test-plain"
     assert stats["lung_evidence"]["lung_model"] == str(phantom_lungs["lungs"])
     # The tiny lung model's masks (Dice ~0.95) give nearly the true masks' figures.
     true = gc.run_gradcam(_copy(phantom_lungs["run"], tmp_path / "b"), phantom_lungs["data"],

@@ -434,12 +434,47 @@ def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
     done = run_module("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
                       "--formats=saved_model", "--parity_count=4", "--calibration=site_b")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["calibration"] == "site_b"
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"exported with calibration site_b -> {copy / 'export_site_b'}"
+    assert lines[1].split()[:2] == ["saved_model", "saved_model"] and "labels agree" in lines[1]
+    assert lines[-1].endswith(f"passed; full report: {copy / 'export_site_b' / 'parity.json'}")
+    assert json.loads((copy / "export_site_b" / "parity.json").read_text())["calibration"] == \
+        "site_b"
     config = json.loads((copy / "export_site_b" / "pneumo_tf_serving.json").read_text())
     assert (config["calibration"], config["temperature"], config["threshold"]) == (
         "site_b", 0.9, 0.6)
     assert (copy / "export_site_b" / "saved_model" / "saved_model.pb").is_file()
     assert not (copy / "export").exists()
+
+
+def test_export_command_prints_a_short_summary_of_the_parity_report():
+    from pneumo_tf import export as export_command
+
+    report = {"batch": {"source": "val split of D (32 images)", "count": 32},
+              "calibration": "val", "passed": True,
+              "variants": {
+                  "keras_run_precision": {"max_abs_prob_diff": 0.002, "label_agreement": 1.0},
+                  "saved_model": {"path": "saved_model", "bytes": 4_900_000,
+                                  "max_abs_prob_diff": 2e-7, "label_agreement": 1.0,
+                                  "in_distribution_agreement": 1.0},
+                  "fp16": {"path": "model_fp16.tflite", "bytes": 2_480_000,
+                           "max_abs_prob_diff": 0.0012, "label_agreement": 0.969},
+                  "int8": {"path": "model_int8.tflite", "bytes": 1_480_000,
+                           "max_abs_prob_diff": None, "non_finite": 3,
+                           "label_agreement": None}}}
+    lines = export_command.summary_lines(report, "runs/a/export")
+    assert lines == [
+        "exported with calibration val -> runs/a/export",
+        "  keras_run_precision  the run's own precision            max |p - Keras| 2.0e-03, "
+        "labels agree 1.000",
+        "  saved_model          saved_model                4.9 MB  max |p - Keras| 2.0e-07, "
+        "labels agree 1.000, in_distribution agrees 1.000",
+        "  fp16                 model_fp16.tflite          2.5 MB  max |p - Keras| 1.2e-03, "
+        "labels agree 0.969",
+        "  int8                 model_int8.tflite          1.5 MB  max |p - Keras| n/a (3 "
+        "non-finite)",
+        "parity batch: val split of D (32 images); passed; full report: "
+        "runs/a/export/parity.json"]
 
 
 def test_exporting_an_unfinished_run_says_to_finish_training(run_and_data, tmp_path):
@@ -702,7 +737,8 @@ def test_export_cli_takes_a_lung_model_for_any_classifier(run_and_data, lung_run
                       "--formats=saved_model", "--parity_count=4", f"--lung_model={lung_run[0]}",
                       "--min_lung_fraction=0.2", "--min_lung_confidence=0.3")
     assert done.returncode == 0, done.stderr[-2000:]
-    lungs = json.loads(done.stdout)["lungs"]["model"]
+    lungs = json.loads((copy / "export" / "parity.json").read_text())["lungs"]["model"]
+    assert "lung model:" in done.stdout
     assert (lungs["min_lung_fraction"], lungs["min_lung_confidence"], lungs["crop_min_fraction"]) \
         == (0.2, 0.3, 0.1)
     assert json.loads((copy / "export" / "pneumo_tf_serving.json").read_text())["crop"] == "fixed"
