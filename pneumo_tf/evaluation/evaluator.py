@@ -149,10 +149,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     metrics = pmetrics.binary_report(labels, probs, point["threshold"], threshold_info,
                                      num_resamples, seed)
     metrics["split"] = split
-    what_if = None if point["from_calibration_json"] else calibration.method_label(
-        point["method"])
-    metrics["evaluation"] = rundir.evaluation_name(run_dir, data_dir, split, calibration_name,
-                                                   what_if)
+    metrics["evaluation"] = _evaluation_name(run_dir, data_dir, split, calibration_name, point)
     metrics["temperature"] = point["temperature"]
     metrics["calibrated"] = {"brier": pmetrics.ranking_metrics(labels, calibrated)["brier"],
                              "ece": pmetrics.expected_calibration_error(labels, calibrated)}
@@ -177,6 +174,15 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
         figures.update(shift_figures)
     _write_outputs(run_dir, data_dir, metrics, figures, pred, calibrated)
     return metrics
+
+
+def _evaluation_name(run: rundir.Run, data_dir, split: str, calibration_name: str,
+                     point: dict) -> str:
+    """The evaluation's name (:func:`pneumo_tf.core.rundir.evaluation_name`): a threshold other
+    than the stored one (a what-if ``--threshold``) adds ``@<method>``."""
+    what_if = None if point["from_calibration_json"] else calibration.method_label(
+        point["method"])
+    return rundir.evaluation_name(run, data_dir, split, calibration_name, what_if)
 
 
 def ood_section(run_dir, pred: dict, stats) -> dict:
