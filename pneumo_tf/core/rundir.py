@@ -70,7 +70,7 @@ class RunDirError(ValueError):
 RUN_ENTRIES = frozenset({
     "flags.txt", "data_manifest.json", "tb", "backup", "best.weights.h5", "model.keras",
     "history.csv", "summary.json", "calibration.json", "calibrations", "eval", "gradcam", "export",
-    OOD_JSON, OOD_STATS, "members"})
+    OOD_JSON, OOD_STATS, LUNG_GUARD_NAME, "members"})
 
 
 def is_run_entry(name: str) -> bool:

@@ -104,3 +104,10 @@ def test_evaluation_names_keep_every_evaluation_apart(tmp_path):
     assert rundir.gradcam_dir(run, data, "val") == run / "gradcam"
     assert rundir.gradcam_dir(run, site, "test") == run / "gradcam" / "test-site_b"
     assert rundir.gradcam_dir(run, data, "test", "site_b") == run / "gradcam" / "test-cal_site_b"
+
+
+def test_every_file_a_run_writes_is_a_run_entry():
+    """A lungs run's guard counts as a run's own file (train refuses folders of other files)."""
+    for name in ("flags.txt", rundir.OOD_JSON, rundir.LUNG_GUARD_NAME, "export_site_b", "eval"):
+        assert rundir.is_run_entry(name), name
+    assert not rundir.is_run_entry("notes.txt")
