@@ -157,8 +157,8 @@ class ClassifierTask(Task):
                     "floor": cfg.lung_gate_floor, "dilate": cfg.lung_gate_dilate}
         return model_lib.build_model(
             cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
-            cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
-            dropout=tuple(cfg.head_dropout), task=self.name, lung_gate=gate)
+            cfg.input_norm, augment=augment, head=(cfg.dense_units, *cfg.head_dropout),
+            task=self.name, lung_gate=gate)
 
     def summary_config(self, cfg) -> dict:
         """The lung gate, when there is one (the lungs run it came from)."""
