@@ -35,7 +35,7 @@ class EvaluateFlags(cli.RunSplitFlags):
         64, "Images of the split whose Grad-CAM is measured against the lungs (metrics.json "
         "lung_evidence: lift, pointing_lungs per TP/FP/FN/TN), drawn (seeded by --seed) evenly "
         "across the groups as gradcam draws them; 0 = skip.", lower=0)
-    lung_model: str | None = cli.lung_model_option()
+    lung_model: str | None = cli.lung_model_option(cli.EVIDENCE_LUNG_MODEL_HELP)
 
 
 FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)

@@ -39,7 +39,7 @@ class GradcamFlags(cli.RunSplitFlags):
         "logit, for images predicted NORMAL), or for a three-class model (--task=subtype) "
         "bacterial | viral: that class's log-odds against the other two, for every image.",
         choices=cam.CAM_CLASSES)
-    lung_model: str | None = cli.lung_model_option()
+    lung_model: str | None = cli.lung_model_option(cli.EVIDENCE_LUNG_MODEL_HELP)
 
 
 FLAG_HOLDERS = cli.define_config_flags(GradcamFlags, module_name=__name__)

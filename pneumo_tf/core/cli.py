@@ -240,13 +240,12 @@ def num_resamples_option() -> Any:
                   lower=1000)
 
 
-def lung_model_option() -> Any:
-    """``--lung_model``: a lung segmentation run whose masks Grad-CAM evidence is measured on."""
-    return option(None, "A lung segmentation run (--task=lungs, configs/lungs.cfg): Grad-CAM "
-                  "evidence is measured against its lung masks, computed on the very images "
-                  "the classifier sees. Records that carry true lung masks (converter --masks) "
-                  "win over it; without either, the adaptive lung box (or a phantom set's own "
-                  "masks) is used. The output's lung_source says which.")
+# The --lung_model help of the commands that measure Grad-CAM evidence (gradcam, evaluate).
+EVIDENCE_LUNG_MODEL_HELP = (
+    "Grad-CAM evidence is measured against its lung masks, computed on the very images the "
+    "classifier sees. Records that carry true lung masks (converter --masks) win over it; "
+    "without either, the adaptive lung box (or a phantom set's own masks) is used. The output's "
+    "lung_source says which.")
 
 
 @dataclasses.dataclass

@@ -172,28 +172,25 @@ class Run:
     def data_dir(self) -> str | None:
         """The data dir the run was trained on: ``summary.json``'s ``config.data_dir``, else
         the ``--data_dir`` of ``flags.txt``; None when neither names one."""
-        if self.paths.summary.is_file():
-            try:
-                summary = json.loads(self.paths.summary.read_text(encoding="utf-8"))
-                data_dir = (summary.get("config") or {}).get("data_dir")
-            except json.JSONDecodeError:
-                data_dir = None
-            if data_dir:
-                return str(data_dir)
-        return self.flags.get("data_dir") or None
+        return self._trained_with("data_dir")
 
     @property
     def task(self) -> str:
         """The run's ``--task`` (``binary`` when summary.json and flags.txt name none)."""
+        return self._trained_with("task") or "binary"
+
+    def _trained_with(self, key: str) -> str | None:
+        """``summary.json``'s ``config[key]`` (an unreadable summary counts as none), else the
+        ``--key`` of ``flags.txt``; None when neither names one."""
         if self.paths.summary.is_file():
             try:
-                task = (json.loads(self.paths.summary.read_text(encoding="utf-8"))
-                        .get("config") or {}).get("task")
+                value = (json.loads(self.paths.summary.read_text(encoding="utf-8"))
+                         .get("config") or {}).get(key)
             except json.JSONDecodeError:
-                task = None
-            if task:
-                return str(task)
-        return self.flags.get("task") or "binary"
+                value = None
+            if value:
+                return str(value)
+        return self.flags.get(key) or None
 
     def calibration(self, name: str = VAL_CALIBRATION) -> dict | None:
         """The run's calibration ``name`` (:func:`read_named_calibration`)."""

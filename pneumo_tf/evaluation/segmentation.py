@@ -28,7 +28,6 @@ from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.evaluation import report
 from pneumo_tf.explain import cam
 from pneumo_tf.modeling import lungs as lungs_lib
-from pneumo_tf.training.task import contour_tile
 
 # Films shown in contours.png (the lowest Dice first, then in file order).
 CONTOUR_TILES = 16
@@ -101,7 +100,7 @@ def evaluate_lung_run(run_dir, data_dir, split: str = "test", batch_size: int = 
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / rundir.PREDICTIONS_NAME, pred, per_image, fractions)
     atomic_files.write_json_atomic(out / rundir.METRICS_NAME, metrics)
-    tiles = [contour_tile(pred["image"][i], pred["lung_mask"][i], predicted[i])
+    tiles = [cam.contour_tile(pred["image"][i], pred["lung_mask"][i], predicted[i])
              for i in order[:CONTOUR_TILES]]
     captions = [f"Dice {per_image['dice'][i]:.3f}" for i in order[:CONTOUR_TILES]]
     png = report.figure_png(cam.grid_figure(

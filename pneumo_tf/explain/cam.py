@@ -590,6 +590,16 @@ def draw_lung_outline(tile: np.ndarray, lung: np.ndarray, color=(255, 255, 255),
     return out
 
 
+def contour_tile(image: np.ndarray, true: np.ndarray | None,
+                 predicted: np.ndarray) -> np.ndarray:
+    """``[S, S, 3]`` uint8 RGB of a grey ``[S, S]`` film with the true lungs outlined in green
+    (when given) and the predicted lungs in red."""
+    tile = np.repeat(np.asarray(image, np.uint8)[..., None], 3, axis=-1)
+    if true is not None:
+        tile = draw_lung_outline(tile, true, color=(0, 255, 0))
+    return draw_lung_outline(tile, predicted, color=(255, 0, 0))
+
+
 SHARE_KEYS = {"phantom_masks": "lung_mask_share", "adaptive_box": "lung_box_share"}
 
 

@@ -332,9 +332,8 @@ def set_trainable(backbone: keras.Model, trainable_layers: int, train_bn: bool) 
 
 def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str | None = None,
                 trainable_layers: int = 50, train_bn: bool = False, input_norm: str = "backbone",
-                augment: dict | None = None, dense_units: int = 128,
-                dropout: tuple[float, float] = (0.5, 0.3), task: str = "binary",
-                lung_gate: dict | None = None) -> keras.Model:
+                augment: dict | None = None, head: tuple[int, float, float] = (128, 0.5, 0.3),
+                task: str = "binary", lung_gate: dict | None = None) -> keras.Model:
     """The full classifier (see the module docstring).
 
     Args:
@@ -346,7 +345,8 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
         input_norm: ``backbone`` (its own preprocessing) or a :data:`preprocess.INPUT_NORMS` mode.
         augment: keyword arguments of :func:`pneumo_tf.image.augment.make_augment_layer`, or None for
             no augmentation layer. The layer is active only when the model is called with training=True.
-        dense_units, dropout: the head (paper: 128, (0.5, 0.3)).
+        head: ``(units of the hidden Dense layer, dropout before it, dropout after it)``
+            (paper: 128, 0.5, 0.3).
         task: ``binary`` (a sigmoid ``score``) or ``subtype``: a three-way softmax
             ``class_probabilities`` (NORMAL, BACTERIAL, VIRAL; its logits are the
             ``class_logits`` layer) and ``score`` = 1 - p(NORMAL).
@@ -368,9 +368,10 @@ def build_model(backbone: str = "resnet50", image_size: int = 224, weights: str 
     set_trainable(base, trainable_layers, train_bn)
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(dropout[0], name="dropout_1")(x)
+    dense_units, dropout_before, dropout_after = head
+    x = layers.Dropout(dropout_before, name="dropout_1")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense")(x)
-    x = layers.Dropout(dropout[1], name="dropout_2")(x)
+    x = layers.Dropout(dropout_after, name="dropout_2")(x)
     if task == "subtype":
         logits = layers.Dense(len(SUBTYPE_NAMES), dtype="float32", name="class_logits")(x)
         probs = layers.Softmax(dtype="float32", name="class_probabilities")(logits)

@@ -50,12 +50,21 @@ def float32_model(model):
     float32 already, so rebuilding the architecture with float32 policies and copying the weights
     gives the model the run would have been in float32.
     """
+    import keras
+
     import pneumo_tf.modeling.model  # noqa: F401  (registers the custom layers for from_config)
 
     if not is_mixed_precision(model):
         return model
     config = _force_float32_policies(model.get_config())
-    rebuilt = model.__class__.from_config(config)
+    # Layers whose config names no dtype take the global policy, which a trainer (the precision
+    # probe, a bf16 run loading a --lung_gate) may have set to a mixed one: rebuild under float32.
+    outer = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = model.__class__.from_config(config)
+    finally:
+        keras.mixed_precision.set_global_policy(outer)
     rebuilt.set_weights(model.get_weights())
     if is_mixed_precision(rebuilt):
         raise ValueError("could not rebuild the model in float32 (a layer keeps a mixed dtype); "

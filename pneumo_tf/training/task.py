@@ -157,8 +157,8 @@ class ClassifierTask(Task):
                     "floor": cfg.lung_gate_floor, "dilate": cfg.lung_gate_dilate}
         return model_lib.build_model(
             cfg.backbone, image_size, cfg.weights, cfg.trainable_layers, cfg.train_bn,
-            cfg.input_norm, augment=augment, dense_units=cfg.dense_units,
-            dropout=tuple(cfg.head_dropout), task=self.name, lung_gate=gate)
+            cfg.input_norm, augment=augment, head=(cfg.dense_units, *cfg.head_dropout),
+            task=self.name, lung_gate=gate)
 
     def summary_config(self, cfg) -> dict:
         """The lung gate, when there is one (the lungs run it came from)."""
@@ -378,20 +378,11 @@ class LungsTask(Task):
         images = batch["image"][:max_images]
         predicted = np.asarray(trainer.predict_images(images))[..., 0] > self.threshold
         true = batch["lung_mask"].numpy()[:max_images, ..., 0] > 127
-        tiles = [contour_tile(img[..., 0], t, p)
+        tiles = [cam.contour_tile(img[..., 0], t, p)
                  for img, t, p in zip(images.numpy(), true, predicted)]
         with writer.as_default():
             tf.summary.image("val_lung_contours", np.stack(tiles), step=epoch,
                              max_outputs=max_images)
-
-
-def contour_tile(image: np.ndarray, true: np.ndarray | None, predicted: np.ndarray) -> np.ndarray:
-    """``[S, S, 3]`` uint8 RGB of a grey ``[S, S]`` film with the true lungs outlined in green
-    (when given) and the predicted lungs in red."""
-    tile = np.repeat(np.asarray(image, np.uint8)[..., None], 3, axis=-1)
-    if true is not None:
-        tile = cam.draw_lung_outline(tile, true, color=(0, 255, 0))
-    return cam.draw_lung_outline(tile, predicted, color=(255, 0, 0))
 
 
 # ``--task`` name -> task. A new task registers here (and its name becomes a --task choice).

@@ -135,6 +135,7 @@ def test_a_wrong_lung_model_is_refused_naming_the_fix(phantom_lungs, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(p["lungs"], unfinished)
     (unfinished / "summary.json").unlink()
-    with pytest.raises(anatomy.LungModelError, match=r"^--lung_model=.*unfinished: .*summary"
-                                                     r"\.json is missing"):
+    with pytest.raises(anatomy.LungModelError, match=r"^--lung_model=.*unfinished: no "
+                                                     r"summary\.json, so not a finished run; "
+                                                     r"finish training it"):
         anatomy.open_lung_source(p["data"], "test", lung_model=unfinished)

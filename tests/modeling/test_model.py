@@ -63,7 +63,7 @@ def test_train_bn_unfreezes_batchnorm():
     # A frozen BN runs in inference mode: training=True gives the same output as inference
     # once dropout is off.
     m = model_lib.build_model("small_cnn", 32, None, trainable_layers=-1, train_bn=False,
-                              dropout=(0.0, 0.0))
+                              head=(128, 0.0, 0.0))
     x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1)).astype(np.uint8)
     np.testing.assert_allclose(np.asarray(m(x, training=True)), np.asarray(m(x, training=False)),
                                rtol=1e-5, atol=1e-6)

@@ -34,6 +34,19 @@ def test_a_mixed_unet_is_rebuilt_in_float32_with_its_weights():
     assert maps_f32.dtype == np.float32 and np.abs(maps_mixed - maps_f32).max() < 0.05
 
 
+def test_the_rebuild_is_float32_under_a_mixed_global_policy_which_it_leaves_alone():
+    import keras
+
+    mixed = _mixed_lung_model()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # as a bf16 trainer loading a gate
+    try:
+        f32 = precision.float32_model(mixed)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert not precision.is_mixed_precision(f32)
+
+
 def test_a_lungs_run_trained_in_mixed_precision_answers_in_float32(tmp_path):
     from pneumo_tf.modeling import lungs as lungs_lib
 

@@ -1,4 +1,5 @@
-"""serving/lungs.py: the no-lungs guard, the lung settings, the decision in the graph and on the
+"""serving/lungs.py (named apart from tests/modeling/test_lungs.py: pytest needs one basename per
+test module): the no-lungs guard, the lung settings, the decision in the graph and on the
 host, and which lung model a classifier serves with."""
 
 from __future__ import annotations
