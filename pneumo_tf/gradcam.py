@@ -31,8 +31,8 @@ class GradcamFlags(cli.RunSplitFlags):
                              lower=1)
     layer: str | None = option(
         None, "Feature-map layer inside the backbone; default: the backbone's registered "
-        "Grad-CAM layer (resnet50: conv5_block3_out; small_cnn: b1_out, the most lung-bound "
-        "one measured), else its last 4-D output.")
+        "Grad-CAM layer (resnet50: conv5_block3_out; small_cnn: b1_out, or features with a "
+        "--lung_gate: the most lung-bound ones measured), else its last 4-D output.")
     cam_class: str = option(
         "pneumonia", "Explain the PNEUMONIA score for every image (a three-class model's "
         "pneumonia log-odds), the predicted class (the NORMAL logit, i.e. minus the PNEUMONIA "

@@ -58,14 +58,17 @@ SUBTYPE_CAM_CLASSES = ("bacterial", "viral")
 def default_cam_layer(model, backbone_name: str | None = None) -> str:
     """The Grad-CAM layer inside ``model``'s backbone.
 
-    The registry's ``cam_layer`` of ``backbone_name`` when the backbone has it, else the last
+    The registry's ``cam_layer`` of ``backbone_name`` when the backbone has it (its
+    ``gated_cam_layer`` when ``model`` has a lung gate and the spec names one), else the last
     layer of the backbone whose output is a 4-D feature map.
     """
     from pneumo_tf.modeling import model as pmodel
 
     backbone = pmodel.get_backbone(model)
     if backbone_name in pmodel.BACKBONES:
-        name = pmodel.BACKBONES[backbone_name].cam_layer
+        spec = pmodel.BACKBONES[backbone_name]
+        gated = any(layer.name == "lung_gate" for layer in model.layers)
+        name = spec.gated_cam_layer if gated and spec.gated_cam_layer else spec.cam_layer
         if any(layer.name == name for layer in backbone.layers):
             return name
     for layer in reversed(backbone.layers):

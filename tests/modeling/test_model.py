@@ -222,6 +222,12 @@ def test_a_classifier_with_a_lung_gate_round_trips_in_safe_mode(tmp_path):
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
     gate = loaded.get_layer("lung_gate")
     assert (gate.floor, gate.dilate) == (0.2, 0.05)
+    # Grad-CAM reads a gated small_cnn at its last feature map (measured most lung-bound there).
+    from pneumo_tf.explain import cam
+
+    assert cam.default_cam_layer(loaded, "small_cnn") == "features"
+    plain = model_lib.build_model("small_cnn", 32, None, -1, True, "unit")
+    assert cam.default_cam_layer(plain, "small_cnn") == "b1_out"
     # The lung model's weights came back too, not fresh ones.
     for a, b in zip(gate.lung_model.get_weights(), lung.get_weights()):
         np.testing.assert_array_equal(a, b)
