@@ -421,10 +421,13 @@ def in_distribution(score, threshold: float, image_reasons: list[str]) -> bool |
 
 
 def refer_reasons(score, threshold: float | None, image_reasons: list[str]) -> list[str]:
-    """``predict``'s reasons from the guard: the image checks' (``inverted``,
-    ``on_its_side``), then :data:`NOT_A_CHEST_FILM` when the feature score is above the
-    threshold."""
-    reasons = list(image_reasons)
-    if score is not None and threshold is not None and score > threshold:
+    """``predict``'s reasons from the guard, each true of the input: the image checks' of the
+    decoded film (``inverted``, ``on_its_side``), ``upside_down`` (the probe) only for an input
+    the feature score accepts, then :data:`NOT_A_CHEST_FILM` when the score is above the
+    threshold. The probe reads the model's features as a film's: on anything else (a photo, a
+    quarter of a film) it fires at random, and a photo is not an upside-down film."""
+    rejected = score is not None and threshold is not None and score > threshold
+    reasons = [r for r in image_reasons if not (rejected and r == UPSIDE_DOWN)]
+    if rejected:
         reasons.append(NOT_A_CHEST_FILM)
     return reasons

@@ -17,8 +17,9 @@ One JSON line per input, in input order::
     {"path": "a.jpeg", "probability": 0.91, "calibrated_probability": 0.84, "threshold": 0.57,
      "calibration": "val", "label": 1, "class_name": "PNEUMONIA", "refer": false,
      "refer_reasons": [], "ood_score": 41.3, "in_distribution": true}
-    {"path": "cat.jpeg", ..., "refer": true, "refer_reasons": ["not_a_chest_film"],
-     "ood_score": 512.8, "in_distribution": false}
+    {"path": "cat.jpeg", "probability": 0.95, ..., "label": null, "class_name": null,
+     "refer": true, "refer_reasons": ["not_a_chest_film"], "ood_score": 512.8,
+     "in_distribution": false}
     {"path": "b.txt", "error": "not an image (unrecognised file format)"}
 
 With a lung model (``--lung_model=LUNGS_RUN``, a run trained on ``--crop=lungs`` data by default,
@@ -45,9 +46,13 @@ true when the case should go to a human: the calibrated probability lies within
 ``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
 :func:`film_refer_reasons`), or the run's out-of-distribution guard (:mod:`pneumo_tf.ood`)
 rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film),
-``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its feature score is above the guard's threshold). ``ood_score`` is
-that score and ``in_distribution`` is true when it is at most the threshold and no image check
-failed. A model without a guard (a run without ``ood.json``, or exported from one) still
+``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its feature
+score is above the guard's threshold; the probe reads the features as a film's, so
+``upside_down`` is only given for inputs the score accepts: a photo is not an upside-down film). ``ood_score`` is that score and
+``in_distribution`` is true when it is at most the threshold and no image check failed. An input
+with ``in_distribution`` false gets no diagnosis: ``label``, ``class_name`` (and a three-class
+run's ``subtype`` fields) are null, ``refer`` is true, and the probabilities stay for audit (the
+table shows ``-`` as its label). A model without a guard (a run without ``ood.json``, or exported from one) still
 predicts: ``ood_score`` and ``in_distribution`` are null (the image checks still refer). A
 failed input has ``path`` and ``error`` only; the other inputs are still predicted and the
 exit status is 1.
@@ -535,21 +540,23 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
     if lungs is not None and not lung_serving.lungs_found(
             lungs.fraction, lungs.confidence, lung_serving.LungSettings.from_json(config.lungs)):
         reasons.append(lung_serving.NO_LUNGS_FOUND)
-    if abs(calibrated - threshold) <= refer_band:
-        reasons.insert(0, "uncertain")
     known = ood_score is not None and config.ood_threshold is not None
+    in_distribution = ood.in_distribution(ood_score, config.ood_threshold,
+                                          list(image_checks)) if known else None
+    diagnosed = in_distribution is not False  # no diagnosis for what the guard rejects
+    if diagnosed and abs(calibrated - threshold) <= refer_band:
+        reasons.insert(0, "uncertain")
     record = {"path": path, "probability": float(probability),
               "calibrated_probability": calibrated, "threshold": threshold,
-              "calibration": config.calibration, "label": label,
-              "class_name": pneumo_tf.CLASS_NAMES[label],
-              "refer": bool(reasons), "refer_reasons": reasons,
+              "calibration": config.calibration, "label": label if diagnosed else None,
+              "class_name": pneumo_tf.CLASS_NAMES[label] if diagnosed else None,
+              "refer": bool(reasons) or not diagnosed, "refer_reasons": reasons,
               "ood_score": float(ood_score) if known else None,
-              "in_distribution": ood.in_distribution(ood_score, config.ood_threshold,
-                                                     list(image_checks)) if known else None,
+              "in_distribution": in_distribution,
               "lung_fraction": float(lungs.fraction) if lungs is not None else None,
               "lung_confidence": float(lungs.confidence) if lungs is not None else None}
     if class_probabilities is not None:
-        record.update(serving.subtype_fields(class_probabilities, label,
+        record.update(serving.subtype_fields(class_probabilities, label if diagnosed else 0,
                                              config.subtype_temperature))
     return record
 
@@ -685,7 +692,7 @@ def format_table_row(rec: dict) -> str:
         return (f"{'-':>11} {'-':>10} {'-':>9} {'ERROR':<9} {'-':<5} {'-':<3} {rec['path']}  "
                 f"({rec['error']})")
     reasons = f"  ({', '.join(rec['refer_reasons'])})" if rec["refer_reasons"] else ""
-    label = rec.get("subtype") or rec["class_name"]
+    label = rec.get("subtype") or rec["class_name"] or "-"
     verdict = {None: "-", True: "in", False: "OUT"}[rec.get("in_distribution")]
     return (f"{rec['probability']:>11.4f} {rec['calibrated_probability']:>10.4f} "
             f"{rec['threshold']:>9.4f} {label:<9} {'yes' if rec['refer'] else 'no':<5} "

@@ -178,6 +178,10 @@ def test_verdict_and_refer_reasons():
     assert ood.in_distribution(3.0, 5.0, ["inverted"]) is False
     assert ood.in_distribution(None, 5.0, []) is None
     assert ood.refer_reasons(6.0, 5.0, ["inverted"]) == ["inverted", ood.NOT_A_CHEST_FILM]
+    # Each reason true of the input: the upside-down probe reads features as a film's, so an
+    # input the feature score rejects is not called upside down (a photo is not a film).
+    assert ood.refer_reasons(6.0, 5.0, [ood.UPSIDE_DOWN]) == [ood.NOT_A_CHEST_FILM]
+    assert ood.refer_reasons(3.0, 5.0, [ood.UPSIDE_DOWN]) == [ood.UPSIDE_DOWN]
     assert ood.refer_reasons(3.0, 5.0, []) == []
     assert ood.refer_reasons(None, None, ["on_its_side"]) == ["on_its_side"]
 

@@ -361,6 +361,8 @@ def test_table_rows():
     assert predict.format_table_row(viral).split()[3:6] == ["VIRAL", "no", "in"]
     unguarded = dict(ok, in_distribution=None)
     assert predict.format_table_row(unguarded).split()[5] == "-"
+    rejected = dict(ok, label=None, class_name=None, refer_reasons=["not_a_chest_film"])
+    assert predict.format_table_row(rejected).split()[3:6] == ["-", "yes", "OUT"]
     err = predict.format_table_row({"path": "b.png", "error": "truncated JPEG"})
     assert "ERROR" in err and "b.png" in err and "truncated JPEG" in err
     assert predict.format_table_header().split() == ["probability", "calibrated", "threshold",
@@ -556,7 +558,12 @@ def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
         assert back["in_distribution"] == (not set(back["refer_reasons"]) & {
             ood.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
         assert "subtype" not in back  # a binary run
-    assert all(ood.NOT_A_CHEST_FILM in r["refer_reasons"] and r["refer"] for r in rows["photo"])
+        # No diagnosis for what the guard rejects; the probabilities stay, for audit.
+        diagnosed = back["in_distribution"]
+        assert (back["label"] is None) == (back["class_name"] is None) == (not diagnosed), back
+        assert back["refer"] or diagnosed
+        assert 0.0 <= back["probability"] <= 1.0
+    assert all(r["refer_reasons"] == [ood.NOT_A_CHEST_FILM] for r in rows["photo"])
     assert all("inverted" in r["refer_reasons"] and not r["in_distribution"]
                for r in rows["inverted"])
     assert all("on_its_side" in r["refer_reasons"] for r in rows["sideways"])
