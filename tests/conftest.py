@@ -7,10 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs one xdist worker per core. TensorFlow and OpenMP would give every worker,
+    # and every app a test starts, a thread pool as wide as the machine: the workers would fight
+    # over the cores. Each worker gets its share instead, set before anything imports TensorFlow
+    # or numpy and inherited by the apps the tests start.
+    _threads = str(max(1, len(os.sched_getaffinity(0))
+                       // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
+
+import numpy as np  # noqa: E402  (after the thread settings)
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,47 +122,72 @@ def tiny_data_dir(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "data")
 
 
-# Finished runs shared by several test files (each pytest-xdist worker builds its own once).
-# Tests must not change them: copy a run before writing into it.
+# Finished runs shared by several test files, each built once for all pytest-xdist workers of a
+# pytest call (tests/shared_runs.py). Tests must not change them: copy a run before writing into it.
 
 
 @pytest.fixture(scope="session")
 def phantom_ood_run(tmp_path_factory):
     """``(run_dir, data_dir, phantom source dir)``: a phantom-trained run with its OOD guard."""
+    from shared_runs import shared_result
     from support_runs import make_phantom_ood_run
 
-    return make_phantom_ood_run(tmp_path_factory.mktemp("phantom_ood"))
+    return shared_result(tmp_path_factory, "phantom_ood", make_phantom_ood_run)
 
 
 @pytest.fixture(scope="session")
 def subtype_run(tmp_path_factory):
     """``(run_dir, data_dir)``: a calibrated three-class run with its OOD guard."""
+    from shared_runs import shared_result
     from support_runs import make_subtype_run
 
-    return make_subtype_run(tmp_path_factory.mktemp("subtype"))
+    return shared_result(tmp_path_factory, "subtype", make_subtype_run)
 
 
 @pytest.fixture(scope="session")
 def phantom_lungs(tmp_path_factory):
     """Phantoms with lung masks, a classifier on them and a tiny lung model
     (:func:`support_runs.make_phantom_lungs`: ``src``, ``data``, ``plain``, ``run``, ``lungs``)."""
+    from shared_runs import shared_result
     from support_runs import make_phantom_lungs
 
-    return make_phantom_lungs(tmp_path_factory.mktemp("phantom_lungs"))
+    return shared_result(tmp_path_factory, "phantom_lungs", make_phantom_lungs)
 
 
 @pytest.fixture(scope="session")
 def lung_run(tmp_path_factory):
     """``(lungs run dir, phantom source dir)``: a tiny lung model (32 px, 3 epochs) and its guard."""
+    from shared_runs import shared_result
     from support_runs import make_lung_run
 
-    return make_lung_run(tmp_path_factory.mktemp("lungs"))
+    return shared_result(tmp_path_factory, "lungs", make_lung_run)
 
 
 @pytest.fixture(scope="session")
 def lung_crop_run(lung_run, tmp_path_factory):
     """``(run_dir, data_dir)``: a calibrated classifier trained on phantoms cropped by
     :func:`lung_run`'s model (``--crop=lungs``)."""
+    from shared_runs import shared_result
     from support_runs import make_lung_crop_run
 
-    return make_lung_crop_run(tmp_path_factory.mktemp("lung_crop"), *lung_run)
+    return shared_result(tmp_path_factory, "lung_crop",
+                         lambda root: make_lung_crop_run(root, *lung_run))
+
+
+@pytest.fixture(scope="session")
+def lung_crop_export(lung_crop_run, tmp_path_factory):
+    """``(run_dir, export report)``: a copy of :func:`lung_crop_run` exported in both formats
+    (its own lung model in the graph), parity on 8 val images."""
+    from shared_runs import shared_result
+
+    def make(root):
+        import shutil
+
+        from pneumo_tf.serving import export
+
+        run, data = lung_crop_run
+        copy = shutil.copytree(run, root / "run")
+        report = export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
+        return copy, report
+
+    return shared_result(tmp_path_factory, "lung_crop_export", make)

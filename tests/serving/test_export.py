@@ -621,18 +621,6 @@ LUNG_OUTPUTS = {"lung_fraction": (np.float32, (4,)), "lung_confidence": (np.floa
                 "lungs_found": (np.bool_, (4,))}
 
 
-@pytest.fixture(scope="module")
-def lung_crop_export(lung_crop_run, tmp_path_factory):
-    """The --crop=lungs classifier exported in both formats (its own lung model in the graph)."""
-    from pneumo_tf.serving import export
-
-    run, data = lung_crop_run
-    copy = tmp_path_factory.mktemp("lung_crop_export") / "run"
-    shutil.copytree(run, copy)
-    report = export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
-    return copy, report
-
-
 def test_the_bytes_signature_crops_to_the_lungs_as_the_converter_does(lung_crop_export, lung_run,
                                                                       tmp_path):
     """Host converter crop vs in-graph crop on the same files: the same boxes, the same lung

@@ -739,25 +739,15 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
     assert plain["lung_fraction"] is None and plain["lung_confidence"] is None
 
 
-@pytest.fixture(scope="module")
-def lung_crop_export(lung_crop_run, tmp_path_factory):
-    from pneumo_tf.serving import export
-
-    run, data = lung_crop_run
-    copy = tmp_path_factory.mktemp("lung_crop_predict") / "run"
-    shutil.copytree(run, copy)
-    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
-    return copy
-
-
 def test_every_model_kind_of_a_lung_crop_run_crops_and_measures_the_lungs(lung_crop_export,
                                                                          lung_run):
     from pneumo_tf.serving import predictor as predict
 
+    run, _ = lung_crop_export
     files = sorted((lung_run[1] / "test").rglob("*.jpeg"))
     reference = None
-    for model, tol in ((lung_crop_export, 0.0), (lung_crop_export / "export" / "saved_model", 1e-5),
-                       (lung_crop_export / "export" / "model_fp16.tflite", 0.02)):
+    for model, tol in ((run, 0.0), (run / "export" / "saved_model", 1e-5),
+                       (run / "export" / "model_fp16.tflite", 0.02)):
         predictor = predict.load_predictor(model)
         assert predictor.lungs is not None and predictor.config.crop == "lungs", model
         rows = [json.loads(json.dumps(r)) for r in predict.predict_paths(predictor, files)]
@@ -773,13 +763,14 @@ def test_lung_model_mistakes_are_named(lung_crop_export, lung_run, exported_run,
     from pneumo_tf.serving import lungs as lung_serving
     from pneumo_tf.serving import predictor as predict
 
-    saved = lung_crop_export / "export" / "saved_model"
+    run, _ = lung_crop_export
+    saved = run / "export" / "saved_model"
     with pytest.raises(predict.PredictError, match=r"exported with the lung model .* baked in"):
         predict.load_predictor(saved, lungs=lung_serving.LungOptions(str(lung_run[0])))
     with pytest.raises(predict.PredictError, match=r"is a lung model .*--lung_model="):
         predict.load_predictor(lung_run[0])
     with pytest.raises(rundir.RunDirError, match=r"not a lung model"):
-        predict.load_predictor(lung_crop_export,
+        predict.load_predictor(run,
                                lungs=lung_serving.LungOptions(str(exported_run)))
     # An export without a lung model takes one on the host.
     predictor = predict.load_predictor(exported_run / "export" / "saved_model",
