@@ -1070,9 +1070,11 @@ def format_summary(manifest: dict, out: str | os.PathLike | None = None) -> str:
         lines.append(f"  {name:<6} {s['count']:>7} {cc['NORMAL']:>7} {cc['PNEUMONIA']:>9} "
                      f"{subtypes} {s['patients']:>8} {len(s['shards']):>6}  {methods}")
     cw = manifest["class_weights"]
-    lines.append(f"  class weights (train, balanced): 0 -> {cw['0']:.3f}, 1 -> {cw['1']:.3f}")
+    trained_on = "train" in manifest["splits"]  # a sample of another site has test only
+    if trained_on:
+        lines.append(f"  class weights (train, balanced): 0 -> {cw['0']:.3f}, 1 -> {cw['1']:.3f}")
     sw = manifest.get("subtype_class_weights")
-    if sw:
+    if sw and trained_on:
         lines.append("  subtype weights (train, balanced over known subtypes): "
                      + ", ".join(f"{c} -> {sw[c]:.3f}" for c in ("0", "1", "2")))
     lung = manifest.get("lung_model")

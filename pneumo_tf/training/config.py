@@ -12,19 +12,27 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pneumo_tf.image import augment as augment_lib
-from pneumo_tf.training import distribute
-from pneumo_tf.training import task as task_lib
-from pneumo_tf.image import preprocess
-from pneumo_tf.modeling import model as model_lib
 from pneumo_tf.core.cli import option
 from pneumo_tf.core.rundir import parse_flags_text
+from pneumo_tf.image import preprocess
 
+# This module loads no TensorFlow, so `python -m pneumo_tf.train` parses (and answers a typo in)
+# its flags before TensorFlow loads. The choices its flags offer from libraries that do load it
+# are spelled here; tests/training/test_config.py keeps each equal to its library's:
+TASK_NAMES = ("binary", "subtype", "lungs")  # training.task.TASKS
+BACKBONE_NAMES = ("convnext_tiny", "densenet121", "efficientnetv2b0", "resnet50",
+                  "small_cnn")  # modeling.model.BACKBONES
+FILL_MODES = ("nearest", "constant", "reflect")  # image.augment.FILL_MODES
+INTENSITY_KEYS = ("brightness", "contrast", "gamma", "sharpness", "noise")  # image.augment
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")  # training.distribute
+JIT_CHOICES = ("auto", "true", "false", "probe")  # training.distribute
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker",
+              "tpu")  # training.distribute
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("plateau", "cosine")
 SELECT_ON = ("val_loss", "val_auc", "val_dice")
-RESAMPLERS = ("auto",) + augment_lib.RESAMPLERS
+RESAMPLERS = ("auto", "native", "gather", "gather_xla")  # "auto" + image.augment.RESAMPLERS
 CACHE_CHOICES = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
 INPUT_NORMS = ("backbone",) + preprocess.INPUT_NORMS
@@ -37,15 +45,6 @@ RESUME_FREE_FLAGS = frozenset({"data_dir", "run_dir", "log_every_steps", "tb_ima
 
 class TrainError(ValueError):
     """A training request that cannot run; the message names the flag/file and the fix."""
-
-
-def _tasks() -> list[str]:
-    """The ``--task`` choices: the tasks registered in :data:`pneumo_tf.training.task.TASKS`."""
-    return list(task_lib.TASKS)
-
-
-def _backbones() -> list[str]:
-    return sorted(model_lib.BACKBONES)
 
 
 @dataclasses.dataclass
@@ -65,9 +64,9 @@ class TrainConfig:
                        "pneumonia probability is 1 - p(NORMAL), so every binary stage works); "
                        "lungs: a lung segmentation U-Net trained on the films whose records "
                        "carry a lung mask (converter --masks; configs/lungs.cfg).",
-                       choices=_tasks)
+                       choices=TASK_NAMES)
     backbone: str = option("resnet50", "Backbone from the registry in pneumo_tf.modeling.model.",
-                           choices=_backbones)
+                           choices=BACKBONE_NAMES)
     weights: str = option("imagenet", "imagenet (Keras download, cached) | none | PATH of a local "
                           "include_top=False weights file.")
     trainable_layers: int = option(50, "Backbone layers trained, counted from the top; -1 = all.")
@@ -99,7 +98,7 @@ class TrainConfig:
     shear: float = option(0.1, "Max shear factor (x += factor * y; not degrees).", lower=0)
     flip: bool = option(True, "Random horizontal flips.")
     fill_mode: str = option("nearest", "How augmentation fills pixels outside the image.",
-                            choices=augment_lib.FILL_MODES)
+                            choices=FILL_MODES)
     brightness: float = option(0.0, "Max brightness change, fraction of the full scale (+-); "
                                "0 = off.", lower=0)
     contrast: float = option(0.0, "Max contrast change, fraction (+-; 0.3 = 0.7x to 1.3x around "
@@ -156,13 +155,13 @@ class TrainConfig:
     deterministic: bool = option(False, "Op determinism and seeded data order: same flags -> "
                                  "same history (slower).")
     precision: str = option("auto", "auto = mixed_float16 on GPU, mixed_bfloat16 on TPU and on "
-                            "CPUs with AMX, else float32.", choices=distribute.PRECISIONS)
+                            "CPUs with AMX, else float32.", choices=PRECISIONS)
     jit_compile: str = option("auto", "XLA-compile the train step; auto = on for GPU/TPU, off "
                               "on CPU; probe = time the step with and without XLA on CPU (an "
                               "XLA compile of a big backbone takes minutes).",
-                              choices=distribute.JIT_CHOICES)
+                              choices=JIT_CHOICES)
     strategy: str = option("auto", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
-                           choices=distribute.STRATEGIES)
+                           choices=STRATEGIES)
     cpu_devices: int = option(1, "Split the CPU into N logical devices (so --strategy=mirrored "
                               "runs without GPUs).", lower=1)
     cache: str = option("auto", "Cache decoded images in RAM: auto (if they fit), true, false.",
@@ -187,6 +186,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`TrainError` naming the flag for any value out of range."""
+        from pneumo_tf.modeling import model as model_lib
+        from pneumo_tf.training import task as task_lib
+
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
             choices = choices() if callable(choices) else choices
@@ -271,7 +273,7 @@ def augment_kwargs(cfg: TrainConfig, jit_compile: bool) -> dict | None:
                          "ImageProjectiveTransformV3); use --resampler=gather or --jit_compile=false")
     kwargs = dict(rotation_deg=cfg.rotation, zoom=cfg.zoom, shift=cfg.shift, shear=cfg.shear,
                   flip=cfg.flip, fill_mode=cfg.fill_mode, resampler=resampler, seed=cfg.seed)
-    kwargs.update({k: getattr(cfg, k) for k in augment_lib.INTENSITY_KEYS if getattr(cfg, k)})
+    kwargs.update({k: getattr(cfg, k) for k in INTENSITY_KEYS if getattr(cfg, k)})
     return kwargs
 
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
+# The choices of --strategy, --precision and --jit_compile, spelled with the flags.
+from pneumo_tf.training.config import JIT_CHOICES, PRECISIONS, STRATEGIES  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-JIT_CHOICES = ("auto", "true", "false", "probe")
 # The precision policy of a CPU run whose precision the trainer decides by timing (auto on CPU).
 PROBE = "probe"
 

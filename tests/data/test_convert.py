@@ -137,6 +137,10 @@ def test_kaggle_layout_counts_splits_and_records(tmp_path):
     summary = convert.format_summary(m, out)
     assert "bacterial" in summary and "subtype weights" in summary
     assert "train" in summary and "rejected 0" in summary and len(summary.splitlines()) < 25
+    assert "class weights (train, balanced)" in summary
+    # A sample of another site (one split, test) has no train split to weigh classes on.
+    test_only = dict(m, splits={"test": m["splits"]["val"]})
+    assert "weights" not in convert.format_summary(test_only, out)
 
 
 @pytest.mark.parametrize("encoding,compression", [("raw", "none"), ("png", "gzip")])

@@ -163,6 +163,7 @@ def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(lung
     summary = session.train(cfg)
     assert summary["config"]["lung_gate"] == {"run_dir": str(root / "run"), "floor": 0.1,
                                               "dilate": 0.04}
+    assert summary["config"]["cam_layer"] == "features"  # what Grad-CAM reads behind a gate
     gate = rundir.load_model(tmp_path / "gated").get_layer("lung_gate")
     lungs = rundir.load_model(root / "run")
     for a, b in zip(gate.lung_model.get_weights(), lungs.get_weights()):
