@@ -295,7 +295,7 @@ def read_stored_mask(key: str, image_hw: tuple[int, int], box: preprocess.CropBo
     """The stored ``lung_mask`` of one film, and its status in ``out.mask_status``.
 
     Reads ``mask_path_for(config.masks, key)`` and brings it onto the stored image with
-    :func:`pneumo_tf.preprocess.preprocess_mask`. Never raises on a bad mask: the film keeps
+    :func:`pneumo_tf.image.preprocess.preprocess_mask`. Never raises on a bad mask: the film keeps
     its record without a mask and the reason is its status.
 
     Returns:
