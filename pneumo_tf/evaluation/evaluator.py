@@ -144,8 +144,13 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
                                  progress_label=f"evaluate {split}", ood_stats=stats)
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
     calibrated = calibration.apply_temperature(probs, point["temperature"])
+    # Decisions are taken on the raw probability (the same cut); people read the threshold on the
+    # calibrated scale, predict's: the report, the figures and TensorBoard show that one.
+    shown = float(calibration.apply_temperature(np.float64(point["threshold"]),
+                                                point["temperature"]))
     threshold_info = {"value": point["threshold"], "method": point["method"],
-                      "source": point["source"], "applies_to": "probability"}
+                      "source": point["source"], "applies_to": "probability",
+                      "calibrated_value": shown}
     metrics = pmetrics.binary_report(labels, probs, point["threshold"], threshold_info,
                                      num_resamples, seed)
     metrics["split"] = split
@@ -157,13 +162,13 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     metrics["ood"] = ood_section(run_dir, pred, stats)
     metrics["lung_evidence"] = anatomy.split_evidence(run_dir, pred, point["threshold"], source,
                                                       lungs.num_images, seed, batch_size)
-    figures = report.make_figures(labels, probs, calibrated, point["threshold"],
+    figures = report.make_figures(labels, probs, calibrated, shown,
                                   metrics["confusion_matrix"],
                                   report.read_history(rundir.RunPaths(run_dir).history),
                                   split=split)
     if "class_logits" in pred:
         temperature = calibration.subtype_temperature(run_dir, val_dir, model, batch_size)
-        _add_subtype(metrics, figures, pred, point["threshold"], temperature,
+        _add_subtype(metrics, figures, pred, (point["threshold"], shown), temperature,
                      (num_resamples, seed))
     if reference is not None:
         val_point = calibration.operating_point(run_dir, val_dir, None, model, batch_size)
@@ -207,13 +212,14 @@ def ood_section(run_dir, pred: dict, stats) -> dict:
                       "them)"}
 
 
-def _add_subtype(metrics: dict, figures: dict, pred: dict, threshold: float,
+def _add_subtype(metrics: dict, figures: dict, pred: dict, thresholds: tuple[float, float],
                  temperature: tuple[float, str], resampling: tuple[int, int]) -> None:
-    """``metrics["subtype"]`` (:func:`subtype_section`) and its confusion-matrix figure."""
-    metrics["subtype"] = subtype_section(pred, threshold, temperature, resampling)
+    """``metrics["subtype"]`` (:func:`subtype_section`) and its confusion-matrix figure;
+    ``thresholds``: the binary threshold on the raw and on the calibrated probability."""
+    metrics["subtype"] = subtype_section(pred, thresholds[0], temperature, resampling)
     if "confusion_matrix" in metrics["subtype"]:
-        figures["subtype_confusion_matrix"] = report.figure_png(
-            report.subtype_confusion_figure(metrics["subtype"]["confusion_matrix"], threshold))
+        figures["subtype_confusion_matrix"] = report.figure_png(report.subtype_confusion_figure(
+            metrics["subtype"]["confusion_matrix"], thresholds[1]))
 
 
 def subtype_section(pred: dict, threshold: float, temperature: tuple[float, str],
@@ -277,7 +283,10 @@ def _shift_section(run_dir, model, reference: str, pred: dict, val_point: dict,
                                 val_point["temperature"], *resampling)
     result["reference"].update(data_dir=str(reference), split="val")
     result["calibration"] = rundir.VAL_CALIBRATION
-    return result, report.shift_figures(samples[0], samples[1], val_point["threshold"])
+    shown = float(calibration.apply_temperature(np.float64(val_point["threshold"]),
+                                                val_point["temperature"]))
+    return result, report.shift_figures(samples[0], samples[1], shown,
+                                        val_point["temperature"])
 
 
 def _calibration_entries(run_dir, name: str, data_dir, split: str) -> dict:

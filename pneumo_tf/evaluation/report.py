@@ -158,26 +158,32 @@ def histogram_figure(labels, probs, threshold: float) -> Figure:
         ax.hist(np.asarray(probs)[labels == label], bins=bins, alpha=0.6,
                 label=f"true {name} (n={int((labels == label).sum())})")
     ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
-    ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="images",
+    ax.set(xlabel="calibrated probability of PNEUMONIA", ylabel="images",
            title="Probability by true class")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def shift_scores_figure(reference: dict, evaluated: dict, threshold: float) -> Figure:
+def shift_scores_figure(reference: dict, evaluated: dict, threshold: float,
+                        temperature: float = 1.0) -> Figure:
     """Per true class, the probability histograms of the run's val split and the evaluated
-    split overlaid (densities, so splits of different sizes compare), with the val threshold."""
+    split overlaid (densities, so splits of different sizes compare), with the val threshold:
+    on the calibrated scale (``temperature`` applied to the samples' raw probabilities,
+    ``threshold`` given on that scale)."""
+    from pneumo_tf.evaluation.calibration import apply_temperature
+
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=False)
     bins = np.linspace(0, 1, 26)
     for ax, (label, name) in zip(axes, enumerate(CLASS_NAMES)):
         for sample, title in ((reference, "val (reference)"), (evaluated, "evaluated")):
             probs = np.asarray(sample["probability"])[np.asarray(sample["label"]) == label]
+            probs = apply_temperature(probs.astype(np.float64), temperature)
             if probs.size:
                 ax.hist(probs, bins=bins, density=True, alpha=0.55,
                         label=f"{title} (n={probs.size})")
         ax.axvline(threshold, color="black", ls="--", lw=1, label=f"val threshold {threshold:.3f}")
-        ax.set(xlabel="predicted probability of PNEUMONIA", ylabel="density",
+        ax.set(xlabel="calibrated probability of PNEUMONIA", ylabel="density",
                title=f"true {name}")
         ax.legend(fontsize=8)
     fig.suptitle("Scores: the run's val split vs the evaluated split")
@@ -207,15 +213,18 @@ def shift_statistics_figure(reference: dict, evaluated: dict) -> Figure:
     return fig
 
 
-def shift_figures(reference: dict, evaluated: dict, threshold: float) -> dict[str, bytes]:
+def shift_figures(reference: dict, evaluated: dict, threshold: float,
+                  temperature: float = 1.0) -> dict[str, bytes]:
     """``{"shift_scores": PNG, "shift_image_statistics": PNG}`` for :func:`make_figures`' dict.
 
     Args:
         reference, evaluated: ``{"label", "probability", "statistics"}`` of the run's val split
             and of the evaluated split (:func:`pneumo_tf.evaluation.shift.image_statistics`).
-        threshold: the val threshold on the raw probability.
+        threshold, temperature: the val threshold on the calibrated probability, and the
+            temperature that makes it from the raw one.
     """
-    return {"shift_scores": figure_png(shift_scores_figure(reference, evaluated, threshold)),
+    return {"shift_scores": figure_png(shift_scores_figure(reference, evaluated, threshold,
+                                                           temperature)),
             "shift_image_statistics": figure_png(shift_statistics_figure(reference, evaluated))}
 
 
@@ -268,16 +277,19 @@ def make_figures(labels, probs, calibrated, threshold: float, confusion: dict,
                  history: dict | None, split: str = "evaluated") -> dict[str, bytes]:
     """All report figures as ``{name: PNG bytes}`` (name = file stem, e.g. ``roc``).
 
-    ROC/PR need both classes; they are skipped for a single-class split.
+    ``threshold`` is the operating threshold on the calibrated scale (``calibrated``, what predict
+    shows): the figures read the calibrated probabilities, ROC and PR included (a temperature
+    keeps the order, so the curves and the operating point are those of the raw ones). ROC/PR
+    need both classes; they are skipped for a single-class split.
     """
     labels = np.asarray(labels)
     figs = {}
     if labels.min() != labels.max():
-        figs["roc"] = roc_figure(labels, probs, threshold, split)
-        figs["pr"] = pr_figure(labels, probs, threshold, split)
+        figs["roc"] = roc_figure(labels, calibrated, threshold, split)
+        figs["pr"] = pr_figure(labels, calibrated, threshold, split)
     figs["confusion_matrix"] = confusion_figure(confusion, threshold)
     figs["reliability"] = reliability_figure(labels, probs, calibrated, split=split)
-    figs["probability_histogram"] = histogram_figure(labels, probs, threshold)
+    figs["probability_histogram"] = histogram_figure(labels, calibrated, threshold)
     curves = training_curves_figure(history or {})
     if curves is not None:
         figs["training_curves"] = curves
@@ -333,7 +345,8 @@ def metrics_table_markdown(metrics: dict) -> str:
         rows += [("Brier score, temperature-scaled", metrics["calibrated"]["brier"], "", None),
                  ("ECE, temperature-scaled", metrics["calibrated"]["ece"], "", None)]
     thr = metrics["threshold"]
-    lines = [f"| metric | at threshold {thr['value']:.4f} | 95 % CI | at 0.5 |",
+    shown = thr.get("calibrated_value", thr["value"])  # evaluations before it was recorded: raw
+    lines = [f"| metric | at threshold {shown:.4f} | 95 % CI | at 0.5 |",
              "|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(v)} | {ci} | {_fmt(v05) if v05 is not None else ''} |"
               for name, v, ci, v05 in rows]
@@ -353,8 +366,11 @@ def shift_markdown(shift: dict) -> str:
     rows = (("ROC AUC", "roc_auc"), ("sensitivity at the val threshold", "sensitivity"),
             ("specificity at the val threshold", "specificity"), ("ECE", "ece"),
             ("ECE, val temperature", "ece_calibrated"))
-    lines = [f"Scored at the run's val operating point (threshold {shift['threshold']:.4f} on "
-             f"the raw probability, temperature {shift['temperature']:.3f}); val: "
+    from pneumo_tf.evaluation.calibration import apply_temperature
+
+    shown = float(apply_temperature(np.float64(shift["threshold"]), shift["temperature"]))
+    lines = [f"Scored at the run's val operating point (threshold {shown:.4f} on the calibrated "
+             f"probability, temperature {shift['temperature']:.3f}); val: "
              f"{ref['n']} images, evaluated: {ev['n']} images. 95 % CIs: stratified bootstrap, "
              f"{shift['num_resamples']} resamples.", "",
              "| metric | val (reference) | evaluated split | difference |", "|---|---|---|---|"]
@@ -504,6 +520,7 @@ def _sections(metrics: dict) -> list[tuple[str, str]]:
 
 def _header(metrics: dict, context: dict) -> list[str]:
     thr = metrics["threshold"]
+    shown = thr.get("calibrated_value", thr["value"])  # evaluations before it was recorded: raw
     counts = metrics.get("class_counts", {})
     ci = metrics.get("ci95") or {}
     lines = [
@@ -515,11 +532,13 @@ def _header(metrics: dict, context: dict) -> list[str]:
     if name == "val":
         where = ("this same split, so the figures at it are optimistic"
                  if context["split"] == "val" else "never on the evaluated split")
-        lines.append(f"- threshold {thr['value']:.4f} chosen by `{thr['method']}` on "
-                     f"`{thr['source']}` ({where}); temperature "
+        lines.append(f"- threshold {shown:.4f} on the calibrated probability (predict's "
+                     f"scale) chosen by `{thr['method']}` on `{thr['source']}` ({where}); "
+                     f"temperature "
                      f"{context.get('temperature', 1.0):.3f} fitted on `val`")
     else:
-        lines.append(f"- calibration `{name}`: threshold {thr['value']:.4f} chosen by "
+        lines.append(f"- calibration `{name}`: threshold {shown:.4f} on the calibrated "
+                     f"probability chosen by "
                      f"`{thr['method']}` and temperature {context.get('temperature', 1.0):.3f} "
                      f"fitted on {context.get('calibration_fitted_on', 'a site sample')}")
     if metrics.get("calibration_in_sample"):

@@ -64,12 +64,13 @@ def _write_pictures(paths: rundir.RunPaths, out: Path,
             stats = evidence["groups"][g]
             lift = f"lift {stats['lift']:.2f}, " if "lift" in stats else ""
             title = (f"Grad-CAM {g} ({cam.GROUP_MEANING[g]}), {context['split']} split, "
-                     f"{len(tiles[g])} images\nthreshold {context['threshold']:.3f} on the raw "
+                     f"{len(tiles[g])} images\nthreshold {context['threshold']:.3f} on the calibrated "
                      f"probability (calibration '{context['calibration']}'), explaining "
                      f"{context['cam_class']}\nlungs outlined ({evidence['lung_source']}): "
                      f"{lift}pointing_lungs {stats.get('pointing_lungs', float('nan')):.2f}")
             fig = cam.grid_figure([t for t, _ in tiles[g]],
-                                  [cam.tile_caption(e["path"], e["probability"])
+                                  [cam.tile_caption(e["path"], calibration.apply_temperature(
+                                      np.float64(e["probability"]), context["temperature"]))
                                    for _, e in tiles[g]], title)
             png = report.figure_png(fig)
             atomic_files.write_bytes_atomic(out / f"{g}.png", png)
@@ -153,13 +154,16 @@ def run_gradcam(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: 
     eligible = int(source.eligible(pred["path"]).sum())
     entries, tiles = _entries(sample, source, pred, pred.pop("image")[sample.chosen])
     evidence = anatomy.evidence_section(sample, source, cam_model.layer, eligible)
-    _write_pictures(run.paths, out, tiles, {"split": split, "threshold": threshold,
+    shown = float(calibration.apply_temperature(np.float64(threshold), point["temperature"]))
+    _write_pictures(run.paths, out, tiles, {"split": split, "threshold": shown,
+                                            "temperature": point["temperature"],
                                             "calibration": calibration_name,
                                             "cam_class": cam_class, "evaluation": evaluation},
                     evidence)
     stats = {"split": split, "evaluation": evaluation, "layer": cam_model.layer,
              "cam_class": cam_class,
-             "threshold": threshold, "threshold_method": point["method"],
+             "threshold": threshold, "calibrated_threshold": shown,
+             "threshold_method": point["method"],
              "calibration": calibration_name, "ensemble_members": (
                  len(cam_model.members) if isinstance(cam_model, cam.EnsembleCamModel) else 0),
              "num_images": len(entries), "lung_source": source.source,

@@ -204,6 +204,15 @@ def test_threshold_on_calibrated_probability_is_honoured(trained):
     assert m["threshold"]["value"] == pytest.approx(calibration.raw_threshold(cal))
     assert m["threshold"]["value"] != pytest.approx(cut)  # T != 1: the two scales differ
     assert m["confusion_matrix"]["tp"] + m["confusion_matrix"]["fp"] == preds.sum()
+    # One scale for people: the report shows the calibrated-scale threshold (predict's), the raw
+    # one stays in metrics.json only.
+    assert m["threshold"]["calibrated_value"] == pytest.approx(cut)
+    text = (run / "eval" / "test" / "report.md").read_text()
+    assert f"threshold {cut:.4f} on the calibrated probability" in text
+    assert f"{m['threshold']['value']:.4f}" not in text
+    from pneumo_tf.serving import predictor as predict
+
+    assert predict.load_predictor(run).config.calibrated_threshold() == pytest.approx(cut)
 
 
 def test_cli_requires_at_least_1000_resamples(trained):
