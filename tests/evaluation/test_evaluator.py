@@ -76,7 +76,8 @@ def test_evaluate_writes_consistent_report(trained):
     cal = json.loads((run / "calibration.json").read_text())
     assert stored["threshold"] == {"value": cal["threshold"],
                                    "method": calibration.DEFAULT_THRESHOLD_METHOD,
-                                   "source": "val", "applies_to": "probability"}
+                                   "source": "val", "applies_to": "probability",
+                                   "calibrated_value": pytest.approx(cal["calibrated_threshold"])}
     assert stored["ece_bins"] == 15
 
     # Recompute from predictions.csv by hand.
@@ -157,7 +158,9 @@ def test_other_threshold_method_is_chosen_on_val_without_rewriting_calibration(t
     expected = calibration.choose_threshold(val["label"], val["probability"],
                                             "val_sensitivity:0.95")
     assert m["threshold"] == {"value": pytest.approx(expected), "method": "val_sensitivity:0.95",
-                              "source": "val", "applies_to": "probability"}
+                              "source": "val", "applies_to": "probability",
+                              "calibrated_value": pytest.approx(calibration.apply_temperature(
+                                  expected, stored["temperature"]))}
     assert np.mean(val["probability"][val["label"] == 1] >= m["threshold"]["value"]) >= 0.95
     assert m["temperature"] == stored["temperature"]
     # A what-if threshold has a folder of its own: the split's own evaluation stays as it was.
@@ -192,7 +195,8 @@ def test_threshold_on_calibrated_probability_is_honoured(trained):
     # images, so the decision depends on which scale it is applied to.
     cals = np.sort(calibration.apply_temperature(probs, 2.0))
     cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())
-    cal.update(temperature=2.0, threshold=cut, threshold_applies_to="calibrated_probability")
+    cal.update(temperature=2.0, threshold=cut, threshold_applies_to="calibrated_probability",
+               calibrated_threshold=cut)
     atomic_files.write_json_atomic(run / "calibration.json", cal)
     m = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
     with open(run / "eval" / "test" / "predictions.csv", newline="") as f:
@@ -376,7 +380,8 @@ def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures
                               calibration_name="site_b")
     assert m["calibration"] == "site_b" and m["calibration_in_sample"] is True
     assert m["threshold"] == {"value": pytest.approx(cal["threshold"]), "method": "val_youden",
-                              "source": "site", "applies_to": "probability"}
+                              "source": "site", "applies_to": "probability",
+                              "calibrated_value": pytest.approx(cal["calibrated_threshold"])}
     assert m["temperature"] == pytest.approx(cal["temperature"])
     assert m["cross_validated"] == json.loads(json.dumps(cal["cross_validation"]))
     # The shift section still judges the site at the val operating point.
