@@ -144,13 +144,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
                                  progress_label=f"evaluate {split}", ood_stats=stats)
     labels, probs = pred["label"], pred["probability"].astype(np.float64)
     calibrated = calibration.apply_temperature(probs, point["temperature"])
-    # Decisions are taken on the raw probability (the same cut); people read the threshold on the
-    # calibrated scale, predict's: the report, the figures and TensorBoard show that one.
-    shown = float(calibration.apply_temperature(np.float64(point["threshold"]),
-                                                point["temperature"]))
-    threshold_info = {"value": point["threshold"], "method": point["method"],
-                      "source": point["source"], "applies_to": "probability",
-                      "calibrated_value": shown}
+    threshold_info = _threshold_info(point)
+    shown = threshold_info["calibrated_value"]
     metrics = pmetrics.binary_report(labels, probs, point["threshold"], threshold_info,
                                      num_resamples, seed)
     metrics["split"] = split
@@ -210,6 +205,16 @@ def ood_section(run_dir, pred: dict, stats) -> dict:
             "score_median": float(np.median(pred["ood_score"])),
             "checks": "feature score only (the image checks need the full film; predict runs "
                       "them)"}
+
+
+def _threshold_info(point: dict) -> dict:
+    """``metrics.json``'s ``threshold`` for an operating point. Decisions are taken on the raw
+    probability (``value``); people read the same cut on the calibrated scale, predict's
+    (``calibrated_value``): the report, the figures and TensorBoard show that one."""
+    shown = float(calibration.apply_temperature(np.float64(point["threshold"]),
+                                                point["temperature"]))
+    return {"value": point["threshold"], "method": point["method"], "source": point["source"],
+            "applies_to": "probability", "calibrated_value": shown}
 
 
 def _add_subtype(metrics: dict, figures: dict, pred: dict, thresholds: tuple[float, float],
