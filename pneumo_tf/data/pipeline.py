@@ -490,7 +490,6 @@ class _Recipe:
     cache: bool | None = None
     seed: int = 0
     class_weights: str = "balanced"
-    with_weights: bool = True
     with_meta: bool = False
     input_context: tf.distribute.InputContext | None = None
     skip_corrupt: bool = False
@@ -569,8 +568,8 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         raise ValueError(f"batch_size must be >= 1, got {recipe.batch_size}")
     manifest = records.read_manifest(data_dir)
     plan = plan_shards(data_dir, manifest, recipe.split, recipe.input_context)
-    weigh = (sample_weights(class_weight_table(manifest, data_dir, recipe.class_weights),
-                            recipe.class_weights) if recipe.with_weights else None)
+    weigh = sample_weights(class_weight_table(manifest, data_dir, recipe.class_weights),
+                           recipe.class_weights)
     check_masks(manifest, data_dir, recipe.masks)
     parse = batch_parser(manifest, data_dir, recipe.with_meta, recipe.masks != "none")
     use_cache = resolve_cache(recipe.cache, manifest, recipe.split, plan.num_pipelines,
@@ -586,8 +585,7 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         ds = _cached_batches(serialized, parse, recipe, plan)
     else:
         ds = _streamed_batches(serialized, parse, recipe, plan, int(manifest["image_size"]))
-    if weigh is not None:
-        ds = ds.map(lambda b: {**b, "weight": weigh(b)})
+    ds = ds.map(lambda b: {**b, "weight": weigh(b)})
     if output is not None:
         ds = ds.map(output)
     return _finish(ds, recipe, plan)
@@ -723,60 +721,31 @@ def make_lung_train_dataset(data_dir: str | os.PathLike, batch_size: int, *, see
         cache_budget_bytes=cache_budget_bytes, shuffle_buffer=shuffle_buffer, masks=masks))
 
 
-# Keywords make_dataset still takes from its earlier, all-in-one signature, with their defaults
-# (each one a _Recipe field). Deprecated: callers move to make_train_dataset / make_eval_dataset.
-_LEGACY_KEYWORDS = {"seed": 0, "deterministic": None, "with_weights": True,
-                    "class_weights": "balanced", "repeat": None, "drop_remainder": None,
-                    "input_context": None, "skip_corrupt": False, "cache_budget_bytes": None,
-                    "shuffle_buffer": None, "with_meta": False}
-
-
 def make_dataset(data_dir: str | os.PathLike, split: str, batch_size: int, training: bool,
-                 cache: bool | None = None, **legacy) -> tf.data.Dataset:
+                 cache: bool | None = None) -> tf.data.Dataset:
     """Batches of ``split`` as tuples for ``keras.Model.fit``: a thin wrapper over the builders.
 
     ``training=True`` gives the training stream of ``split`` (as :func:`make_train_dataset`
-    gives it for ``train``: shuffled, repeated, fixed batch shape); ``training=False`` one pass
-    in file order (as :func:`make_eval_dataset`).
+    gives it for ``train``: shuffled with seed 0, repeated, fixed batch shape); ``training=False``
+    one pass in file order (as :func:`make_eval_dataset`). Anything else (a seed, distribution,
+    the ids of the images) comes from the builders themselves.
 
     Args:
         data_dir, split, batch_size, cache: as in :func:`make_eval_dataset`, except that
             ``cache=None`` (the default here) decides from the RAM budget.
         training: the training stream, or one evaluation pass.
-        **legacy: deprecated keywords of the earlier signature, still honoured: ``seed``,
-            ``class_weights``, ``input_context``, ``skip_corrupt``, ``cache_budget_bytes``,
-            ``shuffle_buffer`` (as in the builders); ``deterministic`` (None = ``not training``),
-            ``repeat`` and ``drop_remainder`` (None = ``training``); ``with_weights`` (False:
-            yield ``(images, labels)``); ``with_meta`` (yield dicts ``{"image", "label",
-            "patient_id", "path"}`` instead of tuples).
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, S, S, 1] uint8, labels [B] float32,
-        sample_weights [B] float32)``, or as ``with_weights`` / ``with_meta`` say.
+        sample_weights [B] float32)``.
 
     Raises:
-        TypeError: an unknown keyword.
         records.DataDirError, ValueError: as :func:`make_train_dataset`.
     """
-    unknown = sorted(set(legacy) - set(_LEGACY_KEYWORDS))
-    if unknown:
-        raise TypeError(f"make_dataset() got unexpected keyword argument(s) {unknown}")
-    opt = {**_LEGACY_KEYWORDS, **legacy}
-    for key, unset in (("repeat", training), ("drop_remainder", training),
-                       ("deterministic", not training)):
-        opt[key] = bool(unset if opt[key] is None else opt[key])
-    recipe = _Recipe(split=split, batch_size=batch_size, training=bool(training), cache=cache,
-                     **opt)
-    return _build(data_dir, recipe, output=_legacy_output(recipe.with_weights, recipe.with_meta))
-
-
-def _legacy_output(with_weights: bool, with_meta: bool) -> Callable[[dict], object]:
-    """What :func:`make_dataset` yields from a batch dict: tuples, or the metadata dict."""
-    if with_meta:
-        return lambda b: {k: b[k] for k in ("image", "label", "patient_id", "path")}
-    if with_weights:
-        return lambda b: (b["image"], b["label"], b["weight"])
-    return lambda b: (b["image"], b["label"])
+    training = bool(training)
+    recipe = _Recipe(split=split, batch_size=batch_size, training=training, repeat=training,
+                     drop_remainder=training, deterministic=not training, cache=cache)
+    return _build(data_dir, recipe, output=lambda b: (b["image"], b["label"], b["weight"]))
 
 
 def find_corrupt_shards(paths: Iterable[str | os.PathLike], compression: str = "none",

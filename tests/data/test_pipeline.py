@@ -86,12 +86,13 @@ def test_training_batches_shapes_weights_and_epoch_coverage(unbalanced_dir, cach
     assert seen[:16] != seen[16:]  # reshuffled each epoch
 
 
-def test_weights_none_and_without_weights(unbalanced_dir):
+def test_weights_none_gives_ones(unbalanced_dir):
     ds = pipeline.make_train_dataset(unbalanced_dir, 4, class_weights="none")
     w = next(iter(ds))["weight"]
     np.testing.assert_array_equal(w.numpy(), np.ones(4, np.float32))
-    pair = pipeline.make_dataset(unbalanced_dir, "train", 4, True, with_weights=False)
-    assert len(pair.element_spec) == 2
+    evaluation = pipeline.make_eval_dataset(unbalanced_dir, "test", 11, class_weights="none")
+    np.testing.assert_array_equal(next(iter(evaluation))["weight"].numpy(),
+                                  np.ones(11, np.float32))
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -111,8 +112,7 @@ def test_eval_one_pass_in_file_order_with_exact_pixels(tmp_path, encoding, compr
             want_img, want_label = truth[path.decode()]
             np.testing.assert_array_equal(img, want_img)
             assert label == want_label
-    # The evaluation dicts carry the training stream's keys plus the ids (the older
-    # make_dataset(with_meta=True) dicts, without "weight", are tested with the wrapper).
+    # The evaluation dicts carry the training stream's keys plus the ids.
     assert set(batches[0]) == {"image", "label", "subtype", "weight", "patient_id", "path"}
 
 
@@ -358,32 +358,43 @@ def test_nondeterministic_train_stream_holds_only_the_split(unbalanced_dir):
     assert len(seen) == 48 and set(seen) <= set(lookup.values())
 
 
-def test_make_dataset_wrapper_serves_the_older_calls(unbalanced_dir):
-    # The default: (image, label, weight) tuples for keras.Model.fit.
-    images, labels, weights = next(iter(pipeline.make_dataset(unbalanced_dir, "train", 4, True)))
+def test_make_dataset_wrapper_gives_tuples_for_keras_fit(unbalanced_dir):
+    # The training stream: (image, label, weight) tuples of a fixed batch shape, repeated.
+    train = pipeline.make_dataset(unbalanced_dir, "train", 4, True)
+    images, labels, weights = next(iter(train))
     assert images.shape == (4, 16, 16, 1)
     np.testing.assert_allclose(weights.numpy(), np.where(labels.numpy() == 0, 2.0, 2.0 / 3.0),
                                rtol=1e-6)
-    # As export.parity_images calls it: one batch of images of an evaluation pass.
-    ds = pipeline.make_dataset(unbalanced_dir, "test", batch_size=11, training=False,
-                               with_weights=False, cache=False)
-    assert len(ds.element_spec) == 2 and next(iter(ds))[0].shape == (11, 16, 16, 1)
-    # As train.py calls it for its training stream.
-    ds = pipeline.make_dataset(unbalanced_dir, "train", 2, training=True, cache=False, seed=3,
-                               deterministic=None, class_weights="none", repeat=True,
-                               drop_remainder=True, input_context=_context(0),
-                               skip_corrupt=False)
-    assert ds.options().deterministic is False and len(list(ds.take(9))) == 9
-    meta = pipeline.make_dataset(unbalanced_dir, "test", 4, False, with_meta=True)
-    assert set(meta.element_spec) == {"image", "label", "patient_id", "path"}
-    assert len(_paths_of(meta)) == 11
-    # Repeated evaluation order and a training stream of another split, as before.
-    again = pipeline.make_dataset(unbalanced_dir, "test", 11, False, with_meta=True, repeat=True)
-    assert _paths_of(again, 2)[:11] == _paths_of(again, 2)[11:]
-    test_stream = pipeline.make_dataset(unbalanced_dir, "test", 4, True, with_meta=True)
-    assert set(_paths_of(test_stream, 6)) == set(_all_records(unbalanced_dir, "test"))
+    assert len(list(train.take(9))) == 9  # 2.25 epochs of 16 images
+    # One evaluation pass, in file order, the last partial batch kept: the eval builder's
+    # batches without the ids.
+    ds = pipeline.make_dataset(unbalanced_dir, "test", batch_size=4, training=False, cache=False)
+    assert [int(b[0].shape[0]) for b in ds] == [4, 4, 3]
+    for (images, labels, weights), batch in zip(ds, pipeline.make_eval_dataset(
+            unbalanced_dir, "test", 4)):
+        np.testing.assert_array_equal(images.numpy(), batch["image"].numpy())
+        np.testing.assert_array_equal(labels.numpy(), batch["label"].numpy())
+        np.testing.assert_array_equal(weights.numpy(), batch["weight"].numpy())
+    # The earlier keywords are gone: their callers use the builders.
     with pytest.raises(TypeError, match="'shuffle'"):
         pipeline.make_dataset(unbalanced_dir, "train", 4, True, shuffle=False)
+    with pytest.raises(TypeError, match="'with_meta'"):
+        pipeline.make_dataset(unbalanced_dir, "test", 4, False, with_meta=True)
+
+
+def test_builders_serve_what_the_older_keywords_did(unbalanced_dir):
+    # One batch of images of an evaluation pass (what export's parity batch reads).
+    batch = next(iter(pipeline.make_eval_dataset(unbalanced_dir, "test", 11, cache=False)))
+    assert batch["image"].shape == (11, 16, 16, 1)
+    # The training stream of one of two input pipelines, throughput first, without weights.
+    ds = pipeline.make_train_dataset(unbalanced_dir, 2, cache=False, seed=3,
+                                     class_weights="none", input_context=_context(0))
+    assert ds.options().deterministic is False and len(list(ds.take(9))) == 9
+    # Every image of a split with its ids, and the same order on every pass.
+    meta = pipeline.make_eval_dataset(unbalanced_dir, "test", 4)
+    assert {"image", "label", "patient_id", "path"} <= set(meta.element_spec)
+    assert len(_paths_of(meta)) == 11 and _paths_of(meta) == _paths_of(meta)
+    assert set(_paths_of(meta)) == set(_all_records(unbalanced_dir, "test"))
 
 
 @pytest.mark.parametrize("cache", [False, True])

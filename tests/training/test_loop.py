@@ -387,7 +387,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from pneumo_tf.data import pipeline, records
     data, run = sys.argv[1], sys.argv[2]
     manifest = records.read_manifest(data)
-    images, labels, weights = next(iter(pipeline.make_dataset(data, "train", 8, training=False)))
+    batch = next(iter(pipeline.make_eval_dataset(data, "train", 8)))
+    images, labels, weights = batch["image"], batch["label"], batch["weight"]
     out = {}
     for name, per_replica in (("default", 8), ("mirrored", 4)):
         setup = distribute.setup_distribution(name, "float32", "false", cpu_devices=2)
@@ -520,7 +521,8 @@ def test_weight_averages_are_swapped_in_and_out(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     trainer = trainer_lib.Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.9, augment=False),
                                   _default_setup(), records.read_manifest(data))
-    images, labels, weights = next(iter(pipeline.make_dataset(data, "train", 4, training=False)))
+    batch = next(iter(pipeline.make_eval_dataset(data, "train", 4)))
+    images, labels, weights = batch["image"], batch["label"], batch["weight"]
     for _ in range(3):
         trainer.step_on_global_batch(images, labels, weights)
     raw = [v.numpy().copy() for v in trainer.model.trainable_variables]
