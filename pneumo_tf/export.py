@@ -15,7 +15,6 @@ the full report is ``parity.json`` in the export folder. What is exported and ch
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from pneumo_tf.core import cli, rundir
@@ -78,6 +77,19 @@ def summary_lines(report: dict, out: str | Path) -> list[str]:
     return lines
 
 
+def lung_summary_lines(report: dict, out: str | Path) -> list[str]:
+    """A lungs run's printed result: where it went, one line per model (mean and lowest Dice of
+    its masks against the Keras model's), the parity batch and the verdict."""
+    lines = [f"exported the lung model -> {out}"]
+    for name, v in report["variants"].items():
+        lines.append(f"  {name:<20} " + (f"{v['bytes'] / 1e6:.1f} MB, " if "bytes" in v else "")
+                     + f"Dice vs Keras {v['dice']:.4f} (lowest {v['min_dice']:.4f})")
+    verdict = "passed" if report["passed"] else "FAILED"
+    lines.append(f"parity batch: {report['batch']['source']}; {verdict}; full report: "
+                 f"{Path(out) / rundir.PARITY_NAME}")
+    return lines
+
+
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"])
     f = cli.config_from_flags(ExportFlags, FLAG_HOLDERS)
@@ -88,7 +100,7 @@ def main(argv: list[str]) -> None:
                                      f"calibrations; drop the flag")
         report = lung_export.export_lung_run(f.run_dir, list(f.formats), f.parity_count, f.seed,
                                              lungs)
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print("\n".join(lung_summary_lines(report, rundir.RunPaths(f.run_dir).export_dir())))
         return
     report = export.export_run(f.run_dir, list(f.formats), f.data_dir, f.parity_count, f.seed,
                                f.calibration, lungs)

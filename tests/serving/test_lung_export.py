@@ -96,7 +96,12 @@ def test_the_export_command_exports_a_lungs_run(lung_run, tmp_path):
     done = run_module("pneumo_tf.export", f"--run_dir={run}", "--formats=tflite",
                       "--parity_count=4", "--min_lung_fraction=0.2")
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout)
+    # A short summary (one line per model); the full report is parity.json.
+    printed = done.stdout.strip().splitlines()
+    assert printed[0] == f"exported the lung model -> {run / 'export'}"
+    assert len(printed) == 4 and all("Dice vs Keras" in line for line in printed[1:3])
+    assert printed[-1].endswith(str(run / "export" / "parity.json"))
+    report = json.loads((run / "export" / "parity.json").read_text())
     assert report["task"] == "lungs" and set(report["variants"]) == {"fp16", "int8"}
     assert report["lungs"]["min_lung_fraction"] == 0.2
     for args, message in (([f"--lung_model={run}"], "is a lung model itself"),
