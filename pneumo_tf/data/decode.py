@@ -495,26 +495,95 @@ def _tf_min_max_uint8(values):
     return tf.cast(tf.round(scaled), tf.uint8)
 
 
+# How far into a JPEG the in-graph EXIF reader looks for the APP1 block (it sits right after the
+# SOI marker; JFIF writers put a short APP0 first) and how many IFD0 entries it reads.
+_TF_EXIF_SEARCH_BYTES = 4096
+_TF_EXIF_MAX_ENTRIES = 64
+
+
+def tf_jpeg_exif_orientation(image_bytes):
+    """In-graph twin of the EXIF orientation :func:`decode_bytes` applies to a JPEG: int32 scalar
+    1..8 (1 when there is no EXIF block, no orientation tag or a value out of range).
+
+    Reads the first ``Exif\\0\\0`` block of the file's first bytes: the TIFF header's byte
+    order, IFD0's entries, the value of tag 0x0112.
+    """
+    import tensorflow as tf
+
+    head = tf.io.decode_raw(tf.strings.substr(image_bytes, 0, _TF_EXIF_SEARCH_BYTES), tf.uint8)
+    b = tf.cast(head, tf.int32)
+    n = tf.shape(b)[0]
+    span = tf.maximum(n - 5, 0)
+    match = tf.ones([span], tf.bool)
+    for k, c in enumerate(b"Exif\0\0"):
+        match &= tf.equal(b[k:k + span], c)
+    found = tf.reduce_any(match)
+    tiff = tf.cast(tf.argmax(tf.cast(match, tf.int32)), tf.int32) + 6
+
+    def byte(offset):
+        return tf.gather(b, tf.clip_by_value(offset, 0, tf.maximum(n - 1, 0)))
+
+    little = tf.equal(byte(tiff), 0x49)  # "II": Intel byte order; "MM": Motorola
+
+    def u16(offset):
+        lo, hi = byte(offset), byte(offset + 1)
+        return tf.where(little, lo + 256 * hi, hi + 256 * lo)
+
+    def u32(offset):
+        return tf.where(little, u16(offset) + 65536 * u16(offset + 2),
+                        65536 * u16(offset) + u16(offset + 2))
+
+    ifd = tiff + u32(tiff + 4)
+    count = u16(ifd)
+    entries = ifd + 2 + 12 * tf.range(_TF_EXIF_MAX_ENTRIES)
+    is_tag = (tf.equal(u16(entries), _EXIF_ORIENTATION_TAG)
+              & (tf.range(_TF_EXIF_MAX_ENTRIES) < count) & (entries + 10 <= n))
+    value = tf.reduce_max(tf.where(is_tag, u16(entries + 8), 0))
+    valid = found & (ifd + 2 <= n) & (value >= 1) & (value <= 8)
+    return tf.where(valid, value, 1)
+
+
+def tf_apply_exif_orientation(image, orientation):
+    """``[h, w, C]`` stored pixels -> upright pixels for EXIF ``orientation`` 1..8 (as Pillow's
+    ``exif_transpose``: 6 = turn 90 degrees clockwise, 8 = counter-clockwise, ...)."""
+    import tensorflow as tf
+
+    branches = [lambda: image,
+                lambda: tf.image.flip_left_right(image),
+                lambda: tf.image.rot90(image, 2),
+                lambda: tf.image.flip_up_down(image),
+                lambda: tf.image.transpose(image),
+                lambda: tf.image.rot90(image, 3),
+                lambda: tf.image.rot90(tf.image.transpose(image), 2),
+                lambda: tf.image.rot90(image, 1)]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+
+
 def tf_decode_gray(image_bytes, target_size: int, crop: str):
-    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray.
+    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray, upright.
 
     JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
-    converter's DCT-scaling rule; 8-bit PNGs use libpng's RGB -> gray; 16-bit PNGs are scaled from
-    their own min..max like the converter does; alpha is dropped. For 8-bit JPEG and PNG this
-    gives the converter's pixels exactly (measured in tests/test_export.py).
-    EXIF orientation is not applied: clients must send upright images.
+    converter's DCT-scaling rule, and turned upright by their EXIF orientation
+    (:func:`tf_jpeg_exif_orientation`) as the converter and predict turn them; 8-bit PNGs use
+    libpng's RGB -> gray; 16-bit PNGs are scaled from their own min..max like the converter does;
+    alpha is dropped. For 8-bit JPEG and PNG this gives the converter's pixels exactly (measured
+    in tests/serving/test_export.py). EXIF orientation in other formats is not applied.
     """
     import tensorflow as tf
 
     def jpeg():
         shape = tf.io.extract_jpeg_shape(image_bytes)
-        factor = tf_jpeg_reduction_factor(shape[0], shape[1], target_size, crop)
+        orientation = tf_jpeg_exif_orientation(image_bytes)
+        sideways = orientation >= 5  # upright sides swap, as decode_bytes' header reading
+        height = tf.where(sideways, shape[1], shape[0])
+        width = tf.where(sideways, shape[0], shape[1])
+        factor = tf_jpeg_reduction_factor(height, width, target_size, crop)
         # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, what OpenCV uses: identical pixels.
         branches = [lambda r=r: tf.io.decode_jpeg(image_bytes, channels=1, ratio=r,
                                                   dct_method="INTEGER_ACCURATE")
                     for r in (1, 2, 4, 8)]
         index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
-        return tf.switch_case(index, branches)
+        return tf_apply_exif_orientation(tf.switch_case(index, branches), orientation)
 
     def png16():
         img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)

@@ -78,8 +78,9 @@ TensorFlow's libjpeg/libpng. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size by 
 scaling in both, with the same rule (:func:`pneumo_tf.data.decode.jpeg_reduction_factor`). For
 8-bit JPEG and PNG the decoded pixels are identical; after the area resize (TF float vs OpenCV
 fixed point) they differ by at most 1 grey level (mean <= 0.02), 16-bit PNGs by 1 more.
-Known differences: EXIF orientation is NOT applied in the graph (clients must send upright
-images); animated GIFs use their first frame; when one side is upsampled and the other
+A JPEG's EXIF orientation is applied in the graph too (:func:`pneumo_tf.data.decode.
+tf_jpeg_exif_orientation`). Known differences: a PNG's EXIF orientation is not applied in the
+graph; animated GIFs use their first frame; when one side is upsampled and the other
 downsampled (a crop smaller than S on one side only), OpenCV's and TF's "area" resizes differ by
 up to ~40 grey levels (``predict`` refers crops under S/2 as ``low_resolution``).
 ``--crop=adaptive`` runs have no in-graph crop and cannot be exported as a bytes SavedModel (use

@@ -157,6 +157,38 @@ def test_exif_orientation_comes_out_upright(orientation, target_size):
         assert np.abs(d.gray.astype(int) - small.astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("target_size", [64, 8])
+def test_the_graph_turns_an_exif_jpeg_upright_as_the_host_does(orientation, target_size):
+    """The SavedModel's bytes signature and predict see the same pixels of an EXIF-rotated JPEG
+    (the same DCT reduction, the same turn)."""
+    import tensorflow as tf
+
+    stored = smooth_image(64, 40, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = pil_bytes(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    assert int(decode.tf_jpeg_exif_orientation(tf.constant(data))) == orientation
+    host = decode_bytes(data, name="r.jpeg", target_size=target_size, crop="none").gray
+    graph = decode.tf_decode_gray(tf.constant(data), target_size, "none").numpy()[..., 0]
+    assert graph.shape == host.shape
+    assert np.abs(graph.astype(int) - host.astype(int)).max() <= 1
+
+
+def test_the_graph_reads_no_orientation_where_there_is_none_or_a_broken_one():
+    import tensorflow as tf
+
+    plain = pil_bytes(Image.fromarray(smooth_image(30, 20)), "JPEG", quality=90)
+    assert int(decode.tf_jpeg_exif_orientation(tf.constant(plain))) == 1
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = pil_bytes(Image.fromarray(smooth_image(30, 20)), "JPEG", exif=exif, quality=90)
+    at = rotated.index(b"Exif\0\0") + 6
+    broken = rotated[:at] + b"\xff" * 8 + rotated[at + 8:]  # a TIFF header that is not one
+    assert int(decode.tf_jpeg_exif_orientation(tf.constant(broken))) == 1
+    assert int(decode.tf_jpeg_exif_orientation(tf.constant(b"not an image"))) == 1
+
+
 def test_exif_rotate_90_moves_the_top_left_corner_to_the_top_right():
     stored = np.zeros((60, 100), np.uint8)
     stored[:12, :20] = 255  # bright block at the stored top-left

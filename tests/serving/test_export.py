@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import run_module, write_tiny_dataset
 from support_runs import make_run
@@ -46,7 +48,8 @@ def exported(run_and_data):
 
 
 def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 820))) -> dict:
-    """Encoded phantom radiographs: gray JPEG, gray PNG, RGB JPEG, RGB PNG, 16-bit PNG per size."""
+    """Encoded phantom radiographs: gray JPEG, gray PNG, RGB JPEG, RGB PNG, 16-bit PNG and a gray
+    JPEG stored on its side with EXIF orientation 6, per size."""
     from pneumo_tf.data import phantoms
 
     rng = np.random.default_rng(3)
@@ -63,6 +66,15 @@ def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 
         for name, enc in variants.items():
             files[name] = enc.tobytes()
             (out / name).write_bytes(files[name])
+        # Stored on its side with EXIF orientation 6 (display: turned 90 degrees clockwise), as
+        # phones and some viewers save: upright once the orientation is applied.
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(np.rot90(gray, 1))).save(buf, "JPEG", exif=exif,
+                                                                      quality=95)
+        files[f"exif6_{h}x{w}.jpeg"] = buf.getvalue()
+        (out / f"exif6_{h}x{w}.jpeg").write_bytes(buf.getvalue())
     return files
 
 
