@@ -15,6 +15,18 @@ from pathlib import Path
 import numpy as np
 
 
+def box_lung_model(side: int = 16):
+    """A 'lung model' that finds lungs in the left half of every film (P = 0.9 there)."""
+    import keras
+
+    inputs = keras.Input((side, side, 1), dtype="uint8")
+    x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") * 0.0)(inputs)
+    left = np.zeros((1, side, side, 1), np.float32)
+    left[:, :, : side // 2] = 0.9
+    outputs = keras.layers.Lambda(lambda t: t + keras.ops.convert_to_tensor(left))(x)
+    return keras.Model(inputs, outputs)
+
+
 def load_split_arrays(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images [N, S, S, 1] uint8, labels [N] int64)`` of a split, in file order."""
     from pneumo_tf.evaluation import scoring

@@ -280,13 +280,16 @@ class Sample:
 
 
 def cam_model_of(run: "rundir.Run", layer: str | None = None):
-    """:func:`pneumo_tf.explain.cam.cam_model_for` of a run's model: ``layer``, else its
-    backbone's registered Grad-CAM layer (``summary.json`` ``config.backbone``)."""
+    """:func:`pneumo_tf.explain.cam.cam_model_for` of a run's model: ``layer``, else the layer
+    a ``--cam_penalty`` run was trained to explain, else its backbone's registered Grad-CAM
+    layer (``summary.json`` ``config``)."""
     try:
-        backbone_name = (run.summary.get("config") or {}).get("backbone")
+        config = run.summary.get("config") or {}
     except rundir.RunDirError:
-        backbone_name = None
-    return cam.cam_model_for(run.model, layer, backbone_name)
+        config = {}
+    if not layer and config.get("cam_penalty"):
+        layer = config.get("cam_layer")
+    return cam.cam_model_for(run.model, layer, config.get("backbone"))
 
 
 def gradcam_images(cam_model, images: np.ndarray, batch_size: int, cam_class: str = "pneumonia",

@@ -147,14 +147,7 @@ class CamModel:
 
         h = tf.cast(hidden, tf.float32)
         z = tf.matmul(h, tf.cast(self.kernel, tf.float32)) + tf.cast(self.bias, tf.float32)
-        if not self.subtype:
-            return tf.reshape(z, [-1])
-        normal, bacterial, viral = z[:, 0], z[:, 1], z[:, 2]
-        if target == "bacterial":
-            return bacterial - tf.reduce_logsumexp(tf.stack([normal, viral], -1), -1)
-        if target == "viral":
-            return viral - tf.reduce_logsumexp(tf.stack([normal, bacterial], -1), -1)
-        return tf.reduce_logsumexp(z[:, 1:], -1) - normal
+        return log_odds(z, self.subtype, target)
 
     def function(self, target: str = "pneumonia"):
         """The traced batched CAM function explaining ``target`` (built once per target)."""
@@ -162,6 +155,32 @@ class CamModel:
             self._fns[target] = _trace_cam(self.members, self.image_size,
                                            self.model.inputs[0].dtype, target)
         return self._fns[target]
+
+
+def log_odds(z, subtype: bool, target: str = "pneumonia"):
+    """``[B]`` float32 log-odds of ``target`` from the final Dense layer's outputs ``z``: a
+    binary model's ``[B, 1]`` logit, or a subtype model's ``[B, 3]`` class logits (see
+    :meth:`CamModel.logits`)."""
+    import tensorflow as tf
+
+    if not subtype:
+        return tf.reshape(z, [-1])
+    normal, bacterial, viral = z[:, 0], z[:, 1], z[:, 2]
+    if target == "bacterial":
+        return bacterial - tf.reduce_logsumexp(tf.stack([normal, viral], -1), -1)
+    if target == "viral":
+        return viral - tf.reduce_logsumexp(tf.stack([normal, bacterial], -1), -1)
+    return tf.reduce_logsumexp(z[:, 1:], -1) - normal
+
+
+def channel_weighted_map(features, grads):
+    """``[B, h, w]`` float32 Grad-CAM before normalisation: ReLU of the feature maps weighted by
+    the spatial means of their gradients."""
+    import tensorflow as tf
+
+    g, features = tf.cast(grads, tf.float32), tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(g, axis=(1, 2))                          # [B, C]
+    return tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))   # [B, h, w]
 
 
 def _head_of(model, subtype: bool) -> tuple:
@@ -247,9 +266,7 @@ def _members_cam(members: list[CamModel], images, sign_threshold, size: int,
     grid = outputs[0][0].shape[1:3]
     fulls, lows = [], []
     for (features, _), g in zip(outputs, grads):
-        g, features = tf.cast(g, tf.float32), tf.cast(features, tf.float32)
-        weights = tf.reduce_mean(g, axis=(1, 2))                          # [B, C]
-        cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights))    # [B, h, w]
+        cam = channel_weighted_map(features, g)
         cam = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
         fulls.append(tf.image.resize(cam[..., tf.newaxis], (size, size), method="bilinear"))
         lows.append(cam[..., tf.newaxis] if cam.shape[1:3] == grid

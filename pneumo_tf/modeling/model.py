@@ -111,6 +111,17 @@ class PneumoniaProbability(layers.Layer):
         return (input_shape[0], 1)
 
 
+def lung_probability(lung_model: keras.Model, x):
+    """``[B, L, L, 1]`` float32 P(lung) of float pixels ``x`` (``[B, S, S, C]``, 0..255): the
+    first channel squashed (area) to the lung model's input side L and rounded to uint8, as the
+    lung model was trained (whole films resized without keeping the aspect ratio)."""
+    side = lung_model.input_shape[1]
+    gray = tf.cast(x[..., :1], tf.float32)
+    small = tf.image.resize(gray, (side, side), method="area")
+    small = tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8)
+    return tf.cast(lung_model(small, training=False), tf.float32)
+
+
 @keras.saving.register_keras_serializable(package="pneumo_tf")
 class LungGate(layers.Layer):
     """Dim the input outside the lungs a lung model finds in it (an evidence constraint).
@@ -146,11 +157,7 @@ class LungGate(layers.Layer):
         """``[B, S, S, 1]`` float32 {0, 1}: the dilated lungs of float pixels ``x``."""
         size = tf.shape(x)[1:3]
         side = self.lung_model.input_shape[1]
-        gray = tf.cast(x[..., :1], tf.float32)
-        small = tf.image.resize(gray, (side, side), method="area")
-        small = tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8)
-        prob = tf.cast(self.lung_model(small, training=False), tf.float32)
-        mask = tf.cast(prob > 0.5, tf.float32)
+        mask = tf.cast(lung_probability(self.lung_model, x) > 0.5, tf.float32)
         radius = int(round(self.dilate * side))
         if radius:
             mask = tf.nn.max_pool2d(mask, 2 * radius + 1, 1, "SAME")

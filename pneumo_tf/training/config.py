@@ -86,6 +86,13 @@ class TrainConfig:
                                     "dilated lungs (0 = black, 1 = no gate).", lower=0, upper=1)
     lung_gate_dilate: float = option(0.04, "--lung_gate: dilation of the lung mask, fraction of "
                                      "the image side.", lower=0, upper=0.45)
+    cam_penalty: float = option(0.0, "Weight of the evidence penalty: each training image's "
+                                "loss gains this times the share of its Grad-CAM (at the "
+                                "backbone's last feature map, explaining its true class) outside "
+                                "the lungs a lung model finds in it (right for the right reasons; "
+                                "pneumo_tf.training.evidence); 0 = off.", lower=0)
+    cam_penalty_lungs: str = option("", "--cam_penalty: the --task=lungs run directory whose "
+                                    "model finds the lungs (empty: the --lung_gate run).")
     unet_filters: int = option(16, "--task=lungs: filters of the U-Net's first level, doubled "
                                "at each level down.", lower=1)
     unet_depth: int = option(5, "--task=lungs: levels of the U-Net, the bottom one included "
@@ -219,9 +226,21 @@ class TrainConfig:
                              f"expected one of {task.select_on}")
         if self.lung_gate and not task.classifier:
             raise TrainError(f"--lung_gate applies to classifiers, not --task={self.task}")
+        if self.cam_penalty and not task.classifier:
+            raise TrainError(f"--cam_penalty applies to classifiers, not --task={self.task}")
+        if self.cam_penalty and not self.penalty_lungs():
+            raise TrainError("--cam_penalty needs a lung model: --cam_penalty_lungs=LUNGS_RUN "
+                             "(or a --lung_gate)")
+        if self.cam_penalty_lungs and not self.cam_penalty:
+            raise TrainError("--cam_penalty_lungs without --cam_penalty: give the penalty's "
+                             "weight, e.g. --cam_penalty=1")
         if self.member_seeds() and not task.classifier:
             raise TrainError(f"--ensemble_seeds: ensembles are of classifiers; --task="
                              f"{self.task} trains one model (drop --ensemble_seeds)")
+
+    def penalty_lungs(self) -> str:
+        """The lungs run of ``--cam_penalty``: ``--cam_penalty_lungs``, else ``--lung_gate``."""
+        return self.cam_penalty_lungs or self.lung_gate
 
     def member_seeds(self) -> list[int]:
         """The seeds of ``--ensemble_seeds`` (``[]``: a single model)."""

@@ -470,6 +470,14 @@ def log_augmented_images(trainer: Trainer, images, writer, step: int, max_images
                          max_outputs=max_images)
 
 
+def _cam_layer(cfg: TrainConfig, spec: model_lib.BackboneSpec, trainer: Trainer) -> str:
+    """The run's default Grad-CAM layer: the layer ``--cam_penalty`` explained, else the
+    backbone's (its ``gated_cam_layer`` with a lung gate)."""
+    if cfg.cam_penalty:
+        return model_lib.get_backbone(trainer.model).layers[-1].name
+    return (spec.gated_cam_layer or spec.cam_layer) if cfg.lung_gate else spec.cam_layer
+
+
 def summary_config(cfg: TrainConfig, manifest: dict, trainer: Trainer) -> dict:
     """The ``config`` block of summary.json that evaluation, Grad-CAM and export read."""
     spec = model_lib.get_backbone_spec(cfg.backbone)
@@ -480,7 +488,7 @@ def summary_config(cfg: TrainConfig, manifest: dict, trainer: Trainer) -> dict:
         "encoding": manifest.get("encoding"), "channels": int(manifest.get("channels", 1)),
         "weights": cfg.weights, "trainable_layers": cfg.trainable_layers, "train_bn": cfg.train_bn,
         "dense_units": cfg.dense_units, "head_dropout": list(cfg.head_dropout),
-        "cam_layer": (spec.gated_cam_layer or spec.cam_layer) if cfg.lung_gate else spec.cam_layer,
+        "cam_layer": _cam_layer(cfg, spec, trainer),
         "augment": trainer.augment, "loss": cfg.loss,
         "focal_gamma": cfg.focal_gamma, "class_weights": cfg.class_weights, "lr": cfg.lr,
         "batch_size": cfg.batch_size, "global_batch_size": trainer.global_batch,

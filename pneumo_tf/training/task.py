@@ -37,6 +37,7 @@ from pneumo_tf.explain import cam
 from pneumo_tf.image import augment as augment_lib
 from pneumo_tf.modeling import lungs as lungs_lib
 from pneumo_tf.modeling import model as model_lib
+from pneumo_tf.training import evidence
 
 
 class Task:
@@ -71,6 +72,8 @@ class Task:
         a ``--lung_gate`` must be a finished lungs run."""
         if cfg.lung_gate:
             lungs_lib.check_lung_run(rundir.Run(cfg.lung_gate), "--lung_gate")
+        if cfg.cam_penalty_lungs:
+            lungs_lib.check_lung_run(rundir.Run(cfg.cam_penalty_lungs), "--cam_penalty_lungs")
 
     def train_dataset(self, cfg, seed: int, class_weights: str, input_context=None):
         """The pipeline's training stream of ``train`` (before :meth:`step_inputs`)."""
@@ -94,6 +97,12 @@ class Task:
         """One training forward pass: ``(outputs, loss targets)``."""
         return (trainer.net(images, training=True),
                 self.loss_targets(trainer.cfg, labels, targets))
+
+    def per_example_loss(self, trainer, images, labels, targets):
+        """``(loss [B], outputs, loss targets)`` of one training forward pass (default: the
+        loss of :meth:`forward`)."""
+        outputs, loss_targets = self.forward(trainer, images, labels, targets)
+        return trainer.loss_fn(loss_targets, outputs), outputs, loss_targets
 
     def synthetic_targets(self, images, labels):
         """Targets of a synthetic batch (the precision probe): the labels."""
@@ -161,11 +170,35 @@ class ClassifierTask(Task):
             task=self.name, lung_gate=gate)
 
     def summary_config(self, cfg) -> dict:
-        """The lung gate, when there is one (the lungs run it came from)."""
-        if not cfg.lung_gate:
+        """The lung gate and the evidence penalty, when there are (with the lungs runs they
+        came from)."""
+        out = {}
+        if cfg.lung_gate:
+            out["lung_gate"] = {"run_dir": str(cfg.lung_gate), "floor": cfg.lung_gate_floor,
+                                "dilate": cfg.lung_gate_dilate}
+        if cfg.cam_penalty:
+            out["cam_penalty"] = {"weight": cfg.cam_penalty, "lungs_run": str(cfg.penalty_lungs())}
+        return out
+
+    def train_layers(self, cfg, augment: dict | None) -> dict:
+        """The frozen lung model of ``--cam_penalty`` (none without it)."""
+        if not cfg.cam_penalty:
             return {}
-        return {"lung_gate": {"run_dir": str(cfg.lung_gate), "floor": cfg.lung_gate_floor,
-                              "dilate": cfg.lung_gate_dilate}}
+        return {"penalty_lungs": lungs_lib.LungModel(cfg.penalty_lungs()).model}
+
+    def per_example_loss(self, trainer, images, labels, targets):
+        """The loss, plus ``--cam_penalty`` times each image's Grad-CAM share outside the lungs
+        (:class:`pneumo_tf.training.evidence.EvidencePenalty`)."""
+        if not trainer.cfg.cam_penalty:
+            return super().per_example_loss(trainer, images, labels, targets)
+        if getattr(self, "_evidence", None) is None:
+            self._evidence = evidence.EvidencePenalty(trainer.model,
+                                                      trainer.train_layers["penalty_lungs"],
+                                                      trainer.net.output)
+        outputs, outside = self._evidence(images, labels)
+        loss_targets = self.loss_targets(trainer.cfg, labels, targets)
+        loss = trainer.loss_fn(loss_targets, outputs)
+        return loss + trainer.cfg.cam_penalty * outside, outputs, loss_targets
 
     def make_loss(self, cfg):
         """Focal or cross-entropy, binary (sigmoid) or, for ``subtype``, categorical over the

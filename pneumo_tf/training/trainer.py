@@ -129,8 +129,8 @@ class Trainer:
 
     def _replica_step(self, images, labels, weights, targets):
         with tf.GradientTape() as tape:
-            outputs, loss_targets = self.task.forward(self, images, labels, targets)
-            per_example = self.loss_fn(loss_targets, outputs)
+            per_example, outputs, loss_targets = self.task.per_example_loss(self, images, labels,
+                                                                            targets)
             loss = tf.nn.compute_average_loss(per_example * weights,
                                               global_batch_size=self.global_batch)
             scaled = self.optimizer.scale_loss(loss)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pneumo_tf.modeling import model as model_lib
+from support_runs import box_lung_model
 
 
 @pytest.fixture(autouse=True)
@@ -179,34 +180,22 @@ def test_lung_model_learns_a_mask_in_a_few_steps():
     assert m.evaluate(images, masks, verbose=0) < 0.5 * first
 
 
-def _box_lung_model(side: int = 16):
-    """A 'lung model' that finds lungs in the left half of every film (P = 0.9 there)."""
-    import keras
-
-    inputs = keras.Input((side, side, 1), dtype="uint8")
-    x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") * 0.0)(inputs)
-    left = np.zeros((1, side, side, 1), np.float32)
-    left[:, :, : side // 2] = 0.9
-    outputs = keras.layers.Lambda(lambda t: t + keras.ops.convert_to_tensor(left))(x)
-    return keras.Model(inputs, outputs)
-
-
 def test_lung_gate_dims_the_input_outside_the_dilated_lungs():
     import tensorflow as tf
 
     x = tf.fill((2, 32, 32, 3), 200.0)
-    gate = model_lib.LungGate(_box_lung_model(16), floor=0.25, dilate=0.0)
+    gate = model_lib.LungGate(box_lung_model(16), floor=0.25, dilate=0.0)
     out = gate(x).numpy()
     np.testing.assert_allclose(out[:, :, :16], 200.0)  # the lungs stay as they were
     np.testing.assert_allclose(out[:, :, 16:], 50.0)  # the rest keeps a quarter
     # A dilation of 2/16 of the side widens the kept band by 2 lung-model pixels (4 here).
-    wide = model_lib.LungGate(_box_lung_model(16), floor=0.0, dilate=2 / 16)(x).numpy()
+    wide = model_lib.LungGate(box_lung_model(16), floor=0.0, dilate=2 / 16)(x).numpy()
     assert np.all(wide[:, :, :20] == 200.0) and np.all(wide[:, :, 20:] == 0.0)
 
 
 def test_lung_gate_arguments_out_of_range_are_refused():
     with pytest.raises(ValueError, match=r"floor=1.5 must be in \[0, 1\]"):
-        model_lib.LungGate(_box_lung_model(), floor=1.5)
+        model_lib.LungGate(box_lung_model(), floor=1.5)
 
 
 def test_a_classifier_with_a_lung_gate_round_trips_in_safe_mode(tmp_path):

@@ -175,3 +175,42 @@ def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(lung
         with pytest.raises(rundir.RunDirError, match=rf"--lung_gate={wrong}: .*{message}"):
             session.train(bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_classifier_trains_with_the_evidence_penalty_and_is_explained_where_it_was(
+        lungs_task_run, tmp_path):
+    from pneumo_tf.core import rundir
+    from pneumo_tf.explain import anatomy
+
+    root, _ = lungs_task_run
+    cfg = TrainConfig(data_dir=str(root / "data"), run_dir=str(tmp_path / "penalised"),
+                      backbone="small_cnn", weights="none", trainable_layers=-1, train_bn=True,
+                      input_norm="unit", batch_size=8, epochs=1, steps_per_epoch=2,
+                      precision="float32", strategy="default", tb_images=0, calibrate=False,
+                      fit_ood=False, cam_penalty=2.0, cam_penalty_lungs=str(root / "run"))
+    summary = session.train(cfg)
+    assert summary["config"]["cam_penalty"] == {"weight": 2.0, "lungs_run": str(root / "run")}
+    assert summary["config"]["cam_layer"] == "features"  # the layer the penalty explained
+    assert np.isfinite(summary["best_val_loss"]) and summary["epochs_run"] == 1
+    run = rundir.Run(tmp_path / "penalised")
+    assert anatomy.cam_model_of(run).layer == "features"  # not small_cnn's b1_out
+    assert anatomy.cam_model_of(run, "b1_out").layer == "b1_out"
+    assert not any(layer.name == "lung_gate" for layer in run.model.layers)  # nothing to serve
+    bad = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "bad"),
+                         "cam_penalty_lungs": str(tmp_path / "penalised")})
+    with pytest.raises(rundir.RunDirError, match=r"--cam_penalty_lungs=.*a run of --task=binary, "
+                                                 r"not a lung model"):
+        session.train(bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_evidence_penalty_needs_a_lung_model_and_a_weight():
+    with pytest.raises(TrainError, match=r"--cam_penalty needs a lung model: "
+                                         r"--cam_penalty_lungs=LUNGS_RUN \(or a --lung_gate\)"):
+        TrainConfig(data_dir="d", run_dir="r", cam_penalty=1.0).validate()
+    with pytest.raises(TrainError, match=r"--cam_penalty_lungs without --cam_penalty"):
+        TrainConfig(data_dir="d", run_dir="r", cam_penalty_lungs="lungs").validate()
+    with pytest.raises(TrainError, match=r"--cam_penalty applies to classifiers, not --task=lungs"):
+        TrainConfig(data_dir="d", run_dir="r", task="lungs", cam_penalty=1.0,
+                    cam_penalty_lungs="lungs").validate()
+    TrainConfig(data_dir="d", run_dir="r", cam_penalty=1.0, lung_gate="lungs").validate()
