@@ -596,8 +596,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
                 f"{predictor.source})")
         from pneumo_tf.explain import cam
 
-        cam_model = cam.cam_model_for(predictor.keras_model,
-                                      backbone_name=predictor.config.backbone)
+        cam_model = cam.cam_model_for(predictor.keras_model, predictor.config.cam_layer,
+                                      predictor.config.backbone)
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
     cfg = predictor.config
     items = expand_inputs(paths)

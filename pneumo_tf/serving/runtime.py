@@ -57,6 +57,8 @@ class ServingConfig:
         threshold_method: how the threshold was chosen (from calibration.json).
         calibrated: False when no calibration was available (T = 1, threshold 0.5).
         backbone: backbone name, when known.
+        cam_layer: the run's Grad-CAM layer where it is not the backbone's registered one (a
+            ``--cam_penalty`` run: the layer it was trained to explain), else None.
         calibration: the run's calibration this config holds: ``val`` (``calibration.json``),
             a site calibration's name (``calibrations/NAME.json``), or ``none``.
         task: ``binary`` or ``subtype`` (a three-way head: NORMAL, BACTERIAL, VIRAL), or
@@ -78,6 +80,7 @@ class ServingConfig:
     threshold_method: str = "default_0.5"
     calibrated: bool = False
     backbone: str | None = None
+    cam_layer: str | None = None
     calibration: str = "val"
     task: str = "binary"
     subtype_temperature: float = 1.0
@@ -185,11 +188,13 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
         calibration_name: the name of ``calibration`` in the run (``val`` or a site's).
     """
     manifest = rundir.read_run_manifest(run_dir)
-    backbone = None
+    config = {}
     if rundir.RunPaths(run_dir).summary.is_file():
-        backbone = (rundir.read_summary(run_dir).get("config") or {}).get("backbone")
+        config = rundir.read_summary(run_dir).get("config") or {}
     cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
-                        backbone=backbone, calibration="none", ood=_ood_info(run_dir))
+                        backbone=config.get("backbone"), calibration="none",
+                        cam_layer=config.get("cam_layer") if config.get("cam_penalty") else None,
+                        ood=_ood_info(run_dir))
     subtype = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
     cfg.subtype_temperature = float(subtype.get("temperature", 1.0))
     if calibration is not None:

@@ -196,6 +196,10 @@ def test_a_classifier_trains_with_the_evidence_penalty_and_is_explained_where_it
     assert anatomy.cam_model_of(run).layer == "features"  # not small_cnn's b1_out
     assert anatomy.cam_model_of(run, "b1_out").layer == "b1_out"
     assert not any(layer.name == "lung_gate" for layer in run.model.layers)  # nothing to serve
+    from pneumo_tf.serving import runtime
+
+    # predict --gradcam_dir reads the layer from the serving config.
+    assert runtime.serving_config_for_run(run, None).cam_layer == "features"
     bad = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "bad"),
                          "cam_penalty_lungs": str(tmp_path / "penalised")})
     with pytest.raises(rundir.RunDirError, match=r"--cam_penalty_lungs=.*a run of --task=binary, "
