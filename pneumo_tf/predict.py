@@ -19,7 +19,7 @@ from absl import app
 from pneumo_tf.core import cli
 from pneumo_tf.core.cli import option
 from pneumo_tf.serving import lungs as lung_serving
-from pneumo_tf.serving import predictor
+from pneumo_tf.serving import predictor, refer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class PredictFlags:
     gradcam_dir: str | None = option(None, "Write one Grad-CAM overlay PNG per input here (run "
                                      "dir or .keras models only).")
     refer_band: float = option(
-        predictor.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
+        refer.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
         "is within this distance of the operating threshold.", lower=0.0, upper=1.0)
     lung_model: str | None = cli.lung_model_option(
         "Rows add lung_fraction and lung_confidence, and films where it finds no lungs are "

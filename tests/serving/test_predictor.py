@@ -234,25 +234,6 @@ def test_keras_models_load_in_safe_mode(exported_run, tmp_path):
 # Refer flags
 
 
-def test_film_refer_reasons_flag_unlike_films_only():
-    from pneumo_tf.serving import predictor as predict
-
-    film = phantom(400, 520)
-    assert predict.film_refer_reasons(film, 400, 520, (300, 312), 224) == []
-    blank = np.full((400, 520), 128, np.uint8)
-    assert predict.film_refer_reasons(blank, 400, 520, (300, 312), 224) == ["blank"]
-    black = np.zeros((400, 520), np.uint8)
-    assert predict.film_refer_reasons(black, 400, 520, (300, 312), 224) == ["blank", "underexposed"]
-    strip = phantom(100, 900)
-    assert "aspect_ratio" in predict.film_refer_reasons(strip, 100, 900, (75, 540), 32)
-    dark = (film * 0.3).astype(np.uint8)  # still has contrast, but mean grey ~29
-    assert predict.film_refer_reasons(dark, 400, 520, (300, 312), 224) == ["underexposed"]
-    bright = np.clip(film.astype(int) + 200, 0, 255).astype(np.uint8)
-    assert "overexposed" in predict.film_refer_reasons(bright, 400, 520, (300, 312), 224)
-    assert predict.film_refer_reasons(film, 400, 520, (150, 156), 224) == []
-    assert predict.film_refer_reasons(film, 400, 520, (100, 156), 224) == ["low_resolution"]
-
-
 def test_refer_band_around_the_calibrated_threshold():
     from pneumo_tf.evaluation import calibration
     from pneumo_tf.serving import predictor as predict
@@ -547,23 +528,24 @@ def ood_export(phantom_ood_run, tmp_path_factory):
 
 
 def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
-    from pneumo_tf.serving import ood
     from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import refer
 
-    rows = {kind: list(predict.predict_paths(predict.load_predictor(ood_export["run_dir"]), paths))
+    predictor = predict.load_predictor(ood_export["run_dir"])
+    rows = {kind: list(predict.predict_paths(predictor, paths))
             for kind, paths in ood_inputs.items()}
     for rec in (r for kind_rows in rows.values() for r in kind_rows):
         back = json.loads(json.dumps(rec))
         assert isinstance(back["ood_score"], float) and isinstance(back["in_distribution"], bool)
         assert back["in_distribution"] == (not set(back["refer_reasons"]) & {
-            ood.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
+            refer.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
         assert "subtype" not in back  # a binary run
         # No diagnosis for what the guard rejects; the probabilities stay, for audit.
         diagnosed = back["in_distribution"]
         assert (back["label"] is None) == (back["class_name"] is None) == (not diagnosed), back
         assert back["refer"] or diagnosed
         assert 0.0 <= back["probability"] <= 1.0
-    assert all(r["refer_reasons"] == [ood.NOT_A_CHEST_FILM] for r in rows["photo"])
+    assert all(r["refer_reasons"] == [refer.NOT_A_CHEST_FILM] for r in rows["photo"])
     assert all("inverted" in r["refer_reasons"] and not r["in_distribution"]
                for r in rows["inverted"])
     assert all("on_its_side" in r["refer_reasons"] for r in rows["sideways"])
@@ -724,6 +706,7 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
                                                            not_films):
     from pneumo_tf.serving import lungs as lung_serving
     from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import refer
 
     run, _, _ = phantom_ood_run
     lung_run, src = guarded_lung_run
@@ -731,11 +714,11 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
     assert predictor.lungs.settings.confidence_source == "lung_guard.json"
     reliable = [*not_films["photo"][1:], *not_films["text"], *not_films["noise"]]  # see above
     for rec in predict.predict_paths(predictor, reliable):
-        assert lung_serving.NO_LUNGS_FOUND in rec["refer_reasons"] and rec["refer"], rec
+        assert refer.NO_LUNGS_FOUND in rec["refer_reasons"] and rec["refer"], rec
         assert 0.0 <= rec["lung_fraction"] <= 1.0 and 0.0 <= rec["lung_confidence"] <= 1.0
     films = sorted((src / "test").rglob("*.jpeg"))
     rows = list(predict.predict_paths(predictor, films))
-    found = [lung_serving.NO_LUNGS_FOUND not in r["refer_reasons"] for r in rows]
+    found = [refer.NO_LUNGS_FOUND not in r["refer_reasons"] for r in rows]
     assert np.mean(found) >= 0.8, [(r["lung_fraction"], r["lung_confidence"]) for r in rows]
     assert all(0.1 < r["lung_fraction"] < 0.6 for r in rows)
     # Beside the OOD guard, not instead of it: the photos are out of the classifier's
@@ -743,7 +726,7 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
     for photo in predict.predict_paths(predictor, not_films["photo"]):
         assert "not_a_chest_film" in photo["refer_reasons"] and photo["refer"]
     flower = next(predict.predict_paths(predictor, not_films["photo"][1:]))
-    assert {"not_a_chest_film", lung_serving.NO_LUNGS_FOUND} <= set(flower["refer_reasons"])
+    assert {"not_a_chest_film", refer.NO_LUNGS_FOUND} <= set(flower["refer_reasons"])
     plain = next(predict.predict_paths(predict.load_predictor(run), films[:1]))
     assert plain["lung_fraction"] is None and plain["lung_confidence"] is None
 
