@@ -43,7 +43,8 @@ on the calibrated scale, and ``label`` is 1 exactly when
 (``--calibration=NAME``: ``R/calibrations/NAME.json``), or for an exported model the one baked
 in at export (``--calibration`` must then name that one). ``refer`` is
 true when the case should go to a human: the calibrated probability lies within
-``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
+``--refer_band`` of the threshold (``uncertain``; by default the model's band: 0.1, or the one
+an exported model was given), the image looks unlike a chest film (see
 :func:`pneumo_tf.serving.refer.film_refer_reasons`), or the run's out-of-distribution guard
 (:mod:`pneumo_tf.ood`) rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded
 full film), ``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its
@@ -529,7 +530,7 @@ def gradcam_file_name(index: int, path: str) -> str:
 
 
 def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batch_size: int = 32,
-                  refer_band: float = refer.DEFAULT_REFER_BAND,
+                  refer_band: float | None = None,
                   gradcam_dir: str | os.PathLike | None = None) -> Iterator[dict]:
     """Predict every input, batch by batch; yields one record per input, in input order.
 
@@ -538,7 +539,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
         paths: files and folders.
         batch_size: images per forward pass.
         refer_band: half-width of the uncertainty band around the threshold, in calibrated
-            probability.
+            probability (None: the model's, ``config.refer_band``: the one baked in at export,
+            else :data:`pneumo_tf.serving.refer.DEFAULT_REFER_BAND`).
         gradcam_dir: write one Grad-CAM overlay PNG per predicted input here (Keras models only).
 
     Raises:
@@ -546,6 +548,7 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
     """
     if batch_size < 1:
         raise PredictError(f"--batch_size={batch_size}: must be at least 1")
+    refer_band = predictor.config.refer_band if refer_band is None else refer_band
     if not 0.0 <= refer_band <= 1.0:
         raise PredictError(f"--refer_band={refer_band}: must be in [0, 1]")
     cam_model = None

@@ -252,6 +252,18 @@ def test_refer_band_around_the_calibrated_threshold():
     assert predict.result_record("x", p, cfg, ["blank"], 0.1)["refer_reasons"] == ["blank"]
 
 
+def test_the_refer_band_is_the_models_unless_given(exported_run, good_files):
+    """predict's default band is the serving config's (an export's baked-in one)."""
+    from pneumo_tf.serving import predictor as predict
+
+    predictor = predict.load_predictor(exported_run / "export" / "saved_model")
+    predictor.config.refer_band = 1.0  # as if exported with --refer_band=1
+    assert all("uncertain" in r["refer_reasons"]
+               for r in predict.predict_paths(predictor, good_files))
+    assert not any("uncertain" in r["refer_reasons"]
+                   for r in predict.predict_paths(predictor, good_files, refer_band=0.0))
+
+
 def _probabilities_around(t: float, n_ulps: int = 40) -> list[float]:
     """``t``, its ``n_ulps`` float64 neighbours each side, widening steps and a 0..1 grid."""
     below, above = [t], [t]
@@ -514,24 +526,11 @@ def ood_inputs(phantom_ood_run, tmp_path_factory):
     return files
 
 
-@pytest.fixture(scope="module")
-def ood_export(phantom_ood_run, tmp_path_factory):
-    """The phantom run (with its guard) exported: SavedModel and the float16 TFLite model."""
-    from pneumo_tf.serving import export
-
-    run, data, _ = phantom_ood_run
-    copy = tmp_path_factory.mktemp("ood_export") / "run"
-    shutil.copytree(run, copy)
-    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=16)
-    return {"run_dir": copy, "saved_model": copy / "export" / "saved_model",
-            "tflite": copy / "export" / "model_fp16.tflite"}
-
-
-def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
+def test_rows_say_whether_the_image_is_a_chest_film(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
     from pneumo_tf.serving import refer
 
-    predictor = predict.load_predictor(ood_export["run_dir"])
+    predictor = predict.load_predictor(phantom_ood_export["run_dir"])
     rows = {kind: list(predict.predict_paths(predictor, paths))
             for kind, paths in ood_inputs.items()}
     for rec in (r for kind_rows in rows.values() for r in kind_rows):
@@ -554,13 +553,13 @@ def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
     assert '"in_distribution": false' in line and '"ood_score": ' in line
 
 
-def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
+def test_every_model_kind_carries_the_guard(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
 
     paths = [p for kind_paths in ood_inputs.values() for p in kind_paths]
     reference = None
     for kind, (rtol, agreement) in OOD_KINDS.items():
-        predictor = predict.load_predictor(ood_export[kind])
+        predictor = predict.load_predictor(phantom_ood_export[kind])
         assert predictor.ood_info is not None and predictor.ood_info["layer"] == "gap"
         rows = list(predict.predict_paths(predictor, paths))
         scores = np.array([r["ood_score"] for r in rows])
@@ -571,10 +570,10 @@ def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
         assert np.mean(verdicts == reference[1]) >= agreement, kind
 
 
-def test_ood_rates_count_what_predict_flags(ood_export, ood_inputs):
+def test_ood_rates_count_what_predict_flags(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
 
-    predictor = predict.load_predictor(ood_export["run_dir"])
+    predictor = predict.load_predictor(phantom_ood_export["run_dir"])
     films = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in ood_inputs["film"]]
     rates = predict.ood_rates(predictor, [255 - f for f in films])
     assert rates["n"] == len(films) and rates["flagged"] == 1.0
