@@ -3,7 +3,8 @@
 Usage::
 
     python -m pneumo_tf.export --run_dir=R [--formats=saved_model,tflite] [--calibration=NAME] \
-        [--lung_model=LUNGS_RUN] [--min_lung_fraction=0.1] [--min_lung_confidence=C]
+        [--lung_model=LUNGS_RUN] [--min_lung_fraction=0.1] [--min_lung_confidence=C] \
+        [--refer_band=0.1]
 
 Prints one line per exported model (size, agreement with the Keras model on the parity batch);
 the full report is ``parity.json`` in the export folder. What is exported and checked:
@@ -21,6 +22,7 @@ from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
 from pneumo_tf.serving import export, lung_export
 from pneumo_tf.serving import lungs as lung_serving
+from pneumo_tf.serving import refer
 
 _FORMATS = ", ".join(export.EXPORT_FORMATS)
 
@@ -45,6 +47,11 @@ class ExportFlags:
         "Default: the lung model a --crop=lungs run's data was cropped with; none otherwise.")
     min_lung_fraction: float = cli.min_lung_fraction_option()
     min_lung_confidence: float | None = cli.min_lung_confidence_option()
+    refer_band: float = option(
+        refer.DEFAULT_REFER_BAND, "The SavedModel's serving_default refers an image "
+        "(refer_reasons: uncertain) when its calibrated probability is within this distance of "
+        "the operating threshold; written to pneumo_tf_serving.json, predict's default for the "
+        "exported model.", lower=0.0, upper=1.0)
 
 
 FLAG_HOLDERS = cli.define_config_flags(ExportFlags, module_name=__name__)
@@ -103,7 +110,7 @@ def main(argv: list[str]) -> None:
         print("\n".join(lung_summary_lines(report, rundir.RunPaths(f.run_dir).export_dir())))
         return
     report = export.export_run(f.run_dir, list(f.formats), f.data_dir, f.parity_count, f.seed,
-                               f.calibration, lungs)
+                               f.calibration, lungs, f.refer_band)
     lines = summary_lines(report, rundir.RunPaths(f.run_dir).export_dir(f.calibration))
     if report.get("lungs"):
         lines.insert(1, f"  lung model: {report['lungs']['model'].get('path', f.lung_model)}")

@@ -19,7 +19,7 @@ from absl import app
 from pneumo_tf.core import cli
 from pneumo_tf.core.cli import option
 from pneumo_tf.serving import lungs as lung_serving
-from pneumo_tf.serving import predictor
+from pneumo_tf.serving import predictor, refer
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ class PredictFlags:
     gradcam_dir: str | None = option(None, "Write one Grad-CAM overlay PNG per input here (run "
                                      "dir or .keras models only).")
     refer_band: float = option(
-        predictor.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
-        "is within this distance of the operating threshold.", lower=0.0, upper=1.0)
+        refer.DEFAULT_REFER_BAND, "Refer an image to a human when its calibrated probability "
+        "is within this distance of the operating threshold. Default: the model's (an exported "
+        "model keeps the band it was exported with).", lower=0.0, upper=1.0)
     lung_model: str | None = cli.lung_model_option(
         "Rows add lung_fraction and lung_confidence, and films where it finds no lungs are "
         "referred (no_lungs_found). Default: a --crop=lungs run's own lung model (it crops the "
@@ -69,7 +70,8 @@ def main(argv: list[str]) -> int:
         f.lung_model, f.min_lung_fraction if FLAG_HOLDERS["min_lung_fraction"].present else None,
         f.min_lung_confidence)
     model = predictor.load_predictor(f.model, calibration, lungs)
-    results = predictor.predict_paths(model, inputs, f.batch_size, f.refer_band, f.gradcam_dir)
+    band = f.refer_band if FLAG_HOLDERS["refer_band"].present else None
+    results = predictor.predict_paths(model, inputs, f.batch_size, band, f.gradcam_dir)
     failed = 0
     if f.format == "table":
         print(predictor.format_table_header())

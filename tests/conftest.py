@@ -136,6 +136,26 @@ def phantom_ood_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def phantom_ood_export(phantom_ood_run, tmp_path_factory):
+    """``{"run_dir", "saved_model", "tflite"}``: a copy of :func:`phantom_ood_run` exported in both
+    formats (its guard in every model; parity on 16 val images), and its float16 TFLite model."""
+    from shared_runs import shared_result
+
+    def make(root):
+        import shutil
+
+        from pneumo_tf.serving import export
+
+        run, data, _ = phantom_ood_run
+        copy = Path(shutil.copytree(run, root / "run"))
+        export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=16)
+        return {"run_dir": copy, "saved_model": copy / "export" / "saved_model",
+                "tflite": copy / "export" / "model_fp16.tflite"}
+
+    return shared_result(tmp_path_factory, "phantom_ood_export", make)
+
+
+@pytest.fixture(scope="session")
 def subtype_run(tmp_path_factory):
     """``(run_dir, data_dir)``: a calibrated three-class run with its OOD guard."""
     from shared_runs import shared_result

@@ -2,7 +2,7 @@
 
 The converter calls :func:`decode_item` in worker processes, so this module imports no
 TensorFlow: numpy, OpenCV, Pillow and pydicom only. The in-graph twins at the end
-(:func:`tf_decode_gray`, :func:`tf_preprocess_bytes`), which exported SavedModels run, import
+(:func:`tf_decode_film`, :func:`tf_decode_gray`, :func:`tf_preprocess_bytes`), which exported SavedModels run, import
 TensorFlow inside their functions. A file that cannot be turned into a correct
 image raises :class:`RejectError` whose message is a short reason for ``rejects.jsonl``; nothing
 here ever returns a silently wrong image.
@@ -559,8 +559,10 @@ def tf_apply_exif_orientation(image, orientation):
     return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
 
 
-def tf_decode_gray(image_bytes, target_size: int, crop: str):
-    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray, upright.
+def tf_decode_film(image_bytes, target_size: int, crop: str) -> dict:
+    """In-graph twin of :func:`decode_bytes` for one JPEG/PNG/BMP/GIF file's bytes (scalar
+    string): ``{"gray": [h, w, 1] uint8 upright, "height", "width": int32 full-resolution size
+    of the upright image, "scale": int32 1, 2, 4 or 8}`` (:class:`Decoded`'s fields).
 
     JPEGs come out of libjpeg's own grayscale output (accurate integer DCT), reduced by the
     converter's DCT-scaling rule, and turned upright by their EXIF orientation
@@ -583,7 +585,11 @@ def tf_decode_gray(image_bytes, target_size: int, crop: str):
                                                   dct_method="INTEGER_ACCURATE")
                     for r in (1, 2, 4, 8)]
         index = tf.cast(tf.math.log(tf.cast(factor, tf.float32)) / math.log(2.0) + 0.5, tf.int32)
-        return tf_apply_exif_orientation(tf.switch_case(index, branches), orientation)
+        gray = tf_apply_exif_orientation(tf.switch_case(index, branches), orientation)
+        return gray, height, width, factor
+
+    def full_size(gray):
+        return gray, tf.shape(gray)[0], tf.shape(gray)[1], tf.constant(1, tf.int32)
 
     def png16():
         img = tf.io.decode_png(image_bytes, channels=0, dtype=tf.uint16)
@@ -592,25 +598,32 @@ def tf_decode_gray(image_bytes, target_size: int, crop: str):
                                             tf.constant([0.299, 0.587, 0.114], tf.float64), 1)[
                                                 ..., None],
                        lambda: tf.cast(img[..., :1], tf.float64))
-        return _tf_min_max_uint8(gray)
+        return full_size(_tf_min_max_uint8(gray))
 
     def png8():
         # libpng's own RGB -> gray (drops alpha), as OpenCV's IMREAD_GRAYSCALE does: identical.
-        return tf.io.decode_png(image_bytes, channels=1)
+        return full_size(tf.io.decode_png(image_bytes, channels=1))
 
     def other():  # BMP, GIF: BT.601 luma, within 1 grey level of OpenCV/Pillow
         img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint8, expand_animations=False)
-        return tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
-                       lambda: img[..., :1])
+        return full_size(tf.cond(tf.shape(img)[-1] >= 3, lambda: _tf_luma(img[..., :3]),
+                                 lambda: img[..., :1]))
 
     is_png = tf.strings.substr(image_bytes, 0, 4) == b"\x89PNG"
     # IHDR bit depth is byte 24 of a PNG file.
     png_depth = tf.strings.substr(image_bytes, 24, 1)
     is_png16 = is_png & tf.equal(png_depth, b"\x10")
-    gray = tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)],
-                   default=other, exclusive=False)
+    gray, height, width, scale = tf.case(
+        [(tf.io.is_jpeg(image_bytes), jpeg), (is_png16, png16), (is_png, png8)], default=other,
+        exclusive=False)
     gray.set_shape([None, None, 1])
-    return gray
+    return {"gray": gray, "height": height, "width": width, "scale": scale}
+
+
+def tf_decode_gray(image_bytes, target_size: int, crop: str):
+    """One JPEG/PNG/BMP/GIF file's bytes (scalar string) -> ``[h, w, 1] uint8`` gray, upright
+    (:func:`tf_decode_film`'s ``gray``)."""
+    return tf_decode_film(image_bytes, target_size, crop)["gray"]
 
 
 def tf_preprocess_bytes(image_bytes, image_size: int, crop: str):

@@ -365,33 +365,41 @@ def tf_resize_area(gray, image_size: int):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def tf_preprocess_gray(gray, image_size: int, crop: str, lung_box=None, lungs_found=None):
-    """In-graph twin of :func:`preprocess_gray` for ``[H, W, 1]`` uint8 (serving).
+def tf_crop_box(gray, crop: str, lung_box=None, lungs_found=None):
+    """In-graph twin of :func:`crop_box_for` for ``[H, W, 1]`` uint8: int32 scalars ``(top,
+    bottom, left, right)``.
 
     ``adaptive`` has no in-graph twin: callers must preprocess on the host for such runs.
     ``lungs`` needs the film's ``lung_box`` (``[4]`` float64) and ``lungs_found`` (bool scalar)
     from :func:`tf_find_lungs`; where no lungs were found it takes the fixed crop, as the
     converter does.
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(gray)
+    if crop == "none":
+        return tf.constant(0, tf.int32), shape[0], tf.constant(0, tf.int32), shape[1]
+    if crop not in ("fixed", "lungs"):
+        raise ValueError(f"crop {crop!r} has no in-graph implementation; use 'fixed', 'none' "
+                         f"or 'lungs'")
+    box = tf_fixed_crop_box(shape[0], shape[1])
+    if crop == "lungs":
+        if lung_box is None or lungs_found is None:
+            raise ValueError("crop 'lungs' needs the film's lung box (tf_find_lungs)")
+        lung = tf_lung_crop_box(shape[0], shape[1], lung_box)
+        box = tuple(tf.where(lungs_found, a, b) for a, b in zip(lung, box))
+    return box
+
+
+def tf_preprocess_gray(gray, image_size: int, crop: str, lung_box=None, lungs_found=None):
+    """In-graph twin of :func:`preprocess_gray` for ``[H, W, 1]`` uint8 (serving): the crop of
+    :func:`tf_crop_box`, then :func:`tf_resize_area`.
 
     Returns:
         ``[image_size, image_size, 1]`` uint8.
     """
-    import tensorflow as tf
-
-    if crop in ("fixed", "lungs"):
-        shape = tf.shape(gray)
-        top, bottom, left, right = tf_fixed_crop_box(shape[0], shape[1])
-        if crop == "lungs":
-            if lung_box is None or lungs_found is None:
-                raise ValueError("crop 'lungs' needs the film's lung box (tf_find_lungs)")
-            lung = tf_lung_crop_box(shape[0], shape[1], lung_box)
-            top, bottom, left, right = (tf.where(lungs_found, a, b) for a, b in
-                                        zip(lung, (top, bottom, left, right)))
-        gray = gray[top:bottom, left:right, :]
-    elif crop != "none":
-        raise ValueError(f"crop {crop!r} has no in-graph implementation; use 'fixed', 'none' "
-                         f"or 'lungs'")
-    return tf_resize_area(gray, image_size)
+    top, bottom, left, right = tf_crop_box(gray, crop, lung_box, lungs_found)
+    return tf_resize_area(gray[top:bottom, left:right, :], image_size)
 
 
 # Pixel normalisation modes (docs/method.md: the paper's [0, 1] vs the backbone's own). Inputs are float ``[..., 3]`` in 0..255, RGB order.

@@ -37,16 +37,30 @@ probabilities within float32 rounding of the threshold.
 
 A run with an OOD guard (``R/ood.json``, :mod:`pneumo_tf.ood`) adds ``ood_score`` (float32, the
 Mahalanobis score of the guard's feature layer, computed in the graph from the fitted
-constants) and ``in_distribution`` (bool): ``ood_score <= ood.json's threshold`` and, in
-``serving_default`` only, no image check failed (the inverted / on-its-side checks run in the
-graph on the decoded full film, before the crop; the ``preprocessed`` signatures never see the
-full film, so there ``in_distribution`` is the feature score alone). A run without
-``ood.json`` exports without these two outputs (a warning says how to fit the guard).
+constants) and ``in_distribution`` (bool): ``ood_score <= ood.json's threshold``, not upside
+down by the guard's probe on the model input and, in ``serving_default`` only, not inverted or
+on its side (checked in the graph on the decoded full film, before the crop; the
+``preprocessed`` signatures never see the full film). Where ``in_distribution`` is false the
+image gets no diagnosis: ``label`` is -1 (predict's ``label: null``; the probabilities stay). A
+run without ``ood.json`` exports without these two outputs (a warning says how to fit the
+guard), and its labels are 0 or 1.
 A three-class run (``--task=subtype``) adds ``class_probabilities`` (``[N, 3]`` float32, the
-model's softmax over NORMAL, BACTERIAL, VIRAL), ``subtype`` (int64: 0 where ``label`` is 0, else
-1 BACTERIAL or 2 VIRAL, the larger of the two pneumonia probabilities) and
+model's softmax over NORMAL, BACTERIAL, VIRAL), ``subtype`` (int64: 0 where ``label`` is not 1,
+else 1 BACTERIAL or 2 VIRAL, the larger of the two pneumonia probabilities) and
 ``subtype_probability`` (float32, that larger one given pneumonia, ``sigmoid(|z_b - z_v| / T_s)``
 with ``calibration.json``'s subtype temperature ``T_s``; defined for every image).
+
+``serving_default`` refers as ``predict`` does, for the same bytes (:mod:`pneumo_tf.serving.refer`;
+tests/serving/test_refer.py): ``refer`` (bool), ``refer_reasons`` (string: the reasons' names
+joined by commas in :data:`pneumo_tf.serving.refer.REFER_REASONS` order, predict's
+``refer_reasons``; empty where none) and ``refer_reason_flags`` (``[N, K]`` bool, a column per
+reason in that order; ``pneumo_tf_serving.json`` lists them as ``refer_reason_names``). The
+reasons: ``uncertain`` (the calibrated probability within ``--refer_band`` of the threshold,
+0.1 by default, baked in and written to ``pneumo_tf_serving.json`` as ``refer_band``; only for
+images in distribution), the film checks ``aspect_ratio``, ``blank``, ``underexposed``,
+``overexposed`` and ``low_resolution`` (on the decoded film, its full-resolution size and the
+crop), ``inverted``, ``on_its_side``, ``upside_down`` (only where the feature score accepts the
+image), ``not_a_chest_film`` and, with a lung model baked in, ``no_lungs_found``.
 
 With a lung model (``--lung_model=LUNGS_RUN``; a run trained on ``--crop=lungs`` data takes the
 one its data was cropped with, named in its data manifest) the SavedModel carries the U-Net too
@@ -82,7 +96,10 @@ A JPEG's EXIF orientation is applied in the graph too (:func:`pneumo_tf.data.dec
 tf_jpeg_exif_orientation`). Known differences: a PNG's EXIF orientation is not applied in the
 graph; animated GIFs use their first frame; when one side is upsampled and the other
 downsampled (a crop smaller than S on one side only), OpenCV's and TF's "area" resizes differ by
-up to ~40 grey levels (``predict`` refers crops under S/2 as ``low_resolution``).
+up to ~40 grey levels (``predict`` and ``serving_default`` refer crops under S/2 as
+``low_resolution``). Where the pixels differ (those cases, or a grey level after the resize) an
+image whose probability, OOD score or probe value lies that close to a limit can get another
+label or reason in predict than in ``serving_default``.
 ``--crop=adaptive`` runs have no in-graph crop and cannot be exported as a bytes SavedModel (use
 TFLite or ``pneumo_tf.predict``, which crop on the host). The lung crop in the graph finds the same
 boxes as the converter on 8-bit JPEG and PNG films (the U-Net's input differs by at most a grey
@@ -108,6 +125,7 @@ from pneumo_tf.modeling.precision import float32_model, is_mixed_precision  # no
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.image import preprocess
 from pneumo_tf.core import quiet_tf, rundir
+from pneumo_tf.serving import refer
 from pneumo_tf.serving import runtime as serving
 from pneumo_tf.data import decode, records
 
@@ -244,10 +262,11 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
         decoded = tf.map_fn(decode_one, images, fn_output_signature=specs)
-        out = serving.saved_model_outputs(core, decoded[0], cfg, ood_stats, decoded[1])
+        checks, lungs = dict(decoded[1]), {}
         if settings is not None:
-            out.update(lung_serving.tf_lung_summary(decoded[2], settings))
-        return out
+            lungs = lung_serving.tf_lung_summary(decoded[2], settings)
+            checks[refer.NO_LUNGS_FOUND] = tf.logical_not(lungs["lungs_found"])
+        return {**serving.saved_model_outputs(core, decoded[0], cfg, ood_stats, checks), **lungs}
 
     def preprocessed_outputs(image):
         out = serving.saved_model_outputs(core, image, cfg, ood_stats)
@@ -274,28 +293,34 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
 
 def _bytes_decoder(cfg: serving.ServingConfig, unet, settings):
     """The bytes signature's per-file function and its output specs: image bytes -> ``([S, S, 1]
-    uint8 model input, bool image-check flag[, [G, G] lung map])``; with a lung model the film's
-    map comes from it, and a ``--crop=lungs`` run crops to its box (the converter's crop)."""
+    uint8 model input, {name: bool} film checks[, [G, G] lung map])``; with a lung model the
+    film's map comes from it, and a ``--crop=lungs`` run crops to its box (the converter's crop).
+    The checks are predict's (:func:`pneumo_tf.serving.predictor.read_inputs`): the film checks
+    of :mod:`pneumo_tf.serving.refer` and the orientation checks of the decoded full film."""
     import tensorflow as tf
 
     from pneumo_tf.serving import lungs as lung_serving
     from pneumo_tf.serving import ood
 
     s = cfg.image_size
-    specs = (tf.TensorSpec([s, s, 1], tf.uint8), tf.TensorSpec([], tf.bool))
+    names = refer.FILM_REASONS + (refer.INVERTED, refer.ON_ITS_SIDE)
+    specs = (tf.TensorSpec([s, s, 1], tf.uint8),
+             {name: tf.TensorSpec([], tf.bool) for name in names})
 
     def decode_one(image_bytes):
-        gray = decode.tf_decode_gray(image_bytes, s, cfg.crop)
-        inverted, on_its_side = ood.tf_film_orientation_flags(gray)
-        flag = tf.logical_or(inverted, on_its_side)
+        film = decode.tf_decode_film(image_bytes, s, cfg.crop)
+        gray = film["gray"]
+        lung = lung_serving.tf_film_lungs(unet, gray, settings) if settings is not None else {}
+        crop = (cfg.crop, lung.get("box"), lung.get("found"))
+        image = preprocess.tf_preprocess_gray(gray, s, *crop)
+        top, bottom, left, right = preprocess.tf_crop_box(gray, *crop)
+        checks = refer.film_flags(refer.tf_film_statistics(
+            gray, (film["height"], film["width"]),
+            ((bottom - top) * film["scale"], (right - left) * film["scale"])), s)
+        checks[refer.INVERTED], checks[refer.ON_ITS_SIDE] = ood.tf_film_orientation_flags(gray)
         if settings is None:
-            return preprocess.tf_preprocess_gray(gray, s, cfg.crop), flag
-        lung = lung_serving.tf_film_lungs(unet, gray, settings)
-        if cfg.crop == "lungs":
-            image = preprocess.tf_preprocess_gray(gray, s, cfg.crop, lung["box"], lung["found"])
-        else:
-            image = preprocess.tf_preprocess_gray(gray, s, cfg.crop)
-        return image, flag, lung["lung_mask"]
+            return image, checks
+        return image, checks, lung["lung_mask"]
 
     if settings is not None:
         g = settings.image_size
@@ -544,7 +569,8 @@ def dir_bytes(path: Path) -> int:
 
 def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None,
                parity_count: int = 32, seed: int = 0,
-               calibration_name: str = rundir.VAL_CALIBRATION, lungs=None) -> dict:
+               calibration_name: str = rundir.VAL_CALIBRATION, lungs=None,
+               refer_band: float = refer.DEFAULT_REFER_BAND) -> dict:
     """Export a run: serving config, SavedModel and/or TFLite variants, then ``parity.json``.
 
     Args:
@@ -558,6 +584,8 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
             ``R/export/``) or a site calibration (written to ``R/export_<name>/``).
         lungs: :class:`pneumo_tf.serving.lungs.LungOptions` (``--lung_model`` and the no-lungs
             thresholds); a ``--crop=lungs`` run serves with its own lung model by default.
+        refer_band: the ``uncertain`` band the bytes signature refers by (calibrated
+            probability; in ``pneumo_tf_serving.json``, and predict's default for the export).
 
     Returns:
         The parity report written to ``parity.json`` of the export folder.
@@ -580,6 +608,7 @@ def export_run(run_dir: str | os.PathLike, formats=EXPORT_FORMATS, data_dir=None
     calibration = calibration_for_export(run, data_dir, calibration_name)
     cfg = serving.serving_config_for_run(run, calibration, calibration_name)
     cfg.lungs = settings.to_json() if settings is not None else None
+    cfg.refer_band = float(refer_band)
     if "saved_model" in formats:
         check_in_graph_crop(cfg)
     run_model = rundir.load_model(run)

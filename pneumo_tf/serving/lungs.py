@@ -7,8 +7,8 @@ sure it is of those pixels (``lung_confidence``: their mean lung probability). F
 get a crisp map; anything else (a photo, a page of text, noise) a blurred one, whose lung share
 can still be large: a U-Net trained on films finds "lungs" in a page of text (BUILD.md, "Evidence
 in the lungs"). So :func:`lungs_found`, the one decision, asks both: the share at least
-``min_lung_fraction`` and the confidence at least ``min_lung_confidence``; predict refers a film
-where it fails (:data:`NO_LUNGS_FOUND`), beside the OOD guard.
+``min_lung_fraction`` and the confidence at least ``min_lung_confidence``; predict and the
+SavedModel's bytes signature refer a film where it fails (``no_lungs_found``, :mod:`pneumo_tf.serving.refer`), beside the OOD guard.
 
 - The guard (:func:`fit_guard`): ``min_lung_confidence`` of a lungs run, the confidence below
   which a fraction ``val_rate`` of its val films lie, in ``R/lung_guard.json`` (fitted at the end
@@ -37,8 +37,6 @@ from pneumo_tf.modeling import lungs as lungs_lib
 
 log = logging.getLogger(__name__)
 
-# predict's refer reason where the lung model finds no lungs.
-NO_LUNGS_FOUND = "no_lungs_found"
 # Fraction of a lungs run's val films whose lung confidence the guard may call too low.
 DEFAULT_VAL_RATE = 0.01
 # The outputs every lung signature gives (and TFLite lung models).

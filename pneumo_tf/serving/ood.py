@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_tf.core import atomic_files, rundir
+from pneumo_tf.serving.refer import INVERTED, ON_ITS_SIDE, UPSIDE_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ DEFAULT_LAYER = "auto"
 AUTO_MAX_GAP_WIDTH = 1024
 LEGACY_LAYER = "dense"   # the layer of an ood.json that does not name one
 DEFAULT_VAL_RATE = 0.01
-# predict's refer reason for a feature score above the threshold.
-NOT_A_CHEST_FILM = "not_a_chest_film"
-# predict's refer reason for a film the upright probe reads as upside down.
-UPSIDE_DOWN = "upside_down"
 THUMB = 16
 
 
@@ -290,13 +287,14 @@ def band_contrasts(gray: np.ndarray) -> tuple[float, float]:
 
 
 def film_orientation_reasons(gray: np.ndarray) -> list[str]:
-    """``["inverted"]``, ``["on_its_side"]`` or ``[]`` for a decoded ``[H, W] uint8`` film."""
+    """``[INVERTED]``, ``[ON_ITS_SIDE]`` or ``[]`` for a decoded ``[H, W] uint8`` film (the
+    names: :mod:`pneumo_tf.serving.refer`)."""
     vertical, horizontal = band_contrasts(gray)
     sideways = horizontal - vertical > MAX_BAND_RATIO_GAP and horizontal > MIN_VERTICAL_BAND
     if vertical >= MIN_VERTICAL_BAND and not sideways:
         return []
     # A dark spine (inverted) or a bright band across the rows (on its side): the stronger wins.
-    return ["inverted"] if -vertical >= horizontal else ["on_its_side"]
+    return [INVERTED] if -vertical >= horizontal else [ON_ITS_SIDE]
 
 
 def tf_film_orientation_flags(gray):
@@ -410,24 +408,3 @@ def tf_upside_down(images, upright: dict):
     values = tf.reshape(t, [-1, THUMB * THUMB]) @ tf.constant(
         np.asarray(upright["weights"], np.float32)[:, None])
     return values[:, 0] + upright["bias"] < upright["threshold"]
-
-
-def in_distribution(score, threshold: float, image_reasons: list[str]) -> bool | None:
-    """The verdict of one image: the feature score at most ``threshold`` and no image-check
-    reason; None when there is no score (a run without ``ood.json``)."""
-    if score is None:
-        return None
-    return bool(score <= threshold) and not image_reasons
-
-
-def refer_reasons(score, threshold: float | None, image_reasons: list[str]) -> list[str]:
-    """``predict``'s reasons from the guard, each true of the input: the image checks' of the
-    decoded film (``inverted``, ``on_its_side``), ``upside_down`` (the probe) only for an input
-    the feature score accepts, then :data:`NOT_A_CHEST_FILM` when the score is above the
-    threshold. The probe reads the model's features as a film's: on anything else (a photo, a
-    quarter of a film) it fires at random, and a photo is not an upside-down film."""
-    rejected = score is not None and threshold is not None and score > threshold
-    reasons = [r for r in image_reasons if not (rejected and r == UPSIDE_DOWN)]
-    if rejected:
-        reasons.append(NOT_A_CHEST_FILM)
-    return reasons

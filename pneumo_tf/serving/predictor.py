@@ -43,16 +43,20 @@ on the calibrated scale, and ``label`` is 1 exactly when
 (``--calibration=NAME``: ``R/calibrations/NAME.json``), or for an exported model the one baked
 in at export (``--calibration`` must then name that one). ``refer`` is
 true when the case should go to a human: the calibrated probability lies within
-``--refer_band`` of the threshold (``uncertain``), the image looks unlike a chest film (see
-:func:`film_refer_reasons`), or the run's out-of-distribution guard (:mod:`pneumo_tf.ood`)
-rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded full film),
-``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its feature
-score is above the guard's threshold; the probe reads the features as a film's, so
-``upside_down`` is only given for inputs the score accepts: a photo is not an upside-down film). ``ood_score`` is that score and
-``in_distribution`` is true when it is at most the threshold and no image check failed. An input
-with ``in_distribution`` false gets no diagnosis: ``label``, ``class_name`` (and a three-class
-run's ``subtype`` fields) are null, ``refer`` is true, and the probabilities stay for audit (the
-table shows ``-`` as its label). A model without a guard (a run without ``ood.json``, or exported from one) still
+``--refer_band`` of the threshold (``uncertain``; by default the model's band: 0.1, or the one
+an exported model was given), the image looks unlike a chest film (see
+:func:`pneumo_tf.serving.refer.film_refer_reasons`), or the run's out-of-distribution guard
+(:mod:`pneumo_tf.ood`) rejects it: ``inverted`` or ``on_its_side`` (image checks of the decoded
+full film), ``upside_down`` (the guard's probe on the model input) or ``not_a_chest_film`` (its
+feature score is above the guard's threshold; the probe reads the features as a film's, so
+``upside_down`` is only given for inputs the score accepts: a photo is not an upside-down
+film). ``refer_reasons`` lists them in :data:`pneumo_tf.serving.refer.REFER_REASONS` order, by
+the rule the SavedModel's bytes signature follows (:func:`pneumo_tf.serving.refer.decide`).
+``ood_score`` is that score and ``in_distribution`` is true when it is at most the threshold
+and no image check failed. An input with ``in_distribution`` false gets no diagnosis:
+``label``, ``class_name`` (and a three-class run's ``subtype`` fields) are null, ``refer`` is
+true, and the probabilities stay for audit (the table shows ``-`` as its label). A model
+without a guard (a run without ``ood.json``, or exported from one) still
 predicts: ``ood_score`` and ``in_distribution`` are null (the image checks still refer). A
 failed input has ``path`` and ``error`` only; the other inputs are still predicted and the
 exit status is 1.
@@ -78,7 +82,7 @@ import pneumo_tf
 from pneumo_tf.evaluation import calibration
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.serving import lungs as lung_serving
-from pneumo_tf.serving import ood
+from pneumo_tf.serving import ood, refer
 from pneumo_tf.image import preprocess
 from pneumo_tf.core import rundir
 from pneumo_tf.serving import runtime as serving
@@ -90,19 +94,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 MODEL_KINDS = ("run_dir", "keras", "saved_model", "tflite")
 OUTPUT_FORMATS = ("jsonl", "table")
-DEFAULT_REFER_BAND = 0.1
-
-# "Looks unlike a chest film" limits. Chosen to pass every one of the 1000 near-full-resolution
-# Kermany train images (width/height 0.84-3.2, mean grey 67-183, grey std >= 27.6, at most 36 %
-# of pixels <= 10 and 12.5 % >= 245) with a margin, and to catch blank, black, white, strip-shaped
-# and tiny images. Measured at S = 224, fixed crop: 2 of those 1000 images are referred
-# (low_resolution), 0 of 1044 from the third-party 224 px copy of the train split.
-MIN_ASPECT, MAX_ASPECT = 0.6, 3.5  # width / height
-MIN_GREY_STD = 10.0                # below: blank or near-constant
-MIN_MEAN_GREY, MAX_MEAN_GREY = 40.0, 215.0
-DARK_LEVEL, MAX_DARK_FRACTION = 10, 0.6
-BRIGHT_LEVEL, MAX_BRIGHT_FRACTION = 245, 0.4
-LOW_RESOLUTION_FACTOR = 2  # crop side * this < image_size -> upsampled > 2x
 
 
 class PredictError(ValueError):
@@ -358,7 +349,7 @@ class InputImage:
     Attributes:
         path: the path as given (or found in a folder).
         image: ``[S, S] uint8`` model input (None when ``error``).
-        refer_reasons: film-likeness reasons (see :func:`film_refer_reasons`).
+        refer_reasons: film-likeness reasons (:func:`pneumo_tf.serving.refer.film_refer_reasons`).
         error: why the input could not be used, or None.
         image_checks: the OOD guard's image checks of the full film
             (:func:`pneumo_tf.ood.film_orientation_reasons`: ``inverted``, ``on_its_side``).
@@ -394,38 +385,6 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[InputImage]:
         else:
             out.append(InputImage(str(given), error="no such file or directory"))
     return out
-
-
-def film_refer_reasons(gray: np.ndarray, orig_height: int, orig_width: int, crop_hw: tuple[int, int],
-                       image_size: int) -> list[str]:
-    """Reasons an image looks unlike a usable chest film (empty list: none).
-
-    Args:
-        gray: ``[h, w] uint8`` decoded image (possibly DCT-reduced; statistics are scale-free).
-        orig_height, orig_width: full-resolution size, pixels.
-        crop_hw: the crop region's size in full-resolution pixels.
-        image_size: model input side S.
-
-    Returns:
-        Subset of ``aspect_ratio``, ``blank``, ``underexposed``, ``overexposed``,
-        ``low_resolution`` (the crop is less than S/2 on a side: upsampled more than 2x; the
-        third-party 224 px Kermany copy, upsampled 1.3x-1.7x by the fixed crop, passes).
-    """
-    reasons = []
-    aspect = orig_width / max(orig_height, 1)
-    if not MIN_ASPECT <= aspect <= MAX_ASPECT:
-        reasons.append("aspect_ratio")
-    g = gray.astype(np.float32)
-    if g.std() < MIN_GREY_STD:
-        reasons.append("blank")
-    mean = float(g.mean())
-    if mean < MIN_MEAN_GREY or np.mean(gray <= DARK_LEVEL) > MAX_DARK_FRACTION:
-        reasons.append("underexposed")
-    if mean > MAX_MEAN_GREY or np.mean(gray >= BRIGHT_LEVEL) > MAX_BRIGHT_FRACTION:
-        reasons.append("overexposed")
-    if min(crop_hw) * LOW_RESOLUTION_FACTOR < image_size:
-        reasons.append("low_resolution")
-    return reasons
 
 
 def read_input(path: str, image_size: int, crop: str,
@@ -493,7 +452,7 @@ def _finish_input(path: str, gray: np.ndarray, orig_hw: tuple[int, int], scale: 
     else:
         image, box, _ = preprocess.preprocess_gray(gray, image_size, crop)
     crop_hw = ((box.bottom - box.top) * scale, (box.right - box.left) * scale)
-    reasons = film_refer_reasons(gray, orig_hw[0], orig_hw[1], crop_hw, image_size)
+    reasons = refer.film_refer_reasons(gray, orig_hw[0], orig_hw[1], crop_hw, image_size)
     return InputImage(path, image=image, refer_reasons=reasons,
                       image_checks=ood.film_orientation_reasons(gray), lungs=finding)
 
@@ -516,13 +475,16 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
                   film_reasons: list[str], refer_band: float, ood_score: float | None = None,
                   image_checks: list[str] = (), class_probabilities=None,
                   lungs: preprocess.LungFinding | None = None) -> dict:
-    """The output record of one predicted input (see the module docstring).
+    """The output record of one predicted input (see the module docstring); refer, its reasons
+    and ``in_distribution`` by :func:`pneumo_tf.serving.refer.decide`, as the bytes signature.
 
     ``label`` is :func:`pneumo_tf.evaluation.metrics.decide_label` of the record's own
     ``calibrated_probability`` and ``threshold`` (the calibrated-scale threshold), so
     ``label == (calibrated_probability >= threshold)`` holds for the numbers in the record.
 
     Args:
+        film_reasons: the film checks that failed (:data:`pneumo_tf.serving.refer.FILM_REASONS`).
+        refer_band: half-width of the ``uncertain`` band around the threshold.
         ood_score: the image's OOD score, or None (a model without a guard).
         image_checks: the guard's image checks that failed (``inverted``, ``on_its_side``,
             ``upside_down``).
@@ -535,22 +497,22 @@ def result_record(path: str, probability: float, config: serving.ServingConfig,
     calibrated = float(calibration.apply_temperature(np.float64(probability), config.temperature))
     threshold = config.calibrated_threshold()
     label = int(pmetrics.decide_label(calibrated, threshold))
-    reasons = list(film_reasons) + ood.refer_reasons(ood_score, config.ood_threshold,
-                                                     list(image_checks))
+    found = set(film_reasons) | set(image_checks)
     if lungs is not None and not lung_serving.lungs_found(
             lungs.fraction, lungs.confidence, lung_serving.LungSettings.from_json(config.lungs)):
-        reasons.append(lung_serving.NO_LUNGS_FOUND)
+        found.add(refer.NO_LUNGS_FOUND)
     known = ood_score is not None and config.ood_threshold is not None
-    in_distribution = ood.in_distribution(ood_score, config.ood_threshold,
-                                          list(image_checks)) if known else None
+    decided = refer.decide({name: np.bool_(name in found) for name in refer.CHECKS},
+                           np.bool_(known and ood_score > config.ood_threshold),
+                           np.bool_(abs(calibrated - threshold) <= refer_band), known)
+    in_distribution = bool(decided["in_distribution"]) if known else None
     diagnosed = in_distribution is not False  # no diagnosis for what the guard rejects
-    if diagnosed and abs(calibrated - threshold) <= refer_band:
-        reasons.insert(0, "uncertain")
     record = {"path": path, "probability": float(probability),
               "calibrated_probability": calibrated, "threshold": threshold,
               "calibration": config.calibration, "label": label if diagnosed else None,
               "class_name": pneumo_tf.CLASS_NAMES[label] if diagnosed else None,
-              "refer": bool(reasons) or not diagnosed, "refer_reasons": reasons,
+              "refer": bool(decided["refer"]),
+              "refer_reasons": refer.reason_names(decided["reasons"]),
               "ood_score": float(ood_score) if known else None,
               "in_distribution": in_distribution,
               "lung_fraction": float(lungs.fraction) if lungs is not None else None,
@@ -568,8 +530,8 @@ def gradcam_file_name(index: int, path: str) -> str:
 
 
 def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batch_size: int = 32,
-                  refer_band: float = DEFAULT_REFER_BAND, gradcam_dir: str | os.PathLike | None = None
-                  ) -> Iterator[dict]:
+                  refer_band: float | None = None,
+                  gradcam_dir: str | os.PathLike | None = None) -> Iterator[dict]:
     """Predict every input, batch by batch; yields one record per input, in input order.
 
     Args:
@@ -577,7 +539,8 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
         paths: files and folders.
         batch_size: images per forward pass.
         refer_band: half-width of the uncertainty band around the threshold, in calibrated
-            probability.
+            probability (None: the model's, ``config.refer_band``: the one baked in at export,
+            else :data:`pneumo_tf.serving.refer.DEFAULT_REFER_BAND`).
         gradcam_dir: write one Grad-CAM overlay PNG per predicted input here (Keras models only).
 
     Raises:
@@ -585,6 +548,7 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | os.PathLike], batc
     """
     if batch_size < 1:
         raise PredictError(f"--batch_size={batch_size}: must be at least 1")
+    refer_band = predictor.config.refer_band if refer_band is None else refer_band
     if not 0.0 <= refer_band <= 1.0:
         raise PredictError(f"--refer_band={refer_band}: must be in [0, 1]")
     cam_model = None

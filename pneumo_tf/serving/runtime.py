@@ -27,6 +27,7 @@ import pneumo_tf
 from pneumo_tf.evaluation import calibration as calibration_lib
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.core import quiet_tf, rundir
+from pneumo_tf.serving import refer
 
 SERVING_CONFIG_NAME = "pneumo_tf_serving.json"
 # A stored calibrated_threshold may differ from the one computed from threshold and temperature
@@ -70,6 +71,8 @@ class ServingConfig:
         lungs: the lung model served beside the classifier and its thresholds
             (:meth:`pneumo_tf.serving.lungs.LungSettings.to_json`; a ``--crop=lungs`` run's crop
             and every ``lung_fraction``), or None.
+        refer_band: half-width of the ``uncertain`` band around the threshold, in calibrated
+            probability (baked into the bytes signature; predict's default).
     """
 
     image_size: int
@@ -86,12 +89,15 @@ class ServingConfig:
     subtype_temperature: float = 1.0
     ood: dict | None = None
     lungs: dict | None = None
+    refer_band: float = refer.DEFAULT_REFER_BAND
 
     def to_json(self) -> dict:
-        """The fields plus ``calibrated_threshold``, ``label_names`` and ``normalisation`` (and
-        ``subtype_names`` for a subtype model)."""
+        """The fields plus ``calibrated_threshold``, ``label_names``, ``refer_reason_names``
+        (the columns of ``refer_reason_flags``) and ``normalisation`` (and ``subtype_names`` for
+        a subtype model)."""
         out = {**dataclasses.asdict(self), "calibrated_threshold": self.calibrated_threshold(),
                "label_names": list(pneumo_tf.CLASS_NAMES),
+               "refer_reason_names": list(refer.REFER_REASONS),
                "normalisation": "inside the model (PixelNorm layer)"}
         if self.task == "subtype":
             out["subtype_names"] = list(pneumo_tf.SUBTYPE_NAMES)
@@ -108,7 +114,8 @@ class ServingConfig:
 
         A config written before ``calibration`` existed held ``calibration.json``: ``val``
         (``none`` when it was uncalibrated). One written before the subtype task and the OOD
-        guard existed is a binary model without a guard.
+        guard existed is a binary model without a guard; one without ``refer_band`` has the
+        default band.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in obj.items() if k in names}
@@ -223,7 +230,7 @@ def _ood_info(run_dir) -> dict | None:
 
 
 def saved_model_outputs(model, images, cfg: ServingConfig, ood_stats=None,
-                        image_flags=None) -> dict:
+                        film_checks: dict | None = None) -> dict:
     """The outputs of every SavedModel signature (and TFLite model), for ``[N, S, S, 1] uint8``.
 
     Args:
@@ -231,20 +238,26 @@ def saved_model_outputs(model, images, cfg: ServingConfig, ood_stats=None,
             :func:`pneumo_tf.evaluation.scoring.outputs_model` (``class_logits`` and ``features`` add
             outputs).
         images: the batch.
-        cfg: the serving facts (temperature, thresholds).
+        cfg: the serving facts (temperature, thresholds, refer band).
         ood_stats: :class:`pneumo_tf.ood.OodStats` whose constants go into the graph (the model
             must then give ``features``), or None (no OOD outputs).
-        image_flags: ``[N]`` bool, true where an image check of the full film failed (the bytes
-            signature), or None (the preprocessed signatures cannot see the full film).
+        film_checks: ``{name: [N] bool}``, what the bytes signature checked of each decoded
+            film (names of :data:`pneumo_tf.serving.refer.CHECKS`: the film checks, the
+            orientation checks, ``no_lungs_found``; a name left out is false), or None (the
+            preprocessed signatures cannot see the full film: no refer outputs).
 
     Returns:
         ``{"probability": float32 (the model's), "calibrated_probability": float32,
         "threshold": float32 (the operating threshold on the calibrated scale, repeated per
-        image), "label": int64 (:func:`pneumo_tf.evaluation.metrics.decide_label` of the two before)}``, all ``[N]``; with
+        image), "label": int64 (:func:`pneumo_tf.evaluation.metrics.decide_label` of the two
+        before; -1 where ``in_distribution`` is false: no diagnosis)}``, all ``[N]``; with
         ``ood_stats`` also ``"ood_score": [N] float32`` and ``"in_distribution": [N] bool``
-        (score <= threshold and no image flag); for a subtype model also
+        (score <= threshold, not upside down by the guard's probe, no orientation check
+        failed); with ``film_checks`` also :func:`pneumo_tf.serving.refer.tf_refer_outputs`
+        (``refer``, ``refer_reason_flags``, ``refer_reasons``) by
+        :func:`pneumo_tf.serving.refer.decide`, predict's rule; for a subtype model also
         ``"class_probabilities": [N, 3] float32`` (the model's softmax, NORMAL, BACTERIAL,
-        VIRAL), ``"subtype": [N] int64`` (0 where ``label`` is 0, else 1 or 2: the larger
+        VIRAL), ``"subtype": [N] int64`` (0 where ``label`` is not 1, else 1 or 2: the larger
         pneumonia probability) and ``"subtype_probability": [N] float32`` (the larger of the
         two, given pneumonia: ``sigmoid(|z_b - z_v| / T_subtype)``).
     """
@@ -257,21 +270,37 @@ def saved_model_outputs(model, images, cfg: ServingConfig, ood_stats=None,
     threshold = tf.fill(tf.shape(cal), tf.constant(cfg.calibrated_threshold(), tf.float32))
     result = {"probability": p, "calibrated_probability": cal, "threshold": threshold,
               "label": pmetrics.decide_label(cal, threshold)}
+    no = tf.zeros_like(p, tf.bool)
+    checks = {**{name: no for name in refer.CHECKS}, **(film_checks or {})}
+    rejected = no
     if ood_stats is not None:
-        from pneumo_tf.serving import ood
-
-        score = ood.tf_mahalanobis_scores(out["features"], ood_stats.means, ood_stats.precision)
-        inside = score <= tf.constant(ood_stats.threshold, tf.float32)
-        if image_flags is not None:
-            inside = tf.logical_and(inside, tf.logical_not(image_flags))
-        if ood_stats.upright is not None:
-            inside = tf.logical_and(inside, tf.logical_not(
-                ood.tf_upside_down(images, ood_stats.upright)))
-        result.update(ood_score=score, in_distribution=inside)
+        result["ood_score"], rejected, checks[refer.UPSIDE_DOWN] = _guard_outputs(
+            images, out["features"], ood_stats, no)
+    decided = refer.decide(checks, rejected, tf.abs(cal - threshold) <= cfg.refer_band,
+                           guarded=ood_stats is not None)
+    if ood_stats is not None:
+        result["in_distribution"] = decided["in_distribution"]
+        result["label"] = tf.where(decided["in_distribution"], result["label"],
+                                   tf.constant(-1, tf.int64))
+    if film_checks is not None:
+        result.update(refer.tf_refer_outputs(decided))
     if "class_logits" in out:
         result.update(_subtype_outputs(tf.cast(out["class_logits"], tf.float32), result["label"],
                                        cfg.subtype_temperature))
     return result
+
+
+def _guard_outputs(images, features, ood_stats, no) -> tuple:
+    """The guard in the graph: ``(ood_score [N] float32, rejected [N] bool: the score above its
+    threshold, upside_down [N] bool: the probe's verdict, ``no`` for a guard without one)``."""
+    import tensorflow as tf
+
+    from pneumo_tf.serving import ood
+
+    score = ood.tf_mahalanobis_scores(features, ood_stats.means, ood_stats.precision)
+    upside_down = no if ood_stats.upright is None else ood.tf_upside_down(images,
+                                                                          ood_stats.upright)
+    return score, score > tf.constant(ood_stats.threshold, tf.float32), upside_down
 
 
 def _subtype_outputs(logits, label, subtype_temperature: float) -> dict:

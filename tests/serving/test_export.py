@@ -133,7 +133,8 @@ def test_saved_model_signatures_load_and_agree(exported, tmp_path):
     (spec,) = default.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None]
     assert set(default.structured_outputs) == {"probability", "calibrated_probability",
-                                               "threshold", "label"}
+                                               "threshold", "label", "refer", "refer_reasons",
+                                               "refer_reason_flags"}
 
     files = phantom_files(tmp_path / "img", sizes=((300, 380), (700, 520)))
     names = sorted(files)
@@ -182,18 +183,19 @@ def _sweep_images(size: int) -> np.ndarray:
     return images
 
 
-@pytest.mark.parametrize("temperature, threshold", [(1.7, 0.45), (0.6, 0.8)])
+@pytest.mark.parametrize("temperature, threshold, band", [(1.7, 0.45, 0.1), (0.6, 0.8, 0.0)])
 def test_saved_model_label_is_calibrated_probability_at_threshold(tmp_path, temperature,
-                                                                  threshold):
-    """Every signature: label == (calibrated_probability >= threshold), also at the threshold."""
+                                                                  threshold, band):
+    """Every signature: label == (calibrated_probability >= threshold), also at the threshold;
+    the bytes signature refers ``uncertain`` within the refer band baked in."""
     import tensorflow as tf
 
-    from pneumo_tf.serving import export
+    from pneumo_tf.serving import export, refer
     from pneumo_tf.serving import runtime as serving
 
     size = 8
     cfg = serving.ServingConfig(size, "none", temperature=temperature, threshold=threshold,
-                                calibrated=True)
+                                calibrated=True, refer_band=band)
     export.export_saved_model(_sweep_model(size, threshold), cfg, tmp_path / "sm")
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     images = _sweep_images(size)
@@ -212,6 +214,10 @@ def test_saved_model_label_is_calibrated_probability_at_threshold(tmp_path, temp
         # The sweep reaches the threshold within float32 rounding of it.
         gap = np.abs(out["calibrated_probability"] - out["threshold"])
         assert gap.min() <= np.spacing(out["threshold"][0]), name
+    uncertain = out["refer_reason_flags"][:, refer.REFER_REASONS.index(refer.UNCERTAIN)]
+    np.testing.assert_array_equal(uncertain, gap <= np.float32(band))
+    assert uncertain.all() == (band > 0)  # the sweep stays within 0.1 of the threshold
+    assert all(r.startswith(b"uncertain") == u for r, u in zip(out["refer_reasons"], uncertain))
 
 
 def test_saved_model_cli_shows_the_signatures(exported):
@@ -525,6 +531,8 @@ def subtype_export(subtype_run, tmp_path_factory):
 def test_every_signature_of_a_subtype_run_adds_the_guard_and_the_subtype(subtype_export):
     import tensorflow as tf
 
+    from pneumo_tf.serving import refer
+
     run, data, _ = subtype_export
     loaded = tf.saved_model.load(str(run / "export" / "saved_model"))
     rng = np.random.default_rng(0)
@@ -532,6 +540,8 @@ def test_every_signature_of_a_subtype_run_adds_the_guard_and_the_subtype(subtype
     calls = {"serving_default": {"images": tf.constant([_png(im[..., 0]) for im in images])},
              "preprocessed": {"image": tf.constant(images)},
              "preprocessed_float": {"image": tf.constant(images.astype(np.float32))}}
+    refer_outputs = {"refer": (np.bool_, (5,)), "refer_reasons": (np.object_, (5,)),
+                     "refer_reason_flags": (np.bool_, (5, len(refer.REFER_REASONS)))}
     for name, kwargs in calls.items():
         out = {k: v.numpy() for k, v in loaded.signatures[name](**kwargs).items()}
         assert {k: (v.dtype, v.shape) for k, v in out.items()} == {
@@ -539,10 +549,13 @@ def test_every_signature_of_a_subtype_run_adds_the_guard_and_the_subtype(subtype
             "threshold": (np.float32, (5,)), "label": (np.int64, (5,)),
             "ood_score": (np.float32, (5,)), "in_distribution": (np.bool_, (5,)),
             "class_probabilities": (np.float32, (5, 3)), "subtype": (np.int64, (5,)),
-            "subtype_probability": (np.float32, (5,))}, name
+            "subtype_probability": (np.float32, (5,)),
+            **(refer_outputs if name == "serving_default" else {})}, name
         np.testing.assert_allclose(out["probability"], 1 - out["class_probabilities"][:, 0],
                                    atol=1e-6)
-        assert ((out["subtype"] == 0) == (out["label"] == 0)).all()
+        # No diagnosis (label -1) where the guard rejects the image; a subtype for PNEUMONIA only.
+        np.testing.assert_array_equal(out["label"] == -1, ~out["in_distribution"])
+        assert ((out["subtype"] == 0) == (out["label"] != 1)).all()
         assert (out["subtype_probability"] >= 0.5).all()
     config = json.loads((run / "export" / "pneumo_tf_serving.json").read_text())
     assert config["task"] == "subtype" and config["ood"]["threshold"] > 0
@@ -594,23 +607,15 @@ def test_the_guard_costs_the_tflite_model_little(subtype_run):
         assert 0 < with_guard - without < constants * bytes_per_value + 8192, variant
 
 
-def test_the_bytes_signature_flags_photos_and_inverted_films(phantom_ood_run, tmp_path):
+def test_the_bytes_signature_flags_photos_and_inverted_films(phantom_ood_export):
     """In-graph: the feature score and the two image checks of the decoded film."""
     import tensorflow as tf
     from sklearn.datasets import load_sample_images
 
-    from pneumo_tf.serving import export
-    from pneumo_tf.core import rundir
-    from pneumo_tf.serving import runtime as serving
     from pneumo_tf.data import phantoms
 
-    run, data, _ = phantom_ood_run
-    cfg = serving.serving_config_for_run(run, rundir.read_calibration(run))
-    from pneumo_tf.serving import ood
-
-    sm = export.export_saved_model(rundir.load_model(run), cfg, tmp_path / "sm",
-                                   ood.load_stats(run))
-    signature = tf.saved_model.load(str(sm)).signatures["serving_default"]
+    signature = tf.saved_model.load(str(phantom_ood_export["saved_model"])).signatures[
+        "serving_default"]
     rng = np.random.default_rng(11)
     films = [phantoms.generate_phantom(rng, i % 2, phantoms.draw_size(rng, 300, 480))[0]
              for i in range(12)]

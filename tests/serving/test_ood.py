@@ -172,20 +172,6 @@ def test_auto_layer_reads_narrow_pooled_features_and_the_head_otherwise():
     assert ood.resolve_layer(headless) == ood.LEGACY_LAYER
 
 
-def test_verdict_and_refer_reasons():
-    assert ood.in_distribution(3.0, 5.0, []) is True
-    assert ood.in_distribution(6.0, 5.0, []) is False
-    assert ood.in_distribution(3.0, 5.0, ["inverted"]) is False
-    assert ood.in_distribution(None, 5.0, []) is None
-    assert ood.refer_reasons(6.0, 5.0, ["inverted"]) == ["inverted", ood.NOT_A_CHEST_FILM]
-    # Each reason true of the input: the upside-down probe reads features as a film's, so an
-    # input the feature score rejects is not called upside down (a photo is not a film).
-    assert ood.refer_reasons(6.0, 5.0, [ood.UPSIDE_DOWN]) == [ood.NOT_A_CHEST_FILM]
-    assert ood.refer_reasons(3.0, 5.0, [ood.UPSIDE_DOWN]) == [ood.UPSIDE_DOWN]
-    assert ood.refer_reasons(3.0, 5.0, []) == []
-    assert ood.refer_reasons(None, None, ["on_its_side"]) == ["on_its_side"]
-
-
 @pytest.mark.slow
 def test_bench_ood_runs_end_to_end_on_phantoms(phantom_ood_run, tmp_path):
     run, _, src = phantom_ood_run

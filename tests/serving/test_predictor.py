@@ -234,25 +234,6 @@ def test_keras_models_load_in_safe_mode(exported_run, tmp_path):
 # Refer flags
 
 
-def test_film_refer_reasons_flag_unlike_films_only():
-    from pneumo_tf.serving import predictor as predict
-
-    film = phantom(400, 520)
-    assert predict.film_refer_reasons(film, 400, 520, (300, 312), 224) == []
-    blank = np.full((400, 520), 128, np.uint8)
-    assert predict.film_refer_reasons(blank, 400, 520, (300, 312), 224) == ["blank"]
-    black = np.zeros((400, 520), np.uint8)
-    assert predict.film_refer_reasons(black, 400, 520, (300, 312), 224) == ["blank", "underexposed"]
-    strip = phantom(100, 900)
-    assert "aspect_ratio" in predict.film_refer_reasons(strip, 100, 900, (75, 540), 32)
-    dark = (film * 0.3).astype(np.uint8)  # still has contrast, but mean grey ~29
-    assert predict.film_refer_reasons(dark, 400, 520, (300, 312), 224) == ["underexposed"]
-    bright = np.clip(film.astype(int) + 200, 0, 255).astype(np.uint8)
-    assert "overexposed" in predict.film_refer_reasons(bright, 400, 520, (300, 312), 224)
-    assert predict.film_refer_reasons(film, 400, 520, (150, 156), 224) == []
-    assert predict.film_refer_reasons(film, 400, 520, (100, 156), 224) == ["low_resolution"]
-
-
 def test_refer_band_around_the_calibrated_threshold():
     from pneumo_tf.evaluation import calibration
     from pneumo_tf.serving import predictor as predict
@@ -269,6 +250,18 @@ def test_refer_band_around_the_calibrated_threshold():
     assert far["calibrated_probability"] == pytest.approx(t_cal - 0.15)
     assert not far["refer"] and far["label"] == 0
     assert predict.result_record("x", p, cfg, ["blank"], 0.1)["refer_reasons"] == ["blank"]
+
+
+def test_the_refer_band_is_the_models_unless_given(exported_run, good_files):
+    """predict's default band is the serving config's (an export's baked-in one)."""
+    from pneumo_tf.serving import predictor as predict
+
+    predictor = predict.load_predictor(exported_run / "export" / "saved_model")
+    predictor.config.refer_band = 1.0  # as if exported with --refer_band=1
+    assert all("uncertain" in r["refer_reasons"]
+               for r in predict.predict_paths(predictor, good_files))
+    assert not any("uncertain" in r["refer_reasons"]
+                   for r in predict.predict_paths(predictor, good_files, refer_band=0.0))
 
 
 def _probabilities_around(t: float, n_ulps: int = 40) -> list[float]:
@@ -533,37 +526,25 @@ def ood_inputs(phantom_ood_run, tmp_path_factory):
     return files
 
 
-@pytest.fixture(scope="module")
-def ood_export(phantom_ood_run, tmp_path_factory):
-    """The phantom run (with its guard) exported: SavedModel and the float16 TFLite model."""
-    from pneumo_tf.serving import export
-
-    run, data, _ = phantom_ood_run
-    copy = tmp_path_factory.mktemp("ood_export") / "run"
-    shutil.copytree(run, copy)
-    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=16)
-    return {"run_dir": copy, "saved_model": copy / "export" / "saved_model",
-            "tflite": copy / "export" / "model_fp16.tflite"}
-
-
-def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
-    from pneumo_tf.serving import ood
+def test_rows_say_whether_the_image_is_a_chest_film(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import refer
 
-    rows = {kind: list(predict.predict_paths(predict.load_predictor(ood_export["run_dir"]), paths))
+    predictor = predict.load_predictor(phantom_ood_export["run_dir"])
+    rows = {kind: list(predict.predict_paths(predictor, paths))
             for kind, paths in ood_inputs.items()}
     for rec in (r for kind_rows in rows.values() for r in kind_rows):
         back = json.loads(json.dumps(rec))
         assert isinstance(back["ood_score"], float) and isinstance(back["in_distribution"], bool)
         assert back["in_distribution"] == (not set(back["refer_reasons"]) & {
-            ood.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
+            refer.NOT_A_CHEST_FILM, "inverted", "on_its_side"})
         assert "subtype" not in back  # a binary run
         # No diagnosis for what the guard rejects; the probabilities stay, for audit.
         diagnosed = back["in_distribution"]
         assert (back["label"] is None) == (back["class_name"] is None) == (not diagnosed), back
         assert back["refer"] or diagnosed
         assert 0.0 <= back["probability"] <= 1.0
-    assert all(r["refer_reasons"] == [ood.NOT_A_CHEST_FILM] for r in rows["photo"])
+    assert all(r["refer_reasons"] == [refer.NOT_A_CHEST_FILM] for r in rows["photo"])
     assert all("inverted" in r["refer_reasons"] and not r["in_distribution"]
                for r in rows["inverted"])
     assert all("on_its_side" in r["refer_reasons"] for r in rows["sideways"])
@@ -572,13 +553,13 @@ def test_rows_say_whether_the_image_is_a_chest_film(ood_export, ood_inputs):
     assert '"in_distribution": false' in line and '"ood_score": ' in line
 
 
-def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
+def test_every_model_kind_carries_the_guard(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
 
     paths = [p for kind_paths in ood_inputs.values() for p in kind_paths]
     reference = None
     for kind, (rtol, agreement) in OOD_KINDS.items():
-        predictor = predict.load_predictor(ood_export[kind])
+        predictor = predict.load_predictor(phantom_ood_export[kind])
         assert predictor.ood_info is not None and predictor.ood_info["layer"] == "gap"
         rows = list(predict.predict_paths(predictor, paths))
         scores = np.array([r["ood_score"] for r in rows])
@@ -589,10 +570,10 @@ def test_every_model_kind_carries_the_guard(ood_export, ood_inputs):
         assert np.mean(verdicts == reference[1]) >= agreement, kind
 
 
-def test_ood_rates_count_what_predict_flags(ood_export, ood_inputs):
+def test_ood_rates_count_what_predict_flags(phantom_ood_export, ood_inputs):
     from pneumo_tf.serving import predictor as predict
 
-    predictor = predict.load_predictor(ood_export["run_dir"])
+    predictor = predict.load_predictor(phantom_ood_export["run_dir"])
     films = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in ood_inputs["film"]]
     rates = predict.ood_rates(predictor, [255 - f for f in films])
     assert rates["n"] == len(films) and rates["flagged"] == 1.0
@@ -724,6 +705,7 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
                                                            not_films):
     from pneumo_tf.serving import lungs as lung_serving
     from pneumo_tf.serving import predictor as predict
+    from pneumo_tf.serving import refer
 
     run, _, _ = phantom_ood_run
     lung_run, src = guarded_lung_run
@@ -731,11 +713,11 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
     assert predictor.lungs.settings.confidence_source == "lung_guard.json"
     reliable = [*not_films["photo"][1:], *not_films["text"], *not_films["noise"]]  # see above
     for rec in predict.predict_paths(predictor, reliable):
-        assert lung_serving.NO_LUNGS_FOUND in rec["refer_reasons"] and rec["refer"], rec
+        assert refer.NO_LUNGS_FOUND in rec["refer_reasons"] and rec["refer"], rec
         assert 0.0 <= rec["lung_fraction"] <= 1.0 and 0.0 <= rec["lung_confidence"] <= 1.0
     films = sorted((src / "test").rglob("*.jpeg"))
     rows = list(predict.predict_paths(predictor, films))
-    found = [lung_serving.NO_LUNGS_FOUND not in r["refer_reasons"] for r in rows]
+    found = [refer.NO_LUNGS_FOUND not in r["refer_reasons"] for r in rows]
     assert np.mean(found) >= 0.8, [(r["lung_fraction"], r["lung_confidence"]) for r in rows]
     assert all(0.1 < r["lung_fraction"] < 0.6 for r in rows)
     # Beside the OOD guard, not instead of it: the photos are out of the classifier's
@@ -743,7 +725,7 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
     for photo in predict.predict_paths(predictor, not_films["photo"]):
         assert "not_a_chest_film" in photo["refer_reasons"] and photo["refer"]
     flower = next(predict.predict_paths(predictor, not_films["photo"][1:]))
-    assert {"not_a_chest_film", lung_serving.NO_LUNGS_FOUND} <= set(flower["refer_reasons"])
+    assert {"not_a_chest_film", refer.NO_LUNGS_FOUND} <= set(flower["refer_reasons"])
     plain = next(predict.predict_paths(predict.load_predictor(run), films[:1]))
     assert plain["lung_fraction"] is None and plain["lung_confidence"] is None
 

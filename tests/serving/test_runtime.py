@@ -63,12 +63,18 @@ def test_calibration_from_json_refuses_a_contradicting_calibrated_threshold(stor
 
 
 def test_serving_config_json_round_trip_and_calibrated_threshold_key():
+    from pneumo_tf.serving import refer
+
     cfg = serving.ServingConfig(32, "fixed", temperature=1.7, threshold=0.45, calibrated=True,
-                                threshold_method="val_youden", backbone="small_cnn")
+                                threshold_method="val_youden", backbone="small_cnn",
+                                refer_band=0.2)
     obj = json.loads(json.dumps(cfg.to_json()))
     assert obj["calibrated_threshold"] == cfg.calibrated_threshold()
     assert obj["label_names"] == ["NORMAL", "PNEUMONIA"]
+    assert obj["refer_reason_names"] == list(refer.REFER_REASONS) and obj["refer_band"] == 0.2
     assert serving.ServingConfig.from_json(obj) == cfg
+    del obj["refer_band"]  # a config exported before the band was baked in: predict's default
+    assert serving.ServingConfig.from_json(obj).refer_band == refer.DEFAULT_REFER_BAND
 
 
 def _around(t: float, n_ulps: int = 40) -> np.ndarray:
@@ -175,7 +181,7 @@ class _DictOutputs:
 def test_saved_model_outputs_add_the_guard_and_the_subtype():
     import tensorflow as tf
 
-    from pneumo_tf.serving import ood
+    from pneumo_tf.serving import ood, refer
 
     logits = [[3.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.2, 1.5], [0.0, 1.0, 1.0]]
     features = [[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [0.0, 1.0]]
@@ -184,26 +190,31 @@ def test_saved_model_outputs_add_the_guard_and_the_subtype():
                                 subtype_temperature=2.0, ood={"threshold": 2.0})
     model = _DictOutputs(logits, features)
     images = tf.zeros([4, 8, 8, 1], tf.uint8)
-    flags_ = tf.constant([False, True, False, False])
+    checks = {refer.INVERTED: tf.constant([False, True, False, False])}
     out = {k: v.numpy() for k, v in serving.saved_model_outputs(model, images, cfg, stats,
-                                                                  flags_).items()}
+                                                                  checks).items()}
     assert {k: (v.dtype, v.shape) for k, v in out.items()} == {
         "probability": (np.float32, (4,)), "calibrated_probability": (np.float32, (4,)),
         "threshold": (np.float32, (4,)), "label": (np.int64, (4,)),
         "ood_score": (np.float32, (4,)), "in_distribution": (np.bool_, (4,)),
         "class_probabilities": (np.float32, (4, 3)), "subtype": (np.int64, (4,)),
-        "subtype_probability": (np.float32, (4,))}
+        "subtype_probability": (np.float32, (4,)), "refer": (np.bool_, (4,)),
+        "refer_reasons": (np.object_, (4,)),
+        "refer_reason_flags": (np.bool_, (4, len(refer.REFER_REASONS)))}
     np.testing.assert_allclose(out["ood_score"], [0, 0.25, 100, 1], rtol=1e-6)
-    # Image 1 is close in feature space but failed an image check; image 2 is far.
+    # Image 1 is close in feature space but failed an image check; image 2 is far: neither gets
+    # a diagnosis (label -1), both are referred, for what is true of them.
     assert out["in_distribution"].tolist() == [True, False, False, True]
-    assert out["label"].tolist() == [0, 1, 1, 1]
-    assert out["subtype"].tolist() == [0, 1, 2, 1]  # NORMAL: 0; a tie: BACTERIAL
+    assert out["label"].tolist() == [0, -1, -1, 1]
+    assert out["refer"].tolist() == [False, True, True, False]
+    assert out["refer_reasons"].tolist() == [b"", b"inverted", b"not_a_chest_film", b""]
+    assert out["subtype"].tolist() == [0, 0, 0, 1]  # NORMAL or no diagnosis: 0; a tie: BACTERIAL
     gap = np.abs(np.array(logits)[:, 1] - np.array(logits)[:, 2]) / 2.0
     np.testing.assert_allclose(out["subtype_probability"], 1 / (1 + np.exp(-gap)), rtol=1e-6)
     np.testing.assert_allclose(out["class_probabilities"].sum(axis=1), 1, rtol=1e-6)
     for k in range(4):  # predict's host-side fields agree with the graph's
-        fields = serving.subtype_fields(out["class_probabilities"][k], out["label"][k], 2.0)
-        if out["label"][k] == 0:
+        fields = serving.subtype_fields(out["class_probabilities"][k], out["label"][k] == 1, 2.0)
+        if out["label"][k] != 1:
             assert fields == {"subtype": None, "subtype_probability": None}
         else:
             assert fields["subtype"] == pneumo_tf.SUBTYPE_NAMES[out["subtype"][k]]
