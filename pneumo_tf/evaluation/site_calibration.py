@@ -148,7 +148,7 @@ def cross_validate(pred: dict, threshold_method: str, num_folds: int, seed: int 
     for fold in range(num_folds):
         fit, held = _fold_fit(labels, probs, folds, fold, threshold_method), folds == fold
         held_cal[held] = calibration.apply_temperature(probs[held], fit["temperature"])
-        held_pred[held] = probs[held] >= fit["threshold"]
+        held_pred[held] = pmetrics.decide_label(probs[held], fit["threshold"])
         per_fold.append({"fold": fold, "n": int(held.sum()),
                          "patients": sorted(str(p) for p in np.unique(patients[held])),
                          "class_counts": _class_counts(labels[held]),
