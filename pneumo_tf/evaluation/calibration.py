@@ -216,7 +216,7 @@ def subtype_temperature(run_dir, data_dir, model, batch_size: int = 64) -> tuple
     is not rewritten), or 1.0 when val has no image of known subtype."""
     stored = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
     if "temperature" in stored:
-        return float(stored["temperature"]), "calibration.json"
+        return float(stored["temperature"]), rundir.RunPaths(run_dir).calibration.name
     val = _predict_val(run_dir, data_dir, model, batch_size)
     fitted = subtype_calibration(val["subtype"], val["class_logits"])
     if fitted is None:

@@ -41,6 +41,11 @@ import numpy as np
 from pneumo_tf.core import atomic_files, rundir
 from pneumo_tf.evaluation import metrics as pmetrics
 
+# What compare_runs writes into its --out folder.
+COMPARISON_MD = "comparison.md"
+COMPARISON_PNG = "comparison.png"
+COMPARISON_JSON = "comparison.json"
+
 DIFF_TITLES = {"roc_auc": "ROC AUC", "accuracy": "accuracy", "sensitivity": "PNEUMONIA recall",
                "specificity": "NORMAL recall"}
 
@@ -290,11 +295,11 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
                  f"re-run `python -m pneumo_tf.evaluate` for them.\n\n")
     from pneumo_tf.evaluation import report
 
-    text += "![comparison](comparison.png)\n"
-    atomic_files.write_text_atomic(out_dir / "comparison.md", text)
-    atomic_files.write_bytes_atomic(out_dir / "comparison.png", report.figure_png(
+    text += f"![comparison]({COMPARISON_PNG})\n"
+    atomic_files.write_text_atomic(out_dir / COMPARISON_MD, text)
+    atomic_files.write_bytes_atomic(out_dir / COMPARISON_PNG, report.figure_png(
         comparison_figure(rows, names, diffs, split)))
     result = {"split": split, "runs": [str(r) for r in run_dirs], "rows": rows,
               "differences": [{"run": n, **d} for n, d in zip(names[1:], diffs)]}
-    atomic_files.write_json_atomic(out_dir / "comparison.json", result)
+    atomic_files.write_json_atomic(out_dir / COMPARISON_JSON, result)
     return result

@@ -129,7 +129,7 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
     members = []
     for seed in cfg.member_seeds():
         member = dataclasses.replace(cfg, seed=seed, ensemble_seeds="",
-                                     run_dir=str(paths.root / "members" / f"seed_{seed}"))
+                                     run_dir=str(paths.members / f"seed_{seed}"))
         print(f"ensemble member seed {seed} -> {member.run_dir}", flush=True)
         train_member(member, setup,
                      flags_file_text(member) if flags_text is not None else None)

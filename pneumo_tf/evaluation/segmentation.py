@@ -105,8 +105,9 @@ def evaluate_lung_run(run_dir, data_dir, split: str = "test", batch_size: int = 
         tiles, captions, f"Lungs, {split} split: true green, predicted red (lowest Dice first)",
         colorbar=False))
     atomic_files.write_bytes_atomic(out / "contours.png", png)
-    (out / "report.md").write_text(report_markdown(metrics, run, data_dir), encoding="utf-8")
-    _write_tensorboard(run.paths.tb / "eval", metrics, png, out.name)
+    (out / rundir.REPORT_MD_NAME).write_text(report_markdown(metrics, run, data_dir),
+                                             encoding="utf-8")
+    _write_tensorboard(run.paths.tb_eval, metrics, png, out.name)
     return metrics
 
 
