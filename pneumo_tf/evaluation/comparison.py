@@ -262,6 +262,9 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
                  ) -> dict:
     """Write ``comparison.{md,json,png}`` for ``run_dirs`` on ``split`` into ``out_dir``.
 
+    Each run directory (a path or a :class:`pneumo_tf.core.rundir.Run`) is opened once: its
+    manifest, evaluation folder and (when it is evaluated first) model serve every step.
+
     Returns:
         ``{"split", "runs": [run dirs], "rows": comparison_rows(...), "differences": [one per
         run after the first, against the first]}``.
@@ -272,10 +275,11 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
     """
     if len(run_dirs) < 1:
         raise ValueError("--runs needs at least one run directory (two to compare)")
-    names = run_labels(run_dirs)
-    all_metrics = [load_metrics(r, split, data_dir, batch_size, seed) for r in run_dirs]
+    runs = [rundir.Run.open(r) for r in run_dirs]
+    names = run_labels(runs)
+    all_metrics = [load_metrics(run, split, data_dir, batch_size, seed) for run in runs]
     rows = comparison_rows(names, all_metrics)
-    preds = [read_predictions(r, split, data_dir) for r in run_dirs] if len(run_dirs) > 1 else []
+    preds = [read_predictions(run, split, data_dir) for run in runs] if len(runs) > 1 else []
     other = _other_images(names, all_metrics, preds) if preds else []
     if other and not allow_unpaired:
         raise UnpairedRunsError(
