@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
     holders = FLAG_HOLDERS
     cli.check_args(argv, holders["run_dir"], holders["data_dir"], holders["name"])
     f = cli.config_from_flags(CalibrateFlags, holders)
-    result = site_calibration.calibrate_site(f.run_dir, f.data_dir, f.name, f.split, f.threshold,
+    run = rundir.Run(f.run_dir)  # opened once: the library reads this Run
+    result = site_calibration.calibrate_site(run, f.data_dir, f.name, f.split, f.threshold,
                                              f.folds, f.batch_size, f.num_resamples, f.seed)
     cv = result["cross_validation"]
     pooled, ci = cv["pooled"], cv["ci95"]
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
                         for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"))
     print(f"{result['name']}: n={result['n']} T={result['temperature']:.3f} threshold="
           f"{result['threshold']:.4f} ({result['threshold_method']}); {cv['folds']}-fold by "
-          f"patient: {figures} -> {rundir.RunPaths(f.run_dir).calibration_file(f.name)}")
+          f"patient: {figures} -> {run.paths.calibration_file(f.name)}")
 
 
 def run() -> None:

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     f = cli.config_from_flags(CompareFlags, FLAG_HOLDERS)
     comparison.compare_runs(list(f.runs), f.split, f.out, f.data_dir, f.batch_size, f.seed,
                             f.diff_resamples, f.allow_unpaired)
-    print((Path(f.out) / "comparison.md").read_text(encoding="utf-8"))
+    print((Path(f.out) / comparison.COMPARISON_MD).read_text(encoding="utf-8"))
 
 
 def run() -> None:

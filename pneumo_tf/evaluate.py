@@ -44,23 +44,24 @@ FLAG_HOLDERS = cli.define_config_flags(EvaluateFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
     f = cli.config_from_flags(EvaluateFlags, FLAG_HOLDERS)
-    if rundir.Run(f.run_dir).task == "lungs":  # a lung segmentation run: Dice and IoU
+    run = rundir.Run(f.run_dir)  # opened once: the libraries read this Run
+    if run.task == "lungs":  # a lung segmentation run: Dice and IoU
         from pneumo_tf.evaluation import segmentation
 
-        metrics = segmentation.evaluate_lung_run(f.run_dir, f.data_dir, f.split, f.batch_size,
+        metrics = segmentation.evaluate_lung_run(run, f.data_dir, f.split, f.batch_size,
                                                  f.num_resamples, f.seed)
-        out = rundir.evaluation_dir(f.run_dir, f.data_dir, metrics["split"])
+        out = run.evaluation_dir(f.data_dir, metrics["split"])
         print(f"{segmentation.summary_line(metrics)} -> {out}")
         return
     from pneumo_tf.evaluation import evaluator  # TensorFlow, matplotlib: once flags are parsed
     from pneumo_tf.explain import anatomy
 
-    metrics = evaluator.evaluate_run(f.run_dir, f.data_dir, f.split, f.threshold, f.batch_size,
+    metrics = evaluator.evaluate_run(run, f.data_dir, f.split, f.threshold, f.batch_size,
                                      f.num_resamples, f.seed, calibration_name=f.calibration,
                                      val_data_dir=f.val_data_dir,
                                      lungs=anatomy.LungOptions(f.lung_model, f.lung_images))
     print(f"{evaluator.summary_line(metrics)} -> "
-          f"{rundir.RunPaths(f.run_dir).eval_dir(metrics['evaluation'])}")
+          f"{run.paths.eval_dir(metrics['evaluation'])}")
 
 
 def run() -> None:

@@ -101,17 +101,18 @@ def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"])
     f = cli.config_from_flags(ExportFlags, FLAG_HOLDERS)
     lungs = lung_serving.LungOptions(f.lung_model, f.min_lung_fraction, f.min_lung_confidence)
-    if rundir.Run(f.run_dir).task == "lungs":  # a lung segmentation run: its own export
+    run = rundir.Run(f.run_dir)  # opened once: the libraries read this Run
+    if run.task == "lungs":  # a lung segmentation run: its own export
         if f.calibration != rundir.VAL_CALIBRATION:
             raise export.ExportError(f"--calibration={f.calibration}: a lungs run has no "
                                      f"calibrations; drop the flag")
-        report = lung_export.export_lung_run(f.run_dir, list(f.formats), f.parity_count, f.seed,
+        report = lung_export.export_lung_run(run, list(f.formats), f.parity_count, f.seed,
                                              lungs)
-        print("\n".join(lung_summary_lines(report, rundir.RunPaths(f.run_dir).export_dir())))
+        print("\n".join(lung_summary_lines(report, run.paths.export_dir())))
         return
-    report = export.export_run(f.run_dir, list(f.formats), f.data_dir, f.parity_count, f.seed,
+    report = export.export_run(run, list(f.formats), f.data_dir, f.parity_count, f.seed,
                                f.calibration, lungs, f.refer_band)
-    lines = summary_lines(report, rundir.RunPaths(f.run_dir).export_dir(f.calibration))
+    lines = summary_lines(report, run.paths.export_dir(f.calibration))
     if report.get("lungs"):
         lines.insert(1, f"  lung model: {report['lungs']['model'].get('path', f.lung_model)}")
     print("\n".join(lines))

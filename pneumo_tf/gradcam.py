@@ -64,10 +64,11 @@ def summary_line(stats: dict) -> str:
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"], FLAG_HOLDERS["data_dir"])
     f = cli.config_from_flags(GradcamFlags, FLAG_HOLDERS)
-    stats = grids.run_gradcam(f.run_dir, f.data_dir, f.split, f.num_images, f.layer,
+    run = rundir.Run(f.run_dir)  # opened once: the library reads this Run
+    stats = grids.run_gradcam(run, f.data_dir, f.split, f.num_images, f.layer,
                               f.batch_size, f.seed, f.cam_class, calibration_name=f.calibration,
                               lungs=anatomy.LungOptions(lung_model=f.lung_model))
-    out = rundir.gradcam_dir(f.run_dir, f.data_dir, f.split, f.calibration)
+    out = rundir.gradcam_dir(run, f.data_dir, f.split, f.calibration)
     print(summary_line(stats) + f" -> {out}")
 
 

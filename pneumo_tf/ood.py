@@ -12,7 +12,6 @@ instead, ``R/lung_guard.json`` (:func:`pneumo_tf.serving.lungs.fit_guard`).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from pneumo_tf.core import cli, rundir
 from pneumo_tf.core.cli import option
@@ -41,19 +40,20 @@ FLAG_HOLDERS = cli.define_config_flags(OodFlags, module_name=__name__)
 def main(argv: list[str]) -> None:
     cli.check_args(argv, FLAG_HOLDERS["run_dir"])
     f = cli.config_from_flags(OodFlags, FLAG_HOLDERS)
-    if rundir.Run(f.run_dir).task == "lungs":
-        guard = lungs.fit_guard(f.run_dir, f.data_dir, f.ood_val_rate, f.batch_size)
+    run = rundir.Run(f.run_dir)  # opened once: the libraries read this Run
+    if run.task == "lungs":
+        guard = lungs.fit_guard(run, f.data_dir, f.ood_val_rate, f.batch_size)
         print(f"lung guard: min_lung_confidence {guard['min_lung_confidence']:.4f} flags "
               f"{guard['val_flagged']:.3f} of {guard['fitted_on']['val']} val films -> "
-              f"{Path(f.run_dir) / rundir.LUNG_GUARD_NAME}")
+              f"{run.paths.lung_guard}")
         return
-    info = ood.fit_run(f.run_dir, f.data_dir, f.ood_val_rate, f.ood_layer,
+    info = ood.fit_run(run, f.data_dir, f.ood_val_rate, f.ood_layer,
                        batch_size=f.batch_size)
     print(f"ood: threshold {info['threshold']:.1f} ({info['layer']}, {info['feature_dim']} "
           f"features) flags {info['val_flagged']:.3f} of val; upside-down probe flags "
           f"{info['upright']['val_flagged']:.3f} of val and "
           f"{info['upright']['val_upside_down_caught']:.3f} of val flipped -> "
-          f"{Path(f.run_dir) / ood.OOD_JSON}")
+          f"{run.paths.ood_json}")
 
 
 def run() -> None:

@@ -18,7 +18,9 @@ Layout (written by ``pneumo_tf.train`` unless noted)::
                            (pneumo_tf.gradcam); R/gradcam/<name>/ for other data (gradcam_dir)
     R/export/              SavedModel, TFLite, parity.json (pneumo_tf.export)
     R/export_NAME/         the same with calibration NAME baked in (export --calibration=NAME)
+    R/ood.json, R/ood_stats.npz   the out-of-distribution guard (pneumo_tf.ood)
     R/lung_guard.json      a lungs run (--task=lungs): its no-lungs guard, fitted on val
+    R/members/seed_N/      an ensemble trained with --ensemble_seeds: its member runs
 
 A run's calibrations are named: ``val`` is ``R/calibration.json`` (every run has it), any other
 name ``R/calibrations/NAME.json`` (:func:`read_named_calibration`). Runs written before named
@@ -50,6 +52,8 @@ VAL_CALIBRATION = "val"
 # Files of an evaluation folder (R/eval/<name>/, :func:`evaluation_dir`).
 METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.csv"
+REPORT_MD_NAME = "report.md"
+REPORT_HTML_NAME = "report.html"
 # Files of R/gradcam/ and R/export*/.
 CAM_STATS_NAME = "cam_stats.json"
 PARITY_NAME = "parity.json"
@@ -63,19 +67,6 @@ _CALIBRATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 class RunDirError(ValueError):
     """A run directory is missing something a command needs; the message names the fix."""
-
-
-# The top-level entries a run directory may hold besides R/export_<name>/ (:class:`RunPaths`;
-# ``members`` holds an ensemble's member runs).
-RUN_ENTRIES = frozenset({
-    "flags.txt", "data_manifest.json", "tb", "backup", "best.weights.h5", "model.keras",
-    "history.csv", "summary.json", "calibration.json", "calibrations", "eval", "gradcam", "export",
-    OOD_JSON, OOD_STATS, LUNG_GUARD_NAME, "members"})
-
-
-def is_run_entry(name: str) -> bool:
-    """Whether a file or folder named ``name`` directly in a folder is one a run writes."""
-    return name in RUN_ENTRIES or name.startswith("export_")
 
 
 class RunPaths:
@@ -92,20 +83,28 @@ class RunPaths:
         self.history = self.root / "history.csv"
         self.summary = self.root / "summary.json"
         self.calibration = self.root / "calibration.json"
+        self.calibrations = self.root / "calibrations"  # the site calibrations, NAME.json each
+        self.eval = self.root / "eval"
         self.gradcam = self.root / "gradcam"
         self.cam_stats = self.gradcam / CAM_STATS_NAME
         self.export = self.root / "export"
         self.ood_json = self.root / OOD_JSON
         self.ood_stats = self.root / OOD_STATS
         self.lung_guard = self.root / LUNG_GUARD_NAME
+        self.members = self.root / "members"  # an ensemble's member runs (--ensemble_seeds)
+        # TensorBoard folders of the later stages (training writes tb/train, tb/val).
+        self.tb_eval = self.tb / "eval"
+        self.tb_gradcam = self.tb / "gradcam"
 
     def eval_dir(self, split: str) -> Path:
-        return self.root / "eval" / split
+        return self.eval / split
 
-    @property
-    def calibrations(self) -> Path:
-        """``calibrations/``: the site calibrations, ``NAME.json`` each."""
-        return self.root / "calibrations"
+    def entries(self) -> tuple[Path, ...]:
+        """Every file and folder a run may hold directly in it, but ``export_<name>/``."""
+        return (self.flags, self.data_manifest, self.tb, self.backup, self.best_weights,
+                self.model, self.history, self.summary, self.calibration, self.calibrations,
+                self.eval, self.gradcam, self.export, self.ood_json, self.ood_stats,
+                self.lung_guard, self.members)
 
     def calibration_file(self, name: str = VAL_CALIBRATION) -> Path:
         """``calibration.json`` for ``val``, else ``calibrations/<name>.json``."""
@@ -118,6 +117,15 @@ class RunPaths:
         if calibration == VAL_CALIBRATION:
             return self.export
         return self.root / f"export_{check_calibration_name(calibration)}"
+
+
+# The names of :meth:`RunPaths.entries` (:func:`is_run_entry`).
+RUN_ENTRIES = frozenset(path.name for path in RunPaths("run").entries())
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a file or folder named ``name`` directly in a folder is one a run writes."""
+    return name in RUN_ENTRIES or name.startswith("export_")
 
 
 class Run:

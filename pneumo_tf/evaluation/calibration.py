@@ -213,11 +213,13 @@ def subtype_calibration(subtypes, class_logits) -> dict | None:
 def subtype_temperature(run_dir, data_dir, model, batch_size: int = 64) -> tuple[float, str]:
     """``(T, where it comes from)``: ``calibration.json``'s ``subtype`` temperature, or one
     fitted on the ``val`` split in memory (a run calibrated before the entry existed; the file
-    is not rewritten), or 1.0 when val has no image of known subtype."""
-    stored = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
+    is not rewritten), or 1.0 when val has no image of known subtype. ``run_dir``: a path or
+    a :class:`pneumo_tf.core.rundir.Run`."""
+    run = rundir.Run.open(run_dir)
+    stored = (run.calibration() or {}).get("subtype") or {}
     if "temperature" in stored:
-        return float(stored["temperature"]), "calibration.json"
-    val = _predict_val(run_dir, data_dir, model, batch_size)
+        return float(stored["temperature"]), run.paths.calibration.name
+    val = _predict_val(run, data_dir, model, batch_size)
     fitted = subtype_calibration(val["subtype"], val["class_logits"])
     if fitted is None:
         return 1.0, "none: no val image of known subtype"
@@ -356,7 +358,8 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     Only the validation split is read: the test split cannot influence the threshold.
 
     Args:
-        run_dir: run directory (``model.keras`` and ``data_manifest.json``).
+        run_dir: run directory (``model.keras`` and ``data_manifest.json``), or its
+            :class:`pneumo_tf.core.rundir.Run`.
         data_dir: the data dir the run was trained on (must contain a ``val`` split).
         threshold_method: see :func:`choose_threshold`.
         model: an already loaded model (the training app passes its own); None loads
@@ -371,30 +374,30 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         records.DataDirError: no usable ``val`` split.
     """
     parse_threshold_method(threshold_method)  # fail before predicting anything
-    pred = _predict_val(run_dir, data_dir, model, batch_size)
+    run = rundir.Run.open(run_dir)
+    pred = _predict_val(run, data_dir, model, batch_size)
     result = calibrate_predictions(pred["label"], pred["probability"], threshold_method)
     subtype = (subtype_calibration(pred["subtype"], pred["class_logits"])
                if "class_logits" in pred else None)
     if subtype is not None:
         result["subtype"] = subtype
     result.update(data_dir=str(Path(data_dir).resolve()), tool_version=pneumo_tf.__version__)
-    atomic_files.write_json_atomic(rundir.RunPaths(run_dir).calibration, result)
+    atomic_files.write_json_atomic(run.paths.calibration, result)
     return result
 
 
-def _predict_val(run_dir, data_dir, model, batch_size: int) -> dict:
+def _predict_val(run: rundir.Run, data_dir, model, batch_size: int) -> dict:
     """:func:`pneumo_tf.evaluation.scoring.predict_split` of ``val``, refusing a data dir without one."""
     from pneumo_tf.evaluation import scoring
 
-    manifest = rundir.check_data_compatible(run_dir, data_dir)
+    manifest = rundir.check_data_compatible(run, data_dir)
     if "val" not in manifest["splits"]:
         raise records.DataDirError(
             f"{Path(data_dir) / records.MANIFEST_NAME} has no 'val' split; calibration and the "
             f"threshold are fitted on validation only. Convert with a validation split "
             f"(tools/make_tfrecords --val_fraction=0.2, the default)")
-    if model is None:
-        model = rundir.load_model(run_dir)
-    return scoring.predict_split(model, data_dir, "val", batch_size)
+    return scoring.predict_split(run.model if model is None else model, data_dir, "val",
+                                 batch_size)
 
 
 def _threshold_applies_to(cal: dict) -> str:
@@ -443,14 +446,16 @@ def ensure_calibration(run_dir: str | os.PathLike, data_dir: str | os.PathLike, 
                        batch_size: int = 64) -> dict:
     """``R/calibration.json``; fitted on ``val`` with :data:`DEFAULT_THRESHOLD_METHOD` if missing.
 
-    An existing file is never rewritten: it is the run's operating point.
+    An existing file is never rewritten: it is the run's operating point. ``run_dir``: a path
+    or a :class:`pneumo_tf.core.rundir.Run`.
     """
-    cal = rundir.read_calibration(run_dir)
+    run = rundir.Run.open(run_dir)
+    cal = run.calibration()
     if cal is not None:
         return cal
     log.info("%s is missing; fitting temperature and the %s threshold on val",
-                 rundir.RunPaths(run_dir).calibration, DEFAULT_THRESHOLD_METHOD)
-    return calibrate_run(run_dir, data_dir, DEFAULT_THRESHOLD_METHOD, model, batch_size)
+             run.paths.calibration, DEFAULT_THRESHOLD_METHOD)
+    return calibrate_run(run, data_dir, DEFAULT_THRESHOLD_METHOD, model, batch_size)
 
 
 def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
@@ -466,7 +471,7 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     its threshold can only be re-fitted on that sample.
 
     Args:
-        run_dir: run directory.
+        run_dir: run directory, or its :class:`pneumo_tf.core.rundir.Run` (read once).
         data_dir: the run's data dir (its ``val`` split is read when a threshold is computed).
         threshold_method: see :func:`choose_threshold`; None = the stored one.
         model: an already loaded model, or None to load ``R/model.keras`` when needed.
@@ -484,9 +489,10 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     """
     if threshold_method is not None:
         parse_threshold_method(threshold_method)  # fail before predicting anything
+    run = rundir.Run.open(run_dir)
     if calibration_name != rundir.VAL_CALIBRATION:
-        return _named_point(run_dir, calibration_name, threshold_method)
-    cal = ensure_calibration(run_dir, data_dir, model, batch_size)
+        return _named_point(run, calibration_name, threshold_method)
+    cal = ensure_calibration(run, data_dir, model, batch_size)
     point = {"temperature": float(cal["temperature"]), "source": "val",
              "calibration": rundir.VAL_CALIBRATION}
     stored = cal.get("threshold_method")
@@ -497,7 +503,7 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if kind == "fixed":
         threshold = float(value)
     else:
-        val = _predict_val(run_dir, data_dir, model, batch_size)
+        val = _predict_val(run, data_dir, model, batch_size)
         threshold = choose_threshold(val["label"], val["probability"], threshold_method)
     log.info("threshold %s = %.4f chosen on val (calibration.json keeps %s)",
                  threshold_method, threshold, stored)
@@ -505,16 +511,16 @@ def operating_point(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
             "from_calibration_json": False}
 
 
-def _named_point(run_dir, name: str, threshold_method: str | None) -> dict:
+def _named_point(run: rundir.Run, name: str, threshold_method: str | None) -> dict:
     """:func:`operating_point` of the site calibration ``name``, as stored."""
-    cal = rundir.read_named_calibration(run_dir, name)
+    cal = run.calibration(name)
     stored = cal.get("threshold_method")
     if threshold_method is not None and not _same_method(threshold_method, stored):
         raise ValueError(
             f"--threshold={threshold_method} with --calibration={name}: that calibration's "
             f"threshold ({stored}) was fitted on its site's sample, the only data that can "
             f"re-fit it. Drop --threshold, or re-fit with `python -m pneumo_tf.calibrate "
-            f"--run_dir={run_dir} --data_dir=<site data dir> --name={name} "
+            f"--run_dir={run} --data_dir=<site data dir> --name={name} "
             f"--threshold={threshold_method}`")
     return {"temperature": float(cal["temperature"]), "threshold": raw_threshold(cal),
             "method": str(stored), "source": str(cal.get("source", name)), "calibration": name,

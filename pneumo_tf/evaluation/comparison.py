@@ -41,6 +41,11 @@ import numpy as np
 from pneumo_tf.core import atomic_files, rundir
 from pneumo_tf.evaluation import metrics as pmetrics
 
+# What compare_runs writes into its --out folder.
+COMPARISON_MD = "comparison.md"
+COMPARISON_PNG = "comparison.png"
+COMPARISON_JSON = "comparison.json"
+
 DIFF_TITLES = {"roc_auc": "ROC AUC", "accuracy": "accuracy", "sensitivity": "PNEUMONIA recall",
                "specificity": "NORMAL recall"}
 
@@ -257,6 +262,9 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
                  ) -> dict:
     """Write ``comparison.{md,json,png}`` for ``run_dirs`` on ``split`` into ``out_dir``.
 
+    Each run directory (a path or a :class:`pneumo_tf.core.rundir.Run`) is opened once: its
+    manifest, evaluation folder and (when it is evaluated first) model serve every step.
+
     Returns:
         ``{"split", "runs": [run dirs], "rows": comparison_rows(...), "differences": [one per
         run after the first, against the first]}``.
@@ -267,10 +275,11 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
     """
     if len(run_dirs) < 1:
         raise ValueError("--runs needs at least one run directory (two to compare)")
-    names = run_labels(run_dirs)
-    all_metrics = [load_metrics(r, split, data_dir, batch_size, seed) for r in run_dirs]
+    runs = [rundir.Run.open(r) for r in run_dirs]
+    names = run_labels(runs)
+    all_metrics = [load_metrics(run, split, data_dir, batch_size, seed) for run in runs]
     rows = comparison_rows(names, all_metrics)
-    preds = [read_predictions(r, split, data_dir) for r in run_dirs] if len(run_dirs) > 1 else []
+    preds = [read_predictions(run, split, data_dir) for run in runs] if len(runs) > 1 else []
     other = _other_images(names, all_metrics, preds) if preds else []
     if other and not allow_unpaired:
         raise UnpairedRunsError(
@@ -290,11 +299,11 @@ def compare_runs(run_dirs: list[str | os.PathLike], split: str, out_dir: str | o
                  f"re-run `python -m pneumo_tf.evaluate` for them.\n\n")
     from pneumo_tf.evaluation import report
 
-    text += "![comparison](comparison.png)\n"
-    atomic_files.write_text_atomic(out_dir / "comparison.md", text)
-    atomic_files.write_bytes_atomic(out_dir / "comparison.png", report.figure_png(
+    text += f"![comparison]({COMPARISON_PNG})\n"
+    atomic_files.write_text_atomic(out_dir / COMPARISON_MD, text)
+    atomic_files.write_bytes_atomic(out_dir / COMPARISON_PNG, report.figure_png(
         comparison_figure(rows, names, diffs, split)))
     result = {"split": split, "runs": [str(r) for r in run_dirs], "rows": rows,
               "differences": [{"run": n, **d} for n, d in zip(names[1:], diffs)]}
-    atomic_files.write_json_atomic(out_dir / "comparison.json", result)
+    atomic_files.write_json_atomic(out_dir / COMPARISON_JSON, result)
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Callable
 
 from pneumo_tf.core import atomic_files, rundir
@@ -35,6 +34,9 @@ class EnsembleError(ValueError):
 def member_summaries(run_dirs: list[str | os.PathLike]) -> list[dict]:
     """The finished members' summaries, checked to share one data contract.
 
+    Args:
+        run_dirs: the members' run directories (paths or :class:`pneumo_tf.core.rundir.Run`).
+
     Raises:
         EnsembleError: fewer than two members, an unfinished member, or a data contract that
             differs from the first member's (every difference named).
@@ -42,16 +44,17 @@ def member_summaries(run_dirs: list[str | os.PathLike]) -> list[dict]:
     """
     if len(run_dirs) < 2:
         raise EnsembleError(f"--runs needs at least two run directories, got {len(run_dirs)}")
-    summaries, first = [], rundir.read_run_manifest(run_dirs[0])
-    for run in run_dirs:
-        summary = rundir.read_summary(run)
-        if summary.get("status") != "complete" or not rundir.RunPaths(run).model.is_file():
+    runs = [rundir.Run.open(r) for r in run_dirs]
+    summaries, first = [], runs[0].manifest
+    for run in runs:
+        summary = run.summary
+        if summary.get("status") != "complete" or not run.paths.model.is_file():
             raise EnsembleError(f"{run} has not finished training (no complete summary.json and "
                                 f"model.keras); finish it with `python -m pneumo_tf.train "
                                 f"--run_dir={run} ...` first")
-        diffs = records.manifest_mismatches(first, rundir.read_run_manifest(run))
+        diffs = records.manifest_mismatches(first, run.manifest)
         if diffs:
-            raise EnsembleError(f"{run} does not share the data contract of {run_dirs[0]}: "
+            raise EnsembleError(f"{run} does not share the data contract of {runs[0]}: "
                                 + "; ".join(d.replace("run has", "first has") for d in diffs)
                                 + ". Ensemble members must be trained on data converted alike")
         summaries.append(summary)
@@ -63,7 +66,8 @@ def create_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike,
     """Write the ensemble run directory ``out`` of ``run_dirs`` (see the module docstring).
 
     Args:
-        run_dirs: finished runs sharing a data contract.
+        run_dirs: finished runs sharing a data contract (paths or
+            :class:`pneumo_tf.core.rundir.Run`, each opened once).
         out: the ensemble's run directory (created; an earlier ensemble there is replaced).
         data_dir: data dir whose val split calibrates the ensemble; default: the first
             member's (its summary's ``config.data_dir``).
@@ -72,19 +76,19 @@ def create_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike,
     Returns:
         The ensemble's ``summary.json``.
     """
-    summaries = member_summaries(run_dirs)
-    members = [rundir.load_model(r) for r in run_dirs]
-    model = build_ensemble_model(members)
+    runs = [rundir.Run.open(r) for r in run_dirs]
+    summaries = member_summaries(runs)
+    model = build_ensemble_model([run.model for run in runs])
     paths = rundir.RunPaths(out)
     paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_json_atomic(paths.data_manifest, rundir.read_run_manifest(run_dirs[0]))
+    atomic_files.write_json_atomic(paths.data_manifest, runs[0].manifest)
     with atomic_files.atomic_output(paths.model, keep_suffix=True) as tmp:
         model.save(str(tmp))
     config = dict(summaries[0].get("config") or {})
     data_dir = str(data_dir or config.get("data_dir") or "")
     summary = {
         "status": "complete", "config": {**config, "data_dir": data_dir},
-        "ensemble": {"members": [str(Path(r).resolve()) for r in run_dirs], "combine": COMBINE,
+        "ensemble": {"members": [str(run.root.resolve()) for run in runs], "combine": COMBINE,
                      "member_seeds": [(s.get("config") or {}).get("seed") for s in summaries]},
         "epochs_run": sum(int(s.get("epochs_run", 0)) for s in summaries),
         "precision_policy": summaries[0].get("precision_policy"),
@@ -129,7 +133,7 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
     members = []
     for seed in cfg.member_seeds():
         member = dataclasses.replace(cfg, seed=seed, ensemble_seeds="",
-                                     run_dir=str(paths.root / "members" / f"seed_{seed}"))
+                                     run_dir=str(paths.members / f"seed_{seed}"))
         print(f"ensemble member seed {seed} -> {member.run_dir}", flush=True)
         train_member(member, setup,
                      flags_file_text(member) if flags_text is not None else None)

@@ -326,9 +326,9 @@ def _write_outputs(run_dir, data_dir, metrics: dict, figures: dict, pred: dict,
                "temperature": metrics["temperature"],
                "calibration_fitted_on": f"split `{fitted_on.get('split')}` of "
                                         f"`{fitted_on.get('data_dir')}`"}
-    report.write_markdown(out / "report.md", metrics, figure_files, context)
-    report.write_html(out / "report.html", metrics, figures, context)
-    report.write_tensorboard(paths.tb / "eval", figures, metrics, name)
+    report.write_markdown(out / rundir.REPORT_MD_NAME, metrics, figure_files, context)
+    report.write_html(out / rundir.REPORT_HTML_NAME, metrics, figures, context)
+    report.write_tensorboard(paths.tb_eval, figures, metrics, name)
 
 
 def summary_line(metrics: dict) -> str:

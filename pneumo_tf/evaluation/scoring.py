@@ -2,15 +2,20 @@
 
 Shared by evaluation, calibration, Grad-CAM and export parity checks, so every stage reads the
 split the same way: :func:`pneumo_tf.data.pipeline.make_eval_dataset` (one pass, the manifest's
-file order, no augmentation) and the model called with ``training=False``.
+file order, no augmentation) and the model called with ``training=False``. The loop itself
+(:func:`collect_batches`: score each batch, keep its arrays, show progress) is also the one the
+trainer validates with (:meth:`pneumo_tf.training.trainer.Trainer.predict_split`) and the lungs
+evaluation scores masks with.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from pneumo_tf.core.progress import Progress
 
 
 def iterate_split(data_dir: str | os.PathLike, split: str, batch_size: int = 64) -> Iterator[dict]:
@@ -39,6 +44,33 @@ def iterate_split(data_dir: str | os.PathLike, split: str, batch_size: int = 64)
             "patient_id": np.array([p.decode("utf-8") for p in batch["patient_id"].numpy()],
                                    dtype=object),
         }
+
+
+def collect_batches(batches: Iterable[dict], predict: Callable, collect: Callable,
+                    total: int, progress_label: str | None = None) -> dict:
+    """The scoring loop: ``predict`` every batch's images, ``collect`` what it keeps.
+
+    Args:
+        batches: dicts with ``"image": [B, S, S, 1] uint8`` (numpy or tensors), in file order.
+        predict: ``images -> outputs`` (a traced model function; the trainer's distributed one).
+        collect: ``(batch, outputs, parts) -> None``; appends the batch's arrays to ``parts``
+            (a dict of lists).
+        total: images expected (the progress bar's end).
+        progress_label: show a :class:`pneumo_tf.core.progress.Progress` bar with this label on
+            stderr (None: silent).
+
+    Returns:
+        ``parts``: whatever ``collect`` put there (empty for no batch).
+    """
+    parts: dict = {}
+    bar = Progress(total, progress_label or "", enabled=progress_label is not None)
+    seen = 0
+    for batch in batches:
+        collect(batch, predict(batch["image"]), parts)
+        seen += len(batch["image"])
+        bar.update(seen)
+    bar.close()
+    return parts
 
 
 def make_predict_fn(model):
@@ -158,8 +190,6 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
         raise ValueError(f"data dir {data_dir} holds {size}x{size} images but the model takes "
                          f"{model.input_shape[1]}x{model.input_shape[2]}; use the data dir the run "
                          f"was trained on (see its data_manifest.json)")
-    from pneumo_tf.core.progress import Progress
-
     if ood_stats is None and not model_lib.is_subtype_model(model):
         plain = make_predict_fn(model)
 
@@ -168,17 +198,17 @@ def predict_split(model, data_dir: str | os.PathLike, split: str, batch_size: in
     else:
         predict = make_outputs_fn(model, ood_stats.layer if ood_stats is not None else None)
     kept = ("label", "subtype", "path", "patient_id") + (("image",) if return_images else ())
-    parts = {key: [] for key in kept}
-    total = int((manifest["splits"].get(split) or {}).get("count", 0))
-    bar = Progress(total, progress_label or "", enabled=progress_label is not None)
-    for batch in iterate_split(data_dir, split, batch_size):
-        for key, value in _scored(predict(batch["image"]), ood_stats).items():
-            parts.setdefault(key, []).append(value)
+
+    def collect(batch: dict, outputs: dict, parts: dict) -> None:
         for key in kept:
-            parts[key].append(batch[key])
-        bar.update(sum(len(b) for b in parts["label"]))
-    bar.close()
-    if not parts["label"]:
+            parts.setdefault(key, []).append(batch[key])
+        for key, value in _scored(outputs, ood_stats).items():
+            parts.setdefault(key, []).append(value)
+
+    total = int((manifest["splits"].get(split) or {}).get("count", 0))
+    parts = collect_batches(iterate_split(data_dir, split, batch_size), predict, collect, total,
+                            progress_label)
+    if not parts:
         raise records.DataDirError(f"split {split!r} of {data_dir} yielded no images")
     return {k: np.concatenate(v) for k, v in parts.items()}
 

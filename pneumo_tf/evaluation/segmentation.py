@@ -22,10 +22,9 @@ import os
 import numpy as np
 
 from pneumo_tf.core import atomic_files, rundir
-from pneumo_tf.core.progress import Progress
 from pneumo_tf.data import pipeline, records
 from pneumo_tf.evaluation import metrics as pmetrics
-from pneumo_tf.evaluation import report
+from pneumo_tf.evaluation import report, scoring
 from pneumo_tf.explain import cam
 from pneumo_tf.modeling import lungs as lungs_lib
 
@@ -52,20 +51,19 @@ def predict_masks(model, data_dir, split: str, batch_size: int = 32) -> dict:
             f"--masks=DIR (tools/make_tfrecords)")
     ds = pipeline.make_eval_dataset(data_dir, split, batch_size, class_weights="none",
                                     masks="only")
-    parts: dict[str, list] = {}
-    bar = Progress(count, f"evaluate {split}")
-    seen = 0
-    for batch in pipeline.iterate_checked(ds, data_dir, split):
-        probs = np.asarray(model(batch["image"], training=False), np.float32)[..., 0]
+
+    def collect(batch: dict, probs: np.ndarray, parts: dict) -> None:
         for key, value in (("image", batch["image"].numpy()[..., 0]),
                            ("lung_mask", batch["lung_mask"].numpy()[..., 0] > 127),
                            ("lung_probability", probs), ("label", batch["label"].numpy()),
                            ("path", batch["path"].numpy().astype(str)),
                            ("patient_id", batch["patient_id"].numpy().astype(str))):
             parts.setdefault(key, []).append(value)
-        seen += len(probs)
-        bar.update(seen)
-    bar.close()
+
+    parts = scoring.collect_batches(
+        pipeline.iterate_checked(ds, data_dir, split),
+        lambda images: np.asarray(model(images, training=False), np.float32)[..., 0],
+        collect, count, f"evaluate {split}")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -107,8 +105,9 @@ def evaluate_lung_run(run_dir, data_dir, split: str = "test", batch_size: int = 
         tiles, captions, f"Lungs, {split} split: true green, predicted red (lowest Dice first)",
         colorbar=False))
     atomic_files.write_bytes_atomic(out / "contours.png", png)
-    (out / "report.md").write_text(report_markdown(metrics, run, data_dir), encoding="utf-8")
-    _write_tensorboard(run.paths.tb / "eval", metrics, png, out.name)
+    (out / rundir.REPORT_MD_NAME).write_text(report_markdown(metrics, run, data_dir),
+                                             encoding="utf-8")
+    _write_tensorboard(run.paths.tb_eval, metrics, png, out.name)
     return metrics
 
 

@@ -148,7 +148,7 @@ def cross_validate(pred: dict, threshold_method: str, num_folds: int, seed: int 
     for fold in range(num_folds):
         fit, held = _fold_fit(labels, probs, folds, fold, threshold_method), folds == fold
         held_cal[held] = calibration.apply_temperature(probs[held], fit["temperature"])
-        held_pred[held] = probs[held] >= fit["threshold"]
+        held_pred[held] = pmetrics.decide_label(probs[held], fit["threshold"])
         per_fold.append({"fold": fold, "n": int(held.sum()),
                          "patients": sorted(str(p) for p in np.unique(patients[held])),
                          "class_counts": _class_counts(labels[held]),
@@ -184,7 +184,8 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
     """Fit calibration ``name`` on ``split`` of a site's data dir; write ``R/calibrations/``.
 
     Args:
-        run_dir: a finished run (or ensemble) directory.
+        run_dir: a finished run (or ensemble) directory, or its
+            :class:`pneumo_tf.core.rundir.Run` (read once).
         data_dir: the site's sample, converted with the run's image size and crop.
         name: the calibration's name (not ``val``: that is ``calibration.json``).
         split: the labelled split of ``data_dir`` to fit on.
@@ -204,8 +205,9 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
         ValueError: a bad name or threshold method.
     """
     method = threshold_method or SITE_THRESHOLD_METHOD
-    target = _check_request(run_dir, name, method, num_folds)
-    manifest = rundir.check_data_compatible(run_dir, data_dir)
+    run = rundir.Run.open(run_dir)
+    target = _check_request(run, name, method, num_folds)
+    manifest = rundir.check_data_compatible(run, data_dir)
     where = f"split {split!r} of {data_dir}"
     info = manifest["splits"].get(split)
     if info is None:
@@ -213,7 +215,7 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
                                    f"{', '.join(sorted(manifest['splits']))}); pass --split")
     if "class_counts" in info:  # fail before loading the model
         check_sample_size(info["class_counts"], where)
-    pred = scoring.predict_split(model if model is not None else rundir.load_model(run_dir),
+    pred = scoring.predict_split(model if model is not None else run.model,
                                  data_dir, split, batch_size, progress_label=f"calibrate {split}")
     warnings = check_sample_size(_class_counts(pred["label"]), where)
     for text in warnings:
@@ -232,7 +234,7 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
         "in_sample": fit["val"],
         "cross_validation": {"requested_folds": int(num_folds),
                              **cross_validate(pred, method, folds, seed, num_resamples)},
-        "warnings": warnings, "run_dir": str(Path(run_dir).resolve()),
+        "warnings": warnings, "run_dir": str(run.root.resolve()),
         "tool_version": pneumo_tf.__version__,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,7 @@ def calibrate_site(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name
     return result
 
 
-def _check_request(run_dir, name: str, method: str, num_folds: int) -> Path:
+def _check_request(run: rundir.Run, name: str, method: str, num_folds: int) -> Path:
     """The target file of calibration ``name``, after checking the arguments (no model yet)."""
     if name == rundir.VAL_CALIBRATION:
         raise ValueError(f"--name={name} is the run's own calibration (calibration.json, fitted "
@@ -249,5 +251,5 @@ def _check_request(run_dir, name: str, method: str, num_folds: int) -> Path:
     calibration.parse_threshold_method(method)
     if num_folds < 2:
         raise ValueError(f"--folds={num_folds}: cross-validation needs at least 2 folds")
-    rundir.read_run_manifest(run_dir)  # a run directory at all
-    return rundir.RunPaths(run_dir).calibration_file(name)
+    rundir.read_run_manifest(run)  # a run directory at all
+    return run.paths.calibration_file(name)

@@ -44,6 +44,7 @@ import numpy as np
 
 from pneumo_tf.image import preprocess
 from pneumo_tf.data import records
+from pneumo_tf.evaluation import metrics as pmetrics
 
 GROUPS = ("TP", "FP", "FN", "TN")
 CAM_CLASSES = ("pneumonia", "predicted", "bacterial", "viral")
@@ -258,7 +259,8 @@ def _members_cam(members: list[CamModel], images, sign_threshold, size: int,
             m.logits(hidden, target) for m, (_, hidden) in zip(members, outputs)]
         probs = tf.add_n([tf.sigmoid(z) for z in logits]) / len(members)
         # +1: explain the target; -1: explain NORMAL (for images below sign_threshold).
-        sign = tf.stop_gradient(tf.where(probs >= sign_threshold, 1.0, -1.0))
+        sign = tf.stop_gradient(tf.where(
+            pmetrics.decide_label(probs, sign_threshold) == 1, 1.0, -1.0))
         target_sum = tf.add_n([tf.reduce_sum(sign * z) for z in explained])
     # Images are independent in inference mode, so d(sum)/d(features_b) is image b's own
     # gradient: one tape for the whole batch (and member i's features reach only its logits).

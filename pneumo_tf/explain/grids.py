@@ -56,7 +56,7 @@ def _write_pictures(paths: rundir.RunPaths, out: Path,
     from pneumo_tf.evaluation import report
 
     out.mkdir(parents=True, exist_ok=True)
-    writer = tf.summary.create_file_writer(str(paths.tb / "gradcam"))
+    writer = tf.summary.create_file_writer(str(paths.tb_gradcam))
     with writer.as_default(step=0):
         for g in cam.GROUPS:
             if not tiles[g]:

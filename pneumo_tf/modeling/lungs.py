@@ -176,7 +176,7 @@ def lung_model_for_run(run: "rundir.Run", override: str | os.PathLike | None = N
         return None
     if override is None:
         path = Path(entry["path"])
-        if not (path / "model.keras").is_file():
+        if not rundir.RunPaths(path).model.is_file():
             raise rundir.RunDirError(
                 f"{run}: its data was cropped with the lung model {path}, which is missing; pass "
                 f"--lung_model=<that lungs run, moved> (same input size, "

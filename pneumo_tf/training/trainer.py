@@ -17,8 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pneumo_tf.core.progress import Progress
 from pneumo_tf.data import pipeline
+from pneumo_tf.evaluation import scoring
 from pneumo_tf.modeling import model as model_lib
 from pneumo_tf.training import distribute, precision_probe
 from pneumo_tf.training import task as task_lib
@@ -219,17 +219,12 @@ class Trainer:
     def predict_split(self, split: str) -> dict:
         """A whole split on this worker, in file order, as the task's arrays
         (:meth:`~pneumo_tf.training.task.Task.finish_prediction`)."""
-        ds = self.task.eval_dataset(self.cfg, split)
-        count = self.task.split_count(self.manifest, split)
-        bar = Progress(count, split, enabled=self.setup.is_chief)
-        parts: dict = {}
-        seen = 0
-        for batch in pipeline.iterate_checked(ds, self.cfg.data_dir, split):
-            outputs = np.asarray(self._predict(batch["image"]), np.float32)
-            self.task.collect(batch, outputs, parts)
-            seen += len(outputs)
-            bar.update(seen)
-        bar.close()
+        batches = pipeline.iterate_checked(self.task.eval_dataset(self.cfg, split),
+                                           self.cfg.data_dir, split)
+        parts = scoring.collect_batches(
+            batches, lambda images: np.asarray(self._predict(images), np.float32),
+            self.task.collect, self.task.split_count(self.manifest, split),
+            split if self.setup.is_chief else None)
         return self.task.finish_prediction(parts)
 
     def predict_images(self, images):
