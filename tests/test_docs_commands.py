@@ -98,10 +98,13 @@ def _shipped_data_lines() -> list[str]:
 
 def test_the_shipped_data_commands_use_the_splits_the_data_has():
     """chest_xray/ has only train (val is carved from it): its data dir is evaluated on val;
-    the external sample has only test."""
+    the external sample has only test; the lung masks mirror chest_xray/train."""
     lines = _shipped_data_lines()
     sources = [re.search(r"--src=(\S+)", line)[1] for line in lines if "--src=" in line]
-    assert sources == ["../shared/data/chest_xray", "../shared/data/chest_xray_external_dev"]
+    assert sources == ["../shared/data/chest_xray/train", "../shared/data/chest_xray",
+                       "../shared/data/chest_xray_external_dev"]
+    masks = [re.search(r"--masks=(\S+)", line)[1] for line in lines if "--masks=" in line]
+    assert masks == ["../shared/data/lung_masks/train"]
     splits = {re.search(r"--data_dir=(\S+)", line)[1]: re.search(r"--split=(\w+)", line)[1]
               for line in lines if "--split=" in line}
     assert splits == {"out/data/cxr128": "val", "out/data/ext128": "test"}
