@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
@@ -25,9 +28,91 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m module args...`` from the repo root, its output captured as text."""
+    """``python -m module args...`` from the repo root, its output captured as text.
+
+    A new process: for what only a process shows (imports before TensorFlow, TensorFlow's
+    start-up lines, ``python -m`` flag registration). A command's own behaviour is faster to test
+    with :func:`run_command`.
+    """
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _captured_fd(fd: int) -> Iterator[list[str]]:
+    """What is written to file descriptor ``fd`` in the body (C++ and Python alike), as text in
+    the one-element list yielded, filled when the body ends."""
+    text: list[str] = []
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            text.append(capture.read().decode("utf-8", "replace"))
+
+
+def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args...`` run inside this test process: what :func:`run_module` returns
+    (exit status, stdout, stderr as text) without starting Python and TensorFlow again.
+
+    The command runs as a new process would run it: from the repo root, flags at their defaults
+    before parsing, absl's INFO verbosity, a fresh Keras session and float32 policy; everything
+    written to stdout and stderr is captured (Python objects, absl's log handler and the file
+    descriptors, so C++ lines count too); ``sys.exit("message")`` gives status 1 with the
+    message on stderr and an uncaught exception its traceback, as the interpreter does. Tests of
+    process-wide behaviour (start-up lines, what is imported, signals, devices) use
+    :func:`run_module`.
+    """
+    import importlib
+    import io
+    import traceback
+
+    import keras
+    from absl import flags
+    from absl import logging as absl_logging
+
+    command = importlib.import_module(module)
+    # A new process makes its first device query (and TensorFlow's CUDA line) quietly, through
+    # pneumo_tf.core.quiet_tf: make this process's first one before the capture.
+    import tensorflow as tf
+
+    tf.config.list_physical_devices("GPU")
+    argv = [module, *args]
+    handler = absl_logging.get_absl_handler().python_handler
+    verbosity = flags.FLAGS["verbosity"]
+    saved = (os.getcwd(), sys.argv, handler.stream, verbosity.default)
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    flags.FLAGS.unparse_flags()
+    verbosity.default = 0  # absl's app.run sets INFO in a new process; on a rerun it would not
+    try:
+        os.chdir(REPO)
+        sys.argv = argv
+        handler.stream = err
+        with _captured_fd(1) as fd_out, _captured_fd(2) as fd_err, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                command.run()
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    err.write(e.code + "\n")
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # uncaught: the interpreter prints it and exits with 1
+                traceback.print_exc(file=err)
+                status = 1
+    finally:
+        os.chdir(saved[0])
+        sys.argv, handler.stream, verbosity.default = saved[1:]
+        flags.FLAGS.unparse_flags()
+        keras.mixed_precision.set_global_policy("float32")
+    return subprocess.CompletedProcess(argv, status, out.getvalue() + fd_out[0],
+                                       err.getvalue() + fd_err[0])
 
 
 def tiny_image(label: int, size: int, rng: np.random.Generator,

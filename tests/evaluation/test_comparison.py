@@ -1,12 +1,10 @@
 """pneumo_tf.compare: table, bar chart, evaluate-on-demand, refusal of mismatched data."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
 
 from pneumo_tf.evaluation import comparison as compare
 from pneumo_tf.core import rundir
@@ -60,9 +58,8 @@ def test_evaluates_missing_runs_and_refuses_mismatched_data(tmp_path):
     with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 40"):
         compare.compare_runs([run_a, run_b], "test", tmp_path / "cmp", data_dir=other)
 
-    cmd = [sys.executable, "-m", "pneumo_tf.compare", f"--runs={run_a},{run_b}", "--split=test",
-           f"--out={tmp_path / 'cmp'}", f"--data_dir={data}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_command("pneumo_tf.compare", f"--runs={run_a},{run_b}", "--split=test",
+                       f"--out={tmp_path / 'cmp'}", f"--data_dir={data}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| run_a | 12 |" in done.stdout and "| run_b | 12 |" in done.stdout
     for run in (run_a, run_b):

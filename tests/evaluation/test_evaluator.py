@@ -3,13 +3,11 @@
 import csv
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
 from support_runs import make_run
 
 from pneumo_tf.core import atomic_files
@@ -221,8 +219,8 @@ def test_threshold_on_calibrated_probability_is_honoured(trained):
 
 def test_cli_requires_at_least_1000_resamples(trained):
     root, data, run = trained
-    done = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
-                      "--num_resamples=999", timeout=300)
+    done = run_command("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+                      "--num_resamples=999")
     assert done.returncode != 0
     assert "num_resamples" in done.stderr and "1000" in done.stderr
 
@@ -248,14 +246,13 @@ def test_incompatible_data_dir_is_refused(trained, tmp_path):
 def test_cli_end_to_end(trained):
     root, data, _ = trained
     run = _fresh_run(trained, "run_cli")
-    cmd = [sys.executable, "-m", "pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
-           "--split=test", "--num_resamples=1000"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = ["pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}", "--split=test",
+           "--num_resamples=1000"]
+    done = run_command(*cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test: n=26" in done.stdout
     assert (run / "eval" / "test" / "metrics.json").is_file()
-    bad = subprocess.run(cmd[:4] + [f"--data_dir={root / 'nope'}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    bad = run_command(*cmd[:2], f"--data_dir={root / 'nope'}")
     assert bad.returncode == 1
     assert "pneumo_tf.evaluate: error: data dir" in bad.stderr and "does not exist" in bad.stderr
 
@@ -406,8 +403,8 @@ def test_site_calibration_on_the_evaluated_split_reports_cross_validated_figures
 def test_cli_names_a_missing_calibration_of_an_old_run(trained):
     root, data, run = trained
     assert not (run / "calibrations").exists()
-    done = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
-                      "--calibration=site_x", timeout=300)
+    done = run_command("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+                      "--calibration=site_x")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pneumo_tf.evaluate: error: --calibration=site_x" in done.stderr
     assert "pneumo_tf.calibrate" in done.stderr
@@ -566,7 +563,7 @@ def test_cli_measures_on_a_lung_model_and_refuses_a_wrong_one(phantom_lungs, tmp
     shutil.copytree(phantom_lungs["run"], run)
     args = [f"--run_dir={run}", f"--data_dir={phantom_lungs['plain']}", "--split=test",
             "--num_resamples=1000", "--lung_images=16"]
-    done = run_module("pneumo_tf.evaluate", *args, f"--lung_model={phantom_lungs['lungs']}")
+    done = run_command("pneumo_tf.evaluate", *args, f"--lung_model={phantom_lungs['lungs']}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Grad-CAM lung lift=" in done.stdout and "(lung_model)" in done.stdout
     stored = json.loads((run / "eval" / "test-plain" / "metrics.json").read_text())
@@ -574,7 +571,7 @@ def test_cli_measures_on_a_lung_model_and_refuses_a_wrong_one(phantom_lungs, tmp
     assert lungs["lung_source"] == "lung_model" and lungs["num_images"] == 16
     assert lungs["lung_model"] == str(phantom_lungs["lungs"]) and lungs["warnings"] == []
     missing = tmp_path / "no_such_run"
-    bad = run_module("pneumo_tf.evaluate", *args, f"--lung_model={missing}")
+    bad = run_command("pneumo_tf.evaluate", *args, f"--lung_model={missing}")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
         f"pneumo_tf.evaluate: error: --lung_model={missing}: no such directory; pass a lungs run "

@@ -1,13 +1,11 @@
 """Site calibration: sample-size rules, patient-grouped folds, the cross-validated figures, the file."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
 
 from pneumo_tf.evaluation import site_calibration as calibrate
 from pneumo_tf.evaluation import calibration
@@ -154,15 +152,14 @@ def test_calibrate_site_writes_the_named_calibration(run_and_site):
 @pytest.mark.slow
 def test_cli_refuses_a_tiny_sample_and_the_name_val(run_and_site):
     root, data, run, _, tiny = run_and_site
-    cmd = [sys.executable, "-m", "pneumo_tf.calibrate", f"--run_dir={run}", f"--data_dir={tiny}",
-           "--split=test", "--name=tiny"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = ["pneumo_tf.calibrate", f"--run_dir={run}", f"--data_dir={tiny}", "--split=test",
+           "--name=tiny"]
+    done = run_command(*cmd)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("pneumo_tf.calibrate: error: ")
     assert "12 NORMAL" in lines[-1] and "at least 20" in lines[-1]
     assert "Traceback" not in done.stderr
     assert not (run / "calibrations" / "tiny.json").exists()
-    named_val = subprocess.run(cmd[:-1] + ["--name=val"], cwd=REPO, capture_output=True,
-                               text=True, timeout=300)
+    named_val = run_command(*cmd[:-1], "--name=val")
     assert named_val.returncode == 1 and "--name=val" in named_val.stderr

@@ -245,10 +245,10 @@ def test_tiles_outline_the_lungs_measured_against():
 
 @pytest.mark.slow
 def test_gradcam_cli_measures_on_a_lung_model_and_leads_with_the_lift(phantom_lungs, tmp_path):
-    from conftest import run_module
+    from conftest import run_command
 
     run = _copy(phantom_lungs["run"], tmp_path)
-    done = run_module("pneumo_tf.gradcam", f"--run_dir={run}",
+    done = run_command("pneumo_tf.gradcam", f"--run_dir={run}",
                       f"--data_dir={phantom_lungs['plain']}", "--split=test", "--num_images=40",
                       "--batch_size=16", f"--lung_model={phantom_lungs['lungs']}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -269,10 +269,10 @@ def test_gradcam_cli_measures_on_a_lung_model_and_leads_with_the_lift(phantom_lu
 
 @pytest.mark.slow
 def test_gradcam_cli_refuses_a_classifier_as_lung_model(phantom_lungs, tmp_path):
-    from conftest import run_module
+    from conftest import run_command
 
     run = _copy(phantom_lungs["run"], tmp_path)
-    done = run_module("pneumo_tf.gradcam", f"--run_dir={run}",
+    done = run_command("pneumo_tf.gradcam", f"--run_dir={run}",
                       f"--data_dir={phantom_lungs['plain']}", "--split=test", "--num_images=4",
                       f"--lung_model={phantom_lungs['run']}")
     assert done.returncode == 1

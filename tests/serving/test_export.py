@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
 from support_runs import make_run
 
 SIZE = 32
@@ -391,7 +391,7 @@ def test_export_cli_reports_a_missing_calibration(run_and_data, tmp_path):
     run, _ = run_and_data
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("calibration.json", "export"))
-    out = run_module("pneumo_tf.export", f"--run_dir={bare}", "--formats=tflite", timeout=300)
+    out = run_command("pneumo_tf.export", f"--run_dir={bare}", "--formats=tflite")
     assert out.returncode != 0
     assert "calibration.json is missing" in out.stderr and "--data_dir" in out.stderr
     assert "Traceback" not in out.stderr
@@ -453,7 +453,7 @@ def test_export_cli_bakes_the_named_calibration(run_and_data, tmp_path):
     (copy / "calibrations" / "site_b.json").write_text(json.dumps({
         "temperature": 0.9, "threshold": 0.6, "threshold_method": "val_youden",
         "threshold_applies_to": "probability", "source": "site"}))
-    done = run_module("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
+    done = run_command("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
                       "--formats=saved_model", "--parity_count=4", "--calibration=site_b")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -742,7 +742,7 @@ def test_export_cli_takes_a_lung_model_for_any_classifier(run_and_data, lung_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
     write_calibration(copy)
-    done = run_module("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
+    done = run_command("pneumo_tf.export", f"--run_dir={copy}", f"--data_dir={data}",
                       "--formats=saved_model", "--parity_count=4", f"--lung_model={lung_run[0]}",
                       "--min_lung_fraction=0.2", "--min_lung_confidence=0.3")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -751,7 +751,7 @@ def test_export_cli_takes_a_lung_model_for_any_classifier(run_and_data, lung_run
     assert (lungs["min_lung_fraction"], lungs["min_lung_confidence"], lungs["crop_min_fraction"]) \
         == (0.2, 0.3, 0.1)
     assert json.loads((copy / "export" / "pneumo_tf_serving.json").read_text())["crop"] == "fixed"
-    bad = run_module("pneumo_tf.export", f"--run_dir={copy}", "--formats=tflite",
+    bad = run_command("pneumo_tf.export", f"--run_dir={copy}", "--formats=tflite",
                      f"--lung_model={tmp_path / 'nowhere'}")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import run_command
 
 LUNG_OUTPUTS = {"lung_mask": (np.float32, (3, 32, 32)), "lung_fraction": (np.float32, (3,)),
                 "lung_confidence": (np.float32, (3,)), "lungs_found": (np.bool_, (3,))}
@@ -93,7 +93,7 @@ def test_the_tflite_models_give_the_lung_mask(lung_export, lung_run):
 def test_the_export_command_exports_a_lungs_run(lung_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lung_run[0], run)
-    done = run_module("pneumo_tf.export", f"--run_dir={run}", "--formats=tflite",
+    done = run_command("pneumo_tf.export", f"--run_dir={run}", "--formats=tflite",
                       "--parity_count=4", "--min_lung_fraction=0.2")
     assert done.returncode == 0, done.stderr[-2000:]
     # A short summary (one line per model); the full report is parity.json.
@@ -106,7 +106,7 @@ def test_the_export_command_exports_a_lungs_run(lung_run, tmp_path):
     assert report["lungs"]["min_lung_fraction"] == 0.2
     for args, message in (([f"--lung_model={run}"], "is a lung model itself"),
                           (["--calibration=site_b"], "a lungs run has no calibrations")):
-        bad = run_module("pneumo_tf.export", f"--run_dir={run}", "--formats=tflite", *args)
+        bad = run_command("pneumo_tf.export", f"--run_dir={run}", "--formats=tflite", *args)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr
         last = bad.stderr.strip().splitlines()[-1]
         assert last.startswith("pneumo_tf.export: error: ") and message in last, last

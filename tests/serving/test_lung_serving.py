@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_command
 from pneumo_tf.core import rundir
 from pneumo_tf.image import preprocess
 from pneumo_tf.modeling import lungs as lungs_lib
@@ -45,9 +45,7 @@ def test_the_ood_command_fits_a_lungs_runs_guard(lung_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lung_run[0], run)
     (run / rundir.LUNG_GUARD_NAME).unlink()
-    proc = subprocess.run([sys.executable, "-m", "pneumo_tf.ood", f"--run_dir={run}",
-                           "--ood_val_rate=0.2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_command("pneumo_tf.ood", f"--run_dir={run}", "--ood_val_rate=0.2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("lung guard: min_lung_confidence ")
     guard = lung_serving.load_guard(rundir.Run(run))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, write_tiny_dataset
+from conftest import REPO, run_command, write_tiny_dataset
 from pneumo_tf.serving import ood
 
 
@@ -73,13 +73,13 @@ def test_fit_run_writes_statistics_and_the_app_refits(tmp_path):
     stats = ood.load_stats(run)
     assert stats.threshold == pytest.approx(info["threshold"])
     assert ood.load_stats(tmp_path) is None  # a run without ood.json
-    proc = run_module("pneumo_tf.ood", f"--run_dir={run}", f"--data_dir={data}",
-                      "--ood_val_rate=0.1", "--ood_layer=dense", timeout=300)
+    proc = run_command("pneumo_tf.ood", f"--run_dir={run}", f"--data_dir={data}",
+                      "--ood_val_rate=0.1", "--ood_layer=dense")
     assert proc.returncode == 0, proc.stderr[-2000:]
     refit = json.loads((run / ood.OOD_JSON).read_text())
     assert refit["val_rate"] == 0.1 and refit["layer"] == "dense" and refit["feature_dim"] == 128
     assert ood.load_stats(run).precision.shape == (128, 128)
-    bad = run_module("pneumo_tf.ood", f"--run_dir={tmp_path}/nope", timeout=300)
+    bad = run_command("pneumo_tf.ood", f"--run_dir={tmp_path}/nope")
     assert bad.returncode == 1 and "pneumo_tf.ood: error:" in bad.stderr
     assert "Traceback" not in bad.stderr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
+from shared_runs import shared_result
 from support_runs import make_run
 
 SIZE = 32
@@ -24,17 +23,20 @@ THRESHOLD = 0.5
 
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
-    """A small run with calibration.json, exported to SavedModel and TFLite."""
-    from pneumo_tf.serving import export
+    """A small run with calibration.json, exported to SavedModel and TFLite (built once for all
+    xdist workers: read-only, copy it to write)."""
+    def make(root):
+        from pneumo_tf.serving import export
 
-    root = tmp_path_factory.mktemp("predict")
-    data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
-    run = make_run(root / "run", data, epochs=1)
-    (run / "calibration.json").write_text(json.dumps({
-        "temperature": TEMPERATURE, "threshold": THRESHOLD, "threshold_method": "fixed",
-        "source": "val", "threshold_applies_to": "probability"}))
-    export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=8)
-    return run
+        data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
+        run = make_run(root / "run", data, epochs=1)
+        (run / "calibration.json").write_text(json.dumps({
+            "temperature": TEMPERATURE, "threshold": THRESHOLD, "threshold_method": "fixed",
+            "source": "val", "threshold_applies_to": "probability"}))
+        export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=8)
+        return run
+
+    return shared_result(tmp_path_factory, "predictor_exported_run", make)
 
 
 def phantom(h: int, w: int, label: int = 1, seed: int = 0) -> np.ndarray:
@@ -364,27 +366,24 @@ def test_table_rows():
 
 @pytest.mark.slow
 def test_cli_jsonl_exit_status_and_table(exported_run, good_files, tmp_path):
-    base = [sys.executable, "-m", "pneumo_tf.predict"]
     tflite = exported_run / "export" / "model_fp16.tflite"
-    out = subprocess.run(base + [f"--model={tflite}", str(good_files[0]), str(tmp_path / "nope.png")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = run_command("pneumo_tf.predict", f"--model={tflite}", str(good_files[0]),
+                      str(tmp_path / "nope.png"))
     assert out.returncode == 1, out.stderr[-2000:]
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [Path(r["path"]).name for r in lines] == ["a_normal.jpeg", "nope.png"]
     assert "probability" in lines[0] and set(lines[1]) == {"path", "error"}
     assert "Traceback" not in out.stderr
 
-    out = subprocess.run(base + [f"--model={exported_run}", "--format=table",
-                                 str(good_files[0].parent)],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = run_command("pneumo_tf.predict", f"--model={exported_run}", "--format=table",
+                      str(good_files[0].parent))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = out.stdout.splitlines()
     assert rows[0].split() == ["probability", "calibrated", "threshold", "label", "refer", "ood",
                               "path"]
     assert len(rows) == 1 + len(good_files)
 
-    out = subprocess.run(base + [f"--model={tmp_path / 'no_model'}", str(good_files[0])],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = run_command("pneumo_tf.predict", f"--model={tmp_path / 'no_model'}", str(good_files[0]))
     assert out.returncode != 0 and "--model=" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -482,17 +481,14 @@ def test_export_bakes_the_site_calibration_and_predict_reports_it(site_run, good
 
 @pytest.mark.slow
 def test_cli_calibration_flag(site_run, good_files):
-    base = [sys.executable, "-m", "pneumo_tf.predict", str(good_files[0])]
-    out = subprocess.run(base + [f"--model={site_run}", "--calibration=site_b"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    base = ["pneumo_tf.predict", str(good_files[0])]
+    out = run_command(*base, f"--model={site_run}", "--calibration=site_b")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.splitlines()[0])["calibration"] == "site_b"
-    out = subprocess.run(base + [f"--model={site_run / 'export_site_b' / 'saved_model'}"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = run_command(*base, f"--model={site_run / 'export_site_b' / 'saved_model'}")
     assert out.returncode == 0 and json.loads(out.stdout)["calibration"] == "site_b"
-    out = subprocess.run(base + [f"--model={site_run / 'export_site_b' / 'saved_model'}",
-                                 "--calibration=val"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = run_command(*base, f"--model={site_run / 'export_site_b' / 'saved_model'}",
+                      "--calibration=val")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "pneumo_tf.predict: error: --calibration=val" in out.stderr
 
@@ -773,15 +769,13 @@ def test_lung_model_mistakes_are_named(lung_crop_export, lung_run, exported_run,
 
 @pytest.mark.slow
 def test_predict_cli_takes_a_lung_model(exported_run, lung_run, good_files, tmp_path):
-    base = [sys.executable, "-m", "pneumo_tf.predict", f"--model={exported_run}"]
-    out = subprocess.run(base + [f"--lung_model={lung_run[0]}", "--min_lung_confidence=0",
-                                 str(good_files[0])], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+    base = ["pneumo_tf.predict", f"--model={exported_run}"]
+    out = run_command(*base, f"--lung_model={lung_run[0]}", "--min_lung_confidence=0",
+                      str(good_files[0]))
     assert out.returncode == 0, out.stderr[-2000:]
     rec = json.loads(out.stdout)
     assert 0 < rec["lung_fraction"] < 1 and rec["lung_confidence"] > 0
-    bad = subprocess.run(base + [f"--lung_model={tmp_path / 'none'}", str(good_files[0])],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    bad = run_command(*base, f"--lung_model={tmp_path / 'none'}", str(good_files[0]))
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "pneumo_tf.predict: error: --lung_model=")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, run_command
 
 CONFIGS = sorted((REPO / "configs").glob("*.cfg"))
 
@@ -21,8 +21,8 @@ def test_config_starts_with_its_command_and_parses(config, tmp_path):
     first = config.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith(f"# python -m pneumo_tf.train --flagfile=configs/{config.name}"), first
     missing = tmp_path / "no_data"
-    proc = run_module("pneumo_tf.train", f"--flagfile={config}", f"--data_dir={missing}",
-                      f"--run_dir={tmp_path / 'run'}", "--weights=none", timeout=300)
+    proc = run_command("pneumo_tf.train", f"--flagfile={config}", f"--data_dir={missing}",
+                      f"--run_dir={tmp_path / 'run'}", "--weights=none")
     # The flags parse and the config validates; the run stops at the missing data dir.
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert re.search(rf"data dir {re.escape(str(missing))} does not exist", proc.stderr), \

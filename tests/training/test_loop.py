@@ -446,8 +446,9 @@ def test_multi_worker_two_local_processes_train_and_only_the_chief_writes(tmp_pa
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    # Both logs on failure: the worker that fails first is often not the one that reports it.
+    assert [p.returncode for p in procs] == [0, 0], "\n--- worker 1:\n".join(
+        out[-3000:] for out in outs)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["strategy"] == "multi_worker" and summary["num_replicas"] == 2
     assert summary["epochs_run"] == 2

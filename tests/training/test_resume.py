@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_module, write_tiny_dataset
+from conftest import run_command, write_tiny_dataset
 
 from pneumo_tf.core import rundir
 from pneumo_tf.training import resume
@@ -53,7 +53,7 @@ def test_train_refuses_such_a_run_dir_in_one_line(tmp_path, kind):
         run.mkdir()
         (run / "notes.txt").write_text("")
         want = f"--run_dir={run} is not a run directory: it holds {run / 'notes.txt'}"
-    done = run_module("pneumo_tf.train", f"--data_dir={data}", f"--run_dir={run}",
+    done = run_command("pneumo_tf.train", f"--data_dir={data}", f"--run_dir={run}",
                       "--backbone=small_cnn", "--weights=none", "--epochs=1")
     assert done.returncode == 1
     # (The tests' TF_CPP_MIN_LOG_LEVEL lets TensorFlow's start-up lines through: the last counts.)

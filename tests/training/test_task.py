@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
+from conftest import run_command
+from shared_runs import shared_result
 from pneumo_tf.data import convert, phantoms, records
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.training import loop, session
@@ -32,17 +35,22 @@ def lungs_config(data_dir, run_dir, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def lungs_task_run(tmp_path_factory):
-    """Phantoms with their lung masks converted at 64 px (whole films), and a lungs run."""
-    root = tmp_path_factory.mktemp("lungs")
-    phantoms.write_phantom_dataset(root / "src", num_train=120, num_test=24, seed=0,
-                                   min_size=96, max_size=128)
-    # Every fourth train film loses its mask: the lungs task must skip those films.
-    for mask in sorted((root / "src" / "lung_masks" / "train").rglob("*.png"))[::4]:
-        mask.unlink()
-    convert.convert_dataset(root / "src", root / "data", image_size=64, crop="none", workers=1,
-                            progress=False, masks=str(root / "src" / "lung_masks"))
-    summary = session.train(lungs_config(root / "data", root / "run"))
-    return root, summary
+    """Phantoms with their lung masks converted at 64 px (whole films), and a lungs run (built
+    once for all xdist workers: read-only, copy it to write)."""
+    def make(root):
+        phantoms.write_phantom_dataset(root / "src", num_train=120, num_test=24, seed=0,
+                                       min_size=96, max_size=128)
+        # Every fourth train film loses its mask: the lungs task must skip those films.
+        for mask in sorted((root / "src" / "lung_masks" / "train").rglob("*.png"))[::4]:
+            mask.unlink()
+        convert.convert_dataset(root / "src", root / "data", image_size=64, crop="none",
+                                workers=1, progress=False, masks=str(root / "src" / "lung_masks"))
+        summary = session.train(lungs_config(root / "data", root / "run"))
+        (root / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        return root
+
+    root = shared_result(tmp_path_factory, "task_lungs_run", make)
+    return root, json.loads((root / "summary.json").read_text(encoding="utf-8"))
 
 
 def test_a_lungs_run_learns_the_lungs_task_run_and_keeps_its_history(lungs_task_run):
@@ -84,10 +92,10 @@ def test_a_lungs_run_logs_contours_to_tensorboard(lungs_task_run):
     assert {"epoch_dice", "epoch_iou", "epoch_loss"} <= set(tags)
 
 
-def test_evaluate_on_a_lungs_run_reports_dice_and_iou_with_cis(lungs_task_run):
+def test_evaluate_on_a_lungs_run_reports_dice_and_iou_with_cis(lungs_task_run, tmp_path):
     root, _ = lungs_task_run
-    run, data = root / "run", root / "data"
-    proc = run_module("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
+    run, data = Path(shutil.copytree(root / "run", tmp_path / "run")), root / "data"
+    proc = run_command("pneumo_tf.evaluate", f"--run_dir={run}", f"--data_dir={data}",
                       "--split=test")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = run / "eval" / "test"
