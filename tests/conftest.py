@@ -207,6 +207,21 @@ def tiny_data_dir(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "data")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(run_dir, data_dir)``: a :func:`tiny_data_dir` and one epoch of small_cnn on it
+    (:func:`support_runs.make_run`), built once for all xdist workers. Read-only: a test that
+    writes into the run takes a copy."""
+    from shared_runs import shared_result
+    from support_runs import make_run
+
+    def make(root):
+        data = write_tiny_dataset(root / "data")
+        return make_run(root / "run", data, epochs=1), data
+
+    return shared_result(tmp_path_factory, "tiny_run", make)
+
+
 # Finished runs shared by several test files, each built once for all pytest-xdist workers of a
 # pytest call (tests/shared_runs.py). Tests must not change them: copy a run before writing into it.
 
@@ -247,6 +262,26 @@ def subtype_run(tmp_path_factory):
     from support_runs import make_subtype_run
 
     return shared_result(tmp_path_factory, "subtype", make_subtype_run)
+
+
+@pytest.fixture(scope="session")
+def subtype_export(subtype_run, tmp_path_factory):
+    """``(run_dir, data_dir, export report)``: a copy of :func:`subtype_run` (with its guard)
+    exported in both formats, parity on 12 val images."""
+    from shared_runs import shared_result
+
+    def make(root):
+        import shutil
+
+        from pneumo_tf.serving import export
+
+        run, data = subtype_run
+        copy = Path(shutil.copytree(run, root / "run"))
+        report = export.export_run(copy, ["saved_model", "tflite"], data_dir=data,
+                                   parity_count=12)
+        return copy, data, report
+
+    return shared_result(tmp_path_factory, "subtype_export", make)
 
 
 @pytest.fixture(scope="session")

@@ -978,14 +978,12 @@ def test_lung_crop_falls_back_to_fixed_where_too_few_lungs_are_found(lung_run, t
                                                           r["orig_width"])
 
 
-def test_bad_lung_models_stop_the_run_before_out_is_touched(lung_run, tiny_data_dir, tmp_path):
-    from support_runs import make_run
-
+def test_bad_lung_models_stop_the_run_before_out_is_touched(lung_run, tiny_run, tmp_path):
     run, src = lung_run
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    classifier = make_run(tmp_path / "classifier", tiny_data_dir, epochs=1)
+    classifier = tiny_run[0]
     for kw, message in ((dict(crop="lungs"), r"--crop=lungs needs --lung_model="),
                         (dict(crop="lungs", lung_model=str(classifier)), r"not a lung model"),
                         (dict(crop="lungs", lung_model=str(tmp_path / "none")),

@@ -1,6 +1,8 @@
 """pneumo_tf.compare: table, bar chart, evaluate-on-demand, refusal of mismatched data."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -48,11 +50,10 @@ def test_missing_metrics_without_data_dir_names_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluates_missing_runs_and_refuses_mismatched_data(tmp_path):
+def test_evaluates_missing_runs_and_refuses_mismatched_data(tiny_run, tmp_path):
     from support_runs import make_run
 
-    data = write_tiny_dataset(tmp_path / "data", image_size=32)
-    run_a = make_run(tmp_path / "run_a", data, epochs=1, seed=0)
+    run_a, data = Path(shutil.copytree(tiny_run[0], tmp_path / "run_a")), tiny_run[1]
     run_b = make_run(tmp_path / "run_b", data, epochs=2, seed=1)
     other = write_tiny_dataset(tmp_path / "d40", image_size=40)
     with pytest.raises(rundir.RunDirError, match="image_size: run has 32, data dir has 40"):

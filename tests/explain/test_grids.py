@@ -1,6 +1,8 @@
 """The Grad-CAM app on phantoms with a trained smoke model: pointing game, masks, groups."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,17 +84,13 @@ def test_phantom_masks_align_with_stored_images(phantom_run):
 
 
 @pytest.mark.slow
-def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
+def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tiny_run, tmp_path):
     """calibration.json's threshold on the calibrated probability becomes a raw-probability cut."""
-    from conftest import write_tiny_dataset
-    from support_runs import make_run
-
     from pneumo_tf.evaluation import calibration
     from pneumo_tf.core import rundir
     from pneumo_tf.evaluation import scoring
 
-    data = write_tiny_dataset(tmp_path / "data", image_size=32)
-    run = make_run(tmp_path / "run", data, epochs=1)
+    run, data = Path(shutil.copytree(tiny_run[0], tmp_path / "run")), tiny_run[1]
     probs = np.sort(scoring.predict_split(rundir.load_model(run), data, "test")["probability"])
     cals = calibration.apply_temperature(probs, 2.0)
     cut = float(cals[len(cals) // 2 - 1: len(cals) // 2 + 1].mean())  # between two test images
@@ -110,19 +108,17 @@ def test_groups_use_threshold_on_the_quantity_it_was_chosen_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_another_data_dir_goes_beside_the_runs_own_maps(tmp_path):
+def test_another_data_dir_goes_beside_the_runs_own_maps(tiny_run, tmp_path):
     """gradcam on another data dir writes R/gradcam/<split>-<data dir name>/ and tags its
     TensorBoard images with that name; the run's own R/gradcam/ is left alone."""
     import tensorflow as tf
     from conftest import write_tiny_dataset
-    from support_runs import make_run
 
     from pneumo_tf.core import rundir
 
-    data = write_tiny_dataset(tmp_path / "data", image_size=32)
     site = write_tiny_dataset(tmp_path / "site_b", image_size=32, counts={"test": (8, 8)},
                               seed=3, brightness_offset=40)
-    run = make_run(tmp_path / "run", data, epochs=1)
+    run, data = Path(shutil.copytree(tiny_run[0], tmp_path / "run")), tiny_run[1]
     own = gc.run_gradcam(run, data, "test", num_images=8, batch_size=8)
     own_bytes = (run / "gradcam" / "cam_stats.json").read_bytes()
     other = gc.run_gradcam(run, site, "test", num_images=12, batch_size=8)
@@ -164,12 +160,8 @@ def test_subtype_runs_explain_bacterial_and_viral(subtype_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_bacterial_on_a_binary_run_is_refused(tmp_path):
-    from conftest import write_tiny_dataset
-    from support_runs import make_run
-
-    data = write_tiny_dataset(tmp_path / "data")
-    run = make_run(tmp_path / "run", data, epochs=1)
+def test_bacterial_on_a_binary_run_is_refused(tiny_run, tmp_path):
+    run, data = Path(shutil.copytree(tiny_run[0], tmp_path / "run")), tiny_run[1]
     with pytest.raises(ValueError, match="--cam_class=bacterial needs a three-class run"):
         gc.run_gradcam(run, data, "test", num_images=4, cam_class="bacterial")
 

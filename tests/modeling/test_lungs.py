@@ -34,12 +34,10 @@ def test_a_lung_model_maps_films_of_any_size(lung_run):
                                 "image_size": 32}
 
 
-def test_bad_lung_models_are_named_with_the_fix(lung_run, tiny_data_dir, tmp_path):
-    from support_runs import make_run
-
+def test_bad_lung_models_are_named_with_the_fix(lung_run, tiny_run, tmp_path):
     with pytest.raises(rundir.RunDirError, match=r"^--lung_model=.*no such directory"):
         lungs_lib.LungModel(tmp_path / "nowhere")
-    classifier = make_run(tmp_path / "classifier", tiny_data_dir, epochs=1)
+    classifier = tiny_run[0]
     with pytest.raises(rundir.RunDirError, match=r"--task=binary, not a lung model; train one "
                                                  r"with"):
         lungs_lib.LungModel(classifier)

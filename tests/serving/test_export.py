@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_command, write_tiny_dataset
-from support_runs import make_run
+from conftest import run_command
 
 SIZE = 32
 TEMPERATURE = 1.7
@@ -29,11 +28,10 @@ def write_calibration(run_dir: Path, temperature=TEMPERATURE, threshold=THRESHOL
 
 
 @pytest.fixture(scope="module")
-def run_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
-    run = make_run(root / "run", data, epochs=1)
-    return run, data
+def run_and_data(tiny_run, tmp_path_factory):
+    """A copy of the tiny run (32 px, fixed crop), and its data dir."""
+    run, data = tiny_run
+    return Path(shutil.copytree(run, tmp_path_factory.mktemp("export") / "run")), data
 
 
 @pytest.fixture(scope="module")
@@ -520,18 +518,6 @@ def _png(gray: np.ndarray) -> bytes:
     return cv2.imencode(".png", np.ascontiguousarray(gray))[1].tobytes()
 
 
-@pytest.fixture(scope="module")
-def subtype_export(subtype_run, tmp_path_factory):
-    """The subtype run (with its guard) exported in both formats."""
-    from pneumo_tf.serving import export
-
-    run, data = subtype_run
-    copy = tmp_path_factory.mktemp("subtype_export") / "run"
-    shutil.copytree(run, copy)
-    report = export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=12)
-    return copy, data, report
-
-
 def test_every_signature_of_a_subtype_run_adds_the_guard_and_the_subtype(subtype_export):
     import tensorflow as tf
 
@@ -714,11 +700,10 @@ def test_every_signature_gains_the_lung_outputs_and_parity_covers_them(lung_crop
 
 
 def test_lung_crop_runs_name_a_missing_or_wrong_lung_model(lung_crop_run, lung_run,
-                                                           tiny_data_dir, tmp_path):
+                                                           tiny_run, tmp_path):
     from pneumo_tf.core import rundir
     from pneumo_tf.serving import export
     from pneumo_tf.serving import lungs as lung_serving
-    from support_runs import make_run
 
     run, _ = lung_crop_run
     moved = tmp_path / "run"
@@ -728,7 +713,7 @@ def test_lung_crop_runs_name_a_missing_or_wrong_lung_model(lung_crop_run, lung_r
     (moved / "data_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(rundir.RunDirError, match=r"which is missing; pass --lung_model="):
         export.export_run(moved, ["tflite"])
-    classifier = make_run(tmp_path / "classifier", tiny_data_dir, epochs=1)
+    classifier = tiny_run[0]
     with pytest.raises(rundir.RunDirError, match=r"not a lung model"):
         export.export_run(moved, ["tflite"], lungs=lung_serving.LungOptions(str(classifier)))
     with pytest.raises(rundir.RunDirError, match=r"is a lung model .*--lung_model="):

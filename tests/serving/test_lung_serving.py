@@ -98,16 +98,14 @@ def test_the_graph_decides_as_the_host(lung_run):
 
 
 def test_a_classifier_serves_with_its_crops_lung_model_or_the_flags(lung_run, lung_crop_run,
-                                                                    tiny_data_dir, tmp_path):
-    from support_runs import make_run
-
+                                                                    tiny_run, tmp_path):
     run, _ = lung_crop_run
     lungs, settings = lung_serving.for_run(rundir.Run(run))
     assert lungs.path == str(lung_run[0])
     manifest = json.loads((run / "data_manifest.json").read_text())["lung_model"]
     assert (settings.margin, settings.crop_min_fraction) == (manifest["margin"],
                                                              manifest["min_lung_fraction"])
-    plain = make_run(tmp_path / "plain", tiny_data_dir, epochs=1)
+    plain = tiny_run[0]
     assert lung_serving.for_run(rundir.Run(plain)) == (None, None)
     lungs, settings = lung_serving.for_run(rundir.Run(plain), lung_serving.LungOptions(
         str(lung_run[0]), min_lung_fraction=0.2))

@@ -12,9 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_command, write_tiny_dataset
+from conftest import run_command
 from shared_runs import shared_result
-from support_runs import make_run
 
 SIZE = 32
 TEMPERATURE = 1.5
@@ -22,14 +21,13 @@ THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
-def exported_run(tmp_path_factory):
-    """A small run with calibration.json, exported to SavedModel and TFLite (built once for all
-    xdist workers: read-only, copy it to write)."""
+def exported_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with calibration.json, exported to SavedModel and TFLite (built
+    once for all xdist workers: read-only, copy it to write)."""
     def make(root):
         from pneumo_tf.serving import export
 
-        data = write_tiny_dataset(root / "data", image_size=SIZE, crop="fixed")
-        run = make_run(root / "run", data, epochs=1)
+        run, data = Path(shutil.copytree(tiny_run[0], root / "run")), tiny_run[1]
         (run / "calibration.json").write_text(json.dumps({
             "temperature": TEMPERATURE, "threshold": THRESHOLD, "threshold_method": "fixed",
             "source": "val", "threshold_applies_to": "probability"}))
@@ -593,17 +591,6 @@ def test_runs_without_a_guard_still_predict_with_null_fields(exported_run, good_
         predict.ood_rates(predict.load_predictor(exported_run), [phantom(300, 380)])
 
 
-@pytest.fixture(scope="module")
-def subtype_export(subtype_run, tmp_path_factory):
-    from pneumo_tf.serving import export
-
-    run, data = subtype_run
-    copy = tmp_path_factory.mktemp("subtype_predict") / "run"
-    shutil.copytree(run, copy)
-    export.export_run(copy, ["saved_model", "tflite"], data_dir=data, parity_count=8)
-    return copy
-
-
 def test_subtype_rows_name_the_subtype_of_every_model_kind(subtype_export, tmp_path):
     """Every model kind names the subtype of the rows it diagnoses. The tiny run's guard rejects
     every phantom (a run trained on noise squares), and a rejected row has no diagnosis, so no
@@ -620,8 +607,9 @@ def test_subtype_rows_name_the_subtype_of_every_model_kind(subtype_export, tmp_p
         cv2.imwrite(str(path), phantoms.generate_phantom(rng, i % 2, (120, 140))[0])
         paths.append(path)
     reference = None
-    for model, tol in ((subtype_export, 1e-6), (subtype_export / "export" / "saved_model", 1e-5),
-                       (subtype_export / "export" / "model_fp16.tflite", 0.01)):
+    run = subtype_export[0]
+    for model, tol in ((run, 1e-6), (run / "export" / "saved_model", 1e-5),
+                       (run / "export" / "model_fp16.tflite", 0.01)):
         predictor = predict.load_predictor(model)
         assert predictor.config.task == "subtype"
         for rec in predict.predict_paths(predictor, paths):
