@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_command
+from shared_runs import shared_result
 
 SIZE = 32
 TEMPERATURE = 1.7
@@ -35,14 +36,19 @@ def run_and_data(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(run_and_data):
-    """The run exported once in both formats (parity on its val split)."""
-    from pneumo_tf.serving import export
+def exported(tiny_run, tmp_path_factory):
+    """A calibrated copy of the tiny run exported once in both formats (parity on its val split),
+    built once for all xdist workers: read-only."""
+    def make(root):
+        from pneumo_tf.serving import export
 
-    run, data = run_and_data
-    write_calibration(run)
-    report = export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=12)
-    return run, data, report
+        run, data = Path(shutil.copytree(tiny_run[0], root / "run")), tiny_run[1]
+        write_calibration(run)
+        report = export.export_run(run, ["saved_model", "tflite"], data_dir=data,
+                                   parity_count=12)
+        return run, data, report
+
+    return shared_result(tmp_path_factory, "export_exported", make)
 
 
 def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 820))) -> dict:

@@ -393,21 +393,25 @@ SITE_TEMPERATURE, SITE_THRESHOLD = 0.8, 0.3
 
 @pytest.fixture(scope="module")
 def site_run(exported_run, tmp_path_factory):
-    """A copy of the exported run with a site calibration, exported with it baked in."""
-    from pneumo_tf.serving import export
+    """A copy of the exported run with a site calibration, exported with it baked in (built once
+    for all xdist workers: read-only)."""
+    def make(root):
+        from pneumo_tf.serving import export
 
-    run = tmp_path_factory.mktemp("site") / "run"
-    shutil.copytree(exported_run, run)
-    (run / "calibrations").mkdir()
-    (run / "calibrations" / "site_b.json").write_text(json.dumps({
-        "name": "site_b", "temperature": SITE_TEMPERATURE, "threshold": SITE_THRESHOLD,
-        "threshold_method": "val_youden", "threshold_applies_to": "probability",
-        "source": "site", "split": "test"}))
-    val_export = {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()}
-    export.export_run(run, ["saved_model", "tflite"], parity_count=8, calibration_name="site_b")
-    assert {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()} \
-        == val_export  # the val export stays as it is
-    return run
+        run = Path(shutil.copytree(exported_run, root / "run"))
+        (run / "calibrations").mkdir()
+        (run / "calibrations" / "site_b.json").write_text(json.dumps({
+            "name": "site_b", "temperature": SITE_TEMPERATURE, "threshold": SITE_THRESHOLD,
+            "threshold_method": "val_youden", "threshold_applies_to": "probability",
+            "source": "site", "split": "test"}))
+        val_export = {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()}
+        export.export_run(run, ["saved_model", "tflite"], parity_count=8,
+                          calibration_name="site_b")
+        assert {p.name: p.read_bytes() for p in (run / "export").iterdir() if p.is_file()} \
+            == val_export  # the val export stays as it is
+        return run
+
+    return shared_result(tmp_path_factory, "predictor_site_run", make)
 
 
 def test_rows_name_the_calibration_val_by_default(exported_run, good_files):
