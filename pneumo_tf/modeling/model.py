@@ -127,7 +127,8 @@ class LungGate(layers.Layer):
     """Dim the input outside the lungs a lung model finds in it (an evidence constraint).
 
     ``[B, S, S, C]`` float pixels (0..255) -> the same pixels times ``floor + (1 - floor) * m``,
-    where ``m`` is the lung model's mask of the image (P(lung) > 0.5 on the first channel,
+    where ``m`` is the lung model's mask of the image (P(lung) above
+    :data:`pneumo_tf.image.preprocess.LUNG_PROBABILITY_THRESHOLD` on the first channel,
     resized to the lung model's input and back), dilated by ``dilate`` of the side (a max-pool),
     so the lung borders and the costophrenic angles stay in view. The lung model (a ``--task=
     lungs`` run's U-Net) is frozen and travels inside the classifier: ``model.keras``, the
@@ -157,7 +158,8 @@ class LungGate(layers.Layer):
         """``[B, S, S, 1]`` float32 {0, 1}: the dilated lungs of float pixels ``x``."""
         size = tf.shape(x)[1:3]
         side = self.lung_model.input_shape[1]
-        mask = tf.cast(lung_probability(self.lung_model, x) > 0.5, tf.float32)
+        lungs = lung_probability(self.lung_model, x) > preprocess.LUNG_PROBABILITY_THRESHOLD
+        mask = tf.cast(lungs, tf.float32)
         radius = int(round(self.dilate * side))
         if radius:
             mask = tf.nn.max_pool2d(mask, 2 * radius + 1, 1, "SAME")

@@ -189,12 +189,15 @@ def split_features(features_fn, data_dir, split: str, batch_size: int = 64
     ``features_fn`` (the thumbnails: :func:`thumbnails` of the images)."""
     from pneumo_tf.evaluation import scoring
 
-    feats, labels, thumbs = [], [], []
-    for batch in scoring.iterate_split(data_dir, split, batch_size):
-        feats.append(np.asarray(features_fn(batch["image"]), np.float32))
-        labels.append(batch["label"])
-        thumbs.append(thumbnails(batch["image"]))
-    return np.concatenate(feats), np.concatenate(labels), np.concatenate(thumbs)
+    def collect(batch, features, parts):
+        parts.setdefault("features", []).append(np.asarray(features, np.float32))
+        parts.setdefault("label", []).append(batch["label"])
+        parts.setdefault("thumbnails", []).append(thumbnails(batch["image"]))
+
+    parts = scoring.collect_batches(scoring.iterate_split(data_dir, split, batch_size),
+                                    features_fn, collect, total=0)
+    return tuple(np.concatenate(parts.get(key, []))
+                 for key in ("features", "label", "thumbnails"))
 
 
 def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,

@@ -297,7 +297,7 @@ class LungsTask(Task):
     metric_names = ("loss", "dice", "iou")
     select_on = ("val_loss", "val_dice")
     classifier = False
-    threshold = 0.5
+    threshold = lungs_lib.MASK_THRESHOLD  # a pixel is lung above it: the project's one lung cut
 
     def build_model(self, cfg, image_size: int, augment: dict | None) -> keras.Model:
         return model_lib.build_lung_model(image_size, cfg.unet_filters, cfg.unet_depth)
@@ -367,7 +367,7 @@ class LungsTask(Task):
 
     def train_scores(self, outputs, loss_targets):
         """``[B]`` Dice of each image's mask cut at 0.5 (1 where both masks are empty)."""
-        t = tf.cast(loss_targets > 0.5, tf.float32)
+        t = tf.cast(loss_targets > self.threshold, tf.float32)
         p = tf.cast(outputs > self.threshold, tf.float32)
         axes = [1, 2, 3]
         inter = tf.reduce_sum(t * p, axes)
