@@ -64,8 +64,9 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
     written to stdout and stderr is captured (Python objects, absl's log handler and the file
     descriptors, so C++ lines count too); ``sys.exit("message")`` gives status 1 with the
     message on stderr and an uncaught exception its traceback, as the interpreter does. Tests of
-    process-wide behaviour (start-up lines, what is imported, signals, devices) use
-    :func:`run_module`.
+    process-wide behaviour (start-up lines, what is imported, signals, devices, and runs that
+    would change the process for the tests after them: ``--deterministic``, ``--cpu_devices``)
+    use :func:`run_module`.
     """
     import importlib
     import io
