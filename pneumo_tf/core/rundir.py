@@ -124,7 +124,10 @@ RUN_ENTRIES = frozenset(path.name for path in RunPaths("run").entries())
 
 
 def is_run_entry(name: str) -> bool:
-    """Whether a file or folder named ``name`` directly in a folder is one a run writes."""
+    """Whether a file or folder named ``name`` directly in a folder is one a run writes, or the
+    temporary sibling of one being written (:func:`pneumo_tf.core.atomic_files.partial_path`).
+    A multi-worker run's other workers check the folder while the chief writes its first file."""
+    name = name.replace(atomic_files.PARTIAL, "", 1)
     return name in RUN_ENTRIES or name.startswith("export_")
 
 

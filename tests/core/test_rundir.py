@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pneumo_tf.core import rundir
 
 
@@ -111,3 +113,24 @@ def test_every_file_a_run_writes_is_a_run_entry():
     for name in ("flags.txt", rundir.OOD_JSON, rundir.LUNG_GUARD_NAME, "export_site_b", "eval"):
         assert rundir.is_run_entry(name), name
     assert not rundir.is_run_entry("notes.txt")
+
+
+def test_a_run_file_being_written_is_a_run_entry(tmp_path):
+    """A multi-worker run's chief writes data_manifest.json.partial while the other worker checks
+    the folder: that worker must not refuse it (seen in the two-worker test under load)."""
+    from pneumo_tf.core import atomic_files
+    from pneumo_tf.training import resume
+    from pneumo_tf.training.config import TrainError
+
+    paths = rundir.RunPaths(tmp_path / "run")
+    for name in ("data_manifest.json", "model.keras", "flags.txt"):
+        for keep_suffix in (False, True):
+            partial = atomic_files.partial_path(paths.root / name, keep_suffix).name
+            assert rundir.is_run_entry(partial), partial
+    assert not rundir.is_run_entry("notes.txt.partial")
+    paths.root.mkdir()
+    (paths.root / "data_manifest.json.partial").write_text("{")
+    resume.check_run_dir(paths)  # a run being started: no error
+    (paths.root / "data_manifest.json.partial").rename(paths.root / "notes.txt.partial")
+    with pytest.raises(TrainError, match=r"is not a run directory: it holds .*notes.txt.partial"):
+        resume.check_run_dir(paths)

@@ -33,6 +33,9 @@ def lungs_config(data_dir, run_dir, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+LUNG_EPOCHS = 6
+
+
 @pytest.fixture(scope="module")
 def lungs_task_run(tmp_path_factory):
     """Phantoms with their lung masks converted at 64 px (whole films), and a lungs run (built
@@ -45,7 +48,10 @@ def lungs_task_run(tmp_path_factory):
             mask.unlink()
         convert.convert_dataset(root / "src", root / "data", image_size=64, crop="none",
                                 workers=1, progress=False, masks=str(root / "src" / "lung_masks"))
-        summary = session.train(lungs_config(root / "data", root / "run"))
+        # 6 epochs: the training pipeline's order is not fixed (no --deterministic). After 4
+        # epochs the best val Dice ranged 0.64-0.78 over five runs, around the 0.7 asserted
+        # below; after 6 it was 0.94-0.95 over three (measured while writing this).
+        summary = session.train(lungs_config(root / "data", root / "run", epochs=LUNG_EPOCHS))
         (root / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
         return root
 
@@ -62,7 +68,7 @@ def test_a_lungs_run_learns_the_lungs_task_run_and_keeps_its_history(lungs_task_
     assert list(rows[0]) == ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou",
                              "lr"]
     val_dice = [float(r["val_dice"]) for r in rows]
-    assert len(rows) == 4 and max(val_dice) > 0.7, val_dice
+    assert len(rows) == LUNG_EPOCHS and max(val_dice) > 0.7, val_dice
     assert max(val_dice[1:]) > val_dice[0], val_dice
     for r in rows:  # IoU <= Dice, both in [0, 1]
         assert 0 <= float(r["val_iou"]) <= float(r["val_dice"]) <= 1
@@ -88,7 +94,7 @@ def test_a_lungs_run_logs_contours_to_tensorboard(lungs_task_run):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
             for value in event.summary.value:
                 tags.setdefault(value.tag, set()).add(event.step)
-    assert tags["val_lung_contours"] == {0, 1, 2, 3}
+    assert tags["val_lung_contours"] == set(range(LUNG_EPOCHS))
     assert {"epoch_dice", "epoch_iou", "epoch_loss"} <= set(tags)
 
 
