@@ -6,9 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
@@ -38,23 +36,6 @@ def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.Comple
                           text=True, timeout=timeout)
 
 
-@contextlib.contextmanager
-def _captured_fd(fd: int) -> Iterator[list[str]]:
-    """What is written to file descriptor ``fd`` in the body (C++ and Python alike), as text in
-    the one-element list yielded, filled when the body ends."""
-    text: list[str] = []
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), fd)
-        try:
-            yield text
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-            capture.seek(0)
-            text.append(capture.read().decode("utf-8", "replace"))
-
-
 def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args...`` run inside this test process: what :func:`run_module` returns
     (exit status, stdout, stderr as text) without starting Python and TensorFlow again.
@@ -76,6 +57,8 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
     from absl import flags
     from absl import logging as absl_logging
 
+    from pneumo_tf.core import quiet_tf
+
     command = importlib.import_module(module)
     # A new process makes its first device query (and TensorFlow's CUDA line) quietly, through
     # pneumo_tf.core.quiet_tf: make this process's first one before the capture.
@@ -96,7 +79,7 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
         os.chdir(REPO)
         sys.argv = argv
         handler.stream = err
-        with _captured_fd(1) as fd_out, _captured_fd(2) as fd_err, \
+        with quiet_tf.captured_fd(1) as fd_out, quiet_tf.captured_fd(2) as fd_err, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 command.run()

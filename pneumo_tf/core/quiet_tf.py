@@ -98,29 +98,49 @@ def filtered(text: str) -> str:
 
 
 @contextlib.contextmanager
+def captured_fd(fd: int) -> Iterator[list[str]]:
+    """Capture file descriptor ``fd`` (C++ and Python writes alike) while the body runs.
+
+    Yields a list that holds the captured text once the body has ended (also when it raised).
+    """
+    def flush() -> None:  # Python's buffered writes to that descriptor, before it moves
+        stream = {1: sys.stdout, 2: sys.stderr}.get(fd)
+        if stream is not None:
+            stream.flush()
+
+    text: list[str] = []
+    flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield text
+        finally:
+            flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            text.append(capture.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
 def stderr_filtered() -> Iterator[None]:
     """Capture file descriptor 2 (C++ and Python writes alike); replay it without the noise.
 
     If the body raises, everything captured is replayed, so nothing that explains the error is
     lost.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", "replace")
-            sys.stderr.write(text if failed else filtered(text))
+    failed, text = False, []
+    try:
+        with captured_fd(2) as text:
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+    finally:
+        if text:  # empty only if the capture itself could not start
+            sys.stderr.write(text[0] if failed else filtered(text[0]))
             sys.stderr.flush()
 
 

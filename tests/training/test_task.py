@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from conftest import run_command
 from shared_runs import shared_result
+from pneumo_tf.core import rundir
 from pneumo_tf.data import convert, phantoms, records
 from pneumo_tf.evaluation import metrics as pmetrics
 from pneumo_tf.training import loop, session
@@ -51,12 +52,12 @@ def lungs_task_run(tmp_path_factory):
         # 6 epochs: the training pipeline's order is not fixed (no --deterministic). After 4
         # epochs the best val Dice ranged 0.64-0.78 over five runs, around the 0.7 asserted
         # below; after 6 it was 0.94-0.95 over three (measured while writing this).
-        summary = session.train(lungs_config(root / "data", root / "run", epochs=LUNG_EPOCHS))
-        (root / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        session.train(lungs_config(root / "data", root / "run", epochs=LUNG_EPOCHS))
         return root
 
     root = shared_result(tmp_path_factory, "task_lungs_run", make)
-    return root, json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    # What session.train returned is what it wrote: the run's summary.json.
+    return root, json.loads(rundir.RunPaths(root / "run").summary.read_text(encoding="utf-8"))
 
 
 def test_a_lungs_run_learns_the_lungs_task_run_and_keeps_its_history(lungs_task_run):
@@ -166,7 +167,6 @@ def test_lungs_on_data_without_masks_names_the_converter_flag(tiny_data_dir, tmp
 
 def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(lungs_task_run,
                                                                           tmp_path):
-    from pneumo_tf.core import rundir
 
     root, _ = lungs_task_run
     cfg = TrainConfig(data_dir=str(root / "data"), run_dir=str(tmp_path / "gated"),
@@ -193,7 +193,6 @@ def test_a_classifier_trains_behind_a_lung_gate_and_a_wrong_gate_is_refused(lung
 
 def test_a_classifier_trains_with_the_evidence_penalty_and_is_explained_where_it_was(
         lungs_task_run, tmp_path):
-    from pneumo_tf.core import rundir
     from pneumo_tf.explain import anatomy
 
     root, _ = lungs_task_run
