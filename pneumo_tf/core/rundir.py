@@ -140,11 +140,15 @@ class Run:
 
     Args:
         run_dir: the run directory (or a :class:`Run`, see :meth:`open`).
+        model: the run's model already in memory (the training loop passes the one it has just
+            saved as ``model.keras``); None loads ``model.keras`` when first asked for.
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, model=None):
         self.paths = RunPaths(run_dir)
         self.root = self.paths.root
+        if model is not None:
+            self.model = model  # takes the place of the cached property below
 
     @classmethod
     def open(cls, run_dir: "str | os.PathLike | Run") -> "Run":

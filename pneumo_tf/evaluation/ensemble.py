@@ -122,7 +122,7 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
         train_member: ``(member cfg, setup, flags_text) -> summary`` trains one member
             (:func:`pneumo_tf.training.session.train` passes the loop with its steps).
         after_training: :class:`pneumo_tf.training.loop.AfterTraining` steps run on the
-            ensemble (model None: its ``model.keras``) after it is written.
+            ensemble's :class:`~pneumo_tf.core.rundir.Run` after it is written.
     """
     paths = rundir.RunPaths(cfg.run_dir)
     if flags_text is not None and paths.flags.is_file():
@@ -141,8 +141,9 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
     if setup is not None and not setup.is_chief:
         return {"status": "complete", "ensemble": {"members": members}}
     summary = create_ensemble(members, cfg.run_dir, cfg.data_dir, cfg.calibrate)
+    run = rundir.Run(paths.root)
     for step in after_training:
-        summary[step.name] = step.run(cfg, None)
+        summary[step.name] = step.run(cfg, run)
     atomic_files.write_json_atomic(paths.summary, summary)
     print(f"ensemble of {len(members)} members -> {cfg.run_dir}", flush=True)
     return summary

@@ -200,27 +200,28 @@ def split_features(features_fn, data_dir, split: str, batch_size: int = 64
                  for key in ("features", "label", "thumbnails"))
 
 
-def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-            val_rate: float = DEFAULT_VAL_RATE, layer: str = DEFAULT_LAYER, model=None,
-            batch_size: int = 64) -> dict:
+def fit_run(run_dir: "str | os.PathLike | rundir.Run",
+            data_dir: str | os.PathLike | None = None, val_rate: float = DEFAULT_VAL_RATE,
+            layer: str = DEFAULT_LAYER, batch_size: int = 64) -> dict:
     """Fit the OOD statistics of a run on its train split, the threshold on val; write them.
 
     Args:
-        run_dir: a finished run (or ensemble) directory.
+        run_dir: a finished run (or ensemble) directory, or its
+            :class:`~pneumo_tf.core.rundir.Run` (whose model is used).
         data_dir: the run's data dir; default: the one in its summary / ``flags.txt``.
         val_rate: fraction of val images the threshold flags.
         layer: the feature layer (``auto``: :func:`resolve_layer`; ood.json names the one used).
-        model: the loaded model, or None to load ``R/model.keras``.
 
     Returns:
         The ``ood.json`` content.
     """
-    data_dir = data_dir or rundir.run_data_dir(run_dir)
+    run = rundir.Run.open(run_dir)
+    data_dir = data_dir or run.data_dir
     if not data_dir:
-        raise rundir.RunDirError(f"{run_dir} does not name its data dir; pass --data_dir")
-    rundir.check_data_compatible(run_dir, data_dir)
+        raise rundir.RunDirError(f"{run} does not name its data dir; pass --data_dir")
+    rundir.check_data_compatible(run, data_dir)
     threshold_at_rate(np.zeros(1), val_rate)  # validate before the long part
-    model = model if model is not None else rundir.load_model(run_dir)
+    model = run.model
     layer = resolve_layer(model, layer)
     features = feature_model(model, layer)
     train_x, train_y, train_thumbs = split_features(features, data_dir, "train", batch_size)
@@ -228,7 +229,7 @@ def fit_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     val_x, _, val_thumbs = split_features(features, data_dir, "val", batch_size)
     val_scores = mahalanobis_scores(val_x, means, precision)
     threshold = threshold_at_rate(val_scores, val_rate)
-    paths = rundir.RunPaths(run_dir)
+    paths = run.paths
     with atomic_files.atomic_output(paths.root / OOD_STATS, keep_suffix=True) as tmp:
         np.savez(tmp, means=means.astype(np.float32), precision=precision.astype(np.float32))
     info = {"method": "mahalanobis_shared_ledoit_wolf", "layer": layer,

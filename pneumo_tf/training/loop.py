@@ -37,7 +37,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import numpy as np
@@ -80,14 +80,15 @@ class AfterTraining:
 
     Attributes:
         name: its key in ``summary.json``.
-        run: ``(cfg, model) -> str``; model None: the run's ``model.keras``. Logs, never raises.
+        run: ``(cfg, run) -> str`` on the finished run's :class:`~pneumo_tf.core.rundir.Run`
+            (opened once by the loop, holding the model it has just saved). Logs, never raises.
         pending: ``cfg -> str`` written to ``summary.json`` before the step runs (None: nothing).
         redo: ``(cfg, paths) -> bool``: a finished run lacks the step's output; a re-run of the
             run directory runs it again (None: never).
     """
 
     name: str
-    run: Callable[[TrainConfig, Any], str]
+    run: Callable[[TrainConfig, rundir.Run], str]
     pending: Callable[[TrainConfig], str] | None = None
     redo: Callable[[TrainConfig, rundir.RunPaths], bool] | None = None
 
@@ -553,8 +554,9 @@ def finish(ctx: RunContext, state: RunState, manifest: dict) -> dict:
             if step.pending is not None:
                 summary[step.name] = step.pending(ctx.cfg)
         atomic_files.write_json_atomic(ctx.paths.summary, summary)
+        run = rundir.Run(ctx.paths.root, model=trainer.model)
         for step in ctx.after_training:
-            summary[step.name] = step.run(ctx.cfg, trainer.model)
+            summary[step.name] = step.run(ctx.cfg, run)
         atomic_files.write_json_atomic(ctx.paths.summary, summary)
         for w in (ctx.writers or {}).values():
             w.close()

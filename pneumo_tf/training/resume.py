@@ -87,12 +87,13 @@ def completed_run(cfg: TrainConfig, paths: rundir.RunPaths,
     log.info("run dir %s is complete (%s epochs, best epoch %s); nothing to do. Use a new "
              "--run_dir to train again, or a larger --epochs to continue it.", paths.root,
              done.get("epochs_run"), done.get("best_epoch"))
+    run = rundir.Run(paths.root)
     for step in after_training:
         # summary.json is written before these steps: a failed or killed one is finished here.
         if step.redo is not None and step.redo(cfg, paths) and (setup is None or setup.is_chief):
             log.info("%s: the finished run's %s is missing; running it now", paths.root,
                      step.name)
-            done[step.name] = step.run(cfg, None)
+            done[step.name] = step.run(cfg, run)
             atomic_files.write_json_atomic(paths.summary, done)
     return done
 

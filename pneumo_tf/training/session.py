@@ -18,11 +18,10 @@ from pneumo_tf.training.config import TrainConfig
 log = logging.getLogger("pneumo_tf.train")
 
 
-def run_calibration(cfg: TrainConfig, model) -> str:
+def run_calibration(cfg: TrainConfig, run: rundir.Run) -> str:
     """Fit temperature and threshold on val (pneumo_tf.evaluation.calibration) if asked.
 
     A failure is logged, never raised: training has finished and its files are complete.
-    ``model`` None loads the run's ``model.keras``.
 
     Returns:
         ``ok``, ``skipped: ...`` or ``failed: ...`` (recorded in summary.json).
@@ -32,8 +31,7 @@ def run_calibration(cfg: TrainConfig, model) -> str:
     from pneumo_tf.evaluation import calibration  # scikit-learn and the scoring path: when needed
 
     try:
-        calibration.calibrate_run(cfg.run_dir, cfg.data_dir, model=model,
-                                  batch_size=cfg.val_batch_size)
+        calibration.calibrate_run(run, cfg.data_dir, batch_size=cfg.val_batch_size)
     except Exception as e:  # noqa: BLE001 -- logged; training results stay valid
         log.error("calibration on val failed (%s: %s); training is complete. Re-run it with "
                   "`python -m pneumo_tf.evaluate --run_dir=%s --split=val`", type(e).__name__, e,
@@ -42,7 +40,7 @@ def run_calibration(cfg: TrainConfig, model) -> str:
     return "ok"
 
 
-def run_ood_fit(cfg: TrainConfig, model) -> str:
+def run_ood_fit(cfg: TrainConfig, run: rundir.Run) -> str:
     """Fit the out-of-distribution guard (pneumo_tf.ood) if asked; a failure is logged.
 
     Returns:
@@ -53,8 +51,7 @@ def run_ood_fit(cfg: TrainConfig, model) -> str:
     from pneumo_tf.serving import ood
 
     try:
-        ood.fit_run(cfg.run_dir, cfg.data_dir, cfg.ood_val_rate, model=model,
-                    batch_size=cfg.val_batch_size)
+        ood.fit_run(run, cfg.data_dir, cfg.ood_val_rate, batch_size=cfg.val_batch_size)
     except Exception as e:  # noqa: BLE001 -- logged; training results stay valid
         log.error("fitting the out-of-distribution guard failed (%s: %s); training is "
                   "complete. Re-run it with `python -m pneumo_tf.ood --run_dir=%s`",
@@ -71,7 +68,7 @@ def _calibration_missing(cfg: TrainConfig, paths: rundir.RunPaths) -> bool:
     return cfg.calibrate and not paths.calibration.is_file()
 
 
-def run_lung_guard_fit(cfg: TrainConfig, model) -> str:
+def run_lung_guard_fit(cfg: TrainConfig, run: rundir.Run) -> str:
     """Fit a lungs run's no-lungs guard (pneumo_tf.serving.lungs.fit_guard: the lung confidence
     under which ``--ood_val_rate`` of the val films lie) if ``--fit_ood``; a failure is logged.
 
@@ -83,8 +80,7 @@ def run_lung_guard_fit(cfg: TrainConfig, model) -> str:
     from pneumo_tf.serving import lungs
 
     try:
-        lungs.fit_guard(cfg.run_dir, cfg.data_dir, cfg.ood_val_rate,
-                        batch_size=cfg.val_batch_size)
+        lungs.fit_guard(run, cfg.data_dir, cfg.ood_val_rate, batch_size=cfg.val_batch_size)
     except Exception as e:  # noqa: BLE001 -- logged; training results stay valid
         log.error("fitting the lung guard failed (%s: %s); training is complete. Re-run it with "
                   "`python -m pneumo_tf.ood --run_dir=%s`", type(e).__name__, e, cfg.run_dir)

@@ -164,10 +164,22 @@ def test_resume_with_mismatched_manifest_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, caplog):
+def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, caplog,
+                                                                    monkeypatch):
+    from pneumo_tf.evaluation import calibration
+
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
+    # What the steps after training are given, and every model.keras loaded meanwhile.
+    given, loads = [], []
+    calibrate_run, load = calibration.calibrate_run, rundir._load_keras_model
+    monkeypatch.setattr(calibration, "calibrate_run",
+                        lambda r, *a, **k: given.append(r) or calibrate_run(r, *a, **k))
+    monkeypatch.setattr(rundir, "_load_keras_model", lambda path: loads.append(path) or load(path))
     summary = session.train(tiny_config(data, run, calibrate=True), flags_text="--epochs=2\n")
+    # The loop opens the finished run once and hands the steps its model: nothing is reloaded.
+    assert len(given) == 1 and isinstance(given[0], rundir.Run) and given[0].root == run
+    assert "model" in vars(given[0]) and loads == []
     paths = rundir.RunPaths(run)
     for p in (paths.flags, paths.data_manifest, paths.best_weights, paths.model, paths.history,
               paths.summary):
@@ -211,6 +223,9 @@ def test_train_writes_a_complete_run_dir_and_a_rerun_says_complete(tmp_path, cap
     paths.calibration.unlink()
     again = session.train(tiny_config(data, run, calibrate=True))
     assert again["epochs_run"] == 2 and paths.model.stat().st_mtime_ns == mtime
+    # ... on a Run of its own, which loads model.keras when the step asks for it.
+    assert len(given) == 2 and given[1] is not given[0] and given[1].root == run
+    assert loads[-1] == paths.model
     assert again["calibration"] == "ok"
     assert json.loads(paths.calibration.read_text())["source"] == "val"
 
