@@ -210,6 +210,41 @@ def tiny_run(tmp_path_factory):
 # pytest call (tests/shared_runs.py). Tests must not change them: copy a run before writing into it.
 
 
+# The calibration of :func:`tiny_export` (what its assertions compute with).
+TINY_EXPORT_TEMPERATURE = 1.7
+TINY_EXPORT_THRESHOLD = 0.45
+
+
+def write_calibration(run_dir: Path, temperature: float = TINY_EXPORT_TEMPERATURE,
+                      threshold: float = TINY_EXPORT_THRESHOLD) -> None:
+    """A val calibration (``calibration.json``, threshold method val_youden) written as given."""
+    import json
+
+    (Path(run_dir) / "calibration.json").write_text(json.dumps({
+        "temperature": temperature, "threshold": threshold, "threshold_method": "val_youden",
+        "source": "val", "threshold_applies_to": "probability"}), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory):
+    """``(run_dir, data_dir, export report)``: a copy of :func:`tiny_run` with the calibration of
+    :func:`write_calibration`, exported in both formats (parity on its 12 val images)."""
+    from shared_runs import shared_result
+
+    def make(root):
+        import shutil
+
+        from pneumo_tf.serving import export
+
+        run, data = Path(shutil.copytree(tiny_run[0], root / "run")), tiny_run[1]
+        write_calibration(run)
+        report = export.export_run(run, ["saved_model", "tflite"], data_dir=data,
+                                   parity_count=12)
+        return run, data, report
+
+    return shared_result(tmp_path_factory, "tiny_export", make)
+
+
 @pytest.fixture(scope="session")
 def phantom_ood_run(tmp_path_factory):
     """``(run_dir, data_dir, phantom source dir)``: a phantom-trained run with its OOD guard."""

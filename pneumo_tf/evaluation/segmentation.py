@@ -17,7 +17,6 @@ writes ``R/eval/<split>/`` (``<split>-<data dir name>`` for another data dir):
 from __future__ import annotations
 
 import csv
-import os
 
 import numpy as np
 

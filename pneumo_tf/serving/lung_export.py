@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_tf.core import atomic_files, rundir
+from pneumo_tf.core import atomic_files
 from pneumo_tf.data import decode
 from pneumo_tf.image import preprocess
 from pneumo_tf.modeling import lungs as lungs_lib

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable

@@ -14,18 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_command
-from shared_runs import shared_result
+from conftest import TINY_EXPORT_TEMPERATURE as TEMPERATURE
+from conftest import TINY_EXPORT_THRESHOLD as THRESHOLD
+from conftest import run_command, write_calibration
 
 SIZE = 32
-TEMPERATURE = 1.7
-THRESHOLD = 0.45
-
-
-def write_calibration(run_dir: Path, temperature=TEMPERATURE, threshold=THRESHOLD) -> None:
-    (run_dir / "calibration.json").write_text(json.dumps({
-        "temperature": temperature, "threshold": threshold, "threshold_method": "val_youden",
-        "source": "val", "threshold_applies_to": "probability"}), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +29,10 @@ def run_and_data(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    """A calibrated copy of the tiny run exported once in both formats (parity on its val split),
-    built once for all xdist workers: read-only."""
-    def make(root):
-        from pneumo_tf.serving import export
-
-        run, data = Path(shutil.copytree(tiny_run[0], root / "run")), tiny_run[1]
-        write_calibration(run)
-        report = export.export_run(run, ["saved_model", "tflite"], data_dir=data,
-                                   parity_count=12)
-        return run, data, report
-
-    return shared_result(tmp_path_factory, "export_exported", make)
+def exported(tiny_export):
+    """``(run, data, report)``: the calibrated tiny run exported in both formats (conftest's
+    :func:`tiny_export`, shared with the predict tests): read-only."""
+    return tiny_export
 
 
 def phantom_files(out: Path, sizes=((300, 380), (520, 640), (900, 1200), (1100, 820))) -> dict:

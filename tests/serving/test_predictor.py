@@ -12,29 +12,19 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import TINY_EXPORT_TEMPERATURE as TEMPERATURE
+from conftest import TINY_EXPORT_THRESHOLD as THRESHOLD
 from conftest import run_command
 from shared_runs import shared_result
 
 SIZE = 32
-TEMPERATURE = 1.5
-THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
-def exported_run(tiny_run, tmp_path_factory):
-    """A copy of the tiny run with calibration.json, exported to SavedModel and TFLite (built
-    once for all xdist workers: read-only, copy it to write)."""
-    def make(root):
-        from pneumo_tf.serving import export
-
-        run, data = Path(shutil.copytree(tiny_run[0], root / "run")), tiny_run[1]
-        (run / "calibration.json").write_text(json.dumps({
-            "temperature": TEMPERATURE, "threshold": THRESHOLD, "threshold_method": "fixed",
-            "source": "val", "threshold_applies_to": "probability"}))
-        export.export_run(run, ["saved_model", "tflite"], data_dir=data, parity_count=8)
-        return run
-
-    return shared_result(tmp_path_factory, "predictor_exported_run", make)
+def exported_run(tiny_export):
+    """The calibrated tiny run exported to SavedModel and TFLite (conftest's :func:`tiny_export`,
+    calibrated at TEMPERATURE and THRESHOLD): read-only, copy it to write."""
+    return tiny_export[0]
 
 
 def phantom(h: int, w: int, label: int = 1, seed: int = 0) -> np.ndarray:
