@@ -29,12 +29,7 @@ def ensemble_run(tmp_path_factory):
                               counts={"train": (16, 16), "val": (10, 10), "test": (12, 14)})
     members = []
     for seed in (0, 1):
-        run = make_run(root / f"member{seed}", data, epochs=2, seed=seed)
-        summary = json.loads((run / "summary.json").read_text())
-        summary.update(status="complete")  # what the training app writes when it finishes
-        summary["config"]["data_dir"] = str(data)
-        (run / "summary.json").write_text(json.dumps(summary))
-        members.append(run)
+        members.append(make_run(root / f"member{seed}", data, epochs=2, seed=seed))
     ens = root / "ensemble"
     ensemble.create_ensemble(members, ens)  # the members name their data dir
     site = write_tiny_dataset(root / "site", image_size=SIZE, counts={"test": (22, 24)}, seed=4,

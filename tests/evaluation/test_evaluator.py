@@ -270,12 +270,10 @@ def second_site(trained):
 
 
 def _run_naming_its_data(trained, name):
-    """A copy of the run whose summary.json names its data dir (as training writes it)."""
+    """A copy of the run, whose summary.json names its data dir (as training writes it)."""
     root, data, _ = trained
     run = _fresh_run(trained, name)
-    summary = json.loads((run / "summary.json").read_text())
-    summary["config"]["data_dir"] = str(data)
-    (run / "summary.json").write_text(json.dumps(summary))
+    assert rundir.run_data_dir(run) == str(data)
     return run
 
 
@@ -344,7 +342,13 @@ def test_shift_section_on_a_second_site(trained, second_site):
 
 def test_val_data_dir_names_the_reference_of_a_run_that_does_not(trained, second_site):
     root, data, _ = trained
-    run = _fresh_run(trained, "run_val_data_dir")  # summary.json names no data dir
+    run = _fresh_run(trained, "run_val_data_dir")
+    # A run that does not name its data dir (no flags.txt; a summary without config.data_dir,
+    # as an older version wrote it).
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["config"]["data_dir"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert not (run / "flags.txt").exists() and rundir.run_data_dir(run) is None
     assert not (run / "calibration.json").exists()
     # --val_data_dir: the reference, and the val split a missing calibration.json is fitted on.
     m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000, val_data_dir=data)

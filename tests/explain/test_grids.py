@@ -29,7 +29,9 @@ def phantom_run(tmp_path_factory):
                                    min_size=96, max_size=128, bacteria_fraction=1.0)
     convert.convert_dataset(root / "src", root / "data", image_size=96, crop="fixed", workers=1,
                             progress=False)
-    run = make_run(root / "run", root / "data", epochs=10, learning_rate=2e-3)
+    # Hit rates measured with this recipe over training seeds 0-4: 0.53, 0.40, 0.40, 0.70, 0.70
+    # (chance 0.05); 10 epochs gave 0.20-0.63, too close to the asserted 0.2.
+    run = make_run(root / "run", root / "data", epochs=14, learning_rate=2e-3)
     return root, root / "data", run
 
 
@@ -192,7 +194,7 @@ def test_evidence_of_lesions_inside_the_lungs_is_lung_bound(phantom_lungs, tmp_p
     assert lungs["num_images"] == 40 and lungs["drawn_from"] == 40
     assert lungs["skipped_no_mask"] == 0 and lungs["groups"]["all"]["n"] == 40
     tp = lungs["groups"]["TP"]
-    # Measured 1.18-1.64 over five seeds (support_runs.make_phantom_lungs); a flat map gives 1.
+    # Measured 1.29-1.58 over five seeds (support_runs.make_phantom_lungs); a flat map gives 1.
     assert tp["n"] >= 10 and tp["lift"] > 1.0, tp
     assert tp["lift"] == pytest.approx(tp["lung_share"] / tp["lung_fraction"])
     assert tp["pointing_lungs"] > tp["lung_fraction"]  # the peak: more often in than by chance

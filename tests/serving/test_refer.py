@@ -200,13 +200,43 @@ def test_predict_and_the_bytes_signature_refer_alike(phantom_ood_export, odd_inp
     assert by_kind["photo"] == [[refer.NOT_A_CHEST_FILM]]
     assert all(refer.INVERTED in r for r in by_kind["inverted"])
     assert all(refer.ON_ITS_SIDE in r for r in by_kind["sideways"])
-    assert any(refer.UPSIDE_DOWN in r for r in by_kind["upside_down"])
+    # Upside down: referred for it, or earlier by the feature score (which then names it alone;
+    # the probe by itself is tested below).
+    assert all(refer.UPSIDE_DOWN in r or r == [refer.NOT_A_CHEST_FILM]
+               for r in by_kind["upside_down"])
     assert all(refer.LOW_RESOLUTION in r for r in by_kind["tiny"])
     # Upright by its EXIF orientation: what the same film gets as a PNG, not on its side.
     assert all(refer.ON_ITS_SIDE not in r for r in by_kind["exif6"])
     verdicts = {kind: [h[1] for h, k in zip(host, odd_inputs.values()) if k == kind]
                 for kind in ("film", "exif6")}
     assert verdicts["exif6"] == verdicts["film"]
+
+
+def test_the_upside_down_probe_alone_refers_alike(phantom_ood_run, odd_inputs, tmp_path):
+    """With the feature score out of the way (a copy of the guard whose threshold nothing
+    reaches), the orientation probe alone refers every upside-down film, in predict and in the
+    graph alike, and leaves the films as they are in distribution."""
+    import shutil
+
+    from pneumo_tf.core import rundir
+    from pneumo_tf.serving import export
+
+    run, data, _ = phantom_ood_run
+    copy = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    ood_json = rundir.RunPaths(copy).ood_json
+    guard = json.loads(ood_json.read_text())
+    guard["threshold"] = 1e30
+    ood_json.write_text(json.dumps(guard))
+    export.export_run(copy, ["saved_model"], data_dir=data, parity_count=4)
+    paths = [p for p, kind in odd_inputs.items() if kind in ("upside_down", "film")]
+    host, graph = _both_answers(copy, copy / "export" / "saved_model", paths)
+    assert host == graph
+    for path, (_, inside, referred, reasons) in zip(paths, host):
+        if odd_inputs[path] == "upside_down":
+            assert not inside and referred and refer.UPSIDE_DOWN in reasons, path.name
+            assert refer.NOT_A_CHEST_FILM not in reasons, path.name
+        else:
+            assert inside and refer.UPSIDE_DOWN not in reasons, path.name
 
 
 def test_no_lungs_found_in_the_graph_as_on_the_host(lung_crop_export, lung_run, tmp_path):
