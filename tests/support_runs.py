@@ -2,7 +2,7 @@
 point (:func:`pneumo_tf.training.session.train`), never written by hand.
 
 :func:`make_run` is a brief, plain fit (no augmentation, cross-entropy without class weights,
-Adam at a constant rate) so the evaluation, calibration and Grad-CAM tests get a model that
+Adam down a cosine) so the evaluation, calibration and Grad-CAM tests get a model that
 learned something in a few seconds; the builders below add the calibration and guards the tests
 need through the same public functions the commands call.
 """

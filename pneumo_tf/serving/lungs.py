@@ -71,7 +71,8 @@ def fit_guard(run_dir: "str | os.PathLike | rundir.Run", data_dir: str | os.Path
     films (all of them, with a drawn mask or not; whole films at the model's input) lie.
 
     Args:
-        run_dir: a finished ``--task=lungs`` run.
+        run_dir: a finished ``--task=lungs`` run, or its :class:`~pneumo_tf.core.rundir.Run`
+            (whose model is used: the training loop hands over the one it trained).
         data_dir: its data dir (default: the one it was trained on).
         val_rate: fraction of val films the guard may refer, in [0, 0.5].
 

@@ -1,5 +1,6 @@
 """One training request as ``python -m pneumo_tf.train`` makes it: a run or an ensemble of seeds,
-then the steps after training declared here (calibration on val, the out-of-distribution fit).
+then the steps after training declared here (calibration on val and the out-of-distribution fit
+for a classifier, the lung guard for a lung model).
 
 The loop (:mod:`pneumo_tf.training.loop`) runs the :class:`~pneumo_tf.training.loop.AfterTraining`
 steps its owner hands it and records their results in ``summary.json``; it knows nothing of

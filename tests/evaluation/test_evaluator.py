@@ -475,6 +475,11 @@ def test_old_data_and_old_run_dirs_evaluate_as_before(tmp_path):
     """A version-1 data dir and a run without ood.json or subtypes: no new section breaks."""
     old = write_tiny_dataset(tmp_path / "v1", image_size=32, version=1)
     run = make_run(tmp_path / "run", old, epochs=1)
+    # An old run's summary: a few config keys and its precision, none of today's fields.
+    config = json.loads((run / "summary.json").read_text())["config"]
+    (run / "summary.json").write_text(json.dumps({
+        "config": {key: config[key] for key in ("backbone", "image_size", "epochs", "seed")},
+        "precision": "float32"}))
     stored = evaluate.evaluate_run(run, old, "test", num_resamples=1000)
     assert set(BINARY_KEYS) <= set(stored) and "subtype" not in stored
     assert set(stored["ood"]) == {"skipped"} and "ood.json" in stored["ood"]["skipped"]
