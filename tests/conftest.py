@@ -218,11 +218,11 @@ TINY_EXPORT_THRESHOLD = 0.45
 def write_calibration(run_dir: Path, temperature: float = TINY_EXPORT_TEMPERATURE,
                       threshold: float = TINY_EXPORT_THRESHOLD) -> None:
     """A val calibration (``calibration.json``, threshold method val_youden) written as given."""
-    import json
+    from pneumo_tf.core import atomic_files, rundir
 
-    (Path(run_dir) / "calibration.json").write_text(json.dumps({
+    atomic_files.write_json_atomic(rundir.RunPaths(run_dir).calibration, {
         "temperature": temperature, "threshold": threshold, "threshold_method": "val_youden",
-        "source": "val", "threshold_applies_to": "probability"}), encoding="utf-8")
+        "source": "val", "threshold_applies_to": "probability"})
 
 
 @pytest.fixture(scope="session")
