@@ -115,6 +115,10 @@ class Predictor:
         outputs: ``[N, S, S, 1] uint8 -> {"probability": [N], "ood_score": [N] (with a guard),
             "class_probabilities": [N, 3] (a subtype model)}`` numpy arrays.
         keras_model: the Keras model (run dir and ``.keras`` only), for Grad-CAM.
+        run: the run the model belongs to (run dir and ``.keras`` only), opened once: its
+            serving config, OOD guard and lung model are read from it.
+        saved_model: the loaded SavedModel (``saved_model`` only), loaded once: its
+            ``preprocessed`` signature gives :attr:`outputs`, its ``lungs`` one the lung model.
         lungs: the lung model on the host (:class:`pneumo_tf.serving.lungs.HostLungs`), or None.
     """
 
@@ -123,6 +127,8 @@ class Predictor:
     config: serving.ServingConfig
     outputs: Callable[[np.ndarray], dict]
     keras_model: object | None = None
+    run: rundir.Run | None = None
+    saved_model: object | None = None
     lungs: lung_serving.HostLungs | None = None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -136,12 +142,11 @@ class Predictor:
         return self.config.ood
 
 
-def _run_config(run_dir: Path, calibration_name: str) -> serving.ServingConfig:
-    cal = rundir.read_named_calibration(run_dir, calibration_name)
+def _run_config(run: rundir.Run, calibration_name: str) -> serving.ServingConfig:
+    cal = run.calibration(calibration_name)
     if cal is not None:
-        cal = serving.calibration_from_json(
-            cal, str(rundir.RunPaths(run_dir).calibration_file(calibration_name)))
-    return serving.serving_config_for_run(run_dir, cal, calibration_name)
+        cal = serving.calibration_from_json(cal, str(run.paths.calibration_file(calibration_name)))
+    return serving.serving_config_for_run(run, cal, calibration_name)
 
 
 def _check_baked_calibration(config: serving.ServingConfig, path: Path,
@@ -166,14 +171,15 @@ def _read_serving_config(path: Path, model_path: Path) -> serving.ServingConfig:
         raise PredictError(f"{path} is not a valid serving config ({e}); re-run the export") from e
 
 
-def _keras_predictor(kind: str, source: Path, model, config: serving.ServingConfig,
-                     run_dir: Path) -> Predictor:
+def _keras_predictor(kind: str, source: Path, run: rundir.Run, calibration_name: str
+                     ) -> Predictor:
     from pneumo_tf.modeling import model as model_lib
     from pneumo_tf.serving import ood
     from pneumo_tf.evaluation import scoring
 
+    model, config = run.model, _run_config(run, calibration_name)
     config.task = "subtype" if model_lib.is_subtype_model(model) else "binary"
-    stats = ood.load_stats(run_dir)
+    stats = ood.load_stats(run)
     outputs = scoring.make_outputs_fn(model, stats.layer if stats is not None else None)
 
     def predict(images: np.ndarray) -> dict:
@@ -185,7 +191,7 @@ def _keras_predictor(kind: str, source: Path, model, config: serving.ServingConf
             result["class_probabilities"] = calibration.softmax(out["class_logits"].numpy())
         return result
 
-    return Predictor(kind, source, config, predict, model)
+    return Predictor(kind, source, config, predict, model, run)
 
 
 def _signature_outputs(signature) -> Callable[[np.ndarray], dict]:
@@ -258,28 +264,30 @@ def _load_model(path: Path, calibration_name: str | None) -> Predictor:
     kind = model_kind(path)
     name = calibration_name or rundir.VAL_CALIBRATION
     if kind == "run_dir":
-        if rundir.Run(path).task == "lungs":
+        run = rundir.Run(path)
+        if run.task == "lungs":
             raise PredictError(f"--model={path} is a lung model (--task=lungs); predict with a "
                                f"classifier run and pass --lung_model={path}")
-        predictor = _keras_predictor(kind, path, rundir.load_model(path), _run_config(path, name),
-                                     path)
+        predictor = _keras_predictor(kind, path, run, name)
     elif kind == "keras":
         if not rundir.RunPaths(path.parent).data_manifest.is_file():
             raise PredictError(f"--model={path}: no data_manifest.json beside it, so the image size "
                                f"and crop the model was trained with are unknown; point --model "
                                f"at the run directory that holds it")
-        predictor = _keras_predictor(kind, path, rundir.load_model(path),
-                                     _run_config(path.parent, name), path.parent)
+        predictor = _keras_predictor(
+            kind, path, rundir.Run(path.parent, model=rundir.load_model(path)), name)
     elif kind == "saved_model":
         import tensorflow as tf
 
         config = _read_serving_config(path / "assets.extra" / serving.SERVING_CONFIG_NAME, path)
         _check_baked_calibration(config, path, calibration_name)
-        signature = tf.saved_model.load(str(path)).signatures.get("preprocessed")
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures.get("preprocessed")
         if signature is None:
             raise PredictError(f"--model={path}: SavedModel has no 'preprocessed' signature; "
                                f"re-export it with `python -m pneumo_tf.export`")
-        predictor = Predictor(kind, path, config, _signature_outputs(signature))
+        predictor = Predictor(kind, path, config, _signature_outputs(signature),
+                              saved_model=loaded)
     else:
         config = _read_serving_config(path.parent / serving.SERVING_CONFIG_NAME, path)
         _check_baked_calibration(config, path, calibration_name)
@@ -307,9 +315,8 @@ def _host_lungs(predictor: Predictor, options: lung_serving.LungOptions
     from pneumo_tf.modeling import lungs as lungs_lib
 
     source = predictor.source
-    if predictor.kind in ("run_dir", "keras"):
-        run = rundir.Run(source if predictor.kind == "run_dir" else source.parent)
-        lung_model, settings = lung_serving.for_run(run, options)
+    if predictor.run is not None:
+        lung_model, settings = lung_serving.for_run(predictor.run, options)
         return None if lung_model is None else lung_serving.keras_lungs(lung_model, settings)
     baked = predictor.config.lungs
     if baked is None:
@@ -323,10 +330,8 @@ def _host_lungs(predictor: Predictor, options: lung_serving.LungOptions
                            f"lung model {baked['path']} baked in; pass --model=<the run "
                            f"directory> to serve it with another")
     settings = options.apply(lung_serving.LungSettings.from_json(baked))
-    if predictor.kind == "saved_model":
-        import tensorflow as tf
-
-        signature = tf.saved_model.load(str(source)).signatures.get("lungs")
+    if predictor.saved_model is not None:
+        signature = predictor.saved_model.signatures.get("lungs")
         if signature is None:
             raise PredictError(f"--model={source}: no 'lungs' signature although its serving "
                                f"config names a lung model; re-export the run")

@@ -189,20 +189,20 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
     """The :class:`ServingConfig` of a run: manifest facts + calibration (+ backbone if known).
 
     Args:
-        run_dir: the run directory (its ``data_manifest.json`` is read).
+        run_dir: the run (a :class:`pneumo_tf.core.rundir.Run` or its directory): its data
+            manifest, summary, ``calibration.json`` and OOD guard are read.
         calibration: a dict from :func:`calibration_from_json`, or None (uncalibrated: T = 1,
             threshold 0.5).
         calibration_name: the name of ``calibration`` in the run (``val`` or a site's).
     """
-    manifest = rundir.read_run_manifest(run_dir)
-    config = {}
-    if rundir.RunPaths(run_dir).summary.is_file():
-        config = rundir.read_summary(run_dir).get("config") or {}
+    run = rundir.Run.open(run_dir)
+    manifest = run.manifest
+    config = (run.summary.get("config") or {}) if run.paths.summary.is_file() else {}
     cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
                         backbone=config.get("backbone"), calibration="none",
                         cam_layer=config.get("cam_layer") if config.get("cam_penalty") else None,
-                        ood=_ood_info(run_dir))
-    subtype = (rundir.read_calibration(run_dir) or {}).get("subtype") or {}
+                        ood=_ood_info(run))
+    subtype = (run.calibration() or {}).get("subtype") or {}
     cfg.subtype_temperature = float(subtype.get("temperature", 1.0))
     if calibration is not None:
         cfg.calibration = calibration_name
@@ -214,15 +214,15 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
     return cfg
 
 
-def _ood_info(run_dir) -> dict | None:
+def _ood_info(run: rundir.Run) -> dict | None:
     """The run's ``ood.json`` (None without one, or without its statistics file)."""
     from pneumo_tf.serving import ood
 
-    if ood.load_stats(run_dir) is None:
+    if ood.load_stats(run) is None:
         return None
     import json
 
-    return json.loads((rundir.RunPaths(run_dir).root / ood.OOD_JSON).read_text(encoding="utf-8"))
+    return json.loads((run.root / ood.OOD_JSON).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

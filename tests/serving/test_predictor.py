@@ -709,17 +709,34 @@ def test_photos_pages_and_noise_are_referred_no_lungs_found(phantom_ood_run, gua
 
 
 def test_every_model_kind_of_a_lung_crop_run_crops_and_measures_the_lungs(lung_crop_export,
-                                                                         lung_run):
+                                                                         lung_run, monkeypatch):
+    import tensorflow as tf
+
+    from pneumo_tf.core import rundir
     from pneumo_tf.serving import predictor as predict
 
+    # Each model is loaded once: the run dir's classifier and its lung model (two .keras
+    # files), the SavedModel once for both of its signatures, nothing for TFLite.
+    loads = []
+    keras_load, saved_model_load = rundir._load_keras_model, tf.saved_model.load
+    monkeypatch.setattr(rundir, "_load_keras_model",
+                        lambda path: loads.append(("keras", path.parent)) or keras_load(path))
+    monkeypatch.setattr(tf.saved_model, "load", lambda path, *args, **kwargs: loads.append(
+        ("saved_model", Path(path))) or saved_model_load(path, *args, **kwargs))
     run, _ = lung_crop_export
     files = sorted((lung_run[1] / "test").rglob("*.jpeg"))
     reference = None
+    expected_loads = {run: [("keras", run), ("keras", lung_run[0])],
+                      run / "export" / "saved_model": [("saved_model",
+                                                        run / "export" / "saved_model")],
+                      run / "export" / "model_fp16.tflite": []}
     for model, tol in ((run, 0.0), (run / "export" / "saved_model", 1e-5),
                        (run / "export" / "model_fp16.tflite", 0.02)):
+        loads.clear()
         predictor = predict.load_predictor(model)
         assert predictor.lungs is not None and predictor.config.crop == "lungs", model
         rows = [json.loads(json.dumps(r)) for r in predict.predict_paths(predictor, files)]
+        assert sorted(loads) == sorted(expected_loads[model]), model
         got = np.array([[r["probability"], r["lung_fraction"], r["lung_confidence"]]
                         for r in rows])
         if reference is None:
