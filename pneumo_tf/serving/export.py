@@ -257,6 +257,12 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
     settings = lung_serving.LungSettings.from_json(cfg.lungs) if unet is not None else None
     decode_one, specs = _bytes_decoder(cfg, unet, settings)
+    # Every signature calls this one function: the model is traced once, not once per signature.
+    forward = tf.function(lambda image: core(image, training=False),
+                          input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8)])
+
+    def traced_core(image, training=False):  # called as a Keras model; inference only
+        return forward(image)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
@@ -265,10 +271,11 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
         if settings is not None:
             lungs = lung_serving.tf_lung_summary(decoded[2], settings)
             checks[refer.NO_LUNGS_FOUND] = tf.logical_not(lungs["lungs_found"])
-        return {**serving.saved_model_outputs(core, decoded[0], cfg, ood_stats, checks), **lungs}
+        return {**serving.saved_model_outputs(traced_core, decoded[0], cfg, ood_stats, checks),
+                **lungs}
 
     def preprocessed_outputs(image):
-        out = serving.saved_model_outputs(core, image, cfg, ood_stats)
+        out = serving.saved_model_outputs(traced_core, image, cfg, ood_stats)
         if settings is not None:
             out.update(lung_serving.tf_input_lungs(unet, image, settings))
         return out
@@ -367,12 +374,18 @@ def convert_tflite(model, variant: str, cfg: serving.ServingConfig | None = None
             without, the model's probability alone.
         ood_stats: the run's :class:`pneumo_tf.ood.OodStats`, or None.
     """
+    return convert_tflite_variants(model, [variant], cfg, ood_stats)[variant]
+
+
+def convert_tflite_variants(model, variants, cfg: serving.ServingConfig | None = None,
+                            ood_stats=None) -> dict[str, bytes]:
+    """:func:`convert_tflite` for each of ``variants`` (``{variant: flatbuffer bytes}``), the
+    graph traced and written once for all of them."""
     import tensorflow as tf
 
     from pneumo_tf.evaluation import scoring
 
-    if variant not in TFLITE_VARIANTS:
-        raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
+    _check_tflite_variants(variants)
     if is_mixed_precision(model):
         raise ExportError("TFLite cannot convert a mixed-precision graph; pass float32_model(model)")
     if cfg is not None:
@@ -383,12 +396,22 @@ def convert_tflite(model, variant: str, cfg: serving.ServingConfig | None = None
         def serve(image):
             return serving.saved_model_outputs(core, image, cfg, ood_stats)
 
-        return tflite_from_function([core], serve, variant)
-    # The converter prints every captured variable.
-    with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered():
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        _set_tflite_variant(converter, variant)
-        return converter.convert()
+        return tflite_variants_from_function([core], serve, variants)
+    flatbuffers = {}
+    for variant in variants:
+        # The converter prints every captured variable.
+        with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered():
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            _set_tflite_variant(converter, variant)
+            flatbuffers[variant] = converter.convert()
+    return flatbuffers
+
+
+def _check_tflite_variants(variants) -> None:
+    for variant in variants:
+        if variant not in TFLITE_VARIANTS:
+            raise ValueError(f"unknown TFLite variant {variant!r}; expected one of "
+                             f"{list(TFLITE_VARIANTS)}")
 
 
 def _set_tflite_variant(converter, variant: str) -> None:
@@ -401,16 +424,22 @@ def _set_tflite_variant(converter, variant: str) -> None:
 
 def tflite_from_function(tracked: list, serve, variant: str) -> bytes:
     """A TFLite flatbuffer whose one signature ``serving_default`` is the tf.function ``serve``
-    over the Keras models ``tracked`` (float32), in ``variant`` (see :func:`convert_tflite`).
+    over the Keras models ``tracked`` (float32), in ``variant`` (see :func:`convert_tflite`)."""
+    return tflite_variants_from_function(tracked, serve, [variant])[variant]
+
+
+def tflite_variants_from_function(tracked: list, serve, variants) -> dict[str, bytes]:
+    """:func:`tflite_from_function` for each of ``variants``: ``{variant: flatbuffer bytes}``.
 
     The converter freezes the variables of a SavedModel (a bare concrete function would leave
-    them uninitialised), so ``serve`` is written as one first, in a temporary folder.
+    them uninitialised), so ``serve`` is traced and written as one first, once for all the
+    variants, in a temporary folder.
     """
     import keras
     import tensorflow as tf
 
-    if variant not in TFLITE_VARIANTS:
-        raise ValueError(f"unknown TFLite variant {variant!r}; expected one of {list(TFLITE_VARIANTS)}")
+    _check_tflite_variants(variants)
+    flatbuffers = {}
     # The export and the converter print every captured variable.
     with contextlib.redirect_stdout(io.StringIO()), quiet_tf.stderr_filtered(), \
             tempfile.TemporaryDirectory() as tmp:
@@ -419,9 +448,11 @@ def tflite_from_function(tracked: list, serve, variant: str) -> bytes:
             archive.track(model)
         archive.add_endpoint("serving_default", serve)
         archive.write_out(str(Path(tmp) / "serving"), verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "serving"))
-        _set_tflite_variant(converter, variant)
-        return converter.convert()
+        for variant in variants:
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "serving"))
+            _set_tflite_variant(converter, variant)
+            flatbuffers[variant] = converter.convert()
+    return flatbuffers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,8 +727,9 @@ def _export_variants(model, cfg: serving.ServingConfig, stats, formats: list[str
                                                    reference, cfg)}
         log.info("wrote %s", sm_dir)
     if "tflite" in formats:
+        flatbuffers = convert_tflite_variants(model, list(TFLITE_VARIANTS), cfg, stats)
         for variant, name in TFLITE_VARIANTS.items():
-            flatbuffer = convert_tflite(model, variant, cfg, stats)
+            flatbuffer = flatbuffers[variant]
             target = atomic_files.write_bytes_atomic(out / name, flatbuffer)
             got = serving.TFLiteRunner(target).outputs(images)
             variants[variant] = {"path": name, "bytes": len(flatbuffer),

@@ -132,9 +132,10 @@ def export_lung_run(run_dir: str | os.PathLike, formats=export.EXPORT_FORMATS,
                                              "bytes": export.dir_bytes(sm_dir),
                                              **lung_serving.lung_diffs(got, reference, settings)}
     if "tflite" in formats:
+        flatbuffers = export.tflite_variants_from_function(
+            [unet], lung_serving.lungs_signature(unet, settings), list(export.TFLITE_VARIANTS))
         for variant, name in export.TFLITE_VARIANTS.items():
-            flatbuffer = export.tflite_from_function(
-                [unet], lung_serving.lungs_signature(unet, settings), variant)
+            flatbuffer = flatbuffers[variant]
             target = atomic_files.write_bytes_atomic(out / name, flatbuffer)
             got = lung_serving.TFLiteLungRunner(target).outputs(thumbs)
             report["variants"][variant] = {"path": name, "bytes": len(flatbuffer),

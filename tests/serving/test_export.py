@@ -579,9 +579,11 @@ def test_the_guard_costs_the_tflite_model_little(subtype_run):
     cfg = serving.serving_config_for_run(run, None)
     cfg.task = "subtype"
     model = rundir.load_model(run)
-    for variant, bytes_per_value in (("fp16", 2), ("int8", 4)):
-        with_guard = len(export.convert_tflite(model, variant, cfg, stats))
-        without = len(export.convert_tflite(model, variant, cfg, None))
+    variants = {"fp16": 2, "int8": 4}  # bytes per stored value
+    guarded = export.convert_tflite_variants(model, list(variants), cfg, stats)
+    unguarded = export.convert_tflite_variants(model, list(variants), cfg, None)
+    for variant, bytes_per_value in variants.items():
+        with_guard, without = len(guarded[variant]), len(unguarded[variant])
         constants = (stats.precision.size + stats.means.size
                      + 2 * ood.THUMB * cfg.image_size + ood.THUMB ** 2)
         assert 0 < with_guard - without < constants * bytes_per_value + 8192, variant
