@@ -222,7 +222,10 @@ def transform_gather(images, matrices, fill_mode: str = "nearest", fill_value: f
 
 
 # XLA fuses the sampler's many small element-wise ops into one loop; a retrace per image shape.
-_transform_gather_xla = tf.function(transform_gather, jit_compile=True, reduce_retracing=True)
+# No Python control flow depends on a tensor, so AutoGraph has nothing to convert: skipping it
+# saves its source rewrite at every trace.
+_transform_gather_xla = tf.function(transform_gather, jit_compile=True, reduce_retracing=True,
+                                    autograph=False)
 
 
 def transform_gather_xla(images, matrices, fill_mode: str = "nearest", fill_value: float = 0.0,

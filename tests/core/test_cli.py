@@ -46,12 +46,16 @@ def test_tools_are_executable_scripts_with_help(tool):
     path = REPO / "tools" / tool
     assert path.read_text().startswith("#!/usr/bin/env python3")
     assert os.access(path, os.X_OK), f"tools/{tool} is not executable"
-    proc = subprocess.run([sys.executable, str(path), "--helpfull"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(path), "--helpfull"],
+                          capture_output=True, text=True, timeout=120)
     # absl prints the help and exits with status 1 by design; what matters is the flag text.
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"tools/{tool}" in proc.stdout or tool in proc.stdout
+    # The help does not wait for TensorFlow: tools import it where they run a model.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "tensorflow" not in imported and "keras" not in imported, tool
 
 
 def test_run_split_flags_is_the_shared_flags_as_one_group():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_dataset
+from conftest import REPO, run_command, write_tiny_dataset
 from pneumo_tf.core import atomic_files, rundir
 from pneumo_tf.evaluation import metrics
 from pneumo_tf.training import config as train_config
@@ -655,8 +655,7 @@ def test_unreachable_imagenet_weights_fail_before_the_run_dir_is_written(tmp_pat
     assert str(tmp_path / "keras_home" / "models") in err
     assert err.count("pneumo_tf.train: error:") == 1 and len(err.splitlines()) <= 3, err[-3000:]
     assert not run.exists()
-    bad = subprocess.run(base + [f"--weights={tmp_path / 'missing.h5'}"], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    bad = run_command("pneumo_tf.train", *base[3:], f"--weights={tmp_path / 'missing.h5'}")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "missing.h5: no such file" in bad.stderr and not run.exists()
 
