@@ -362,9 +362,9 @@ def calibrate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
             :class:`pneumo_tf.core.rundir.Run`.
         data_dir: the data dir the run was trained on (must contain a ``val`` split).
         threshold_method: see :func:`choose_threshold`.
-        model: an already loaded model (the ensemble passes the one it has just built); None:
-            the Run's model (the training loop's :class:`~pneumo_tf.core.rundir.Run` holds the
-            model it trained; a path loads ``R/model.keras``).
+        model: an already loaded model to use instead of the Run's; None: the Run's model
+            (the training loop's and the ensemble's :class:`~pneumo_tf.core.rundir.Run` hold
+            the model they have just saved; a path loads ``R/model.keras``).
         batch_size: images per forward pass.
 
     Returns:

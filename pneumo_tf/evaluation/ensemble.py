@@ -76,6 +76,12 @@ def create_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike,
     Returns:
         The ensemble's ``summary.json``.
     """
+    return _write_ensemble(run_dirs, out, data_dir, calibrate)[0]
+
+
+def _write_ensemble(run_dirs, out, data_dir, calibrate: bool) -> tuple[dict, rundir.Run]:
+    """:func:`create_ensemble`'s work: ``(summary, the ensemble's Run holding the model it has
+    just built)``, so the steps after it do not load ``model.keras`` again."""
     runs = [rundir.Run.open(r) for r in run_dirs]
     summaries = member_summaries(runs)
     model = build_ensemble_model([run.model for run in runs])
@@ -93,17 +99,18 @@ def create_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike,
         "epochs_run": sum(int(s.get("epochs_run", 0)) for s in summaries),
         "precision_policy": summaries[0].get("precision_policy"),
     }
-    summary["calibration"] = _calibrate(out, data_dir, model) if calibrate else "skipped"
+    run = rundir.Run(paths.root, model=model)
+    summary["calibration"] = _calibrate(run, data_dir) if calibrate else "skipped"
     atomic_files.write_json_atomic(paths.summary, summary)
-    return summary
+    return summary, run
 
 
-def _calibrate(out, data_dir: str, model) -> str:
+def _calibrate(run: rundir.Run, data_dir: str) -> str:
     if not data_dir:
         return "skipped: no --data_dir (and the members do not name theirs)"
     from pneumo_tf.evaluation import calibration
 
-    calibration.calibrate_run(out, data_dir, model=model)
+    calibration.calibrate_run(run, data_dir)
     return "ok"
 
 
@@ -122,7 +129,8 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
         train_member: ``(member cfg, setup, flags_text) -> summary`` trains one member
             (:func:`pneumo_tf.training.session.train` passes the loop with its steps).
         after_training: :class:`pneumo_tf.training.loop.AfterTraining` steps run on the
-            ensemble's :class:`~pneumo_tf.core.rundir.Run` after it is written.
+            ensemble's :class:`~pneumo_tf.core.rundir.Run` after it is written (holding the
+            model just built: no step loads ``model.keras``).
     """
     paths = rundir.RunPaths(cfg.run_dir)
     if flags_text is not None and paths.flags.is_file():
@@ -140,8 +148,7 @@ def train_ensemble(cfg, setup, flags_text: str | None, train_member: Callable[..
         members.append(member.run_dir)
     if setup is not None and not setup.is_chief:
         return {"status": "complete", "ensemble": {"members": members}}
-    summary = create_ensemble(members, cfg.run_dir, cfg.data_dir, cfg.calibrate)
-    run = rundir.Run(paths.root)
+    summary, run = _write_ensemble(members, cfg.run_dir, cfg.data_dir, cfg.calibrate)
     for step in after_training:
         summary[step.name] = step.run(cfg, run)
     atomic_files.write_json_atomic(paths.summary, summary)

@@ -600,14 +600,21 @@ def test_profiler_trace_lands_in_the_runs_tensorboard_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_ensemble_seeds_train_members_and_average_them(tmp_path):
+def test_ensemble_seeds_train_members_and_average_them(tmp_path, monkeypatch):
     from pneumo_tf.evaluation import scoring
 
     data = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
+    loaded, load = [], rundir._load_keras_model
+    monkeypatch.setattr(rundir, "_load_keras_model",
+                        lambda path: loaded.append(path.parent) or load(path))
     summary = session.train(tiny_config(data, run, epochs=1, ensemble_seeds="0,1", calibrate=True),
                             flags_text="--epochs=1\n--ensemble_seeds=0,1\n")
     members = [run / "members" / "seed_0", run / "members" / "seed_1"]
+    # The members' models are read to build the ensemble; its calibration and OOD fit use the
+    # ensemble model just built, never reloading it.
+    assert loaded == members
+    monkeypatch.setattr(rundir, "_load_keras_model", load)
     assert summary["ensemble"]["members"] == [str(m.resolve()) for m in members]
     assert summary["ensemble"]["member_seeds"] == [0, 1]
     assert (run / "calibration.json").is_file() and summary["calibration"] == "ok"
