@@ -94,8 +94,12 @@ def test_evaluate_writes_consistent_report(trained):
     assert stored["at_0.5"]["accuracy"] == pytest.approx(((probs >= 0.5) == labels).mean(),
                                                          abs=1e-6)
     cal_probs = np.array([float(r["calibrated_probability"]) for r in rows])
-    np.testing.assert_array_equal(np.argsort(cal_probs, kind="stable"),
-                                  np.argsort(probs, kind="stable"))  # monotone
+    # Monotone: in the order of the probabilities, the calibrated ones never go down. (Not the
+    # same argsort: the CSV's six decimals can round two close calibrated values to a tie, as
+    # 0.437632 and 0.437633 both to 0.496442 once.)
+    by_probability = cal_probs[np.argsort(probs, kind="stable")]
+    assert np.all(np.diff(by_probability) >= 0), by_probability
+    assert len(np.unique(cal_probs)) >= len(np.unique(probs)) - 2  # ties stay rare
     assert m["accuracy"] == stored["accuracy"]
 
     md = (out / "report.md").read_text()
