@@ -257,7 +257,8 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
     settings = lung_serving.LungSettings.from_json(cfg.lungs) if unet is not None else None
     decode_one, specs = _bytes_decoder(cfg, unet, settings)
-    # Every signature calls this one function: the model is traced once, not once per signature.
+    # The classifier's signatures call this one function: the classifier is traced once, not
+    # once per signature.
     forward = tf.function(lambda image: core(image, training=False),
                           input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8)])
 
@@ -379,8 +380,8 @@ def convert_tflite(model, variant: str, cfg: serving.ServingConfig | None = None
 
 def convert_tflite_variants(model, variants, cfg: serving.ServingConfig | None = None,
                             ood_stats=None) -> dict[str, bytes]:
-    """:func:`convert_tflite` for each of ``variants`` (``{variant: flatbuffer bytes}``), the
-    graph traced and written once for all of them."""
+    """:func:`convert_tflite` for each of ``variants`` (``{variant: flatbuffer bytes}``); with
+    ``cfg``, the serving function is traced and written once for all of them."""
     import tensorflow as tf
 
     from pneumo_tf.evaluation import scoring

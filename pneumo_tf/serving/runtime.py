@@ -215,14 +215,13 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
 
 
 def _ood_info(run: rundir.Run) -> dict | None:
-    """The run's ``ood.json`` (None without one, or without its statistics file)."""
-    from pneumo_tf.serving import ood
-
-    if ood.load_stats(run) is None:
+    """The run's ``ood.json`` (None without one, or without its statistics file, as
+    :func:`pneumo_tf.serving.ood.load_stats`, whose statistics are not needed here)."""
+    if not (run.paths.ood_json.is_file() and run.paths.ood_stats.is_file()):
         return None
     import json
 
-    return json.loads((run.root / ood.OOD_JSON).read_text(encoding="utf-8"))
+    return json.loads(run.paths.ood_json.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
