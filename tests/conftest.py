@@ -36,6 +36,12 @@ def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.Comple
                           text=True, timeout=timeout)
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process run with ``python -X importtime`` imported, from its stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")}
+
+
 def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args...`` run inside this test process: what :func:`run_module` returns
     (exit status, stdout, stderr as text) without starting Python and TensorFlow again.

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, imported_modules
 
 # A flag each command must list in its --helpfull (its own, not a shared one).
 OWN_FLAG = {
@@ -50,8 +50,7 @@ def test_a_flag_typo_is_answered_before_tensorflow_is_imported(command):
     meant_line = re.search(rf"Unknown command line flag '{typo}'\. Did you mean: (.*) \?",
                            proc.stderr)
     assert meant_line and meant in meant_line[1].split(", "), proc.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = imported_modules(proc.stderr)
     assert "tensorflow" not in imported and "keras" not in imported
     assert "sklearn" not in imported and "matplotlib" not in imported
 

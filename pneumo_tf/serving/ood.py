@@ -244,10 +244,16 @@ def fit_run(run_dir: "str | os.PathLike | rundir.Run",
     return info
 
 
+def has_guard(run_dir: str | os.PathLike) -> bool:
+    """Whether the run has a fitted guard: ``ood.json`` and its statistics file."""
+    paths = rundir.RunPaths(run_dir)
+    return paths.ood_json.is_file() and paths.ood_stats.is_file()
+
+
 def load_stats(run_dir: str | os.PathLike) -> OodStats | None:
     """The run's fitted OOD statistics, or None for a run without ``ood.json`` (older runs)."""
     root = Path(run_dir)
-    if not (root / OOD_JSON).is_file() or not (root / OOD_STATS).is_file():
+    if not has_guard(root):
         return None
     import json
 

@@ -215,9 +215,11 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
 
 
 def _ood_info(run: rundir.Run) -> dict | None:
-    """The run's ``ood.json`` (None without one, or without its statistics file, as
-    :func:`pneumo_tf.serving.ood.load_stats`, whose statistics are not needed here)."""
-    if not (run.paths.ood_json.is_file() and run.paths.ood_stats.is_file()):
+    """The run's ``ood.json`` (None without a fitted guard, :func:`pneumo_tf.serving.ood.has_guard`;
+    its statistics are not needed here)."""
+    from pneumo_tf.serving import ood
+
+    if not ood.has_guard(run):
         return None
     import json
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from absl import flags
 
-from conftest import REPO
+from conftest import REPO, imported_modules
 
 from pneumo_tf.core import cli
 
@@ -53,8 +53,7 @@ def test_tools_are_executable_scripts_with_help(tool):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"tools/{tool}" in proc.stdout or tool in proc.stdout
     # The help does not wait for TensorFlow: tools import it where they run a model.
-    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = imported_modules(proc.stderr)
     assert "tensorflow" not in imported and "keras" not in imported, tool
 
 
