@@ -71,9 +71,9 @@ def export_lung_saved_model(unet, cfg: serving.ServingConfig, out_dir: str | os.
         return lung_serving.tf_lung_outputs(unet, thumbs, settings)
 
     return export.write_saved_model(
-        [unet], {"serving_default": serve_bytes,
-                 "preprocessed": lung_serving.lungs_signature(unet, settings),
-                 "preprocessed_float": serve_float}, cfg, out_dir)
+        {"serving_default": serve_bytes,
+         "preprocessed": lung_serving.lungs_signature(unet, settings),
+         "preprocessed_float": serve_float}, cfg, out_dir)
 
 
 def export_lung_run(run_dir: str | os.PathLike, formats=export.EXPORT_FORMATS,
@@ -133,7 +133,7 @@ def export_lung_run(run_dir: str | os.PathLike, formats=export.EXPORT_FORMATS,
                                              **lung_serving.lung_diffs(got, reference, settings)}
     if "tflite" in formats:
         flatbuffers = export.tflite_variants_from_function(
-            [unet], lung_serving.lungs_signature(unet, settings), list(export.TFLITE_VARIANTS))
+            lung_serving.lungs_signature(unet, settings), list(export.TFLITE_VARIANTS))
         for variant, name in export.TFLITE_VARIANTS.items():
             flatbuffer = flatbuffers[variant]
             target = atomic_files.write_bytes_atomic(out / name, flatbuffer)

@@ -258,6 +258,37 @@ def test_training_serving_skew(exported, tmp_path):
     assert np.max(np.abs(served - keras_p)) < 1e-3
 
 
+def test_signatures_are_traced_once_and_keep_their_weights(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from pneumo_tf.serving import export, runtime
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="sigmoid")(inputs))
+    model.layers[-1].set_weights([np.arange(8, dtype=np.float32).reshape(4, 2) / 10,
+                                  np.array([0.5, -0.5], np.float32)])
+    traces = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def serve(x):
+        traces.append(1)
+        return {"probability": model(x)}
+
+    x = np.array([[1, 2, 3, 4], [0, -1, 0, 1]], np.float32)
+    expected = model(x).numpy()
+    export.save_signatures({"serving_default": serve, "other": serve}, tmp_path / "sm")
+    assert len(traces) == 1  # keras.export.ExportArchive traced it twice
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    assert set(loaded.signatures) == {"serving_default", "other"}
+    np.testing.assert_allclose(loaded.signatures["other"](x=tf.constant(x))["probability"],
+                               expected, atol=1e-6)
+    # The TFLite converter freezes the weights (unfrozen, its model gave NaN).
+    interpreter = runtime.tflite_interpreter(export.tflite_from_function(serve, "fp16"))
+    got = interpreter.get_signature_runner("serving_default")(x=x)["probability"]
+    np.testing.assert_allclose(got, expected, atol=1e-2)
+
+
 def test_in_graph_jpeg_reduction_matches_the_converter_rule():
     import tensorflow as tf
 
