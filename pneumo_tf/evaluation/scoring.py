@@ -82,7 +82,7 @@ def make_predict_fn(model):
 
     size = model.input_shape[1:]
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *size), tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec((None, *size), tf.uint8)], autograph=False)
     def predict(images):
         return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
 
@@ -145,7 +145,8 @@ def make_outputs_fn(model, feature_layer: str | None = None):
 
     net = outputs_model(model, feature_layer)
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)],
+                 autograph=False)
     def outputs(images):
         out = net(images, training=False)
         return {**out, "probability": tf.reshape(tf.cast(out["probability"], tf.float32), [-1])}

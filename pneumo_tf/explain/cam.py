@@ -233,7 +233,7 @@ def _trace_cam(members: list[CamModel], size: int, dtype, target: str = "pneumon
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), dtype),
-                                  tf.TensorSpec((), tf.float32)])
+                                  tf.TensorSpec((), tf.float32)], autograph=False)
     def cam_fn(images, sign_threshold):
         return _members_cam(members, images, sign_threshold, size, target)
 

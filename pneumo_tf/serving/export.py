@@ -273,12 +273,13 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     # The classifier's signatures call this one function: the classifier is traced once, not
     # once per signature.
     forward = tf.function(lambda image: core(image, training=False),
-                          input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8)])
+                          input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8)],
+                          autograph=False)
 
     def traced_core(image, training=False):  # called as a Keras model; inference only
         return forward(image)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def serve_bytes(images):
         decoded = tf.map_fn(decode_one, images, fn_output_signature=specs)
         checks, lungs = dict(decoded[1]), {}
@@ -294,11 +295,13 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
             out.update(lung_serving.tf_input_lungs(unet, image, settings))
         return out
 
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")],
+                 autograph=False)
     def serve_preprocessed(image):
         return preprocessed_outputs(image)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32, name="image")],
+                 autograph=False)
     def serve_preprocessed_float(image):
         return preprocessed_outputs(tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0),
                                             tf.uint8))
@@ -405,7 +408,8 @@ def convert_tflite_variants(model, variants, cfg: serving.ServingConfig | None =
         core = scoring.outputs_model(model, ood_stats.layer if ood_stats is not None else None)
         s = cfg.image_size
 
-        @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")])
+        @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.uint8, name="image")],
+                     autograph=False)
         def serve(image):
             return serving.saved_model_outputs(core, image, cfg, ood_stats)
 

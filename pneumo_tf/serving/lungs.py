@@ -242,7 +242,8 @@ def lungs_signature(unet, settings: LungSettings):
 
     g = settings.image_size
 
-    @tf.function(input_signature=[tf.TensorSpec([None, g, g, 1], tf.uint8, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec([None, g, g, 1], tf.uint8, name="image")],
+                 autograph=False)
     def serve(image):
         return tf_lung_outputs(unet, image, settings)
 

@@ -125,7 +125,7 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, run_state=self.state_var,
             **{f"seed_state_{i}": v.value for i, v in enumerate(self.seed_states)})
         self._step = self._make_step()
-        self._predict = tf.function(lambda x: self.net(x, training=False))
+        self._predict = tf.function(lambda x: self.net(x, training=False), autograph=False)
 
     def _replica_step(self, images, labels, weights, targets):
         with tf.GradientTape() as tape:
@@ -141,10 +141,10 @@ class Trainer:
     def _make_step(self):
         replica_fn = self._replica_step
         if self.setup.jit_compile:
-            replica_fn = tf.function(replica_fn, jit_compile=True)
+            replica_fn = tf.function(replica_fn, jit_compile=True, autograph=False)
         strategy = self.strategy
 
-        @tf.function
+        @tf.function(autograph=False)
         def step(images, labels, weights, targets):
             loss, probs = strategy.run(replica_fn, args=(images, labels, weights, targets))
             return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
