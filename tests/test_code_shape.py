@@ -45,6 +45,28 @@ def test_no_function_is_longer_than_80_lines_or_takes_more_than_10_parameters():
     assert not too_many, "functions over 10 parameters: " + "; ".join(too_many)
 
 
+def test_every_tf_function_is_traced_without_autograph():
+    # AutoGraph rewrites a function's source before tracing it: half the time of tracing an
+    # export's signatures. The package's graph code branches with tf.cond and tf.where instead.
+    def is_tf_function(node):
+        return (isinstance(node, ast.Attribute) and node.attr == "function"
+                and isinstance(node.value, ast.Name) and node.value.id == "tf")
+
+    uses, without_autograph = set(), set()
+    for path in sorted((REPO / "pneumo_tf").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if is_tf_function(node):
+                uses.add(where)
+            elif isinstance(node, ast.Call) and is_tf_function(node.func) and any(
+                    k.arg == "autograph" and getattr(k.value, "value", None) is False
+                    for k in node.keywords):
+                without_autograph.add(where)
+    assert len(uses) >= 10  # the scoring, training, Grad-CAM and serving functions
+    missing = sorted(uses - without_autograph)
+    assert not missing, f"tf.function without autograph=False: {missing}"
+
+
 def test_only_the_apps_define_flags():
     offenders = []
     for path in sorted((REPO / "pneumo_tf").rglob("*.py")):

@@ -204,7 +204,7 @@ class Trainer:
 
         def dataset_fn(ctx):
             ds = self.task.train_dataset(cfg, seed, self.pipeline_class_weights(), ctx)
-            ds = ds.map(self.task.step_inputs)
+            ds = ds.map(pipeline.graph_fn(self.task.step_inputs))
             if skip_steps:
                 ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
             return ds
