@@ -77,7 +77,9 @@ def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
     saved = (os.getcwd(), sys.argv, handler.stream, verbosity.default)
     out, err = io.StringIO(), io.StringIO()
     status = 0
-    keras.backend.clear_session()
+    # Keras' names and graph state as in a new process; without its full garbage collection
+    # (0.3 s a command, 23 s over the suite): Python collects as usual.
+    keras.backend.clear_session(free_memory=False)
     keras.mixed_precision.set_global_policy("float32")
     flags.FLAGS.unparse_flags()
     verbosity.default = 0  # absl's app.run sets INFO in a new process; on a rerun it would not
