@@ -191,11 +191,11 @@ class ClassifierTask(Task):
         (:class:`pneumo_tf.training.evidence.EvidencePenalty`)."""
         if not trainer.cfg.cam_penalty:
             return super().per_example_loss(trainer, images, labels, targets)
-        if getattr(self, "_evidence", None) is None:
-            self._evidence = evidence.EvidencePenalty(trainer.model,
-                                                      trainer.train_layers["penalty_lungs"],
-                                                      trainer.net.output)
-        outputs, outside = self._evidence(images, labels)
+        penalty = trainer.task_parts.get("evidence")
+        if penalty is None:
+            penalty = trainer.task_parts["evidence"] = evidence.EvidencePenalty(
+                trainer.model, trainer.train_layers["penalty_lungs"], trainer.net.output)
+        outputs, outside = penalty(images, labels)
         loss_targets = self.loss_targets(trainer.cfg, labels, targets)
         loss = trainer.loss_fn(loss_targets, outputs)
         return loss + trainer.cfg.cam_penalty * outside, outputs, loss_targets

@@ -115,6 +115,9 @@ class Trainer:
         self.loss_fn = self.task.make_loss(cfg)
         # What the loss reads (the task's): the pneumonia probability, or class probabilities.
         self.net = self.task.loss_net(self.model)
+        # What the task builds on this trainer's model at its first step (the evidence penalty
+        # of --cam_penalty): tasks are shared by every trainer of the process, these are not.
+        self.task_parts: dict = {}
         # Keras SeedGenerator states (dropout, augmentation): re-seeded per epoch, and saved.
         variables = self.model.variables + [v for layer in self.train_layers.values()
                                             for v in layer.variables]
@@ -204,7 +207,7 @@ class Trainer:
 
         def dataset_fn(ctx):
             ds = self.task.train_dataset(cfg, seed, self.pipeline_class_weights(), ctx)
-            ds = ds.map(pipeline.graph_fn(self.task.step_inputs))
+            ds = ds.map(pipeline.without_autograph(self.task.step_inputs))
             if skip_steps:
                 ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
             return ds

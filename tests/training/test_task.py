@@ -205,6 +205,12 @@ def test_a_classifier_trains_with_the_evidence_penalty_and_is_explained_where_it
     assert summary["config"]["cam_penalty"] == {"weight": 2.0, "lungs_run": str(root / "run")}
     assert summary["config"]["cam_layer"] == "features"  # the layer the penalty explained
     assert np.isfinite(summary["best_val_loss"]) and summary["epochs_run"] == 1
+    # A second penalised run in the same process (an ensemble's next member, the precision
+    # probe's next candidate) explains its own model: with the first run's, its loss had no
+    # gradient ("No gradients provided for any variable").
+    again = session.train(TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "again"),
+                                         "seed": 1}))
+    assert np.isfinite(again["best_val_loss"]) and again["epochs_run"] == 1
     run = rundir.Run(tmp_path / "penalised")
     assert anatomy.cam_model_of(run).layer == "features"  # not small_cnn's b1_out
     assert anatomy.cam_model_of(run, "b1_out").layer == "b1_out"
