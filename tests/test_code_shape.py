@@ -46,7 +46,7 @@ def test_no_function_is_longer_than_80_lines_or_takes_more_than_10_parameters():
 
 
 def test_every_tf_function_is_traced_without_autograph():
-    # AutoGraph rewrites a function's source before tracing it: half the time of tracing an
+    # AutoGraph rewrites a function's source before tracing it: 40 % of the time of tracing an
     # export's signatures. The package's graph code branches with tf.cond and tf.where instead.
     def is_tf_function(node):
         return (isinstance(node, ast.Attribute) and node.attr == "function"

@@ -93,9 +93,9 @@ log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 # tf.data traces the functions it maps with AutoGraph unless told not to. None of the pipeline's
-# has Python control flow on tensors (they branch with tf.cond and tf.where), so they skip
-# AutoGraph's source rewrite, as the project's tf.functions do (autograph=False).
-graph_fn = tf.autograph.experimental.do_not_convert
+# functions has Python control flow on tensors (they branch with tf.cond and tf.where), so they
+# skip AutoGraph's source rewrite, as the package's tf.functions do (autograph=False).
+without_autograph = tf.autograph.experimental.do_not_convert
 # Per-image sample weights: by label from the manifest's class_weights, by subtype from its
 # subtype_class_weights (unknown subtype: 0), or none (all ones).
 CLASS_WEIGHT_MODES = ("balanced", "balanced_subtype", "none")
@@ -274,7 +274,7 @@ def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
     only used when skipping.
     """
     end_marker = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
-    tagged = records_ds.map(graph_fn(lambda r: (r, tf.constant(False)))).concatenate(end_marker)
+    tagged = records_ds.map(without_autograph(lambda r: (r, tf.constant(False)))).concatenate(end_marker)
 
     def count(n, element):
         record, is_end = element
@@ -292,8 +292,8 @@ def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
         short = tf.logical_and(is_end, tf.logical_and(expected >= 0, n < expected))
         return tf.cond(short, warn, lambda: tf.logical_not(is_end))
 
-    return tagged.scan(tf.constant(0, tf.int64), graph_fn(count)).filter(graph_fn(keep)).map(
-        graph_fn(lambda record, is_end, n: record))
+    return tagged.scan(tf.constant(0, tf.int64), without_autograph(count)).filter(without_autograph(keep)).map(
+        without_autograph(lambda record, is_end, n: record))
 
 
 def _shard_reader(compression: str, skip_corrupt: bool, check_counts: bool):
@@ -314,7 +314,7 @@ def _shard_reader(compression: str, skip_corrupt: bool, check_counts: bool):
             return ds.apply(tf.data.experimental.assert_cardinality(count))
         return ds
 
-    return graph_fn(read)
+    return without_autograph(read)
 
 
 def read_records(plan: ShardPlan, *, interleave: bool = False, deterministic: bool = True,
@@ -424,7 +424,7 @@ def batch_parser(manifest: dict, data_dir: str | os.PathLike,
             out["has_lung_mask"] = ex["has_lung_mask"] > 0
         return out
 
-    return graph_fn(parse)
+    return without_autograph(parse)
 
 
 def class_weight_table(manifest: dict, data_dir: str | os.PathLike,
@@ -584,14 +584,14 @@ def _build(data_dir: str | os.PathLike, recipe: _Recipe,
         file_shuffle_seed=recipe.seed if recipe.training and not use_cache else None,
         skip_corrupt=recipe.skip_corrupt)
     if recipe.masks == "only":
-        serialized = serialized.filter(graph_fn(_has_lung_mask))
+        serialized = serialized.filter(without_autograph(_has_lung_mask))
     if use_cache:
         ds = _cached_batches(serialized, parse, recipe, plan)
     else:
         ds = _streamed_batches(serialized, parse, recipe, plan, int(manifest["image_size"]))
-    ds = ds.map(graph_fn(lambda b: {**b, "weight": weigh(b)}))
+    ds = ds.map(without_autograph(lambda b: {**b, "weight": weigh(b)}))
     if output is not None:
-        ds = ds.map(graph_fn(output))
+        ds = ds.map(without_autograph(output))
     return _finish(ds, recipe, plan)
 
 

@@ -407,13 +407,15 @@ def read_crop_boxes(data_dir: str | os.PathLike, split: str) -> dict[str, tuple[
     """``{record path: crop box (top, bottom, left, right) in source pixels}`` of a split."""
     import tensorflow as tf
 
+    from pneumo_tf.data import pipeline
+
     manifest = records.read_manifest(data_dir)
     shards = records.split_shards(data_dir, manifest, split)
     spec = {k: v for k, v in records.feature_spec().items() if k in ("path", "crop_box")}
     ds = tf.data.TFRecordDataset([str(p) for p in shards],
                                  compression_type=records.tf_compression_type(
                                      manifest["compression"]))
-    ds = ds.batch(256).map(lambda s: tf.io.parse_example(s, spec))
+    ds = ds.batch(256).map(pipeline.without_autograph(lambda s: tf.io.parse_example(s, spec)))
     out = {}
     for batch in ds:
         for path, box in zip(batch["path"].numpy(), batch["crop_box"].numpy()):

@@ -212,13 +212,11 @@ def check_in_graph_crop(cfg: serving.ServingConfig) -> None:
 
 def save_signatures(endpoints: dict, path: str | os.PathLike) -> None:
     """``tf.saved_model.save`` of ``endpoints`` (``{signature name: tf.function with an input
-    signature}``) as the SavedModel's signatures, with the variables they read.
+    signature}``) as the SavedModel's signatures, with the variables they read, and nothing else.
 
-    Each endpoint is traced once, here, and nothing else is serialised: the signatures are what
-    every reader of the exports calls (``loaded.signatures[name]``, the TFLite converter).
-    ``keras.export.ExportArchive`` traced each endpoint twice (to list its variables, then again
-    in ``tf.saved_model.save``, which re-creates the concrete functions of the tf.functions it
-    serialises); on a tiny model one SavedModel took 2.2 s that way and 1.55 s this way.
+    Each endpoint's concrete function is saved as it was traced, never traced again; readers call
+    ``loaded.signatures[name]`` (BUILD.md, "Behaviours worth knowing": why not
+    ``keras.export.ExportArchive``).
     """
     import tensorflow as tf
 
@@ -279,7 +277,8 @@ def export_saved_model(model, cfg: serving.ServingConfig, out_dir: str | os.Path
     def traced_core(image, training=False):  # called as a Keras model; inference only
         return forward(image)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+                 autograph=False)
     def serve_bytes(images):
         decoded = tf.map_fn(decode_one, images, fn_output_signature=specs)
         checks, lungs = dict(decoded[1]), {}
@@ -440,8 +439,9 @@ def _set_tflite_variant(converter, variant: str) -> None:
 
 
 def tflite_from_function(serve, variant: str) -> bytes:
-    """A TFLite flatbuffer whose one signature ``serving_default`` is the tf.function ``serve``
-    (over float32 models), in ``variant`` (see :func:`convert_tflite`)."""
+    """A TFLite flatbuffer whose one signature ``serving_default`` is the tf.function ``serve``,
+    in ``variant`` (see :func:`convert_tflite`). The models ``serve`` calls must be float32:
+    TFLite cannot convert a mixed-precision graph."""
     return tflite_variants_from_function(serve, [variant])[variant]
 
 

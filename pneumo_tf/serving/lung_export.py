@@ -59,7 +59,8 @@ def export_lung_saved_model(unet, cfg: serving.ServingConfig, out_dir: str | os.
     def decode_one(image_bytes):
         return preprocess.tf_resize_area(decode.tf_decode_gray(image_bytes, g, "none"), g)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+                 autograph=False)
     def serve_bytes(images):
         thumbs = tf.map_fn(decode_one, images, fn_output_signature=tf.TensorSpec([g, g, 1],
                                                                                  tf.uint8))
