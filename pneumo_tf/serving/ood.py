@@ -244,21 +244,23 @@ def fit_run(run_dir: "str | os.PathLike | rundir.Run",
     return info
 
 
-def has_guard(run_dir: str | os.PathLike) -> bool:
-    """Whether the run has a fitted guard: ``ood.json`` and its statistics file."""
+def read_guard(run_dir: str | os.PathLike) -> dict | None:
+    """The run's ``ood.json``, or None without a fitted guard (``ood.json`` and its statistics
+    file; older runs have neither)."""
+    import json
+
     paths = rundir.RunPaths(run_dir)
-    return paths.ood_json.is_file() and paths.ood_stats.is_file()
+    if not (paths.ood_json.is_file() and paths.ood_stats.is_file()):
+        return None
+    return json.loads(paths.ood_json.read_text(encoding="utf-8"))
 
 
 def load_stats(run_dir: str | os.PathLike) -> OodStats | None:
     """The run's fitted OOD statistics, or None for a run without ``ood.json`` (older runs)."""
-    root = Path(run_dir)
-    if not has_guard(root):
+    info = read_guard(run_dir)
+    if info is None:
         return None
-    import json
-
-    info = json.loads((root / OOD_JSON).read_text(encoding="utf-8"))
-    with np.load(root / OOD_STATS) as arrays:
+    with np.load(rundir.RunPaths(run_dir).ood_stats) as arrays:
         return OodStats(arrays["means"], arrays["precision"], float(info["threshold"]),
                         info.get("layer", LEGACY_LAYER), info.get("upright"))
 

@@ -195,13 +195,15 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
             threshold 0.5).
         calibration_name: the name of ``calibration`` in the run (``val`` or a site's).
     """
+    from pneumo_tf.serving import ood
+
     run = rundir.Run.open(run_dir)
     manifest = run.manifest
     config = (run.summary.get("config") or {}) if run.paths.summary.is_file() else {}
     cfg = ServingConfig(image_size=int(manifest["image_size"]), crop=str(manifest["crop"]),
                         backbone=config.get("backbone"), calibration="none",
                         cam_layer=config.get("cam_layer") if config.get("cam_penalty") else None,
-                        ood=_ood_info(run))
+                        ood=ood.read_guard(run))
     subtype = (run.calibration() or {}).get("subtype") or {}
     cfg.subtype_temperature = float(subtype.get("temperature", 1.0))
     if calibration is not None:
@@ -212,18 +214,6 @@ def serving_config_for_run(run_dir: str | os.PathLike, calibration: dict | None,
         cfg.threshold_method = str(calibration.get("threshold_method", "unknown"))
         cfg.calibrated = True
     return cfg
-
-
-def _ood_info(run: rundir.Run) -> dict | None:
-    """The run's ``ood.json`` (None without a fitted guard, :func:`pneumo_tf.serving.ood.has_guard`;
-    its statistics are not needed here)."""
-    from pneumo_tf.serving import ood
-
-    if not ood.has_guard(run):
-        return None
-    import json
-
-    return json.loads(run.paths.ood_json.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
