@@ -525,7 +525,9 @@ def test_label_smoothing_and_the_optimizers(tmp_path):
                                                    lr_schedule="cosine", warmup_epochs=1, epochs=4,
                                                    lr=1e-2), steps_per_epoch=10,
                                  precision_policy="float32")
-    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 0.01
+    assert isinstance(adamw, trainer_lib.AdamW) and adamw.weight_decay == 0.01
+    assert isinstance(trainer_lib.make_optimizer(tiny_config("d", "r"), 10, "float32"),
+                      trainer_lib.Adam)
     schedule = adamw._learning_rate  # warm-up 10 steps from 0 to 1e-2, then cosine to 0 at 40
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1e-2)
