@@ -615,27 +615,29 @@ def _run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_exit_status_follows_max_rejects_and_verify(tmp_path):
+    from conftest import run_command
+
     src, out = tmp_path / "src", tmp_path / "out"
     write_kaggle_source(src, n_train_patients=6, n_test_patients=2)
     (src / "train" / "NORMAL" / "IM-9001-0001.jpeg").write_bytes(b"")
     args = [f"--src={src}", f"--out={out}", f"--image_size={SIZE}", "--workers=1", "--verify"]
-    res = _run_cli(args)
+    res = _run_cli(args)  # the tool, in its own process
     assert res.returncode == 1, res.stderr
     assert "more than --max_rejects=0" in res.stderr
     assert "rejected 1" in res.stdout and "verify" in res.stdout and "OK" in res.stdout
     assert (out / "manifest.json").exists()  # the output is complete without the bad file
-    assert _run_cli(args + ["--max_rejects=1"]).returncode == 0
     # Byte-identical across processes too (protobuf map order is per-process unless asked).
     here = convert.convert_dataset(src, tmp_path / "here", image_size=SIZE, workers=1,
                                    progress=False)
     for s in here["splits"].values():
         for name in s["shards"]:
             assert (out / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    assert run_command("pneumo_tf.convert", *args, "--max_rejects=1").returncode == 0
     shard = sorted(out.glob("train-*.tfrecord"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
-    bad = _run_cli(["--verify", f"--out={out}"])
+    bad = run_command("pneumo_tf.convert", "--verify", f"--out={out}")
     assert bad.returncode == 1 and shard.name in bad.stderr
-    usage = _run_cli([f"--out={out}"])
+    usage = run_command("pneumo_tf.convert", f"--out={out}")
     assert usage.returncode != 0 and "--src is required" in usage.stderr
     help_text = _run_cli(["--helpfull"]).stdout
     for flag in ("--src", "--out", "--image_size", "--crop", "--encoding", "--val_fraction",

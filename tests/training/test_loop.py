@@ -515,8 +515,6 @@ def test_early_stopping_on_a_score_and_never():
 
 
 def test_label_smoothing_and_the_optimizers(tmp_path):
-    import keras
-
     smooth = task_lib.get_task(tiny_config("d", "r", loss="bce", label_smoothing=0.2).task).make_loss(tiny_config("d", "r", loss="bce", label_smoothing=0.2))
     plain = task_lib.get_task(tiny_config("d", "r", loss="bce").task).make_loss(tiny_config("d", "r", loss="bce"))
     y, p = np.array([[1.0], [0.0]], np.float32), np.array([[0.999], [0.001]], np.float32)
