@@ -25,6 +25,17 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (``make test``): one xdist worker more than the cores.
+
+    A worker is not always computing: it waits for the processes a test starts (kill -9 and
+    resume, two training workers, the tools), for a shared run another worker is building, and
+    it idles at the end of the call; one more worker fills those gaps. Measured on 2 cores, the
+    whole suite one run each: 532 s with 2 workers, 487 s with 3, 495 s with 4.
+    """
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m module args...`` from the repo root, its output captured as text.
 
