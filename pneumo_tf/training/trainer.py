@@ -38,9 +38,9 @@ class _FusedAdamUpdate:
     The same arithmetic as Keras' ``Adam.update_step`` (both moments, the bias-corrected step
     ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``, epsilon added to ``sqrt(v)``), on the same
     slot variables (checkpoints and resumes see no difference), in one graph op per variable in
-    place of Keras' ~40. Measured on a 37-variable ``small_cnn`` step: tracing 1.19 -> 0.80 s,
-    its first call 0.51 -> 0.33 s; under MirroredStrategy over two CPU devices 2.79 -> 1.80 s
-    and 33 -> 28 ms a step. ``amsgrad`` and sparse gradients keep Keras' own update.
+    place of Keras' ~40: a train step traces in about half the time and makes its first call in
+    0.6 times it, and steps as fast or faster (``tools/bench_optimizer``, BUILD.md).
+    ``amsgrad`` and sparse gradients keep Keras' own update.
     """
 
     def update_step(self, gradient, variable, learning_rate):
@@ -162,6 +162,7 @@ class Trainer:
             **{f"seed_state_{i}": v.value for i, v in enumerate(self.seed_states)})
         self._step = self._make_step()
         self._predict = tf.function(lambda x: self.net(x, training=False), autograph=False)
+        self._eval_datasets: dict[str, tf.data.Dataset] = {}
 
     def _replica_step(self, images, labels, weights, targets):
         with tf.GradientTape() as tape:
@@ -255,8 +256,11 @@ class Trainer:
     def predict_split(self, split: str) -> dict:
         """A whole split on this worker, in file order, as the task's arrays
         (:meth:`~pneumo_tf.training.task.Task.finish_prediction`)."""
-        batches = pipeline.iterate_checked(self.task.eval_dataset(self.cfg, split),
-                                           self.cfg.data_dir, split)
+        # One dataset per split for the whole run: its pipeline is built (and its functions
+        # traced) once, and a split cached in RAM is decoded in the first pass only.
+        if split not in self._eval_datasets:
+            self._eval_datasets[split] = self.task.eval_dataset(self.cfg, split)
+        batches = pipeline.iterate_checked(self._eval_datasets[split], self.cfg.data_dir, split)
         parts = scoring.collect_batches(
             batches, lambda images: np.asarray(self._predict(images), np.float32),
             self.task.collect, self.task.split_count(self.manifest, split),

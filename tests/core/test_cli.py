@@ -36,7 +36,7 @@ def test_all_apps_import_into_one_process_and_document_their_flags():
 
 
 TOOLS = ["make_phantoms", "make_tfrecords", "demo", "bench_convert", "bench_input",
-         "bench_train", "bench_gradcam", "bench_predict", "bench_ood"]
+         "bench_train", "bench_gradcam", "bench_predict", "bench_ood", "bench_optimizer"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -550,6 +550,22 @@ def test_weight_averages_are_swapped_in_and_out(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_validation_builds_each_splits_pipeline_once_per_run(tmp_path, monkeypatch):
+    data = write_tiny_dataset(tmp_path / "data")
+    trainer = trainer_lib.Trainer(tiny_config(data, tmp_path / "run", cache="true"),
+                                  _default_setup(), records.read_manifest(data))
+    built, make = [], trainer.task.eval_dataset
+    monkeypatch.setattr(trainer.task, "eval_dataset",
+                        lambda cfg, split: built.append(split) or make(cfg, split))
+    first, second = trainer.predict_split("val"), trainer.predict_split("val")
+    trainer.predict_split("train")
+    assert built == ["val", "train"]
+    # The second pass (read from the RAM cache the first one filled) is the first one.
+    assert len(first["probability"]) == 12 and list(first) == list(second)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
 @pytest.mark.slow
 def test_cosine_ema_val_auc_run_keeps_the_best_auc_epoch(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
