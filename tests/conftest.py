@@ -10,7 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # `make test` runs one xdist worker per core. TensorFlow and OpenMP would give every worker,
+    # `make test` runs one xdist worker per core, plus one. TensorFlow and OpenMP would give every worker,
     # and every app a test starts, a thread pool as wide as the machine: the workers would fight
     # over the cores. Each worker gets its share instead, set before anything imports TensorFlow
     # or numpy and inherited by the apps the tests start.
@@ -25,14 +25,17 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
+def pytest_xdist_auto_num_workers(config) -> int | None:
     """``-n auto`` (``make test``): one xdist worker more than the cores.
 
     A worker is not always computing: it waits for the processes a test starts (kill -9 and
     resume, two training workers, the tools), for a shared run another worker is building, and
     it idles at the end of the call; one more worker fills those gaps. Measured on 2 cores, the
     whole suite one run each: 532 s with 2 workers, 487 s with 3, 495 s with 4.
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` and ``-n logical`` keep xdist's own meaning (None).
     """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or config.option.numprocesses != "auto":
+        return None
     return len(os.sched_getaffinity(0)) + 1
 
 
