@@ -10,10 +10,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # `make test` runs one xdist worker per core, plus one. TensorFlow and OpenMP would give every worker,
-    # and every app a test starts, a thread pool as wide as the machine: the workers would fight
-    # over the cores. Each worker gets its share instead, set before anything imports TensorFlow
-    # or numpy and inherited by the apps the tests start.
+    # `make test` runs one xdist worker per core, plus one. TensorFlow and OpenMP would give
+    # every worker, and every app a test starts, a thread pool as wide as the machine: the
+    # workers would fight over the cores. Each worker gets its share instead (at least one
+    # thread), set before anything imports TensorFlow or numpy and inherited by the apps the
+    # tests start.
     _threads = str(max(1, len(os.sched_getaffinity(0))
                        // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):

@@ -274,7 +274,8 @@ def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
     only used when skipping.
     """
     end_marker = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
-    tagged = records_ds.map(without_autograph(lambda r: (r, tf.constant(False)))).concatenate(end_marker)
+    tagged = records_ds.map(without_autograph(lambda r: (r, tf.constant(False))))
+    tagged = tagged.concatenate(end_marker)
 
     def count(n, element):
         record, is_end = element
@@ -292,7 +293,8 @@ def _report_short_shard(records_ds: tf.data.Dataset, path: tf.Tensor,
         short = tf.logical_and(is_end, tf.logical_and(expected >= 0, n < expected))
         return tf.cond(short, warn, lambda: tf.logical_not(is_end))
 
-    return tagged.scan(tf.constant(0, tf.int64), without_autograph(count)).filter(without_autograph(keep)).map(
+    counted = tagged.scan(tf.constant(0, tf.int64), without_autograph(count))
+    return counted.filter(without_autograph(keep)).map(
         without_autograph(lambda record, is_end, n: record))
 
 

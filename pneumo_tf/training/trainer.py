@@ -44,7 +44,8 @@ class _FusedAdamUpdate:
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or not hasattr(variable, "handle"):
+        if (self.amsgrad or isinstance(gradient, tf.IndexedSlices)
+                or not hasattr(variable, "handle")):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         index = self._get_variable_index(variable)

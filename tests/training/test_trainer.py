@@ -57,7 +57,6 @@ def test_the_fused_update_is_keras_adams_update(kind, kwargs):
     assert min(np.abs(after - before).max() for after, before in zip(fused, start)) > 0.005
 
 
-
 def test_a_checkpoint_of_keras_adam_restores_into_the_fused_one(tmp_path):
     """Runs backed up before the fused update resume: the slots are Keras' own."""
     variables = [keras.Variable(np.ones((2, 3), "float32"), name="kernel")]
