@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) tools/demo --out=$(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -n auto --timeout=900 --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n auto --dist loadgroup --timeout=900 --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) out
