@@ -40,6 +40,31 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return len(os.sched_getaffinity(0)) + 1
 
 
+# Module-scoped fixtures that train or export, by the test module that defines them. xdist builds
+# a module fixture once per worker that runs one of its tests: the tests that use one of these
+# get an ``xdist_group`` of their own, which ``--dist loadgroup`` (``make test``) keeps on one
+# worker, so the fixture is built once. Cheap module fixtures are left out: their tests spread.
+ONE_WORKER_FIXTURES = {
+    "tests/evaluation/test_ensemble.py": ("ensemble_run",),
+    "tests/evaluation/test_site_calibration.py": ("run_and_site",),
+    "tests/explain/test_grids.py": ("phantom_run",),
+    "tests/serving/test_lung_export.py": ("lung_export",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test that uses a fixture of :data:`ONE_WORKER_FIXTURES` with the group
+    ``<module name>.<fixture>``."""
+    for item in items:
+        if not item.path.is_relative_to(REPO):
+            continue
+        module = item.path.relative_to(REPO).as_posix()
+        for name in ONE_WORKER_FIXTURES.get(module, ()):
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{name}"))
+
+
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m module args...`` from the repo root, its output captured as text.
 

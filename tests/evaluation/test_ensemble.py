@@ -42,14 +42,12 @@ def _member_mean(members, data_dir, split):
                     for m in members], axis=0)
 
 
-@pytest.mark.xdist_group("ensemble_run")
 def test_ensemble_is_a_calibrated_run_dir(ensemble_run):
     root, data, members, ens, _ = ensemble_run
     assert rundir.read_calibration(ens)["source"] == "val"
     assert rundir.run_data_dir(ens) == str(data) and rundir.is_run_data(ens, data)
 
 
-@pytest.mark.xdist_group("ensemble_run")
 def test_evaluate_an_ensemble_with_a_shift_report(ensemble_run):
     from pneumo_tf.evaluation import evaluator as evaluate
 
@@ -65,7 +63,6 @@ def test_evaluate_an_ensemble_with_a_shift_report(ensemble_run):
         assert shifted["shift"]["image_statistics"][name]["mean_intensity"]["difference"] > 20
 
 
-@pytest.mark.xdist_group("ensemble_run")
 def test_gradcam_cli_on_an_ensemble_averages_the_members_maps(ensemble_run):
     root, data, members, ens, _ = ensemble_run
     done = run_command("pneumo_tf.gradcam", f"--run_dir={ens}", f"--data_dir={data}", "--split=test",
@@ -80,7 +77,6 @@ def test_gradcam_cli_on_an_ensemble_averages_the_members_maps(ensemble_run):
         assert entry["probability"] == pytest.approx(by_path[entry["path"]], abs=1e-5)
 
 
-@pytest.mark.xdist_group("ensemble_run")
 def test_calibrate_cli_then_evaluate_and_gradcam_with_the_site_calibration(ensemble_run):
     from pneumo_tf.evaluation import evaluator as evaluate
     from pneumo_tf.explain import grids as gradcam
@@ -102,7 +98,6 @@ def test_calibrate_cli_then_evaluate_and_gradcam_with_the_site_calibration(ensem
     assert stats["calibration"] == "site_c" and stats["threshold"] == cal["threshold"]
 
 
-@pytest.mark.xdist_group("ensemble_run")
 def test_export_and_predict_an_ensemble(ensemble_run, tmp_path):
     from pneumo_tf.serving import export
     from pneumo_tf.serving import predictor as predict

@@ -121,7 +121,6 @@ def run_and_site(tmp_path_factory):
     return root, data, run, site, tiny
 
 
-@pytest.mark.xdist_group("run_and_site")
 @pytest.mark.slow
 def test_calibrate_site_writes_the_named_calibration(run_and_site):
     root, data, run, site, _ = run_and_site
@@ -150,7 +149,6 @@ def test_calibrate_site_writes_the_named_calibration(run_and_site):
     assert not calibration.fitted_on(stored, data, "test")
 
 
-@pytest.mark.xdist_group("run_and_site")
 @pytest.mark.slow
 def test_cli_refuses_a_tiny_sample_and_the_name_val(run_and_site):
     root, data, run, _, tiny = run_and_site

@@ -37,7 +37,6 @@ def phantom_run(tmp_path_factory):
     return root, root / "data", run
 
 
-@pytest.mark.xdist_group("phantom_run")
 @pytest.mark.slow
 def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     import tensorflow as tf
@@ -73,7 +72,6 @@ def test_pointing_game_on_phantoms_beats_chance(phantom_run):
     assert ("test/lung_evidence/all/lift", "scalars") in tags
 
 
-@pytest.mark.xdist_group("phantom_run")
 @pytest.mark.slow
 def test_phantom_masks_align_with_stored_images(phantom_run):
     """Lung masks cropped/resized like their image cover its dark lung fields."""

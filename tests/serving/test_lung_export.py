@@ -32,7 +32,6 @@ def _films(n=3):
             for i in range(n)]
 
 
-@pytest.mark.xdist_group("lung_export")
 def test_the_export_writes_every_variant_and_its_parity(lung_export):
     run, report = lung_export
     out = run / "export"
@@ -50,7 +49,6 @@ def test_the_export_writes_every_variant_and_its_parity(lung_export):
     assert int8["dice"] > 0.9 and int8["bytes"] < fp16["bytes"]
 
 
-@pytest.mark.xdist_group("lung_export")
 def test_the_saved_model_takes_bytes_or_squashed_films(lung_export, lung_run):
     import tensorflow as tf
 
@@ -77,7 +75,6 @@ def test_the_saved_model_takes_bytes_or_squashed_films(lung_export, lung_run):
         np.testing.assert_allclose(out["lung_fraction"], fractions, atol=0.01)
 
 
-@pytest.mark.xdist_group("lung_export")
 def test_the_tflite_models_give_the_lung_mask(lung_export, lung_run):
     from pneumo_tf.modeling import lungs as lungs_lib
     from pneumo_tf.serving import lungs as lung_serving
