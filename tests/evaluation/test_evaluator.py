@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,18 @@ def _fresh_run(trained, name):
     return copy
 
 
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """``(run, {"test": metrics, "val": metrics})``: a copy of the run evaluated on its test and
+    val splits with the defaults (the stored operating point, 1,000 resamples). Read-only: a test
+    that evaluates it again takes a copy. Its tests share one xdist worker (``tests/conftest.py``),
+    so the two evaluations are made once."""
+    root, data, _ = trained
+    run = _fresh_run(trained, "run_evaluated")
+    return run, {split: evaluate.evaluate_run(run, data, split, num_resamples=1000)
+                 for split in ("test", "val")}
+
+
 def _flip_test_labels(src, dst):
     """A copy of data dir ``src`` whose test labels are inverted (images unchanged)."""
     import tensorflow as tf
@@ -53,10 +66,8 @@ def _flip_test_labels(src, dst):
     return dst
 
 
-def test_evaluate_writes_consistent_report(trained):
-    root, data, _ = trained
-    run = _fresh_run(trained, "run_report")
-    m = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+def test_evaluate_writes_consistent_report(evaluated):
+    run, m = evaluated[0], evaluated[1]["test"]
     out = run / "eval" / "test"
     for name in ("predictions.csv", "metrics.json", "report.md", "report.html", "roc.png", "pr.png",
                  "confusion_matrix.png", "reliability.png", "probability_histogram.png",
@@ -110,12 +121,10 @@ def test_evaluate_writes_consistent_report(trained):
     assert html.count("data:image/png;base64,") == 6 and "test split" in html
 
 
-def test_tensorboard_has_figures_and_table(trained):
+def test_tensorboard_has_figures_and_table(evaluated):
     import tensorflow as tf
 
-    root, data, _ = trained
-    run = _fresh_run(trained, "run_tb")
-    evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    run = evaluated[0]
     events = list((run / "tb" / "eval").glob("events.out.tfevents.*"))
     assert events
     plugins = {}
@@ -129,12 +138,11 @@ def test_tensorboard_has_figures_and_table(trained):
     assert plugins["test/metrics"] == "text"
 
 
-def test_threshold_never_comes_from_the_test_split(trained, tmp_path):
+def test_threshold_never_comes_from_the_test_split(trained, evaluated, tmp_path):
     root, data, _ = trained
     flipped = _flip_test_labels(data, tmp_path / "flipped")
-    run_a = _fresh_run(trained, "run_a")
     run_b = _fresh_run(trained, "run_b")
-    a = evaluate.evaluate_run(run_a, data, "test", num_resamples=1000)
+    a = evaluated[1]["test"]
     b = evaluate.evaluate_run(run_b, flipped, "test", num_resamples=1000)
     assert a["threshold"] == b["threshold"]
     assert a["temperature"] == b["temperature"]
@@ -231,10 +239,8 @@ def test_cli_requires_at_least_1000_resamples(trained):
     assert "num_resamples" in done.stderr and "1000" in done.stderr
 
 
-def test_val_split_is_allowed_and_labelled(trained):
-    root, data, _ = trained
-    run = _fresh_run(trained, "run_val")
-    m = evaluate.evaluate_run(run, data, "val", num_resamples=1000)
+def test_val_split_is_allowed_and_labelled(evaluated):
+    run, m = evaluated[0], evaluated[1]["val"]
     assert m["split"] == "val" and m["n"] == 20
     md = (run / "eval" / "val" / "report.md").read_text()
     assert "split evaluated: `val`" in md and "optimistic" in md
@@ -283,12 +289,15 @@ def _run_naming_its_data(trained, name):
     return run
 
 
-def test_shift_section_on_a_second_site(trained, second_site):
+def test_shift_section_on_a_second_site(trained, evaluated, second_site):
     import tensorflow as tf
 
     root, data, _ = trained
-    run = _run_naming_its_data(trained, "run_shift")
-    own = evaluate.evaluate_run(run, data, "test", num_resamples=1000)
+    # A copy of the run evaluated on its own test and val splits (it names its data dir, as
+    # training wrote it).
+    run = Path(shutil.copytree(evaluated[0], root / "run_shift"))
+    assert rundir.run_data_dir(run) == str(data)
+    own, val = evaluated[1]["test"], evaluated[1]["val"]
     m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
     # The site's evaluation goes beside the run's own test evaluation, not over it.
     out = run / "eval" / f"test-{second_site.name}"
@@ -308,8 +317,6 @@ def test_shift_section_on_a_second_site(trained, second_site):
     assert shift["evaluated"]["specificity"] == pytest.approx(stored["specificity"])
     assert shift["evaluated"]["ece"] == pytest.approx(stored["ece"])
     # ... the reference side the val report's.
-    val = evaluate.evaluate_run(_fresh_run(trained, "run_shift_val"), data, "val",
-                                num_resamples=1000)
     assert "shift" not in val  # the run's own data: no shift report
     assert shift["reference"]["roc_auc"] == pytest.approx(val["roc_auc"])
     assert shift["reference"]["specificity"] == pytest.approx(val["specificity"])
