@@ -40,10 +40,11 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return len(os.sched_getaffinity(0)) + 1
 
 
-# Module-scoped fixtures that train, export or evaluate, by the test module that defines them. xdist builds
-# a module fixture once per worker that runs one of its tests: the tests that use one of these
-# get an ``xdist_group`` of their own, which ``--dist loadgroup`` (``make test``) keeps on one
-# worker, so the fixture is built once. Cheap module fixtures are left out: their tests spread.
+# Module-scoped fixtures that train, export or evaluate, by the test module that defines them.
+# xdist builds a module fixture once per worker that runs one of its tests: the tests that use
+# one of these get an ``xdist_group`` of their own, which ``--dist loadgroup`` (``make test``)
+# keeps on one worker, so the fixture is built once. Cheap module fixtures are left out: their
+# tests spread.
 ONE_WORKER_FIXTURES = {
     "tests/evaluation/test_ensemble.py": ("ensemble_run",),
     "tests/evaluation/test_evaluator.py": ("evaluated",),

@@ -3,7 +3,6 @@
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,10 +28,11 @@ def trained(tmp_path_factory):
     return root, data, run
 
 
-def _fresh_run(trained, name):
+def _fresh_run(trained, name, source=None):
+    """A copy of ``source`` (default: the module's trained run) named ``name``."""
     root, data, run = trained
     copy = root / name
-    shutil.copytree(run, copy)
+    shutil.copytree(source or run, copy)
     return copy
 
 
@@ -281,10 +281,11 @@ def second_site(trained):
                               brightness_offset=40)
 
 
-def _run_naming_its_data(trained, name):
-    """A copy of the run, whose summary.json names its data dir (as training writes it)."""
+def _run_naming_its_data(trained, name, source=None):
+    """A copy of the run (or of ``source``, a copy of it), whose summary.json names its data
+    dir (as training writes it)."""
     root, data, _ = trained
-    run = _fresh_run(trained, name)
+    run = _fresh_run(trained, name, source)
     assert rundir.run_data_dir(run) == str(data)
     return run
 
@@ -293,10 +294,8 @@ def test_shift_section_on_a_second_site(trained, evaluated, second_site):
     import tensorflow as tf
 
     root, data, _ = trained
-    # A copy of the run evaluated on its own test and val splits (it names its data dir, as
-    # training wrote it).
-    run = Path(shutil.copytree(evaluated[0], root / "run_shift"))
-    assert rundir.run_data_dir(run) == str(data)
+    # A copy of the run already evaluated on its own test and val splits.
+    run = _run_naming_its_data(trained, "run_shift", source=evaluated[0])
     own, val = evaluated[1]["test"], evaluated[1]["val"]
     m = evaluate.evaluate_run(run, second_site, "test", num_resamples=1000)
     # The site's evaluation goes beside the run's own test evaluation, not over it.
